@@ -1,0 +1,40 @@
+# qforge — the two commands a new user needs:
+#   make demo   install what is missing, build, run the embedded default (pretrain -> eval -> sample)
+#   make test   install what is missing, build, run every test (exits non-zero on any failure)
+# Also: make setup | build | bench | clean
+SHELL := /bin/bash
+JOBS ?= $(shell nproc)
+BUILD ?= build
+export CCACHE_DIR ?= $(CURDIR)/.cache/ccache
+export CCACHE_SLOPPINESS := pch_defines,time_macros,include_file_mtime,include_file_ctime
+export CCACHE_MAXSIZE ?= 5G
+export PATH := $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda/bin:,)$(PATH)
+
+.PHONY: setup build demo test bench clean
+
+setup:
+	@scripts/setup.sh
+
+$(BUILD)/CMakeCache.txt: CMakeLists.txt | setup
+	@TORCH_PREFIX=$$(.venv/bin/python -c 'import torch; print(torch.utils.cmake_prefix_path)') && \
+	cmake -S . -B $(BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release \
+	  -DCMAKE_PREFIX_PATH="$$TORCH_PREFIX" -DTORCH_CUDA_ARCH_LIST=9.0 \
+	  -DCMAKE_CUDA_COMPILER=$$(command -v nvcc || echo /usr/local/cuda/bin/nvcc) \
+	  -DPython_EXECUTABLE=$(CURDIR)/.venv/bin/python > $(BUILD).configure.log 2>&1 || \
+	  { cat $(BUILD).configure.log; exit 1; }
+
+build: setup $(BUILD)/CMakeCache.txt
+	@cmake --build $(BUILD) -j $(JOBS)
+
+demo: build
+	@scripts/demo.sh
+
+test: build
+	@cd $(BUILD) && ctest --output-on-failure -j $(JOBS) --timeout 1200
+	@scripts/cli_tests.sh
+
+bench: build
+	@bench/train_throughput.sh
+
+clean:
+	rm -rf $(BUILD) $(BUILD).configure.log

@@ -1,0 +1,163 @@
+// qforge CLI: argument wiring only; the work lives in trainer/, models/, data/.
+#include <CLI/CLI.hpp>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdio>
+#include <iostream>
+#include <thread>
+
+#include "apps/embedded_config.h"
+#include "core/config.h"
+#include "core/log.h"
+#include "models/generate.h"
+#include "trainer/trainer.h"
+
+using namespace qf;
+
+namespace {
+
+trainer::RunConfig resolve_config(const std::string& file, const std::vector<std::string>& overrides) {
+  if (file.empty()) {
+    YAML::Node root;
+    try {
+      root = YAML::Load(kEmbeddedDefaultConfig);
+    } catch (const YAML::Exception& e) {
+      throw Error(str("embedded default config is malformed: ", e.what()));
+    }
+    cfg::Problems p;
+    for (auto& o : overrides) cfg::apply_override(root, o, &p);
+    p.throw_if_any();
+    return trainer::parse_run_config(root, "<embedded default: " + std::string(kEmbeddedDefaultName) + ">");
+  }
+  return trainer::load_run_config(file, overrides);
+}
+
+void set_threads(int64_t n) {
+  at::set_num_threads(n > 0 ? (int)n : (int)std::max(1u, std::thread::hardware_concurrency()));
+}
+
+int cmd_train(const std::string& file, const std::vector<std::string>& overrides, bool print_config) {
+  auto cfg = resolve_config(file, overrides);
+  if (print_config) {
+    std::cout << "# resolved config (from " << cfg.source << ")\n" << cfg::dump(cfg.resolved);
+    return 0;
+  }
+  trainer::Trainer t(cfg);
+  t.setup();
+  auto r = t.train();
+  t.cleanup();
+  std::printf("\n== run '%s' finished: steps %lld -> %lld, %.0f tokens/s ==\n", cfg.run.name.c_str(),
+              (long long)r.start_step, (long long)r.end_step, r.tokens_per_s);
+  std::printf("%-28s %12s %12s\n", "validation", "loss", "perplexity");
+  if (r.val_before >= 0) std::printf("%-28s %12.4f %12.2f\n", "before training", r.val_before, std::exp(r.val_before));
+  if (r.val_after >= 0) std::printf("%-28s %12.4f %12.2f\n", "after training", r.val_after, std::exp(r.val_after));
+  std::printf("checkpoint: %s\n", r.checkpoint.c_str());
+  for (auto& p : cfg.sample_prompts) {
+    auto ids32 = t.tokenizer().encode(p);
+    std::vector<int64_t> ids;
+    if (t.tokenizer().bos_id() >= 0 && cfg.data.add_bos) ids.push_back(t.tokenizer().bos_id());
+    ids.insert(ids.end(), ids32.begin(), ids32.end());
+    auto out = models::generate(t.model(), ids, cfg.sample, t.tokenizer().eos_id());
+    std::vector<int32_t> o32(out.begin(), out.end());
+    std::printf("\n--- sample (temperature %.2f, top-k %lld, top-p %.2f) ---\n%s%s\n", cfg.sample.temperature,
+                (long long)cfg.sample.top_k, cfg.sample.top_p, p.c_str(), t.tokenizer().decode(o32).c_str());
+  }
+  std::fflush(stdout);
+  return 0;
+}
+
+int cmd_eval(const std::string& run, const std::vector<std::string>& overrides, const std::string& split,
+             int64_t max_batches, const std::string& text) {
+  auto lr = trainer::load_run(run, overrides);
+  set_threads(lr.cfg.run.threads);
+  auto dcfg = lr.cfg.data;
+  if (!text.empty()) {
+    data::SourceConfig s;
+    s.path = text;
+    dcfg.sources = {s};
+    dcfg.val_fraction = 0.0;
+  }
+  auto ds = data::build_dataset(dcfg, *lr.tok);
+  const auto& set = (!text.empty() || split == "train") ? ds.train : ds.val;
+  auto dev = lr.model->parameters().front().device();
+  auto e = trainer::evaluate_model(*lr.model, set, lr.cfg.trainer.batch_size, max_batches, dev,
+                                   lr.cfg.trainer.precision == trainer::Precision::BF16);
+  std::printf("checkpoint %s\nsplit %s: %lld tokens, loss %.4f, perplexity %.3f\n", lr.checkpoint.c_str(),
+              text.empty() ? split.c_str() : text.c_str(), (long long)e.tokens, e.loss, e.ppl);
+  std::printf("{\"loss\": %.6f, \"ppl\": %.6f, \"tokens\": %lld}\n", e.loss, e.ppl, (long long)e.tokens);
+  return 0;
+}
+
+int cmd_generate(const std::string& run, const std::vector<std::string>& overrides, const std::string& prompt,
+                 models::SamplingConfig s) {
+  auto lr = trainer::load_run(run, overrides);
+  set_threads(lr.cfg.run.threads);
+  std::vector<int64_t> ids;
+  if (lr.tok->bos_id() >= 0 && lr.cfg.data.add_bos) ids.push_back(lr.tok->bos_id());
+  for (int32_t i : lr.tok->encode(prompt)) ids.push_back(i);
+  auto out = models::generate(*lr.model, ids, s, lr.tok->eos_id());
+  std::vector<int32_t> o32(out.begin(), out.end());
+  std::printf("%s%s\n", prompt.c_str(), lr.tok->decode(o32).c_str());
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"qforge: train language models that survive low-bit deployment (QAT, QLoRA, export)"};
+  app.require_subcommand(1);
+  bool quiet = false;
+  app.add_flag("-q,--quiet", quiet, "Only warnings and results");
+
+  std::string config;
+  std::vector<std::string> overrides;
+  bool print_config = false;
+  auto* train = app.add_subcommand("train", "Train (pretrain / fine-tune) from a YAML recipe");
+  train->add_option("config", config, "YAML recipe (default: the embedded default, " + std::string(kEmbeddedDefaultName) + ")");
+  train->add_option("overrides", overrides, "key.path=value overrides, e.g. trainer.max_steps=50 model.n_layers=4");
+  train->add_flag("--print-config", print_config, "Print the resolved config (defaults filled in) and exit");
+  train->footer("Example: qforge train configs/tiny_pretrain.yaml trainer.max_steps=50");
+
+  std::string run, split = "val", text;
+  int64_t max_batches = 0;
+  auto* eval = app.add_subcommand("eval", "Perplexity of a trained run's latest checkpoint");
+  eval->add_option("run", run, "Run directory or checkpoint directory")->required();
+  eval->add_option("overrides", overrides, "key.path=value overrides of the run's config");
+  eval->add_option("--split", split, "Dataset split of the run's data")->check(CLI::IsMember({"val", "train"}));
+  eval->add_option("--max-batches", max_batches, "Evaluate at most this many batches (0 = all)");
+  eval->add_option("--text", text, "Evaluate on this text/JSONL file or directory instead");
+
+  models::SamplingConfig s;
+  std::string prompt;
+  auto* gen = app.add_subcommand("generate", "Generate text from a trained run (KV cache, temperature/top-k/top-p)");
+  gen->add_option("run", run, "Run directory or checkpoint directory")->required();
+  gen->add_option("overrides", overrides, "key.path=value overrides of the run's config");
+  gen->add_option("-p,--prompt", prompt, "Prompt text")->required();
+  gen->add_option("-n,--max-new-tokens", s.max_new_tokens, "Tokens to generate")->capture_default_str();
+  gen->add_option("-t,--temperature", s.temperature, "Sampling temperature; 0 = greedy")->capture_default_str();
+  gen->add_option("--top-k", s.top_k, "Keep the k most likely tokens; 0 = off")->capture_default_str();
+  gen->add_option("--top-p", s.top_p, "Nucleus sampling mass; 1 = off")->capture_default_str();
+  gen->add_option("--seed", s.seed, "Sampling seed")->capture_default_str();
+
+  CLI11_PARSE(app, argc, argv);
+  log::set_quiet(quiet);
+  try {
+    if (*train) return cmd_train(config, overrides, print_config);
+    if (*eval) return cmd_eval(run, overrides, split, max_batches, text);
+    if (*gen) return cmd_generate(run, overrides, prompt, s);
+  } catch (const ConfigError& e) {
+    std::fprintf(stderr, "qforge: %s\n", e.what());
+    return 2;
+  } catch (const trainer::DivergedError& e) {
+    std::fprintf(stderr, "qforge: training diverged: %s\n", e.what());
+    return 3;
+  } catch (const Error& e) {
+    std::fprintf(stderr, "qforge: error: %s\n", e.what());
+    return 1;
+  } catch (const c10::Error& e) {
+    std::fprintf(stderr, "qforge: torch error: %s\n", e.what_without_backtrace());
+    return 1;
+  }
+  return 0;
+}

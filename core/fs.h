@@ -1,0 +1,27 @@
+// File-system helpers. Invariant: every file qforge writes that a later run depends on goes through
+// write_atomic (temp file in the same directory + fsync + rename + fsync of the directory), so a
+// reader sees either the old complete file or the new complete file, never a torn one.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace qf::fs {
+
+void write_atomic(const std::string& path, std::string_view bytes);
+// Reads a whole file; throws InputError naming the path when it cannot.
+std::string read_file(const std::string& path);
+// fsync of a file or directory path (best effort on directories).
+void fsync_path(const std::string& path);
+// Renames a fully written temp directory into place atomically and fsyncs the parent.
+void rename_atomic(const std::string& from, const std::string& to);
+// Creates a directory (and parents); throws InputError naming it if that fails or it is not writable.
+void ensure_dir(const std::string& dir);
+
+// Stable 64-bit FNV-1a hash (hex) of bytes / of a file's bytes; used for cache keys and config hashes.
+uint64_t fnv1a64(std::string_view bytes, uint64_t seed = 1469598103934665603ULL);
+std::string hex64(uint64_t v);
+std::string hash_file(const std::string& path);
+
+}  // namespace qf::fs

@@ -1,0 +1,32 @@
+// safetensors read/write (format: u64 LE header length N, N bytes of JSON header
+// {"name": {"dtype","shape","data_offsets":[begin,end]}, "__metadata__": {str: str}}, then the data).
+// Invariant: save() writes atomically with tensors in name order, 8-byte aligned header padding;
+// load() validates header/offsets/sizes before touching data and names the file and tensor on error.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <map>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace qf::st {
+
+using Metadata = std::map<std::string, std::string>;
+
+// Serialises (name, tensor) pairs (CPU-copied, contiguous) to bytes / to a file (atomically).
+std::string serialize(const std::vector<std::pair<std::string, at::Tensor>>& tensors, const Metadata& meta = {});
+void save(const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
+          const Metadata& meta = {});
+
+struct File {
+  std::vector<std::pair<std::string, at::Tensor>> tensors;  // in file order, owning CPU tensors
+  Metadata metadata;
+  at::Tensor get(const std::string& name) const;            // throws naming the missing tensor
+  bool has(const std::string& name) const;
+};
+File load(const std::string& path);
+
+std::string dtype_name(at::ScalarType t);  // "F32", "BF16", ...
+
+}  // namespace qf::st

@@ -1,0 +1,50 @@
+// Tokenizers behind one interface. Invariant: encode() never adds BOS/EOS (the dataset decides);
+// fingerprint() changes whenever the ids produced could change (it keys the token cache).
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/config.h"
+
+namespace qf::data {
+
+class Tokenizer {
+ public:
+  virtual ~Tokenizer() = default;
+  virtual std::vector<int32_t> encode(const std::string& text) const = 0;
+  virtual std::string decode(const std::vector<int32_t>& ids) const = 0;
+  virtual int64_t vocab_size() const = 0;
+  virtual int32_t bos_id() const = 0;  // -1 when the tokenizer has none
+  virtual int32_t eos_id() const = 0;
+  virtual int32_t pad_id() const = 0;
+  virtual std::string fingerprint() const = 0;
+  virtual std::string path() const = 0;
+};
+
+// tokenizer: section of a run config.
+struct TokenizerConfig {
+  enum class Type { SentencePiece };
+  enum class ModelType { Bpe, Unigram };
+  Type type = Type::SentencePiece;
+  std::string path;              // .model file; must exist unless `train` is given
+  // When train.enabled and `path` does not exist, a sentencepiece model is trained on these sources.
+  struct Train {
+    bool enabled = false;
+    std::vector<std::string> sources;  // files or directories (recursively, *.txt/*.rst*/*.md/*.jsonl text)
+    int64_t vocab_size = 4096;
+    ModelType model_type = ModelType::Bpe;
+    double character_coverage = 0.9995;
+    int64_t max_sentences = 200000;   // input_sentence_size for the trainer (sampled, seeded)
+    int64_t seed = 1234;
+  } train;
+  static TokenizerConfig from_config(cfg::Reader& r);  // calls r.finish() on what it reads
+};
+
+// Loads `cfg.path`, training it first when missing and cfg.train.enabled (atomic: the .model
+// file appears only once complete). Throws InputError naming the file on a malformed model.
+std::unique_ptr<Tokenizer> load_or_train_tokenizer(const TokenizerConfig& cfg);
+std::unique_ptr<Tokenizer> load_sentencepiece(const std::string& model_path);
+
+}  // namespace qf::data

@@ -1,0 +1,44 @@
+// Model hyper-parameters (the `model:` section). Invariant: a validated ModelConfig always builds;
+// field names mirror Hugging Face config.json semantics so import/export maps 1:1.
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "core/config.h"
+
+namespace qf::models {
+
+enum class Family { Llama, Gpt2 };
+enum class RopeScaling { None, Linear, Llama3 };
+enum class DType { F32, BF16 };
+
+struct ModelConfig {
+  Family family = Family::Llama;
+  int64_t vocab_size = 0;       // 0 = take it from the tokenizer
+  int64_t dim = 256;            // hidden_size
+  int64_t n_layers = 4;
+  int64_t n_heads = 4;
+  int64_t n_kv_heads = 0;       // 0 = n_heads (MHA); < n_heads = GQA
+  int64_t head_dim = 0;         // 0 = dim / n_heads
+  int64_t ffn_dim = 0;          // 0 = llama: 8/3*dim rounded up to 64; gpt2: 4*dim
+  int64_t max_seq_len = 1024;   // max_position_embeddings
+  double rope_theta = 10000.0;
+  RopeScaling rope_scaling = RopeScaling::None;
+  double rope_factor = 1.0;
+  double rope_low_freq_factor = 1.0;
+  double rope_high_freq_factor = 4.0;
+  int64_t rope_original_max_seq_len = 8192;
+  double norm_eps = 1e-5;
+  bool qkv_bias = false;        // Qwen2: true
+  bool tie_embeddings = false;
+  DType dtype = DType::F32;
+  double init_std = 0.02;
+
+  int64_t kv_heads() const { return n_kv_heads > 0 ? n_kv_heads : n_heads; }
+  int64_t hdim() const { return head_dim > 0 ? head_dim : dim / n_heads; }
+  int64_t ffn() const;
+  static ModelConfig from_config(cfg::Reader& r);  // validates; calls r.finish()
+  std::string family_name() const { return family == Family::Llama ? "llama" : "gpt2"; }
+};
+
+}  // namespace qf::models

@@ -1,0 +1,54 @@
+#include "models/linear.h"
+
+#include <ATen/ATen.h>
+#include <torch/nn/init.h>
+
+#include "core/error.h"
+
+namespace qf::models {
+
+DenseLinear::DenseLinear(int64_t in, int64_t out, bool has_bias) : LinearBase(in, out) {
+  weight = register_parameter("weight", at::empty({out, in}));
+  if (has_bias) bias = register_parameter("bias", at::zeros({out}));
+}
+
+at::Tensor DenseLinear::forward(const at::Tensor& x) { return at::linear(x, weight, bias); }
+
+void DenseLinear::pretty_print(std::ostream& s) const {
+  s << "DenseLinear(in=" << in_features << ", out=" << out_features << ", bias=" << bias.defined() << ")";
+}
+
+LinearSlot::LinearSlot(torch::nn::Module* parent, std::string name, std::shared_ptr<LinearBase> m)
+    : parent_(parent), name_(std::move(name)), mod_(std::move(m)) {
+  parent_->register_module(name_, mod_);
+}
+
+void LinearSlot::replace(std::shared_ptr<LinearBase> m) {
+  QF_CHECK(m, "LinearSlot::replace(", name_, "): null module");
+  QF_CHECK(m->in_features == mod_->in_features && m->out_features == mod_->out_features, "replacing linear '", name_,
+           "' [", mod_->out_features, "x", mod_->in_features, "] with a module of shape [", m->out_features, "x",
+           m->in_features, "]");
+  parent_->replace_module(name_, m);
+  mod_ = std::move(m);
+}
+
+static void collect(torch::nn::Module& m, const std::string& prefix, std::vector<NamedSlot>& out) {
+  auto* host = dynamic_cast<HasLinearSlots*>(&m);
+  for (auto& item : m.named_children()) {
+    std::string full = prefix.empty() ? item.key() : prefix + "." + item.key();
+    LinearSlot* slot = host ? host->linear_slot(item.key()) : nullptr;
+    if (slot) {
+      out.push_back({full, slot});
+    } else {
+      collect(*item.value(), full, out);
+    }
+  }
+}
+
+std::vector<NamedSlot> linear_slots(torch::nn::Module& root) {
+  std::vector<NamedSlot> out;
+  collect(root, "", out);
+  return out;
+}
+
+}  // namespace qf::models

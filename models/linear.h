@@ -1,0 +1,66 @@
+// Swappable linear layers. Invariant: every projection in a qforge model is held through a
+// LinearSlot, so quant::prepare / peft::apply_lora can replace it (registered child AND the pointer
+// the parent's forward uses) by its Hugging Face name, e.g. "model.layers.0.self_attn.q_proj".
+// Weight layout is [out_features, in_features] (torch/HF Linear), bias optional.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <torch/nn/module.h>
+
+#include <functional>
+#include <memory>
+#include <string>
+
+namespace qf::models {
+
+// Base of every linear-like module (dense, fake-quant, NF4, LoRA wrapper, converted int).
+class LinearBase : public torch::nn::Module {
+ public:
+  LinearBase(int64_t in, int64_t out) : in_features(in), out_features(out) {}
+  virtual at::Tensor forward(const at::Tensor& x) = 0;
+  // The weight a float matmul would use (dequantized / merged where applicable), [out, in].
+  virtual at::Tensor effective_weight() = 0;
+  virtual at::Tensor bias_or_undefined() { return {}; }
+  const int64_t in_features, out_features;
+};
+
+class DenseLinear : public LinearBase {
+ public:
+  DenseLinear(int64_t in, int64_t out, bool bias);
+  at::Tensor forward(const at::Tensor& x) override;
+  at::Tensor effective_weight() override { return weight; }
+  at::Tensor bias_or_undefined() override { return bias; }
+  void pretty_print(std::ostream& s) const override;
+  at::Tensor weight, bias;
+};
+
+// A named handle a parent module holds and calls; replace() swaps the registered child too.
+class LinearSlot {
+ public:
+  LinearSlot() = default;
+  LinearSlot(torch::nn::Module* parent, std::string name, std::shared_ptr<LinearBase> m);
+  at::Tensor operator()(const at::Tensor& x) const { return mod_->forward(x); }
+  const std::shared_ptr<LinearBase>& get() const { return mod_; }
+  void replace(std::shared_ptr<LinearBase> m);
+  const std::string& name() const { return name_; }
+
+ private:
+  torch::nn::Module* parent_ = nullptr;
+  std::string name_;
+  std::shared_ptr<LinearBase> mod_;
+};
+
+// Implemented by modules that own LinearSlots, so a path can be resolved to its slot.
+class HasLinearSlots {
+ public:
+  virtual ~HasLinearSlots() = default;
+  virtual LinearSlot* linear_slot(const std::string& child_name) = 0;
+};
+
+// Every linear under `root`: (full HF-style name, slot). Order = module registration order.
+struct NamedSlot {
+  std::string name;
+  LinearSlot* slot;
+};
+std::vector<NamedSlot> linear_slots(torch::nn::Module& root);
+
+}  // namespace qf::models

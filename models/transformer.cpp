@@ -1,0 +1,370 @@
+#include "models/transformer.h"
+
+#include <ATen/ATen.h>
+#include <torch/nn/init.h>
+#include <torch/nn/modules/container/modulelist.h>
+#include <torch/nn/modules/embedding.h>
+#include <torch/nn/modules/normalization.h>
+
+#include <cmath>
+
+#include "core/error.h"
+
+namespace qf::models {
+namespace {
+
+at::ScalarType model_dtype(const ModelConfig& c) { return c.dtype == DType::BF16 ? at::kBFloat16 : at::kFloat; }
+
+// RMSNorm as in HF LlamaRMSNorm: normalise in fp32, cast back, then scale.
+class RMSNorm : public torch::nn::Module {
+ public:
+  RMSNorm(int64_t dim, double eps) : eps_(eps) { weight = register_parameter("weight", at::ones({dim})); }
+  at::Tensor forward(const at::Tensor& x) {
+    auto xf = x.to(at::kFloat);
+    auto y = xf * at::rsqrt(xf.pow(2).mean(-1, true) + eps_);
+    return weight * y.to(x.scalar_type());
+  }
+  at::Tensor weight;
+
+ private:
+  double eps_;
+};
+
+class LayerNorm : public torch::nn::Module {
+ public:
+  LayerNorm(int64_t dim, double eps) : dim_(dim), eps_(eps) {
+    weight = register_parameter("weight", at::ones({dim}));
+    bias = register_parameter("bias", at::zeros({dim}));
+  }
+  at::Tensor forward(const at::Tensor& x) { return at::layer_norm(x, {dim_}, weight, bias, eps_); }
+  at::Tensor weight, bias;
+
+ private:
+  int64_t dim_;
+  double eps_;
+};
+
+// Attention over q [B,H,T,D], k/v [B,Hkv,T,D], appending k/v to the cache when given.
+at::Tensor attend(at::Tensor q, at::Tensor k, at::Tensor v, KVCache* cache, int layer, int64_t n_rep) {
+  const int64_t T = q.size(2);
+  int64_t past = 0;
+  if (cache) {
+    past = cache->length;
+    QF_CHECK(past + T <= cache->capacity, "KV cache overflow: ", past, " + ", T, " > capacity ", cache->capacity);
+    cache->k[layer].narrow(2, past, T).copy_(k);
+    cache->v[layer].narrow(2, past, T).copy_(v);
+    k = cache->k[layer].narrow(2, 0, past + T);
+    v = cache->v[layer].narrow(2, 0, past + T);
+  }
+  if (n_rep > 1) {
+    k = k.repeat_interleave(n_rep, 1);
+    v = v.repeat_interleave(n_rep, 1);
+  }
+  if (past == 0) return at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true);
+  if (T == 1) return at::scaled_dot_product_attention(q, k, v, {}, 0.0, false);
+  // Query i (absolute position past+i) sees keys j <= past+i.
+  auto qi = at::arange(T, q.options().dtype(at::kLong)).unsqueeze(1) + past;
+  auto kj = at::arange(past + T, q.options().dtype(at::kLong)).unsqueeze(0);
+  auto mask = kj <= qi;
+  return at::scaled_dot_product_attention(q, k, v, mask, 0.0, false);
+}
+
+class LlamaAttention : public torch::nn::Module, public HasLinearSlots {
+ public:
+  explicit LlamaAttention(const ModelConfig& c) : c_(c) {
+    int64_t hd = c.hdim();
+    q_proj = LinearSlot(this, "q_proj", std::make_shared<DenseLinear>(c.dim, c.n_heads * hd, c.qkv_bias));
+    k_proj = LinearSlot(this, "k_proj", std::make_shared<DenseLinear>(c.dim, c.kv_heads() * hd, c.qkv_bias));
+    v_proj = LinearSlot(this, "v_proj", std::make_shared<DenseLinear>(c.dim, c.kv_heads() * hd, c.qkv_bias));
+    o_proj = LinearSlot(this, "o_proj", std::make_shared<DenseLinear>(c.n_heads * hd, c.dim, false));
+  }
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, KVCache* cache, int layer) {
+    const int64_t B = x.size(0), T = x.size(1), hd = c_.hdim();
+    auto q = q_proj(x).view({B, T, c_.n_heads, hd}).transpose(1, 2);
+    auto k = k_proj(x).view({B, T, c_.kv_heads(), hd}).transpose(1, 2);
+    auto v = v_proj(x).view({B, T, c_.kv_heads(), hd}).transpose(1, 2);
+    q = apply_rope(q, cos, sin);
+    k = apply_rope(k, cos, sin);
+    auto y = attend(q, k, v, cache, layer, c_.n_heads / c_.kv_heads());
+    return o_proj(y.transpose(1, 2).reshape({B, T, c_.n_heads * hd}));
+  }
+  LinearSlot* linear_slot(const std::string& n) override {
+    if (n == "q_proj") return &q_proj;
+    if (n == "k_proj") return &k_proj;
+    if (n == "v_proj") return &v_proj;
+    if (n == "o_proj") return &o_proj;
+    return nullptr;
+  }
+  LinearSlot q_proj, k_proj, v_proj, o_proj;
+
+ private:
+  ModelConfig c_;
+};
+
+class LlamaMLP : public torch::nn::Module, public HasLinearSlots {
+ public:
+  explicit LlamaMLP(const ModelConfig& c) {
+    gate_proj = LinearSlot(this, "gate_proj", std::make_shared<DenseLinear>(c.dim, c.ffn(), false));
+    up_proj = LinearSlot(this, "up_proj", std::make_shared<DenseLinear>(c.dim, c.ffn(), false));
+    down_proj = LinearSlot(this, "down_proj", std::make_shared<DenseLinear>(c.ffn(), c.dim, false));
+  }
+  at::Tensor forward(const at::Tensor& x) { return down_proj(at::silu(gate_proj(x)) * up_proj(x)); }
+  LinearSlot* linear_slot(const std::string& n) override {
+    if (n == "gate_proj") return &gate_proj;
+    if (n == "up_proj") return &up_proj;
+    if (n == "down_proj") return &down_proj;
+    return nullptr;
+  }
+  LinearSlot gate_proj, up_proj, down_proj;
+};
+
+class LlamaLayer : public torch::nn::Module {
+ public:
+  explicit LlamaLayer(const ModelConfig& c) {
+    input_layernorm = register_module("input_layernorm", std::make_shared<RMSNorm>(c.dim, c.norm_eps));
+    self_attn = register_module("self_attn", std::make_shared<LlamaAttention>(c));
+    post_attention_layernorm = register_module("post_attention_layernorm", std::make_shared<RMSNorm>(c.dim, c.norm_eps));
+    mlp = register_module("mlp", std::make_shared<LlamaMLP>(c));
+  }
+  at::Tensor forward(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, KVCache* cache, int layer) {
+    x = x + self_attn->forward(input_layernorm->forward(x), cos, sin, cache, layer);
+    return x + mlp->forward(post_attention_layernorm->forward(x));
+  }
+  std::shared_ptr<RMSNorm> input_layernorm, post_attention_layernorm;
+  std::shared_ptr<LlamaAttention> self_attn;
+  std::shared_ptr<LlamaMLP> mlp;
+};
+
+// The HF "model." prefix: embeddings, layers, final norm.
+class LlamaBody : public torch::nn::Module {
+ public:
+  explicit LlamaBody(const ModelConfig& c) {
+    embed_tokens = register_module("embed_tokens", torch::nn::Embedding(c.vocab_size, c.dim));
+    layers = register_module("layers", torch::nn::ModuleList());
+    for (int64_t i = 0; i < c.n_layers; ++i) {
+      auto l = std::make_shared<LlamaLayer>(c);
+      layers->push_back(l);
+      layer_ptrs.push_back(l);
+    }
+    norm = register_module("norm", std::make_shared<RMSNorm>(c.dim, c.norm_eps));
+  }
+  torch::nn::Embedding embed_tokens{nullptr};
+  torch::nn::ModuleList layers{nullptr};
+  std::vector<std::shared_ptr<LlamaLayer>> layer_ptrs;
+  std::shared_ptr<RMSNorm> norm;
+};
+
+class LlamaForCausalLM : public CausalLM, public HasLinearSlots {
+ public:
+  explicit LlamaForCausalLM(const ModelConfig& c) : CausalLM(c) {
+    model = register_module("model", std::make_shared<LlamaBody>(c));
+    if (!c.tie_embeddings) lm_head = LinearSlot(this, "lm_head", std::make_shared<DenseLinear>(c.dim, c.vocab_size, false));
+  }
+  at::Tensor forward(const at::Tensor& ids, KVCache* cache) override {
+    QF_CHECK(ids.dim() == 2, "input_ids must be [batch, seq], got ", ids.sizes());
+    const int64_t T = ids.size(1), start = cache ? cache->length : 0;
+    QF_CHECK(start + T <= cfg.max_seq_len, "sequence of ", start + T, " tokens exceeds model.max_seq_len ", cfg.max_seq_len);
+    auto x = model->embed_tokens->forward(ids);
+    auto [cos, sin] = rope_cos_sin(cfg, start, T, x.options());
+    for (size_t i = 0; i < model->layer_ptrs.size(); ++i) x = model->layer_ptrs[i]->forward(x, cos, sin, cache, (int)i);
+    x = model->norm->forward(x);
+    if (cache) cache->length += T;
+    if (cfg.tie_embeddings) return at::linear(x, model->embed_tokens->weight);
+    return lm_head(x);
+  }
+  LinearSlot* linear_slot(const std::string& n) override { return n == "lm_head" && lm_head.get() ? &lm_head : nullptr; }
+  std::shared_ptr<LlamaBody> model;
+  LinearSlot lm_head;
+};
+
+// ---------------- GPT-2 ----------------
+class Gpt2Attention : public torch::nn::Module, public HasLinearSlots {
+ public:
+  explicit Gpt2Attention(const ModelConfig& c) : c_(c) {
+    c_attn = LinearSlot(this, "c_attn", std::make_shared<DenseLinear>(c.dim, 3 * c.dim, true));
+    c_proj = LinearSlot(this, "c_proj", std::make_shared<DenseLinear>(c.dim, c.dim, true));
+  }
+  at::Tensor forward(const at::Tensor& x, KVCache* cache, int layer) {
+    const int64_t B = x.size(0), T = x.size(1), H = c_.n_heads, hd = c_.hdim();
+    auto qkv = c_attn(x).split(c_.dim, -1);
+    auto q = qkv[0].view({B, T, H, hd}).transpose(1, 2);
+    auto k = qkv[1].view({B, T, H, hd}).transpose(1, 2);
+    auto v = qkv[2].view({B, T, H, hd}).transpose(1, 2);
+    auto y = attend(q, k, v, cache, layer, 1);
+    return c_proj(y.transpose(1, 2).reshape({B, T, c_.dim}));
+  }
+  LinearSlot* linear_slot(const std::string& n) override {
+    if (n == "c_attn") return &c_attn;
+    if (n == "c_proj") return &c_proj;
+    return nullptr;
+  }
+  LinearSlot c_attn, c_proj;
+
+ private:
+  ModelConfig c_;
+};
+
+class Gpt2MLP : public torch::nn::Module, public HasLinearSlots {
+ public:
+  explicit Gpt2MLP(const ModelConfig& c) {
+    c_fc = LinearSlot(this, "c_fc", std::make_shared<DenseLinear>(c.dim, c.ffn(), true));
+    c_proj = LinearSlot(this, "c_proj", std::make_shared<DenseLinear>(c.ffn(), c.dim, true));
+  }
+  at::Tensor forward(const at::Tensor& x) { return c_proj(at::gelu(c_fc(x), "tanh")); }
+  LinearSlot* linear_slot(const std::string& n) override {
+    if (n == "c_fc") return &c_fc;
+    if (n == "c_proj") return &c_proj;
+    return nullptr;
+  }
+  LinearSlot c_fc, c_proj;
+};
+
+class Gpt2Block : public torch::nn::Module {
+ public:
+  explicit Gpt2Block(const ModelConfig& c) {
+    ln_1 = register_module("ln_1", std::make_shared<LayerNorm>(c.dim, c.norm_eps));
+    attn = register_module("attn", std::make_shared<Gpt2Attention>(c));
+    ln_2 = register_module("ln_2", std::make_shared<LayerNorm>(c.dim, c.norm_eps));
+    mlp = register_module("mlp", std::make_shared<Gpt2MLP>(c));
+  }
+  at::Tensor forward(at::Tensor x, KVCache* cache, int layer) {
+    x = x + attn->forward(ln_1->forward(x), cache, layer);
+    return x + mlp->forward(ln_2->forward(x));
+  }
+  std::shared_ptr<LayerNorm> ln_1, ln_2;
+  std::shared_ptr<Gpt2Attention> attn;
+  std::shared_ptr<Gpt2MLP> mlp;
+};
+
+class Gpt2Body : public torch::nn::Module {
+ public:
+  explicit Gpt2Body(const ModelConfig& c) {
+    wte = register_module("wte", torch::nn::Embedding(c.vocab_size, c.dim));
+    wpe = register_module("wpe", torch::nn::Embedding(c.max_seq_len, c.dim));
+    h = register_module("h", torch::nn::ModuleList());
+    for (int64_t i = 0; i < c.n_layers; ++i) {
+      auto b = std::make_shared<Gpt2Block>(c);
+      h->push_back(b);
+      blocks.push_back(b);
+    }
+    ln_f = register_module("ln_f", std::make_shared<LayerNorm>(c.dim, c.norm_eps));
+  }
+  torch::nn::Embedding wte{nullptr}, wpe{nullptr};
+  torch::nn::ModuleList h{nullptr};
+  std::vector<std::shared_ptr<Gpt2Block>> blocks;
+  std::shared_ptr<LayerNorm> ln_f;
+};
+
+class Gpt2LMHeadModel : public CausalLM {
+ public:
+  explicit Gpt2LMHeadModel(const ModelConfig& c) : CausalLM(c) {
+    transformer = register_module("transformer", std::make_shared<Gpt2Body>(c));
+  }
+  at::Tensor forward(const at::Tensor& ids, KVCache* cache) override {
+    QF_CHECK(ids.dim() == 2, "input_ids must be [batch, seq], got ", ids.sizes());
+    const int64_t T = ids.size(1), start = cache ? cache->length : 0;
+    QF_CHECK(start + T <= cfg.max_seq_len, "sequence of ", start + T, " tokens exceeds model.max_seq_len ", cfg.max_seq_len);
+    auto pos = at::arange(start, start + T, ids.options());
+    auto x = transformer->wte->forward(ids) + transformer->wpe->forward(pos).unsqueeze(0);
+    for (size_t i = 0; i < transformer->blocks.size(); ++i) x = transformer->blocks[i]->forward(x, cache, (int)i);
+    x = transformer->ln_f->forward(x);
+    if (cache) cache->length += T;
+    return at::linear(x, transformer->wte->weight);
+  }
+  std::shared_ptr<Gpt2Body> transformer;
+};
+
+}  // namespace
+
+at::Tensor rope_inv_freq(const ModelConfig& c) {
+  const int64_t D = c.hdim();
+  auto idx = at::arange(0, D, 2, at::kDouble) / static_cast<double>(D);
+  auto inv = 1.0 / at::pow(c.rope_theta, idx);
+  if (c.rope_scaling == RopeScaling::Linear) {
+    inv = inv / c.rope_factor;
+  } else if (c.rope_scaling == RopeScaling::Llama3) {
+    const double f = c.rope_factor, lo = c.rope_low_freq_factor, hi = c.rope_high_freq_factor;
+    const double old = static_cast<double>(c.rope_original_max_seq_len);
+    const double low_wl = old / lo, high_wl = old / hi;
+    auto wl = 2.0 * M_PI / inv;
+    auto scaled = at::where(wl > low_wl, inv / f, inv);
+    auto smooth = (old / wl - lo) / (hi - lo);
+    auto smoothed = (1.0 - smooth) * scaled / f + smooth * scaled;
+    auto medium = at::logical_not(wl < high_wl) & at::logical_not(wl > low_wl);
+    inv = at::where(medium, smoothed, scaled);
+  }
+  return inv.to(at::kFloat);
+}
+
+std::pair<at::Tensor, at::Tensor> rope_cos_sin(const ModelConfig& c, int64_t start, int64_t T,
+                                               const at::TensorOptions& opts) {
+  auto inv = rope_inv_freq(c).to(opts.device());
+  auto pos = at::arange(start, start + T, at::TensorOptions().dtype(at::kFloat).device(opts.device()));
+  auto freqs = at::outer(pos, inv);
+  auto emb = at::cat({freqs, freqs}, -1);
+  return {emb.cos().to(opts.dtype()), emb.sin().to(opts.dtype())};
+}
+
+at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  const int64_t h = x.size(-1) / 2;
+  auto x1 = x.narrow(-1, 0, h), x2 = x.narrow(-1, h, h);
+  auto rot = at::cat({-x2, x1}, -1);
+  return x * cos + rot * sin;
+}
+
+KVCache CausalLM::make_cache(int64_t batch, int64_t capacity) const {
+  KVCache kv;
+  kv.capacity = std::min(capacity, cfg.max_seq_len);
+  auto p = const_cast<CausalLM*>(this)->parameters();
+  auto opts = p.front().options();
+  for (int64_t i = 0; i < cfg.n_layers; ++i) {
+    kv.k.push_back(at::zeros({batch, cfg.kv_heads(), kv.capacity, cfg.hdim()}, opts));
+    kv.v.push_back(at::zeros({batch, cfg.kv_heads(), kv.capacity, cfg.hdim()}, opts));
+  }
+  return kv;
+}
+
+void CausalLM::init_weights(uint64_t seed) {
+  at::NoGradGuard ng;
+  auto gen = at::detail::createCPUGenerator(seed);
+  const double proj_std = cfg.init_std / std::sqrt(2.0 * cfg.n_layers);
+  for (auto& p : named_parameters()) {
+    const std::string& n = p.key();
+    at::Tensor t = p.value();
+    auto tmp = at::empty(t.sizes(), at::kFloat);
+    auto ends_with = [&](const char* s) {
+      std::string suf(s);
+      return n.size() >= suf.size() && n.compare(n.size() - suf.size(), suf.size(), suf) == 0;
+    };
+    if (n.find("norm") != std::string::npos || n.find("ln_") != std::string::npos) {
+      tmp.fill_(ends_with(".bias") ? 0.0 : 1.0);
+    } else if (ends_with(".bias")) {
+      tmp.zero_();
+    } else {
+      // GPT-2 scales residual projections by 1/sqrt(2 * n_layers), as HF's GPT2PreTrainedModel does.
+      bool resid = cfg.family == Family::Gpt2 && ends_with("c_proj.weight");
+      tmp.normal_(0.0, resid ? proj_std : cfg.init_std, gen);
+    }
+    t.copy_(tmp);
+  }
+}
+
+int64_t CausalLM::num_parameters() const {
+  int64_t n = 0;
+  for (auto& p : parameters()) n += p.numel();
+  return n;
+}
+
+std::shared_ptr<CausalLM> build_model(const ModelConfig& c) {
+  QF_CHECK(c.vocab_size > 0, "model.vocab_size must be set (or taken from the tokenizer) before building");
+  std::shared_ptr<CausalLM> m;
+  if (c.family == Family::Llama)
+    m = std::make_shared<LlamaForCausalLM>(c);
+  else
+    m = std::make_shared<Gpt2LMHeadModel>(c);
+  m->init_weights(0);
+  if (model_dtype(c) != at::kFloat) m->to(model_dtype(c));
+  return m;
+}
+
+}  // namespace qf::models

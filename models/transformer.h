@@ -1,0 +1,49 @@
+// Decoder-only causal language models with Hugging Face module/parameter names:
+//   llama family: model.embed_tokens, model.layers.N.{input_layernorm, self_attn.{q,k,v,o}_proj,
+//                 post_attention_layernorm, mlp.{gate,up,down}_proj}, model.norm, lm_head (absent when tied)
+//   gpt2 family:  transformer.{wte, wpe, h.N.{ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj}, ln_f}
+//                 (HF's Conv1D stores [in, out]; qforge stores [out, in] and transposes at import/export)
+// Invariant: forward(ids, cache) over a prompt then token-by-token equals one full forward.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <torch/nn/module.h>
+
+#include <memory>
+#include <vector>
+
+#include "models/config.h"
+#include "models/linear.h"
+
+namespace qf::models {
+
+// Preallocated key/value cache: per layer [B, n_kv_heads, capacity, head_dim].
+struct KVCache {
+  std::vector<at::Tensor> k, v;
+  int64_t length = 0;    // tokens already cached
+  int64_t capacity = 0;
+};
+
+class CausalLM : public torch::nn::Module {
+ public:
+  explicit CausalLM(ModelConfig c) : cfg(std::move(c)) {}
+  // input_ids [B, T] int64 -> logits [B, T, vocab] (in the model dtype). With a cache, positions
+  // continue from cache->length and the cache is extended.
+  virtual at::Tensor forward(const at::Tensor& input_ids, KVCache* cache = nullptr) = 0;
+  KVCache make_cache(int64_t batch, int64_t capacity) const;
+  // Re-initialise parameters (normal(0, init_std) for linears/embeddings, ones/zeros for norms).
+  void init_weights(uint64_t seed);
+  int64_t num_parameters() const;
+  const ModelConfig cfg;
+};
+
+std::shared_ptr<CausalLM> build_model(const ModelConfig& cfg);
+
+// Rotary embedding tables for positions [start, start+T): cos, sin of shape [T, head_dim]
+// (HF layout: the two halves repeat), using cfg.rope_theta and cfg.rope_scaling.
+std::pair<at::Tensor, at::Tensor> rope_cos_sin(const ModelConfig& cfg, int64_t start, int64_t T,
+                                               const at::TensorOptions& opts);
+at::Tensor rope_inv_freq(const ModelConfig& cfg);
+// x [B, H, T, D]; cos/sin [T, D]
+at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+
+}  // namespace qf::models

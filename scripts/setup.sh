@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Idempotent set-up for qforge on Debian (run as root): system packages, the project venv with the
+# pinned torch wheel (libtorch), and the embedded corpora. Re-running does only what is missing.
+# Usage: scripts/setup.sh            (called by `make build|demo|test`)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+APT_PKGS=(build-essential cmake ninja-build pkg-config ccache git python3-venv
+          libyaml-cpp-dev libcli11-dev nlohmann-json3-dev libsentencepiece-dev sentencepiece
+          libpcre2-dev googletest libgtest-dev libgmock-dev libbenchmark-dev
+          bible-kjv bible-kjv-text python3.11-doc)
+
+missing=()
+for p in "${APT_PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "[setup] installing Debian packages: ${missing[*]}"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# Project venv with pinned wheels; a stamp keyed on requirements.txt makes this a no-op once done.
+PY=${PYTHON:-python3}
+STAMP=.venv/.qforge-req-$(sha256sum requirements.txt | cut -c1-16)
+if [ ! -f "$STAMP" ]; then
+  echo "[setup] creating .venv with $(grep -v '^#' requirements.txt | tr '\n' ' ')"
+  [ -x .venv/bin/python ] || "$PY" -m venv .venv
+  .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
+  .venv/bin/python - <<'PYEOF'
+import torch
+print(f"[setup] torch {torch.__version__} cuda {torch.version.cuda} cxx11abi {torch._C._GLIBCXX_USE_CXX11_ABI}")
+assert torch.__version__.startswith("2.11.0"), torch.__version__
+PYEOF
+  rm -f .venv/.qforge-req-*; touch "$STAMP"
+fi
+
+# Embedded corpora (real text from Debian packages), generated into data/corpora/ (git-ignored).
+mkdir -p data/corpora
+if [ ! -s data/corpora/kjv.txt ]; then
+  echo "[setup] extracting the King James Bible text from bible-kjv"
+  bible -f "Gen1:1-Rev22:21" | sed -E 's/^[0-9A-Za-z]+[0-9]+:[0-9]+ //' > data/corpora/kjv.txt.tmp
+  mv data/corpora/kjv.txt.tmp data/corpora/kjv.txt
+fi
+if [ ! -d data/corpora/python-docs ]; then
+  echo "[setup] collecting Python 3.11 documentation sources (.rst) from python3.11-doc"
+  rm -rf data/corpora/python-docs.tmp && mkdir -p data/corpora/python-docs.tmp
+  (cd /usr/share/doc/python3.11/html/_sources && find . -name '*.rst.txt' -print0 | \
+     xargs -0 -I{} sh -c 'd=$0/$(dirname "{}"); mkdir -p "$d"; cp "{}" "$d/"' "$ROOT/data/corpora/python-docs.tmp")
+  mv data/corpora/python-docs.tmp data/corpora/python-docs
+fi
+echo "[setup] ok"

@@ -1,0 +1,41 @@
+// Checkpoints: <run>/checkpoints/step_<N>/ {model.safetensors, optimizer.safetensors,
+// trainer_state.json} plus <run>/checkpoints/latest (text: the directory name).
+// Invariant: a checkpoint directory is built under a temporary name, every file fsynced, then
+// renamed into place, and only then is `latest` atomically repointed; a crash (even SIGKILL) at any
+// moment leaves the previous checkpoint and `latest` intact and loadable.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <torch/nn/module.h>
+#include <torch/optim/adamw.h>
+
+#include <nlohmann/json.hpp>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace qf::trainer {
+
+using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
+
+NamedTensors model_state(const torch::nn::Module& m);
+// Copies tensors into the module's parameters/buffers by name; every entry of the module must be
+// present with the same shape (error names the checkpoint file and tensor otherwise).
+void load_model_state(torch::nn::Module& m, const NamedTensors& state, const std::string& origin, bool strict = true);
+
+NamedTensors optimizer_state(const torch::nn::Module& m, torch::optim::AdamW& opt);
+void load_optimizer_state(const torch::nn::Module& m, torch::optim::AdamW& opt, const NamedTensors& state,
+                          const std::string& origin);
+
+struct CheckpointData {
+  NamedTensors model, optimizer, extra;  // extra: RNG states etc.
+  nlohmann::json state;                   // step, sampler position, config hash, ...
+};
+
+// Writes step_<N> atomically and repoints `latest`; removes older checkpoints beyond keep_last.
+// Returns the checkpoint directory.
+std::string save_checkpoint(const std::string& ckpt_root, int64_t step, const CheckpointData& d, int64_t keep_last);
+// Resolves a run dir, a checkpoints dir or a step dir to a step dir; "" when none exists.
+std::string resolve_checkpoint(const std::string& path);
+CheckpointData load_checkpoint(const std::string& step_dir, bool with_optimizer = true);
+
+}  // namespace qf::trainer

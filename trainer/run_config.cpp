@@ -1,0 +1,61 @@
+#include "trainer/run_config.h"
+
+#include "core/fs.h"
+
+namespace qf::trainer {
+
+RunSection RunSection::from_config(cfg::Reader& r) {
+  RunSection s;
+  s.name = r.str("name", s.name);
+  s.out_dir = r.str("out_dir", "runs/" + s.name);
+  if (s.out_dir.empty()) r.fail("out_dir", "must not be empty");
+  s.seed = r.i64("seed", s.seed, 0, INT64_MAX);
+  s.threads = r.i64("threads", s.threads, 0, 1024);
+  s.init_from = r.path("init_from", "", true);
+  r.finish();
+  return s;
+}
+
+RunConfig parse_run_config(const YAML::Node& root, const std::string& source) {
+  RunConfig c;
+  c.source = source;
+  cfg::Problems problems;
+  c.resolved = YAML::Node(YAML::NodeType::Map);
+  cfg::Reader top(root, "", &problems, c.resolved);
+  {
+    auto r = top.child("run");
+    c.run = RunSection::from_config(r);
+  }
+  auto mr = top.child("model");
+  c.model = models::ModelConfig::from_config(mr);
+  {
+    auto r = top.child("tokenizer");
+    c.tokenizer = data::TokenizerConfig::from_config(r);
+  }
+  auto dr = top.child("data");
+  c.data = data::DataConfig::from_config(dr);
+  {
+    auto r = top.child("trainer");
+    c.trainer = TrainerConfig::from_config(r);
+  }
+  {
+    auto r = top.child("sample");
+    c.sample_prompts = r.strings("prompts", {});
+    c.sample = models::SamplingConfig::from_config(r);
+  }
+  // Cross-component consistency.
+  if (c.data.seq_len > c.model.max_seq_len)
+    dr.fail("seq_len", "data.seq_len " + std::to_string(c.data.seq_len) + " exceeds model.max_seq_len " +
+                           std::to_string(c.model.max_seq_len) + " (the model's maximum positions)");
+  top.finish();
+  problems.throw_if_any();
+  return c;
+}
+
+RunConfig load_run_config(const std::string& file, const std::vector<std::string>& overrides) {
+  return parse_run_config(cfg::load_yaml(file, overrides), file);
+}
+
+std::string RunConfig::hash() const { return fs::hex64(fs::fnv1a64(cfg::dump(resolved))); }
+
+}  // namespace qf::trainer

@@ -1,0 +1,43 @@
+// The whole run configuration: one typed struct per component, parsed and validated in one pass.
+// Invariant: parse_run_config either returns a fully valid RunConfig (and the resolved YAML, with
+// every default filled in) or throws ConfigError listing every problem with its key path.
+#pragma once
+#include <yaml-cpp/yaml.h>
+
+#include <string>
+#include <vector>
+
+#include "data/dataset.h"
+#include "data/tokenizer.h"
+#include "models/config.h"
+#include "models/generate.h"
+#include "trainer/trainer_config.h"
+
+namespace qf::trainer {
+
+struct RunSection {
+  std::string name = "run";
+  std::string out_dir = "runs/run";  // run directory: config.yaml, metrics.jsonl, tb/, checkpoints/
+  int64_t seed = 1234;
+  int64_t threads = 0;               // intra-op threads; 0 = all cores
+  std::string init_from;             // a checkpoint dir (or run dir) whose model weights start this run
+  static RunSection from_config(cfg::Reader& r);
+};
+
+struct RunConfig {
+  RunSection run;
+  models::ModelConfig model;
+  data::TokenizerConfig tokenizer;
+  data::DataConfig data;
+  TrainerConfig trainer;
+  models::SamplingConfig sample;      // `sample:` settings for the end-of-run generated text
+  std::vector<std::string> sample_prompts;
+  YAML::Node resolved;                // the resolved config (defaults filled in)
+  std::string source;                 // the file it came from
+  std::string hash() const;           // stable hash of the resolved config
+};
+
+RunConfig parse_run_config(const YAML::Node& root, const std::string& source);
+RunConfig load_run_config(const std::string& file, const std::vector<std::string>& overrides);
+
+}  // namespace qf::trainer

@@ -1,0 +1,355 @@
+#include "trainer/trainer.h"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
+#include <ATen/autocast_mode.h>
+#include <torch/cuda.h>
+#include <torch/nn/utils/clip_grad.h>
+#include <torch/optim/adamw.h>
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include "core/fs.h"
+#include "core/log.h"
+#include "core/progress.h"
+#include "core/tensorboard.h"
+#include "trainer/checkpoint.h"
+
+namespace qf::trainer {
+namespace sfs = std::filesystem;
+
+namespace {
+
+// RAII bf16 autocast, mirroring torch.autocast's enter/exit (thread-local state).
+class AutocastGuard {
+ public:
+  AutocastGuard(bool on, at::DeviceType dev) : on_(on), dev_(dev) {
+    if (!on_) return;
+    prev_ = at::autocast::is_autocast_enabled(dev_);
+    prev_dtype_ = at::autocast::get_autocast_dtype(dev_);
+    at::autocast::set_autocast_enabled(dev_, true);
+    at::autocast::set_autocast_dtype(dev_, at::kBFloat16);
+    at::autocast::increment_nesting();
+  }
+  ~AutocastGuard() {
+    if (!on_) return;
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+    at::autocast::set_autocast_enabled(dev_, prev_);
+    at::autocast::set_autocast_dtype(dev_, prev_dtype_);
+  }
+
+ private:
+  bool on_, prev_ = false;
+  at::DeviceType dev_;
+  at::ScalarType prev_dtype_ = at::kBFloat16;
+};
+
+at::Tensor token_loss_sum(models::CausalLM& m, const data::Batch& b, at::Device dev, bool bf16) {
+  at::Tensor logits;
+  {
+    AutocastGuard ag(bf16, dev.type());
+    logits = m.forward(b.input_ids.to(dev));
+  }
+  const int64_t V = logits.size(-1);
+  return at::cross_entropy_loss(logits.reshape({-1, V}).to(at::kFloat), b.labels.to(dev).reshape({-1}), {},
+                                at::Reduction::Sum, -100);
+}
+
+std::string human(double v) {
+  char b[32];
+  if (v >= 1e6)
+    std::snprintf(b, sizeof b, "%.2fM", v / 1e6);
+  else if (v >= 1e3)
+    std::snprintf(b, sizeof b, "%.1fk", v / 1e3);
+  else
+    std::snprintf(b, sizeof b, "%.0f", v);
+  return b;
+}
+
+}  // namespace
+
+at::Device pick_device(DeviceChoice d) {
+  bool cuda = torch::cuda::is_available();
+  if (d == DeviceChoice::Cuda) {
+    QF_CHECK(cuda, "trainer.device: cuda was requested but no CUDA device is available (use cpu or auto)");
+    return at::Device(at::kCUDA, 0);
+  }
+  if (d == DeviceChoice::Auto && cuda) return at::Device(at::kCUDA, 0);
+  return at::Device(at::kCPU);
+}
+
+EvalResult evaluate_model(models::CausalLM& m, const data::PackedSet& set, int64_t bs, int64_t max_batches,
+                          at::Device dev, bool bf16) {
+  EvalResult r;
+  if (set.size() == 0) return r;
+  at::NoGradGuard ng;
+  bool was = m.is_training();
+  m.eval();
+  double sum = 0;
+  int64_t nb = (set.size() + bs - 1) / bs;
+  if (max_batches > 0) nb = std::min(nb, max_batches);
+  for (int64_t i = 0; i < nb; ++i) {
+    std::vector<int64_t> idx;
+    for (int64_t j = i * bs; j < std::min(set.size(), (i + 1) * bs); ++j) idx.push_back(j);
+    auto b = data::make_batch(set, idx);
+    sum += token_loss_sum(m, b, dev, bf16).item<double>();
+    r.tokens += (b.labels != -100).sum().item<int64_t>();
+  }
+  if (was) m.train();
+  r.loss = r.tokens ? sum / static_cast<double>(r.tokens) : 0.0;
+  r.ppl = std::exp(r.loss);
+  return r;
+}
+
+Trainer::Trainer(RunConfig cfg) : cfg_(std::move(cfg)) {}
+Trainer::~Trainer() = default;
+
+void Trainer::setup() {
+  const auto& run = cfg_.run;
+  at::set_num_threads(run.threads > 0 ? static_cast<int>(run.threads)
+                                      : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+  device_ = pick_device(cfg_.trainer.device);
+  // Run directory first: an unwritable one fails before any work.
+  fs::ensure_dir(run.out_dir);
+  fs::write_atomic(run.out_dir + "/config.yaml",
+                   "# resolved config of run '" + run.name + "' (from " + cfg_.source + ")\n" + cfg::dump(cfg_.resolved));
+
+  tok_ = data::load_or_train_tokenizer(cfg_.tokenizer);
+  auto& mc = cfg_.model;
+  if (mc.vocab_size == 0) {
+    mc.vocab_size = tok_->vocab_size();
+  } else if (mc.vocab_size < tok_->vocab_size()) {
+    throw ConfigError({str("model.vocab_size: ", mc.vocab_size, " is smaller than the tokenizer's vocabulary of ",
+                           tok_->vocab_size(), " (", tok_->path(), "); use 0 to take it from the tokenizer")});
+  }
+  ds_ = data::build_dataset(cfg_.data, *tok_);
+
+  at::manual_seed(static_cast<uint64_t>(run.seed));
+  model_ = models::build_model(mc);
+  model_->init_weights(static_cast<uint64_t>(run.seed));
+  if (!run.init_from.empty()) {
+    std::string ck = resolve_checkpoint(run.init_from);
+    QF_CHECK_INPUT(!ck.empty(), "run.init_from: no checkpoint found under '", run.init_from, "'");
+    load_model_state(*model_, load_checkpoint(ck, false).model, ck + "/model.safetensors");
+    log::info("initialised weights from ", ck);
+  }
+  model_->to(device_);
+  model_->train();
+
+  // AdamW, decoupled weight decay on matrices only (no decay on norms and biases).
+  std::vector<at::Tensor> decay, no_decay;
+  for (auto& p : model_->named_parameters()) {
+    if (!p.value().requires_grad()) continue;
+    (p.value().dim() >= 2 ? decay : no_decay).push_back(p.value());
+  }
+  const auto& o = cfg_.trainer.optim;
+  auto base = torch::optim::AdamWOptions(o.lr).betas({o.betas[0], o.betas[1]}).eps(o.eps);
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  groups.emplace_back(decay, std::make_unique<torch::optim::AdamWOptions>(base.weight_decay(o.weight_decay)));
+  groups.emplace_back(no_decay, std::make_unique<torch::optim::AdamWOptions>(base.weight_decay(0.0)));
+  opt_ = std::make_unique<torch::optim::AdamW>(std::move(groups), base);
+
+  sampler_ = std::make_unique<data::Sampler>(ds_.train.size(), cfg_.trainer.batch_size,
+                                             static_cast<uint64_t>(cfg_.data.seed));
+  metrics_path_ = run.out_dir + "/metrics.jsonl";
+
+  std::string ck = cfg_.trainer.resume == Resume::Auto ? resolve_checkpoint(run.out_dir) : "";
+  if (!ck.empty()) {
+    restore(ck);
+  } else if (sfs::exists(metrics_path_)) {
+    sfs::remove(metrics_path_);  // a fresh run starts a fresh metrics file
+  }
+  tb_ = std::make_unique<core::TensorBoardWriter>(run.out_dir + "/tb");
+  int64_t n_train = 0;
+  for (auto& p : model_->parameters()) n_train += p.requires_grad() ? p.numel() : 0;
+  log::info("model: ", mc.family_name(), " ", model_->num_parameters(), " parameters (", n_train, " trainable), ",
+            mc.n_layers, " layers, dim ", mc.dim, ", heads ", mc.n_heads, "/", mc.kv_heads(), ", vocab ", mc.vocab_size,
+            " on ", device_.str());
+  log::info("data: ", ds_.train.size(), " train / ", ds_.val.size(), " val sequences of ", cfg_.data.seq_len,
+            " tokens; ", sampler_->batches_per_epoch(), " steps per epoch at batch ", cfg_.trainer.batch_size);
+}
+
+void Trainer::restore(const std::string& ck) {
+  auto d = load_checkpoint(ck, true);
+  load_model_state(*model_, d.model, ck + "/model.safetensors");
+  load_optimizer_state(*model_, *opt_, d.optimizer, ck + "/optimizer.safetensors");
+  step_ = d.state.value("step", 0);
+  tokens_seen_ = d.state.value("tokens_seen", 0);
+  last_val_ = d.state.value("last_val_loss", -1.0);
+  data::Sampler::State s;
+  s.epoch = d.state["sampler"].value("epoch", 0);
+  s.cursor = d.state["sampler"].value("cursor", 0);
+  sampler_->set_state(s);
+  for (auto& [n, t] : d.extra)
+    if (n == "rng.cpu") at::detail::getDefaultCPUGenerator().set_state(t);
+  if (d.state.value("config_hash", "") != cfg_.hash())
+    log::warn("resuming from ", ck, " whose config differs from this run's (config hash ",
+              d.state.value("config_hash", "?"), " vs ", cfg_.hash(), ")");
+  // Metrics after the checkpoint belong to a run that did not survive: drop them.
+  if (sfs::exists(metrics_path_)) {
+    std::ifstream in(metrics_path_);
+    std::string line, kept;
+    while (std::getline(in, line)) {
+      try {
+        auto j = nlohmann::json::parse(line);
+        if (j.value("step", int64_t(0)) <= step_) kept += line + "\n";
+      } catch (...) {
+      }
+    }
+    fs::write_atomic(metrics_path_, kept);
+  }
+  resumed_ = true;
+  log::info("resumed from ", ck, " at step ", step_, " (epoch ", s.epoch, ", batch ", s.cursor, ")");
+}
+
+void Trainer::write_metrics(const nlohmann::json& j) {
+  std::ofstream f(metrics_path_, std::ios::app);
+  f << j.dump() << "\n";
+  f.flush();
+  int64_t step = j.value("step", int64_t(0));
+  for (auto it = j.begin(); it != j.end(); ++it)
+    if (it.key() != "step" && it->is_number()) tb_->add_scalar(it.key(), it->get<double>(), step);
+  tb_->flush();
+}
+
+double Trainer::train_step() {
+  const auto& t = cfg_.trainer;
+  const bool bf16 = t.precision == Precision::BF16;
+  std::vector<data::Batch> micro;
+  int64_t n_tokens = 0;
+  for (int64_t a = 0; a < t.grad_accum; ++a) {
+    micro.push_back(data::make_batch(ds_.train, sampler_->next()));
+    n_tokens += (micro.back().labels != -100).sum().item<int64_t>();
+  }
+  const double lr = t.optim.lr * t.schedule.factor(step_, t.max_steps);
+  for (auto& g : opt_->param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
+  opt_->zero_grad();
+  double loss_sum = 0;
+  for (size_t a = 0; a < micro.size(); ++a) {
+    // Normalise by the tokens of the whole optimizer step, so k x (B/k) == B exactly in expectation.
+    auto loss = token_loss_sum(*model_, micro[a], device_, bf16) / static_cast<double>(std::max<int64_t>(1, n_tokens));
+    double v = loss.item<double>();
+    if (!std::isfinite(v))
+      throw DivergedError(str("non-finite loss (", v, ") at step ", step_ + 1, ", micro-batch ", a,
+                              "; nothing was saved. Lower trainer.optim.lr (now ", t.optim.lr,
+                              ") or enable trainer.grad_clip; the last checkpoint is still intact"));
+    loss.backward();
+    loss_sum += v;
+  }
+  double gnorm = 0;
+  if (t.grad_clip > 0) {
+    gnorm = torch::nn::utils::clip_grad_norm_(model_->parameters(), t.grad_clip);
+    if (!std::isfinite(gnorm))
+      throw DivergedError(str("non-finite gradient norm at step ", step_ + 1, "; nothing was saved"));
+  }
+  opt_->step();
+  ++step_;
+  tokens_seen_ += static_cast<int64_t>(micro.size()) * micro[0].input_ids.numel();
+  if (step_ % t.log_every == 0 || step_ == t.max_steps)
+    write_metrics({{"step", step_}, {"loss", loss_sum}, {"lr", lr}, {"grad_norm", gnorm}, {"tokens", tokens_seen_}});
+  return loss_sum;
+}
+
+TrainResult Trainer::train() {
+  const auto& t = cfg_.trainer;
+  const bool bf16 = t.precision == Precision::BF16;
+  TrainResult res;
+  res.start_step = step_;
+  auto eval = [&]() {
+    auto e = evaluate_model(*model_, ds_.val, t.batch_size, t.eval_batches, device_, bf16);
+    last_val_ = e.loss;
+    write_metrics({{"step", step_}, {"val_loss", e.loss}, {"val_ppl", e.ppl}});
+    return e;
+  };
+  if (!resumed_ && ds_.val.size() > 0) {
+    auto e = eval();
+    res.val_before = e.loss;
+    log::info("step ", step_, ": validation loss ", e.loss, ", perplexity ", e.ppl);
+  }
+  core::ProgressBar bar("train", t.max_steps, step_);
+  const int64_t tokens_per_step = t.batch_size * t.grad_accum * cfg_.data.seq_len;
+  auto t0 = std::chrono::steady_clock::now();
+  double ema = -1;
+  while (step_ < t.max_steps) {
+    double l = train_step();
+    res.losses.push_back(l);
+    ema = ema < 0 ? l : 0.9 * ema + 0.1 * l;
+    double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    double tps = secs > 0 ? static_cast<double>(tokens_per_step * (step_ - res.start_step)) / secs : 0;
+    res.tokens_per_s = tps;
+    char post[160];
+    std::snprintf(post, sizeof post, "loss %.4f | lr %.2e | %s tok/s%s", ema, t.optim.lr * t.schedule.factor(step_ - 1, t.max_steps),
+                  human(tps).c_str(), last_val_ >= 0 ? str(" | val ppl ", std::round(std::exp(last_val_) * 100) / 100).c_str() : "");
+    bar.update(step_, post);
+    if (t.eval_every > 0 && step_ % t.eval_every == 0 && step_ < t.max_steps && ds_.val.size() > 0) eval();
+    if (t.save_every > 0 && step_ % t.save_every == 0 && step_ < t.max_steps) res.checkpoint = save_checkpoint();
+  }
+  bar.finish();
+  if (ds_.val.size() > 0) {
+    auto e = eval();
+    res.val_after = e.loss;
+    log::info("step ", step_, ": validation loss ", e.loss, ", perplexity ", e.ppl);
+  }
+  if (res.checkpoint.empty() || step_ > res.start_step) res.checkpoint = save_checkpoint();
+  res.end_step = step_;
+  return res;
+}
+
+std::string Trainer::save_checkpoint() {
+  CheckpointData d;
+  d.model = model_state(*model_);
+  d.optimizer = optimizer_state(*model_, *opt_);
+  d.extra.emplace_back("rng.cpu", at::detail::getDefaultCPUGenerator().get_state());
+  auto s = sampler_->state();
+  d.state = {{"step", step_},
+             {"tokens_seen", tokens_seen_},
+             {"last_val_loss", last_val_},
+             {"sampler", {{"epoch", s.epoch}, {"cursor", s.cursor}}},
+             {"config_hash", cfg_.hash()},
+             {"model_family", cfg_.model.family_name()},
+             {"vocab_size", cfg_.model.vocab_size}};
+  auto dir = trainer::save_checkpoint(cfg_.run.out_dir + "/checkpoints", step_, d, cfg_.trainer.keep_last);
+  log::info("saved checkpoint ", dir);
+  return dir;
+}
+
+void Trainer::cleanup() {
+  if (tb_) tb_->flush();
+  tb_.reset();
+}
+
+EvalResult Trainer::evaluate(const data::PackedSet& set, int64_t max_batches) {
+  return evaluate_model(*model_, set, cfg_.trainer.batch_size, max_batches, device_,
+                        cfg_.trainer.precision == Precision::BF16);
+}
+
+LoadedRun load_run(const std::string& path, const std::vector<std::string>& overrides) {
+  LoadedRun r;
+  std::string run_dir = path;
+  if (sfs::exists(path + "/model.safetensors")) {
+    // a step dir: <run>/checkpoints/step_N
+    run_dir = sfs::path(path).parent_path().parent_path().string();
+  }
+  QF_CHECK_INPUT(sfs::is_directory(run_dir), "'", path, "' is not a run directory (expected config.yaml and checkpoints/)");
+  QF_CHECK_INPUT(sfs::exists(run_dir + "/config.yaml"), "'", run_dir, "' has no config.yaml; is it a qforge run directory?");
+  r.cfg = load_run_config(run_dir + "/config.yaml", overrides);
+  r.checkpoint = resolve_checkpoint(path);
+  QF_CHECK_INPUT(!r.checkpoint.empty(), "'", path, "' holds no checkpoint (checkpoints/latest is missing)");
+  r.cfg.tokenizer.train.enabled = false;
+  r.tok = data::load_or_train_tokenizer(r.cfg.tokenizer);
+  if (r.cfg.model.vocab_size == 0) r.cfg.model.vocab_size = r.tok->vocab_size();
+  auto ck = load_checkpoint(r.checkpoint, false);
+  if (ck.state.contains("vocab_size")) r.cfg.model.vocab_size = ck.state["vocab_size"].get<int64_t>();
+  r.model = models::build_model(r.cfg.model);
+  load_model_state(*r.model, ck.model, r.checkpoint + "/model.safetensors");
+  r.model->to(pick_device(r.cfg.trainer.device));
+  r.model->eval();
+  return r;
+}
+
+}  // namespace qf::trainer

@@ -1,0 +1,95 @@
+// The training lifecycle: setup -> train -> save_checkpoint -> cleanup (torchtune's recipe shape).
+// Invariant: the loss curve depends only on the resolved config and the data; resuming from a
+// checkpoint (model, optimizer, schedule position, RNG, sampler position) continues it identically.
+#pragma once
+#include <nlohmann/json.hpp>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "data/dataset.h"
+#include "data/sampler.h"
+#include "data/tokenizer.h"
+#include "models/transformer.h"
+#include "trainer/run_config.h"
+
+namespace torch::optim {
+class AdamW;
+}
+namespace qf::core {
+class TensorBoardWriter;
+}
+
+namespace qf::trainer {
+
+struct EvalResult {
+  double loss = 0;  // mean cross-entropy (nats/token)
+  double ppl = 0;
+  int64_t tokens = 0;
+};
+
+struct TrainResult {
+  std::vector<double> losses;  // one per optimizer step run in this process
+  double val_before = -1, val_after = -1;  // validation loss at start (fresh runs) and end
+  int64_t start_step = 0, end_step = 0;
+  double tokens_per_s = 0;
+  std::string checkpoint;
+};
+
+// Non-finite loss or gradient: the run stops, nothing is saved, the last checkpoint stays valid.
+struct DivergedError : Error {
+  using Error::Error;
+};
+
+class Trainer {
+ public:
+  explicit Trainer(RunConfig cfg);
+  ~Trainer();
+  void setup();
+  TrainResult train();
+  std::string save_checkpoint();
+  void cleanup();
+
+  EvalResult evaluate(const data::PackedSet& set, int64_t max_batches);
+  models::CausalLM& model() { return *model_; }
+  const data::Tokenizer& tokenizer() const { return *tok_; }
+  const data::Dataset& dataset() const { return ds_; }
+  const RunConfig& config() const { return cfg_; }
+  int64_t step() const { return step_; }
+
+ private:
+  void write_metrics(const nlohmann::json& j);
+  double train_step();
+  void restore(const std::string& ckpt_dir);
+
+  RunConfig cfg_;
+  std::unique_ptr<data::Tokenizer> tok_;
+  data::Dataset ds_;
+  std::shared_ptr<models::CausalLM> model_;
+  std::unique_ptr<torch::optim::AdamW> opt_;
+  std::unique_ptr<data::Sampler> sampler_;
+  std::unique_ptr<core::TensorBoardWriter> tb_;
+  at::Device device_{at::kCPU};
+  int64_t step_ = 0;
+  int64_t tokens_seen_ = 0;
+  double last_val_ = -1;
+  bool resumed_ = false;
+  std::string metrics_path_;
+};
+
+// Everything needed to use a finished run: its config snapshot, tokenizer and model weights.
+struct LoadedRun {
+  RunConfig cfg;
+  std::unique_ptr<data::Tokenizer> tok;
+  std::shared_ptr<models::CausalLM> model;
+  std::string checkpoint;
+};
+// `path` is a run directory (config.yaml + checkpoints/) or a checkpoint step directory inside one.
+LoadedRun load_run(const std::string& path, const std::vector<std::string>& overrides);
+at::Device pick_device(DeviceChoice d);
+// Mean next-token cross-entropy over a packed set (batches in order).
+EvalResult evaluate_model(models::CausalLM& m, const data::PackedSet& set, int64_t batch_size, int64_t max_batches,
+                          at::Device dev, bool bf16);
+
+}  // namespace qf::trainer

@@ -1,0 +1,52 @@
+// `trainer:` section: optimisation, schedule, precision, evaluation and checkpoint cadence.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/config.h"
+
+namespace qf::trainer {
+
+enum class Schedule { Cosine, Linear, Constant };
+enum class Precision { F32, BF16 };  // bf16 = autocast to bfloat16 over fp32 master weights
+enum class DeviceChoice { Auto, Cpu, Cuda };
+enum class Resume { Auto, Never };
+
+struct OptimConfig {
+  double lr = 3e-4;
+  std::vector<double> betas{0.9, 0.95};
+  double eps = 1e-8;
+  double weight_decay = 0.1;  // decoupled (AdamW); never applied to norms, biases (params with < 2 dims)
+  static OptimConfig from_config(cfg::Reader& r);
+};
+
+struct ScheduleConfig {
+  Schedule type = Schedule::Cosine;
+  int64_t warmup_steps = 100;
+  double min_lr_ratio = 0.1;  // final lr = lr * min_lr_ratio (cosine, linear)
+  int64_t total_steps = 0;    // schedule horizon; 0 = trainer.max_steps (set it to stop early and resume later)
+  static ScheduleConfig from_config(cfg::Reader& r);
+  // lr multiplier in [0, 1] at `step` (0-based); horizon = total_steps or max_steps.
+  double factor(int64_t step, int64_t max_steps) const;
+};
+
+struct TrainerConfig {
+  int64_t max_steps = 1000;
+  int64_t batch_size = 16;   // sequences per micro-batch
+  int64_t grad_accum = 1;    // micro-batches per optimizer step
+  double grad_clip = 1.0;    // max global grad norm; 0 = off
+  Precision precision = Precision::F32;
+  DeviceChoice device = DeviceChoice::Auto;
+  int64_t eval_every = 100;  // steps; 0 = only at start and end
+  int64_t eval_batches = 0;  // 0 = the whole validation split
+  int64_t save_every = 0;    // steps; 0 = only at the end
+  int64_t keep_last = 2;     // checkpoints kept
+  int64_t log_every = 10;
+  Resume resume = Resume::Auto;  // auto: continue from out_dir/checkpoints/latest when present
+  OptimConfig optim;
+  ScheduleConfig schedule;
+  static TrainerConfig from_config(cfg::Reader& r);
+};
+
+}  // namespace qf::trainer
