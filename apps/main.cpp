@@ -59,9 +59,10 @@ int cmd_train(const std::string& file, const std::vector<std::string>& overrides
     if (t.tokenizer().bos_id() >= 0 && cfg.data.add_bos) ids.push_back(t.tokenizer().bos_id());
     ids.insert(ids.end(), ids32.begin(), ids32.end());
     auto out = models::generate(t.model(), ids, cfg.sample, t.tokenizer().eos_id());
-    std::vector<int32_t> o32(out.begin(), out.end());
-    std::printf("\n--- sample (temperature %.2f, top-k %lld, top-p %.2f) ---\n%s%s\n", cfg.sample.temperature,
-                (long long)cfg.sample.top_k, cfg.sample.top_p, p.c_str(), t.tokenizer().decode(o32).c_str());
+    std::vector<int32_t> o32(ids32.begin(), ids32.end());
+    o32.insert(o32.end(), out.begin(), out.end());
+    std::printf("\n--- sample (temperature %.2f, top-k %lld, top-p %.2f) ---\n%s\n", cfg.sample.temperature,
+                (long long)cfg.sample.top_k, cfg.sample.top_p, t.tokenizer().decode(o32).c_str());
   }
   std::fflush(stdout);
   return 0;
@@ -97,8 +98,10 @@ int cmd_generate(const std::string& run, const std::vector<std::string>& overrid
   if (lr.tok->bos_id() >= 0 && lr.cfg.data.add_bos) ids.push_back(lr.tok->bos_id());
   for (int32_t i : lr.tok->encode(prompt)) ids.push_back(i);
   auto out = models::generate(*lr.model, ids, s, lr.tok->eos_id());
-  std::vector<int32_t> o32(out.begin(), out.end());
-  std::printf("%s%s\n", prompt.c_str(), lr.tok->decode(o32).c_str());
+  std::vector<int32_t> o32;
+  for (size_t i = (lr.tok->bos_id() >= 0 && lr.cfg.data.add_bos) ? 1 : 0; i < ids.size(); ++i) o32.push_back((int32_t)ids[i]);
+  o32.insert(o32.end(), out.begin(), out.end());
+  std::printf("%s\n", lr.tok->decode(o32).c_str());
   return 0;
 }
 

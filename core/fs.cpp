@@ -1,6 +1,7 @@
 #include "core/fs.h"
 
 #include <fcntl.h>
+#include <ftw.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -74,6 +75,13 @@ void ensure_dir(const std::string& dir) {
   std::filesystem::create_directories(dir, ec);
   QF_CHECK_INPUT(!ec && std::filesystem::is_directory(dir), "cannot create directory '", dir, "': ", ec.message());
   QF_CHECK_INPUT(::access(dir.c_str(), W_OK) == 0, "directory '", dir, "' is not writable");
+}
+
+void remove_tree(const std::string& path) {
+  if (::access(path.c_str(), F_OK) != 0) return;
+  ::nftw(
+      path.c_str(), [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p) == 0 ? 0 : 0; }, 16,
+      FTW_DEPTH | FTW_PHYS);
 }
 
 uint64_t fnv1a64(std::string_view b, uint64_t h) {

@@ -19,6 +19,11 @@ void rename_atomic(const std::string& from, const std::string& to);
 // Creates a directory (and parents); throws InputError naming it if that fails or it is not writable.
 void ensure_dir(const std::string& dir);
 
+// Recursive delete (like rm -rf; missing path is fine). Use this, never std::filesystem::remove_all:
+// libtorch_cpu.so (built with GCC 13) exports its own std::filesystem symbols, and remove_all
+// compiled with Debian's GCC 12 headers binds to them and segfaults.
+void remove_tree(const std::string& path);
+
 // Stable 64-bit FNV-1a hash (hex) of bytes / of a file's bytes; used for cache keys and config hashes.
 uint64_t fnv1a64(std::string_view bytes, uint64_t seed = 1469598103934665603ULL);
 std::string hex64(uint64_t v);

@@ -30,10 +30,11 @@ namespace stdfs = std::filesystem;
 
 DataConfig DataConfig::from_config(cfg::Reader& r) {
   DataConfig c;
+  const size_t n_problems = r.problems()->items.size();
   auto srcs = r.list("sources");
   if (srcs.empty() && !r.has("sources"))
     r.fail("sources", "required: a list of sources, e.g. [{path: corpus/}]");
-  else if (srcs.empty())
+  else if (srcs.empty() && r.problems()->items.size() == n_problems)  // not already reported as malformed
     r.fail("sources", "at least one source is required, e.g. [{path: corpus/}]");
   for (auto& s : srcs) {
     SourceConfig sc;

@@ -2,6 +2,7 @@
 #include "data/tokenizer.h"
 
 #include <sentencepiece_processor.h>
+#include <ftw.h>
 #include <sentencepiece_trainer.h>
 #include <unistd.h>
 
@@ -156,20 +157,29 @@ void json_strings(const nlohmann::json& j, std::vector<std::string>& out) {
   }
 }
 
+// Recursive delete without std::filesystem::remove_all: libtorch.so (2.11) exports its own build of
+// the std::filesystem operations, which interposes libstdc++'s and whose remove_all segfaults when
+// called from code compiled against GCC 12's headers.
+void remove_tree(const std::string& dir) {
+  ::nftw(
+      dir.c_str(), [](const char* p, const struct stat*, int, struct FTW*) {
+        ::remove(p);  // best effort
+        return 0;
+      }, 16,
+      FTW_DEPTH | FTW_PHYS);
+}
+
 struct TempDir {
   std::string path;
   TempDir() {
     static std::atomic<int> counter{0};
     auto base = stdfs::temp_directory_path() /
                 ("qforge-spm-" + std::to_string(::getpid()) + "-" + std::to_string(counter++));
-    stdfs::remove_all(base);
+    remove_tree(base.string());
     fs::ensure_dir(base.string());
     path = base.string();
   }
-  ~TempDir() {
-    std::error_code ec;
-    stdfs::remove_all(path, ec);
-  }
+  ~TempDir() { remove_tree(path); }
 };
 
 void train_sentencepiece(const TokenizerConfig& cfg) {
@@ -249,11 +259,11 @@ void train_sentencepiece(const TokenizerConfig& cfg) {
   stdfs::remove(vocab, ec);
   if (!st.ok()) {
     stdfs::remove(model, ec);
-    std::string hint;
-    if (t.vocab_size < 260)
-      hint = " (with byte_fallback the vocabulary holds 256 byte pieces + 4 special pieces + the corpus characters; "
+    std::string msg = st.ToString(), hint;
+    if (msg.find("required_chars") != std::string::npos)
+      hint = " (the vocabulary holds 256 byte-fallback pieces + 4 special pieces + every character of the corpus; "
              "raise tokenizer.train.vocab_size)";
-    throw InputError(str("training tokenizer '", cfg.path, "' failed: ", st.ToString(), hint));
+    throw InputError(str("training tokenizer '", cfg.path, "' failed: ", msg, hint));
   }
   fs::fsync_path(model);
   fs::rename_atomic(model, cfg.path);

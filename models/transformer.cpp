@@ -277,8 +277,10 @@ class Gpt2LMHeadModel : public CausalLM {
 }  // namespace
 
 at::Tensor rope_inv_freq(const ModelConfig& c) {
+  // float32 throughout, in the same order of operations as transformers' rope init functions,
+  // so cos/sin tables agree bit-for-bit at large positions.
   const int64_t D = c.hdim();
-  auto idx = at::arange(0, D, 2, at::kDouble) / static_cast<double>(D);
+  auto idx = at::arange(0, D, 2, at::kLong).to(at::kFloat) / static_cast<double>(D);
   auto inv = 1.0 / at::pow(c.rope_theta, idx);
   if (c.rope_scaling == RopeScaling::Linear) {
     inv = inv / c.rope_factor;
@@ -293,7 +295,7 @@ at::Tensor rope_inv_freq(const ModelConfig& c) {
     auto medium = at::logical_not(wl < high_wl) & at::logical_not(wl > low_wl);
     inv = at::where(medium, smoothed, scaled);
   }
-  return inv.to(at::kFloat);
+  return inv;
 }
 
 std::pair<at::Tensor, at::Tensor> rope_cos_sin(const ModelConfig& c, int64_t start, int64_t T,

@@ -89,7 +89,7 @@ std::string save_checkpoint(const std::string& root, int64_t step, const Checkpo
   const std::string name = step_name(step);
   const std::string final_dir = root + "/" + name;
   const std::string tmp = root + "/." + name + ".tmp" + std::to_string(::getpid());
-  sfs::remove_all(tmp);
+  fs::remove_tree(tmp);
   fs::ensure_dir(tmp);
   st::save(tmp + "/model.safetensors", d.model);
   st::save(tmp + "/optimizer.safetensors", d.optimizer);
@@ -101,7 +101,7 @@ std::string save_checkpoint(const std::string& root, int64_t step, const Checkpo
     const std::string old = root + "/." + name + ".old" + std::to_string(::getpid());
     fs::rename_atomic(final_dir, old);
     fs::rename_atomic(tmp, final_dir);
-    sfs::remove_all(old);
+    fs::remove_tree(old);
   } else {
     fs::rename_atomic(tmp, final_dir);
   }
@@ -111,11 +111,11 @@ std::string save_checkpoint(const std::string& root, int64_t step, const Checkpo
   for (auto& e : sfs::directory_iterator(root)) {
     auto n = e.path().filename().string();
     if (e.is_directory() && n.rfind("step_", 0) == 0) steps.push_back(n);
-    if (e.is_directory() && n[0] == '.' && n.find(".tmp") != std::string::npos) sfs::remove_all(e.path());  // stale temp dirs
+    if (e.is_directory() && n[0] == '.' && n.find(".tmp") != std::string::npos) fs::remove_tree(e.path());  // stale temp dirs
   }
   std::sort(steps.begin(), steps.end());
   for (size_t i = 0; i + keep_last < steps.size(); ++i)
-    if (steps[i] != name) sfs::remove_all(root + "/" + steps[i]);
+    if (steps[i] != name) fs::remove_tree(root + "/" + steps[i]);
   return final_dir;
 }
 

@@ -45,7 +45,7 @@ RunConfig parse_run_config(const YAML::Node& root, const std::string& source) {
   }
   // Cross-component consistency.
   if (c.data.seq_len > c.model.max_seq_len)
-    dr.fail("seq_len", "data.seq_len " + std::to_string(c.data.seq_len) + " exceeds model.max_seq_len " +
+    dr.fail("seq_len", std::to_string(c.data.seq_len) + " exceeds model.max_seq_len " +
                            std::to_string(c.model.max_seq_len) + " (the model's maximum positions)");
   top.finish();
   problems.throw_if_any();

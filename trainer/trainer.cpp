@@ -186,7 +186,10 @@ void Trainer::restore(const std::string& ck) {
   s.cursor = d.state["sampler"].value("cursor", 0);
   sampler_->set_state(s);
   for (auto& [n, t] : d.extra)
-    if (n == "rng.cpu") at::detail::getDefaultCPUGenerator().set_state(t);
+    if (n == "rng.cpu") {
+      at::Generator g = at::detail::getDefaultCPUGenerator();
+      g.set_state(t);
+    }
   if (d.state.value("config_hash", "") != cfg_.hash())
     log::warn("resuming from ", ck, " whose config differs from this run's (config hash ",
               d.state.value("config_hash", "?"), " vs ", cfg_.hash(), ")");

@@ -56,9 +56,11 @@ TrainerConfig TrainerConfig::from_config(cfg::Reader& r) {
   t.optim = OptimConfig::from_config(o);
   auto s = r.child("schedule");
   t.schedule = ScheduleConfig::from_config(s);
-  if (t.schedule.warmup_steps > t.max_steps && t.max_steps > 0)
-    s.fail("warmup_steps", "warmup of " + std::to_string(t.schedule.warmup_steps) + " steps exceeds trainer.max_steps " +
-                               std::to_string(t.max_steps));
+  const int64_t horizon = t.schedule.total_steps > 0 ? t.schedule.total_steps : t.max_steps;
+  if (t.schedule.warmup_steps > horizon && horizon > 0)
+    s.fail("warmup_steps", "warmup of " + std::to_string(t.schedule.warmup_steps) +
+                               " steps exceeds the schedule horizon of " + std::to_string(horizon) +
+                               " steps (trainer.max_steps or trainer.schedule.total_steps)");
   r.finish();
   return t;
 }

@@ -1,6 +1,7 @@
 // TensorBoard writer: CRC-32C known answers, and a round trip that parses our own TFRecord framing
 // and protobuf encoding back. Live parity with the real reader: tests/interop/check_tensorboard.py.
 #include "core/tensorboard.h"
+#include "core/fs.h"
 
 #include <gtest/gtest.h>
 #include <unistd.h>
@@ -25,7 +26,7 @@ namespace stdfs = std::filesystem;
 std::string fresh_dir(const std::string& name) {
   stdfs::path d = stdfs::path(testing::TempDir()) /
                   ("qf_tb_" + name + "_" + std::to_string(::getpid()));
-  stdfs::remove_all(d);
+  qf::fs::remove_tree(d.string());
   return d.string();
 }
 
@@ -212,7 +213,7 @@ TEST(TensorBoardWriter, RoundTrip) {
     EXPECT_EQ(got.value, want[i].value);  // exact: written as float
     EXPECT_GT(got.wall_time, 1.5e9);
   }
-  stdfs::remove_all(stdfs::path(dir).parent_path().parent_path());
+  qf::fs::remove_tree(stdfs::path(dir).parent_path().parent_path().string());
 }
 
 TEST(TensorBoardWriter, TwoWritersSameDirDoNotClobber) {
@@ -225,7 +226,7 @@ TEST(TensorBoardWriter, TwoWritersSameDirDoNotClobber) {
   b.flush();
   EXPECT_EQ(read_records(slurp(a.path())).size(), 2u);
   EXPECT_EQ(read_records(slurp(b.path())).size(), 2u);
-  stdfs::remove_all(dir);
+  qf::fs::remove_tree(dir);
 }
 
 TEST(TensorBoardWriter, UncreatableDirThrowsInputErrorNamingPath) {
@@ -240,7 +241,7 @@ TEST(TensorBoardWriter, UncreatableDirThrowsInputErrorNamingPath) {
   } catch (const qf::InputError& e) {
     EXPECT_NE(std::string(e.what()).find(logdir), std::string::npos) << e.what();
   }
-  stdfs::remove_all(dir);
+  qf::fs::remove_tree(dir);
 }
 
 }  // namespace

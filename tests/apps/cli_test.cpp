@@ -1,0 +1,143 @@
+// The qforge binary end to end: --help everywhere, exit codes (2 = config, 1 = input), clear
+// messages naming the file/key, nothing written on a rejected config, train -> eval -> generate.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <array>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+
+#include "core/fs.h"
+
+namespace sfs = std::filesystem;
+
+namespace {
+
+struct Result {
+  int rc;
+  std::string out;
+};
+
+Result run(const std::string& args) {
+  std::string cmd = std::string("cd ") + QFORGE_SOURCE_DIR + " && QFORGE_PROGRESS=0 " + QFORGE_BINARY + " " + args + " 2>&1";
+  Result r{-1, ""};
+  FILE* p = popen(cmd.c_str(), "r");
+  std::array<char, 4096> buf;
+  while (size_t n = fread(buf.data(), 1, buf.size(), p)) r.out.append(buf.data(), n);
+  int st = pclose(p);
+  r.rc = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  return r;
+}
+
+struct TmpDir {
+  std::string path;
+  TmpDir() {
+    std::string t = (sfs::temp_directory_path() / "qf_cli_XXXXXX").string();
+    path = ::mkdtemp(t.data());
+  }
+  ~TmpDir() { qf::fs::remove_tree(path); }
+};
+
+class Cli : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::ifstream in(std::string(QFORGE_SOURCE_DIR) + "/data/corpora/kjv.txt");
+    std::ofstream o(tmp.path + "/corpus.txt");
+    std::string line;
+    for (int n = 0; n < 1200 && std::getline(in, line); ++n) o << line << "\n";
+    cfg = tmp.path + "/run.yaml";
+    std::ofstream(cfg) << "# Run: qforge train run.yaml\n"
+                          "run: {name: cli, out_dir: "
+                       << tmp.path << "/run, threads: 1}\n"
+                       << "tokenizer: {path: " << tmp.path << "/tok.model, train: {enabled: true, sources: ["
+                       << tmp.path << "/corpus.txt], vocab_size: 300}}\n"
+                       << "model: {dim: 32, n_layers: 2, n_heads: 4, ffn_dim: 64, max_seq_len: 64}\n"
+                       << "data: {sources: [{path: " << tmp.path << "/corpus.txt, split: line}], seq_len: 32, cache_dir: "
+                       << tmp.path << "/cache}\n"
+                       << "trainer: {max_steps: 6, batch_size: 4, eval_batches: 2, schedule: {warmup_steps: 1}}\n"
+                       << "sample: {prompts: ['And God'], max_new_tokens: 8}\n";
+  }
+  TmpDir tmp;
+  std::string cfg;
+};
+
+TEST_F(Cli, HelpOnEveryCommand) {
+  for (std::string c : {"", "train ", "eval ", "generate "}) {
+    auto r = run(c + "--help");
+    EXPECT_EQ(r.rc, 0) << c << r.out;
+    EXPECT_NE(r.out.find("Usage"), std::string::npos) << c << r.out;
+  }
+  EXPECT_NE(run("").rc, 0);
+}
+
+TEST_F(Cli, TrainEvalGenerateEndToEnd) {
+  auto t = run("train " + cfg);
+  ASSERT_EQ(t.rc, 0) << t.out;
+  EXPECT_NE(t.out.find("after training"), std::string::npos) << t.out;
+  EXPECT_NE(t.out.find("--- sample"), std::string::npos) << t.out;
+  EXPECT_TRUE(sfs::exists(tmp.path + "/run/config.yaml"));
+  EXPECT_TRUE(sfs::exists(tmp.path + "/run/metrics.jsonl"));
+  bool tb = false;
+  for (auto& e : sfs::directory_iterator(tmp.path + "/run/tb")) tb |= e.path().filename().string().rfind("events.out.tfevents", 0) == 0;
+  EXPECT_TRUE(tb);
+  auto e = run("eval " + tmp.path + "/run");
+  ASSERT_EQ(e.rc, 0) << e.out;
+  EXPECT_NE(e.out.find("perplexity"), std::string::npos) << e.out;
+  auto g = run("generate " + tmp.path + "/run --prompt 'And God said' -n 5 -t 0");
+  ASSERT_EQ(g.rc, 0) << g.out;
+  EXPECT_NE(g.out.find("And God said"), std::string::npos) << g.out;
+  auto g2 = run("generate " + tmp.path + "/run --prompt 'And God said' -n 5 -t 0");
+  EXPECT_EQ(g.out, g2.out);  // greedy is deterministic
+  auto pc = run("train " + cfg + " --print-config trainer.max_steps=77");
+  ASSERT_EQ(pc.rc, 0);
+  EXPECT_NE(pc.out.find("max_steps: 77"), std::string::npos) << pc.out;
+}
+
+TEST_F(Cli, BadConfigExitsTwoAndWritesNothing) {
+  auto r = run("train " + cfg + " trainer.max_stepz=1 model.dim=abc");
+  EXPECT_EQ(r.rc, 2) << r.out;
+  EXPECT_NE(r.out.find("trainer.max_stepz: unknown key"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("model.dim: expected an integer"), std::string::npos) << r.out;
+  EXPECT_FALSE(sfs::exists(tmp.path + "/run"));
+  auto s = run("train " + cfg + " data.seq_len=500");
+  EXPECT_EQ(s.rc, 2) << s.out;
+  EXPECT_NE(s.out.find("data.seq_len: 500 exceeds model.max_seq_len 64"), std::string::npos) << s.out;
+  auto t = run("train " + cfg + " tokenizer.train.enabled=false");
+  EXPECT_EQ(t.rc, 2) << t.out;
+  EXPECT_NE(t.out.find("tok.model"), std::string::npos) << t.out;
+  EXPECT_FALSE(sfs::exists(tmp.path + "/run"));
+}
+
+TEST_F(Cli, MalformedYaml) {
+  std::ofstream(tmp.path + "/bad.yaml") << "model: {dim: 64\n";
+  auto r = run("train " + tmp.path + "/bad.yaml");
+  EXPECT_EQ(r.rc, 2) << r.out;
+  EXPECT_NE(r.out.find(tmp.path + "/bad.yaml:"), std::string::npos) << r.out;
+}
+
+TEST_F(Cli, EmptyCorpusNamesThePath) {
+  std::ofstream(tmp.path + "/empty.txt") << "";
+  auto r = run("train " + cfg + " data.sources=[{path: " + tmp.path + "/empty.txt}]");
+  EXPECT_EQ(r.rc, 1) << r.out;
+  EXPECT_NE(r.out.find(tmp.path + "/empty.txt"), std::string::npos) << r.out;
+  sfs::create_directories(tmp.path + "/emptydir");
+  auto d = run("train " + cfg + " data.sources=[{path: " + tmp.path + "/emptydir}]");
+  EXPECT_EQ(d.rc, 1) << d.out;
+  EXPECT_NE(d.out.find(tmp.path + "/emptydir"), std::string::npos) << d.out;
+}
+
+TEST_F(Cli, UnwritableRunDirectory) {
+  std::ofstream(tmp.path + "/afile") << "x";
+  auto r = run("train " + cfg + " run.out_dir=" + tmp.path + "/afile/run");
+  EXPECT_EQ(r.rc, 1) << r.out;
+  EXPECT_NE(r.out.find(tmp.path + "/afile/run"), std::string::npos) << r.out;
+}
+
+TEST_F(Cli, EvalOfSomethingThatIsNotARun) {
+  auto r = run("eval " + tmp.path);
+  EXPECT_EQ(r.rc, 1) << r.out;
+  EXPECT_NE(r.out.find("config.yaml"), std::string::npos) << r.out;
+}
+
+}  // namespace
