@@ -31,7 +31,6 @@ demo: build
 
 test: build
 	@cd $(BUILD) && ctest --output-on-failure -j $(JOBS) --timeout 1200
-	@scripts/cli_tests.sh
 
 bench: build
 	@bench/train_throughput.sh

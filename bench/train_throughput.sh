@@ -63,31 +63,21 @@ print("T_LR=%s" % re.search(r"^    lr: *(\S+)", txt, re.M).group(1))
 print("T_WD=%s" % re.search(r"weight_decay: *(\S+)", txt).group(1))
 b = re.search(r"betas: *\[([^,]+), *([^\]]+)\]", txt)
 print("T_BETAS='%s %s'" % (b.group(1), b.group(2)))
-print("TOK_PATH=%s" % re.search(r"^tokenizer:\n(?:  .*\n)*?  path: *(\S+)", txt, re.M).group(1))
 EOF
 # shellcheck disable=SC1091
 source "$WORK/shape.env"
 [[ "$FAMILY" == llama && "$M_TIE_EMBEDDINGS" == true && "$M_QKV_BIAS" == false && "$M_DTYPE" == fp32 \
    && "$T_GRAD_ACCUM" == 1 && "$T_PRECISION" == fp32 ]] \
   || die "the PyTorch reference only models llama / tied / no-bias / fp32 / grad_accum 1 recipes"
-VOCAB="$M_VOCAB_SIZE"
-if [[ "$VOCAB" == 0 ]]; then
-  "$PYTHON" -c 'import sentencepiece' 2>/dev/null \
-    && VOCAB="$("$PYTHON" -c 'import sentencepiece as s,sys; print(s.SentencePieceProcessor(model_file=sys.argv[1]).vocab_size())' "$TOK_PATH")" \
-    || VOCAB=4096   # configs/tiny_pretrain.yaml: tokenizer.train.vocab_size
-fi
+VOCAB="$M_VOCAB_SIZE"   # 0 = from the tokenizer: taken from the first qforge log ("vocab N on cpu")
 
 QF_ARGS=(run.threads="$THREADS" trainer.schedule.total_steps=600 trainer.eval_every=0 trainer.eval_batches=1
          trainer.save_every=0 trainer.log_every=10 sample.prompts=[] trainer.resume=never)
-PY_ARGS=(--threads "$THREADS" --vocab-size "$VOCAB" --dim "$M_DIM" --n-layers "$M_N_LAYERS" --n-heads "$M_N_HEADS"
+PY_ARGS=(--threads "$THREADS" --dim "$M_DIM" --n-layers "$M_N_LAYERS" --n-heads "$M_N_HEADS"
          --n-kv-heads "$M_N_KV_HEADS" --ffn-dim "$M_FFN_DIM" --rope-theta "$M_ROPE_THETA" --norm-eps "$M_NORM_EPS"
          --init-std "$M_INIT_STD" --seq-len "$D_SEQ_LEN" --batch-size "$T_BATCH_SIZE" --val-fraction "$D_VAL_FRACTION"
          --lr "$T_LR" --weight-decay "$T_WD" --betas $T_BETAS --grad-clip "$T_GRAD_CLIP"
          --warmup-steps "$T_WARMUP" --total-steps 600 --min-lr-ratio "$T_MINLR")
-# trainer.resume=never may not exist in every qforge version; fall back to fresh out_dirs only.
-if ! "$QFORGE" train "$CONFIG" --print-config "${QF_ARGS[@]}" >/dev/null 2>&1; then
-  QF_ARGS=("${QF_ARGS[@]/trainer.resume=never/}")
-fi
 export OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS"
 
 TOKENS_FILE=""   # the token cache qforge reports using; handed to the PyTorch side
@@ -95,47 +85,74 @@ RECORDS="$WORK/records.jsonl"
 : > "$RECORDS"
 
 now_ns() { date +%s%N; }
+
+# CPU share used by other processes over 1 s (we run nothing in between measurements).
+busy_frac() {
+  local a b
+  a=($(head -1 /proc/stat)); sleep 1; b=($(head -1 /proc/stat))
+  awk -v u="$(( b[1]+b[2]+b[3]+b[6]+b[7]+b[8] - a[1]-a[2]-a[3]-a[6]-a[7]-a[8] ))" \
+      -v t="$(( b[1]+b[2]+b[3]+b[4]+b[5]+b[6]+b[7]+b[8] - a[1]-a[2]-a[3]-a[4]-a[5]-a[6]-a[7]-a[8] ))" \
+      'BEGIN{printf "%.2f", (t > 0) ? (u / t) : 0}'
+}
+# Wait (up to QUIET_WAIT s, default 180) until other processes use < QUIET_MAX (default 0.10) of the CPUs.
+QUIET_WAIT="${QUIET_WAIT:-180}"
+QUIET_MAX="${QUIET_MAX:-0.10}"
+BUSY=0
+wait_quiet() {
+  local waited=0
+  BUSY=$(busy_frac)
+  while awk -v b="$BUSY" -v m="$QUIET_MAX" 'BEGIN{exit !(b > m)}' && (( waited < QUIET_WAIT )); do
+    (( waited == 0 )) && echo "  (machine busy: ${BUSY} of CPU used by others; waiting up to ${QUIET_WAIT}s)" >&2
+    sleep 4; waited=$((waited + 5)); BUSY=$(busy_frac)
+  done
+}
 maxrss() { awk -F': ' '/Maximum resident set size/ {print $2}' "$1"; }
 
 run_qforge() {  # rep steps
   local rep=$1 steps=$2 dir="$WORK/qf_r${1}_s${2}" log="$WORK/qf_r${1}_s${2}.log" tv="$WORK/qf_r${1}_s${2}.time"
   rm -rf "$dir"
+  wait_quiet
   local load; load=$(cut -d' ' -f1 /proc/loadavg)
   local t0 t1; t0=$(now_ns)
   "$TIMEBIN" -v -o "$tv" "$QFORGE" train "$CONFIG" run.out_dir="$dir" trainer.max_steps="$steps" "${QF_ARGS[@]}" \
     > "$log" 2>&1 || { tail -20 "$log" >&2; die "qforge train failed (rep $rep, $steps steps); log above"; }
   t1=$(now_ns)
   local tps; tps=$(sed -n 's/.*finished: steps [0-9]* -> [0-9]*, \([0-9.]*\) tokens\/s.*/\1/p' "$log" | tail -1)
+  if [[ "$VOCAB" == 0 ]]; then
+    VOCAB=$(sed -n 's/.*, vocab \([0-9]*\) on .*/\1/p' "$log" | head -1)
+    [[ -n "$VOCAB" ]] || die "could not read the vocabulary size from $log"
+  fi
   if [[ -z "$TOKENS_FILE" ]]; then
     TOKENS_FILE=$(sed -n 's/.*token cache [a-z]* (\(.*\.bin\)).*/\1/p' "$log" | head -1)
   fi
-  printf '{"impl":"qforge","rep":%d,"steps":%d,"wall_s":%s,"maxrss_kb":%s,"self_reported_tokens_per_s":%s,"loadavg_1m_before":%s}\n' \
+  printf '{"impl":"qforge","rep":%d,"steps":%d,"wall_s":%s,"maxrss_kb":%s,"self_reported_tokens_per_s":%s,"loadavg_1m_before":%s,"busy_before":%s}\n' \
     "$rep" "$steps" "$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.4f", (b-a)/1e9}')" "$(maxrss "$tv")" \
-    "${tps:-null}" "$load" >> "$RECORDS"
-  printf '  rep %d qforge  %3d steps: %6.2fs  rss %6d MiB  (qforge says %s tok/s, load %s)\n' "$rep" "$steps" \
-    "$(awk -v a="$t0" -v b="$t1" 'BEGIN{print (b-a)/1e9}')" $(( $(maxrss "$tv") / 1024 )) "${tps:-?}" "$load"
+    "${tps:-null}" "$load" "$BUSY" >> "$RECORDS"
+  printf '  rep %d qforge  %3d steps: %6.2fs  rss %6d MiB  (qforge says %s tok/s, load %s, others %s)\n' "$rep" "$steps" \
+    "$(awk -v a="$t0" -v b="$t1" 'BEGIN{print (b-a)/1e9}')" $(( $(maxrss "$tv") / 1024 )) "${tps:-?}" "$load" "$BUSY"
 }
 
 run_python() {  # rep steps
   local rep=$1 steps=$2 log="$WORK/py_r${1}_s${2}.json" tv="$WORK/py_r${1}_s${2}.time"
   local tok=(); [[ -n "$TOKENS_FILE" ]] && tok=(--tokens "$TOKENS_FILE")
+  wait_quiet
   local load; load=$(cut -d' ' -f1 /proc/loadavg)
   local t0 t1; t0=$(now_ns)
-  "$TIMEBIN" -v -o "$tv" "$PYTHON" bench/train_throughput.py --steps "$steps" "${PY_ARGS[@]}" "${tok[@]}" \
+  "$TIMEBIN" -v -o "$tv" "$PYTHON" bench/train_throughput.py --steps "$steps" --vocab-size "$VOCAB" "${PY_ARGS[@]}" "${tok[@]}" \
     > "$log" 2> "$log.err" || { cat "$log.err" >&2; die "PyTorch reference failed (rep $rep, $steps steps)"; }
   t1=$(now_ns)
-  "$PYTHON" - "$log" "$rep" "$steps" "$t0" "$t1" "$(maxrss "$tv")" "$load" >> "$RECORDS" <<'EOF'
+  "$PYTHON" - "$log" "$rep" "$steps" "$t0" "$t1" "$(maxrss "$tv")" "$load" "$BUSY" >> "$RECORDS" <<'EOF'
 import json, sys
 j = json.load(open(sys.argv[1]))
 print(json.dumps({"impl": "pytorch", "rep": int(sys.argv[2]), "steps": int(sys.argv[3]),
                   "wall_s": round((int(sys.argv[5]) - int(sys.argv[4])) / 1e9, 4), "maxrss_kb": int(sys.argv[6]),
                   "self_reported_tokens_per_s": j["tokens_per_s_loop"],
-                  "in_loop_steady_tokens_per_s": j["tokens_per_s_steady"], "data": j["data"],
-                  "loadavg_1m_before": float(sys.argv[7])}))
+                  "in_loop_steady_tokens_per_s": j["tokens_per_s_steady"], "data": j["data"], "params": j["params"],
+                  "loadavg_1m_before": float(sys.argv[7]), "busy_before": float(sys.argv[8])}))
 EOF
-  printf '  rep %d pytorch %3d steps: %6.2fs  rss %6d MiB  (in-loop %s tok/s, load %s)\n' "$rep" "$steps" \
+  printf '  rep %d pytorch %3d steps: %6.2fs  rss %6d MiB  (in-loop %s tok/s, load %s, others %s)\n' "$rep" "$steps" \
     "$(awk -v a="$t0" -v b="$t1" 'BEGIN{print (b-a)/1e9}')" $(( $(maxrss "$tv") / 1024 )) \
-    "$("$PYTHON" -c 'import json,sys; print(round(json.load(open(sys.argv[1]))["tokens_per_s_loop"]))' "$log")" "$load"
+    "$("$PYTHON" -c 'import json,sys; print(round(json.load(open(sys.argv[1]))["tokens_per_s_loop"]))' "$log")" "$load" "$BUSY"
 }
 
 if pgrep -x cc1plus >/dev/null 2>&1 || pgrep -x ninja >/dev/null 2>&1; then
@@ -151,7 +168,7 @@ for ((rep = 1; rep <= REPS; rep++)); do
 done
 
 QF_CMD="$QFORGE train $CONFIG run.out_dir=<tmp> trainer.max_steps=<N> ${QF_ARGS[*]}"
-PY_CMD="$PYTHON bench/train_throughput.py --steps <N> ${PY_ARGS[*]} ${TOKENS_FILE:+--tokens $TOKENS_FILE}"
+PY_CMD="$PYTHON bench/train_throughput.py --steps <N> --vocab-size $VOCAB ${PY_ARGS[*]} ${TOKENS_FILE:+--tokens $TOKENS_FILE}"
 "$PYTHON" - "$RECORDS" "$OUT" <<EOF
 import json, os, platform, statistics, subprocess, sys, datetime, hashlib
 import torch
@@ -171,7 +188,8 @@ for rep in range(1, reps + 1):
                      "tokens_per_s": (B - A) * tok_per_step / dt if dt > 0 else None,
                      "peak_rss_mib": b["maxrss_kb"] / 1024,
                      "self_reported_tokens_per_s": b.get("self_reported_tokens_per_s"),
-                     "loadavg_1m_before": [a["loadavg_1m_before"], b["loadavg_1m_before"]]}
+                     "loadavg_1m_before": [a["loadavg_1m_before"], b["loadavg_1m_before"]],
+                     "others_cpu_share_before": [a["busy_before"], b["busy_before"]]}
         if impl == "pytorch":
             row[impl]["in_loop_steady_tokens_per_s"] = b["in_loop_steady_tokens_per_s"]
             row[impl]["data"] = b["data"]
@@ -191,6 +209,8 @@ summary = {
     "qforge_self_reported_tokens_per_s": med("qforge", "self_reported_tokens_per_s"),
     "pytorch_in_loop_tokens_per_s": med("pytorch", "self_reported_tokens_per_s"),
 }
+if not (summary["qforge_tokens_per_s"] and summary["pytorch_tokens_per_s"]):
+    sys.exit("train_throughput: no valid repetition (wall time did not grow with steps: machine too noisy?)")
 summary["ratio_of_medians"] = summary["qforge_tokens_per_s"] / summary["pytorch_tokens_per_s"]
 summary["median_of_per_rep_ratios"] = statistics.median([r["ratio"] for r in per_rep if r["ratio"]])
 summary["rss_ratio_qforge_over_pytorch"] = summary["qforge_peak_rss_mib"] / summary["pytorch_peak_rss_mib"]
@@ -207,7 +227,7 @@ out = {
                  "qforge_libtorch": "same libtorch as the venv torch (build/CMakeCache.txt Torch_DIR)"},
     "setup": {"config": "$CONFIG", "model": {"family": "$FAMILY", "dim": $M_DIM, "n_layers": $M_N_LAYERS,
               "n_heads": $M_N_HEADS, "n_kv_heads": $M_N_KV_HEADS, "ffn_dim": $M_FFN_DIM, "vocab_size": $VOCAB,
-              "tie_embeddings": True, "params": 4000000 if $VOCAB == 4096 and $M_DIM == 256 else None},
+              "tie_embeddings": True, "params": next(r["params"] for r in recs if r["impl"] == "pytorch")},
               "seq_len": $D_SEQ_LEN, "batch_size": $T_BATCH_SIZE, "tokens_per_step": tok_per_step,
               "threads": $THREADS, "precision": "fp32", "reps": reps, "steps": [A, B],
               "data": "qforge's own token cache ($TOKENS_FILE) read by both sides",

@@ -51,7 +51,7 @@ class Cli : public ::testing::Test {
                           "run: {name: cli, out_dir: "
                        << tmp.path << "/run, threads: 1}\n"
                        << "tokenizer: {path: " << tmp.path << "/tok.model, train: {enabled: true, sources: ["
-                       << tmp.path << "/corpus.txt], vocab_size: 300}}\n"
+                       << tmp.path << "/corpus.txt], vocab_size: 400}}\n"
                        << "model: {dim: 32, n_layers: 2, n_heads: 4, ffn_dim: 64, max_seq_len: 64}\n"
                        << "data: {sources: [{path: " << tmp.path << "/corpus.txt, split: line}], seq_len: 32, cache_dir: "
                        << tmp.path << "/cache}\n"
@@ -118,11 +118,11 @@ TEST_F(Cli, MalformedYaml) {
 
 TEST_F(Cli, EmptyCorpusNamesThePath) {
   std::ofstream(tmp.path + "/empty.txt") << "";
-  auto r = run("train " + cfg + " data.sources=[{path: " + tmp.path + "/empty.txt}]");
+  auto r = run("train " + cfg + " 'data.sources=[{path: " + tmp.path + "/empty.txt}]'");
   EXPECT_EQ(r.rc, 1) << r.out;
   EXPECT_NE(r.out.find(tmp.path + "/empty.txt"), std::string::npos) << r.out;
   sfs::create_directories(tmp.path + "/emptydir");
-  auto d = run("train " + cfg + " data.sources=[{path: " + tmp.path + "/emptydir}]");
+  auto d = run("train " + cfg + " 'data.sources=[{path: " + tmp.path + "/emptydir}]'");
   EXPECT_EQ(d.rc, 1) << d.out;
   EXPECT_NE(d.out.find(tmp.path + "/emptydir"), std::string::npos) << d.out;
 }

@@ -246,8 +246,12 @@ TEST(Packing, MakeBatchShiftsLabelsAndMasksWithMinus100) {
         ++masked;
       }
       // BOS and prompt tokens are never targets; response tokens and EOS always are.
-      if (next == 1 || next == B('p') || next == B('q')) EXPECT_EQ(label, -100) << "row " << rows[i] << " t " << t;
-      if (next == 2 || next == B('x') || next == B('y') || next == B('z')) EXPECT_EQ(label, next);
+      if (next == 1 || next == B('p') || next == B('q')) {
+        EXPECT_EQ(label, -100) << "row " << rows[i] << " t " << t;
+      }
+      if (next == 2 || next == B('x') || next == B('y') || next == B('z')) {
+        EXPECT_EQ(label, next);
+      }
     }
   }
   EXPECT_GT(masked, 0);

@@ -45,7 +45,7 @@ std::string corpus(const std::string& dir) {
 RunConfig make_cfg(const std::string& dir, const std::vector<std::string>& extra) {
   std::string yaml = R"(
 run: {name: t, out_dir: OUT/run, seed: 7, threads: 1}
-tokenizer: {path: OUT/tok.model, train: {enabled: true, sources: [CORPUS], vocab_size: 300}}
+tokenizer: {path: OUT/tok.model, train: {enabled: true, sources: [CORPUS], vocab_size: 400}}
 model: {dim: 32, n_layers: 2, n_heads: 4, n_kv_heads: 2, ffn_dim: 64, max_seq_len: 64}
 data: {sources: [{path: CORPUS, split: line}], seq_len: 32, val_fraction: 0.05, cache_dir: OUT/cache}
 trainer: {max_steps: 8, batch_size: 8, eval_every: 0, eval_batches: 2, log_every: 1,
