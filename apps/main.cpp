@@ -117,8 +117,10 @@ int main(int argc, char** argv) {
   std::vector<std::string> overrides;
   bool print_config = false;
   auto* train = app.add_subcommand("train", "Train (pretrain / fine-tune) from a YAML recipe");
-  train->add_option("config", config, "YAML recipe (default: the embedded default, " + std::string(kEmbeddedDefaultName) + ")");
-  train->add_option("overrides", overrides, "key.path=value overrides, e.g. trainer.max_steps=50 model.n_layers=4");
+  std::vector<std::string> train_args;
+  train->add_option("config_and_overrides", train_args,
+                    "[CONFIG.yaml] [key.path=value ...]: the YAML recipe (default: the embedded default, " +
+                        std::string(kEmbeddedDefaultName) + ") then overrides, e.g. trainer.max_steps=50 model.n_layers=4");
   train->add_flag("--print-config", print_config, "Print the resolved config (defaults filled in) and exit");
   train->footer("Example: qforge train configs/tiny_pretrain.yaml trainer.max_steps=50");
 
@@ -146,7 +148,13 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   log::set_quiet(quiet);
   try {
-    if (*train) return cmd_train(config, overrides, print_config);
+    if (*train) {
+      // The first positional is the recipe unless it is a key=value override.
+      size_t i = 0;
+      if (!train_args.empty() && train_args[0].find('=') == std::string::npos) config = train_args[i++];
+      overrides.assign(train_args.begin() + i, train_args.end());
+      return cmd_train(config, overrides, print_config);
+    }
     if (*eval) return cmd_eval(run, overrides, split, max_batches, text);
     if (*gen) return cmd_generate(run, overrides, prompt, s);
   } catch (const ConfigError& e) {

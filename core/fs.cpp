@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <ftw.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -75,6 +76,22 @@ void ensure_dir(const std::string& dir) {
   std::filesystem::create_directories(dir, ec);
   QF_CHECK_INPUT(!ec && std::filesystem::is_directory(dir), "cannot create directory '", dir, "': ", ec.message());
   QF_CHECK_INPUT(::access(dir.c_str(), W_OK) == 0, "directory '", dir, "' is not writable");
+}
+
+void check_writable_dir(const std::string& dir) {
+  std::string p = dir;
+  while (true) {
+    struct stat st;
+    if (::stat(p.c_str(), &st) == 0) {
+      QF_CHECK_INPUT(S_ISDIR(st.st_mode), "run directory '", dir, "' cannot be created: '", p, "' is not a directory");
+      QF_CHECK_INPUT(::access(p.c_str(), W_OK | X_OK) == 0, "run directory '", dir, "' is not writable ('", p,
+                     "' denies write access)");
+      return;
+    }
+    auto slash = p.find_last_of('/');
+    if (slash == std::string::npos) return;  // relative path under the (writable) cwd
+    p = slash == 0 ? "/" : p.substr(0, slash);
+  }
 }
 
 void remove_tree(const std::string& path) {

@@ -19,6 +19,9 @@ void rename_atomic(const std::string& from, const std::string& to);
 // Creates a directory (and parents); throws InputError naming it if that fails or it is not writable.
 void ensure_dir(const std::string& dir);
 
+// Throws InputError naming `dir` unless it is (or can be created as) a writable directory; creates nothing.
+void check_writable_dir(const std::string& dir);
+
 // Recursive delete (like rm -rf; missing path is fine). Use this, never std::filesystem::remove_all:
 // libtorch_cpu.so (built with GCC 13) exports its own std::filesystem symbols, and remove_all
 // compiled with Debian's GCC 12 headers binds to them and segfaults.

@@ -2,7 +2,6 @@
 #include "data/tokenizer.h"
 
 #include <sentencepiece_processor.h>
-#include <ftw.h>
 #include <sentencepiece_trainer.h>
 #include <unistd.h>
 
@@ -157,29 +156,17 @@ void json_strings(const nlohmann::json& j, std::vector<std::string>& out) {
   }
 }
 
-// Recursive delete without std::filesystem::remove_all: libtorch.so (2.11) exports its own build of
-// the std::filesystem operations, which interposes libstdc++'s and whose remove_all segfaults when
-// called from code compiled against GCC 12's headers.
-void remove_tree(const std::string& dir) {
-  ::nftw(
-      dir.c_str(), [](const char* p, const struct stat*, int, struct FTW*) {
-        ::remove(p);  // best effort
-        return 0;
-      }, 16,
-      FTW_DEPTH | FTW_PHYS);
-}
-
 struct TempDir {
   std::string path;
   TempDir() {
     static std::atomic<int> counter{0};
     auto base = stdfs::temp_directory_path() /
                 ("qforge-spm-" + std::to_string(::getpid()) + "-" + std::to_string(counter++));
-    remove_tree(base.string());
+    fs::remove_tree(base.string());
     fs::ensure_dir(base.string());
     path = base.string();
   }
-  ~TempDir() { remove_tree(path); }
+  ~TempDir() { fs::remove_tree(path); }
 };
 
 void train_sentencepiece(const TokenizerConfig& cfg) {

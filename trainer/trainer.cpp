@@ -114,11 +114,8 @@ void Trainer::setup() {
   at::set_num_threads(run.threads > 0 ? static_cast<int>(run.threads)
                                       : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
   device_ = pick_device(cfg_.trainer.device);
-  // Run directory first: an unwritable one fails before any work.
-  fs::ensure_dir(run.out_dir);
-  fs::write_atomic(run.out_dir + "/config.yaml",
-                   "# resolved config of run '" + run.name + "' (from " + cfg_.source + ")\n" + cfg::dump(cfg_.resolved));
-
+  // An unwritable run directory fails before any work; it is created only once the inputs loaded.
+  fs::check_writable_dir(run.out_dir);
   tok_ = data::load_or_train_tokenizer(cfg_.tokenizer);
   auto& mc = cfg_.model;
   if (mc.vocab_size == 0) {
@@ -128,6 +125,9 @@ void Trainer::setup() {
                            tok_->vocab_size(), " (", tok_->path(), "); use 0 to take it from the tokenizer")});
   }
   ds_ = data::build_dataset(cfg_.data, *tok_);
+  fs::ensure_dir(run.out_dir);
+  fs::write_atomic(run.out_dir + "/config.yaml",
+                   "# resolved config of run '" + run.name + "' (from " + cfg_.source + ")\n" + cfg::dump(cfg_.resolved));
 
   at::manual_seed(static_cast<uint64_t>(run.seed));
   model_ = models::build_model(mc);

@@ -125,6 +125,7 @@ TEST_F(Cli, EmptyCorpusNamesThePath) {
   auto d = run("train " + cfg + " 'data.sources=[{path: " + tmp.path + "/emptydir}]'");
   EXPECT_EQ(d.rc, 1) << d.out;
   EXPECT_NE(d.out.find(tmp.path + "/emptydir"), std::string::npos) << d.out;
+  EXPECT_FALSE(sfs::exists(tmp.path + "/run"));  // nothing half-written
 }
 
 TEST_F(Cli, UnwritableRunDirectory) {

@@ -152,6 +152,21 @@ TEST_F(TrainerTest, NonFiniteLossStopsWithoutSaving) {
   EXPECT_EQ(fs::read_file(before + "/trainer_state.json"), state_before);
 }
 
+TEST_F(TrainerTest, Bf16AutocastAndGpt2FamilyTrain) {
+  TrainResult r;
+  auto l = run_losses(make_cfg(tmp.path, {"run.out_dir=" + tmp.path + "/bf16", "trainer.precision=bf16",
+                                          "trainer.max_steps=6"}),
+                      &r);
+  ASSERT_EQ(l.size(), 6u);
+  for (double v : l) EXPECT_TRUE(std::isfinite(v));
+  EXPECT_LT(r.val_after, r.val_before);
+  auto g = run_losses(make_cfg(tmp.path, {"run.out_dir=" + tmp.path + "/gpt2", "model.family=gpt2", "model.n_kv_heads=0",
+                                          "trainer.max_steps=6"}),
+                      &r);
+  EXPECT_LT(r.val_after, r.val_before);
+  EXPECT_TRUE(sfs::exists(tmp.path + "/gpt2/checkpoints/latest"));
+}
+
 TEST(Schedule, WarmupCosineLinearConstant) {
   ScheduleConfig s;
   s.warmup_steps = 10;
