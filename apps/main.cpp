@@ -11,6 +11,7 @@
 #include "core/config.h"
 #include "core/log.h"
 #include "models/generate.h"
+#include "quant/qat.h"
 #include "trainer/trainer.h"
 
 using namespace qf;
@@ -51,7 +52,13 @@ int cmd_train(const std::string& file, const std::vector<std::string>& overrides
               (long long)r.start_step, (long long)r.end_step, r.tokens_per_s);
   std::printf("%-28s %12s %12s\n", "validation", "loss", "perplexity");
   if (r.val_before >= 0) std::printf("%-28s %12.4f %12.2f\n", "before training", r.val_before, std::exp(r.val_before));
-  if (r.val_after >= 0) std::printf("%-28s %12.4f %12.2f\n", "after training", r.val_after, std::exp(r.val_after));
+  if (r.val_after >= 0)
+    std::printf("%-28s %12.4f %12.2f\n", cfg.quant.enabled ? "after training (fake quant)" : "after training", r.val_after,
+                std::exp(r.val_after));
+  if (r.val_converted >= 0)
+    std::printf("%-28s %12.4f %12.2f\n", "converted (packed weights)", r.val_converted, std::exp(r.val_converted));
+  std::printf("weights: %lld bytes%s\n", (long long)r.model_bytes, r.converted.empty() ? "" : " (packed)");
+  if (!r.converted.empty()) std::printf("converted: %s\n", r.converted.c_str());
   std::printf("checkpoint: %s\n", r.checkpoint.c_str());
   for (auto& p : cfg.sample_prompts) {
     auto ids32 = t.tokenizer().encode(p);
@@ -84,9 +91,12 @@ int cmd_eval(const std::string& run, const std::vector<std::string>& overrides, 
   auto dev = lr.model->parameters().front().device();
   auto e = trainer::evaluate_model(*lr.model, set, lr.cfg.trainer.batch_size, max_batches, dev,
                                    lr.cfg.trainer.precision == trainer::Precision::BF16);
-  std::printf("checkpoint %s\nsplit %s: %lld tokens, loss %.4f, perplexity %.3f\n", lr.checkpoint.c_str(),
-              text.empty() ? split.c_str() : text.c_str(), (long long)e.tokens, e.loss, e.ppl);
-  std::printf("{\"loss\": %.6f, \"ppl\": %.6f, \"tokens\": %lld}\n", e.loss, e.ppl, (long long)e.tokens);
+  const long long bytes = (long long)quant::model_bytes(*lr.model);
+  std::printf("checkpoint %s (%s model, %lld bytes of weights)\nsplit %s: %lld tokens, loss %.4f, perplexity %.3f\n",
+              lr.checkpoint.c_str(), lr.format.c_str(), bytes, text.empty() ? split.c_str() : text.c_str(),
+              (long long)e.tokens, e.loss, e.ppl);
+  std::printf("{\"loss\": %.6f, \"ppl\": %.6f, \"tokens\": %lld, \"model_bytes\": %lld, \"format\": \"%s\"}\n", e.loss,
+              e.ppl, (long long)e.tokens, bytes, lr.format.c_str());
   return 0;
 }
 

@@ -190,6 +190,7 @@ def main():
     ap.add_argument("--total-steps", type=int, default=600, help="cosine horizon (qforge: trainer.schedule.total_steps)")
     ap.add_argument("--min-lr-ratio", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--metrics", default="", help="append one JSON line per step here (like qforge log_every=1)")
     ap.add_argument("--data", choices=["qforge-cache", "random"], default="qforge-cache")
     ap.add_argument("--tokens", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
                                                      ".cache/qforge/tokens/tokens-*.bin"))
@@ -227,6 +228,8 @@ def main():
         labels = toks[:, 1:].masked_fill(~m, -100)
         return toks[:, :-1].contiguous(), labels
 
+    mf = open(a.metrics, "a") if a.metrics else None
+    tokens_seen = 0
     step_times, losses = [], []
     t_setup = time.perf_counter() - T_PROCESS_START
     t0 = time.perf_counter()
@@ -249,6 +252,10 @@ def main():
         gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)) if a.grad_clip > 0 else 0.0
         opt.step()
         losses.append(v)
+        tokens_seen += ids.numel()
+        if mf:
+            mf.write(json.dumps({"step": step + 1, "loss": v, "lr": lr, "grad_norm": gnorm, "tokens": tokens_seen}) + "\n")
+            mf.flush()
         step_times.append(time.perf_counter() - ts)
     loop = time.perf_counter() - t0
     tok_per_step = a.batch_size * a.seq_len

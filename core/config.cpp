@@ -244,8 +244,31 @@ void Reader::finish() {
   }
 }
 
+// Recursively overlays `over` onto a copy of `base` (maps merge key by key; anything else replaces).
+static YAML::Node merge(const YAML::Node& base, const YAML::Node& over) {
+  if (!base.IsMap() || !over.IsMap()) return YAML::Clone(over);
+  YAML::Node out = YAML::Clone(base);
+  for (auto it = over.begin(); it != over.end(); ++it) {
+    std::string k = it->first.as<std::string>();
+    out[k] = out[k] ? merge(out[k], it->second) : YAML::Clone(it->second);
+  }
+  return out;
+}
+
+static YAML::Node load_with_base(const std::string& file, int depth);
+
 YAML::Node load_yaml(const std::string& file, const std::vector<std::string>& overrides) {
+  YAML::Node root = load_with_base(file, 0);
+  Problems p;
+  for (auto& o : overrides) apply_override(root, o, &p);
+  p.throw_if_any();
+  return root;
+}
+
+// `base: other.yaml` (relative to this file's directory) makes this file an overlay of another.
+static YAML::Node load_with_base(const std::string& file, int depth) {
   namespace fs = std::filesystem;
+  if (depth > 8) throw ConfigError({file + ": `base:` chain deeper than 8 files (a cycle?)"});
   if (!fs::exists(file)) throw ConfigError({file + ": config file does not exist"});
   if (fs::is_directory(file)) throw ConfigError({file + ": is a directory; expected a YAML config file"});
   YAML::Node root;
@@ -259,9 +282,14 @@ YAML::Node load_yaml(const std::string& file, const std::vector<std::string>& ov
   }
   if (root.IsNull()) root = YAML::Node(YAML::NodeType::Map);
   if (!root.IsMap()) throw ConfigError({file + ": expected a mapping of sections (model:, data:, trainer:, ...)"});
-  Problems p;
-  for (auto& o : overrides) apply_override(root, o, &p);
-  p.throw_if_any();
+  if (root["base"]) {
+    if (!root["base"].IsScalar()) throw ConfigError({file + ": base: expected the path of another YAML recipe"});
+    std::string b = root["base"].Scalar();
+    fs::path bp = fs::path(b).is_absolute() ? fs::path(b) : fs::path(file).parent_path() / b;
+    if (!fs::exists(bp)) throw ConfigError({file + ": base: '" + b + "' does not exist (resolved to " + bp.string() + ")"});
+    root.remove("base");
+    return merge(load_with_base(bp.string(), depth + 1), root);
+  }
   return root;
 }
 

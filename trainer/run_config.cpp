@@ -39,6 +39,10 @@ RunConfig parse_run_config(const YAML::Node& root, const std::string& source) {
     c.trainer = TrainerConfig::from_config(r);
   }
   {
+    auto r = top.child("quant");
+    c.quant = quant::QatConfig::from_config(r);
+  }
+  {
     auto r = top.child("sample");
     c.sample_prompts = r.strings("prompts", {});
     c.sample = models::SamplingConfig::from_config(r);

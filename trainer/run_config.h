@@ -11,6 +11,7 @@
 #include "data/tokenizer.h"
 #include "models/config.h"
 #include "models/generate.h"
+#include "quant/qat.h"
 #include "trainer/trainer_config.h"
 
 namespace qf::trainer {
@@ -30,6 +31,7 @@ struct RunConfig {
   data::TokenizerConfig tokenizer;
   data::DataConfig data;
   TrainerConfig trainer;
+  quant::QatConfig quant;             // `quant:` QAT rules (prepare before training, convert after)
   models::SamplingConfig sample;      // `sample:` settings for the end-of-run generated text
   std::vector<std::string> sample_prompts;
   YAML::Node resolved;                // the resolved config (defaults filled in)

@@ -18,6 +18,7 @@
 #include "core/log.h"
 #include "core/progress.h"
 #include "core/tensorboard.h"
+#include "quant/qat.h"
 #include "trainer/checkpoint.h"
 
 namespace qf::trainer {
@@ -138,6 +139,11 @@ void Trainer::setup() {
     load_model_state(*model_, load_checkpoint(ck, false).model, ck + "/model.safetensors");
     log::info("initialised weights from ", ck);
   }
+  if (cfg_.quant.enabled) {
+    auto rep = quant::prepare(*model_, cfg_.quant);
+    log::info("QAT: ", rep.n_swapped, " linear layers now fake-quantize", cfg_.quant.fake_quant_after_steps > 0 ? str(" from step ", cfg_.quant.fake_quant_after_steps) : std::string());
+    for (auto& row : rep.rows) log::info("  ", row);
+  }
   model_->to(device_);
   model_->train();
 
@@ -229,6 +235,7 @@ double Trainer::train_step() {
     micro.push_back(data::make_batch(ds_.train, sampler_->next()));
     n_tokens += (micro.back().labels != -100).sum().item<int64_t>();
   }
+  if (cfg_.quant.enabled) quant::set_qat_step(*model_, step_, cfg_.quant.fake_quant_after_steps);
   const double lr = t.optim.lr * t.schedule.factor(step_, t.max_steps);
   for (auto& g : opt_->param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
   opt_->zero_grad();
@@ -269,6 +276,7 @@ TrainResult Trainer::train() {
     write_metrics({{"step", step_}, {"val_loss", e.loss}, {"val_ppl", e.ppl}});
     return e;
   };
+  if (cfg_.quant.enabled) quant::set_qat_step(*model_, step_, cfg_.quant.fake_quant_after_steps);
   if (!resumed_ && ds_.val.size() > 0) {
     auto e = eval();
     res.val_before = e.loss;
@@ -293,6 +301,7 @@ TrainResult Trainer::train() {
     if (t.save_every > 0 && step_ % t.save_every == 0 && step_ < t.max_steps) res.checkpoint = save_checkpoint();
   }
   bar.finish();
+  if (cfg_.quant.enabled) quant::set_qat_step(*model_, step_, cfg_.quant.fake_quant_after_steps);
   if (ds_.val.size() > 0) {
     auto e = eval();
     res.val_after = e.loss;
@@ -300,6 +309,15 @@ TrainResult Trainer::train() {
   }
   if (res.checkpoint.empty() || step_ > res.start_step) res.checkpoint = save_checkpoint();
   res.end_step = step_;
+  if (cfg_.quant.enabled && cfg_.quant.convert_at_end) {
+    res.converted = save_converted();
+    if (ds_.val.size() > 0) {
+      auto e = eval();
+      res.val_converted = e.loss;
+      log::info("converted model: validation loss ", e.loss, ", perplexity ", e.ppl);
+    }
+  }
+  res.model_bytes = quant::model_bytes(*model_);
   return res;
 }
 
@@ -314,11 +332,29 @@ std::string Trainer::save_checkpoint() {
              {"last_val_loss", last_val_},
              {"sampler", {{"epoch", s.epoch}, {"cursor", s.cursor}}},
              {"config_hash", cfg_.hash()},
+             {"model_format", cfg_.quant.enabled ? "fake_quant" : "fp"},
              {"model_family", cfg_.model.family_name()},
              {"vocab_size", cfg_.model.vocab_size}};
   auto dir = trainer::save_checkpoint(cfg_.run.out_dir + "/checkpoints", step_, d, cfg_.trainer.keep_last);
   log::info("saved checkpoint ", dir);
   return dir;
+}
+
+std::string Trainer::save_converted() {
+  const int64_t n = quant::convert(*model_);
+  CheckpointData d;
+  d.model = model_state(*model_);
+  d.state = {{"step", step_},
+             {"model_format", "converted"},
+             {"config_hash", cfg_.hash()},
+             {"model_family", cfg_.model.family_name()},
+             {"vocab_size", cfg_.model.vocab_size},
+             {"model_bytes", quant::model_bytes(*model_)}};
+  const std::string dir = cfg_.run.out_dir + "/converted";
+  auto path = trainer::save_checkpoint(dir, step_, d, 1);
+  log::info("converted ", n, " fake-quant linears to packed integer weights: ", path, " (", quant::model_bytes(*model_),
+            " bytes of weights)");
+  return path;
 }
 
 void Trainer::cleanup() {
@@ -335,12 +371,17 @@ LoadedRun load_run(const std::string& path, const std::vector<std::string>& over
   LoadedRun r;
   std::string run_dir = path;
   if (sfs::exists(path + "/model.safetensors")) {
-    // a step dir: <run>/checkpoints/step_N
+    // a step dir: <run>/checkpoints/step_N or <run>/converted/step_N
     run_dir = sfs::path(path).parent_path().parent_path().string();
+  } else if (sfs::exists(path + "/latest") && sfs::exists(path + "/../config.yaml")) {
+    run_dir = sfs::path(path).parent_path().string();  // <run>/checkpoints or <run>/converted
   }
   QF_CHECK_INPUT(sfs::is_directory(run_dir), "'", path, "' is not a run directory (expected config.yaml and checkpoints/)");
   QF_CHECK_INPUT(sfs::exists(run_dir + "/config.yaml"), "'", run_dir, "' has no config.yaml; is it a qforge run directory?");
-  r.cfg = load_run_config(run_dir + "/config.yaml", overrides);
+  // The checkpoint provides the weights: the run's own init_from source need not exist any more.
+  std::vector<std::string> ov{"run.init_from="};
+  ov.insert(ov.end(), overrides.begin(), overrides.end());
+  r.cfg = load_run_config(run_dir + "/config.yaml", ov);
   r.checkpoint = resolve_checkpoint(path);
   QF_CHECK_INPUT(!r.checkpoint.empty(), "'", path, "' holds no checkpoint (checkpoints/latest is missing)");
   r.cfg.tokenizer.train.enabled = false;
@@ -349,6 +390,13 @@ LoadedRun load_run(const std::string& path, const std::vector<std::string>& over
   auto ck = load_checkpoint(r.checkpoint, false);
   if (ck.state.contains("vocab_size")) r.cfg.model.vocab_size = ck.state["vocab_size"].get<int64_t>();
   r.model = models::build_model(r.cfg.model);
+  const std::string format = ck.state.value("model_format", "fp");
+  if (format != "fp") {
+    QF_CHECK_INPUT(r.cfg.quant.enabled, r.checkpoint, " holds a ", format, " model but the run config has no quant rules");
+    quant::prepare(*r.model, r.cfg.quant);
+    if (format == "converted") quant::convert(*r.model);
+  }
+  r.format = format;
   load_model_state(*r.model, ck.model, r.checkpoint + "/model.safetensors");
   r.model->to(pick_device(r.cfg.trainer.device));
   r.model->eval();

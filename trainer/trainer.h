@@ -35,6 +35,9 @@ struct TrainResult {
   int64_t start_step = 0, end_step = 0;
   double tokens_per_s = 0;
   std::string checkpoint;
+  std::string converted;        // QAT runs: <run>/converted/step_N (packed integer weights)
+  double val_converted = -1;    // validation loss of the converted model
+  int64_t model_bytes = 0;      // weight bytes as stored at the end (packed when converted)
 };
 
 // Non-finite loss or gradient: the run stops, nothing is saved, the last checkpoint stays valid.
@@ -62,6 +65,7 @@ class Trainer {
   void write_metrics(const nlohmann::json& j);
   double train_step();
   void restore(const std::string& ckpt_dir);
+  std::string save_converted();
 
   RunConfig cfg_;
   std::unique_ptr<data::Tokenizer> tok_;
@@ -84,6 +88,7 @@ struct LoadedRun {
   std::unique_ptr<data::Tokenizer> tok;
   std::shared_ptr<models::CausalLM> model;
   std::string checkpoint;
+  std::string format;  // fp | fake_quant | converted
 };
 // `path` is a run directory (config.yaml + checkpoints/) or a checkpoint step directory inside one.
 LoadedRun load_run(const std::string& path, const std::vector<std::string>& overrides);

@@ -1,0 +1,85 @@
+// One thread per output element; blocks are read straight from ggml's byte layout.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "core/error.h"
+#include "quant/cuda/dequant.h"
+
+namespace qf::quant::cuda {
+namespace {
+
+__device__ __forceinline__ float half_at(const uint8_t* p) {
+  __half_raw r;
+  r.x = static_cast<unsigned short>(p[0] | (p[1] << 8));
+  return __half2float(__half(r));
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// rule: 0 = q8_0 (34 B), 1 = q4_0 (18 B), 2 = q4_1 (20 B); 32 values per block.
+template <typename T>
+__global__ void dequant_kernel(const uint8_t* __restrict__ blocks, T* __restrict__ out, int64_t rows, int64_t cols,
+                               int rule, int type_size) {
+  const int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (i >= rows * cols) return;
+  const int64_t r = i / cols, c = i % cols, b = c / 32;
+  const int j = static_cast<int>(c % 32);
+  const uint8_t* blk = blocks + (r * (cols / 32) + b) * type_size;
+  float v;
+  if (rule == 0) {
+    v = half_at(blk) * static_cast<float>(static_cast<int8_t>(blk[2 + j]));
+  } else if (rule == 1) {
+    const uint8_t q = j < 16 ? (blk[2 + j] & 0x0F) : (blk[2 + j - 16] >> 4);
+    v = (static_cast<int>(q) - 8) * half_at(blk);
+  } else {
+    const uint8_t q = j < 16 ? (blk[4 + j] & 0x0F) : (blk[4 + j - 16] >> 4);
+    v = q * half_at(blk) + half_at(blk + 2);
+  }
+  out[i] = from_float<T>(v);
+}
+
+}  // namespace
+
+bool compiled_with_cuda() { return true; }
+
+at::Tensor dequantize_ggml(const at::Tensor& blocks, Rule rule, int64_t cols, at::ScalarType out_type) {
+  QF_CHECK(blocks.is_cuda() && blocks.scalar_type() == at::kByte, "dequantize_ggml: expected uint8 CUDA blocks");
+  int r = rule == Rule::GgmlQ8_0 ? 0 : rule == Rule::GgmlQ4_0 ? 1 : rule == Rule::GgmlQ4_1 ? 2 : -1;
+  QF_CHECK(r >= 0, "dequantize_ggml: only q8_0, q4_0 and q4_1 have a CUDA kernel");
+  QF_CHECK(cols % 32 == 0, "dequantize_ggml: width ", cols, " is not a multiple of 32");
+  const int type_size = r == 0 ? 34 : r == 1 ? 18 : 20;
+  const int64_t rows = blocks.size(0);
+  QF_CHECK(blocks.size(1) == cols / 32 * type_size, "dequantize_ggml: blocks have ", blocks.size(1), " bytes per row, expected ",
+           cols / 32 * type_size);
+  auto src = blocks.contiguous();
+  auto out = at::empty({rows, cols}, blocks.options().dtype(out_type));
+  const int64_t n = rows * cols;
+  const int threads = 256;
+  const int64_t grid = (n + threads - 1) / threads;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  if (n == 0) return out;
+  if (out_type == at::kFloat)
+    dequant_kernel<float><<<grid, threads, 0, stream>>>(src.data_ptr<uint8_t>(), out.data_ptr<float>(), rows, cols, r, type_size);
+  else if (out_type == at::kHalf)
+    dequant_kernel<__half><<<grid, threads, 0, stream>>>(src.data_ptr<uint8_t>(), reinterpret_cast<__half*>(out.data_ptr()),
+                                                         rows, cols, r, type_size);
+  else if (out_type == at::kBFloat16)
+    dequant_kernel<__nv_bfloat16><<<grid, threads, 0, stream>>>(
+        src.data_ptr<uint8_t>(), reinterpret_cast<__nv_bfloat16*>(out.data_ptr()), rows, cols, r, type_size);
+  else
+    QF_CHECK(false, "dequantize_ggml: unsupported output dtype ", c10::toString(out_type));
+  cudaError_t e = cudaGetLastError();
+  QF_CHECK(e == cudaSuccess, "dequantize_ggml: kernel launch failed: ", cudaGetErrorString(e));
+  return out;
+}
+
+}  // namespace qf::quant::cuda

@@ -1,0 +1,15 @@
+// CUDA dequantization of llama.cpp blocks (q8_0, q4_0, q4_1) to float32/bf16/fp16 on the GPU.
+// Invariant: equals ggml::dequantize on the CPU bit for bit (fp16 scale times small integer).
+// Compiled when the CUDA toolkit is present (QFORGE_WITH_CUDA); callers check cuda_available().
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include "quant/spec.h"
+
+namespace qf::quant::cuda {
+
+bool compiled_with_cuda();
+// blocks: uint8 [rows, n_blocks * type_size] on a CUDA device -> [rows, cols] of `out` dtype.
+at::Tensor dequantize_ggml(const at::Tensor& blocks, Rule rule, int64_t cols, at::ScalarType out);
+
+}  // namespace qf::quant::cuda

@@ -1,0 +1,25 @@
+// llama.cpp (ggml) block formats, bit-exact with ggml-quants.c's reference quantizers
+// (quantize_row_q8_0_ref, q4_0, q4_1, q4_K, q6_K) and their dequantizers.
+// Invariant: dequantize(quantize(w)) == fake_quant(w) bit for bit, and quantize(w)'s bytes equal
+// what llama.cpp / gguf-py write for the same float32 rows.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+#include "quant/spec.h"
+
+namespace qf::quant::ggml {
+
+int64_t block_size(Rule r);  // 32 (q8_0/q4_0/q4_1) or 256 (q4_k/q6_k)
+int64_t type_size(Rule r);   // bytes per block: 34, 18, 20, 144, 210
+
+// w: float32 [rows, cols], cols % block_size == 0 (throws qf::Error naming both numbers otherwise).
+// Returns uint8 [rows, cols / block_size * type_size]: ggml's row layout.
+at::Tensor quantize(const at::Tensor& w, Rule r);
+// blocks: uint8 [rows, n_blocks * type_size] -> float32 [rows, cols].
+at::Tensor dequantize(const at::Tensor& blocks, Rule r, int64_t cols);
+// dequantize(quantize(w)) computed directly (fast path for QAT forwards; float32 in and out).
+at::Tensor fake_quant(const at::Tensor& w, Rule r);
+
+}  // namespace qf::quant::ggml

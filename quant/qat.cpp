@@ -1,0 +1,270 @@
+#include "quant/qat.h"
+
+#include <ATen/ATen.h>
+#include <fnmatch.h>
+
+#include <cstdio>
+
+#include "core/error.h"
+#include "quant/cuda/dequant.h"
+#include "quant/ggml_blocks.h"
+
+namespace qf::quant {
+
+bool glob_match(const std::string& pattern, const std::string& name) {
+  return ::fnmatch(pattern.c_str(), name.c_str(), 0) == 0;
+}
+
+QatConfig QatConfig::from_config(cfg::Reader& r) {
+  QatConfig c;
+  c.enabled = r.boolean("enabled", r.has("rules"));
+  int i = 0;
+  for (auto& rr : r.list("rules")) {
+    QuantRule rule;
+    rule.pattern = rr.str("pattern", "*");
+    auto w = rr.child("weight");
+    rule.weight = QuantSpec::from_config(w, false);
+    if (rr.has("activation")) {
+      auto a = rr.child("activation");
+      rule.activation = QuantSpec::from_config(a, true);
+      if (rule.activation->is_ggml()) a.fail("preset", "llama.cpp block formats are weight formats");
+    }
+    rr.finish();
+    c.rules.push_back(rule);
+    ++i;
+  }
+  c.exclude = r.strings("exclude", c.exclude);
+  c.fake_quant_after_steps = r.i64("fake_quant_after_steps", 0, 0, 1LL << 40);
+  auto o = r.child("observer");
+  c.observer = ObserverConfig::from_config(o);
+  c.convert_at_end = r.boolean("convert_at_end", c.convert_at_end);
+  if (c.enabled && c.rules.empty()) r.fail("rules", "quantization is enabled but no rules select modules");
+  r.finish();
+  return c;
+}
+
+// ---------------- FakeQuantLinear ----------------
+FakeQuantLinear::FakeQuantLinear(const models::LinearBase& dense, const QuantRule& rule, const ObserverConfig& obs)
+    : LinearBase(dense.in_features, dense.out_features) {
+  auto& d = const_cast<models::LinearBase&>(dense);
+  weight = register_parameter("weight", d.effective_weight());
+  auto b = d.bias_or_undefined();
+  if (b.defined()) bias = register_parameter("bias", b);
+  weight_fq = register_module("weight_fake_quant", std::make_shared<FakeQuantizer>(rule.weight, obs, false));
+  if (rule.activation)
+    act_fq = register_module("activation_fake_quant", std::make_shared<FakeQuantizer>(*rule.activation, obs, true));
+  weight_fq->initialize(weight);
+}
+
+at::Tensor FakeQuantLinear::forward(const at::Tensor& x) {
+  auto xin = act_fq ? act_fq->forward(x) : x;
+  return at::linear(xin, weight_fq->forward(weight), bias);
+}
+
+at::Tensor FakeQuantLinear::effective_weight() {
+  at::NoGradGuard ng;
+  return weight_fq->forward(weight);
+}
+
+void FakeQuantLinear::pretty_print(std::ostream& s) const {
+  s << "FakeQuantLinear(in=" << in_features << ", out=" << out_features << ", weight=" << weight_fq->spec().describe();
+  if (act_fq) s << ", activation=" << act_fq->spec().describe();
+  s << ")";
+}
+
+// ---------------- QuantizedLinear ----------------
+namespace {
+at::ScalarType scale_type(const QuantSpec& s) {
+  return s.scale_dtype == ScaleDType::F16 ? at::kHalf : s.scale_dtype == ScaleDType::BF16 ? at::kBFloat16 : at::kFloat;
+}
+// Codes (int32, in [qmin, qmax]) -> unsigned bytes; <= 4 bits pack two per byte, low nibble first.
+at::Tensor pack_codes(const at::Tensor& q, const QuantSpec& s) {
+  auto u = (q - s.qmin()).to(at::kByte);
+  if (s.bits > 4) return u;
+  auto flat = u.reshape({u.size(0), -1, 2});
+  return (flat.select(-1, 0) | flat.select(-1, 1).__lshift__(4)).contiguous();
+}
+at::Tensor unpack_codes(const at::Tensor& p, const QuantSpec& s, int64_t cols) {
+  at::Tensor u = p;
+  if (s.bits <= 4) u = at::stack({p.bitwise_and(0x0F), p.__rshift__(4)}, -1).reshape({p.size(0), cols});
+  return u.to(at::kInt) + s.qmin();
+}
+int64_t packed_cols(int64_t in, const QuantSpec& s) {
+  if (s.is_ggml()) return in / ggml::block_size(s.rule) * ggml::type_size(s.rule);
+  if (s.kind != Kind::Int || s.bits > 4) return in;
+  return (in + 1) / 2;
+}
+int64_t n_blocks(int64_t in, const QuantSpec& s) {
+  return s.granularity == Granularity::PerGroup ? in / s.group_size : 1;
+}
+}  // namespace
+
+QuantizedLinear::QuantizedLinear(int64_t in, int64_t out, bool has_bias, QuantSpec wspec, std::optional<QuantSpec> aspec)
+    : LinearBase(in, out), wspec_(std::move(wspec)), aspec_(std::move(aspec)) {
+  QF_CHECK(wspec_.kind == Kind::Int, "convert: ", wspec_.describe(), " weights are not supported by QuantizedLinear yet");
+  QF_CHECK(wspec_.granularity != Granularity::PerTensor || wspec_.is_ggml(),
+           "convert: per-tensor weight quantization is not supported by QuantizedLinear yet");
+  QF_CHECK(in % 2 == 0 || wspec_.bits > 4, "convert: int4 packing needs an even input width, got ", in);
+  qweight = register_buffer("qweight", at::zeros({out, packed_cols(in, wspec_)}, at::kByte));
+  if (!wspec_.is_ggml()) {
+    scales = register_buffer("scales", at::zeros({out, n_blocks(in, wspec_)}, scale_type(wspec_)));
+    zeros = register_buffer("zeros", at::zeros({out, n_blocks(in, wspec_)}, at::kFloat));
+  }
+  if (has_bias) bias = register_buffer("bias", at::zeros({out}));
+}
+
+std::shared_ptr<QuantizedLinear> QuantizedLinear::from_fake_quant(FakeQuantLinear& f) {
+  const auto& spec = f.weight_fq->spec();
+  std::optional<QuantSpec> aspec;
+  if (f.act_fq) aspec = f.act_fq->spec();
+  auto q = std::make_shared<QuantizedLinear>(f.in_features, f.out_features, f.bias.defined(), spec, aspec);
+  at::NoGradGuard ng;
+  auto w = f.weight.detach().to(at::kFloat);
+  if (spec.is_ggml()) {
+    q->qweight.copy_(ggml::quantize(w, spec.rule));
+  } else {
+    auto qp = f.weight_fq->qparams_for(w);
+    at::Tensor codes;
+    if (f.weight_fq->scale.defined()) {
+      // Learned (LSQ/LSQ+): the same arithmetic as lsq_fake_quant, offsets stored as floats.
+      auto s = qp.scale.unsqueeze(-1);
+      auto b = f.weight_fq->beta.defined() ? f.weight_fq->beta.detach().unsqueeze(-1) : at::zeros_like(s);
+      auto v = (w.reshape({qp.scale.size(0), qp.scale.size(1), -1}) - b) / s;
+      codes = at::clamp(at::round(v), (double)spec.qmin(), (double)spec.qmax()).to(at::kInt).reshape(w.sizes());
+      q->zeros.copy_(b.squeeze(-1));
+    } else {
+      codes = quantize_affine(w, qp, spec);
+      q->zeros.copy_(qp.zero_point);
+    }
+    q->qweight.copy_(pack_codes(codes, spec));
+    q->scales.copy_(qp.scale.to(scale_type(spec)));
+  }
+  if (f.bias.defined()) q->bias.copy_(f.bias.detach());
+  if (f.act_fq) q->act_fq_ = q->register_module("activation_fake_quant", f.act_fq);
+  return q;
+}
+
+at::Tensor QuantizedLinear::effective_weight() {
+  if (wspec_.is_ggml()) {
+    if (qweight.is_cuda() && wspec_.rule != Rule::GgmlQ4_K && wspec_.rule != Rule::GgmlQ6_K)
+      return cuda::dequantize_ggml(qweight, wspec_.rule, in_features, at::kFloat);
+    return ggml::dequantize(qweight.cpu(), wspec_.rule, in_features).to(qweight.device());
+  }
+  auto codes = unpack_codes(qweight, wspec_, in_features);
+  auto s = scales.to(at::kFloat);
+  if (wspec_.learn != Learn::None) {
+    auto v = codes.to(at::kFloat).reshape({s.size(0), s.size(1), -1});
+    return (v * s.unsqueeze(-1) + zeros.unsqueeze(-1)).reshape({out_features, in_features});
+  }
+  QParams qp{s, zeros};
+  return dequantize_affine(codes, qp, wspec_, at::kFloat);
+}
+
+at::Tensor QuantizedLinear::forward(const at::Tensor& x) {
+  at::Tensor xin = x;
+  if (act_fq_) xin = act_fq_->forward(x);
+  return at::linear(xin, effective_weight().to(xin.scalar_type()), bias.defined() ? bias.to(xin.scalar_type()) : bias);
+}
+
+int64_t QuantizedLinear::packed_bytes() const {
+  int64_t b = qweight.numel();
+  if (scales.defined()) b += scales.numel() * scales.element_size();
+  // Asymmetric weights keep a float zero point (torchao's FLOAT domain) or a float LSQ+ offset,
+  // stored at the scale's precision.
+  if (zeros.defined() && (!wspec_.symmetric || wspec_.learn == Learn::LsqPlus)) b += zeros.numel() * scales.element_size();
+  if (bias.defined()) b += bias.numel() * 4;
+  return b;
+}
+
+void QuantizedLinear::pretty_print(std::ostream& s) const {
+  s << "QuantizedLinear(in=" << in_features << ", out=" << out_features << ", " << wspec_.describe() << ", "
+    << packed_bytes() << " bytes)";
+}
+
+// ---------------- prepare / convert ----------------
+PrepareReport prepare(torch::nn::Module& model, const QatConfig& cfg) {
+  PrepareReport rep;
+  auto slots = models::linear_slots(model);
+  std::vector<std::string> problems;
+  std::vector<int> hits(cfg.rules.size(), 0);
+  char line[256];
+  std::snprintf(line, sizeof line, "%-36s %-12s %-38s %s", "module", "shape", "weight", "activation");
+  rep.rows.push_back(line);
+  for (auto& ns : slots) {
+    bool excluded = false;
+    for (auto& e : cfg.exclude) excluded |= glob_match(e, ns.name);
+    if (excluded) continue;
+    for (size_t i = 0; i < cfg.rules.size(); ++i) {
+      const auto& rule = cfg.rules[i];
+      if (!glob_match(rule.pattern, ns.name)) continue;
+      ++hits[i];
+      auto cur = ns.slot->get();
+      const int64_t in = cur->in_features;
+      int64_t blk = rule.weight.is_ggml() ? ggml::block_size(rule.weight.rule)
+                    : rule.weight.granularity == Granularity::PerGroup ? rule.weight.group_size
+                                                                        : 0;
+      if (blk > 0 && in % blk != 0) {
+        problems.push_back(str("quant.rules[", i, "]: ", rule.weight.granularity == Granularity::PerGroup && !rule.weight.is_ggml()
+                                                           ? "group size "
+                                                           : "block size ",
+                               blk, " (", rule.weight.describe(), ") does not divide the input width ", in, " of ", ns.name));
+        break;
+      }
+      if (!problems.empty()) break;
+      auto fq = std::make_shared<FakeQuantLinear>(*cur, rule, cfg.observer);
+      ns.slot->replace(fq);
+      ++rep.n_swapped;
+      std::snprintf(line, sizeof line, "%-36s %-12s %-38s %s", ns.name.c_str(),
+                    (std::to_string(cur->out_features) + "x" + std::to_string(in)).c_str(), rule.weight.describe().c_str(),
+                    rule.activation ? rule.activation->describe().c_str() : "-");
+      rep.rows.push_back(line);
+      break;  // first matching rule wins
+    }
+  }
+  for (size_t i = 0; i < cfg.rules.size(); ++i) {
+    if (hits[i] == 0) {
+      std::string some;
+      for (size_t k = 0; k < slots.size() && k < 4; ++k) some += (k ? ", " : "") + slots[k].name;
+      problems.push_back(str("quant.rules[", i, "].pattern: '", cfg.rules[i].pattern,
+                             "' matches no linear module (after excludes); modules look like ", some, ", ..."));
+    }
+  }
+  if (!problems.empty()) throw ConfigError(problems);
+  return rep;
+}
+
+int64_t convert(torch::nn::Module& model) {
+  int64_t n = 0;
+  for (auto& ns : models::linear_slots(model)) {
+    if (auto f = std::dynamic_pointer_cast<FakeQuantLinear>(ns.slot->get())) {
+      ns.slot->replace(QuantizedLinear::from_fake_quant(*f));
+      ++n;
+    }
+  }
+  return n;
+}
+
+void set_qat_step(torch::nn::Module& model, int64_t step, int64_t enable_after) {
+  for (auto& m : model.modules())
+    if (auto* fq = dynamic_cast<FakeQuantizer*>(m.get())) fq->set_step(step, enable_after);
+}
+
+int64_t model_bytes(torch::nn::Module& model) {
+  int64_t total = 0;
+  std::set<const void*> counted;
+  for (auto& m : model.modules(/*include_self=*/true)) {
+    if (auto* q = dynamic_cast<QuantizedLinear*>(m.get())) {
+      total += q->packed_bytes();
+      for (auto& b : q->buffers()) counted.insert(b.unsafeGetTensorImpl());
+    }
+  }
+  for (auto& p : model.parameters()) {
+    if (counted.insert(p.unsafeGetTensorImpl()).second) total += p.numel() * p.element_size();
+  }
+  for (auto& b : model.buffers()) {
+    if (counted.insert(b.unsafeGetTensorImpl()).second) total += b.numel() * b.element_size();
+  }
+  return total;
+}
+
+}  // namespace qf::quant

@@ -1,0 +1,88 @@
+// QAT modules and the two explicit steps (torchao's shape): prepare() swaps selected Linears for
+// FakeQuantLinear by YAML rules; convert() swaps FakeQuantLinear for QuantizedLinear holding the
+// packed integer weights that the fake quantizer simulated.
+// Invariant: after convert, weights dequantize bit-identically to the fake-quant forward's weights
+// and fp32 logits match the fake-quant model within 1e-5 relative.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <functional>
+#include <memory>
+#include <optional>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "core/config.h"
+#include "models/linear.h"
+#include "quant/fake_quant.h"
+#include "quant/spec.h"
+
+namespace qf::quant {
+
+struct QuantRule {
+  std::string pattern;                  // glob over HF module names, e.g. "model.layers.*.mlp.*"
+  QuantSpec weight;
+  std::optional<QuantSpec> activation;  // dynamic input quantization (e.g. int8-per-token)
+};
+
+// `quant:` section of a run config.
+struct QatConfig {
+  bool enabled = false;
+  std::vector<QuantRule> rules;
+  std::vector<std::string> exclude{"lm_head", "model.embed_tokens", "transformer.wte", "transformer.wpe"};
+  int64_t fake_quant_after_steps = 0;  // delayed fake quant (torchtune's fake_quant_after_n_steps)
+  ObserverConfig observer;
+  bool convert_at_end = true;           // write <run>/converted/ after training
+  static QatConfig from_config(cfg::Reader& r);  // calls r.finish()
+};
+
+class FakeQuantLinear : public models::LinearBase {
+ public:
+  // Takes over the dense layer's weight/bias tensors (same names, so checkpoints keep HF keys).
+  FakeQuantLinear(const models::LinearBase& dense, const QuantRule& rule, const ObserverConfig& obs);
+  at::Tensor forward(const at::Tensor& x) override;
+  at::Tensor effective_weight() override;  // the fake-quantized weight
+  at::Tensor bias_or_undefined() override { return bias; }
+  void pretty_print(std::ostream& s) const override;
+  at::Tensor weight, bias;
+  std::shared_ptr<FakeQuantizer> weight_fq, act_fq;
+};
+
+// Packed weights as convert() stores them: ggml rules keep llama.cpp's block bytes; affine specs
+// keep int codes (int4 two per byte, low nibble first) plus fp scales and zero points;
+// learned specs (LSQ/LSQ+) dequantize as q * s + offset with the float offset in `zeros`.
+class QuantizedLinear : public models::LinearBase {
+ public:
+  QuantizedLinear(int64_t in, int64_t out, bool bias, QuantSpec wspec, std::optional<QuantSpec> aspec);
+  static std::shared_ptr<QuantizedLinear> from_fake_quant(FakeQuantLinear& fq);
+  at::Tensor forward(const at::Tensor& x) override;
+  at::Tensor effective_weight() override;  // dequantized weight (float32)
+  at::Tensor bias_or_undefined() override { return bias; }
+  void pretty_print(std::ostream& s) const override;
+  int64_t packed_bytes() const;
+  const QuantSpec& weight_spec() const { return wspec_; }
+  at::Tensor qweight, scales, zeros, bias;  // scales/zeros undefined for ggml (inside the blocks)
+
+ private:
+  QuantSpec wspec_;
+  std::optional<QuantSpec> aspec_;
+  std::shared_ptr<FakeQuantizer> act_fq_;  // dynamic/observed input quantization kept from QAT
+};
+
+struct PrepareReport {
+  std::vector<std::string> rows;  // printable table lines
+  int64_t n_swapped = 0;
+};
+// Swaps matching linears. Throws ConfigError (before any training) when a rule matches no module,
+// when a group/block size does not divide a layer's input width (naming the layer and both numbers).
+PrepareReport prepare(torch::nn::Module& model, const QatConfig& cfg);
+// Swaps every FakeQuantLinear for a QuantizedLinear; returns the number converted.
+int64_t convert(torch::nn::Module& model);
+// Calls set_step on every FakeQuantizer under the model (delayed fake quant, observer freezing).
+void set_qat_step(torch::nn::Module& model, int64_t step, int64_t enable_after);
+// Bytes of the model's weights as stored (packed linears + everything else at its dtype).
+int64_t model_bytes(torch::nn::Module& model);
+bool glob_match(const std::string& pattern, const std::string& name);
+
+}  // namespace qf::quant

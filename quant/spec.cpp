@@ -1,0 +1,148 @@
+#include "quant/spec.h"
+
+#include <cmath>
+
+#include "core/error.h"
+
+namespace qf::quant {
+
+int64_t QuantSpec::qmin() const { return symmetric ? -(int64_t(1) << (bits - 1)) : 0; }
+int64_t QuantSpec::qmax() const { return symmetric ? (int64_t(1) << (bits - 1)) - 1 : (int64_t(1) << bits) - 1; }
+
+int64_t QuantSpec::block(int64_t width) const {
+  switch (granularity) {
+    case Granularity::PerGroup:
+      return group_size;
+    default:
+      return width;
+  }
+}
+
+double QuantSpec::bits_per_weight(int64_t width) const {
+  switch (rule) {
+    case Rule::GgmlQ8_0: return 34.0 * 8 / 32;
+    case Rule::GgmlQ4_0: return 18.0 * 8 / 32;
+    case Rule::GgmlQ4_1: return 20.0 * 8 / 32;
+    case Rule::GgmlQ4_K: return 144.0 * 8 / 256;
+    case Rule::GgmlQ6_K: return 210.0 * 8 / 256;
+    case Rule::Affine: break;
+  }
+  double vbits = kind == Kind::Int ? bits : kind == Kind::Nf4 ? 4 : 8;
+  double sbits = scale_dtype == ScaleDType::F32 ? 32 : 16;
+  double per_block = sbits + (symmetric ? 0 : (kind == Kind::Int ? bits : 0));
+  int64_t b = granularity == Granularity::PerTensor ? (int64_t)1 << 40 : block(width);
+  return vbits + per_block / static_cast<double>(std::max<int64_t>(1, b));
+}
+
+static const char* gran_name(Granularity g) {
+  switch (g) {
+    case Granularity::PerTensor: return "per-tensor";
+    case Granularity::PerChannel: return "per-channel";
+    case Granularity::PerGroup: return "per-group";
+    case Granularity::PerToken: return "per-token";
+  }
+  return "?";
+}
+
+std::string QuantSpec::describe() const {
+  if (!preset.empty() && is_ggml()) return preset + " (llama.cpp block format)";
+  std::string s = kind == Kind::Fp8E4M3 ? "fp8-e4m3" : kind == Kind::Fp8E5M2 ? "fp8-e5m2" : kind == Kind::Nf4 ? "nf4" : "int" + std::to_string(bits);
+  if (kind == Kind::Int) s += symmetric ? " sym" : " asym";
+  s += std::string(" ") + gran_name(granularity);
+  if (granularity == Granularity::PerGroup) s += "(" + std::to_string(group_size) + ")";
+  s += scale_dtype == ScaleDType::F32 ? " fp32-scale" : scale_dtype == ScaleDType::F16 ? " fp16-scale" : " bf16-scale";
+  if (learn == Learn::Lsq) s += " LSQ";
+  if (learn == Learn::LsqPlus) s += " LSQ+";
+  return s;
+}
+
+const std::vector<std::string>& QuantSpec::preset_names() {
+  static const std::vector<std::string> n{"q8_0",  "q4_0",      "q4_1",     "q4_k",           "q6_k",          "int4-g128-asym",
+                                          "int4-g32", "int8-per-channel", "int8-per-token", "fp8-e4m3", "fp8-e5m2"};
+  return n;
+}
+
+QuantSpec QuantSpec::preset_named(const std::string& name) {
+  QuantSpec s;
+  s.preset = name;
+  auto ggml = [&](Rule r, int bits, bool sym, int64_t g) {
+    s.rule = r;
+    s.bits = bits;
+    s.symmetric = sym;
+    s.granularity = Granularity::PerGroup;
+    s.group_size = g;
+    s.scale_dtype = ScaleDType::F16;
+  };
+  if (name == "q8_0") {
+    ggml(Rule::GgmlQ8_0, 8, true, 32);
+  } else if (name == "q4_0") {
+    ggml(Rule::GgmlQ4_0, 4, true, 32);
+  } else if (name == "q4_1") {
+    ggml(Rule::GgmlQ4_1, 4, false, 32);
+  } else if (name == "q4_k") {
+    ggml(Rule::GgmlQ4_K, 4, false, 256);
+  } else if (name == "q6_k") {
+    ggml(Rule::GgmlQ6_K, 6, true, 256);
+  } else if (name == "int4-g128-asym") {
+    s.bits = 4, s.symmetric = false, s.granularity = Granularity::PerGroup, s.group_size = 128, s.scale_dtype = ScaleDType::F16;
+  } else if (name == "int4-g32") {
+    s.bits = 4, s.symmetric = true, s.granularity = Granularity::PerGroup, s.group_size = 32;
+  } else if (name == "int8-per-channel") {
+    s.bits = 8, s.symmetric = true, s.granularity = Granularity::PerChannel;
+  } else if (name == "int8-per-token") {
+    s.bits = 8, s.symmetric = false, s.granularity = Granularity::PerToken;
+  } else if (name == "fp8-e4m3" || name == "fp8-e5m2") {
+    s.kind = name == "fp8-e4m3" ? Kind::Fp8E4M3 : Kind::Fp8E5M2;
+    s.bits = 8, s.granularity = Granularity::PerChannel;
+  } else {
+    std::string all;
+    for (auto& n : preset_names()) all += (all.empty() ? "" : "|") + n;
+    throw ConfigError({"unknown quantization preset '" + name + "'; expected one of " + all});
+  }
+  return s;
+}
+
+QuantSpec QuantSpec::from_config(cfg::Reader& r, bool activation) {
+  QuantSpec s;
+  std::string preset = r.str("preset", "");
+  if (!preset.empty()) {
+    try {
+      s = preset_named(preset);
+    } catch (const ConfigError& e) {
+      r.fail("preset", e.problems[0]);
+    }
+    s.learn = r.choice<Learn>("learn", Learn::None, {{"none", Learn::None}, {"lsq", Learn::Lsq}, {"lsq+", Learn::LsqPlus}});
+    if (s.is_ggml() && s.learn != Learn::None)
+      r.fail("learn", "llama.cpp block presets compute their scales from the weights (so the exported file equals the "
+                      "trained model); learned scales need an affine spec such as int4-g32");
+    r.finish();
+    return s;
+  }
+  s.kind = r.choice<Kind>("kind", activation ? Kind::Int : Kind::Int,
+                          {{"int", Kind::Int}, {"fp8-e4m3", Kind::Fp8E4M3}, {"fp8-e5m2", Kind::Fp8E5M2}});
+  s.bits = static_cast<int>(r.i64("bits", 8, 2, 8));
+  s.symmetric = r.boolean("symmetric", !activation);
+  s.granularity = r.choice<Granularity>("granularity", activation ? Granularity::PerToken : Granularity::PerChannel,
+                                        {{"per-tensor", Granularity::PerTensor},
+                                         {"per-channel", Granularity::PerChannel},
+                                         {"per-group", Granularity::PerGroup},
+                                         {"per-token", Granularity::PerToken}});
+  s.group_size = r.i64("group_size", s.granularity == Granularity::PerGroup ? 32 : 0, 0, 1 << 20);
+  s.scale_dtype = r.choice<ScaleDType>("scale_dtype", ScaleDType::F32,
+                                       {{"fp32", ScaleDType::F32}, {"fp16", ScaleDType::F16}, {"bf16", ScaleDType::BF16}});
+  s.learn = r.choice<Learn>("learn", Learn::None, {{"none", Learn::None}, {"lsq", Learn::Lsq}, {"lsq+", Learn::LsqPlus}});
+  if (s.granularity == Granularity::PerGroup && s.group_size <= 0) r.fail("group_size", "per-group needs group_size > 0");
+  if (s.granularity != Granularity::PerGroup && s.group_size != 0)
+    r.fail("group_size", "only meaningful with granularity: per-group");
+  if (s.kind != Kind::Int && s.bits != 8) r.fail("bits", "fp8 formats are 8 bits");
+  if (s.kind != Kind::Int && s.learn != Learn::None) r.fail("learn", "learned scales are for integer formats");
+  if (!activation && s.granularity == Granularity::PerToken)
+    r.fail("granularity", "per-token is dynamic and applies to activations; weights use per-tensor|per-channel|per-group");
+  if (s.learn == Learn::LsqPlus && s.symmetric) r.fail("learn", "lsq+ learns an offset; use symmetric: false");
+  if (s.learn == Learn::Lsq && !s.symmetric) r.fail("learn", "lsq learns a scale only; use symmetric: true (or learn: lsq+)");
+  s.dynamic = activation || s.learn == Learn::None;
+  r.finish();
+  return s;
+}
+
+}  // namespace qf::quant

@@ -1,0 +1,54 @@
+// QuantSpec: the single description of a number format. Fake quant, convert and every exporter
+// read the same spec, so "what was trained" == "what is shipped".
+// Invariant: a validated spec always has 2 <= bits <= 8 for integers, a group size > 0 for
+// per-group, and a preset's fields equal the runtime's block format (q4_0 = int4 symmetric,
+// group 32, fp16 scale, llama.cpp rounding).
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/config.h"
+
+namespace qf::quant {
+
+enum class Kind { Int, Fp8E4M3, Fp8E5M2, Nf4 };
+enum class Granularity { PerTensor, PerChannel, PerGroup, PerToken };
+enum class ScaleDType { F32, F16, BF16 };
+// How values are mapped to integers. Affine = torchao's fake quantizer (round half to even,
+// x * (1/scale)). The Ggml* rules are llama.cpp's reference quantizers, block by block.
+enum class Rule { Affine, GgmlQ8_0, GgmlQ4_0, GgmlQ4_1, GgmlQ4_K, GgmlQ6_K };
+// Learned quantization parameters: none (observer / dynamic), LSQ (scale), LSQ+ (scale + offset).
+enum class Learn { None, Lsq, LsqPlus };
+
+struct QuantSpec {
+  Kind kind = Kind::Int;
+  int bits = 8;
+  bool symmetric = true;
+  Granularity granularity = Granularity::PerChannel;
+  int64_t group_size = 0;  // per-group only
+  ScaleDType scale_dtype = ScaleDType::F32;
+  Rule rule = Rule::Affine;
+  Learn learn = Learn::None;
+  bool dynamic = true;     // recompute qparams from the tensor every forward (weights: always fresh)
+  std::string preset;      // the preset name this came from ("" = custom)
+
+  int64_t qmin() const;  // symmetric: -2^(b-1); asymmetric: 0
+  int64_t qmax() const;  // symmetric: 2^(b-1)-1; asymmetric: 2^b-1
+  // Elements that share one scale along the reduction axis for a row of `width` (group or width).
+  int64_t block(int64_t width) const;
+  // Storage cost per weight including scales/zeros (e.g. q4_0: 4.5, q8_0: 8.5).
+  double bits_per_weight(int64_t width) const;
+  std::string describe() const;
+  bool is_ggml() const { return rule != Rule::Affine; }
+
+  // Named presets, bit-exact with their runtimes: q8_0 q4_0 q4_1 q4_k q6_k int4-g128-asym
+  // int4-g32 int8-per-channel int8-per-token (activations) fp8-e4m3 fp8-e5m2; throws listing them.
+  static QuantSpec preset_named(const std::string& name);
+  static const std::vector<std::string>& preset_names();
+  // Either {preset: name} or explicit fields {bits, symmetric, granularity, group_size, scale_dtype,
+  // learn, kind}; records problems on r and calls r.finish().
+  static QuantSpec from_config(cfg::Reader& r, bool activation);
+};
+
+}  // namespace qf::quant

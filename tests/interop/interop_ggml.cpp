@@ -1,0 +1,48 @@
+// interop_ggml IN.safetensors OUT.safetensors
+// For every float32 2-D tensor "<rule>/<name>" in IN (rule: q8_0 q4_0 q4_1 q4_k q6_k) writes
+// "<rule>/<name>/blocks" (uint8, qf::quant::ggml::quantize) and "<rule>/<name>/dequant" (float32,
+// qf::quant::ggml::fake_quant) to OUT, for tests/interop/test_gguf_blocks.py to compare with gguf-py.
+#include <ATen/ATen.h>
+
+#include <exception>
+#include <iostream>
+#include <map>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "core/error.h"
+#include "core/safetensors.h"
+#include "quant/ggml_blocks.h"
+
+int main(int argc, char** argv) {
+  if (argc != 3) {
+    std::cerr << "usage: interop_ggml IN.safetensors OUT.safetensors\n";
+    return 2;
+  }
+  using qf::quant::Rule;
+  const std::map<std::string, Rule> rules = {{"q8_0", Rule::GgmlQ8_0},
+                                             {"q4_0", Rule::GgmlQ4_0},
+                                             {"q4_1", Rule::GgmlQ4_1},
+                                             {"q4_k", Rule::GgmlQ4_K},
+                                             {"q6_k", Rule::GgmlQ6_K}};
+  try {
+    auto in = qf::st::load(argv[1]);
+    std::vector<std::pair<std::string, at::Tensor>> out;
+    for (const auto& [name, t] : in.tensors) {
+      const auto slash = name.find('/');
+      if (slash == std::string::npos || t.scalar_type() != at::kFloat || t.dim() != 2) continue;
+      auto it = rules.find(name.substr(0, slash));
+      QF_CHECK(it != rules.end(), "interop_ggml: tensor '", name, "' names unknown rule '", name.substr(0, slash),
+               "' (expected q8_0, q4_0, q4_1, q4_k or q6_k)");
+      out.emplace_back(name + "/blocks", qf::quant::ggml::quantize(t, it->second));
+      out.emplace_back(name + "/dequant", qf::quant::ggml::fake_quant(t, it->second));
+    }
+    qf::st::save(argv[2], out);
+    std::cout << "interop_ggml: wrote " << out.size() << " tensors to " << argv[2] << "\n";
+  } catch (const std::exception& e) {
+    std::cerr << "interop_ggml: " << e.what() << "\n";
+    return 1;
+  }
+  return 0;
+}

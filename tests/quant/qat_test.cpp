@@ -1,0 +1,286 @@
+// QAT parity suite (torchao's test_qat.py shape): disabled fake quant == plain Linear (fwd + bwd),
+// STE gradient == mask * upstream, LSQ gradients == finite differences of the STE surrogate,
+// convert == fake quant (weights bit-identical, logits 1e-5), converted checkpoints round-trip,
+// prepare errors name the layer and numbers.
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+#include <torch/cuda.h>
+
+#include "core/error.h"
+#include "models/transformer.h"
+#include "quant/affine.h"
+#include "quant/cuda/dequant.h"
+#include "quant/ggml_blocks.h"
+#include "quant/fake_quant.h"
+#include "quant/qat.h"
+#include "trainer/checkpoint.h"
+
+using namespace qf;
+using namespace qf::quant;
+
+namespace {
+
+models::ModelConfig tiny() {
+  models::ModelConfig c;
+  c.vocab_size = 64;
+  c.dim = 64;
+  c.n_layers = 2;
+  c.n_heads = 4;
+  c.n_kv_heads = 2;
+  c.ffn_dim = 128;
+  c.max_seq_len = 32;
+  c.init_std = 0.1;
+  return c;
+}
+
+QatConfig qat(const std::string& preset, const std::string& act = "") {
+  QatConfig q;
+  q.enabled = true;
+  QuantRule r;
+  r.pattern = "model.layers.*";
+  r.weight = QuantSpec::preset_named(preset);
+  if (!act.empty()) r.activation = QuantSpec::preset_named(act);
+  q.rules.push_back(r);
+  return q;
+}
+
+at::Tensor ids() {
+  auto g = at::detail::createCPUGenerator(3);
+  return at::randint(64, {2, 12}, g, at::kLong);
+}
+
+TEST(FakeQuant, DisabledEqualsPlainLinearForwardAndBackward) {
+  auto a = models::build_model(tiny());
+  auto b = models::build_model(tiny());
+  prepare(*b, qat("q4_0"));
+  set_qat_step(*b, 0, /*enable_after=*/10);  // delayed: not yet enabled
+  auto x = ids();
+  auto la = a->forward(x).sum(), lb = b->forward(x).sum();
+  EXPECT_TRUE(at::equal(a->forward(x), b->forward(x)));
+  la.backward();
+  lb.backward();
+  auto pa = a->named_parameters(), pb = b->named_parameters();
+  for (auto& p : pa) EXPECT_TRUE(at::equal(p.value().grad(), pb[p.key()].grad())) << p.key();
+  set_qat_step(*b, 10, 10);
+  EXPECT_FALSE(at::equal(a->forward(x), b->forward(x)));
+}
+
+TEST(FakeQuant, SteGradientIsMaskTimesUpstream) {
+  auto g = at::detail::createCPUGenerator(5);
+  auto x = at::randn({8, 64}, g).mul_(0.5).requires_grad_(true);
+  // Static per-tensor int4 with a clipping range smaller than the data, so some values clip.
+  auto spec = QuantSpec::preset_named("int4-g32");
+  auto up = at::randn({8, 64}, g);
+  auto y = fake_quant_ste(x, spec);
+  (y * up).sum().backward();
+  auto qp = choose_qparams(x.detach(), spec);
+  auto [fq, mask] = fake_quant_affine(x.detach(), qp, spec);
+  EXPECT_TRUE(at::equal(y.detach(), fq));
+  EXPECT_TRUE(at::equal(x.grad(), up * mask.to(at::kFloat)));
+  // ggml formats never clip: identity gradient.
+  auto x2 = x.detach().clone().requires_grad_(true);
+  (fake_quant_ste(x2, QuantSpec::preset_named("q4_0")) * up).sum().backward();
+  EXPECT_TRUE(at::equal(x2.grad(), up));
+}
+
+TEST(FakeQuant, LsqGradientsMatchFiniteDifferences) {
+  auto g = at::detail::createCPUGenerator(7);
+  auto x = at::randn({4, 32}, g, at::kDouble);
+  auto up = at::randn({4, 32}, g, at::kDouble);
+  const int64_t qmin = -8, qmax = 7, block = 16;
+  auto s0 = at::full({4, 2}, 0.15, at::kDouble).requires_grad_(true);
+  auto b0 = at::full({4, 2}, 0.05, at::kDouble).requires_grad_(true);
+  auto xr = x.clone().requires_grad_(true);
+  (lsq_fake_quant(xr, s0, b0, qmin, qmax, block) * up).sum().backward();
+  // STE surrogate around (s0, b0): round(v) -> round(v0) + (v - v0), clamp decided at v0.
+  auto v0 = ((x.reshape({4, 2, 16}) - b0.detach().unsqueeze(-1)) / s0.detach().unsqueeze(-1));
+  auto r0 = at::round(v0);
+  auto inside = (v0 >= qmin) & (v0 <= qmax);
+  auto F = [&](const at::Tensor& s, const at::Tensor& b) {
+    auto v = (x.reshape({4, 2, 16}) - b.unsqueeze(-1)) / s.unsqueeze(-1);
+    auto q = at::where(inside, r0 + (v - v0), at::clamp(r0, qmin, qmax));
+    return ((q * s.unsqueeze(-1) + b.unsqueeze(-1)).reshape({4, 32}) * up).sum().item<double>();
+  };
+  const double h = 1e-6, gscale = 1.0 / std::sqrt(double(block) * qmax);
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 2; ++j) {
+      auto sp = s0.detach().clone(), sm = s0.detach().clone();
+      sp[i][j] += h;
+      sm[i][j] -= h;
+      double fd = (F(sp, b0.detach()) - F(sm, b0.detach())) / (2 * h);
+      EXPECT_NEAR(s0.grad()[i][j].item<double>(), fd * gscale, 1e-6 * std::max(1.0, std::abs(fd))) << i << "," << j;
+      auto bp = b0.detach().clone(), bm = b0.detach().clone();
+      bp[i][j] += h;
+      bm[i][j] -= h;
+      double fdb = (F(s0.detach(), bp) - F(s0.detach(), bm)) / (2 * h);
+      EXPECT_NEAR(b0.grad()[i][j].item<double>(), fdb * gscale, 1e-6 * std::max(1.0, std::abs(fdb))) << i << "," << j;
+    }
+  EXPECT_TRUE(at::equal(xr.grad(), up * inside.reshape({4, 32}).to(at::kDouble)));
+}
+
+class ConvertParity : public ::testing::TestWithParam<std::pair<std::string, std::string>> {};
+
+TEST_P(ConvertParity, ConvertedEqualsFakeQuant) {
+  auto [wp, ap] = GetParam();
+  auto c = tiny();
+  if (wp == "int4-g128-asym") c.dim = 128, c.ffn_dim = 256;  // groups of 128 need 128-wide inputs
+  auto m = models::build_model(c);
+  auto rep = prepare(*m, qat(wp, ap));
+  EXPECT_EQ(rep.n_swapped, 2 * 7);
+  at::NoGradGuard ng;
+  auto x = ids();
+  auto y_fq = m->forward(x);
+  std::map<std::string, at::Tensor> w_fq;
+  for (auto& ns : models::linear_slots(*m)) w_fq[ns.name] = ns.slot->get()->effective_weight().clone();
+  EXPECT_EQ(convert(*m), 14);
+  for (auto& ns : models::linear_slots(*m)) {
+    if (!w_fq.count(ns.name) || ns.name == "lm_head") continue;
+    auto w = ns.slot->get()->effective_weight();
+    EXPECT_TRUE(at::equal(w, w_fq[ns.name])) << wp << " " << ns.name;
+  }
+  auto y_q = m->forward(x);
+  double rel = ((y_q - y_fq).abs().max() / y_fq.abs().max()).item<double>();
+  EXPECT_LT(rel, 1e-5) << wp;
+}
+
+INSTANTIATE_TEST_SUITE_P(Presets, ConvertParity,
+                         ::testing::Values(std::make_pair("q4_0", ""), std::make_pair("q8_0", ""), std::make_pair("q4_1", ""),
+                                           std::make_pair("int4-g32", ""), std::make_pair("int4-g128-asym", ""),
+                                           std::make_pair("int8-per-channel", ""), std::make_pair("int4-g32", "int8-per-token")),
+                         [](const auto& i) {
+                           std::string n = i.param.first + (i.param.second.empty() ? "" : "_" + i.param.second);
+                           for (auto& c : n)
+                             if (!isalnum((unsigned char)c)) c = '_';
+                           return n;
+                         });
+
+TEST(Convert, LsqAfterTrainingStepsStillExact) {
+  auto m = models::build_model(tiny());
+  auto q = qat("int4-g32");
+  q.rules[0].weight.learn = Learn::Lsq;
+  q.rules[0].weight.dynamic = false;
+  prepare(*m, q);
+  std::vector<at::Tensor> params;
+  for (auto& p : m->parameters()) params.push_back(p);
+  bool has_scale = false;
+  for (auto& p : m->named_parameters()) has_scale |= p.key().find("weight_fake_quant.scale") != std::string::npos;
+  ASSERT_TRUE(has_scale);
+  auto x = ids();
+  for (int i = 0; i < 3; ++i) {
+    for (auto& p : params) p.mutable_grad() = at::Tensor();
+    m->forward(x).pow(2).mean().backward();
+    at::NoGradGuard ng;
+    for (auto& p : params)
+      if (p.grad().defined()) p.sub_(p.grad() * 1e-2);
+  }
+  at::NoGradGuard ng;
+  auto y_fq = m->forward(x);
+  convert(*m);
+  auto y_q = m->forward(x);
+  EXPECT_LT(((y_q - y_fq).abs().max() / y_fq.abs().max()).item<double>(), 1e-5);
+}
+
+TEST(Convert, ConvertedCheckpointRoundTrips) {
+  auto m = models::build_model(tiny());
+  prepare(*m, qat("q4_0", "int8-per-token"));
+  convert(*m);
+  auto state = trainer::model_state(*m);
+  bool has_q = false;
+  for (auto& [n, t] : state) has_q |= n == "model.layers.0.self_attn.q_proj.qweight";
+  EXPECT_TRUE(has_q);
+  auto m2 = models::build_model(tiny());
+  m2->init_weights(99);
+  prepare(*m2, qat("q4_0", "int8-per-token"));
+  convert(*m2);
+  trainer::load_model_state(*m2, state, "<mem>");
+  at::NoGradGuard ng;
+  EXPECT_TRUE(at::equal(m->forward(ids()), m2->forward(ids())));
+  // q4_0 packs 32 weights into 18 bytes: the converted model is much smaller than fp32.
+  auto fp = models::build_model(tiny());
+  EXPECT_LT(model_bytes(*m), model_bytes(*fp) / 2);
+}
+
+TEST(Prepare, ErrorsNameLayerAndNumbers) {
+  auto c = tiny();
+  c.dim = 48;  // q4_0 blocks of 32 do not divide 48
+  c.ffn_dim = 64;
+  c.n_heads = 4;
+  auto m = models::build_model(c);
+  try {
+    prepare(*m, qat("q4_0"));
+    FAIL() << "expected ConfigError";
+  } catch (const ConfigError& e) {
+    std::string w = e.what();
+    EXPECT_NE(w.find("model.layers.0.self_attn.q_proj"), std::string::npos) << w;
+    EXPECT_NE(w.find("32"), std::string::npos) << w;
+    EXPECT_NE(w.find("48"), std::string::npos) << w;
+  }
+  auto m2 = models::build_model(tiny());
+  auto q = qat("q4_0");
+  q.rules[0].pattern = "model.layerz.*";
+  try {
+    prepare(*m2, q);
+    FAIL() << "expected ConfigError";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("quant.rules[0].pattern: 'model.layerz.*' matches no linear module"), std::string::npos)
+        << e.what();
+  }
+}
+
+TEST(Prepare, ExcludesLmHeadAndEmbeddingsByDefault) {
+  auto c = tiny();
+  auto m = models::build_model(c);
+  auto q = qat("q8_0");
+  q.rules[0].pattern = "*";
+  auto rep = prepare(*m, q);
+  EXPECT_EQ(rep.n_swapped, 14);  // lm_head untouched
+  for (auto& ns : models::linear_slots(*m))
+    if (ns.name == "lm_head") EXPECT_FALSE(std::dynamic_pointer_cast<FakeQuantLinear>(ns.slot->get()));
+}
+
+TEST(FakeQuant, Bf16ModelRuns) {
+  auto c = tiny();
+  c.dtype = models::DType::BF16;
+  auto m = models::build_model(c);
+  prepare(*m, qat("q4_0"));
+  at::NoGradGuard ng;
+  auto y = m->forward(ids());
+  EXPECT_EQ(y.scalar_type(), at::kBFloat16);
+  EXPECT_TRUE(at::isfinite(y).all().item<bool>());
+}
+
+TEST(FakeQuant, ObserversFreezeAndMatchConvert) {
+  for (auto type : {ObserverType::MinMax, ObserverType::MovingAverage, ObserverType::Mse, ObserverType::Percentile}) {
+    auto m = models::build_model(tiny());
+    auto q = qat("int8-per-channel");
+    q.observer.type = type;
+    q.observer.freeze_after = 2;
+    prepare(*m, q);
+    auto x = ids();
+    for (int step = 0; step < 4; ++step) {
+      set_qat_step(*m, step, 0);
+      m->forward(x);
+    }
+    at::NoGradGuard ng;
+    auto y_fq = m->forward(x);
+    convert(*m);
+    EXPECT_LT(((m->forward(x) - y_fq).abs().max() / y_fq.abs().max()).item<double>(), 1e-5) << (int)type;
+  }
+}
+
+TEST(Cuda, GgmlDequantKernelMatchesCpu) {
+  if (!cuda::compiled_with_cuda()) GTEST_SKIP() << "built without the CUDA toolkit: no CUDA kernels to run";
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device: CUDA quant kernels compiled but not run";
+  auto g = at::detail::createCPUGenerator(11);
+  auto w = at::randn({96, 256}, g);
+  for (auto rule : {Rule::GgmlQ8_0, Rule::GgmlQ4_0, Rule::GgmlQ4_1}) {
+    auto blocks = ggml::quantize(w, rule);
+    auto cpu = ggml::dequantize(blocks, rule, 256);
+    auto gpu = cuda::dequantize_ggml(blocks.cuda(), rule, 256, at::kFloat).cpu();
+    EXPECT_TRUE(at::equal(cpu, gpu)) << (int)rule;
+    auto gpu_bf16 = cuda::dequantize_ggml(blocks.cuda(), rule, 256, at::kBFloat16).cpu();
+    EXPECT_TRUE(at::equal(cpu.to(at::kBFloat16), gpu_bf16)) << (int)rule;
+  }
+}
+
+}  // namespace
