@@ -89,6 +89,18 @@ at::Tensor unpack_codes(const at::Tensor& p, const QuantSpec& s, int64_t cols) {
   if (s.bits <= 4) u = at::stack({p.bitwise_and(0x0F), p.__rshift__(4)}, -1).reshape({p.size(0), cols});
   return u.to(at::kInt) + s.qmin();
 }
+// FP8 codes and float32 scales of a float32 weight, op for op as quant::fake_quant_fp8.
+std::pair<at::Tensor, at::Tensor> fp8_codes(const at::Tensor& w, const QuantSpec& spec) {
+  const bool e4m3 = spec.kind == Kind::Fp8E4M3;
+  const double max_finite = e4m3 ? 448.0 : 57344.0;
+  const int64_t g = spec.granularity == Granularity::PerGroup ? spec.group_size : w.size(1);
+  auto xv = w.reshape({w.size(0), w.size(1) / g, g});
+  auto scale = (xv.abs().amax({-1}, true) / max_finite).to(at::kFloat);
+  if (spec.scale_dtype != ScaleDType::F32) scale = scale.to(scale_type(spec)).to(at::kFloat);
+  auto divisor = at::where(scale == 0, at::ones_like(scale), scale);
+  auto t = (xv / divisor).clamp(-max_finite, max_finite).to(e4m3 ? at::kFloat8_e4m3fn : at::kFloat8_e5m2);
+  return {t, scale.squeeze(-1)};
+}
 int64_t packed_cols(int64_t in, const QuantSpec& s) {
   if (s.is_ggml()) return in / ggml::block_size(s.rule) * ggml::type_size(s.rule);
   if (s.kind != Kind::Int || s.bits > 4) return in;
@@ -101,7 +113,7 @@ int64_t n_blocks(int64_t in, const QuantSpec& s) {
 
 QuantizedLinear::QuantizedLinear(int64_t in, int64_t out, bool has_bias, QuantSpec wspec, std::optional<QuantSpec> aspec)
     : LinearBase(in, out), wspec_(std::move(wspec)), aspec_(std::move(aspec)) {
-  QF_CHECK(wspec_.kind == Kind::Int, "convert: ", wspec_.describe(), " weights are not supported by QuantizedLinear yet");
+  QF_CHECK(wspec_.kind != Kind::Nf4, "convert: NF4 weights are converted by peft/ (QLoRA), not QuantizedLinear");
   QF_CHECK(wspec_.granularity != Granularity::PerTensor || wspec_.is_ggml(),
            "convert: per-tensor weight quantization is not supported by QuantizedLinear yet");
   QF_CHECK(in % 2 == 0 || wspec_.bits > 4, "convert: int4 packing needs an even input width, got ", in);
@@ -122,6 +134,11 @@ std::shared_ptr<QuantizedLinear> QuantizedLinear::from_fake_quant(FakeQuantLinea
   auto w = f.weight.detach().to(at::kFloat);
   if (spec.is_ggml()) {
     q->qweight.copy_(ggml::quantize(w, spec.rule));
+  } else if (spec.kind != Kind::Int) {
+    // FP8: the same ops as fake_quant_fp8 (torchao's float8 fake quantizer), codes kept as fp8 bytes.
+    auto [codes, scale] = fp8_codes(w, spec);
+    q->qweight.copy_(codes.view(at::kByte).reshape({f.out_features, f.in_features}));
+    q->scales.copy_(scale.reshape({f.out_features, -1}).to(scale_type(spec)));
   } else {
     auto qp = f.weight_fq->qparams_for(w);
     at::Tensor codes;
@@ -145,6 +162,12 @@ std::shared_ptr<QuantizedLinear> QuantizedLinear::from_fake_quant(FakeQuantLinea
 }
 
 at::Tensor QuantizedLinear::effective_weight() {
+  if (wspec_.kind == Kind::Fp8E4M3 || wspec_.kind == Kind::Fp8E5M2) {
+    auto f8 = wspec_.kind == Kind::Fp8E4M3 ? at::kFloat8_e4m3fn : at::kFloat8_e5m2;
+    auto s = scales.to(at::kFloat);
+    auto t = qweight.view(f8).to(at::kFloat).reshape({s.size(0), s.size(1), -1});
+    return (t * s.unsqueeze(-1)).reshape({out_features, in_features});
+  }
   if (wspec_.is_ggml()) {
     if (qweight.is_cuda() && wspec_.rule != Rule::GgmlQ4_K && wspec_.rule != Rule::GgmlQ6_K)
       return cuda::dequantize_ggml(qweight, wspec_.rule, in_features, at::kFloat);

@@ -9,6 +9,7 @@
 #include <fstream>
 
 #include "core/fs.h"
+#include "tests/test_util.h"
 
 namespace sfs = std::filesystem;
 
@@ -30,13 +31,8 @@ Result run(const std::string& args) {
   return r;
 }
 
-struct TmpDir {
-  std::string path;
-  TmpDir() {
-    std::string t = (sfs::temp_directory_path() / "qf_cli_XXXXXX").string();
-    path = ::mkdtemp(t.data());
-  }
-  ~TmpDir() { qf::fs::remove_tree(path); }
+struct TmpDir : qf::testing::TmpDir {
+  TmpDir() : qf::testing::TmpDir("qf_cli") {}
 };
 
 class Cli : public ::testing::Test {

@@ -17,31 +17,18 @@
 #include "core/error.h"
 #include "core/fs.h"
 #include "data/dataset.h"
+#include "tests/test_util.h"
 
 namespace stdfs = std::filesystem;
 using namespace qf::data;
 
 namespace {
 
-struct TmpDir {
-  std::string path;
-  TmpDir() {
-    std::string tmpl = (stdfs::temp_directory_path() / "qf_tok_XXXXXX").string();
-    path = ::mkdtemp(tmpl.data());
-  }
-  // Not std::filesystem::remove_all: the build exported by libtorch.so segfaults here.
-  ~TmpDir() {
-    ::nftw(
-        path.c_str(), [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p), 0; }, 16,
-        FTW_DEPTH | FTW_PHYS);
-  }
-  std::string operator/(const std::string& rel) const { return path + "/" + rel; }
+struct TmpDir : qf::testing::TmpDir {
+  TmpDir() : qf::testing::TmpDir("qf_tok") {}
 };
 
-void write(const std::string& path, const std::string& text) {
-  stdfs::create_directories(stdfs::path(path).parent_path());
-  std::ofstream(path, std::ios::binary) << text;
-}
+void write(const std::string& path, const std::string& text) { qf::testing::write_text(path, text); }
 
 // Deterministic pseudo-English: sentences of words drawn with a fixed LCG.
 std::string generated_text(int n_lines, uint64_t seed = 1) {

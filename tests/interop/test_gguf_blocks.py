@@ -13,15 +13,14 @@ distributions) and checks, per matrix:
 
 Needs gguf and numpy (in .venv); a missing peer is a failure, not a skip.
 """
-import json
 import os
-import struct
 import subprocess
 
 import gguf
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
+from st_io import read_safetensors_numpy as read_safetensors, write_safetensors  # noqa: E402
 
 RULES = {
     "q8_0": QT.Q8_0,
@@ -44,41 +43,6 @@ def tool_path():
 
 
 # ------------------------------------------------------------------ minimal safetensors I/O
-
-_DTYPES = {"F32": np.float32, "U8": np.uint8}
-
-
-def write_safetensors(path, tensors):
-    header, offset, chunks = {}, 0, []
-    for name, arr in tensors.items():
-        arr = np.ascontiguousarray(arr)
-        dtype = {np.dtype(np.float32): "F32", np.dtype(np.uint8): "U8"}[arr.dtype]
-        raw = arr.tobytes()
-        header[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [offset, offset + len(raw)]}
-        chunks.append(raw)
-        offset += len(raw)
-    hjson = json.dumps(header, separators=(",", ":")).encode()
-    hjson += b" " * (-len(hjson) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(hjson)))
-        f.write(hjson)
-        for c in chunks:
-            f.write(c)
-
-
-def read_safetensors(path):
-    with open(path, "rb") as f:
-        data = f.read()
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + n])
-    base = 8 + n
-    out = {}
-    for name, e in header.items():
-        if name == "__metadata__":
-            continue
-        b, end = e["data_offsets"]
-        out[name] = np.frombuffer(data[base + b:base + end], dtype=_DTYPES[e["dtype"]]).reshape(e["shape"])
-    return out
 
 
 # ------------------------------------------------------------------ inputs

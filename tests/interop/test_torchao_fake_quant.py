@@ -19,9 +19,7 @@ FP8 blocks whose amax is 0 give 0 in qforge and NaN in torchao (0/0).
 
 Run: QFORGE_BUILD_DIR=build .venv/bin/python -m pytest -q tests/interop/test_torchao_fake_quant.py
 """
-import json
 import os
-import struct
 import subprocess
 
 import pytest
@@ -35,42 +33,7 @@ from torchao.quantization.qat import (
     IntxFakeQuantizer,
 )
 from torchao.quantization.quant_primitives import ZeroPointDomain
-
-# ---------------------------------------------------------------- safetensors (tiny reader/writer)
-_DT = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int32: "I32", torch.uint8: "U8"}
-_TD = {v: k for k, v in _DT.items()}
-
-
-def write_safetensors(path, tensors):
-    header, blobs, off = {}, [], 0
-    for name, t in tensors.items():
-        b = t.detach().contiguous().view(torch.uint8).numpy().tobytes()
-        header[name] = {"dtype": _DT[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + len(b)]}
-        blobs.append(b)
-        off += len(b)
-    h = json.dumps(header).encode()
-    h += b" " * ((8 - (8 + len(h)) % 8) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(h)))
-        f.write(h)
-        for b in blobs:
-            f.write(b)
-
-
-def read_safetensors(path):
-    with open(path, "rb") as f:
-        data = f.read()
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + n])
-    out, base = {}, 8 + n
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        a, b = info["data_offsets"]
-        dtype = _TD[info["dtype"]]
-        raw = torch.frombuffer(bytearray(data[base + a:base + b]), dtype=torch.uint8)
-        out[name] = raw.view(dtype).reshape(info["shape"])
-    return out
+from st_io import read_safetensors, write_safetensors  # noqa: E402
 
 
 def bits(t):

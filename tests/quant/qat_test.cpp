@@ -146,7 +146,8 @@ TEST_P(ConvertParity, ConvertedEqualsFakeQuant) {
 INSTANTIATE_TEST_SUITE_P(Presets, ConvertParity,
                          ::testing::Values(std::make_pair("q4_0", ""), std::make_pair("q8_0", ""), std::make_pair("q4_1", ""),
                                            std::make_pair("int4-g32", ""), std::make_pair("int4-g128-asym", ""),
-                                           std::make_pair("int8-per-channel", ""), std::make_pair("int4-g32", "int8-per-token")),
+                                           std::make_pair("int8-per-channel", ""), std::make_pair("int4-g32", "int8-per-token"),
+                                           std::make_pair("fp8-e4m3", ""), std::make_pair("fp8-e5m2", "")),
                          [](const auto& i) {
                            std::string n = i.param.first + (i.param.second.empty() ? "" : "_" + i.param.second);
                            for (auto& c : n)

@@ -14,6 +14,7 @@
 #include "core/fs.h"
 #include "trainer/checkpoint.h"
 #include "trainer/trainer.h"
+#include "tests/test_util.h"
 
 namespace sfs = std::filesystem;
 using namespace qf;
@@ -21,13 +22,8 @@ using namespace qf::trainer;
 
 namespace {
 
-struct TmpDir {
-  std::string path;
-  TmpDir() {
-    std::string t = (sfs::temp_directory_path() / "qf_trainer_XXXXXX").string();
-    path = ::mkdtemp(t.data());
-  }
-  ~TmpDir() { fs::remove_tree(path); }
+struct TmpDir : qf::testing::TmpDir {
+  TmpDir() : qf::testing::TmpDir("qf_trainer") {}
 };
 
 // A small real corpus: the first lines of the KJV extracted by setup (or generated text as a fallback).
