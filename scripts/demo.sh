@@ -39,7 +39,7 @@ echo "model,heldout_ppl,weight_bytes" > "$OUT/summary.csv"
   row "FP32 pretrained (1000 steps)" $OUT/pretrain
   row "FP32 control (+300 steps)" $OUT/ft_fp
   row "PTQ: RTN q4_0 of the control" $OUT/ptq_q4_0/converted
-  row "QAT q4_0 (+300 steps, converted)" $OUT/qat_q4_0/converted
+  row "QAT q4_0 (+300 steps; converted)" $OUT/qat_q4_0/converted
 } | tee "$OUT/summary.md"
 awk -F, 'NR==3{fp=$2} NR==4{rtn=$2} NR==5{qat=$2} END{
   printf "RTN q4_0 opens a perplexity gap of %.3f over the FP control; ", rtn-fp;
