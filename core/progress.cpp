@@ -32,7 +32,7 @@ int64_t next_tenth(int64_t done, int64_t total) {
   return kNever;
 }
 
-std::string fmt_rate(double r) {
+std::string fmt_rate_impl(double r) {
   char buf[32];
   if (r >= 1e6)
     std::snprintf(buf, sizeof buf, "%.1fM", r / 1e6);
@@ -113,9 +113,9 @@ std::string ProgressBar::render(double elapsed_s, int term_cols) const {
   if (rate <= 0)
     rate_s = "? " + unit_ + "/s";
   else if (rate < 1)
-    rate_s = str(fmt_rate(1.0 / rate), " s/", unit_);
+    rate_s = str(fmt_rate_impl(1.0 / rate), " s/", unit_);
   else
-    rate_s = str(fmt_rate(rate), " ", unit_, "/s");
+    rate_s = str(fmt_rate_impl(rate), " ", unit_, "/s");
 
   std::string line = label_;
   if (total_ > 0) {
@@ -177,5 +177,7 @@ void ProgressBar::finish(const std::string& postfix) {
   if (mode_ == Mode::kOff) return;
   draw(Clock::now(), true);
 }
+
+std::string ProgressBar::format_rate(double r) { return fmt_rate_impl(r); }
 
 }  // namespace qf::core

@@ -26,6 +26,8 @@ class ProgressBar {
 
   // "1h02m03s", "4m05s", "12s" (rounded to whole seconds); "?" for negative or non-finite input.
   static std::string format_duration(double seconds);
+  // Compact count/rate: 950 -> "950.0", 12345 -> "12.3k", 2.5e6 -> "2.5M".
+  static std::string format_rate(double r);
 
  private:
   using Clock = std::chrono::steady_clock;

@@ -32,6 +32,26 @@ void LinearSlot::replace(std::shared_ptr<LinearBase> m) {
   mod_ = std::move(m);
 }
 
+DenseEmbedding::DenseEmbedding(int64_t num, int64_t dim) : EmbeddingBase(num, dim) {
+  weight = register_parameter("weight", at::empty({num, dim}));
+}
+
+void DenseEmbedding::pretty_print(std::ostream& s) const {
+  s << "DenseEmbedding(" << num_embeddings << ", " << embedding_dim << ")";
+}
+
+EmbeddingSlot::EmbeddingSlot(torch::nn::Module* parent, std::string name, std::shared_ptr<EmbeddingBase> m)
+    : parent_(parent), name_(std::move(name)), mod_(std::move(m)) {
+  parent_->register_module(name_, mod_);
+}
+
+void EmbeddingSlot::replace(std::shared_ptr<EmbeddingBase> m) {
+  QF_CHECK(m && m->num_embeddings == mod_->num_embeddings && m->embedding_dim == mod_->embedding_dim,
+           "replacing embedding '", name_, "' with a table of a different shape");
+  parent_->replace_module(name_, m);
+  mod_ = std::move(m);
+}
+
 static void collect(torch::nn::Module& m, const std::string& prefix, std::vector<NamedSlot>& out) {
   auto* host = dynamic_cast<HasLinearSlots*>(&m);
   for (auto& item : m.named_children()) {

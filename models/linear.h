@@ -56,6 +56,38 @@ class HasLinearSlots {
   virtual LinearSlot* linear_slot(const std::string& child_name) = 0;
 };
 
+// Base of token-embedding tables (dense, fake-quant, converted). table() is the [vocab, dim] matrix
+// that lookups and a tied lm_head use, so quantizing the table quantizes both, as llama.cpp does.
+class EmbeddingBase : public torch::nn::Module {
+ public:
+  EmbeddingBase(int64_t num, int64_t dim) : num_embeddings(num), embedding_dim(dim) {}
+  virtual at::Tensor table() = 0;
+  const int64_t num_embeddings, embedding_dim;
+};
+
+class DenseEmbedding : public EmbeddingBase {
+ public:
+  DenseEmbedding(int64_t num, int64_t dim);
+  at::Tensor table() override { return weight; }
+  void pretty_print(std::ostream& s) const override;
+  at::Tensor weight;
+};
+
+// Handle for the token embedding, swappable like a LinearSlot.
+class EmbeddingSlot {
+ public:
+  EmbeddingSlot() = default;
+  EmbeddingSlot(torch::nn::Module* parent, std::string name, std::shared_ptr<EmbeddingBase> m);
+  const std::shared_ptr<EmbeddingBase>& get() const { return mod_; }
+  void replace(std::shared_ptr<EmbeddingBase> m);
+  const std::string& name() const { return name_; }
+
+ private:
+  torch::nn::Module* parent_ = nullptr;
+  std::string name_;
+  std::shared_ptr<EmbeddingBase> mod_;
+};
+
 // Every linear under `root`: (full HF-style name, slot). Order = module registration order.
 struct NamedSlot {
   std::string name;

@@ -139,7 +139,7 @@ class LlamaLayer : public torch::nn::Module {
 class LlamaBody : public torch::nn::Module {
  public:
   explicit LlamaBody(const ModelConfig& c) {
-    embed_tokens = register_module("embed_tokens", torch::nn::Embedding(c.vocab_size, c.dim));
+    embed_tokens = EmbeddingSlot(this, "embed_tokens", std::make_shared<DenseEmbedding>(c.vocab_size, c.dim));
     layers = register_module("layers", torch::nn::ModuleList());
     for (int64_t i = 0; i < c.n_layers; ++i) {
       auto l = std::make_shared<LlamaLayer>(c);
@@ -148,7 +148,7 @@ class LlamaBody : public torch::nn::Module {
     }
     norm = register_module("norm", std::make_shared<RMSNorm>(c.dim, c.norm_eps));
   }
-  torch::nn::Embedding embed_tokens{nullptr};
+  EmbeddingSlot embed_tokens;
   torch::nn::ModuleList layers{nullptr};
   std::vector<std::shared_ptr<LlamaLayer>> layer_ptrs;
   std::shared_ptr<RMSNorm> norm;
@@ -164,14 +164,17 @@ class LlamaForCausalLM : public CausalLM, public HasLinearSlots {
     QF_CHECK(ids.dim() == 2, "input_ids must be [batch, seq], got ", ids.sizes());
     const int64_t T = ids.size(1), start = cache ? cache->length : 0;
     QF_CHECK(start + T <= cfg.max_seq_len, "sequence of ", start + T, " tokens exceeds model.max_seq_len ", cfg.max_seq_len);
-    auto x = model->embed_tokens->forward(ids);
+    auto table = model->embed_tokens.get()->table();
+    auto x = at::embedding(table, ids);
     auto [cos, sin] = rope_cos_sin(cfg, start, T, x.options());
     for (size_t i = 0; i < model->layer_ptrs.size(); ++i) x = model->layer_ptrs[i]->forward(x, cos, sin, cache, (int)i);
     x = model->norm->forward(x);
     if (cache) cache->length += T;
-    if (cfg.tie_embeddings) return at::linear(x, model->embed_tokens->weight);
+    if (cfg.tie_embeddings) return at::linear(x, table);
     return lm_head(x);
   }
+  EmbeddingSlot& token_embedding() override { return model->embed_tokens; }
+  std::string token_embedding_name() const override { return "model.embed_tokens"; }
   LinearSlot* linear_slot(const std::string& n) override { return n == "lm_head" && lm_head.get() ? &lm_head : nullptr; }
   std::shared_ptr<LlamaBody> model;
   LinearSlot lm_head;
@@ -239,7 +242,7 @@ class Gpt2Block : public torch::nn::Module {
 class Gpt2Body : public torch::nn::Module {
  public:
   explicit Gpt2Body(const ModelConfig& c) {
-    wte = register_module("wte", torch::nn::Embedding(c.vocab_size, c.dim));
+    wte = EmbeddingSlot(this, "wte", std::make_shared<DenseEmbedding>(c.vocab_size, c.dim));
     wpe = register_module("wpe", torch::nn::Embedding(c.max_seq_len, c.dim));
     h = register_module("h", torch::nn::ModuleList());
     for (int64_t i = 0; i < c.n_layers; ++i) {
@@ -249,7 +252,8 @@ class Gpt2Body : public torch::nn::Module {
     }
     ln_f = register_module("ln_f", std::make_shared<LayerNorm>(c.dim, c.norm_eps));
   }
-  torch::nn::Embedding wte{nullptr}, wpe{nullptr};
+  EmbeddingSlot wte;
+  torch::nn::Embedding wpe{nullptr};
   torch::nn::ModuleList h{nullptr};
   std::vector<std::shared_ptr<Gpt2Block>> blocks;
   std::shared_ptr<LayerNorm> ln_f;
@@ -265,12 +269,15 @@ class Gpt2LMHeadModel : public CausalLM {
     const int64_t T = ids.size(1), start = cache ? cache->length : 0;
     QF_CHECK(start + T <= cfg.max_seq_len, "sequence of ", start + T, " tokens exceeds model.max_seq_len ", cfg.max_seq_len);
     auto pos = at::arange(start, start + T, ids.options());
-    auto x = transformer->wte->forward(ids) + transformer->wpe->forward(pos).unsqueeze(0);
+    auto table = transformer->wte.get()->table();
+    auto x = at::embedding(table, ids) + transformer->wpe->forward(pos).unsqueeze(0);
     for (size_t i = 0; i < transformer->blocks.size(); ++i) x = transformer->blocks[i]->forward(x, cache, (int)i);
     x = transformer->ln_f->forward(x);
     if (cache) cache->length += T;
-    return at::linear(x, transformer->wte->weight);
+    return at::linear(x, table);
   }
+  EmbeddingSlot& token_embedding() override { return transformer->wte; }
+  std::string token_embedding_name() const override { return "transformer.wte"; }
   std::shared_ptr<Gpt2Body> transformer;
 };
 

@@ -33,6 +33,9 @@ class CausalLM : public torch::nn::Module {
   // Re-initialise parameters (normal(0, init_std) for linears/embeddings, ones/zeros for norms).
   void init_weights(uint64_t seed);
   int64_t num_parameters() const;
+  // The token embedding table (model.embed_tokens / transformer.wte) and its HF name.
+  virtual EmbeddingSlot& token_embedding() = 0;
+  virtual std::string token_embedding_name() const = 0;
   const ModelConfig cfg;
 };
 

@@ -7,6 +7,7 @@
 
 #include "core/error.h"
 #include "quant/cuda/dequant.h"
+#include "models/transformer.h"
 #include "quant/ggml_blocks.h"
 
 namespace qf::quant {
@@ -33,12 +34,16 @@ QatConfig QatConfig::from_config(cfg::Reader& r) {
     c.rules.push_back(rule);
     ++i;
   }
+  if (r.has("embedding")) {
+    auto e = r.child("embedding");
+    c.embedding = QuantSpec::from_config(e, false);
+  }
   c.exclude = r.strings("exclude", c.exclude);
   c.fake_quant_after_steps = r.i64("fake_quant_after_steps", 0, 0, 1LL << 40);
   auto o = r.child("observer");
   c.observer = ObserverConfig::from_config(o);
   c.convert_at_end = r.boolean("convert_at_end", c.convert_at_end);
-  if (c.enabled && c.rules.empty()) r.fail("rules", "quantization is enabled but no rules select modules");
+  if (c.enabled && c.rules.empty() && !c.embedding) r.fail("rules", "quantization is enabled but no rules select modules");
   r.finish();
   return c;
 }
@@ -111,76 +116,105 @@ int64_t n_blocks(int64_t in, const QuantSpec& s) {
 }
 }  // namespace
 
+// ---- packed storage shared by QuantizedLinear and QuantizedEmbedding ----
+PackedStorage register_packed(torch::nn::Module& m, int64_t rows, int64_t cols, const QuantSpec& spec) {
+  QF_CHECK(spec.kind != Kind::Nf4, "convert: NF4 weights are converted by peft/ (QLoRA), not quant::convert");
+  QF_CHECK(spec.granularity != Granularity::PerTensor || spec.is_ggml(),
+           "convert: per-tensor weight quantization cannot be packed yet; use per-channel or per-group");
+  QF_CHECK(cols % 2 == 0 || spec.bits > 4 || spec.kind != Kind::Int, "convert: int4 packing needs an even width, got ", cols);
+  PackedStorage p;
+  p.qweight = m.register_buffer("qweight", at::zeros({rows, packed_cols(cols, spec)}, at::kByte));
+  if (!spec.is_ggml()) {
+    p.scales = m.register_buffer("scales", at::zeros({rows, n_blocks(cols, spec)}, scale_type(spec)));
+    p.zeros = m.register_buffer("zeros", at::zeros({rows, n_blocks(cols, spec)}, at::kFloat));
+  }
+  return p;
+}
+
+void pack_weight(PackedStorage& p, const at::Tensor& weight, FakeQuantizer& fq) {
+  const auto& spec = fq.spec();
+  at::NoGradGuard ng;
+  auto w = weight.detach().to(at::kFloat);
+  const int64_t rows = w.size(0), cols = w.size(1);
+  if (spec.is_ggml()) {
+    p.qweight.copy_(ggml::quantize(w, spec.rule));
+  } else if (spec.kind != Kind::Int) {
+    // FP8: the same ops as fake_quant_fp8 (torchao's float8 fake quantizer), codes kept as fp8 bytes.
+    auto [codes, scale] = fp8_codes(w, spec);
+    p.qweight.copy_(codes.view(at::kByte).reshape({rows, cols}));
+    p.scales.copy_(scale.reshape({rows, -1}).to(scale_type(spec)));
+  } else {
+    auto qp = fq.qparams_for(w);
+    at::Tensor codes;
+    if (fq.scale.defined()) {
+      // Learned (LSQ/LSQ+): the same arithmetic as lsq_fake_quant, offsets stored as floats.
+      auto s = qp.scale.unsqueeze(-1);
+      auto b = fq.beta.defined() ? fq.beta.detach().unsqueeze(-1) : at::zeros_like(s);
+      auto v = (w.reshape({qp.scale.size(0), qp.scale.size(1), -1}) - b) / s;
+      codes = at::clamp(at::round(v), (double)spec.qmin(), (double)spec.qmax()).to(at::kInt).reshape(w.sizes());
+      p.zeros.copy_(b.squeeze(-1));
+    } else {
+      codes = quantize_affine(w, qp, spec);
+      p.zeros.copy_(qp.zero_point);
+    }
+    p.qweight.copy_(pack_codes(codes, spec));
+    p.scales.copy_(qp.scale.to(scale_type(spec)));
+  }
+}
+
+at::Tensor unpack_weight(const PackedStorage& p, const QuantSpec& spec, int64_t rows, int64_t cols) {
+  if (spec.kind == Kind::Fp8E4M3 || spec.kind == Kind::Fp8E5M2) {
+    auto f8 = spec.kind == Kind::Fp8E4M3 ? at::kFloat8_e4m3fn : at::kFloat8_e5m2;
+    auto s = p.scales.to(at::kFloat);
+    auto t = p.qweight.view(f8).to(at::kFloat).reshape({s.size(0), s.size(1), -1});
+    return (t * s.unsqueeze(-1)).reshape({rows, cols});
+  }
+  if (spec.is_ggml()) {
+    if (p.qweight.is_cuda() && spec.rule != Rule::GgmlQ4_K && spec.rule != Rule::GgmlQ6_K)
+      return cuda::dequantize_ggml(p.qweight, spec.rule, cols, at::kFloat);
+    return ggml::dequantize(p.qweight.cpu(), spec.rule, cols).to(p.qweight.device());
+  }
+  auto codes = unpack_codes(p.qweight, spec, cols);
+  auto s = p.scales.to(at::kFloat);
+  if (spec.learn != Learn::None) {
+    auto v = codes.to(at::kFloat).reshape({s.size(0), s.size(1), -1});
+    return (v * s.unsqueeze(-1) + p.zeros.unsqueeze(-1)).reshape({rows, cols});
+  }
+  QParams qp{s, p.zeros};
+  return dequantize_affine(codes, qp, spec, at::kFloat);
+}
+
+int64_t packed_storage_bytes(const PackedStorage& p, const QuantSpec& spec) {
+  int64_t b = p.qweight.numel();
+  if (p.scales.defined()) b += p.scales.numel() * p.scales.element_size();
+  // Asymmetric weights keep a float zero point (torchao's FLOAT domain) or a float LSQ+ offset,
+  // stored at the scale's precision.
+  if (p.zeros.defined() && (!spec.symmetric || spec.learn == Learn::LsqPlus)) b += p.zeros.numel() * p.scales.element_size();
+  return b;
+}
+
+// ---------------- QuantizedLinear ----------------
 QuantizedLinear::QuantizedLinear(int64_t in, int64_t out, bool has_bias, QuantSpec wspec, std::optional<QuantSpec> aspec)
     : LinearBase(in, out), wspec_(std::move(wspec)), aspec_(std::move(aspec)) {
-  QF_CHECK(wspec_.kind != Kind::Nf4, "convert: NF4 weights are converted by peft/ (QLoRA), not QuantizedLinear");
-  QF_CHECK(wspec_.granularity != Granularity::PerTensor || wspec_.is_ggml(),
-           "convert: per-tensor weight quantization is not supported by QuantizedLinear yet");
-  QF_CHECK(in % 2 == 0 || wspec_.bits > 4, "convert: int4 packing needs an even input width, got ", in);
-  qweight = register_buffer("qweight", at::zeros({out, packed_cols(in, wspec_)}, at::kByte));
-  if (!wspec_.is_ggml()) {
-    scales = register_buffer("scales", at::zeros({out, n_blocks(in, wspec_)}, scale_type(wspec_)));
-    zeros = register_buffer("zeros", at::zeros({out, n_blocks(in, wspec_)}, at::kFloat));
-  }
+  auto p = register_packed(*this, out, in, wspec_);
+  qweight = p.qweight, scales = p.scales, zeros = p.zeros;
   if (has_bias) bias = register_buffer("bias", at::zeros({out}));
 }
 
 std::shared_ptr<QuantizedLinear> QuantizedLinear::from_fake_quant(FakeQuantLinear& f) {
-  const auto& spec = f.weight_fq->spec();
   std::optional<QuantSpec> aspec;
   if (f.act_fq) aspec = f.act_fq->spec();
-  auto q = std::make_shared<QuantizedLinear>(f.in_features, f.out_features, f.bias.defined(), spec, aspec);
+  auto q = std::make_shared<QuantizedLinear>(f.in_features, f.out_features, f.bias.defined(), f.weight_fq->spec(), aspec);
+  PackedStorage p{q->qweight, q->scales, q->zeros};
+  pack_weight(p, f.weight, *f.weight_fq);
   at::NoGradGuard ng;
-  auto w = f.weight.detach().to(at::kFloat);
-  if (spec.is_ggml()) {
-    q->qweight.copy_(ggml::quantize(w, spec.rule));
-  } else if (spec.kind != Kind::Int) {
-    // FP8: the same ops as fake_quant_fp8 (torchao's float8 fake quantizer), codes kept as fp8 bytes.
-    auto [codes, scale] = fp8_codes(w, spec);
-    q->qweight.copy_(codes.view(at::kByte).reshape({f.out_features, f.in_features}));
-    q->scales.copy_(scale.reshape({f.out_features, -1}).to(scale_type(spec)));
-  } else {
-    auto qp = f.weight_fq->qparams_for(w);
-    at::Tensor codes;
-    if (f.weight_fq->scale.defined()) {
-      // Learned (LSQ/LSQ+): the same arithmetic as lsq_fake_quant, offsets stored as floats.
-      auto s = qp.scale.unsqueeze(-1);
-      auto b = f.weight_fq->beta.defined() ? f.weight_fq->beta.detach().unsqueeze(-1) : at::zeros_like(s);
-      auto v = (w.reshape({qp.scale.size(0), qp.scale.size(1), -1}) - b) / s;
-      codes = at::clamp(at::round(v), (double)spec.qmin(), (double)spec.qmax()).to(at::kInt).reshape(w.sizes());
-      q->zeros.copy_(b.squeeze(-1));
-    } else {
-      codes = quantize_affine(w, qp, spec);
-      q->zeros.copy_(qp.zero_point);
-    }
-    q->qweight.copy_(pack_codes(codes, spec));
-    q->scales.copy_(qp.scale.to(scale_type(spec)));
-  }
   if (f.bias.defined()) q->bias.copy_(f.bias.detach());
   if (f.act_fq) q->act_fq_ = q->register_module("activation_fake_quant", f.act_fq);
   return q;
 }
 
 at::Tensor QuantizedLinear::effective_weight() {
-  if (wspec_.kind == Kind::Fp8E4M3 || wspec_.kind == Kind::Fp8E5M2) {
-    auto f8 = wspec_.kind == Kind::Fp8E4M3 ? at::kFloat8_e4m3fn : at::kFloat8_e5m2;
-    auto s = scales.to(at::kFloat);
-    auto t = qweight.view(f8).to(at::kFloat).reshape({s.size(0), s.size(1), -1});
-    return (t * s.unsqueeze(-1)).reshape({out_features, in_features});
-  }
-  if (wspec_.is_ggml()) {
-    if (qweight.is_cuda() && wspec_.rule != Rule::GgmlQ4_K && wspec_.rule != Rule::GgmlQ6_K)
-      return cuda::dequantize_ggml(qweight, wspec_.rule, in_features, at::kFloat);
-    return ggml::dequantize(qweight.cpu(), wspec_.rule, in_features).to(qweight.device());
-  }
-  auto codes = unpack_codes(qweight, wspec_, in_features);
-  auto s = scales.to(at::kFloat);
-  if (wspec_.learn != Learn::None) {
-    auto v = codes.to(at::kFloat).reshape({s.size(0), s.size(1), -1});
-    return (v * s.unsqueeze(-1) + zeros.unsqueeze(-1)).reshape({out_features, in_features});
-  }
-  QParams qp{s, zeros};
-  return dequantize_affine(codes, qp, wspec_, at::kFloat);
+  return unpack_weight(PackedStorage{qweight, scales, zeros}, wspec_, out_features, in_features);
 }
 
 at::Tensor QuantizedLinear::forward(const at::Tensor& x) {
@@ -190,14 +224,28 @@ at::Tensor QuantizedLinear::forward(const at::Tensor& x) {
 }
 
 int64_t QuantizedLinear::packed_bytes() const {
-  int64_t b = qweight.numel();
-  if (scales.defined()) b += scales.numel() * scales.element_size();
-  // Asymmetric weights keep a float zero point (torchao's FLOAT domain) or a float LSQ+ offset,
-  // stored at the scale's precision.
-  if (zeros.defined() && (!wspec_.symmetric || wspec_.learn == Learn::LsqPlus)) b += zeros.numel() * scales.element_size();
-  if (bias.defined()) b += bias.numel() * 4;
-  return b;
+  return packed_storage_bytes(PackedStorage{qweight, scales, zeros}, wspec_) + (bias.defined() ? bias.numel() * 4 : 0);
 }
+
+// ---------------- embeddings ----------------
+FakeQuantEmbedding::FakeQuantEmbedding(models::EmbeddingBase& dense, const QuantSpec& spec, const ObserverConfig& obs)
+    : EmbeddingBase(dense.num_embeddings, dense.embedding_dim) {
+  weight = register_parameter("weight", dense.table());
+  weight_fq = register_module("weight_fake_quant", std::make_shared<FakeQuantizer>(spec, obs, false));
+  weight_fq->initialize(weight);
+}
+
+at::Tensor FakeQuantEmbedding::table() { return weight_fq->forward(weight); }
+
+QuantizedEmbedding::QuantizedEmbedding(int64_t num, int64_t dim, QuantSpec spec)
+    : EmbeddingBase(num, dim), spec_(std::move(spec)) {
+  auto p = register_packed(*this, num, dim, spec_);
+  qweight = p.qweight, scales = p.scales, zeros = p.zeros;
+}
+
+at::Tensor QuantizedEmbedding::table() { return unpack_weight(PackedStorage{qweight, scales, zeros}, spec_, num_embeddings, embedding_dim); }
+
+int64_t QuantizedEmbedding::packed_bytes() const { return packed_storage_bytes(PackedStorage{qweight, scales, zeros}, spec_); }
 
 void QuantizedLinear::pretty_print(std::ostream& s) const {
   s << "QuantizedLinear(in=" << in_features << ", out=" << out_features << ", " << wspec_.describe() << ", "
@@ -244,6 +292,25 @@ PrepareReport prepare(torch::nn::Module& model, const QatConfig& cfg) {
       break;  // first matching rule wins
     }
   }
+  if (cfg.embedding) {
+    auto* lm = dynamic_cast<models::CausalLM*>(&model);
+    QF_CHECK(lm, "quant.embedding: the model has no token embedding");
+    auto& slot = lm->token_embedding();
+    const auto& spec = *cfg.embedding;
+    const int64_t dim = slot.get()->embedding_dim;
+    int64_t blk = spec.is_ggml() ? ggml::block_size(spec.rule) : spec.granularity == Granularity::PerGroup ? spec.group_size : 0;
+    if (blk > 0 && dim % blk != 0) {
+      problems.push_back(str("quant.embedding: block size ", blk, " (", spec.describe(), ") does not divide the embedding width ",
+                             dim, " of ", lm->token_embedding_name()));
+    } else {
+      slot.replace(std::make_shared<FakeQuantEmbedding>(*slot.get(), spec, cfg.observer));
+      ++rep.n_swapped;
+      std::snprintf(line, sizeof line, "%-36s %-12s %-38s %s", lm->token_embedding_name().c_str(),
+                    (std::to_string(slot.get()->num_embeddings) + "x" + std::to_string(dim)).c_str(), spec.describe().c_str(),
+                    lm->cfg.tie_embeddings ? "(also the tied lm_head)" : "-");
+      rep.rows.push_back(line);
+    }
+  }
   for (size_t i = 0; i < cfg.rules.size(); ++i) {
     if (hits[i] == 0) {
       std::string some;
@@ -258,6 +325,16 @@ PrepareReport prepare(torch::nn::Module& model, const QatConfig& cfg) {
 
 int64_t convert(torch::nn::Module& model) {
   int64_t n = 0;
+  if (auto* lm = dynamic_cast<models::CausalLM*>(&model)) {
+    auto& slot = lm->token_embedding();
+    if (auto f = std::dynamic_pointer_cast<FakeQuantEmbedding>(slot.get())) {
+      auto q = std::make_shared<QuantizedEmbedding>(f->num_embeddings, f->embedding_dim, f->weight_fq->spec());
+      PackedStorage p{q->qweight, q->scales, q->zeros};
+      pack_weight(p, f->weight, *f->weight_fq);
+      slot.replace(q);
+      ++n;
+    }
+  }
   for (auto& ns : models::linear_slots(model)) {
     if (auto f = std::dynamic_pointer_cast<FakeQuantLinear>(ns.slot->get())) {
       ns.slot->replace(QuantizedLinear::from_fake_quant(*f));
@@ -279,6 +356,10 @@ int64_t model_bytes(torch::nn::Module& model) {
     if (auto* q = dynamic_cast<QuantizedLinear*>(m.get())) {
       total += q->packed_bytes();
       for (auto& b : q->buffers()) counted.insert(b.unsafeGetTensorImpl());
+    }
+    if (auto* e = dynamic_cast<QuantizedEmbedding*>(m.get())) {
+      total += e->packed_bytes();
+      for (auto& b : e->buffers()) counted.insert(b.unsafeGetTensorImpl());
     }
   }
   for (auto& p : model.parameters()) {

@@ -31,6 +31,7 @@ struct QatConfig {
   bool enabled = false;
   std::vector<QuantRule> rules;
   std::vector<std::string> exclude{"lm_head", "model.embed_tokens", "transformer.wte", "transformer.wpe"};
+  std::optional<QuantSpec> embedding;   // token-embedding table fake quant (also what a tied lm_head uses)
   int64_t fake_quant_after_steps = 0;  // delayed fake quant (torchtune's fake_quant_after_n_steps)
   ObserverConfig observer;
   bool convert_at_end = true;           // write <run>/converted/ after training
@@ -70,6 +71,37 @@ class QuantizedLinear : public models::LinearBase {
   std::shared_ptr<FakeQuantizer> act_fq_;  // dynamic/observed input quantization kept from QAT
 };
 
+// Packed weights as convert() stores them, registered as buffers qweight/scales/zeros on a module.
+struct PackedStorage {
+  at::Tensor qweight, scales, zeros;
+};
+PackedStorage register_packed(torch::nn::Module& m, int64_t rows, int64_t cols, const QuantSpec& spec);
+// Quantizes `weight` [rows, cols] exactly as `fq` fake-quantizes it, into `p`.
+void pack_weight(PackedStorage& p, const at::Tensor& weight, FakeQuantizer& fq);
+at::Tensor unpack_weight(const PackedStorage& p, const QuantSpec& spec, int64_t rows, int64_t cols);
+int64_t packed_storage_bytes(const PackedStorage& p, const QuantSpec& spec);
+
+// Token-embedding table under fake quant: lookups and a tied lm_head see dequant(quant(table)),
+// as llama.cpp computes with a quantized token_embd (and output, when tied).
+class FakeQuantEmbedding : public models::EmbeddingBase {
+ public:
+  FakeQuantEmbedding(models::EmbeddingBase& dense, const QuantSpec& spec, const ObserverConfig& obs);
+  at::Tensor table() override;
+  at::Tensor weight;
+  std::shared_ptr<FakeQuantizer> weight_fq;
+};
+
+class QuantizedEmbedding : public models::EmbeddingBase {
+ public:
+  QuantizedEmbedding(int64_t num, int64_t dim, QuantSpec spec);
+  at::Tensor table() override;
+  int64_t packed_bytes() const;
+  at::Tensor qweight, scales, zeros;
+
+ private:
+  QuantSpec spec_;
+};
+
 struct PrepareReport {
   std::vector<std::string> rows;  // printable table lines
   int64_t n_swapped = 0;
@@ -77,7 +109,8 @@ struct PrepareReport {
 // Swaps matching linears. Throws ConfigError (before any training) when a rule matches no module,
 // when a group/block size does not divide a layer's input width (naming the layer and both numbers).
 PrepareReport prepare(torch::nn::Module& model, const QatConfig& cfg);
-// Swaps every FakeQuantLinear for a QuantizedLinear; returns the number converted.
+// Swaps every FakeQuantLinear for a QuantizedLinear (and a FakeQuantEmbedding for a
+// QuantizedEmbedding); returns the number converted.
 int64_t convert(torch::nn::Module& model);
 // Calls set_step on every FakeQuantizer under the model (delayed fake quant, observer freezing).
 void set_qat_step(torch::nn::Module& model, int64_t step, int64_t enable_after);

@@ -61,17 +61,6 @@ at::Tensor token_loss_sum(models::CausalLM& m, const data::Batch& b, at::Device 
                                 at::Reduction::Sum, -100);
 }
 
-std::string human(double v) {
-  char b[32];
-  if (v >= 1e6)
-    std::snprintf(b, sizeof b, "%.2fM", v / 1e6);
-  else if (v >= 1e3)
-    std::snprintf(b, sizeof b, "%.1fk", v / 1e3);
-  else
-    std::snprintf(b, sizeof b, "%.0f", v);
-  return b;
-}
-
 }  // namespace
 
 at::Device pick_device(DeviceChoice d) {
@@ -295,7 +284,7 @@ TrainResult Trainer::train() {
     res.tokens_per_s = tps;
     char post[160];
     std::snprintf(post, sizeof post, "loss %.4f | lr %.2e | %s tok/s%s", ema, t.optim.lr * t.schedule.factor(step_ - 1, t.max_steps),
-                  human(tps).c_str(), last_val_ >= 0 ? str(" | val ppl ", std::round(std::exp(last_val_) * 100) / 100).c_str() : "");
+                  core::ProgressBar::format_rate(tps).c_str(), last_val_ >= 0 ? str(" | val ppl ", std::round(std::exp(last_val_) * 100) / 100).c_str() : "");
     bar.update(step_, post);
     if (t.eval_every > 0 && step_ % t.eval_every == 0 && step_ < t.max_steps && ds_.val.size() > 0) eval();
     if (t.save_every > 0 && step_ % t.save_every == 0 && step_ < t.max_steps) res.checkpoint = save_checkpoint();
@@ -352,7 +341,7 @@ std::string Trainer::save_converted() {
              {"model_bytes", quant::model_bytes(*model_)}};
   const std::string dir = cfg_.run.out_dir + "/converted";
   auto path = trainer::save_checkpoint(dir, step_, d, 1);
-  log::info("converted ", n, " fake-quant linears to packed integer weights: ", path, " (", quant::model_bytes(*model_),
+  log::info("converted ", n, " fake-quant modules to packed integer weights: ", path, " (", quant::model_bytes(*model_),
             " bytes of weights)");
   return path;
 }

@@ -201,6 +201,47 @@ TEST(Convert, ConvertedCheckpointRoundTrips) {
   EXPECT_LT(model_bytes(*m), model_bytes(*fp) / 2);
 }
 
+TEST(Embedding, FakeQuantTableFeedsLookupAndTiedHeadAndConvertsExactly) {
+  for (bool tied : {true, false}) {
+    auto c = tiny();
+    c.tie_embeddings = tied;
+    auto m = models::build_model(c);
+    auto fp = models::build_model(c);
+    auto q = qat("q4_0");
+    q.embedding = QuantSpec::preset_named("q8_0");
+    auto rep = prepare(*m, q);
+    EXPECT_EQ(rep.n_swapped, 15);
+    EXPECT_TRUE(std::dynamic_pointer_cast<FakeQuantEmbedding>(m->token_embedding().get()));
+    EXPECT_TRUE(m->named_parameters().contains("model.embed_tokens.weight"));  // HF name kept
+    auto x = ids();
+    // Gradients reach the float table through the STE.
+    m->forward(x).sum().backward();
+    EXPECT_TRUE(m->named_parameters()["model.embed_tokens.weight"].grad().defined());
+    at::NoGradGuard ng;
+    auto table_fq = m->token_embedding().get()->table().clone();
+    EXPECT_TRUE(at::equal(table_fq, fake_quant_values(m->named_parameters()["model.embed_tokens.weight"],
+                                                      QuantSpec::preset_named("q8_0"))));
+    auto y_fq = m->forward(x);
+    EXPECT_EQ(convert(*m), 15);
+    EXPECT_TRUE(std::dynamic_pointer_cast<QuantizedEmbedding>(m->token_embedding().get()));
+    EXPECT_TRUE(at::equal(m->token_embedding().get()->table(), table_fq));
+    auto y_q = m->forward(x);
+    EXPECT_LT(((y_q - y_fq).abs().max() / y_fq.abs().max()).item<double>(), 1e-5) << tied;
+    // The converted checkpoint stores the packed table, not the float one.
+    auto state = trainer::model_state(*m);
+    bool packed = false, fl = false;
+    for (auto& [n, t] : state) packed |= n == "model.embed_tokens.qweight", fl |= n == "model.embed_tokens.weight";
+    EXPECT_TRUE(packed);
+    EXPECT_FALSE(fl);
+    auto m2 = models::build_model(c);
+    prepare(*m2, q);
+    convert(*m2);
+    trainer::load_model_state(*m2, state, "<mem>");
+    EXPECT_TRUE(at::equal(m2->forward(x), y_q));
+    EXPECT_LT(model_bytes(*m), model_bytes(*fp) / 3);
+  }
+}
+
 TEST(Prepare, ErrorsNameLayerAndNumbers) {
   auto c = tiny();
   c.dim = 48;  // q4_0 blocks of 32 do not divide 48
@@ -215,6 +256,17 @@ TEST(Prepare, ErrorsNameLayerAndNumbers) {
     EXPECT_NE(w.find("model.layers.0.self_attn.q_proj"), std::string::npos) << w;
     EXPECT_NE(w.find("32"), std::string::npos) << w;
     EXPECT_NE(w.find("48"), std::string::npos) << w;
+  }
+  auto m3 = models::build_model(c);
+  auto qe = qat("q8_0");
+  qe.rules.clear();
+  qe.embedding = QuantSpec::preset_named("q4_k");  // 256-blocks do not divide 48
+  try {
+    prepare(*m3, qe);
+    FAIL() << "expected ConfigError";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("quant.embedding: block size 256"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("model.embed_tokens"), std::string::npos) << e.what();
   }
   auto m2 = models::build_model(tiny());
   auto q = qat("q4_0");
