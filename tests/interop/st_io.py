@@ -47,3 +47,13 @@ def read_safetensors(path):
 
 def read_safetensors_numpy(path):
     return {k: v.numpy() for k, v in read_safetensors(path).items()}
+
+
+def interop_tool(name):
+    """Path of a C++ interop driver built under $QFORGE_BUILD_DIR/interop/ (ctest sets the variable)."""
+    import os
+    build = os.environ.get("QFORGE_BUILD_DIR")
+    assert build, "QFORGE_BUILD_DIR is not set; point it at the CMake build directory (ctest sets it)"
+    path = os.path.join(build, "interop", name)
+    assert os.path.isfile(path) and os.access(path, os.X_OK), f"{path} is missing or not executable; build the {name} target"
+    return path

@@ -13,14 +13,13 @@ distributions) and checks, per matrix:
 
 Needs gguf and numpy (in .venv); a missing peer is a failure, not a skip.
 """
-import os
 import subprocess
 
 import gguf
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
-from st_io import read_safetensors_numpy as read_safetensors, write_safetensors  # noqa: E402
+from st_io import interop_tool, read_safetensors_numpy as read_safetensors, write_safetensors  # noqa: E402
 
 RULES = {
     "q8_0": QT.Q8_0,
@@ -34,12 +33,7 @@ SHAPES = [(1, 256), (7, 512), (33, 768), (64, 1024)]
 
 
 def tool_path():
-    build = os.environ.get("QFORGE_BUILD_DIR")
-    assert build, "QFORGE_BUILD_DIR is not set (ctest sets it to the CMake build directory)"
-    path = os.path.join(build, "interop", "interop_ggml")
-    assert os.path.isfile(path) and os.access(path, os.X_OK), (
-        f"interop tool not found at {path}: build the interop_ggml target first")
-    return path
+    return interop_tool("interop_ggml")
 
 
 # ------------------------------------------------------------------ minimal safetensors I/O

@@ -19,7 +19,6 @@ FP8 blocks whose amax is 0 give 0 in qforge and NaN in torchao (0/0).
 
 Run: QFORGE_BUILD_DIR=build .venv/bin/python -m pytest -q tests/interop/test_torchao_fake_quant.py
 """
-import os
 import subprocess
 
 import pytest
@@ -33,7 +32,7 @@ from torchao.quantization.qat import (
     IntxFakeQuantizer,
 )
 from torchao.quantization.quant_primitives import ZeroPointDomain
-from st_io import read_safetensors, write_safetensors  # noqa: E402
+from st_io import interop_tool, read_safetensors, write_safetensors  # noqa: E402
 
 
 def bits(t):
@@ -230,12 +229,7 @@ def torchao_reference(spec, x):
 
 # ---------------------------------------------------------------- run qforge once
 def _tool():
-    build = os.environ.get("QFORGE_BUILD_DIR")
-    assert build, "QFORGE_BUILD_DIR is not set; point it at the CMake build directory (it holds interop/interop_affine)"
-    tool = os.path.join(build, "interop", "interop_affine")
-    assert os.path.isfile(tool) and os.access(tool, os.X_OK), (
-        f"{tool} is missing or not executable; build the interop_affine target first")
-    return tool
+    return interop_tool("interop_affine")
 
 
 @pytest.fixture(scope="module")
