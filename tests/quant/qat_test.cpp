@@ -288,7 +288,9 @@ TEST(Prepare, ExcludesLmHeadAndEmbeddingsByDefault) {
   auto rep = prepare(*m, q);
   EXPECT_EQ(rep.n_swapped, 14);  // lm_head untouched
   for (auto& ns : models::linear_slots(*m))
-    if (ns.name == "lm_head") EXPECT_FALSE(std::dynamic_pointer_cast<FakeQuantLinear>(ns.slot->get()));
+    if (ns.name == "lm_head") {
+      EXPECT_FALSE(std::dynamic_pointer_cast<FakeQuantLinear>(ns.slot->get()));
+    }
 }
 
 TEST(FakeQuant, Bf16ModelRuns) {
