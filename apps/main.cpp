@@ -1,12 +1,10 @@
 // qforge CLI: argument wiring only; the work lives in trainer/, models/, data/.
 #include <CLI/CLI.hpp>
 #include <malloc.h>
-#include <ATen/Parallel.h>
 
 #include <cmath>
 #include <cstdio>
 #include <iostream>
-#include <thread>
 
 #include "apps/embedded_config.h"
 #include "core/config.h"
@@ -33,10 +31,6 @@ trainer::RunConfig resolve_config(const std::string& file, const std::vector<std
     return trainer::parse_run_config(root, "<embedded default: " + std::string(kEmbeddedDefaultName) + ">");
   }
   return trainer::load_run_config(file, overrides);
-}
-
-void set_threads(int64_t n) {
-  at::set_num_threads(n > 0 ? (int)n : (int)std::max(1u, std::thread::hardware_concurrency()));
 }
 
 int cmd_train(const std::string& file, const std::vector<std::string>& overrides, bool print_config) {
@@ -79,7 +73,7 @@ int cmd_train(const std::string& file, const std::vector<std::string>& overrides
 int cmd_eval(const std::string& run, const std::vector<std::string>& overrides, const std::string& split,
              int64_t max_batches, const std::string& text) {
   auto lr = trainer::load_run(run, overrides);
-  set_threads(lr.cfg.run.threads);
+  trainer::set_threads(lr.cfg.run.threads);
   auto dcfg = lr.cfg.data;
   if (!text.empty()) {
     data::SourceConfig s;
@@ -104,7 +98,7 @@ int cmd_eval(const std::string& run, const std::vector<std::string>& overrides, 
 int cmd_generate(const std::string& run, const std::vector<std::string>& overrides, const std::string& prompt,
                  models::SamplingConfig s) {
   auto lr = trainer::load_run(run, overrides);
-  set_threads(lr.cfg.run.threads);
+  trainer::set_threads(lr.cfg.run.threads);
   std::vector<int64_t> ids;
   if (lr.tok->bos_id() >= 0 && lr.cfg.data.add_bos) ids.push_back(lr.tok->bos_id());
   for (int32_t i : lr.tok->encode(prompt)) ids.push_back(i);

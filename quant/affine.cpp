@@ -107,23 +107,6 @@ void check_float_input(const at::Tensor& x, const char* what) {
   QF_CHECK(at::isFloatingType(x.scalar_type()), what, ": expected a floating-point tensor, got ", x.scalar_type());
 }
 
-// x viewed as [rows, n_blocks, block] along its last dimension.
-std::array<int64_t, 3> blocks_of(const at::Tensor& x, const QuantSpec& s) {
-  const int64_t last = x.size(-1), rows = x.numel() / last;
-  switch (s.granularity) {
-    case Granularity::PerTensor:
-      return {1, 1, x.numel()};
-    case Granularity::PerGroup:
-      QF_CHECK(s.group_size > 0, "per-group quantization needs a group size > 0, got ", s.group_size);
-      QF_CHECK(last % s.group_size == 0, "group size ", s.group_size, " does not divide the last dimension ", last,
-               " of a tensor of shape ", x.sizes());
-      return {rows, last / s.group_size, s.group_size};
-    case Granularity::PerChannel:
-    case Granularity::PerToken:
-      return {rows, 1, last};
-  }
-  TORCH_INTERNAL_ASSERT(false, "unknown granularity");
-}
 
 // torchao quant_primitives: mid_point = (quant_max + quant_min + 1) / 2 (Python true division).
 double mid_point(const QuantSpec& s) { return static_cast<double>(s.qmax() + s.qmin() + 1) / 2.0; }
@@ -199,6 +182,23 @@ at::Tensor dequant_core(const at::Tensor& q, const Prepared& p, const QuantSpec&
 
 }  // namespace
 
+std::array<int64_t, 3> blocks_of(const at::Tensor& x, const QuantSpec& s) {
+  const int64_t last = x.size(-1), rows = x.numel() / last;
+  switch (s.granularity) {
+    case Granularity::PerTensor:
+      return {1, 1, x.numel()};
+    case Granularity::PerGroup:
+      QF_CHECK(s.group_size > 0, "per-group quantization needs a group size > 0, got ", s.group_size);
+      QF_CHECK(last % s.group_size == 0, "group size ", s.group_size, " does not divide the last dimension ", last,
+               " of a tensor of shape ", x.sizes());
+      return {rows, last / s.group_size, s.group_size};
+    case Granularity::PerChannel:
+    case Granularity::PerToken:
+      return {rows, 1, last};
+  }
+  TORCH_INTERNAL_ASSERT(false, "unknown granularity");
+}
+
 QParams choose_qparams(const at::Tensor& x, const QuantSpec& spec) {
   check_int_spec(spec, "choose_qparams");
   check_float_input(x, "choose_qparams");
@@ -265,7 +265,7 @@ std::pair<at::Tensor, at::Tensor> fake_quant_affine(const at::Tensor& x, const Q
   return {y, mask.reshape(x.sizes())};
 }
 
-at::Tensor fake_quant_fp8(const at::Tensor& x, const QuantSpec& spec) {
+std::pair<at::Tensor, at::Tensor> quantize_fp8(const at::Tensor& x, const QuantSpec& spec) {
   QF_CHECK(spec.kind == Kind::Fp8E4M3 || spec.kind == Kind::Fp8E5M2, "fake_quant_fp8: ", spec.describe(),
            " is not an fp8 format");
   check_float_input(x, "fake_quant_fp8");
@@ -282,6 +282,11 @@ at::Tensor fake_quant_fp8(const at::Tensor& x, const QuantSpec& spec) {
   auto divisor = at::where(scale == 0, at::ones_like(scale), scale);
   // _quantize_affine_float8: x.to(float32) / scale, clamp(+-max), .to(float8)
   auto t = (xv.to(at::kFloat) / divisor).clamp(-max_finite, max_finite).to(f8);
+  return {t, scale};
+}
+
+at::Tensor fake_quant_fp8(const at::Tensor& x, const QuantSpec& spec) {
+  auto [t, scale] = quantize_fp8(x, spec);
   // _dequantize_affine_float8: q.to(float32) * scale, .to(output dtype)
   auto y = t.to(at::kFloat) * scale;
   return y.to(x.scalar_type()).reshape(x.sizes());

@@ -7,6 +7,9 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <array>
+#include <utility>
+
 #include "quant/spec.h"
 
 namespace qf::quant {
@@ -26,6 +29,12 @@ at::Tensor quantize_affine(const at::Tensor& x, const QParams& qp, const QuantSp
 at::Tensor dequantize_affine(const at::Tensor& q, const QParams& qp, const QuantSpec& spec, at::ScalarType out);
 // dequantize(quantize(x)) plus the STE mask (true where x/scale + zp fell inside [qmin, qmax] before clamping).
 std::pair<at::Tensor, at::Tensor> fake_quant_affine(const at::Tensor& x, const QParams& qp, const QuantSpec& spec);
+// x viewed as [rows, n_blocks, block] along its last dimension for the spec's granularity
+// (throws naming both numbers when a group size does not divide the last dimension).
+std::array<int64_t, 3> blocks_of(const at::Tensor& x, const QuantSpec& spec);
+// FP8 codes (float8 dtype, [rows, n_blocks, block]) and their float32 scales [rows, n_blocks, 1],
+// exactly as fake_quant_fp8 computes them (fake_quant_fp8 == codes.float() * scales).
+std::pair<at::Tensor, at::Tensor> quantize_fp8(const at::Tensor& x, const QuantSpec& spec);
 // FP8: per-tensor or per-channel scale = amax / max_finite (float32), x / scale cast to the fp8 dtype
 // (saturating: clamped to +-max_finite first) and back, times scale.
 at::Tensor fake_quant_fp8(const at::Tensor& x, const QuantSpec& spec);

@@ -40,20 +40,6 @@ at::Tensor ste(const at::Tensor& x, const at::Tensor& fq, const at::Tensor& mask
   return mask.defined() ? SteMaskFn::apply(x, fq, mask) : SteFn::apply(x, fq);
 }
 
-// [rows, n_blocks, block] view of x for the spec (weights [out, in] or activations [..., in]).
-std::array<int64_t, 3> block_shape(const at::Tensor& x, const QuantSpec& s) {
-  const int64_t last = x.size(-1), rows = x.numel() / last;
-  switch (s.granularity) {
-    case Granularity::PerTensor:
-      return {1, 1, x.numel()};
-    case Granularity::PerGroup:
-      QF_CHECK(last % s.group_size == 0, "group size ", s.group_size, " does not divide the input width ", last);
-      return {rows, last / s.group_size, s.group_size};
-    default:
-      return {rows, 1, last};
-  }
-}
-
 struct LsqFn : torch::autograd::Function<LsqFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& beta,
                             int64_t qmin, int64_t qmax, int64_t block) {
@@ -167,7 +153,7 @@ static QParams qparams_from_minmax(const at::Tensor& mn, const at::Tensor& mx, c
 void FakeQuantizer::observe(const at::Tensor& x) {
   if (frozen_ || obs_.type == ObserverType::Dynamic || spec_.is_ggml()) return;
   at::NoGradGuard ng;
-  auto shp = block_shape(x, spec_);
+  auto shp = blocks_of(x, spec_);
   auto xb = x.detach().to(at::kFloat).reshape({shp[0], shp[1], shp[2]});
   at::Tensor mn, mx;
   if (obs_.type == ObserverType::Percentile) {
@@ -248,7 +234,7 @@ at::Tensor FakeQuantizer::forward(const at::Tensor& x) {
   if (!enabled_) return x;
   if (spec_.learn != Learn::None) {
     initialize(x);
-    auto shp = block_shape(x, spec_);
+    auto shp = blocks_of(x, spec_);
     QF_CHECK(scale.size(0) == shp[0] && scale.size(1) == shp[1], "learned scale shape ", scale.sizes(),
              " does not match the tensor's blocks [", shp[0], ", ", shp[1], "]");
     return lsq_fake_quant(x, scale, beta, spec_.qmin(), spec_.qmax(), shp[2]);

@@ -94,26 +94,12 @@ at::Tensor unpack_codes(const at::Tensor& p, const QuantSpec& s, int64_t cols) {
   if (s.bits <= 4) u = at::stack({p.bitwise_and(0x0F), p.__rshift__(4)}, -1).reshape({p.size(0), cols});
   return u.to(at::kInt) + s.qmin();
 }
-// FP8 codes and float32 scales of a float32 weight, op for op as quant::fake_quant_fp8.
-std::pair<at::Tensor, at::Tensor> fp8_codes(const at::Tensor& w, const QuantSpec& spec) {
-  const bool e4m3 = spec.kind == Kind::Fp8E4M3;
-  const double max_finite = e4m3 ? 448.0 : 57344.0;
-  const int64_t g = spec.granularity == Granularity::PerGroup ? spec.group_size : w.size(1);
-  auto xv = w.reshape({w.size(0), w.size(1) / g, g});
-  auto scale = (xv.abs().amax({-1}, true) / max_finite).to(at::kFloat);
-  if (spec.scale_dtype != ScaleDType::F32) scale = scale.to(scale_type(spec)).to(at::kFloat);
-  auto divisor = at::where(scale == 0, at::ones_like(scale), scale);
-  auto t = (xv / divisor).clamp(-max_finite, max_finite).to(e4m3 ? at::kFloat8_e4m3fn : at::kFloat8_e5m2);
-  return {t, scale.squeeze(-1)};
-}
 int64_t packed_cols(int64_t in, const QuantSpec& s) {
   if (s.is_ggml()) return in / ggml::block_size(s.rule) * ggml::type_size(s.rule);
   if (s.kind != Kind::Int || s.bits > 4) return in;
   return (in + 1) / 2;
 }
-int64_t n_blocks(int64_t in, const QuantSpec& s) {
-  return s.granularity == Granularity::PerGroup ? in / s.group_size : 1;
-}
+int64_t n_blocks(int64_t in, const QuantSpec& s) { return in / s.block(in); }
 }  // namespace
 
 // ---- packed storage shared by QuantizedLinear and QuantizedEmbedding ----
@@ -140,7 +126,7 @@ void pack_weight(PackedStorage& p, const at::Tensor& weight, FakeQuantizer& fq) 
     p.qweight.copy_(ggml::quantize(w, spec.rule));
   } else if (spec.kind != Kind::Int) {
     // FP8: the same ops as fake_quant_fp8 (torchao's float8 fake quantizer), codes kept as fp8 bytes.
-    auto [codes, scale] = fp8_codes(w, spec);
+    auto [codes, scale] = quantize_fp8(w, spec);
     p.qweight.copy_(codes.view(at::kByte).reshape({rows, cols}));
     p.scales.copy_(scale.reshape({rows, -1}).to(scale_type(spec)));
   } else {
@@ -271,9 +257,7 @@ PrepareReport prepare(torch::nn::Module& model, const QatConfig& cfg) {
       ++hits[i];
       auto cur = ns.slot->get();
       const int64_t in = cur->in_features;
-      int64_t blk = rule.weight.is_ggml() ? ggml::block_size(rule.weight.rule)
-                    : rule.weight.granularity == Granularity::PerGroup ? rule.weight.group_size
-                                                                        : 0;
+      const int64_t blk = rule.weight.block(in);  // ggml presets are per-group with their block size
       if (blk > 0 && in % blk != 0) {
         problems.push_back(str("quant.rules[", i, "]: ", rule.weight.granularity == Granularity::PerGroup && !rule.weight.is_ggml()
                                                            ? "group size "
@@ -298,7 +282,7 @@ PrepareReport prepare(torch::nn::Module& model, const QatConfig& cfg) {
     auto& slot = lm->token_embedding();
     const auto& spec = *cfg.embedding;
     const int64_t dim = slot.get()->embedding_dim;
-    int64_t blk = spec.is_ggml() ? ggml::block_size(spec.rule) : spec.granularity == Granularity::PerGroup ? spec.group_size : 0;
+    const int64_t blk = spec.block(dim);
     if (blk > 0 && dim % blk != 0) {
       problems.push_back(str("quant.embedding: block size ", blk, " (", spec.describe(), ") does not divide the embedding width ",
                              dim, " of ", lm->token_embedding_name()));

@@ -35,7 +35,8 @@ struct QuantSpec {
 
   int64_t qmin() const;  // symmetric: -2^(b-1); asymmetric: 0
   int64_t qmax() const;  // symmetric: 2^(b-1)-1; asymmetric: 2^b-1
-  // Elements that share one scale along the reduction axis for a row of `width` (group or width).
+  // Elements that share one scale along the reduction axis for a row of `width`: the group size
+  // (for llama.cpp presets, their block size: 32 or 256), else the whole width.
   int64_t block(int64_t width) const;
   // Storage cost per weight including scales/zeros (e.g. q4_0: 4.5, q8_0: 8.5).
   double bits_per_weight(int64_t width) const;

@@ -7,6 +7,8 @@
 #include <fstream>
 #include <string>
 
+#include "core/config.h"
+#include "core/error.h"
 #include "core/fs.h"
 
 namespace qf::testing {
@@ -26,6 +28,33 @@ struct TmpDir {
 inline void write_text(const std::string& path, const std::string& text) {
   std::filesystem::create_directories(std::filesystem::path(path).parent_path());
   std::ofstream(path, std::ios::binary) << text;
+}
+
+// Parses one `section:` of a YAML document with Cfg::from_config, as a run config would; throws
+// the ConfigError listing every problem. `resolved` receives the resolved (defaults filled) tree.
+template <class Cfg>
+Cfg parse_section(const std::string& yaml, const std::string& section, YAML::Node* resolved = nullptr) {
+  YAML::Node root = YAML::Load(yaml);
+  qf::cfg::Problems p;
+  YAML::Node res(YAML::NodeType::Map);
+  qf::cfg::Reader top(root, "", &p, res);
+  auto r = top.child(section);
+  Cfg c = Cfg::from_config(r);
+  top.finish();
+  p.throw_if_any();
+  if (resolved) *resolved = res;
+  return c;
+}
+
+// The ConfigError message `fn` throws, or "<no error>".
+template <class Fn>
+std::string config_error_of(Fn&& fn) {
+  try {
+    fn();
+  } catch (const qf::ConfigError& e) {
+    return e.what();
+  }
+  return "<no error>";
 }
 
 }  // namespace qf::testing

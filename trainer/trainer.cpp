@@ -63,6 +63,11 @@ at::Tensor token_loss_sum(models::CausalLM& m, const data::Batch& b, at::Device 
 
 }  // namespace
 
+void set_threads(int64_t threads) {
+  at::set_num_threads(threads > 0 ? static_cast<int>(threads)
+                                  : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+}
+
 at::Device pick_device(DeviceChoice d) {
   bool cuda = torch::cuda::is_available();
   if (d == DeviceChoice::Cuda) {
@@ -101,8 +106,7 @@ Trainer::~Trainer() = default;
 
 void Trainer::setup() {
   const auto& run = cfg_.run;
-  at::set_num_threads(run.threads > 0 ? static_cast<int>(run.threads)
-                                      : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+  set_threads(run.threads);
   device_ = pick_device(cfg_.trainer.device);
   // An unwritable run directory fails before any work; it is created only once the inputs loaded.
   fs::check_writable_dir(run.out_dir);

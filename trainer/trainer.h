@@ -93,6 +93,8 @@ struct LoadedRun {
 // `path` is a run directory (config.yaml + checkpoints/) or a checkpoint step directory inside one.
 LoadedRun load_run(const std::string& path, const std::vector<std::string>& overrides);
 at::Device pick_device(DeviceChoice d);
+// Intra-op CPU threads for run.threads (0 = every core).
+void set_threads(int64_t threads);
 // Mean next-token cross-entropy over a packed set (batches in order).
 EvalResult evaluate_model(models::CausalLM& m, const data::PackedSet& set, int64_t batch_size, int64_t max_batches,
                           at::Device dev, bool bf16);

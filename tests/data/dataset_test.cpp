@@ -449,25 +449,11 @@ TEST(Cache, CorruptCacheIsRebuilt) {
 namespace {
 
 DataConfig parse(const std::string& yaml, YAML::Node* resolved = nullptr) {
-  YAML::Node root = YAML::Load(yaml);
-  qf::cfg::Problems p;
-  YAML::Node res(YAML::NodeType::Map);
-  qf::cfg::Reader top(root, "", &p, res);
-  auto r = top.child("data");
-  DataConfig c = DataConfig::from_config(r);
-  top.finish();
-  p.throw_if_any();
-  if (resolved) *resolved = res;
-  return c;
+  return qf::testing::parse_section<DataConfig>(yaml, "data", resolved);
 }
 
 std::string config_error(const std::string& yaml) {
-  try {
-    parse(yaml);
-  } catch (const qf::ConfigError& e) {
-    return e.what();
-  }
-  return "<no error>";
+  return qf::testing::config_error_of([&] { parse(yaml); });
 }
 
 }  // namespace

@@ -238,24 +238,10 @@ TEST_F(SentencePieceTest, DatasetOnARealModel) {
 
 namespace {
 
-TokenizerConfig parse(const std::string& yaml) {
-  YAML::Node root = YAML::Load(yaml);
-  qf::cfg::Problems p;
-  qf::cfg::Reader top(root, "", &p, YAML::Node(YAML::NodeType::Map));
-  auto r = top.child("tokenizer");
-  TokenizerConfig c = TokenizerConfig::from_config(r);
-  top.finish();
-  p.throw_if_any();
-  return c;
-}
+TokenizerConfig parse(const std::string& yaml) { return qf::testing::parse_section<TokenizerConfig>(yaml, "tokenizer"); }
 
 std::string config_error(const std::string& yaml) {
-  try {
-    parse(yaml);
-  } catch (const qf::ConfigError& e) {
-    return e.what();
-  }
-  return "<no error>";
+  return qf::testing::config_error_of([&] { parse(yaml); });
 }
 
 }  // namespace
