@@ -54,6 +54,10 @@ int cmd_train(const std::string& file, const std::vector<std::string>& overrides
     std::printf("%-28s %12.4f %12.2f\n", "converted (packed weights)", r.val_converted, std::exp(r.val_converted));
   std::printf("weights: %lld bytes%s\n", (long long)r.model_bytes, r.converted.empty() ? "" : " (packed)");
   if (!r.converted.empty()) std::printf("converted: %s\n", r.converted.c_str());
+  if (r.val_merged >= 0)
+    std::printf("%-28s %12.4f %12.2f\n", "merged (LoRA folded in)", r.val_merged, std::exp(r.val_merged));
+  if (!r.adapter.empty()) std::printf("adapter (PEFT): %s\n", r.adapter.c_str());
+  if (!r.merged.empty()) std::printf("merged: %s\n", r.merged.c_str());
   std::printf("checkpoint: %s\n", r.checkpoint.c_str());
   for (auto& p : cfg.sample_prompts) {
     auto ids32 = t.tokenizer().encode(p);

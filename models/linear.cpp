@@ -1,6 +1,7 @@
 #include "models/linear.h"
 
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/nn/init.h>
 
 #include "core/error.h"
@@ -13,6 +14,41 @@ DenseLinear::DenseLinear(int64_t in, int64_t out, bool has_bias) : LinearBase(in
 }
 
 at::Tensor DenseLinear::forward(const at::Tensor& x) { return at::linear(x, weight, bias); }
+
+namespace {
+// y = x W^T + b with W materialized on demand, in forward and again in backward (see FrozenLinear).
+struct FrozenMatmulFn : public torch::autograd::Function<FrozenMatmulFn> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const FrozenLinear* m) {
+    ctx->saved_data["m"] = reinterpret_cast<int64_t>(m);
+    auto b = m->bias.defined() ? m->bias.to(x.scalar_type()) : at::Tensor();
+    return at::linear(x, m->materialize(x.scalar_type()), b);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx, torch::autograd::variable_list g) {
+    const auto* m = reinterpret_cast<const FrozenLinear*>(ctx->saved_data["m"].toInt());
+    return {at::matmul(g[0], m->materialize(g[0].scalar_type())), at::Tensor()};
+  }
+};
+}  // namespace
+
+at::Tensor FrozenLinear::forward(const at::Tensor& x) {
+  // Without grad (eval, generation) the custom function's bookkeeping is skipped.
+  if (!x.requires_grad() || !at::GradMode::is_enabled()) {
+    auto b = bias.defined() ? bias.to(x.scalar_type()) : at::Tensor();
+    return at::linear(x, materialize(x.scalar_type()), b);
+  }
+  return FrozenMatmulFn::apply(x, this);
+}
+
+HalfLinear::HalfLinear(LinearBase& dense, at::ScalarType storage) : FrozenLinear(dense.in_features, dense.out_features) {
+  weight = register_buffer("weight", dense.effective_weight().detach().to(storage));
+  auto b = dense.bias_or_undefined();
+  if (b.defined()) bias = register_buffer("bias", b.detach().clone());
+}
+
+void HalfLinear::pretty_print(std::ostream& s) const {
+  s << "HalfLinear(in=" << in_features << ", out=" << out_features << ", storage=" << c10::toString(weight.scalar_type())
+    << (bias.defined() ? ", bias" : "") << ")";
+}
 
 void DenseLinear::pretty_print(std::ostream& s) const {
   s << "DenseLinear(in=" << in_features << ", out=" << out_features << ", bias=" << bias.defined() << ")";

@@ -33,6 +33,29 @@ class DenseLinear : public LinearBase {
   at::Tensor weight, bias;
 };
 
+// A frozen linear whose weight is stored compactly (NF4, bf16, ...): materialize(dtype) builds the
+// float weight on demand. forward keeps nothing but `this` for backward and re-materializes there,
+// so between forward and backward only the compact copy is alive (bitsandbytes' MatMul4Bit). The
+// module has no parameters; bias (if any) is a frozen buffer.
+class FrozenLinear : public LinearBase {
+ public:
+  using LinearBase::LinearBase;
+  virtual at::Tensor materialize(at::ScalarType dtype) const = 0;
+  at::Tensor forward(const at::Tensor& x) override;
+  at::Tensor effective_weight() override { return materialize(at::kFloat); }
+  at::Tensor bias_or_undefined() override { return bias; }
+  at::Tensor bias;
+};
+
+// Frozen weight kept in bf16 or fp16 (the "bf16 LoRA" base): the same buffer names as DenseLinear.
+class HalfLinear : public FrozenLinear {
+ public:
+  HalfLinear(LinearBase& dense, at::ScalarType storage);
+  at::Tensor materialize(at::ScalarType dtype) const override { return weight.to(dtype); }
+  void pretty_print(std::ostream& s) const override;
+  at::Tensor weight;
+};
+
 // A named handle a parent module holds and calls; replace() swaps the registered child too.
 class LinearSlot {
  public:

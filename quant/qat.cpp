@@ -61,9 +61,9 @@ FakeQuantLinear::FakeQuantLinear(const models::LinearBase& dense, const QuantRul
   weight_fq->initialize(weight);
 }
 
-at::Tensor FakeQuantLinear::forward(const at::Tensor& x) {
+at::Tensor FakeQuantLinear::forward_with_weight(const at::Tensor& x, const at::Tensor& w) {
   auto xin = act_fq ? act_fq->forward(x) : x;
-  return at::linear(xin, weight_fq->forward(weight), bias);
+  return at::linear(xin, weight_fq->forward(w), bias);
 }
 
 at::Tensor FakeQuantLinear::effective_weight() {

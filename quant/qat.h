@@ -42,7 +42,10 @@ class FakeQuantLinear : public models::LinearBase {
  public:
   // Takes over the dense layer's weight/bias tensors (same names, so checkpoints keep HF keys).
   FakeQuantLinear(const models::LinearBase& dense, const QuantRule& rule, const ObserverConfig& obs);
-  at::Tensor forward(const at::Tensor& x) override;
+  at::Tensor forward(const at::Tensor& x) override { return forward_with_weight(x, weight); }
+  // The same computation with a float weight `w` in place of `weight` (LoRA's exact-merge mode feeds
+  // W + s*BA, so what is trained is what merge + convert produce).
+  at::Tensor forward_with_weight(const at::Tensor& x, const at::Tensor& w);
   at::Tensor effective_weight() override;  // the fake-quantized weight
   at::Tensor bias_or_undefined() override { return bias; }
   void pretty_print(std::ostream& s) const override;

@@ -42,6 +42,8 @@ RunConfig parse_run_config(const YAML::Node& root, const std::string& source) {
     auto r = top.child("quant");
     c.quant = quant::QatConfig::from_config(r);
   }
+  auto pr = top.child("peft");
+  c.peft = peft::LoraConfig::from_config(pr);
   {
     auto r = top.child("sample");
     c.sample_prompts = r.strings("prompts", {});
@@ -51,6 +53,11 @@ RunConfig parse_run_config(const YAML::Node& root, const std::string& source) {
   if (c.data.seq_len > c.model.max_seq_len)
     dr.fail("seq_len", std::to_string(c.data.seq_len) + " exceeds model.max_seq_len " +
                            std::to_string(c.model.max_seq_len) + " (the model's maximum positions)");
+  if (c.peft.enabled && c.peft.exact_merge && !c.quant.enabled)
+    pr.fail("exact_merge", "needs fake-quant layers to merge into (quant.rules); without them every merge is exact");
+  if (c.peft.enabled && c.quant.enabled && c.peft.base != peft::BaseFormat::Fp32)
+    pr.fail("base", std::string(peft::base_format_name(c.peft.base)) +
+                        " storage cannot be combined with quant rules (QAT + LoRA trains on an fp32 fake-quant base)");
   top.finish();
   problems.throw_if_any();
   return c;

@@ -11,6 +11,7 @@
 #include "data/tokenizer.h"
 #include "models/config.h"
 #include "models/generate.h"
+#include "peft/lora.h"
 #include "quant/qat.h"
 #include "trainer/trainer_config.h"
 
@@ -32,6 +33,7 @@ struct RunConfig {
   data::DataConfig data;
   TrainerConfig trainer;
   quant::QatConfig quant;             // `quant:` QAT rules (prepare before training, convert after)
+  peft::LoraConfig peft;              // `peft:` LoRA / QLoRA adapters (applied after quant.prepare)
   models::SamplingConfig sample;      // `sample:` settings for the end-of-run generated text
   std::vector<std::string> sample_prompts;
   YAML::Node resolved;                // the resolved config (defaults filled in)

@@ -1,5 +1,7 @@
 #include "trainer/trainer.h"
 
+#include "peft/adapter.h"
+
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
@@ -102,6 +104,23 @@ EvalResult evaluate_model(models::CausalLM& m, const data::PackedSet& set, int64
 }
 
 Trainer::Trainer(RunConfig cfg) : cfg_(std::move(cfg)) {}
+
+peft::ApplyReport apply_peft(torch::nn::Module& model, const peft::LoraConfig& pc, bool verbose) {
+  auto rep = peft::apply_lora(model, pc, "lm_head");
+  if (!pc.init_adapter.empty()) {
+    auto info = peft::load_adapter(model, pc.init_adapter, pc.dropout);
+    if (verbose) log::info("LoRA: loaded adapter ", pc.init_adapter, " (", info.modules.size(), " layers, r ", info.r, ")");
+    peft::count_parameters(model, rep);
+  }
+  if (verbose) {
+    log::info("LoRA: r ", pc.r, ", alpha ", pc.alpha, pc.rslora ? " (rsLoRA)" : "", ", scaling ", pc.scaling(), " on ",
+              rep.wrapped.size(), " layers", pc.exact_merge ? " (exact merge: the fake quantizer sees W + s*BA)" : "",
+              "; frozen base ", peft::base_format_name(pc.base),
+              rep.n_frozen_converted ? str(" (", rep.n_frozen_converted, " linears re-stored)") : std::string());
+    log::info("LoRA: ", rep.summary());
+  }
+  return rep;
+}
 Trainer::~Trainer() = default;
 
 void Trainer::setup() {
@@ -137,6 +156,7 @@ void Trainer::setup() {
     log::info("QAT: ", rep.n_swapped, " linear layers now fake-quantize", cfg_.quant.fake_quant_after_steps > 0 ? str(" from step ", cfg_.quant.fake_quant_after_steps) : std::string());
     for (auto& row : rep.rows) log::info("  ", row);
   }
+  if (cfg_.peft.enabled) apply_peft(*model_, cfg_.peft, true);
   model_->to(device_);
   model_->train();
 
@@ -302,7 +322,28 @@ TrainResult Trainer::train() {
   }
   if (res.checkpoint.empty() || step_ > res.start_step) res.checkpoint = save_checkpoint();
   res.end_step = step_;
-  if (cfg_.quant.enabled && cfg_.quant.convert_at_end) {
+  const bool convert = cfg_.quant.enabled && cfg_.quant.convert_at_end;
+  if (cfg_.peft.enabled) {
+    if (cfg_.peft.save_adapter) {
+      res.adapter = cfg_.run.out_dir + "/adapter";
+      peft::save_adapter(*model_, cfg_.peft, res.adapter,
+                         cfg_.run.init_from.empty() ? "qforge:" + cfg_.run.name : cfg_.run.init_from,
+                         cfg_.model.family == models::Family::Gpt2);
+      log::info("saved PEFT adapter ", res.adapter);
+    }
+    if (cfg_.peft.merge_at_end || convert) {
+      const int64_t n = peft::merge_lora(*model_);
+      log::info("merged ", n, " LoRA adapters into their base layers",
+                cfg_.quant.enabled ? (cfg_.peft.exact_merge ? " (exact: the fake quantizer saw these merged weights)"
+                                                            : " (not exact: training fake-quantized W, not W + s*BA)")
+                                   : "");
+      if (!convert) {
+        res.merged = save_model_dir("merged", "fp");
+        if (ds_.val.size() > 0) res.val_merged = eval().loss;
+      }
+    }
+  }
+  if (convert) {
     res.converted = save_converted();
     if (ds_.val.size() > 0) {
       auto e = eval();
@@ -326,6 +367,7 @@ std::string Trainer::save_checkpoint() {
              {"sampler", {{"epoch", s.epoch}, {"cursor", s.cursor}}},
              {"config_hash", cfg_.hash()},
              {"model_format", cfg_.quant.enabled ? "fake_quant" : "fp"},
+             {"lora", cfg_.peft.enabled},
              {"model_family", cfg_.model.family_name()},
              {"vocab_size", cfg_.model.vocab_size}};
   auto dir = trainer::save_checkpoint(cfg_.run.out_dir + "/checkpoints", step_, d, cfg_.trainer.keep_last);
@@ -333,21 +375,24 @@ std::string Trainer::save_checkpoint() {
   return dir;
 }
 
-std::string Trainer::save_converted() {
-  const int64_t n = quant::convert(*model_);
+std::string Trainer::save_model_dir(const std::string& sub, const std::string& format) {
   CheckpointData d;
   d.model = model_state(*model_);
   d.state = {{"step", step_},
-             {"model_format", "converted"},
+             {"model_format", format},
              {"config_hash", cfg_.hash()},
              {"model_family", cfg_.model.family_name()},
              {"vocab_size", cfg_.model.vocab_size},
              {"model_bytes", quant::model_bytes(*model_)}};
-  const std::string dir = cfg_.run.out_dir + "/converted";
-  auto path = trainer::save_checkpoint(dir, step_, d, 1);
-  log::info("converted ", n, " fake-quant modules to packed integer weights: ", path, " (", quant::model_bytes(*model_),
-            " bytes of weights)");
+  auto path = trainer::save_checkpoint(cfg_.run.out_dir + "/" + sub, step_, d, 1);
+  log::info("saved ", format, " model ", path, " (", quant::model_bytes(*model_), " bytes of weights)");
   return path;
+}
+
+std::string Trainer::save_converted() {
+  const int64_t n = quant::convert(*model_);
+  log::info("converted ", n, " fake-quant modules to packed integer weights");
+  return save_model_dir("converted", "converted");
 }
 
 void Trainer::cleanup() {
@@ -384,12 +429,19 @@ LoadedRun load_run(const std::string& path, const std::vector<std::string>& over
   if (ck.state.contains("vocab_size")) r.cfg.model.vocab_size = ck.state["vocab_size"].get<int64_t>();
   r.model = models::build_model(r.cfg.model);
   const std::string format = ck.state.value("model_format", "fp");
+  r.format = format;
   if (format != "fp") {
     QF_CHECK_INPUT(r.cfg.quant.enabled, r.checkpoint, " holds a ", format, " model but the run config has no quant rules");
     quant::prepare(*r.model, r.cfg.quant);
     if (format == "converted") quant::convert(*r.model);
   }
-  r.format = format;
+  if (ck.state.value("lora", false)) {
+    QF_CHECK_INPUT(r.cfg.peft.enabled, r.checkpoint, " holds LoRA adapters but the run config has no peft section");
+    auto pc = r.cfg.peft;
+    pc.init_adapter.clear();  // the checkpoint holds the adapter weights
+    apply_peft(*r.model, pc, false);
+    r.format += "+lora";
+  }
   load_model_state(*r.model, ck.model, r.checkpoint + "/model.safetensors");
   r.model->to(pick_device(r.cfg.trainer.device));
   r.model->eval();

@@ -36,6 +36,9 @@ struct TrainResult {
   double tokens_per_s = 0;
   std::string checkpoint;
   std::string converted;        // QAT runs: <run>/converted/step_N (packed integer weights)
+  std::string adapter;          // LoRA runs: <run>/adapter (PEFT format)
+  std::string merged;           // peft.merge_at_end without quant: <run>/merged/step_N (fp32)
+  double val_merged = -1;       // validation loss of the merged model
   double val_converted = -1;    // validation loss of the converted model
   int64_t model_bytes = 0;      // weight bytes as stored at the end (packed when converted)
 };
@@ -66,6 +69,8 @@ class Trainer {
   double train_step();
   void restore(const std::string& ckpt_dir);
   std::string save_converted();
+  // Writes the current model as <run>/<sub>/step_N with trainer_state model_format = format.
+  std::string save_model_dir(const std::string& sub, const std::string& format);
 
   RunConfig cfg_;
   std::unique_ptr<data::Tokenizer> tok_;
@@ -92,6 +97,10 @@ struct LoadedRun {
 };
 // `path` is a run directory (config.yaml + checkpoints/) or a checkpoint step directory inside one.
 LoadedRun load_run(const std::string& path, const std::vector<std::string>& overrides);
+
+// Applies the `peft:` section to a model (after quant::prepare): LoRA wrappers, frozen base storage,
+// optional PEFT adapter to start from. verbose logs the parameter report.
+peft::ApplyReport apply_peft(torch::nn::Module& model, const peft::LoraConfig& pc, bool verbose);
 at::Device pick_device(DeviceChoice d);
 // Intra-op CPU threads for run.threads (0 = every core).
 void set_threads(int64_t threads);

@@ -83,3 +83,60 @@ at::Tensor dequantize_ggml(const at::Tensor& blocks, Rule rule, int64_t cols, at
 }
 
 }  // namespace qf::quant::cuda
+
+namespace qf::quant::cuda {
+namespace {
+
+__constant__ float kNf4[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+
+// One thread per packed byte (two outputs): element 2p in the high nibble, 2p+1 in the low one.
+template <typename T>
+__global__ void nf4_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ scales, T* __restrict__ out,
+                           int64_t n, int64_t blocksize) {
+  const int64_t p = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  const int64_t i = 2 * p;
+  if (i >= n) return;
+  const uint8_t b = packed[p];
+  const float s = scales[i / blocksize];
+  out[i] = from_float<T>(kNf4[b >> 4] * s);
+  if (i + 1 < n) out[i + 1] = from_float<T>(kNf4[b & 15] * s);
+}
+
+}  // namespace
+
+at::Tensor dequantize_nf4(const at::Tensor& packed, const at::Tensor& scales, int64_t blocksize, int64_t rows,
+                          int64_t cols, at::ScalarType out_type) {
+  QF_CHECK(packed.is_cuda() && packed.scalar_type() == at::kByte, "dequantize_nf4: expected uint8 CUDA bytes");
+  QF_CHECK(scales.is_cuda() && scales.scalar_type() == at::kFloat, "dequantize_nf4: expected fp32 CUDA scales");
+  const int64_t n = rows * cols;
+  QF_CHECK(packed.numel() == (n + 1) / 2, "dequantize_nf4: ", packed.numel(), " bytes for ", n, " values");
+  QF_CHECK(scales.numel() == (n + blocksize - 1) / blocksize, "dequantize_nf4: ", scales.numel(), " scales for ", n,
+           " values in blocks of ", blocksize);
+  auto src = packed.contiguous();
+  auto sc = scales.contiguous();
+  auto out = at::empty({rows, cols}, packed.options().dtype(out_type));
+  if (n == 0) return out;
+  const int threads = 256;
+  const int64_t grid = ((n + 1) / 2 + threads - 1) / threads;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto* s = sc.data_ptr<float>();
+  if (out_type == at::kFloat)
+    nf4_kernel<float><<<grid, threads, 0, stream>>>(src.data_ptr<uint8_t>(), s, out.data_ptr<float>(), n, blocksize);
+  else if (out_type == at::kHalf)
+    nf4_kernel<__half><<<grid, threads, 0, stream>>>(src.data_ptr<uint8_t>(), s,
+                                                     reinterpret_cast<__half*>(out.data_ptr()), n, blocksize);
+  else if (out_type == at::kBFloat16)
+    nf4_kernel<__nv_bfloat16><<<grid, threads, 0, stream>>>(src.data_ptr<uint8_t>(), s,
+                                                            reinterpret_cast<__nv_bfloat16*>(out.data_ptr()), n, blocksize);
+  else
+    QF_CHECK(false, "dequantize_nf4: unsupported output dtype ", c10::toString(out_type));
+  cudaError_t e = cudaGetLastError();
+  QF_CHECK(e == cudaSuccess, "dequantize_nf4: kernel launch failed: ", cudaGetErrorString(e));
+  return out;
+}
+
+}  // namespace qf::quant::cuda

@@ -1,0 +1,248 @@
+#include "peft/lora.h"
+
+#include <ATen/ATen.h>
+#include <torch/nn/init.h>
+
+#include <cmath>
+#include <map>
+#include <ostream>
+#include <set>
+#include <sstream>
+
+#include "core/error.h"
+#include "quant/nf4.h"
+#include "quant/qat.h"
+
+namespace qf::peft {
+
+const char* base_format_name(BaseFormat f) {
+  switch (f) {
+    case BaseFormat::Fp32: return "fp32";
+    case BaseFormat::Bf16: return "bf16";
+    case BaseFormat::Nf4: return "nf4";
+  }
+  return "?";
+}
+
+double LoraConfig::scaling() const { return rslora ? alpha / std::sqrt(static_cast<double>(r)) : alpha / r; }
+
+LoraConfig LoraConfig::from_config(cfg::Reader& rd) {
+  LoraConfig c;
+  c.enabled = rd.boolean("enabled", rd.has("r") || rd.has("target_modules"));
+  const std::string method = rd.str("method", "lora");
+  if (method != "lora") rd.fail("method", "'" + method + "' is not supported; expected lora");
+  c.r = rd.i64("r", c.r, 1, 1 << 16);
+  c.alpha = rd.f64("alpha", c.alpha, 1e-6, 1e9);
+  c.dropout = rd.f64("dropout", c.dropout, 0.0, 0.999);
+  c.rslora = rd.boolean("rslora", c.rslora);
+  c.target_modules = rd.strings("target_modules", c.target_modules);
+  if (c.target_modules.empty()) rd.fail("target_modules", "must name at least one module (or all-linear)");
+  c.modules_to_save = rd.strings("modules_to_save", {});
+  c.base = rd.choice<BaseFormat>("base", c.base,
+                                 {{"fp32", BaseFormat::Fp32}, {"bf16", BaseFormat::Bf16}, {"nf4", BaseFormat::Nf4}});
+  {
+    auto n = rd.child("nf4");
+    c.nf4_blocksize = n.i64("blocksize", c.nf4_blocksize, 1, 1 << 20);
+    try {
+      quant::check_nf4_blocksize(c.nf4_blocksize, n.key_path("blocksize"));
+    } catch (const ConfigError&) {
+      n.fail("blocksize", std::to_string(c.nf4_blocksize) + " is not a power of two in [32, 4096]");
+    }
+    c.nf4_double_quant = n.boolean("double_quant", c.nf4_double_quant);
+    n.finish();
+  }
+  c.exact_merge = rd.boolean("exact_merge", c.exact_merge);
+  if (c.exact_merge && c.dropout > 0)
+    rd.fail("exact_merge", "needs dropout 0 (the fake quantizer sees W + s*BA; dropout on the LoRA input cannot be "
+                           "expressed in one merged weight)");
+  c.init_adapter = rd.path("init_adapter", "", true);
+  c.save_adapter = rd.boolean("save_adapter", c.save_adapter);
+  c.merge_at_end = rd.boolean("merge_at_end", c.merge_at_end);
+  rd.finish();
+  return c;
+}
+
+// ---------------- LoraLinear ----------------
+LoraFactor::LoraFactor(int64_t out, int64_t in) { weight = register_parameter("weight", at::zeros({out, in})); }
+
+LoraLinear::LoraLinear(std::shared_ptr<models::LinearBase> b, int64_t rank, double s, double p, bool ex)
+    : LinearBase(b->in_features, b->out_features), r(rank), scaling(s), dropout(p), exact(ex) {
+  QF_CHECK(!exact || std::dynamic_pointer_cast<quant::FakeQuantLinear>(b), "LoRA exact merge needs a fake-quant base");
+  base = register_module("base_layer", std::move(b));
+  lora_A = register_module("lora_A", std::make_shared<LoraFactor>(r, in_features));
+  lora_B = register_module("lora_B", std::make_shared<LoraFactor>(out_features, r));
+  reset_parameters();
+}
+
+void LoraLinear::reset_parameters() {
+  at::NoGradGuard ng;
+  torch::nn::init::kaiming_uniform_(lora_A->weight, std::sqrt(5.0));
+  lora_B->weight.zero_();
+}
+
+at::Tensor LoraLinear::delta() const { return at::matmul(lora_B->weight, lora_A->weight) * scaling; }
+
+at::Tensor LoraLinear::forward(const at::Tensor& x) {
+  if (exact) {
+    auto* fq = static_cast<quant::FakeQuantLinear*>(base.get());
+    return fq->forward_with_weight(x, fq->weight + delta());
+  }
+  auto h = dropout > 0 && is_training() ? at::dropout(x, dropout, true) : x;
+  auto a = lora_A->weight.to(x.scalar_type());
+  auto b = lora_B->weight.to(x.scalar_type());
+  return base->forward(x) + at::linear(at::linear(h, a), b) * scaling;
+}
+
+at::Tensor LoraLinear::effective_weight() {
+  at::NoGradGuard ng;
+  if (exact) {
+    auto* fq = static_cast<quant::FakeQuantLinear*>(base.get());
+    return fq->weight_fq->forward(fq->weight + delta());
+  }
+  return base->effective_weight().to(at::kFloat) + delta();
+}
+
+std::shared_ptr<models::LinearBase> LoraLinear::merged() {
+  at::NoGradGuard ng;
+  if (auto fq = std::dynamic_pointer_cast<quant::FakeQuantLinear>(base)) {
+    // The quantizer (and its observer / learned state) is kept: convert() then packs exactly what
+    // the exact-merge forward fake-quantized.
+    fq->weight.copy_(fq->weight + delta());
+    return fq;
+  }
+  auto d = std::make_shared<models::DenseLinear>(in_features, out_features, base->bias_or_undefined().defined());
+  d->weight.copy_(base->effective_weight().to(at::kFloat) + delta());
+  if (d->bias.defined()) d->bias.copy_(base->bias_or_undefined());
+  return d;
+}
+
+void LoraLinear::pretty_print(std::ostream& s) const {
+  s << "LoraLinear(r=" << r << ", scaling=" << scaling << (exact ? ", exact_merge" : "")
+    << (dropout > 0 ? ", dropout=" + std::to_string(dropout) : std::string()) << ")";
+}
+
+// ---------------- apply / merge ----------------
+bool target_matches(const std::string& target, const std::string& name, const std::string& output_layer) {
+  if (target == "all-linear") return name != output_layer;
+  if (target.find_first_of("*?[") != std::string::npos) return quant::glob_match(target, name);
+  if (name == target) return true;
+  return name.size() > target.size() && name.compare(name.size() - target.size(), target.size(), target) == 0 &&
+         name[name.size() - target.size() - 1] == '.';
+}
+
+std::vector<std::pair<std::string, std::shared_ptr<LoraLinear>>> lora_layers(torch::nn::Module& model) {
+  std::vector<std::pair<std::string, std::shared_ptr<LoraLinear>>> out;
+  for (auto& ns : models::linear_slots(model))
+    if (auto l = std::dynamic_pointer_cast<LoraLinear>(ns.slot->get())) out.emplace_back(ns.name, l);
+  return out;
+}
+
+void count_parameters(torch::nn::Module& model, ApplyReport& rep) {
+  rep.trainable = rep.total = rep.trainable_bytes = 0;
+  std::set<const void*> seen;
+  for (auto& p : model.parameters()) {
+    if (!seen.insert(p.unsafeGetTensorImpl()).second) continue;
+    rep.total += p.numel();
+    if (p.requires_grad()) {
+      rep.trainable += p.numel();
+      rep.trainable_bytes += p.numel() * p.element_size();
+    }
+  }
+  // Compactly stored frozen weights count as parameters too (PEFT counts a 4-bit weight's elements).
+  for (auto& m : model.modules(true))
+    if (auto* f = dynamic_cast<models::FrozenLinear*>(m.get())) rep.total += f->in_features * f->out_features;
+  rep.weight_bytes = quant::model_bytes(model);
+}
+
+std::string ApplyReport::summary() const {
+  std::ostringstream s;
+  s.precision(4);
+  s << "trainable params: " << trainable << " || all params: " << total
+    << " || trainable%: " << (total ? 100.0 * trainable / total : 0.0) << " || trainable bytes: " << trainable_bytes
+    << " || weight bytes as stored: " << weight_bytes;
+  return s.str();
+}
+
+ApplyReport apply_lora(torch::nn::Module& model, const LoraConfig& cfg, const std::string& output_layer) {
+  auto slots = models::linear_slots(model);
+  std::vector<std::string> problems;
+  std::map<std::string, int> hits;
+  std::vector<bool> wrap(slots.size(), false);
+  for (size_t i = 0; i < slots.size(); ++i) {
+    for (auto& t : cfg.target_modules)
+      if (target_matches(t, slots[i].name, output_layer)) {
+        wrap[i] = true;
+        ++hits[t];
+      }
+    if (!wrap[i]) continue;
+    auto& base = *slots[i].slot->get();
+    const int64_t width = std::min(base.in_features, base.out_features);
+    if (cfg.r > width)
+      problems.push_back(str("peft.r: ", cfg.r, " is larger than layer ", slots[i].name, "'s width (in ",
+                             base.in_features, ", out ", base.out_features, "); use r <= ", width));
+    const bool fq = dynamic_cast<quant::FakeQuantLinear*>(&base) != nullptr;
+    if (fq && cfg.base != BaseFormat::Fp32)
+      problems.push_back(str("peft.base: ", base_format_name(cfg.base), " cannot store layer ", slots[i].name,
+                             ", which fake-quantizes (quant rules); use peft.base: fp32 for QAT + LoRA"));
+  }
+  for (auto& t : cfg.target_modules) {
+    if (hits[t] > 0) continue;
+    std::string names;
+    for (size_t i = 0; i < slots.size() && i < 12; ++i) names += (i ? ", " : "") + slots[i].name;
+    problems.push_back(str("peft.target_modules: '", t, "' matches no linear layer; layers are named like ", names,
+                           slots.size() > 12 ? ", ..." : ""));
+  }
+  std::set<std::string> to_save(cfg.modules_to_save.begin(), cfg.modules_to_save.end());
+  std::set<std::string> found_save;
+  for (auto& p : model.named_parameters())
+    for (auto& m : to_save)
+      if (p.key().rfind(m + ".", 0) == 0) found_save.insert(m);
+  for (auto& m : to_save)
+    if (!found_save.count(m))
+      problems.push_back(str("peft.modules_to_save: '", m, "' names no module with parameters"));
+  if (!problems.empty()) throw ConfigError(problems);
+
+  ApplyReport rep;
+  for (auto& p : model.parameters()) p.set_requires_grad(false);
+  for (size_t i = 0; i < slots.size(); ++i) {
+    auto base = slots[i].slot->get();
+    const bool is_output = slots[i].name == output_layer;
+    const bool fq = std::dynamic_pointer_cast<quant::FakeQuantLinear>(base) != nullptr;
+    if (!is_output && !fq && !to_save.count(slots[i].name)) {
+      if (cfg.base == BaseFormat::Nf4) {
+        base = std::make_shared<quant::Nf4Linear>(*base, cfg.nf4_blocksize, cfg.nf4_double_quant);
+        ++rep.n_frozen_converted;
+      } else if (cfg.base == BaseFormat::Bf16) {
+        base = std::make_shared<models::HalfLinear>(*base, at::kBFloat16);
+        ++rep.n_frozen_converted;
+      }
+    }
+    if (wrap[i]) {
+      base = std::make_shared<LoraLinear>(base, cfg.r, cfg.scaling(), cfg.dropout, cfg.exact_merge && fq);
+      rep.wrapped.push_back(slots[i].name);
+    }
+    if (base != slots[i].slot->get()) slots[i].slot->replace(base);
+  }
+  for (auto& [name, l] : lora_layers(model)) {
+    l->lora_A->weight.set_requires_grad(true);
+    l->lora_B->weight.set_requires_grad(true);
+  }
+  for (auto& p : model.named_parameters())
+    for (auto& m : to_save)
+      if (p.key().rfind(m + ".", 0) == 0) p.value().set_requires_grad(true);
+  count_parameters(model, rep);
+  return rep;
+}
+
+int64_t merge_lora(torch::nn::Module& model) {
+  int64_t n = 0;
+  for (auto& ns : models::linear_slots(model)) {
+    if (auto l = std::dynamic_pointer_cast<LoraLinear>(ns.slot->get())) {
+      ns.slot->replace(l->merged());
+      ++n;
+    }
+  }
+  return n;
+}
+
+}  // namespace qf::peft

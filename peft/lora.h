@@ -1,0 +1,95 @@
+// LoRA (PEFT semantics) on any base linear: dense, frozen bf16, NF4 (QLoRA) or fake-quant (QAT+LoRA).
+//   y = base(x) + s * B(A(dropout(x))),   s = alpha / r   (alpha / sqrt(r) with rsLoRA)
+// A [r, in] is kaiming-uniform (a = sqrt(5), PEFT's default), B [out, r] zeros, so a fresh adapter
+// leaves the model unchanged. Exact-merge mode (fake-quant base only) instead computes
+//   y = x fq(W + s*BA)^T + b
+// so the fake quantizer sees the merged weight: merging then converting reproduces the trained
+// model exactly (see README "QAT + LoRA").
+// Invariants: apply_lora validates everything (targets, ranks, base kinds) before swapping any
+// module; afterwards only LoRA factors (and modules_to_save) require grad.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <torch/nn/module.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/config.h"
+#include "models/linear.h"
+
+namespace qf::peft {
+
+enum class BaseFormat { Fp32, Bf16, Nf4 };
+
+// `peft:` section of a run config.
+struct LoraConfig {
+  bool enabled = false;
+  int64_t r = 8;
+  double alpha = 16.0;
+  double dropout = 0.0;
+  bool rslora = false;
+  // PEFT matching: an entry equal to a module's full name or to its last components ("q_proj",
+  // "self_attn.q_proj"); globs ("model.layers.*.mlp.*") match full names; "all-linear" = every
+  // linear except the output layer.
+  std::vector<std::string> target_modules{"all-linear"};
+  std::vector<std::string> modules_to_save;  // trained fully (e.g. lm_head), saved in the adapter
+  BaseFormat base = BaseFormat::Fp32;        // storage of the frozen base linears (not lm_head)
+  int64_t nf4_blocksize = 64;
+  bool nf4_double_quant = true;
+  bool exact_merge = false;                  // fake-quant base sees W + s*BA (needs quant rules)
+  std::string init_adapter;                  // a PEFT adapter dir to start from
+  bool save_adapter = true;                  // <run>/adapter/ (PEFT format) at the end
+  bool merge_at_end = false;                 // <run>/merged/ (or converted/ with quant) at the end
+  double scaling() const;
+  static LoraConfig from_config(cfg::Reader& r);  // calls r.finish()
+};
+const char* base_format_name(BaseFormat f);
+
+// The LoRA factor holder, so parameter names read "<layer>.lora_A.weight" as in PEFT.
+struct LoraFactor : torch::nn::Module {
+  LoraFactor(int64_t out, int64_t in);
+  at::Tensor weight;
+};
+
+class LoraLinear : public models::LinearBase {
+ public:
+  LoraLinear(std::shared_ptr<models::LinearBase> base, int64_t r, double scaling, double dropout, bool exact);
+  at::Tensor forward(const at::Tensor& x) override;
+  at::Tensor effective_weight() override;  // merged float weight (base's effective weight + s*BA)
+  at::Tensor bias_or_undefined() override { return base->bias_or_undefined(); }
+  void pretty_print(std::ostream& s) const override;
+  at::Tensor delta() const;                 // s * B @ A, [out, in]
+  // Initialises A (kaiming-uniform, a = sqrt(5)) and B (zeros) from `gen`'s stream.
+  void reset_parameters();
+  // The module that replaces this one after merging: the base with W + s*BA (fake-quant bases keep
+  // their quantizer; dense/frozen bases become a DenseLinear in fp32).
+  std::shared_ptr<models::LinearBase> merged();
+  std::shared_ptr<models::LinearBase> base;
+  std::shared_ptr<LoraFactor> lora_A, lora_B;
+  const int64_t r;
+  const double scaling, dropout;
+  const bool exact;
+};
+
+struct ApplyReport {
+  std::vector<std::string> wrapped;  // module names that got an adapter
+  int64_t n_frozen_converted = 0;    // linears re-stored as NF4 / bf16
+  int64_t trainable = 0, total = 0, trainable_bytes = 0, weight_bytes = 0;
+  std::string summary() const;       // PEFT-style "trainable params: ..." line
+};
+
+// Converts the base (cfg.base) and wraps the targets. Throws ConfigError naming the problem (no
+// target matched, with the available names; r larger than a layer's width; exact_merge on a
+// non-fake-quant layer) before changing anything.
+ApplyReport apply_lora(torch::nn::Module& model, const LoraConfig& cfg, const std::string& output_layer);
+// Replaces every LoraLinear by its merged base; returns the number merged.
+int64_t merge_lora(torch::nn::Module& model);
+// Every LoraLinear under `model`: (full name, module).
+std::vector<std::pair<std::string, std::shared_ptr<LoraLinear>>> lora_layers(torch::nn::Module& model);
+// Parameter counts/bytes for the report.
+void count_parameters(torch::nn::Module& model, ApplyReport& rep);
+
+bool target_matches(const std::string& target, const std::string& name, const std::string& output_layer);
+
+}  // namespace qf::peft
