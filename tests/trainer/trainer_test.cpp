@@ -13,6 +13,7 @@
 
 #include "core/fs.h"
 #include "trainer/checkpoint.h"
+#include "peft/lora.h"
 #include "trainer/trainer.h"
 #include "tests/test_util.h"
 
@@ -240,3 +241,70 @@ TEST(Checkpoint, ModelStateRoundTripAndShapeMismatchIsNamed) {
 }
 
 }  // namespace
+
+// ---------------- LoRA / QLoRA runs ----------------
+TEST_F(TrainerTest, QloraTrainsOnlyAdaptersResumesIdenticallyAndWritesAPeftAdapter) {
+  const std::vector<std::string> q{"peft.r=4", "peft.alpha=8", "peft.base=nf4", "trainer.optim.lr=0.01",
+                                   "trainer.save_every=4"};
+  auto with = [&](std::vector<std::string> extra) {
+    extra.insert(extra.end(), q.begin(), q.end());
+    return make_cfg(tmp.path, extra);
+  };
+  TrainResult r;
+  auto full = run_losses(with({"run.out_dir=" + tmp.path + "/a", "trainer.max_steps=8"}), &r);
+  EXPECT_LT(r.val_after, r.val_before);
+  EXPECT_TRUE(sfs::exists(tmp.path + "/a/adapter/adapter_model.safetensors"));
+  EXPECT_TRUE(sfs::exists(tmp.path + "/a/adapter/adapter_config.json"));
+  // The NF4 base is frozen: identical bytes at step 4 and step 8; the adapters moved.
+  auto s4 = load_checkpoint(tmp.path + "/a/checkpoints/step_00000004", false).model;
+  auto s8 = load_checkpoint(tmp.path + "/a/checkpoints/step_00000008", false).model;
+  auto get = [](const NamedTensors& s, const std::string& n) {
+    for (auto& [k, v] : s)
+      if (k == n) return v;
+    ADD_FAILURE() << "no tensor " << n;
+    return at::Tensor();
+  };
+  const std::string l = "model.layers.1.mlp.down_proj.";
+  EXPECT_EQ(get(s8, l + "base_layer.weight").scalar_type(), at::kByte);
+  EXPECT_TRUE(at::equal(get(s4, l + "base_layer.weight"), get(s8, l + "base_layer.weight")));
+  EXPECT_TRUE(at::equal(get(s4, "model.embed_tokens.weight"), get(s8, "model.embed_tokens.weight")));
+  EXPECT_FALSE(at::equal(get(s4, l + "lora_B.weight"), get(s8, l + "lora_B.weight")));
+  // Resume mid-run continues the identical loss curve.
+  run_losses(with({"run.out_dir=" + tmp.path + "/b", "trainer.max_steps=4", "trainer.schedule.total_steps=8"}));
+  auto second = run_losses(with({"run.out_dir=" + tmp.path + "/b", "trainer.max_steps=8"}));
+  ASSERT_EQ(second.size(), 4u);
+  for (int i = 0; i < 4; ++i) EXPECT_DOUBLE_EQ(second[i], full[4 + i]) << "step " << 5 + i;
+  // The run loads back (eval path) as an NF4 + LoRA model with the same validation loss.
+  auto lr = load_run(tmp.path + "/a", {});
+  EXPECT_EQ(lr.format, "fp+lora");
+  EXPECT_EQ(peft::lora_layers(*lr.model).size(), 14u);
+}
+
+TEST_F(TrainerTest, QatLoraExactMergeConvertsToTheTrainedModel) {
+  TrainResult r;
+  run_losses(make_cfg(tmp.path, {"trainer.max_steps=6", "peft.r=4", "peft.exact_merge=true",
+                                 "quant.rules=[{pattern: 'model.layers.*', weight: {preset: q4_0}}]"}),
+             &r);
+  ASSERT_FALSE(r.converted.empty());
+  ASSERT_GT(r.val_after, 0);
+  // Validation loss of the trained fake-quant+LoRA model == that of merged-then-converted weights.
+  EXPECT_NEAR(r.val_converted, r.val_after, 1e-5 * r.val_after);
+}
+
+TEST(RunConfigPeft, InconsistentPeftSettingsAreConfigErrors) {
+  auto parse = [](const std::string& extra) {
+    return qf::testing::config_error_of([&] {
+      parse_run_config(YAML::Load("model: {dim: 32, n_heads: 4}\n" + extra), "<test>");
+    });
+  };
+  EXPECT_NE(parse("peft: {r: 4, exact_merge: true}").find("peft.exact_merge: needs fake-quant layers"),
+            std::string::npos);
+  EXPECT_NE(parse("peft: {r: 4, base: nf4}\nquant: {rules: [{pattern: '*', weight: {preset: q4_0}}]}")
+                .find("peft.base: nf4 storage cannot be combined with quant rules"),
+            std::string::npos);
+  EXPECT_NE(parse("peft: {r: 4, base: nf3}").find("peft.base"), std::string::npos);
+  EXPECT_NE(parse("peft: {r: 4, nf4: {blocksize: 48}}").find("peft.nf4.blocksize"), std::string::npos);
+  EXPECT_NE(parse("peft: {r: 4, exact_merge: true, dropout: 0.1}\nquant: {rules: [{weight: {preset: q4_0}}]}")
+                .find("needs dropout 0"),
+            std::string::npos);
+}
