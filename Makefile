@@ -34,6 +34,7 @@ test: build
 
 bench: build
 	@bench/train_throughput.sh
+	@bench/qlora_step.sh
 
 clean:
 	rm -rf $(BUILD) $(BUILD).configure.log

@@ -53,6 +53,8 @@ int cmd_train(const std::string& file, const std::vector<std::string>& overrides
   if (r.val_converted >= 0)
     std::printf("%-28s %12.4f %12.2f\n", "converted (packed weights)", r.val_converted, std::exp(r.val_converted));
   std::printf("weights: %lld bytes%s\n", (long long)r.model_bytes, r.converted.empty() ? "" : " (packed)");
+  std::printf("training memory: weights %.2f MB + gradients %.2f MB + AdamW state %.2f MB; peak RSS %.0f MiB\n",
+              r.train_weight_bytes / 1e6, r.grad_bytes / 1e6, r.optim_bytes / 1e6, r.peak_rss_bytes / 1048576.0);
   if (!r.converted.empty()) std::printf("converted: %s\n", r.converted.c_str());
   if (r.val_merged >= 0)
     std::printf("%-28s %12.4f %12.2f\n", "merged (LoRA folded in)", r.val_merged, std::exp(r.val_merged));
@@ -75,10 +77,15 @@ int cmd_train(const std::string& file, const std::vector<std::string>& overrides
 }
 
 int cmd_eval(const std::string& run, const std::vector<std::string>& overrides, const std::string& split,
-             int64_t max_batches, const std::string& text) {
+             int64_t max_batches, const std::string& text, const std::string& data_from) {
   auto lr = trainer::load_run(run, overrides);
   trainer::set_threads(lr.cfg.run.threads);
   auto dcfg = lr.cfg.data;
+  if (!data_from.empty()) {
+    // Another recipe's data section (same split rules), e.g. a domain's held-out text for a base model.
+    auto other = trainer::load_run_config(data_from, {"run.init_from="});
+    dcfg = other.data;
+  }
   if (!text.empty()) {
     data::SourceConfig s;
     s.path = text;
@@ -92,7 +99,8 @@ int cmd_eval(const std::string& run, const std::vector<std::string>& overrides, 
                                    lr.cfg.trainer.precision == trainer::Precision::BF16);
   const long long bytes = (long long)quant::model_bytes(*lr.model);
   std::printf("checkpoint %s (%s model, %lld bytes of weights)\nsplit %s: %lld tokens, loss %.4f, perplexity %.3f\n",
-              lr.checkpoint.c_str(), lr.format.c_str(), bytes, text.empty() ? split.c_str() : text.c_str(),
+              lr.checkpoint.c_str(), lr.format.c_str(), bytes,
+              text.empty() ? (split + (data_from.empty() ? "" : " of " + data_from)).c_str() : text.c_str(),
               (long long)e.tokens, e.loss, e.ppl);
   std::printf("{\"loss\": %.6f, \"ppl\": %.6f, \"tokens\": %lld, \"model_bytes\": %lld, \"format\": \"%s\"}\n", e.loss,
               e.ppl, (long long)e.tokens, bytes, lr.format.c_str());
@@ -138,7 +146,7 @@ int main(int argc, char** argv) {
   train->add_flag("--print-config", print_config, "Print the resolved config (defaults filled in) and exit");
   train->footer("Example: qforge train configs/tiny_pretrain.yaml trainer.max_steps=50");
 
-  std::string run, split = "val", text;
+  std::string run, split = "val", text, data_from;
   int64_t max_batches = 0;
   auto* eval = app.add_subcommand("eval", "Perplexity of a trained run's latest checkpoint");
   eval->add_option("run", run, "Run directory or checkpoint directory")->required();
@@ -146,6 +154,8 @@ int main(int argc, char** argv) {
   eval->add_option("--split", split, "Dataset split of the run's data")->check(CLI::IsMember({"val", "train"}));
   eval->add_option("--max-batches", max_batches, "Evaluate at most this many batches (0 = all)");
   eval->add_option("--text", text, "Evaluate on this text/JSONL file or directory instead");
+  eval->add_option("--data-from", data_from,
+                   "Evaluate on the --split of this recipe's data section instead (e.g. a domain recipe's held-out text)");
 
   models::SamplingConfig s;
   std::string prompt;
@@ -169,7 +179,7 @@ int main(int argc, char** argv) {
       overrides.assign(train_args.begin() + i, train_args.end());
       return cmd_train(config, overrides, print_config);
     }
-    if (*eval) return cmd_eval(run, overrides, split, max_batches, text);
+    if (*eval) return cmd_eval(run, overrides, split, max_batches, text, data_from);
     if (*gen) return cmd_generate(run, overrides, prompt, s);
   } catch (const ConfigError& e) {
     std::fprintf(stderr, "qforge: %s\n", e.what());

@@ -3,7 +3,10 @@
 # King James Bible, then quantize it to llama.cpp's q4_0 two ways and compare held-out perplexity
 # and weight bytes, with torchao's methodology: an FP control fine-tuned for the same 300 steps,
 # PTQ = round-to-nearest q4_0 of that control, QAT = the same 300 steps with q4_0 fake quant;
-# recovery = (ppl_PTQ - ppl_QAT) / (ppl_PTQ - ppl_control). Everything lands in runs/demo/.
+# recovery = (ppl_PTQ - ppl_QAT) / (ppl_PTQ - ppl_control). Then QLoRA domain fine-tuning of the
+# pretrained model on Python's documentation (configs/tiny_qlora_domain.yaml) next to a full
+# fine-tune: domain and general perplexity before/after, and the training-memory table of full
+# fine-tune vs LoRA vs bf16 LoRA vs QLoRA. Everything lands in runs/demo/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 Q=build/qforge
@@ -11,19 +14,19 @@ OUT=runs/demo
 rm -rf "$OUT"
 start=$(date +%s)
 
-echo "== [1/6] pretraining the embedded default (configs/tiny_pretrain.yaml) =="
+echo "== [1/9] pretraining the embedded default (configs/tiny_pretrain.yaml) =="
 $Q train run.out_dir=$OUT/pretrain
 
-echo; echo "== [2/6] FP control: the QAT recipe's 300 steps without fake quant =="
+echo; echo "== [2/9] FP control: the QAT recipe's 300 steps without fake quant =="
 $Q train configs/tiny_qat_q4_0.yaml quant.enabled=false run.out_dir=$OUT/ft_fp run.init_from=$OUT/pretrain 'sample.prompts=[]'
 
-echo; echo "== [3/6] post-training quantization of the control: RTN to q4_0 (configs/tiny_ptq_q4_0.yaml) =="
+echo; echo "== [3/9] post-training quantization of the control: RTN to q4_0 (configs/tiny_ptq_q4_0.yaml) =="
 $Q train configs/tiny_ptq_q4_0.yaml run.out_dir=$OUT/ptq_q4_0 run.init_from=$OUT/ft_fp
 
-echo; echo "== [4/6] quantization-aware training against q4_0 (configs/tiny_qat_q4_0.yaml) =="
+echo; echo "== [4/9] quantization-aware training against q4_0 (configs/tiny_qat_q4_0.yaml) =="
 $Q train configs/tiny_qat_q4_0.yaml run.out_dir=$OUT/qat_q4_0 run.init_from=$OUT/pretrain
 
-echo; echo "== [5/6] held-out perplexity of each model (qforge eval) =="
+echo; echo "== [5/9] held-out perplexity of each model (qforge eval) =="
 row() {  # label, run-or-checkpoint dir
   local j ppl bytes
   j=$($Q -q eval "$2" | grep '^{')
@@ -46,7 +49,42 @@ awk -F, 'NR==3{fp=$2} NR==4{rtn=$2} NR==5{qat=$2} END{
   if (rtn > fp) printf "QAT recovers %.1f%% of it ((ptq - qat) / (ptq - control))\n", 100*(rtn-qat)/(rtn-fp);
   else printf "there is no gap to recover\n" }' "$OUT/summary.csv" | tee -a "$OUT/summary.md"
 
-echo; echo "== [6/6] greedy generation from the QAT q4_0 model (packed weights) =="
+echo; echo "== [6/9] greedy generation from the QAT q4_0 model (packed weights) =="
 $Q generate $OUT/qat_q4_0/converted --prompt "In the beginning" -n 40 -t 0
+
+echo; echo "== [7/9] QLoRA domain fine-tuning on Python's docs (configs/tiny_qlora_domain.yaml) and a full fine-tune =="
+$Q train configs/tiny_qlora_domain.yaml run.out_dir=$OUT/qlora_domain run.init_from=$OUT/pretrain
+$Q train configs/tiny_qlora_domain.yaml peft.enabled=false trainer.optim.lr=3.0e-4 run.out_dir=$OUT/full_ft_domain \
+  run.init_from=$OUT/pretrain 'sample.prompts=[]'
+# Memory/speed rows only (memory does not depend on the step count): LoRA with an fp32 / bf16 base.
+for base in fp32 bf16; do
+  $Q -q train configs/tiny_qlora_domain.yaml peft.base=$base trainer.max_steps=60 trainer.eval_every=0 \
+    peft.save_adapter=false run.out_dir=$OUT/lora_${base}_domain run.init_from=$OUT/pretrain 'sample.prompts=[]' >/dev/null
+done
+
+echo; echo "== [8/9] domain vs general perplexity, and training memory =="
+ppl() { $Q -q eval "$@" | grep '^{' | sed -E 's/.*"ppl": ([0-9.]+).*/\1/'; }
+D=configs/tiny_qlora_domain.yaml
+G=configs/tiny_pretrain.yaml
+{
+  printf "| %-30s | %16s | %17s |\n" "model" "Python docs ppl" "KJV (general) ppl"
+  printf "|%s|%s|%s|\n" "--------------------------------" "------------------" "-------------------"
+  printf "| %-30s | %16.2f | %17.2f |\n" "pretrained (before)" "$(ppl $OUT/pretrain --data-from $D)" "$(ppl $OUT/pretrain --data-from $G)"
+  printf "| %-30s | %16.2f | %17.2f |\n" "full fine-tune (300 steps)" "$(ppl $OUT/full_ft_domain --data-from $D)" "$(ppl $OUT/full_ft_domain --data-from $G)"
+  printf "| %-30s | %16.2f | %17.2f |\n" "QLoRA r16 NF4 (300 steps)" "$(ppl $OUT/qlora_domain --data-from $D)" "$(ppl $OUT/qlora_domain --data-from $G)"
+} | tee "$OUT/domain.md"
+mem_row() { .venv/bin/python scripts/memory_row.py "$1" "$2"; }
+{
+  echo
+  printf "| %-26s | %9s | %8s | %8s | %8s | %8s | %8s |\n" "training memory (MB)" "weights" "grads" "AdamW" "total" "RSS MiB" "tok/s"
+  printf "|%s|%s|%s|%s|%s|%s|%s|\n" "----------------------------" "-----------" "----------" "----------" "----------" "----------" "----------"
+  mem_row "full fine-tune (fp32)" $OUT/full_ft_domain
+  mem_row "LoRA r16, fp32 base" $OUT/lora_fp32_domain
+  mem_row "LoRA r16, bf16 base" $OUT/lora_bf16_domain
+  mem_row "QLoRA r16, NF4 base" $OUT/qlora_domain
+} | tee -a "$OUT/domain.md"
+
+echo; echo "== [9/9] greedy generation from the QLoRA model (NF4 base + adapter) =="
+$Q generate $OUT/qlora_domain --prompt "The list of" -n 40 -t 0
 echo
 echo "demo finished in $(( $(date +%s) - start )) s; run directories under $OUT/ (metrics.jsonl, tb/, checkpoints/, converted/)"

@@ -10,6 +10,8 @@
 #include <torch/nn/utils/clip_grad.h>
 #include <torch/optim/adamw.h>
 
+#include <sys/resource.h>
+
 #include <chrono>
 #include <cmath>
 #include <filesystem>
@@ -314,6 +316,11 @@ TrainResult Trainer::train() {
     if (t.save_every > 0 && step_ % t.save_every == 0 && step_ < t.max_steps) res.checkpoint = save_checkpoint();
   }
   bar.finish();
+  // Training memory, as held during the steps: weights as stored, gradients, AdamW moments.
+  res.train_weight_bytes = quant::model_bytes(*model_);
+  for (auto& p : model_->parameters())
+    if (p.requires_grad()) res.grad_bytes += p.numel() * p.element_size();
+  for (auto& [n, s] : optimizer_state(*model_, *opt_)) res.optim_bytes += s.numel() * s.element_size();
   if (cfg_.quant.enabled) quant::set_qat_step(*model_, step_, cfg_.quant.fake_quant_after_steps);
   if (ds_.val.size() > 0) {
     auto e = eval();
@@ -352,6 +359,25 @@ TrainResult Trainer::train() {
     }
   }
   res.model_bytes = quant::model_bytes(*model_);
+  rusage ru{};
+  ::getrusage(RUSAGE_SELF, &ru);
+  res.peak_rss_bytes = static_cast<int64_t>(ru.ru_maxrss) * 1024;
+  nlohmann::json j = {{"steps", res.end_step},
+                      {"tokens_per_s", res.tokens_per_s},
+                      {"val_loss_before", res.val_before},
+                      {"val_loss_after", res.val_after},
+                      {"val_loss_converted", res.val_converted},
+                      {"val_loss_merged", res.val_merged},
+                      {"train_weight_bytes", res.train_weight_bytes},
+                      {"grad_bytes", res.grad_bytes},
+                      {"optimizer_bytes", res.optim_bytes},
+                      {"model_bytes", res.model_bytes},
+                      {"peak_rss_bytes", res.peak_rss_bytes},
+                      {"checkpoint", res.checkpoint},
+                      {"converted", res.converted},
+                      {"adapter", res.adapter},
+                      {"merged", res.merged}};
+  fs::write_atomic(cfg_.run.out_dir + "/train_summary.json", j.dump(2) + "\n");
   return res;
 }
 

@@ -41,6 +41,9 @@ struct TrainResult {
   double val_merged = -1;       // validation loss of the merged model
   double val_converted = -1;    // validation loss of the converted model
   int64_t model_bytes = 0;      // weight bytes as stored at the end (packed when converted)
+  // Training memory while stepping: weights as stored (NF4/bf16/fake-quant fp32), gradients of the
+  // trainable parameters, AdamW state; and the process's peak RSS. Also in <run>/train_summary.json.
+  int64_t train_weight_bytes = 0, grad_bytes = 0, optim_bytes = 0, peak_rss_bytes = 0;
 };
 
 // Non-finite loss or gradient: the run stops, nothing is saved, the last checkpoint stays valid.
