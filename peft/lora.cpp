@@ -89,8 +89,11 @@ at::Tensor LoraLinear::forward(const at::Tensor& x) {
   }
   auto h = dropout > 0 && is_training() ? at::dropout(x, dropout, true) : x;
   auto a = lora_A->weight.to(x.scalar_type());
-  auto b = lora_B->weight.to(x.scalar_type());
-  return base->forward(x) + at::linear(at::linear(h, a), b) * scaling;
+  // s folded into B ([out, r], tiny) rather than applied to the [tokens, out] activation, and the
+  // low-rank product added into the base output in place: two fewer passes over the activations.
+  auto b = (lora_B->weight * scaling).to(x.scalar_type());
+  auto y = base->forward(x);
+  return y.add_(at::linear(at::linear(h, a), b));
 }
 
 at::Tensor LoraLinear::effective_weight() {
