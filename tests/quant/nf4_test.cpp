@@ -3,9 +3,11 @@
 // dequantized weight (forward and input gradient) without parameters, bad block sizes named.
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
+#include <torch/cuda.h>
 
 #include "core/error.h"
 #include "models/linear.h"
+#include "quant/cuda/dequant.h"
 #include "quant/nf4.h"
 #include "tests/test_util.h"
 
@@ -82,4 +84,27 @@ TEST(Nf4Linear, ForwardAndInputGradientEqualDenseOnDequantizedWeightNoParameters
   // bf16 compute: dequantized straight into bf16.
   auto yb = q.forward(x1.detach().to(at::kBFloat16));
   EXPECT_EQ(yb.scalar_type(), at::kBFloat16);
+}
+
+TEST(Cuda, Nf4DequantKernelMatchesCpuAndNf4LinearRunsOnGpu) {
+  if (!cuda::compiled_with_cuda()) GTEST_SKIP() << "built without the CUDA toolkit: no CUDA kernels to run";
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device: the NF4 CUDA kernel compiled but not run";
+  auto g = at::detail::createCPUGenerator(12);
+  auto w = at::randn({96, 320}, g);
+  auto t = nf4_quantize(w, 64, true);
+  auto cpu = nf4_dequantize(t);
+  auto gpu = cuda::dequantize_nf4(t.packed.cuda(), nf4_scales(t).cuda(), 64, 96, 320, at::kFloat).cpu();
+  EXPECT_TRUE(at::equal(cpu, gpu));
+  auto gpu_bf16 = cuda::dequantize_nf4(t.packed.cuda(), nf4_scales(t).cuda(), 64, 96, 320, at::kBFloat16).cpu();
+  EXPECT_TRUE(at::equal(cpu.to(at::kBFloat16), gpu_bf16));
+  models::DenseLinear d(320, 96, false);
+  {
+    at::NoGradGuard ng;
+    d.weight.copy_(w);
+  }
+  auto q = std::make_shared<Nf4Linear>(d, 64, true);
+  auto x = at::randn({4, 320}, g);
+  auto y_cpu = q->forward(x);
+  q->to(at::kCUDA);
+  EXPECT_TRUE(at::allclose(q->forward(x.cuda()).cpu(), y_cpu, 1e-4, 1e-4));
 }
