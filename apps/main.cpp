@@ -11,6 +11,7 @@
 #include "core/log.h"
 #include "models/generate.h"
 #include "quant/qat.h"
+#include "export/hf_export.h"
 #include "trainer/trainer.h"
 
 using namespace qf;
@@ -107,6 +108,20 @@ int cmd_eval(const std::string& run, const std::vector<std::string>& overrides, 
   return 0;
 }
 
+int cmd_export(const std::string& run, const std::vector<std::string>& overrides, const std::string& format,
+               const std::string& out, const std::string& dtype, double shard_mb) {
+  QF_CHECK_INPUT(format == "hf", "export: format '", format, "' is not available yet (available: hf)");
+  auto lr = trainer::load_run(run, overrides);
+  trainer::set_threads(lr.cfg.run.threads);
+  lr.model->to(at::kCPU);
+  const auto t = dtype == "bf16" ? at::kBFloat16 : dtype == "fp16" ? at::kHalf : at::kFloat;
+  auto r = exporter::export_hf(*lr.model, *lr.tok, out, t, static_cast<int64_t>(shard_mb * 1e6));
+  std::printf("exported %s (%s model) to %s: %lld tensors, %.2f MB in %lld file%s (%s), re-read and verified\n",
+              lr.checkpoint.c_str(), lr.format.c_str(), r.dir.c_str(), (long long)r.n_tensors, r.bytes / 1e6,
+              (long long)r.n_shards, r.n_shards > 1 ? "s" : "", dtype.c_str());
+  return 0;
+}
+
 int cmd_generate(const std::string& run, const std::vector<std::string>& overrides, const std::string& prompt,
                  models::SamplingConfig s) {
   auto lr = trainer::load_run(run, overrides);
@@ -157,6 +172,21 @@ int main(int argc, char** argv) {
   eval->add_option("--data-from", data_from,
                    "Evaluate on the --split of this recipe's data section instead (e.g. a domain recipe's held-out text)");
 
+  std::string format = "hf", out, dtype = "bf16";
+  double shard_mb = 5000;
+  auto* exp = app.add_subcommand("export", "Write a run's model in a runtime's format (hf: a Hugging Face checkpoint dir)");
+  exp->add_option("run", run, "Run directory or checkpoint directory")->required();
+  exp->add_option("overrides", overrides, "key.path=value overrides of the run's config");
+  exp->add_option("--format", format, "Output format")->check(CLI::IsMember({"hf"}))->capture_default_str();
+  exp->add_option("--out", out, "Output directory (must not exist, or be empty)")->required();
+  exp->add_option("--dtype", dtype, "Weight dtype of the written checkpoint")
+      ->check(CLI::IsMember({"fp32", "bf16", "fp16"}))
+      ->capture_default_str();
+  exp->add_option("--shard-size-mb", shard_mb, "Split the safetensors above this many MB (with an index)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  exp->footer("Example: qforge export runs/demo/qlora_domain --format hf --out /tmp/hf_model --dtype bf16");
+
   models::SamplingConfig s;
   std::string prompt;
   auto* gen = app.add_subcommand("generate", "Generate text from a trained run (KV cache, temperature/top-k/top-p)");
@@ -181,6 +211,7 @@ int main(int argc, char** argv) {
     }
     if (*eval) return cmd_eval(run, overrides, split, max_batches, text, data_from);
     if (*gen) return cmd_generate(run, overrides, prompt, s);
+    if (*exp) return cmd_export(run, overrides, format, out, dtype, shard_mb);
   } catch (const ConfigError& e) {
     std::fprintf(stderr, "qforge: %s\n", e.what());
     return 2;

@@ -2,27 +2,55 @@
 
 #include <ATen/ATen.h>
 
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <cstring>
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
 #include "core/fs.h"
+#include "core/safetensors_header.h"
 
 namespace qf::st {
 namespace {
-struct DT {
-  const char* name;
-  at::ScalarType t;
-  size_t size;
+at::ScalarType scalar_type(DType d) {
+  switch (d) {
+    case DType::F64: return at::kDouble;
+    case DType::F32: return at::kFloat;
+    case DType::F16: return at::kHalf;
+    case DType::BF16: return at::kBFloat16;
+    case DType::I64: return at::kLong;
+    case DType::I32: return at::kInt;
+    case DType::I16: return at::kShort;
+    case DType::I8: return at::kChar;
+    case DType::U8: return at::kByte;
+    case DType::BOOL: return at::kBool;
+    case DType::F8_E4M3: return at::kFloat8_e4m3fn;
+    case DType::F8_E5M2: return at::kFloat8_e5m2;
+    case DType::U16: return at::kUInt16;
+    case DType::U32: return at::kUInt32;
+    case DType::U64: return at::kUInt64;
+  }
+  throw Error("safetensors: unmapped dtype");
+}
+
+// A read-only file mapping shared by the tensors that view it (MAP_PRIVATE: writes stay private).
+struct Mapping {
+  void* addr = nullptr;
+  size_t len = 0;
+  ~Mapping() {
+    if (addr && addr != MAP_FAILED) ::munmap(addr, len);
+  }
 };
-const DT kTypes[] = {{"F64", at::kDouble, 8}, {"F32", at::kFloat, 4},  {"F16", at::kHalf, 2},   {"BF16", at::kBFloat16, 2},
-                     {"I64", at::kLong, 8},   {"I32", at::kInt, 4},    {"I16", at::kShort, 2},  {"I8", at::kChar, 1},
-                     {"U8", at::kByte, 1},    {"BOOL", at::kBool, 1}};
 }  // namespace
 
 std::string dtype_name(at::ScalarType t) {
-  for (auto& d : kTypes)
-    if (d.t == t) return d.name;
+  for (auto& d : dtypes())
+    if (scalar_type(d.dtype) == t) return d.name;
   throw Error(str("safetensors: unsupported dtype ", c10::toString(t)));
 }
 
@@ -67,58 +95,35 @@ bool File::has(const std::string& name) const {
 }
 
 File load(const std::string& path) {
-  std::string bytes = fs::read_file(path);
-  auto bad = [&](const std::string& why) { return InputError(str("safetensors file '", path, "': ", why)); };
-  if (bytes.size() < 8) throw bad("shorter than the 8-byte header length");
-  uint64_t n = 0;
-  for (int i = 0; i < 8; ++i) n |= static_cast<uint64_t>(static_cast<unsigned char>(bytes[i])) << (8 * i);
-  if (n > 100u * 1024 * 1024) throw bad(str("header length ", n, " exceeds the 100 MB limit"));
-  if (8 + n > bytes.size()) throw bad(str("header length ", n, " runs past the end of the file (", bytes.size(), " bytes)"));
-  nlohmann::ordered_json h;
-  try {
-    h = nlohmann::ordered_json::parse(bytes.begin() + 8, bytes.begin() + 8 + n);
-  } catch (const std::exception& e) {
-    throw bad(str("header is not valid JSON: ", e.what()));
+  // Memory-mapped: tensors view the mapping (copy-on-write), so loading holds no second copy.
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw InputError(str("cannot open safetensors file '", path, "': ", std::strerror(errno)));
+  struct stat sb {};
+  if (::fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
+    ::close(fd);
+    throw InputError(str("'", path, "' is not a regular file"));
   }
-  if (!h.is_object()) throw bad("header is not a JSON object");
+  auto map = std::make_shared<Mapping>();
+  map->len = static_cast<size_t>(sb.st_size);
+  if (map->len > 0) map->addr = ::mmap(nullptr, map->len, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+  ::close(fd);
+  if (map->addr == MAP_FAILED) throw InputError(str("cannot map safetensors file '", path, "': ", std::strerror(errno)));
+  static const uint8_t kEmpty[1] = {0};
+  const auto* base = map->len ? static_cast<const uint8_t*>(map->addr) : kEmpty;
+  Header h = parse_header(base, map->len, path);
   File f;
-  const size_t data_len = bytes.size() - 8 - n;
-  const char* data = bytes.data() + 8 + n;
-  for (auto it = h.begin(); it != h.end(); ++it) {
-    if (it.key() == "__metadata__") {
-      for (auto m = it->begin(); m != it->end(); ++m) {
-        if (!m->is_string()) throw bad(str("__metadata__ value for '", m.key(), "' is not a string"));
-        f.metadata[m.key()] = m->get<std::string>();
-      }
-      continue;
+  f.metadata = h.metadata;
+  for (auto& e : h.entries) {
+    auto type = scalar_type(e.dtype);
+    auto* p = const_cast<uint8_t*>(base) + h.data_start + e.begin;
+    at::Tensor t;
+    if (e.end == e.begin || reinterpret_cast<uintptr_t>(p) % info(e.dtype).size != 0) {
+      t = at::empty(e.shape, at::TensorOptions().dtype(type));  // empty or misaligned: copy
+      if (e.end > e.begin) std::memcpy(t.data_ptr(), p, e.end - e.begin);
+    } else {
+      t = at::from_blob(p, e.shape, [map](void*) {}, at::TensorOptions().dtype(type));
     }
-    const auto& e = it.value();
-    auto tb = [&](const std::string& why) { return bad(str("tensor '", it.key(), "': ", why)); };
-    if (!e.is_object() || !e.contains("dtype") || !e.contains("shape") || !e.contains("data_offsets"))
-      throw tb("expected {dtype, shape, data_offsets}");
-    std::string dt = e["dtype"].get<std::string>();
-    const DT* d = nullptr;
-    for (auto& x : kTypes)
-      if (dt == x.name) d = &x;
-    if (!d) throw tb("unknown dtype '" + dt + "'");
-    std::vector<int64_t> shape;
-    size_t numel = 1;
-    for (auto& s : e["shape"]) {
-      if (!s.is_number_integer() || s.get<int64_t>() < 0) throw tb("shape entries must be non-negative integers");
-      int64_t v = s.get<int64_t>();
-      if (v != 0 && numel > SIZE_MAX / static_cast<size_t>(v)) throw tb("shape overflows");
-      numel *= static_cast<size_t>(v);
-      shape.push_back(v);
-    }
-    auto offs = e["data_offsets"];
-    if (!offs.is_array() || offs.size() != 2) throw tb("data_offsets must be [begin, end]");
-    size_t b = offs[0].get<size_t>(), en = offs[1].get<size_t>();
-    if (b > en || en > data_len) throw tb(str("data_offsets [", b, ", ", en, "] outside the data section of ", data_len, " bytes"));
-    if (numel > SIZE_MAX / d->size || en - b != numel * d->size)
-      throw tb(str("byte size ", en - b, " != numel ", numel, " x ", d->size));
-    auto t = at::empty(shape, at::TensorOptions().dtype(d->t));
-    if (en > b) std::memcpy(t.data_ptr(), data + b, en - b);
-    f.tensors.emplace_back(it.key(), t);
+    f.tensors.emplace_back(e.name, t);
   }
   return f;
 }

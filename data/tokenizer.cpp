@@ -16,6 +16,7 @@
 #include "core/error.h"
 #include "core/fs.h"
 #include "core/log.h"
+#include "data/hf_tokenizer.h"
 
 namespace qf::data {
 
@@ -23,7 +24,8 @@ namespace stdfs = std::filesystem;
 
 TokenizerConfig TokenizerConfig::from_config(cfg::Reader& r) {
   TokenizerConfig c;
-  c.type = r.choice<Type>("type", Type::SentencePiece, {{"sentencepiece", Type::SentencePiece}});
+  c.type = r.choice<Type>("type", Type::SentencePiece,
+                         {{"sentencepiece", Type::SentencePiece}, {"huggingface", Type::HuggingFace}});
   c.path = r.str("path", "");
   {
     cfg::Reader t = r.child("train");
@@ -47,7 +49,9 @@ TokenizerConfig TokenizerConfig::from_config(cfg::Reader& r) {
     }
     t.finish();
   }
-  if (c.path.empty()) {
+  if (c.type == Type::HuggingFace && c.train.enabled) {
+    r.fail("train.enabled", "training is for sentencepiece tokenizers; a huggingface tokenizer.json is loaded as is");
+  } else if (c.path.empty()) {
     r.fail("path", c.train.enabled ? "required: where the trained sentencepiece .model file is written"
                                    : "required: a sentencepiece .model file");
   } else if (!c.train.enabled && !stdfs::exists(c.path)) {
@@ -75,6 +79,10 @@ class SentencePieceTokenizer final : public Tokenizer {
     auto st = sp_.Encode(text, &ids);
     QF_CHECK(st.ok(), "sentencepiece encode failed with '", path_, "': ", st.ToString());
     return std::vector<int32_t>(ids.begin(), ids.end());
+  }
+  std::string token(int32_t id) const override {
+    QF_CHECK(id >= 0 && id < sp_.GetPieceSize(), "token id ", id, " is out of range for tokenizer '", path_, "'");
+    return sp_.IdToPiece(id);
   }
   std::string decode(const std::vector<int32_t>& ids) const override {
     const int n = sp_.GetPieceSize();
@@ -273,6 +281,8 @@ std::unique_ptr<Tokenizer> load_or_train_tokenizer(const TokenizerConfig& cfg) {
         train_sentencepiece(cfg);
       }
       return load_sentencepiece(cfg.path);
+    case TokenizerConfig::Type::HuggingFace:
+      return load_hf_tokenizer(cfg.path);
   }
   throw Error("internal error: unhandled tokenizer type");
 }

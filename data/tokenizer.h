@@ -15,6 +15,7 @@ class Tokenizer {
   virtual ~Tokenizer() = default;
   virtual std::vector<int32_t> encode(const std::string& text) const = 0;
   virtual std::string decode(const std::vector<int32_t>& ids) const = 0;
+  virtual std::string token(int32_t id) const = 0;  // the vocabulary entry (e.g. "<s>", "▁the")
   virtual int64_t vocab_size() const = 0;
   virtual int32_t bos_id() const = 0;  // -1 when the tokenizer has none
   virtual int32_t eos_id() const = 0;
@@ -25,10 +26,10 @@ class Tokenizer {
 
 // tokenizer: section of a run config.
 struct TokenizerConfig {
-  enum class Type { SentencePiece };
+  enum class Type { SentencePiece, HuggingFace };
   enum class ModelType { Bpe, Unigram };
   Type type = Type::SentencePiece;
-  std::string path;              // .model file; must exist unless `train` is given
+  std::string path;              // .model file (sentencepiece) or tokenizer.json / its directory (huggingface)
   // When train.enabled and `path` does not exist, a sentencepiece model is trained on these sources.
   struct Train {
     bool enabled = false;

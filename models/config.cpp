@@ -1,5 +1,8 @@
 #include "models/config.h"
 
+#include "core/error.h"
+#include "models/hf.h"
+
 namespace qf::models {
 
 int64_t ModelConfig::ffn() const {
@@ -37,6 +40,57 @@ ModelConfig ModelConfig::from_config(cfg::Reader& r) {
   c.dtype = r.choice<DType>("dtype", c.dtype, {{"fp32", DType::F32}, {"bf16", DType::BF16}});
   c.init_std = r.f64("init_std", c.init_std, 0.0, 10.0);
 
+  c.from = r.path("from", "", true);
+  if (!c.from.empty()) {
+    // The checkpoint's config.json decides the architecture. Keys also given here must agree (the
+    // run's config.yaml snapshot lists them all), and the resolved tree records the imported values.
+    try {
+      const auto hf = read_hf_checkpoint(c.from).config;
+      auto check = [&](const char* key, double mine, double theirs) {
+        if (r.has(key) && mine != theirs)
+          r.fail(key, str(mine, " disagrees with ", c.from, "/config.json (", theirs, "); drop the key to use the checkpoint's"));
+      };
+      check("family", static_cast<double>(c.family), static_cast<double>(hf.family));
+      check("vocab_size", c.vocab_size, hf.vocab_size);
+      check("dim", c.dim, hf.dim);
+      check("n_layers", c.n_layers, hf.n_layers);
+      check("n_heads", c.n_heads, hf.n_heads);
+      check("n_kv_heads", c.kv_heads(), hf.kv_heads());
+      check("ffn_dim", c.ffn(), hf.ffn());
+      check("max_seq_len", c.max_seq_len, hf.max_seq_len);
+      check("rope_theta", c.rope_theta, hf.rope_theta);
+      check("norm_eps", c.norm_eps, hf.norm_eps);
+      check("qkv_bias", c.qkv_bias, hf.qkv_bias);
+      check("tie_embeddings", c.tie_embeddings, hf.tie_embeddings);
+      const auto dtype = c.dtype;
+      const auto from = c.from;
+      c = hf;
+      c.dtype = dtype;
+      c.from = from;
+      YAML::Node res = r.resolved();
+      res["family"] = c.family_name();
+      res["vocab_size"] = c.vocab_size;
+      res["dim"] = c.dim;
+      res["n_layers"] = c.n_layers;
+      res["n_heads"] = c.n_heads;
+      res["n_kv_heads"] = c.kv_heads();
+      res["head_dim"] = c.hdim();
+      res["ffn_dim"] = c.ffn();
+      res["max_seq_len"] = c.max_seq_len;
+      res["rope_theta"] = c.rope_theta;
+      res["norm_eps"] = c.norm_eps;
+      res["qkv_bias"] = c.qkv_bias;
+      res["tie_embeddings"] = c.tie_embeddings;
+      const char* types[] = {"none", "linear", "llama3"};
+      res["rope_scaling"]["type"] = types[static_cast<int>(c.rope_scaling)];
+      res["rope_scaling"]["factor"] = c.rope_factor;
+      res["rope_scaling"]["low_freq_factor"] = c.rope_low_freq_factor;
+      res["rope_scaling"]["high_freq_factor"] = c.rope_high_freq_factor;
+      res["rope_scaling"]["original_max_seq_len"] = c.rope_original_max_seq_len;
+    } catch (const InputError& e) {
+      r.fail("from", e.what());
+    }
+  }
   if (c.head_dim == 0 && c.dim % c.n_heads != 0)
     r.fail("n_heads", "dim " + std::to_string(c.dim) + " is not divisible by n_heads " + std::to_string(c.n_heads));
   if (c.kv_heads() > c.n_heads || c.n_heads % c.kv_heads() != 0)

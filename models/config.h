@@ -33,6 +33,7 @@ struct ModelConfig {
   bool tie_embeddings = false;
   DType dtype = DType::F32;
   double init_std = 0.02;
+  std::string from;             // a Hugging Face checkpoint dir: architecture + weights come from it
 
   int64_t kv_heads() const { return n_kv_heads > 0 ? n_kv_heads : n_heads; }
   int64_t hdim() const { return head_dim > 0 ? head_dim : dim / n_heads; }

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 APT_PKGS=(build-essential cmake ninja-build pkg-config ccache git python3-venv
           libyaml-cpp-dev libcli11-dev nlohmann-json3-dev libsentencepiece-dev sentencepiece
-          libpcre2-dev googletest libgtest-dev libgmock-dev libbenchmark-dev
+          libpcre2-dev googletest libgtest-dev libgmock-dev libbenchmark-dev clang libclang-rt-14-dev
           bible-kjv bible-kjv-text python3.11-doc)
 
 missing=()

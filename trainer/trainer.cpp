@@ -22,6 +22,7 @@
 #include "core/log.h"
 #include "core/progress.h"
 #include "core/tensorboard.h"
+#include "models/hf.h"
 #include "quant/qat.h"
 #include "trainer/checkpoint.h"
 
@@ -147,6 +148,10 @@ void Trainer::setup() {
   at::manual_seed(static_cast<uint64_t>(run.seed));
   model_ = models::build_model(mc);
   model_->init_weights(static_cast<uint64_t>(run.seed));
+  if (!mc.from.empty()) {
+    models::load_hf_weights(*model_, models::read_hf_checkpoint(mc.from));
+    log::info("loaded Hugging Face checkpoint ", mc.from);
+  }
   if (!run.init_from.empty()) {
     std::string ck = resolve_checkpoint(run.init_from);
     QF_CHECK_INPUT(!ck.empty(), "run.init_from: no checkpoint found under '", run.init_from, "'");
@@ -443,7 +448,7 @@ LoadedRun load_run(const std::string& path, const std::vector<std::string>& over
   QF_CHECK_INPUT(sfs::is_directory(run_dir), "'", path, "' is not a run directory (expected config.yaml and checkpoints/)");
   QF_CHECK_INPUT(sfs::exists(run_dir + "/config.yaml"), "'", run_dir, "' has no config.yaml; is it a qforge run directory?");
   // The checkpoint provides the weights: the run's own init_from source need not exist any more.
-  std::vector<std::string> ov{"run.init_from="};
+  std::vector<std::string> ov{"run.init_from=", "model.from="};
   ov.insert(ov.end(), overrides.begin(), overrides.end());
   r.cfg = load_run_config(run_dir + "/config.yaml", ov);
   r.checkpoint = resolve_checkpoint(path);

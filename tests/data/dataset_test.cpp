@@ -43,6 +43,7 @@ class ByteTokenizer : public Tokenizer {
       if (id >= 4) s.push_back(static_cast<char>(id - 4));
     return s;
   }
+  std::string token(int32_t id) const override { return decode({id}); }
   int64_t vocab_size() const override { return 260; }
   int32_t bos_id() const override { return 1; }
   int32_t eos_id() const override { return 2; }

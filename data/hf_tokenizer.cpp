@@ -1,0 +1,573 @@
+#include "data/hf_tokenizer.h"
+
+#define PCRE2_CODE_UNIT_WIDTH 8
+#include <pcre2.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cstdio>
+#include <filesystem>
+#include <functional>
+#include <nlohmann/json.hpp>
+#include <unordered_map>
+
+#include "core/error.h"
+#include "core/fs.h"
+
+namespace qf::data {
+namespace {
+
+using json = nlohmann::json;
+namespace sfs = std::filesystem;
+
+const char* kGpt2Pattern = R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)";
+const std::string kMeta = "\xe2\x96\x81";  // U+2581 "▁"
+
+std::string utf8(uint32_t cp) {
+  std::string s;
+  if (cp < 0x80) {
+    s += static_cast<char>(cp);
+  } else if (cp < 0x800) {
+    s += static_cast<char>(0xC0 | (cp >> 6));
+    s += static_cast<char>(0x80 | (cp & 0x3F));
+  } else {
+    s += static_cast<char>(0xE0 | (cp >> 12));
+    s += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
+    s += static_cast<char>(0x80 | (cp & 0x3F));
+  }
+  return s;
+}
+
+// Length of the UTF-8 sequence starting at s[i] (1 for invalid lead bytes).
+size_t char_len(const std::string& s, size_t i) {
+  const auto c = static_cast<unsigned char>(s[i]);
+  size_t n = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xE ? 3 : (c >> 3) == 0x1E ? 4 : 1;
+  return std::min(n, s.size() - i);
+}
+
+void replace_all(std::string& s, const std::string& from, const std::string& to) {
+  if (from.empty()) return;
+  std::string out;
+  size_t i = 0;
+  for (size_t p; (p = s.find(from, i)) != std::string::npos; i = p + from.size()) out += s.substr(i, p - i) + to;
+  s = out + s.substr(i);
+}
+
+// GPT-2's bytes_to_unicode: printable bytes map to themselves, the rest to U+0100 upwards.
+struct ByteMap {
+  std::string to_char[256];
+  std::unordered_map<std::string, uint8_t> to_byte;
+  ByteMap() {
+    std::vector<int> bs;
+    for (int b = '!'; b <= '~'; ++b) bs.push_back(b);
+    for (int b = 0xA1; b <= 0xAC; ++b) bs.push_back(b);
+    for (int b = 0xAE; b <= 0xFF; ++b) bs.push_back(b);
+    std::vector<bool> direct(256, false);
+    for (int b : bs) direct[b] = true;
+    int n = 0;
+    for (int b = 0; b < 256; ++b) {
+      const uint32_t cp = direct[b] ? static_cast<uint32_t>(b) : 256 + n++;
+      to_char[b] = utf8(cp);
+      to_byte[to_char[b]] = static_cast<uint8_t>(b);
+    }
+  }
+};
+const ByteMap& byte_map() {
+  static const ByteMap m;
+  return m;
+}
+
+class Regex {
+ public:
+  Regex(const std::string& pattern, const std::string& origin) {
+    int err = 0;
+    PCRE2_SIZE off = 0;
+    code_ = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.c_str()), pattern.size(), PCRE2_UTF | PCRE2_UCP, &err, &off,
+                          nullptr);
+    if (!code_) {
+      PCRE2_UCHAR msg[256];
+      pcre2_get_error_message(err, msg, sizeof msg);
+      throw InputError(str(origin, ": regex '", pattern, "' does not compile at offset ", off, ": ",
+                           reinterpret_cast<const char*>(msg)));
+    }
+    pcre2_jit_compile(code_, PCRE2_JIT_COMPLETE);
+  }
+  ~Regex() { pcre2_code_free(code_); }
+  Regex(const Regex&) = delete;
+  Regex& operator=(const Regex&) = delete;
+  // Non-overlapping matches [begin, end) in s.
+  std::vector<std::pair<size_t, size_t>> matches(const std::string& s) const {
+    std::vector<std::pair<size_t, size_t>> out;
+    pcre2_match_data* md = pcre2_match_data_create_from_pattern(code_, nullptr);
+    size_t at = 0;
+    while (at <= s.size()) {
+      int rc = pcre2_match(code_, reinterpret_cast<PCRE2_SPTR>(s.data()), s.size(), at, PCRE2_NO_UTF_CHECK, md, nullptr);
+      if (rc < 0) break;
+      const PCRE2_SIZE* ov = pcre2_get_ovector_pointer(md);
+      size_t b = ov[0], e = ov[1];
+      if (e == b) {  // empty match: step one character
+        at = e + (e < s.size() ? char_len(s, e) : 1);
+        continue;
+      }
+      out.emplace_back(b, e);
+      at = e;
+    }
+    pcre2_match_data_free(md);
+    return out;
+  }
+
+ private:
+  pcre2_code* code_ = nullptr;
+};
+
+// Split behaviour "Isolated": matches and the gaps between them all become pieces.
+std::vector<std::string> split_isolated(const Regex& re, const std::string& s) {
+  std::vector<std::string> out;
+  size_t prev = 0;
+  for (auto [b, e] : re.matches(s)) {
+    if (b > prev) out.push_back(s.substr(prev, b - prev));
+    out.push_back(s.substr(b, e - b));
+    prev = e;
+  }
+  if (prev < s.size()) out.push_back(s.substr(prev));
+  return out;
+}
+
+struct PreStep {
+  enum Kind { ByteLevel, Split, Metaspace } kind;
+  std::shared_ptr<Regex> re;  // ByteLevel(use_regex) / Split
+  bool add_prefix_space = false;
+  std::string prepend_scheme = "always";  // Metaspace
+  bool split = true;                      // Metaspace
+};
+
+struct NormStep {
+  enum Kind { Prepend, Replace } kind;
+  std::string a, b;
+};
+
+struct DecStep {
+  enum Kind { ByteLevel, Replace, ByteFallback, Fuse, Strip, Metaspace } kind;
+  std::string a, b;
+  int64_t start = 0, stop = 0;
+  bool prepend = true;
+};
+
+class HfTokenizer final : public Tokenizer {
+ public:
+  explicit HfTokenizer(const std::string& path);
+  std::vector<int32_t> encode(const std::string& text) const override;
+  std::string decode(const std::vector<int32_t>& ids) const override;
+  int64_t vocab_size() const override { return static_cast<int64_t>(id_to_token_.size()); }
+  std::string token(int32_t id) const override {
+    QF_CHECK_INPUT(id >= 0 && id < static_cast<int32_t>(id_to_token_.size()), path_, ": id ", id, " is outside the vocabulary");
+    return id_to_token_[id];
+  }
+  int32_t bos_id() const override { return bos_; }
+  int32_t eos_id() const override { return eos_; }
+  int32_t pad_id() const override { return pad_; }
+  std::string fingerprint() const override { return fingerprint_; }
+  std::string path() const override { return path_; }
+
+ private:
+  void bpe(const std::string& piece, std::vector<int32_t>& out) const;
+  int32_t token_id(const json& t, const std::string& origin) const;
+  std::string path_, fingerprint_;
+  std::unordered_map<std::string, int32_t> vocab_;
+  std::vector<std::string> id_to_token_;
+  std::unordered_map<std::string, int32_t> merge_rank_;  // a + '\0' + b
+  std::vector<std::pair<std::string, int32_t>> added_;   // longest first
+  std::vector<NormStep> norm_;
+  std::vector<PreStep> pre_;
+  std::vector<DecStep> dec_;
+  bool byte_fallback_ = false, ignore_merges_ = false, fuse_unk_ = false;
+  int32_t unk_ = -1, bos_ = -1, eos_ = -1, pad_ = -1;
+};
+
+HfTokenizer::HfTokenizer(const std::string& p) {
+  path_ = sfs::is_directory(p) ? p + "/tokenizer.json" : p;
+  const std::string raw = fs::read_file(path_);
+  fingerprint_ = "hf:" + fs::hex64(fs::fnv1a64(raw));
+  json j;
+  try {
+    j = json::parse(raw);
+  } catch (const json::exception& e) {
+    throw InputError(str(path_, ": not valid JSON (", e.what(), ")"));
+  }
+  auto bad = [&](const std::string& why) { return InputError(str(path_, ": ", why)); };
+  if (!j.is_object() || !j.contains("model") || !j["model"].is_object()) throw bad("no 'model' object; not a tokenizer.json");
+  const auto& m = j["model"];
+  const std::string type = m.value("type", std::string("BPE"));
+  if (type != "BPE") throw bad("model type '" + type + "' is not supported; qforge reads BPE tokenizer.json files");
+  if (!m.contains("vocab") || !m["vocab"].is_object()) throw bad("model.vocab must be an object {token: id}");
+  for (auto it = m["vocab"].begin(); it != m["vocab"].end(); ++it) {
+    if (!it->is_number_integer() || it->get<int64_t>() < 0) throw bad("model.vocab['" + it.key() + "'] is not an id");
+    vocab_[it.key()] = it->get<int32_t>();
+  }
+  for (const char* k : {"continuing_subword_prefix", "end_of_word_suffix"})
+    if (m.contains(k) && !m[k].is_null() && !m[k].get<std::string>().empty())
+      throw bad(str("model.", k, " is not supported"));
+  if (m.contains("dropout") && !m["dropout"].is_null() && m["dropout"].get<double>() > 0)
+    throw bad("model.dropout > 0 (BPE dropout) is not supported");
+  byte_fallback_ = m.value("byte_fallback", false);
+  ignore_merges_ = m.value("ignore_merges", false);
+  fuse_unk_ = m.value("fuse_unk", false);
+  int32_t rank = 0;
+  for (auto& mg : m.value("merges", json::array())) {
+    std::string a, b;
+    if (mg.is_string()) {
+      const auto s = mg.get<std::string>();
+      const auto sp = s.find(' ');
+      if (sp == std::string::npos) throw bad("merge '" + s + "' is not 'a b'");
+      a = s.substr(0, sp);
+      b = s.substr(sp + 1);
+    } else if (mg.is_array() && mg.size() == 2) {
+      a = mg[0].get<std::string>();
+      b = mg[1].get<std::string>();
+    } else {
+      throw bad("model.merges entries must be 'a b' or [a, b]");
+    }
+    merge_rank_.emplace(a + '\0' + b, rank++);
+  }
+  for (auto& a : j.value("added_tokens", json::array())) {
+    const auto content = a.value("content", std::string());
+    const int32_t id = a.value("id", -1);
+    if (content.empty() || id < 0) throw bad("added_tokens entries need 'id' and 'content'");
+    vocab_[content] = id;
+    added_.emplace_back(content, id);
+  }
+  std::sort(added_.begin(), added_.end(), [](auto& x, auto& y) { return x.first.size() > y.first.size(); });
+  int32_t max_id = -1;
+  for (auto& [t, id] : vocab_) max_id = std::max(max_id, id);
+  id_to_token_.assign(max_id + 1, std::string());
+  for (auto& [t, id] : vocab_) id_to_token_[id] = t;
+  if (m.contains("unk_token") && m["unk_token"].is_string()) {
+    auto it = vocab_.find(m["unk_token"].get<std::string>());
+    if (it != vocab_.end()) unk_ = it->second;
+  }
+
+  // normalizer
+  std::function<void(const json&)> add_norm = [&](const json& n) {
+    if (n.is_null()) return;
+    const std::string t = n.value("type", std::string());
+    if (t == "Sequence") {
+      for (auto& x : n["normalizers"]) add_norm(x);
+    } else if (t == "Prepend") {
+      norm_.push_back({NormStep::Prepend, n.value("prepend", std::string()), ""});
+    } else if (t == "Replace" && n.contains("pattern") && n["pattern"].contains("String")) {
+      norm_.push_back({NormStep::Replace, n["pattern"]["String"].get<std::string>(), n.value("content", std::string())});
+    } else {
+      throw bad("normalizer '" + t + "' is not supported (supported: Sequence, Prepend, Replace with a String pattern)");
+    }
+  };
+  if (j.contains("normalizer")) add_norm(j["normalizer"]);
+  // pre-tokenizer
+  std::function<void(const json&)> add_pre = [&](const json& n) {
+    if (n.is_null()) return;
+    const std::string t = n.value("type", std::string());
+    if (t == "Sequence") {
+      for (auto& x : n["pretokenizers"]) add_pre(x);
+    } else if (t == "ByteLevel") {
+      PreStep s{PreStep::ByteLevel};
+      s.add_prefix_space = n.value("add_prefix_space", false);
+      if (n.value("use_regex", true)) s.re = std::make_shared<Regex>(kGpt2Pattern, path_);
+      pre_.push_back(s);
+    } else if (t == "Split") {
+      if (n.value("behavior", std::string()) != "Isolated" || n.value("invert", false))
+        throw bad("pre_tokenizer Split is supported with behavior Isolated (not inverted) only");
+      PreStep s{PreStep::Split};
+      const auto& pat = n["pattern"];
+      std::string rx = pat.contains("Regex") ? pat["Regex"].get<std::string>() : std::string();
+      if (rx.empty()) throw bad("pre_tokenizer Split needs a Regex pattern");
+      s.re = std::make_shared<Regex>(rx, path_);
+      pre_.push_back(s);
+    } else if (t == "Metaspace") {
+      PreStep s{PreStep::Metaspace};
+      if (n.value("replacement", kMeta) != kMeta) throw bad("Metaspace with a replacement other than U+2581");
+      s.prepend_scheme = n.value("prepend_scheme", n.value("add_prefix_space", true) ? std::string("always") : "never");
+      s.split = n.value("split", true);
+      pre_.push_back(s);
+    } else {
+      throw bad("pre_tokenizer '" + t + "' is not supported (supported: ByteLevel, Split, Metaspace, Sequence)");
+    }
+  };
+  if (j.contains("pre_tokenizer")) add_pre(j["pre_tokenizer"]);
+  // decoder
+  std::function<void(const json&)> add_dec = [&](const json& n) {
+    if (n.is_null()) return;
+    const std::string t = n.value("type", std::string());
+    if (t == "Sequence") {
+      for (auto& x : n["decoders"]) add_dec(x);
+    } else if (t == "ByteLevel") {
+      dec_.push_back({DecStep::ByteLevel});
+    } else if (t == "Replace" && n.contains("pattern") && n["pattern"].contains("String")) {
+      dec_.push_back({DecStep::Replace, n["pattern"]["String"].get<std::string>(), n.value("content", std::string())});
+    } else if (t == "ByteFallback") {
+      dec_.push_back({DecStep::ByteFallback});
+    } else if (t == "Fuse") {
+      dec_.push_back({DecStep::Fuse});
+    } else if (t == "Strip") {
+      DecStep s{DecStep::Strip, n.value("content", std::string(" "))};
+      s.start = n.value("start", int64_t{0});
+      s.stop = n.value("stop", int64_t{0});
+      dec_.push_back(s);
+    } else if (t == "Metaspace") {
+      DecStep s{DecStep::Metaspace};
+      s.prepend = n.value("prepend_scheme", n.value("add_prefix_space", true) ? std::string("always") : "never") != "never";
+      dec_.push_back(s);
+    } else {
+      throw bad("decoder '" + t + "' is not supported");
+    }
+  };
+  if (j.contains("decoder")) add_dec(j["decoder"]);
+
+  // BOS/EOS/PAD: tokenizer_config.json next to the file, as transformers reads them.
+  const std::string tc = (sfs::path(path_).parent_path() / "tokenizer_config.json").string();
+  if (sfs::exists(tc)) {
+    json c;
+    try {
+      c = json::parse(fs::read_file(tc));
+    } catch (const json::exception& e) {
+      throw InputError(str(tc, ": not valid JSON (", e.what(), ")"));
+    }
+    bos_ = token_id(c.value("bos_token", json()), tc);
+    eos_ = token_id(c.value("eos_token", json()), tc);
+    pad_ = token_id(c.value("pad_token", json()), tc);
+  }
+}
+
+int32_t HfTokenizer::token_id(const json& t, const std::string& origin) const {
+  std::string s = t.is_string() ? t.get<std::string>() : t.is_object() ? t.value("content", std::string()) : "";
+  if (s.empty()) return -1;
+  auto it = vocab_.find(s);
+  if (it == vocab_.end()) throw InputError(str(origin, ": special token '", s, "' is not in the vocabulary"));
+  return it->second;
+}
+
+void HfTokenizer::bpe(const std::string& piece, std::vector<int32_t>& out) const {
+  if (piece.empty()) return;
+  if (ignore_merges_) {
+    auto it = vocab_.find(piece);
+    if (it != vocab_.end()) {
+      out.push_back(it->second);
+      return;
+    }
+  }
+  std::vector<std::string> sym;
+  for (size_t i = 0; i < piece.size();) {
+    const size_t n = char_len(piece, i);
+    std::string c = piece.substr(i, n);
+    i += n;
+    if (vocab_.count(c)) {
+      sym.push_back(c);
+    } else if (byte_fallback_) {
+      for (unsigned char b : c) {
+        char buf[8];
+        std::snprintf(buf, sizeof buf, "<0x%02X>", b);
+        sym.push_back(vocab_.count(buf) ? std::string(buf) : std::string());
+      }
+    } else {
+      sym.push_back(std::string());  // unknown
+    }
+  }
+  while (sym.size() > 1) {
+    int32_t best = INT32_MAX;
+    for (size_t i = 0; i + 1 < sym.size(); ++i) {
+      if (sym[i].empty() || sym[i + 1].empty()) continue;
+      auto it = merge_rank_.find(sym[i] + '\0' + sym[i + 1]);
+      if (it != merge_rank_.end()) best = std::min(best, it->second);
+    }
+    if (best == INT32_MAX) break;
+    std::vector<std::string> next;
+    for (size_t i = 0; i < sym.size(); ++i) {
+      if (i + 1 < sym.size() && !sym[i].empty() && !sym[i + 1].empty()) {
+        auto it = merge_rank_.find(sym[i] + '\0' + sym[i + 1]);
+        if (it != merge_rank_.end() && it->second == best) {
+          next.push_back(sym[i] + sym[i + 1]);
+          ++i;
+          continue;
+        }
+      }
+      next.push_back(sym[i]);
+    }
+    sym.swap(next);
+  }
+  bool prev_unk = false;
+  for (auto& s : sym) {
+    if (s.empty()) {
+      if (unk_ < 0) throw InputError(str(path_, ": text needs a token outside the vocabulary and there is no unk_token"));
+      if (!(fuse_unk_ && prev_unk)) out.push_back(unk_);
+      prev_unk = true;
+      continue;
+    }
+    prev_unk = false;
+    out.push_back(vocab_.at(s));
+  }
+}
+
+std::vector<int32_t> HfTokenizer::encode(const std::string& text) const {
+  std::vector<int32_t> out;
+  // 1. added tokens are cut out first (leftmost, longest).
+  std::vector<std::pair<std::string, int32_t>> segs;
+  size_t i = 0, start = 0;
+  while (i < text.size()) {
+    bool hit = false;
+    for (auto& [t, id] : added_) {
+      if (text.compare(i, t.size(), t) == 0) {
+        if (i > start) segs.emplace_back(text.substr(start, i - start), -1);
+        segs.emplace_back(t, id);
+        i += t.size();
+        start = i;
+        hit = true;
+        break;
+      }
+    }
+    if (!hit) i += char_len(text, i);
+  }
+  if (start < text.size()) segs.emplace_back(text.substr(start), -1);
+  bool first = true;
+  for (auto& [seg, id] : segs) {
+    if (id >= 0) {
+      out.push_back(id);
+      first = false;
+      continue;
+    }
+    // 2. normalizer
+    std::string s = seg;
+    for (auto& n : norm_) {
+      if (n.kind == NormStep::Prepend) {
+        if (!s.empty()) s = n.a + s;
+      } else {
+        replace_all(s, n.a, n.b);
+      }
+    }
+    // 3. pre-tokenizers
+    std::vector<std::string> pieces{s};
+    for (auto& p : pre_) {
+      std::vector<std::string> next;
+      for (auto& x : pieces) {
+        if (p.kind == PreStep::Split) {
+          for (auto& y : split_isolated(*p.re, x)) next.push_back(y);
+        } else if (p.kind == PreStep::ByteLevel) {
+          std::string y = x;
+          if (p.add_prefix_space && !y.empty() && y[0] != ' ') y = " " + y;
+          std::vector<std::string> parts = p.re ? split_isolated(*p.re, y) : std::vector<std::string>{y};
+          for (auto& part : parts) {
+            std::string mapped;
+            for (unsigned char b : part) mapped += byte_map().to_char[b];
+            next.push_back(mapped);
+          }
+        } else {  // Metaspace
+          std::string y = x;
+          replace_all(y, " ", kMeta);
+          const bool prepend = p.prepend_scheme == "always" || (p.prepend_scheme == "first" && first);
+          if (prepend && y.compare(0, kMeta.size(), kMeta) != 0) y = kMeta + y;
+          if (!p.split) {
+            next.push_back(y);
+            continue;
+          }
+          size_t b = 0;
+          for (size_t k = kMeta.size(); k <= y.size(); ++k) {
+            if (k == y.size() || y.compare(k, kMeta.size(), kMeta) == 0) {
+              if (k > b) next.push_back(y.substr(b, k - b));
+              b = k;
+            }
+          }
+        }
+      }
+      pieces.swap(next);
+    }
+    first = false;
+    // 4. model
+    for (auto& x : pieces) bpe(x, out);
+  }
+  return out;
+}
+
+std::string HfTokenizer::decode(const std::vector<int32_t>& ids) const {
+  std::vector<std::string> toks;
+  for (int32_t id : ids) {
+    if (id < 0 || id >= static_cast<int32_t>(id_to_token_.size()))
+      throw InputError(str(path_, ": id ", id, " is outside the vocabulary of ", id_to_token_.size()));
+    toks.push_back(id_to_token_[id]);
+  }
+  auto is_byte_tok = [](const std::string& t) {
+    return t.size() == 6 && t.compare(0, 3, "<0x") == 0 && t[5] == '>' && std::isxdigit(t[3]) && std::isxdigit(t[4]);
+  };
+  for (auto& d : dec_) {
+    switch (d.kind) {
+      case DecStep::ByteLevel: {
+        std::string bytes;
+        for (auto& t : toks) {
+          for (size_t i = 0; i < t.size();) {
+            const size_t n = char_len(t, i);
+            auto it = byte_map().to_byte.find(t.substr(i, n));
+            if (it != byte_map().to_byte.end()) {
+              bytes += static_cast<char>(it->second);
+            } else {
+              bytes += t.substr(i, n);
+            }
+            i += n;
+          }
+        }
+        toks = {bytes};
+        break;
+      }
+      case DecStep::Replace:
+        for (auto& t : toks) replace_all(t, d.a, d.b);
+        break;
+      case DecStep::ByteFallback: {
+        std::vector<std::string> next;
+        std::string run;
+        auto flush = [&] {
+          if (!run.empty()) next.push_back(run);
+          run.clear();
+        };
+        for (auto& t : toks) {
+          if (is_byte_tok(t)) {
+            run += static_cast<char>(std::stoi(t.substr(3, 2), nullptr, 16));
+          } else {
+            flush();
+            next.push_back(t);
+          }
+        }
+        flush();
+        toks.swap(next);
+        break;
+      }
+      case DecStep::Fuse: {
+        std::string all;
+        for (auto& t : toks) all += t;
+        toks = {all};
+        break;
+      }
+      case DecStep::Strip:
+        for (auto& t : toks) {
+          int64_t a = 0;
+          while (a < d.start && t.compare(a * d.a.size(), d.a.size(), d.a) == 0) ++a;
+          t = t.substr(a * d.a.size());
+          int64_t z = 0;
+          while (z < d.stop && t.size() >= d.a.size() && t.compare(t.size() - d.a.size(), d.a.size(), d.a) == 0) {
+            t.resize(t.size() - d.a.size());
+            ++z;
+          }
+        }
+        break;
+      case DecStep::Metaspace:
+        for (size_t i = 0; i < toks.size(); ++i) {
+          replace_all(toks[i], kMeta, " ");
+          if (i == 0 && d.prepend && !toks[i].empty() && toks[i][0] == ' ') toks[i] = toks[i].substr(1);
+        }
+        break;
+    }
+  }
+  std::string out;
+  for (auto& t : toks) out += t;
+  return out;
+}
+
+}  // namespace
+
+std::unique_ptr<Tokenizer> load_hf_tokenizer(const std::string& path) { return std::make_unique<HfTokenizer>(path); }
+
+}  // namespace qf::data

@@ -1,0 +1,24 @@
+// Hugging Face `tokenizer.json` tokenizers (the `tokenizers` library's format), for BPE models:
+//  - byte-level BPE (GPT-2, Llama-3, Qwen2): ByteLevel pre-tokenizer with the GPT-2 regex, or a
+//    Sequence of Split(Regex, Isolated) + ByteLevel(use_regex false); PCRE2 (UTF + UCP) runs the
+//    patterns; ignore_merges (Llama-3) honoured;
+//  - SentencePiece-style BPE (Llama-2, Mistral exports): normalizer Prepend("▁") + Replace(" " ->
+//    "▁") or a Metaspace pre-tokenizer; byte fallback to <0xXX> tokens; the matching decoders;
+//  - added tokens (special or not) split out of the text before the model runs.
+// Unsupported pieces (WordPiece/Unigram/WordLevel models, NFKC or other normalizers, other
+// pre-tokenizers) are refused at load with the component named.
+// Invariant: encode() gives the ids `tokenizers.Tokenizer.encode(text, add_special_tokens=False)`
+// gives (tests/interop/test_hf_tokenizers.py); decode(encode(s)) == s for text the vocabulary covers.
+#pragma once
+#include <memory>
+#include <string>
+
+#include "data/tokenizer.h"
+
+namespace qf::data {
+
+// `path`: a tokenizer.json file or a directory holding one (tokenizer_config.json next to it, when
+// present, names the BOS/EOS/PAD tokens).
+std::unique_ptr<Tokenizer> load_hf_tokenizer(const std::string& path);
+
+}  // namespace qf::data

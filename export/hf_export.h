@@ -1,0 +1,27 @@
+// `qforge export --format hf`: a run's model as a Hugging Face checkpoint directory that
+// transformers.AutoModelForCausalLM.from_pretrained loads unchanged: config.json, safetensors
+// (sharded above a size, with model.safetensors.index.json), tokenizer files.
+// What is written is the model as it computes: LoRA adapters merged, fake-quant / converted / NF4
+// weights dequantized to the values the forward pass uses, in fp32, bf16 or fp16.
+// Invariants: built in a temp directory, re-read with models/hf (every tensor compared with what was
+// meant to be written) and only then renamed into place; an existing non-empty --out is refused.
+#pragma once
+#include <ATen/core/ScalarType.h>
+
+#include <string>
+
+#include "data/tokenizer.h"
+#include "models/transformer.h"
+
+namespace qf::exporter {
+
+struct HfExportResult {
+  std::string dir;
+  int64_t n_tensors = 0, bytes = 0, n_shards = 0;
+};
+
+// `tokenizer_path`: the run's sentencepiece .model or tokenizer.json (or its directory).
+HfExportResult export_hf(models::CausalLM& model, const data::Tokenizer& tok, const std::string& out,
+                         at::ScalarType dtype, int64_t max_shard_bytes);
+
+}  // namespace qf::exporter

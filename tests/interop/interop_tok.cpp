@@ -1,0 +1,33 @@
+// interop_tok TOKENIZER IN.json OUT.json: loads a Hugging Face tokenizer.json (data/hf_tokenizer.h)
+// and, for the list of strings in IN.json, writes {"ids": [[...]...], "decoded": [...], "bos": id,
+// "eos": id} to OUT.json for tests/interop/test_hf_tokenizers.py. Exit 1 with the error otherwise.
+#include <fstream>
+#include <iostream>
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+#include "core/fs.h"
+#include "data/hf_tokenizer.h"
+
+int main(int argc, char** argv) {
+  if (argc != 4) {
+    std::cerr << "usage: interop_tok TOKENIZER IN.json OUT.json\n";
+    return 2;
+  }
+  try {
+    auto tok = qf::data::load_hf_tokenizer(argv[1]);
+    auto in = nlohmann::json::parse(qf::fs::read_file(argv[2]));
+    nlohmann::json out = {{"ids", nlohmann::json::array()}, {"decoded", nlohmann::json::array()},
+                          {"bos", tok->bos_id()}, {"eos", tok->eos_id()}, {"vocab_size", tok->vocab_size()}};
+    for (auto& s : in) {
+      auto ids = tok->encode(s.get<std::string>());
+      out["ids"].push_back(ids);
+      out["decoded"].push_back(tok->decode(ids));
+    }
+    qf::fs::write_atomic(argv[3], out.dump());
+  } catch (const std::exception& e) {
+    std::cerr << "interop_tok: " << e.what() << "\n";
+    return 1;
+  }
+  return 0;
+}

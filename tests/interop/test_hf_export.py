@@ -1,0 +1,85 @@
+"""`qforge export --format hf` against transformers: a run trained by qforge (and a QLoRA run on top
+of it, whose NF4 base + adapters are merged and dequantized on export) is written as a Hugging
+Face checkpoint; transformers.AutoModelForCausalLM loads it unchanged and its fp32 logits equal
+qforge's on the same directory (models/hf, 1e-4) and greedy generation agrees; bf16 and sharded
+output, the tokenizer files (AutoTokenizer loads them) and the refusal to overwrite are checked."""
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+import transformers  # a missing peer fails here, loudly
+
+from st_io import interop_tool, read_safetensors, write_safetensors
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+QFORGE = os.path.join(os.environ.get("QFORGE_BUILD_DIR", os.path.join(ROOT, "build")), "qforge")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("export")
+    corpus = d / "corpus.txt"
+    with open(os.path.join(ROOT, "data/corpora/kjv.txt"), encoding="utf-8") as f:
+        corpus.write_text("".join(l for _, l in zip(range(2500), f)))
+    cfg = d / "tiny.yaml"
+    cfg.write_text(f"""
+run: {{name: tiny, out_dir: {d}/base, seed: 3, threads: 2}}
+tokenizer: {{path: {d}/tok.model, train: {{enabled: true, sources: [{corpus}], vocab_size: 400}}}}
+model: {{dim: 64, n_layers: 2, n_heads: 4, n_kv_heads: 2, ffn_dim: 160, max_seq_len: 64, tie_embeddings: true}}
+data: {{sources: [{{path: {corpus}, split: line}}], seq_len: 32, val_fraction: 0.05, cache_dir: {d}/cache}}
+trainer: {{max_steps: 12, batch_size: 8, eval_every: 0, eval_batches: 2, log_every: 4, optim: {{lr: 0.003}}, schedule: {{warmup_steps: 2}}}}
+""")
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    subprocess.run([QFORGE, "-q", "train", str(cfg)], check=True, env=env, capture_output=True)
+    subprocess.run([QFORGE, "-q", "train", str(cfg), f"run.out_dir={d}/qlora", f"run.init_from={d}/base",
+                    "peft.r=4", "peft.base=nf4", "trainer.max_steps=6"], check=True, env=env, capture_output=True)
+    return d
+
+
+def _export(run, out, *extra):
+    return subprocess.run([QFORGE, "-q", "export", str(run), "--format", "hf", "--out", str(out), *extra],
+                          capture_output=True, text=True)
+
+
+def _qforge_logits(tmp_path, d, ids):
+    write_safetensors(tmp_path / "ids.safetensors", {"ids": ids})
+    subprocess.run([interop_tool("interop_hf"), str(d), str(tmp_path / "ids.safetensors"), str(tmp_path / "o.safetensors"),
+                    "8"], check=True)
+    return read_safetensors(tmp_path / "o.safetensors")
+
+
+@pytest.mark.parametrize("run", ["base", "qlora"])
+def test_exported_checkpoint_loads_in_transformers_with_qforge_logits(tmp_path, runs, run):
+    out = tmp_path / "hf"
+    r = _export(runs / run, out, "--dtype", "fp32")
+    assert r.returncode == 0, r.stderr
+    assert "re-read and verified" in r.stdout
+    m = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    assert type(m).__name__ == "LlamaForCausalLM"
+    ids = (torch.arange(2 * 16).reshape(2, 16) * 31 + 7) % 400
+    ours = _qforge_logits(tmp_path, out, ids)
+    with torch.no_grad():
+        theirs = m(ids).logits
+        gen = m.generate(ids[:1], max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0,
+                         min_new_tokens=8)[0, 16:]
+    assert (ours["logits"] - theirs).abs().max().item() <= 1e-4 * max(1.0, theirs.abs().max().item())
+    assert ours["generated"].tolist() == gen.tolist()
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert tok.convert_ids_to_tokens(tok.bos_token_id) == cfg["bos_token"] == "<s>"
+    assert tok.decode(tok("In the beginning", add_special_tokens=False).input_ids) == "In the beginning"
+
+
+def test_bf16_sharded_export_and_overwrite_refusal(tmp_path, runs):
+    out = tmp_path / "hf16"
+    r = _export(runs / "base", out, "--dtype", "bf16", "--shard-size-mb", "0.02")
+    assert r.returncode == 0, r.stderr
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    m = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype="auto")
+    assert m.dtype == torch.bfloat16 and m.config.torch_dtype == torch.bfloat16
+    r = _export(runs / "base", out)
+    assert r.returncode == 1 and "already exists" in r.stderr, r.stderr
+    assert not any(p.name.startswith("hf16.tmp") for p in tmp_path.iterdir())
