@@ -2,7 +2,11 @@
 #include <CLI/CLI.hpp>
 #include <malloc.h>
 
+#include <sys/resource.h>
+
+#include <chrono>
 #include <cmath>
+#include <filesystem>
 #include <cstdio>
 #include <iostream>
 
@@ -12,6 +16,7 @@
 #include "models/generate.h"
 #include "quant/qat.h"
 #include "export/hf_export.h"
+#include "models/hf.h"
 #include "trainer/trainer.h"
 
 using namespace qf;
@@ -122,6 +127,44 @@ int cmd_export(const std::string& run, const std::vector<std::string>& overrides
   return 0;
 }
 
+int cmd_inspect(const std::string& path, const std::string& dtype, bool forward) {
+  const auto t0 = std::chrono::steady_clock::now();
+  nlohmann::json j;
+  std::shared_ptr<models::CausalLM> model;
+  if (std::filesystem::exists(path + "/config.json")) {
+    auto ck = models::read_hf_checkpoint(path);
+    const bool bf16 = dtype == "bf16" || (dtype == "auto" && ck.torch_dtype == "bfloat16");
+    ck.config.dtype = bf16 ? models::DType::BF16 : models::DType::F32;
+    model = models::build_model(ck.config, /*init=*/false);
+    models::load_hf_weights(*model, ck, !log::quiet());
+    j = {{"source", "huggingface"}, {"architecture", ck.architecture}, {"checkpoint_dtype", ck.torch_dtype},
+         {"files", ck.files.size()}};
+  } else {
+    auto lr = trainer::load_run(path, {});
+    model = lr.model;
+    j = {{"source", "qforge run"}, {"checkpoint", lr.checkpoint}, {"format", lr.format}};
+  }
+  const double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const auto& c = model->cfg;
+  j.update({{"family", c.family_name()}, {"parameters", model->num_parameters()}, {"layers", c.n_layers}, {"dim", c.dim},
+            {"heads", c.n_heads}, {"kv_heads", c.kv_heads()}, {"ffn_dim", c.ffn()}, {"vocab_size", c.vocab_size},
+            {"dtype", c.dtype == models::DType::BF16 ? "bf16" : "fp32"}, {"weight_bytes", quant::model_bytes(*model)},
+            {"load_s", load_s}});
+  if (forward) {
+    at::NoGradGuard ng;
+    model->eval();
+    auto ids = at::arange(8, at::kLong).reshape({1, 8}).remainder(c.vocab_size);
+    auto logits = model->forward(ids).to(at::kFloat);
+    j["forward_logits_sum"] = logits.sum().item<double>();
+    j["load_and_forward_s"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+  rusage ru{};
+  ::getrusage(RUSAGE_SELF, &ru);
+  j["peak_rss_mib"] = ru.ru_maxrss / 1024.0;
+  std::printf("%s\n", j.dump().c_str());
+  return 0;
+}
+
 int cmd_generate(const std::string& run, const std::vector<std::string>& overrides, const std::string& prompt,
                  models::SamplingConfig s) {
   auto lr = trainer::load_run(run, overrides);
@@ -187,6 +230,15 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   exp->footer("Example: qforge export runs/demo/qlora_domain --format hf --out /tmp/hf_model --dtype bf16");
 
+  std::string inspect_dtype = "auto";
+  bool inspect_forward = false;
+  auto* insp = app.add_subcommand("inspect", "Load a Hugging Face checkpoint dir or a run and print what it holds (JSON)");
+  insp->add_option("path", run, "Hugging Face checkpoint directory (config.json + safetensors) or run directory")->required();
+  insp->add_option("--dtype", inspect_dtype, "Model dtype for a Hugging Face checkpoint (auto: bf16 if it is stored in bf16)")
+      ->check(CLI::IsMember({"auto", "fp32", "bf16"}))
+      ->capture_default_str();
+  insp->add_flag("--forward", inspect_forward, "Also run one forward pass over 8 tokens");
+
   models::SamplingConfig s;
   std::string prompt;
   auto* gen = app.add_subcommand("generate", "Generate text from a trained run (KV cache, temperature/top-k/top-p)");
@@ -211,6 +263,7 @@ int main(int argc, char** argv) {
     }
     if (*eval) return cmd_eval(run, overrides, split, max_batches, text, data_from);
     if (*gen) return cmd_generate(run, overrides, prompt, s);
+    if (*insp) return cmd_inspect(run, inspect_dtype, inspect_forward);
     if (*exp) return cmd_export(run, overrides, format, out, dtype, shard_mb);
   } catch (const ConfigError& e) {
     std::fprintf(stderr, "qforge: %s\n", e.what());

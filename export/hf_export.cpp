@@ -21,7 +21,7 @@ namespace sfs = std::filesystem;
 // The model's weights as its forward pass uses them, under the dense model's HF names.
 std::vector<std::pair<std::string, at::Tensor>> dense_weights(models::CausalLM& model) {
   at::NoGradGuard ng;
-  auto dense = models::build_model(model.cfg);
+  auto dense = models::build_model(model.cfg, /*init=*/false);
   std::map<std::string, models::LinearSlot*> src;
   for (auto& ns : models::linear_slots(model)) src[ns.name] = ns.slot;
   for (auto& ns : models::linear_slots(*dense)) {
@@ -96,7 +96,7 @@ HfExportResult export_hf(models::CausalLM& model, const data::Tokenizer& tok, co
     copy_tokenizer(tok, tmp);
     // Re-read what was written and compare with what was meant, before reporting success.
     auto ck = models::read_hf_checkpoint(tmp);
-    auto back = models::build_model(ck.config);
+    auto back = models::build_model(ck.config, /*init=*/false);
     models::load_hf_weights(*back, ck, false);
     std::map<std::string, at::Tensor> got;
     for (auto& p : back->named_parameters()) got[p.key()] = p.value();

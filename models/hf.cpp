@@ -1,6 +1,8 @@
 #include "models/hf.h"
 
 #include <ATen/ATen.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstring>
@@ -229,8 +231,12 @@ void load_hf_weights(CausalLM& model, const HfCheckpoint& ck, bool progress) {
     if (problems.size() > 20) msg += str("\n  ... and ", problems.size() - 20, " more");
     throw InputError(msg);
   }
-  // Pass 2: copy, one shard mapped at a time.
+  // Pass 2, one shard mapped at a time. A tensor whose dtype and layout already match the parameter
+  // becomes the parameter's storage (zero-copy: the page cache backs it, copy-on-write); others are
+  // converted into the parameter and their source pages are dropped right away, so peak memory
+  // stays near one copy of the model.
   at::NoGradGuard ng;
+  const long page = ::sysconf(_SC_PAGESIZE);
   std::unique_ptr<core::ProgressBar> bar;
   if (progress) bar = std::make_unique<core::ProgressBar>("load", static_cast<int64_t>(params.size()), 0, "tensor");
   int64_t done = 0;
@@ -239,8 +245,17 @@ void load_hf_weights(CausalLM& model, const HfCheckpoint& ck, bool progress) {
     for (auto& [name, t] : file.tensors) {
       auto it = params.find(name);
       if (it == params.end()) continue;
-      auto src = gpt2 && is_conv1d(name) ? t.t() : t;
-      it->second.copy_(src);
+      const bool transpose = gpt2 && is_conv1d(name);
+      auto& p = it->second;
+      if (!transpose && t.scalar_type() == p.scalar_type() && t.is_contiguous() && t.numel() > 0) {
+        p.set_data(t);
+      } else {
+        p.copy_(transpose ? t.t() : t);
+        const auto b = reinterpret_cast<uintptr_t>(t.data_ptr());
+        const auto e = b + static_cast<uintptr_t>(t.numel() * t.element_size());
+        const uintptr_t pb = (b + page - 1) / page * page, pe = e / page * page;
+        if (pe > pb) ::madvise(reinterpret_cast<void*>(pb), pe - pb, MADV_DONTNEED);
+      }
       if (bar) bar->update(++done);
     }
   }
@@ -321,7 +336,7 @@ void write_hf_weights(const ModelConfig& c, const std::vector<std::pair<std::str
 
 std::shared_ptr<CausalLM> load_hf_model(const std::string& dir, bool progress) {
   auto ck = read_hf_checkpoint(dir);
-  auto m = build_model(ck.config);
+  auto m = build_model(ck.config, /*init=*/false);
   load_hf_weights(*m, ck, progress);
   return m;
 }

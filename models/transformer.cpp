@@ -364,13 +364,24 @@ int64_t CausalLM::num_parameters() const {
   return n;
 }
 
-std::shared_ptr<CausalLM> build_model(const ModelConfig& c) {
+std::shared_ptr<CausalLM> build_model(const ModelConfig& c, bool init) {
   QF_CHECK(c.vocab_size > 0, "model.vocab_size must be set (or taken from the tokenizer) before building");
   std::shared_ptr<CausalLM> m;
-  if (c.family == Family::Llama)
-    m = std::make_shared<LlamaForCausalLM>(c);
-  else
-    m = std::make_shared<Gpt2LMHeadModel>(c);
+  // Without init the parameters are allocated directly in the model dtype and left untouched (the
+  // pages are not even faulted in), for callers that load every weight right after.
+  const auto saved = c10::get_default_dtype();
+  if (!init) c10::set_default_dtype(c10::scalarTypeToTypeMeta(model_dtype(c)));
+  try {
+    if (c.family == Family::Llama)
+      m = std::make_shared<LlamaForCausalLM>(c);
+    else
+      m = std::make_shared<Gpt2LMHeadModel>(c);
+  } catch (...) {
+    c10::set_default_dtype(saved);
+    throw;
+  }
+  c10::set_default_dtype(saved);
+  if (!init) return m;
   m->init_weights(0);
   if (model_dtype(c) != at::kFloat) m->to(model_dtype(c));
   return m;

@@ -39,7 +39,9 @@ class CausalLM : public torch::nn::Module {
   const ModelConfig cfg;
 };
 
-std::shared_ptr<CausalLM> build_model(const ModelConfig& cfg);
+// init = false: parameters allocated in the model dtype but not initialised (every weight is
+// loaded next, e.g. from a Hugging Face checkpoint).
+std::shared_ptr<CausalLM> build_model(const ModelConfig& cfg, bool init = true);
 
 // Rotary embedding tables for positions [start, start+T): cos, sin of shape [T, head_dim]
 // (HF layout: the two halves repeat), using cfg.rope_theta and cfg.rope_scaling.

@@ -146,8 +146,8 @@ void Trainer::setup() {
                    "# resolved config of run '" + run.name + "' (from " + cfg_.source + ")\n" + cfg::dump(cfg_.resolved));
 
   at::manual_seed(static_cast<uint64_t>(run.seed));
-  model_ = models::build_model(mc);
-  model_->init_weights(static_cast<uint64_t>(run.seed));
+  model_ = models::build_model(mc, /*init=*/mc.from.empty());
+  if (mc.from.empty()) model_->init_weights(static_cast<uint64_t>(run.seed));
   if (!mc.from.empty()) {
     models::load_hf_weights(*model_, models::read_hf_checkpoint(mc.from));
     log::info("loaded Hugging Face checkpoint ", mc.from);

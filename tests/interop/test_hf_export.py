@@ -35,6 +35,10 @@ trainer: {{max_steps: 12, batch_size: 8, eval_every: 0, eval_batches: 2, log_eve
     subprocess.run([QFORGE, "-q", "train", str(cfg)], check=True, env=env, capture_output=True)
     subprocess.run([QFORGE, "-q", "train", str(cfg), f"run.out_dir={d}/qlora", f"run.init_from={d}/base",
                     "peft.r=4", "peft.base=nf4", "trainer.max_steps=6"], check=True, env=env, capture_output=True)
+    subprocess.run([QFORGE, "-q", "train", str(cfg), f"run.out_dir={d}/gpt2", "model.family=gpt2", "model.n_kv_heads=0",
+                    "model.ffn_dim=0"], check=True, env=env, capture_output=True)
+    subprocess.run([QFORGE, "-q", "train", str(cfg), f"run.out_dir={d}/qwen2", "model.qkv_bias=true"],
+                   check=True, env=env, capture_output=True)
     return d
 
 
@@ -50,14 +54,15 @@ def _qforge_logits(tmp_path, d, ids):
     return read_safetensors(tmp_path / "o.safetensors")
 
 
-@pytest.mark.parametrize("run", ["base", "qlora"])
-def test_exported_checkpoint_loads_in_transformers_with_qforge_logits(tmp_path, runs, run):
+@pytest.mark.parametrize("run,arch", [("base", "LlamaForCausalLM"), ("qlora", "LlamaForCausalLM"),
+                                      ("gpt2", "GPT2LMHeadModel"), ("qwen2", "Qwen2ForCausalLM")])
+def test_exported_checkpoint_loads_in_transformers_with_qforge_logits(tmp_path, runs, run, arch):
     out = tmp_path / "hf"
     r = _export(runs / run, out, "--dtype", "fp32")
     assert r.returncode == 0, r.stderr
     assert "re-read and verified" in r.stdout
     m = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
-    assert type(m).__name__ == "LlamaForCausalLM"
+    assert type(m).__name__ == arch
     ids = (torch.arange(2 * 16).reshape(2, 16) * 31 + 7) % 400
     ours = _qforge_logits(tmp_path, out, ids)
     with torch.no_grad():
