@@ -35,6 +35,7 @@ test: build
 bench: build
 	@bench/train_throughput.sh
 	@bench/qlora_step.sh
+	@bench/hf_load.sh
 
 clean:
 	rm -rf $(BUILD) $(BUILD).configure.log
