@@ -36,20 +36,8 @@ mkdir -p "$(dirname "$OUT")"
 export OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS"
 RECORDS="$WORK/records.jsonl"; : > "$RECORDS"
 
-busy_frac() {
-  local a b
-  a=($(head -1 /proc/stat)); sleep 1; b=($(head -1 /proc/stat))
-  awk -v u="$(( b[1]+b[2]+b[3]+b[6]+b[7]+b[8] - a[1]-a[2]-a[3]-a[6]-a[7]-a[8] ))" \
-      -v t="$(( b[1]+b[2]+b[3]+b[4]+b[5]+b[6]+b[7]+b[8] - a[1]-a[2]-a[3]-a[4]-a[5]-a[6]-a[7]-a[8] ))" \
-      'BEGIN{printf "%.2f", (t > 0) ? (u / t) : 0}'
-}
-wait_quiet() {
-  local waited=0 busy
-  busy=$(busy_frac)
-  while awk -v b="$busy" -v m="$QUIET_MAX" 'BEGIN{exit !(b > m)}' && (( waited < QUIET_WAIT )); do
-    sleep 4; waited=$((waited + 5)); busy=$(busy_frac)
-  done
-}
+# shellcheck source=bench/quiet.sh
+source "$ROOT/bench/quiet.sh"
 
 QF_COMMON=(run.init_from= run.threads="$THREADS" trainer.max_steps="$STEPS" trainer.eval_every=0 trainer.eval_batches=1
            trainer.save_every=0 trainer.log_every=1 'sample.prompts=[]' trainer.resume=never peft.save_adapter=false)

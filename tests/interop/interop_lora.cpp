@@ -21,18 +21,12 @@
 #include "peft/adapter.h"
 #include "peft/lora.h"
 #include "trainer/checkpoint.h"
+#include "tests/tiny_model.h"
 
 namespace {
 
 qf::models::ModelConfig tiny() {
-  qf::models::ModelConfig c;
-  c.vocab_size = 96;
-  c.dim = 64;
-  c.n_layers = 2;
-  c.n_heads = 4;
-  c.n_kv_heads = 2;
-  c.ffn_dim = 128;
-  c.max_seq_len = 64;
+  auto c = qf::testing::tiny_llama(96, 64, 0.02);
   c.tie_embeddings = false;
   return c;
 }

@@ -12,24 +12,14 @@
 #include "core/safetensors.h"
 #include "models/hf.h"
 #include "tests/test_util.h"
+#include "tests/tiny_model.h"
 
 using namespace qf;
 using namespace qf::models;
 
 namespace {
 
-ModelConfig tiny() {
-  ModelConfig c;
-  c.vocab_size = 96;
-  c.dim = 64;
-  c.n_layers = 2;
-  c.n_heads = 4;
-  c.n_kv_heads = 2;
-  c.ffn_dim = 128;
-  c.max_seq_len = 64;
-  c.init_std = 0.1;
-  return c;
-}
+ModelConfig tiny() { return qf::testing::tiny_llama(96, 64); }
 
 std::vector<std::pair<std::string, at::Tensor>> state(torch::nn::Module& m) {
   std::vector<std::pair<std::string, at::Tensor>> out;

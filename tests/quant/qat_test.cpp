@@ -14,24 +14,14 @@
 #include "quant/fake_quant.h"
 #include "quant/qat.h"
 #include "trainer/checkpoint.h"
+#include "tests/tiny_model.h"
 
 using namespace qf;
 using namespace qf::quant;
 
 namespace {
 
-models::ModelConfig tiny() {
-  models::ModelConfig c;
-  c.vocab_size = 64;
-  c.dim = 64;
-  c.n_layers = 2;
-  c.n_heads = 4;
-  c.n_kv_heads = 2;
-  c.ffn_dim = 128;
-  c.max_seq_len = 32;
-  c.init_std = 0.1;
-  return c;
-}
+models::ModelConfig tiny() { return qf::testing::tiny_llama(); }
 
 QatConfig qat(const std::string& preset, const std::string& act = "") {
   QatConfig q;
