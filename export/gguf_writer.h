@@ -1,0 +1,66 @@
+// GGUF v3 container writer (llama.cpp's file format; gguf-py gguf_writer.py is the reference):
+// "GGUF", version 3, tensor count, metadata count, metadata (typed key/values, arrays), tensor infos
+// (name, dims innermost first, ggml type, offset), padding to the alignment (general.alignment,
+// 32 by default), then the tensor data, each tensor aligned.
+// Invariants: the file appears only complete (temp file + fsync + rename); every tensor's byte size
+// is checked against its ggml type and dims before anything is written; keys are unique.
+// This is the container only: what llama.cpp expects in it for a model (architecture keys,
+// tensor names, tokenizer block) is the exporter's business (export/gguf_export, coming next).
+#pragma once
+#include <cstdint>
+#include <string>
+#include <variant>
+#include <vector>
+
+namespace qf::gguf {
+
+enum class ValueType : uint32_t {
+  U8 = 0, I8 = 1, U16 = 2, I16 = 3, U32 = 4, I32 = 5, F32 = 6, BOOL = 7, STRING = 8, ARRAY = 9, U64 = 10, I64 = 11, F64 = 12
+};
+
+// ggml tensor types qforge writes; (block elements, block bytes) per ggml-common.h.
+enum class TensorType : uint32_t { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q6_K = 14, BF16 = 30 };
+int64_t block_elems(TensorType t);
+int64_t block_bytes(TensorType t);
+const char* type_name(TensorType t);
+
+struct Value {
+  ValueType type = ValueType::U32;
+  ValueType elem = ValueType::U32;  // for arrays
+  std::variant<uint64_t, int64_t, double, bool, std::string> scalar;
+  std::vector<std::variant<uint64_t, int64_t, double, bool, std::string>> array;
+};
+
+class Writer {
+ public:
+  explicit Writer(uint32_t alignment = 32) : alignment_(alignment) {}
+  void add_u32(const std::string& key, uint32_t v);
+  void add_i32(const std::string& key, int32_t v);
+  void add_u64(const std::string& key, uint64_t v);
+  void add_f32(const std::string& key, float v);
+  void add_bool(const std::string& key, bool v);
+  void add_string(const std::string& key, const std::string& v);
+  void add_strings(const std::string& key, const std::vector<std::string>& v);
+  void add_f32s(const std::string& key, const std::vector<float>& v);
+  void add_i32s(const std::string& key, const std::vector<int32_t>& v);
+  // dims in PyTorch order ([rows, cols]); stored innermost first as GGUF wants. `data` holds the
+  // row-major bytes (blocks for quantized types, rows of whole blocks).
+  void add_tensor(const std::string& name, const std::vector<int64_t>& dims, TensorType type, std::string data);
+  // Serialises and writes atomically; returns the file size.
+  int64_t write(const std::string& path) const;
+  std::string serialize() const;
+
+ private:
+  void add(const std::string& key, Value v);
+  uint32_t alignment_;
+  std::vector<std::pair<std::string, Value>> kv_;
+  struct Tensor {
+    std::string name;
+    std::vector<int64_t> dims;
+    TensorType type;
+    std::string data;
+  };
+  std::vector<Tensor> tensors_;
+};
+
+}  // namespace qf::gguf
