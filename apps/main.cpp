@@ -15,6 +15,7 @@
 #include "core/log.h"
 #include "models/generate.h"
 #include "quant/qat.h"
+#include "export/gguf_export.h"
 #include "export/hf_export.h"
 #include "models/hf.h"
 #include "trainer/trainer.h"
@@ -114,11 +115,17 @@ int cmd_eval(const std::string& run, const std::vector<std::string>& overrides, 
 }
 
 int cmd_export(const std::string& run, const std::vector<std::string>& overrides, const std::string& format,
-               const std::string& out, const std::string& dtype, double shard_mb) {
-  QF_CHECK_INPUT(format == "hf", "export: format '", format, "' is not available yet (available: hf)");
+               const std::string& out, const std::string& dtype, double shard_mb, const std::string& quant) {
   auto lr = trainer::load_run(run, overrides);
   trainer::set_threads(lr.cfg.run.threads);
   lr.model->to(at::kCPU);
+  if (format == "gguf") {
+    auto r = exporter::export_gguf(*lr.model, *lr.tok, out, quant, lr.cfg.run.name);
+    for (auto& row : r.rows) log::info("  ", row);
+    std::printf("exported %s (%s model) to %s: GGUF v3, %lld tensors, %.2f MB (--quant %s)\n", lr.checkpoint.c_str(),
+                lr.format.c_str(), r.path.c_str(), (long long)r.n_tensors, r.bytes / 1e6, quant.c_str());
+    return 0;
+  }
   const auto t = dtype == "bf16" ? at::kBFloat16 : dtype == "fp16" ? at::kHalf : at::kFloat;
   auto r = exporter::export_hf(*lr.model, *lr.tok, out, t, static_cast<int64_t>(shard_mb * 1e6));
   std::printf("exported %s (%s model) to %s: %lld tensors, %.2f MB in %lld file%s (%s), re-read and verified\n",
@@ -215,13 +222,18 @@ int main(int argc, char** argv) {
   eval->add_option("--data-from", data_from,
                    "Evaluate on the --split of this recipe's data section instead (e.g. a domain recipe's held-out text)");
 
-  std::string format = "hf", out, dtype = "bf16";
+  std::string format = "hf", out, dtype = "bf16", gguf_quant = "f16";
   double shard_mb = 5000;
   auto* exp = app.add_subcommand("export", "Write a run's model in a runtime's format (hf: a Hugging Face checkpoint dir)");
   exp->add_option("run", run, "Run directory or checkpoint directory")->required();
   exp->add_option("overrides", overrides, "key.path=value overrides of the run's config");
-  exp->add_option("--format", format, "Output format")->check(CLI::IsMember({"hf"}))->capture_default_str();
-  exp->add_option("--out", out, "Output directory (must not exist, or be empty)")->required();
+  exp->add_option("--format", format, "Output format: hf (a Hugging Face checkpoint dir) or gguf (llama.cpp)")
+      ->check(CLI::IsMember({"hf", "gguf"}))
+      ->capture_default_str();
+  exp->add_option("--out", out, "Output directory (hf; must not exist, or be empty) or .gguf file")->required();
+  exp->add_option("--quant", gguf_quant,
+                  "gguf: f32|f16|q8_0|q4_0|q4_1|q4_k|q6_k for float linears (packed QAT/PTQ layers keep their blocks)")
+      ->capture_default_str();
   exp->add_option("--dtype", dtype, "Weight dtype of the written checkpoint")
       ->check(CLI::IsMember({"fp32", "bf16", "fp16"}))
       ->capture_default_str();
@@ -264,7 +276,7 @@ int main(int argc, char** argv) {
     if (*eval) return cmd_eval(run, overrides, split, max_batches, text, data_from);
     if (*gen) return cmd_generate(run, overrides, prompt, s);
     if (*insp) return cmd_inspect(run, inspect_dtype, inspect_forward);
-    if (*exp) return cmd_export(run, overrides, format, out, dtype, shard_mb);
+    if (*exp) return cmd_export(run, overrides, format, out, dtype, shard_mb, gguf_quant);
   } catch (const ConfigError& e) {
     std::fprintf(stderr, "qforge: %s\n", e.what());
     return 2;

@@ -163,6 +163,7 @@ class HfTokenizer final : public Tokenizer {
     QF_CHECK_INPUT(id >= 0 && id < static_cast<int32_t>(id_to_token_.size()), path_, ": id ", id, " is outside the vocabulary");
     return id_to_token_[id];
   }
+  std::string kind() const override { return "huggingface-bpe"; }
   int32_t bos_id() const override { return bos_; }
   int32_t eos_id() const override { return eos_; }
   int32_t pad_id() const override { return pad_; }

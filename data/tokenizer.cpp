@@ -84,6 +84,15 @@ class SentencePieceTokenizer final : public Tokenizer {
     QF_CHECK(id >= 0 && id < sp_.GetPieceSize(), "token id ", id, " is out of range for tokenizer '", path_, "'");
     return sp_.IdToPiece(id);
   }
+  Entry entry(int32_t id) const override {
+    Entry e{token(id), sp_.GetScore(id), 1};
+    if (sp_.IsUnknown(id)) e.type = 2;
+    else if (sp_.IsControl(id)) e.type = 3;
+    else if (sp_.IsUnused(id)) e.type = 5;
+    else if (sp_.IsByte(id)) e.type = 6;
+    return e;
+  }
+  std::string kind() const override { return "sentencepiece"; }
   std::string decode(const std::vector<int32_t>& ids) const override {
     const int n = sp_.GetPieceSize();
     std::vector<int> v;

@@ -16,6 +16,15 @@ class Tokenizer {
   virtual std::vector<int32_t> encode(const std::string& text) const = 0;
   virtual std::string decode(const std::vector<int32_t>& ids) const = 0;
   virtual std::string token(int32_t id) const = 0;  // the vocabulary entry (e.g. "<s>", "▁the")
+  // What a runtime's vocabulary table needs (llama.cpp's token types: 1 normal, 2 unknown,
+  // 3 control, 4 user-defined, 5 unused, 6 byte). Tokenizers without scores report 0.
+  struct Entry {
+    std::string piece;
+    float score = 0.f;
+    int32_t type = 1;
+  };
+  virtual Entry entry(int32_t id) const { return {token(id), 0.f, 1}; }
+  virtual std::string kind() const = 0;  // "sentencepiece" or "huggingface-bpe"
   virtual int64_t vocab_size() const = 0;
   virtual int32_t bos_id() const = 0;  // -1 when the tokenizer has none
   virtual int32_t eos_id() const = 0;

@@ -99,6 +99,7 @@ class QuantizedEmbedding : public models::EmbeddingBase {
   QuantizedEmbedding(int64_t num, int64_t dim, QuantSpec spec);
   at::Tensor table() override;
   int64_t packed_bytes() const;
+  const QuantSpec& spec() const { return spec_; }
   at::Tensor qweight, scales, zeros;
 
  private:

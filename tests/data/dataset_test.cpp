@@ -44,6 +44,7 @@ class ByteTokenizer : public Tokenizer {
     return s;
   }
   std::string token(int32_t id) const override { return decode({id}); }
+  std::string kind() const override { return "bytes"; }
   int64_t vocab_size() const override { return 260; }
   int32_t bos_id() const override { return 1; }
   int32_t eos_id() const override { return 2; }

@@ -1,0 +1,104 @@
+"""`qforge export --format gguf` read back by gguf-py: a QAT q4_0 run (converted) and a float run
+(RTN at export) written as llama.cpp GGUF files; gguf-py's reader finds llama's hyper-parameters and
+a sentencepiece vocabulary, the tensor names and types llama.cpp expects, and gguf-py's
+dequantization of every block tensor equals qforge's own weights (from `export --format hf
+--dtype fp32` of the same run) after convert_hf_to_gguf.py's Q/K row permutation - bit-exact for
+the QAT run, whose blocks are the trained ones. (Running the files in llama.cpp itself comes with
+the llama-cpp-python build.)"""
+import os
+import subprocess
+
+import gguf  # a missing peer fails here, loudly
+import numpy as np
+import pytest
+
+from st_io import read_safetensors
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+QFORGE = os.path.join(os.environ.get("QFORGE_BUILD_DIR", os.path.join(ROOT, "build")), "qforge")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gguf")
+    corpus = d / "corpus.txt"
+    with open(os.path.join(ROOT, "data/corpora/kjv.txt"), encoding="utf-8") as f:
+        corpus.write_text("".join(l for _, l in zip(range(2500), f)))
+    cfg = d / "tiny.yaml"
+    cfg.write_text(f"""
+run: {{name: tiny, out_dir: {d}/fp, seed: 3, threads: 2}}
+tokenizer: {{path: {d}/tok.model, train: {{enabled: true, sources: [{corpus}], vocab_size: 400}}}}
+model: {{dim: 64, n_layers: 2, n_heads: 4, n_kv_heads: 2, ffn_dim: 160, max_seq_len: 64, tie_embeddings: false}}
+data: {{sources: [{{path: {corpus}, split: line}}], seq_len: 32, val_fraction: 0.05, cache_dir: {d}/cache}}
+trainer: {{max_steps: 10, batch_size: 8, eval_every: 0, eval_batches: 2, log_every: 5, optim: {{lr: 0.003}},
+          schedule: {{warmup_steps: 2}}}}
+""")
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    subprocess.run([QFORGE, "-q", "train", str(cfg)], check=True, env=env, capture_output=True)
+    subprocess.run([QFORGE, "-q", "train", str(cfg), f"run.out_dir={d}/qat", f"run.init_from={d}/fp",
+                    "quant.rules=[{pattern: 'model.layers.*', weight: {preset: q4_0}}]", "trainer.max_steps=4"],
+                   check=True, env=env, capture_output=True)
+    return d
+
+
+def _permute(w, heads):
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+GGUF_NAMES = {"input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
+              "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
+              "self_attn.o_proj.weight": "attn_output.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+              "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+              "mlp.down_proj.weight": "ffn_down.weight"}
+
+
+@pytest.mark.parametrize("run,quant,layer_type", [("qat/converted", "q4_0", "Q4_0"), ("fp", "q8_0", "Q8_0")])
+def test_gguf_export_reads_back_in_gguf_py(tmp_path, runs, run, quant, layer_type):
+    out = tmp_path / "m.gguf"
+    r = subprocess.run([QFORGE, "-q", "export", str(runs / run), "--format", "gguf", "--quant", quant, "--out", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    hf = tmp_path / "hf"
+    subprocess.run([QFORGE, "-q", "export", str(runs / run), "--format", "hf", "--dtype", "fp32", "--out", str(hf)],
+                   check=True, capture_output=True)
+    ours = read_safetensors(hf / "model.safetensors")
+    g = gguf.GGUFReader(str(out))
+    f = lambda k: g.fields[k].contents()
+    assert f("general.architecture") == "llama"
+    assert (f("llama.block_count"), f("llama.embedding_length"), f("llama.feed_forward_length")) == (2, 64, 160)
+    assert (f("llama.attention.head_count"), f("llama.attention.head_count_kv"), f("llama.rope.dimension_count")) == (4, 2, 16)
+    assert f("tokenizer.ggml.model") == "llama" and len(f("tokenizer.ggml.tokens")) == 400
+    assert f("tokenizer.ggml.tokens")[:3] == ["<unk>", "<s>", "</s>"] and f("tokenizer.ggml.bos_token_id") == 1
+    tensors = {t.name: t for t in g.tensors}
+    want = {"token_embd.weight": ours["model.embed_tokens.weight"], "output_norm.weight": ours["model.norm.weight"],
+            "output.weight": ours["lm_head.weight"]}
+    for i in range(2):
+        for k, v in GGUF_NAMES.items():
+            w = ours[f"model.layers.{i}.{k}"]
+            if k.startswith("self_attn.q_proj"):
+                w = _permute(w, 4)
+            if k.startswith("self_attn.k_proj"):
+                w = _permute(w, 2)
+            want[f"blk.{i}.{v}"] = w
+    assert sorted(tensors) == sorted(want)
+    for name, w in want.items():
+        t = tensors[name]
+        if name.startswith("blk.") and "norm" not in name:
+            assert t.tensor_type.name == layer_type, name
+        got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(w.shape)
+        if run.startswith("qat") or t.tensor_type.name == "F32":
+            assert np.array_equal(got, w.numpy()), name  # the trained blocks / float values, exactly
+        else:
+            assert np.abs(got - w.numpy()).max() <= np.abs(w.numpy()).max() / 100, name  # RTN q8_0 of float weights
+    if run == "fp":
+        assert tensors["output.weight"].tensor_type.name in ("Q6_K", "Q8_0")
+
+
+def test_gguf_export_refusals(tmp_path, runs):
+    r = subprocess.run([QFORGE, "-q", "export", str(runs / "fp"), "--format", "gguf", "--quant", "q4_k", "--out",
+                        str(tmp_path / "x.gguf")], capture_output=True, text=True)
+    assert r.returncode == 1 and "not a multiple of the q4_k block (256)" in r.stderr, r.stderr
+    assert not (tmp_path / "x.gguf").exists()
+    r = subprocess.run([QFORGE, "-q", "export", str(runs / "fp"), "--format", "gguf", "--quant", "q3", "--out",
+                        str(tmp_path / "y.gguf")], capture_output=True, text=True)
+    assert r.returncode == 1 and "--quant 'q3' is not one of" in r.stderr, r.stderr
