@@ -13,6 +13,7 @@
 #include "apps/embedded_config.h"
 #include "core/config.h"
 #include "core/log.h"
+#include "core/safetensors.h"
 #include "models/generate.h"
 #include "quant/qat.h"
 #include "export/gguf_export.h"
@@ -84,7 +85,7 @@ int cmd_train(const std::string& file, const std::vector<std::string>& overrides
 }
 
 int cmd_eval(const std::string& run, const std::vector<std::string>& overrides, const std::string& split,
-             int64_t max_batches, const std::string& text, const std::string& data_from) {
+             int64_t max_batches, const std::string& text, const std::string& data_from, const std::string& save_tokens) {
   auto lr = trainer::load_run(run, overrides);
   trainer::set_threads(lr.cfg.run.threads);
   auto dcfg = lr.cfg.data;
@@ -101,6 +102,11 @@ int cmd_eval(const std::string& run, const std::vector<std::string>& overrides, 
   }
   auto ds = data::build_dataset(dcfg, *lr.tok);
   const auto& set = (!text.empty() || split == "train") ? ds.train : ds.val;
+  if (!save_tokens.empty()) {
+    // The exact windows evaluated (what another runtime must score to compare perplexities).
+    auto n = max_batches > 0 ? std::min<int64_t>(set.size(), max_batches * lr.cfg.trainer.batch_size) : set.size();
+    st::save(save_tokens, {{"tokens", set.tokens.slice(0, 0, n)}, {"loss_mask", set.loss_mask.slice(0, 0, n)}});
+  }
   auto dev = lr.model->parameters().front().device();
   auto e = trainer::evaluate_model(*lr.model, set, lr.cfg.trainer.batch_size, max_batches, dev,
                                    lr.cfg.trainer.precision == trainer::Precision::BF16);
@@ -211,7 +217,7 @@ int main(int argc, char** argv) {
   train->add_flag("--print-config", print_config, "Print the resolved config (defaults filled in) and exit");
   train->footer("Example: qforge train configs/tiny_pretrain.yaml trainer.max_steps=50");
 
-  std::string run, split = "val", text, data_from;
+  std::string run, split = "val", text, data_from, save_tokens;
   int64_t max_batches = 0;
   auto* eval = app.add_subcommand("eval", "Perplexity of a trained run's latest checkpoint");
   eval->add_option("run", run, "Run directory or checkpoint directory")->required();
@@ -221,6 +227,8 @@ int main(int argc, char** argv) {
   eval->add_option("--text", text, "Evaluate on this text/JSONL file or directory instead");
   eval->add_option("--data-from", data_from,
                    "Evaluate on the --split of this recipe's data section instead (e.g. a domain recipe's held-out text)");
+  eval->add_option("--save-tokens", save_tokens,
+                   "Also write the evaluated token windows (safetensors: tokens, loss_mask) for another runtime to score");
 
   std::string format = "hf", out, dtype = "bf16", gguf_quant = "f16";
   double shard_mb = 5000;
@@ -273,7 +281,7 @@ int main(int argc, char** argv) {
       overrides.assign(train_args.begin() + i, train_args.end());
       return cmd_train(config, overrides, print_config);
     }
-    if (*eval) return cmd_eval(run, overrides, split, max_batches, text, data_from);
+    if (*eval) return cmd_eval(run, overrides, split, max_batches, text, data_from, save_tokens);
     if (*gen) return cmd_generate(run, overrides, prompt, s);
     if (*insp) return cmd_inspect(run, inspect_dtype, inspect_forward);
     if (*exp) return cmd_export(run, overrides, format, out, dtype, shard_mb, gguf_quant);

@@ -6,7 +6,8 @@
 # recovery = (ppl_PTQ - ppl_QAT) / (ppl_PTQ - ppl_control). Then QLoRA domain fine-tuning of the
 # pretrained model on Python's documentation (configs/tiny_qlora_domain.yaml) next to a full
 # fine-tune: domain and general perplexity before/after, and the training-memory table of full
-# fine-tune vs LoRA vs bf16 LoRA vs QLoRA. Everything lands in runs/demo/.
+# fine-tune vs LoRA vs bf16 LoRA vs QLoRA. Finally the QAT model is exported to GGUF q4_0 and run by
+# llama.cpp, its perplexity printed next to qforge's. Everything lands in runs/demo/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 Q=build/qforge
@@ -14,19 +15,19 @@ OUT=runs/demo
 rm -rf "$OUT"
 start=$(date +%s)
 
-echo "== [1/9] pretraining the embedded default (configs/tiny_pretrain.yaml) =="
+echo "== [1/10] pretraining the embedded default (configs/tiny_pretrain.yaml) =="
 $Q train run.out_dir=$OUT/pretrain
 
-echo; echo "== [2/9] FP control: the QAT recipe's 300 steps without fake quant =="
+echo; echo "== [2/10] FP control: the QAT recipe's 300 steps without fake quant =="
 $Q train configs/tiny_qat_q4_0.yaml quant.enabled=false run.out_dir=$OUT/ft_fp run.init_from=$OUT/pretrain 'sample.prompts=[]'
 
-echo; echo "== [3/9] post-training quantization of the control: RTN to q4_0 (configs/tiny_ptq_q4_0.yaml) =="
+echo; echo "== [3/10] post-training quantization of the control: RTN to q4_0 (configs/tiny_ptq_q4_0.yaml) =="
 $Q train configs/tiny_ptq_q4_0.yaml run.out_dir=$OUT/ptq_q4_0 run.init_from=$OUT/ft_fp
 
-echo; echo "== [4/9] quantization-aware training against q4_0 (configs/tiny_qat_q4_0.yaml) =="
+echo; echo "== [4/10] quantization-aware training against q4_0 (configs/tiny_qat_q4_0.yaml) =="
 $Q train configs/tiny_qat_q4_0.yaml run.out_dir=$OUT/qat_q4_0 run.init_from=$OUT/pretrain
 
-echo; echo "== [5/9] held-out perplexity of each model (qforge eval) =="
+echo; echo "== [5/10] held-out perplexity of each model (qforge eval) =="
 row() {  # label, run-or-checkpoint dir
   local j ppl bytes
   j=$($Q -q eval "$2" | grep '^{')
@@ -49,10 +50,10 @@ awk -F, 'NR==3{fp=$2} NR==4{rtn=$2} NR==5{qat=$2} END{
   if (rtn > fp) printf "QAT recovers %.1f%% of it ((ptq - qat) / (ptq - control))\n", 100*(rtn-qat)/(rtn-fp);
   else printf "there is no gap to recover\n" }' "$OUT/summary.csv" | tee -a "$OUT/summary.md"
 
-echo; echo "== [6/9] greedy generation from the QAT q4_0 model (packed weights) =="
+echo; echo "== [6/10] greedy generation from the QAT q4_0 model (packed weights) =="
 $Q generate $OUT/qat_q4_0/converted --prompt "In the beginning" -n 40 -t 0
 
-echo; echo "== [7/9] QLoRA domain fine-tuning on Python's docs (configs/tiny_qlora_domain.yaml) and a full fine-tune =="
+echo; echo "== [7/10] QLoRA domain fine-tuning on Python's docs (configs/tiny_qlora_domain.yaml) and a full fine-tune =="
 $Q train configs/tiny_qlora_domain.yaml run.out_dir=$OUT/qlora_domain run.init_from=$OUT/pretrain
 $Q train configs/tiny_qlora_domain.yaml peft.enabled=false trainer.optim.lr=3.0e-4 run.out_dir=$OUT/full_ft_domain \
   run.init_from=$OUT/pretrain 'sample.prompts=[]'
@@ -62,7 +63,7 @@ for base in fp32 bf16; do
     peft.save_adapter=false run.out_dir=$OUT/lora_${base}_domain run.init_from=$OUT/pretrain 'sample.prompts=[]' >/dev/null
 done
 
-echo; echo "== [8/9] domain vs general perplexity, and training memory =="
+echo; echo "== [8/10] domain vs general perplexity, and training memory =="
 ppl() { $Q -q eval "$@" | grep '^{' | sed -E 's/.*"ppl": ([0-9.]+).*/\1/'; }
 D=configs/tiny_qlora_domain.yaml
 G=configs/tiny_pretrain.yaml
@@ -84,7 +85,22 @@ mem_row() { .venv/bin/python scripts/memory_row.py "$1" "$2"; }
   mem_row "QLoRA r16, NF4 base" $OUT/qlora_domain
 } | tee -a "$OUT/domain.md"
 
-echo; echo "== [9/9] greedy generation from the QLoRA model (NF4 base + adapter) =="
+echo; echo "== [9/10] greedy generation from the QLoRA model (NF4 base + adapter) =="
 $Q generate $OUT/qlora_domain --prompt "The list of" -n 40 -t 0
+
+echo; echo "== [10/10] the QAT q4_0 model as a GGUF file, run by llama.cpp (llama-cpp-python) =="
+rm -f $OUT/qat_q4_0.gguf
+$Q -q export $OUT/qat_q4_0/converted --format gguf --quant q4_0 --out $OUT/qat_q4_0.gguf
+qf_json=$($Q -q eval $OUT/qat_q4_0/converted --save-tokens $OUT/heldout_tokens.safetensors | grep '^{')
+ll_json=$(.venv/bin/python scripts/llama_cpp_ppl.py $OUT/qat_q4_0.gguf $OUT/heldout_tokens.safetensors)
+.venv/bin/python - "$qf_json" "$ll_json" <<'PYEOF' | tee "$OUT/gguf.md"
+import json, sys
+q, l = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+print("| held-out KJV (%d tokens) | perplexity |" % q["tokens"])
+print("|---|---:|")
+print("| qforge (packed q4_0 weights) | %.4f |" % q["ppl"])
+print("| llama.cpp on the exported GGUF | %.4f |" % l["ppl"])
+print("difference: %+.3f%% (llama.cpp also quantizes activations to q8_0 inside its q4_0 matmuls)" % (100 * (l["ppl"] / q["ppl"] - 1)))
+PYEOF
 echo
 echo "demo finished in $(( $(date +%s) - start )) s; run directories under $OUT/ (metrics.jsonl, tb/, checkpoints/, converted/)"

@@ -36,6 +36,26 @@ PYEOF
   rm -f .venv/.qforge-req-*; touch "$STAMP"
 fi
 
+# llama.cpp itself, for tests/interop to run the GGUF files qforge writes: llama-cpp-python built
+# from its sdist (CPU; ggml's SIMD levels pinned so SOURCE_DATE_EPOCH cannot drop them), once: the
+# wheel is cached in ~/.cache/qforge-wheels (about 7 minutes on 2 cores the first time).
+LLCP_VERSION=0.3.36
+if ! .venv/bin/python -c "import sys, llama_cpp; sys.exit(llama_cpp.__version__ != '$LLCP_VERSION')" 2>/dev/null; then
+  WHEELS="${QFORGE_WHEEL_CACHE:-$HOME/.cache/qforge-wheels}"
+  mkdir -p "$WHEELS"
+  wheel=$(ls "$WHEELS"/llama_cpp_python-$LLCP_VERSION-*.whl 2>/dev/null | head -1 || true)
+  if [ -z "$wheel" ]; then
+    echo "[setup] building llama-cpp-python $LLCP_VERSION from its sdist (CPU only; cached in $WHEELS)"
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+-DGGML_BMI2=ON -DGGML_CUDA=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
+-DLLAMA_BUILD_TOOLS=OFF -DLLAVA_BUILD=OFF -DLLAMA_OPENSSL=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+      .venv/bin/pip wheel -q --disable-pip-version-check --no-deps --no-binary llama-cpp-python -w "$WHEELS" \
+      "llama-cpp-python==$LLCP_VERSION"
+    wheel=$(ls "$WHEELS"/llama_cpp_python-$LLCP_VERSION-*.whl | head -1)
+  fi
+  .venv/bin/pip install -q --disable-pip-version-check "$wheel"
+fi
+
 # Embedded corpora (real text from Debian packages), generated into data/corpora/ (git-ignored).
 mkdir -p data/corpora
 if [ ! -s data/corpora/kjv.txt ]; then

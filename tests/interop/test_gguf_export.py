@@ -102,3 +102,76 @@ def test_gguf_export_refusals(tmp_path, runs):
     r = subprocess.run([QFORGE, "-q", "export", str(runs / "fp"), "--format", "gguf", "--quant", "q3", "--out",
                         str(tmp_path / "y.gguf")], capture_output=True, text=True)
     assert r.returncode == 1 and "--quant 'q3' is not one of" in r.stderr, r.stderr
+
+
+def _llama_logits(path, ids):
+    import llama_cpp  # built from its sdist by scripts/setup.sh; a missing peer fails here, loudly
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, n_threads=2, verbose=False,
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    llm.reset()
+    llm.eval(ids)
+    logits = np.array(llm.scores[: llm.n_tokens], dtype=np.float32)
+    gen = []
+    for _ in range(8):
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        gen.append(tok)
+        llm.eval([tok])
+    return logits, gen
+
+
+# What llama.cpp computes differently from qforge, and the tolerance it earns (max |logit diff| over
+# the logit scale; measured on the tiny run: 4e-7, 1.5e-3, 2.6e-3). F32 weights: summation order
+# only (1e-5). Q4_0/Q8_0 weights: llama.cpp also quantizes the activations to Q8_0 inside each
+# matmul (vec_dot_q4_0_q8_0), qforge does not (1e-2).
+@pytest.mark.parametrize("run,quant,tol", [("fp", "f32", 1e-5), ("qat/converted", "q4_0", 1e-2), ("fp", "q8_0", 1e-2)])
+def test_llama_cpp_runs_the_exported_gguf_like_qforge(tmp_path, runs, run, quant, tol):
+    import sentencepiece as spm
+    from st_io import interop_tool, write_safetensors
+    out = tmp_path / "m.gguf"
+    subprocess.run([QFORGE, "-q", "export", str(runs / run), "--format", "gguf", "--quant", quant, "--out", str(out)],
+                   check=True, capture_output=True)
+    # qforge's own forward on the same weights: the run exported as fp32 HF weights (dequantized
+    # exactly as QuantizedLinear computes; for the RTN rows, dequantized from the GGUF itself).
+    hf = tmp_path / "hf"
+    subprocess.run([QFORGE, "-q", "export", str(runs / run), "--format", "hf", "--dtype", "fp32", "--out", str(hf)],
+                   check=True, capture_output=True)
+    if run == "fp" and quant != "f32":  # compare like with like: qforge on the RTN-quantized weights
+        import torch
+        g = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
+        st = read_safetensors(hf / "model.safetensors")
+        inv = {v: k for k, v in GGUF_NAMES.items()}
+        for name, t in g.items():
+            if not name.startswith("blk.") or "norm" in name:
+                continue
+            i, short = name.split(".")[1], ".".join(name.split(".")[2:])
+            w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(st[f"model.layers.{i}.{inv[short]}"].shape)
+            heads = 4 if short == "attn_q.weight" else 2 if short == "attn_k.weight" else 0
+            if heads:  # undo the rotate-half -> interleaved permutation
+                w = w.reshape(heads, w.shape[0] // heads // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
+            st[f"model.layers.{i}.{inv[short]}"] = torch.from_numpy(np.ascontiguousarray(w))
+        ow = g["output.weight"]
+        st["lm_head.weight"] = torch.from_numpy(gguf.quants.dequantize(ow.data, ow.tensor_type).reshape(
+            st["lm_head.weight"].shape).copy())
+        write_safetensors(hf / "model.safetensors", st)
+    sp = spm.SentencePieceProcessor(model_file=str(runs / "tok.model"))
+    text = "And it came to pass, when men began to multiply on the face of the earth"
+    ids = [sp.bos_id()] + sp.encode(text)
+    ids = ids[:32]
+    write_safetensors(tmp_path / "ids.safetensors", {"ids": np.array([ids], dtype=np.int64)})
+    subprocess.run([interop_tool("interop_hf"), str(hf), str(tmp_path / "ids.safetensors"), str(tmp_path / "o.safetensors"),
+                    "8"], check=True)
+    ours = read_safetensors(tmp_path / "o.safetensors")
+    q_logits = ours["logits"][0].numpy()
+    l_logits, l_gen = _llama_logits(out, ids)
+    scale = max(1.0, float(np.abs(q_logits).max()))
+    err = float(np.abs(l_logits - q_logits).max())
+    print(f"\nLLAMA_CPP {run} {quant}: max|diff| {err:.3g} scale {scale:.3g}")
+    assert err <= tol * scale, f"{run} {quant}: max |llama.cpp - qforge| = {err} (scale {scale})"
+    assert l_gen == ours["generated"].tolist(), f"{run} {quant}: greedy tokens differ"
+
+    def ppl(logits):
+        lp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+        nll = -np.mean([lp[t, ids[t + 1]] for t in range(len(ids) - 1)])
+        return float(np.exp(nll))
+    print(f"LLAMA_CPP ppl llama.cpp {ppl(l_logits):.4f} qforge {ppl(q_logits):.4f}")
+    assert abs(ppl(l_logits) / ppl(q_logits) - 1) <= 0.005, (ppl(l_logits), ppl(q_logits))
