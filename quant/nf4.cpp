@@ -273,10 +273,6 @@ at::Tensor Nf4Linear::materialize(at::ScalarType dtype) const {
   return nf4_dequantize(state(), dtype);
 }
 
-int64_t Nf4Linear::packed_bytes() const {
-  return state().bytes() + (bias.defined() ? bias.numel() * bias.element_size() : 0);
-}
-
 void Nf4Linear::pretty_print(std::ostream& s) const {
   s << "qf::Nf4Linear(in=" << in_features << ", out=" << out_features << ", blocksize=" << blocksize
     << (double_quant ? ", double_quant" : "") << (bias.defined() ? ", bias" : "") << ")";

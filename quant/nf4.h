@@ -60,7 +60,6 @@ class Nf4Linear : public models::FrozenLinear {
   at::Tensor materialize(at::ScalarType dtype) const override;  // dequantized [out, in]
   void pretty_print(std::ostream& s) const override;
   Nf4Tensor state() const;  // a view of the buffers as an Nf4Tensor
-  int64_t packed_bytes() const;
   // Buffers: bitsandbytes' serialized names (weight = packed codes).
   at::Tensor weight, absmax, nested_absmax, offset;
   const int64_t blocksize;
