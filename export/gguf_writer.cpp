@@ -194,9 +194,110 @@ std::string Writer::serialize() const {
   return o;
 }
 
+namespace {
+struct Cursor {
+  const std::string& b;
+  const std::string& origin;
+  size_t at = 0;
+  void need(size_t n) {
+    if (n > b.size() || at > b.size() - n)
+      throw InputError(str("GGUF file '", origin, "': header runs past the end of the file at byte ", at));
+  }
+  template <class T>
+  T get() {
+    need(sizeof(T));
+    T v;
+    std::memcpy(&v, b.data() + at, sizeof(T));
+    at += sizeof(T);
+    return v;
+  }
+  std::string string() {
+    const uint64_t n = get<uint64_t>();
+    need(n);
+    std::string s = b.substr(at, n);
+    at += n;
+    return s;
+  }
+  void skip_value(ValueType t) {
+    static const size_t sizes[] = {1, 1, 2, 2, 4, 4, 4, 1, 0, 0, 8, 8, 8};
+    const auto i = static_cast<uint32_t>(t);
+    if (i > 12) throw InputError(str("GGUF file '", origin, "': unknown value type ", i));
+    if (t == ValueType::STRING) {
+      string();
+    } else if (t == ValueType::ARRAY) {
+      const auto et = static_cast<ValueType>(get<uint32_t>());
+      if (et == ValueType::ARRAY) throw InputError(str("GGUF file '", origin, "': nested arrays"));
+      const uint64_t n = get<uint64_t>();
+      for (uint64_t k = 0; k < n; ++k) skip_value(et);
+    } else {
+      need(sizes[i]);
+      at += sizes[i];
+    }
+  }
+};
+}  // namespace
+
+Index read_index(const std::string& bytes, const std::string& origin) {
+  Cursor c{bytes, origin};
+  c.need(4);
+  if (bytes.compare(0, 4, "GGUF") != 0) throw InputError(str("GGUF file '", origin, "': bad magic"));
+  c.at = 4;
+  Index idx;
+  idx.version = c.get<uint32_t>();
+  if (idx.version != 3) throw InputError(str("GGUF file '", origin, "': version ", idx.version, ", expected 3"));
+  const uint64_t n_tensors = c.get<uint64_t>(), n_kv = c.get<uint64_t>();
+  if (n_tensors > bytes.size() || n_kv > bytes.size()) throw InputError(str("GGUF file '", origin, "': implausible counts"));
+  for (uint64_t i = 0; i < n_kv; ++i) {
+    std::string key = c.string();
+    const auto t = static_cast<ValueType>(c.get<uint32_t>());
+    if (key == "general.alignment" && t == ValueType::U32) {
+      idx.alignment = c.get<uint32_t>();
+      if (idx.alignment == 0 || (idx.alignment & (idx.alignment - 1)))
+        throw InputError(str("GGUF file '", origin, "': general.alignment ", idx.alignment, " is not a power of two"));
+    } else {
+      c.skip_value(t);
+    }
+    idx.keys.emplace_back(std::move(key), t);
+  }
+  for (uint64_t i = 0; i < n_tensors; ++i) {
+    TensorInfo ti;
+    ti.name = c.string();
+    const uint32_t nd = c.get<uint32_t>();
+    if (nd == 0 || nd > 4) throw InputError(str("GGUF file '", origin, "': tensor '", ti.name, "' has ", nd, " dims"));
+    ti.dims.resize(nd);
+    for (uint32_t d = 0; d < nd; ++d) ti.dims[nd - 1 - d] = static_cast<int64_t>(c.get<uint64_t>());
+    const uint32_t ty = c.get<uint32_t>();
+    ti.type = static_cast<TensorType>(ty);
+    if (block_elems(ti.type) == 0) throw InputError(str("GGUF file '", origin, "': tensor '", ti.name, "' has type ", ty));
+    ti.offset = c.get<uint64_t>();
+    idx.tensors.push_back(std::move(ti));
+  }
+  idx.data_start = (c.at + idx.alignment - 1) / idx.alignment * idx.alignment;
+  for (auto& t : idx.tensors) {
+    int64_t n = 1;
+    for (auto d : t.dims) n *= d;
+    const uint64_t size = static_cast<uint64_t>(n / block_elems(t.type) * block_bytes(t.type));
+    if (t.offset % idx.alignment || idx.data_start + t.offset + size > bytes.size())
+      throw InputError(str("GGUF file '", origin, "': tensor '", t.name, "' data [", t.offset, ", +", size,
+                           ") is misaligned or outside the file"));
+  }
+  return idx;
+}
+
 int64_t Writer::write(const std::string& path) const {
-  auto bytes = serialize();
+  const auto bytes = serialize();
+  const auto idx = read_index(bytes, path);
+  QF_CHECK(idx.tensors.size() == tensors_.size() && idx.keys.size() >= kv_.size(), "gguf: self-check of ", path,
+           " found ", idx.tensors.size(), " tensors and ", idx.keys.size(), " keys");
+  for (size_t i = 0; i < tensors_.size(); ++i) {
+    const auto& a = tensors_[i];
+    const auto& b = idx.tensors[i];
+    QF_CHECK(a.name == b.name && a.dims == b.dims && a.type == b.type &&
+                 bytes.compare(idx.data_start + b.offset, a.data.size(), a.data) == 0,
+             "gguf: self-check of ", path, " failed on tensor '", a.name, "'");
+  }
   fs::write_atomic(path, bytes);
+  QF_CHECK(fs::fnv1a64(fs::read_file(path)) == fs::fnv1a64(bytes), "gguf: ", path, " reads back different bytes");
   return static_cast<int64_t>(bytes.size());
 }
 

@@ -31,6 +31,25 @@ struct Value {
   std::vector<std::variant<uint64_t, int64_t, double, bool, std::string>> array;
 };
 
+// What a GGUF file's header says (for the writer's self-check and for tests).
+struct TensorInfo {
+  std::string name;
+  std::vector<int64_t> dims;  // PyTorch order (outermost first)
+  TensorType type;
+  uint64_t offset;            // relative to the data section
+};
+struct Index {
+  uint32_t version = 0;
+  std::vector<std::pair<std::string, ValueType>> keys;
+  std::vector<TensorInfo> tensors;
+  uint32_t alignment = 32;
+  uint64_t data_start = 0;
+};
+// Parses the header of a GGUF file held in `bytes`; throws InputError naming `origin` on anything
+// malformed (bad magic/version, counts or strings running past the end, unknown value or tensor
+// types, tensor data outside the file).
+Index read_index(const std::string& bytes, const std::string& origin);
+
 class Writer {
  public:
   explicit Writer(uint32_t alignment = 32) : alignment_(alignment) {}
@@ -46,7 +65,8 @@ class Writer {
   // dims in PyTorch order ([rows, cols]); stored innermost first as GGUF wants. `data` holds the
   // row-major bytes (blocks for quantized types, rows of whole blocks).
   void add_tensor(const std::string& name, const std::vector<int64_t>& dims, TensorType type, std::string data);
-  // Serialises and writes atomically; returns the file size.
+  // Serialises, parses the bytes back with read_index and checks every tensor's name, dims, type and
+  // data against what was added, writes atomically, re-reads the file and compares; returns its size.
   int64_t write(const std::string& path) const;
   std::string serialize() const;
 

@@ -44,3 +44,24 @@ TEST(GgufWriter, RefusesInconsistentTensorsAndDuplicates) {
   w.add_u32("k", 1);
   EXPECT_THROW(w.add_u32("k", 2), qf::Error);
 }
+
+TEST(GgufWriter, ReadIndexParsesWhatWasWrittenAndRefusesDamage) {
+  Writer w(64);
+  w.add_strings("tokenizer.ggml.tokens", {"a", "bb"});
+  w.add_f32s("tokenizer.ggml.scores", {0.5f, -1.f});
+  w.add_tensor("blk.0.attn_q.weight", {2, 32}, TensorType::Q4_0, std::string(36, '\x07'));
+  w.add_tensor("norm", {5}, TensorType::F32, std::string(20, '\x09'));
+  const auto s = w.serialize();
+  auto idx = read_index(s, "t.gguf");
+  EXPECT_EQ(idx.alignment, 64u);
+  ASSERT_EQ(idx.tensors.size(), 2u);
+  EXPECT_EQ(idx.tensors[0].dims, (std::vector<int64_t>{2, 32}));
+  EXPECT_EQ(idx.tensors[1].offset % 64, 0u);
+  EXPECT_EQ(s.substr(idx.data_start + idx.tensors[1].offset, 20), std::string(20, '\x09'));
+  EXPECT_EQ(idx.keys.size(), 3u);  // + general.alignment
+  auto bad = s;
+  bad[0] = 'X';
+  EXPECT_THROW(read_index(bad, "t.gguf"), qf::InputError);
+  EXPECT_THROW(read_index(s.substr(0, 40), "t.gguf"), qf::InputError);
+  EXPECT_THROW(read_index(s.substr(0, s.size() - 64), "t.gguf"), qf::InputError);  // data cut off
+}
