@@ -20,6 +20,7 @@
 #include "core/error.h"
 #include "core/fs.h"
 #include "core/log.h"
+#include "core/strings.h"
 
 namespace qf::data {
 
@@ -80,10 +81,6 @@ const char* format_name(SourceConfig::Format f) {
     case SourceConfig::Format::Jsonl: return "jsonl";
   }
   return "?";
-}
-
-bool ends_with(const std::string& s, const std::string& suf) {
-  return s.size() >= suf.size() && s.compare(s.size() - suf.size(), suf.size(), suf) == 0;
 }
 
 bool is_jsonl(const SourceConfig& src, const std::string& file) {

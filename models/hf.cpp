@@ -14,6 +14,7 @@
 #include "core/fs.h"
 #include "core/log.h"
 #include "core/progress.h"
+#include "core/strings.h"
 #include "core/safetensors.h"
 
 namespace qf::models {
@@ -117,16 +118,14 @@ ModelConfig gpt2(const Cfg& c) {
 
 bool is_conv1d(const std::string& name) {
   for (const char* s : {".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight"})
-    if (name.size() > std::strlen(s) && name.compare(name.size() - std::strlen(s), std::strlen(s), s) == 0) return true;
+    if (ends_with(name, s)) return true;
   return false;
 }
 
 // Tensors a checkpoint may carry that the model has no use for.
 bool ignorable(const std::string& name, const ModelConfig& c) {
-  auto ends = [&](const char* s) {
-    return name.size() >= std::strlen(s) && name.compare(name.size() - std::strlen(s), std::strlen(s), s) == 0;
-  };
-  if (ends(".rotary_emb.inv_freq") || ends(".attn.bias") || ends(".attn.masked_bias")) return true;
+  for (const char* s : {".rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias"})
+    if (ends_with(name, s)) return true;
   return c.tie_embeddings && name == "lm_head.weight";  // the tied copy some exporters keep
 }
 

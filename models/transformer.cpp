@@ -9,6 +9,7 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "core/strings.h"
 
 namespace qf::models {
 namespace {
@@ -341,17 +342,13 @@ void CausalLM::init_weights(uint64_t seed) {
     const std::string& n = p.key();
     at::Tensor t = p.value();
     auto tmp = at::empty(t.sizes(), at::kFloat);
-    auto ends_with = [&](const char* s) {
-      std::string suf(s);
-      return n.size() >= suf.size() && n.compare(n.size() - suf.size(), suf.size(), suf) == 0;
-    };
     if (n.find("norm") != std::string::npos || n.find("ln_") != std::string::npos) {
-      tmp.fill_(ends_with(".bias") ? 0.0 : 1.0);
-    } else if (ends_with(".bias")) {
+      tmp.fill_(ends_with(n, ".bias") ? 0.0 : 1.0);
+    } else if (ends_with(n, ".bias")) {
       tmp.zero_();
     } else {
       // GPT-2 scales residual projections by 1/sqrt(2 * n_layers), as HF's GPT2PreTrainedModel does.
-      bool resid = cfg.family == Family::Gpt2 && ends_with("c_proj.weight");
+      bool resid = cfg.family == Family::Gpt2 && ends_with(n, "c_proj.weight");
       tmp.normal_(0.0, resid ? proj_std : cfg.init_std, gen);
     }
     t.copy_(tmp);

@@ -12,6 +12,7 @@
 #include "core/error.h"
 #include "core/fs.h"
 #include "core/safetensors.h"
+#include "core/strings.h"
 
 namespace qf::peft {
 namespace {
@@ -23,10 +24,6 @@ const std::string kConfig = "adapter_config.json";
 std::string last_component(const std::string& name) {
   auto p = name.rfind('.');
   return p == std::string::npos ? name : name.substr(p + 1);
-}
-
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
 }  // namespace

@@ -10,6 +10,7 @@
 #include <sstream>
 
 #include "core/error.h"
+#include "core/strings.h"
 #include "quant/nf4.h"
 #include "quant/qat.h"
 
@@ -129,8 +130,7 @@ bool target_matches(const std::string& target, const std::string& name, const st
   if (target == "all-linear") return name != output_layer;
   if (target.find_first_of("*?[") != std::string::npos) return quant::glob_match(target, name);
   if (name == target) return true;
-  return name.size() > target.size() && name.compare(name.size() - target.size(), target.size(), target) == 0 &&
-         name[name.size() - target.size() - 1] == '.';
+  return ends_with(name, "." + target);  // whole trailing components only
 }
 
 std::vector<std::pair<std::string, std::shared_ptr<LoraLinear>>> lora_layers(torch::nn::Module& model) {
