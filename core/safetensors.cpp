@@ -16,7 +16,6 @@
 #include "core/safetensors_header.h"
 
 namespace qf::st {
-namespace {
 at::ScalarType scalar_type(DType d) {
   switch (d) {
     case DType::F64: return at::kDouble;
@@ -38,6 +37,7 @@ at::ScalarType scalar_type(DType d) {
   throw Error("safetensors: unmapped dtype");
 }
 
+namespace {
 // A read-only file mapping shared by the tensors that view it (MAP_PRIVATE: writes stay private).
 struct Mapping {
   void* addr = nullptr;
@@ -94,8 +94,9 @@ bool File::has(const std::string& name) const {
   return false;
 }
 
-File load(const std::string& path) {
-  // Memory-mapped: tensors view the mapping (copy-on-write), so loading holds no second copy.
+namespace {
+// The whole file mapped MAP_PRIVATE (copy-on-write); mapping reads nothing until pages are touched.
+std::shared_ptr<Mapping> map_file(const std::string& path) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) throw InputError(str("cannot open safetensors file '", path, "': ", std::strerror(errno)));
   struct stat sb {};
@@ -108,14 +109,30 @@ File load(const std::string& path) {
   if (map->len > 0) map->addr = ::mmap(nullptr, map->len, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
   ::close(fd);
   if (map->addr == MAP_FAILED) throw InputError(str("cannot map safetensors file '", path, "': ", std::strerror(errno)));
+  return map;
+}
+
+const uint8_t* base_of(const Mapping& m) {
+  static const uint8_t kEmpty[1] = {0};
+  return m.len ? static_cast<const uint8_t*>(m.addr) : kEmpty;
+}
+}  // namespace
+
+Header read_header(const std::string& path) {
+  auto map = map_file(path);
+  return parse_header(base_of(*map), map->len, path);  // touches the header's pages only
+}
+
+File load(const std::string& path) {
+  // Memory-mapped: tensors view the mapping (copy-on-write), so loading holds no second copy.
+  auto map = map_file(path);
 #ifndef MADV_POPULATE_READ
 #define MADV_POPULATE_READ 22
 #endif
   // Map the (page-cached) file read-only up front in one call instead of one page fault per 4 KiB
   // later; writes still copy-on-write. Best effort: kernels before 5.14 ignore it.
   if (map->len > 0) ::madvise(map->addr, map->len, MADV_POPULATE_READ);
-  static const uint8_t kEmpty[1] = {0};
-  const auto* base = map->len ? static_cast<const uint8_t*>(map->addr) : kEmpty;
+  const auto* base = base_of(*map);
   Header h = parse_header(base, map->len, path);
   File f;
   f.metadata = h.metadata;

@@ -10,6 +10,8 @@
 #include <utility>
 #include <vector>
 
+#include "core/safetensors_header.h"
+
 namespace qf::st {
 
 using Metadata = std::map<std::string, std::string>;
@@ -26,6 +28,9 @@ struct File {
   bool has(const std::string& name) const;
 };
 File load(const std::string& path);
+// Only the validated header (names, dtypes, shapes, offsets): no tensor data is read.
+Header read_header(const std::string& path);
+at::ScalarType scalar_type(DType d);
 
 std::string dtype_name(at::ScalarType t);  // "F32", "BF16", ...
 

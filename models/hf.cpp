@@ -191,13 +191,13 @@ void load_hf_weights(CausalLM& model, const HfCheckpoint& ck, bool progress) {
   std::map<std::string, at::Tensor> params;
   for (auto& p : model.named_parameters()) params[p.key()] = p.value();
   const bool gpt2 = ck.config.family == Family::Gpt2;
-  // Pass 1: headers only (the mapping costs no reads), every check before any copy.
+  // Pass 1: headers only (no tensor data is read), every check before any copy.
   std::map<std::string, std::string> found;  // param -> file
   std::vector<std::string> problems;
   for (auto& f : ck.files) {
     const std::string path = ck.dir + "/" + f;
-    auto file = st::load(path);
-    for (auto& [name, t] : file.tensors) {
+    for (auto& e : st::read_header(path).entries) {
+      const std::string& name = e.name;
       if (!ck.weight_map.empty()) {
         auto w = ck.weight_map.find(name);
         if (w == ck.weight_map.end() || w->second != f) {
@@ -213,12 +213,12 @@ void load_hf_weights(CausalLM& model, const HfCheckpoint& ck, bool progress) {
       }
       auto want = it->second.sizes().vec();
       if (gpt2 && is_conv1d(name)) std::swap(want[0], want[1]);
-      if (t.sizes().vec() != want)
-        problems.push_back(qf::str(path, ": tensor '", name, "' has shape ", t.sizes(), " but config.json implies ",
-                               at::IntArrayRef(want)));
-      if (!at::isFloatingType(t.scalar_type()))
-        problems.push_back(qf::str(path, ": tensor '", name, "' has dtype ", c10::toString(t.scalar_type()),
-                               ", expected a float type"));
+      if (e.shape != want)
+        problems.push_back(qf::str(path, ": tensor '", name, "' has shape ", at::IntArrayRef(e.shape),
+                                   " but config.json implies ", at::IntArrayRef(want)));
+      if (!at::isFloatingType(st::scalar_type(e.dtype)))
+        problems.push_back(qf::str(path, ": tensor '", name, "' has dtype ", st::info(e.dtype).name,
+                                   ", expected a float type"));
       found[name] = f;
     }
   }
