@@ -81,8 +81,12 @@ GgufExportResult export_gguf(models::CausalLM& model, const data::Tokenizer& tok
 
   // A model with packed linears is exported exactly: what it holds in float stays float. A float
   // model is quantized here (RTN) with --quant, the output layer with Q6_K as llama-quantize does.
+  std::map<std::string, models::LinearSlot*> slots;
   bool exact = false;
-  for (auto& ns : models::linear_slots(model)) exact |= dynamic_cast<quant::QuantizedLinear*>(ns.slot->get().get()) != nullptr;
+  for (auto& ns : models::linear_slots(model)) {
+    slots[ns.name] = ns.slot;
+    exact |= dynamic_cast<quant::QuantizedLinear*>(ns.slot->get().get()) != nullptr;
+  }
   if (exact) log::info("export: the model holds packed llama.cpp blocks; they are written as they are (exact)");
   gguf::Writer w;
   w.add_string("general.architecture", "llama");
@@ -146,11 +150,9 @@ GgufExportResult export_gguf(models::CausalLM& model, const data::Tokenizer& tok
   };
   // A linear under its GGUF name: packed blocks as trained, or the float weight quantized by --quant.
   auto linear = [&](const std::string& hf, const std::string& gname, int64_t permute_heads) {
-    models::LinearSlot* slot = nullptr;
-    for (auto& ns : models::linear_slots(model))
-      if (ns.name == hf) slot = ns.slot;
-    QF_CHECK(slot, "export: no layer ", hf);
-    auto& m = *slot->get();
+    auto it = slots.find(hf);
+    QF_CHECK(it != slots.end(), "export: no layer ", hf);
+    auto& m = *it->second->get();
     std::vector<int64_t> dims{m.out_features, m.in_features};
     if (auto* ql = dynamic_cast<quant::QuantizedLinear*>(&m)) {
       const auto& spec = ql->weight_spec();

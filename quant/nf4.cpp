@@ -141,11 +141,8 @@ void check_nf4_blocksize(int64_t blocksize, const std::string& key) {
                                                  "(bitsandbytes' set: 32, 64, ..., 4096)")});
 }
 
-void quantize_blockwise8(const float* x, int64_t n, int64_t bs, const float* code, uint8_t* q, float* absmax) {
-  const auto& dyn = dynamic_map_signed();
-  static const std::vector<uint8_t> dyn_lut = build_grid_lut(dyn.data());
-  const std::vector<uint8_t> own = code == dyn.data() ? std::vector<uint8_t>{} : build_grid_lut(code);
-  const uint8_t* lut = own.empty() ? dyn_lut.data() : own.data();
+void quantize_blockwise8(const float* x, int64_t n, int64_t bs, uint8_t* q, float* absmax) {
+  static const std::vector<uint8_t> lut = build_grid_lut(dynamic_map_signed().data());
   for (int64_t s = 0; s < n; s += bs) {
     const int64_t e = std::min(n, s + bs);
     float am = 0.f;
@@ -201,8 +198,8 @@ Nf4Tensor nf4_quantize(const at::Tensor& w, int64_t blocksize, bool double_quant
   auto centered = (absmax - t.offset).contiguous();
   t.absmax = at::empty({nblocks}, at::kByte);
   t.nested_absmax = at::empty({(nblocks + t.nested_blocksize - 1) / t.nested_blocksize}, at::kFloat);
-  quantize_blockwise8(centered.data_ptr<float>(), nblocks, t.nested_blocksize, dynamic_map_signed().data(),
-                      t.absmax.data_ptr<uint8_t>(), t.nested_absmax.data_ptr<float>());
+  quantize_blockwise8(centered.data_ptr<float>(), nblocks, t.nested_blocksize, t.absmax.data_ptr<uint8_t>(),
+                      t.nested_absmax.data_ptr<float>());
   return t;
 }
 

@@ -46,9 +46,10 @@ at::Tensor nf4_scales(const Nf4Tensor& t);
 // Dequantized tensor of t.shape in `dtype` (computed in fp32, then cast, as bitsandbytes does).
 at::Tensor nf4_dequantize(const Nf4Tensor& t, at::ScalarType dtype = at::kFloat);
 
-// bitsandbytes' 8-bit blockwise quantization with a code table (CPU quantize_blockwise): per-block
-// absmax, x / absmax, nearest code (ties to the lower code). Used for the double quantization.
-void quantize_blockwise8(const float* x, int64_t n, int64_t blocksize, const float* code, uint8_t* q, float* absmax);
+// bitsandbytes' 8-bit blockwise quantization with the signed dynamic map (its CPU
+// quantize_blockwise, as used for the double quantization): per-block absmax, then the code its
+// 65536-point grid table gives for x / absmax.
+void quantize_blockwise8(const float* x, int64_t n, int64_t blocksize, uint8_t* q, float* absmax);
 
 // A frozen linear layer whose weight is stored as NF4 (QLoRA's base layer). The packed weight and
 // statistics are buffers (never seen by the optimizer); forward dequantizes into the input's dtype
