@@ -5,7 +5,6 @@ dequantization of every block tensor equals qforge's own weights (from `export -
 --dtype fp32` of the same run) after convert_hf_to_gguf.py's Q/K row permutation - bit-exact for
 the QAT run, whose blocks are the trained ones. (Running the files in llama.cpp itself comes with
 the llama-cpp-python build.)"""
-import os
 import subprocess
 
 import gguf  # a missing peer fails here, loudly
@@ -13,31 +12,17 @@ import numpy as np
 import pytest
 
 from st_io import read_safetensors
+from tiny_runs import QFORGE, tiny_recipe, train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-QFORGE = os.path.join(os.environ.get("QFORGE_BUILD_DIR", os.path.join(ROOT, "build")), "qforge")
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("gguf")
-    corpus = d / "corpus.txt"
-    with open(os.path.join(ROOT, "data/corpora/kjv.txt"), encoding="utf-8") as f:
-        corpus.write_text("".join(l for _, l in zip(range(2500), f)))
-    cfg = d / "tiny.yaml"
-    cfg.write_text(f"""
-run: {{name: tiny, out_dir: {d}/fp, seed: 3, threads: 2}}
-tokenizer: {{path: {d}/tok.model, train: {{enabled: true, sources: [{corpus}], vocab_size: 400}}}}
-model: {{dim: 64, n_layers: 2, n_heads: 4, n_kv_heads: 2, ffn_dim: 160, max_seq_len: 64, tie_embeddings: false}}
-data: {{sources: [{{path: {corpus}, split: line}}], seq_len: 32, val_fraction: 0.05, cache_dir: {d}/cache}}
-trainer: {{max_steps: 10, batch_size: 8, eval_every: 0, eval_batches: 2, log_every: 5, optim: {{lr: 0.003}},
-          schedule: {{warmup_steps: 2}}}}
-""")
-    env = dict(os.environ, OMP_NUM_THREADS="2")
-    subprocess.run([QFORGE, "-q", "train", str(cfg)], check=True, env=env, capture_output=True)
-    subprocess.run([QFORGE, "-q", "train", str(cfg), f"run.out_dir={d}/qat", f"run.init_from={d}/fp",
-                    "quant.rules=[{pattern: 'model.layers.*', weight: {preset: q4_0}}]", "trainer.max_steps=4"],
-                   check=True, env=env, capture_output=True)
+    cfg = tiny_recipe(d, "fp", tie=False, max_steps=10)
+    train(cfg)
+    train(cfg, f"run.out_dir={d}/qat", f"run.init_from={d}/fp",
+          "quant.rules=[{pattern: 'model.layers.*', weight: {preset: q4_0}}]", "trainer.max_steps=4")
     return d
 
 

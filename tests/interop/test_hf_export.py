@@ -4,7 +4,6 @@ Face checkpoint; transformers.AutoModelForCausalLM loads it unchanged and its fp
 qforge's on the same directory (models/hf, 1e-4) and greedy generation agrees; bf16 and sharded
 output, the tokenizer files (AutoTokenizer loads them) and the refusal to overwrite are checked."""
 import json
-import os
 import subprocess
 
 import pytest
@@ -12,33 +11,18 @@ import torch
 import transformers  # a missing peer fails here, loudly
 
 from st_io import interop_tool, read_safetensors, write_safetensors
+from tiny_runs import QFORGE, tiny_recipe, train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-QFORGE = os.path.join(os.environ.get("QFORGE_BUILD_DIR", os.path.join(ROOT, "build")), "qforge")
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("export")
-    corpus = d / "corpus.txt"
-    with open(os.path.join(ROOT, "data/corpora/kjv.txt"), encoding="utf-8") as f:
-        corpus.write_text("".join(l for _, l in zip(range(2500), f)))
-    cfg = d / "tiny.yaml"
-    cfg.write_text(f"""
-run: {{name: tiny, out_dir: {d}/base, seed: 3, threads: 2}}
-tokenizer: {{path: {d}/tok.model, train: {{enabled: true, sources: [{corpus}], vocab_size: 400}}}}
-model: {{dim: 64, n_layers: 2, n_heads: 4, n_kv_heads: 2, ffn_dim: 160, max_seq_len: 64, tie_embeddings: true}}
-data: {{sources: [{{path: {corpus}, split: line}}], seq_len: 32, val_fraction: 0.05, cache_dir: {d}/cache}}
-trainer: {{max_steps: 12, batch_size: 8, eval_every: 0, eval_batches: 2, log_every: 4, optim: {{lr: 0.003}}, schedule: {{warmup_steps: 2}}}}
-""")
-    env = dict(os.environ, OMP_NUM_THREADS="2")
-    subprocess.run([QFORGE, "-q", "train", str(cfg)], check=True, env=env, capture_output=True)
-    subprocess.run([QFORGE, "-q", "train", str(cfg), f"run.out_dir={d}/qlora", f"run.init_from={d}/base",
-                    "peft.r=4", "peft.base=nf4", "trainer.max_steps=6"], check=True, env=env, capture_output=True)
-    subprocess.run([QFORGE, "-q", "train", str(cfg), f"run.out_dir={d}/gpt2", "model.family=gpt2", "model.n_kv_heads=0",
-                    "model.ffn_dim=0"], check=True, env=env, capture_output=True)
-    subprocess.run([QFORGE, "-q", "train", str(cfg), f"run.out_dir={d}/qwen2", "model.qkv_bias=true"],
-                   check=True, env=env, capture_output=True)
+    cfg = tiny_recipe(d, "base", tie=True, max_steps=12)
+    train(cfg)
+    train(cfg, f"run.out_dir={d}/qlora", f"run.init_from={d}/base", "peft.r=4", "peft.base=nf4", "trainer.max_steps=6")
+    train(cfg, f"run.out_dir={d}/gpt2", "model.family=gpt2", "model.n_kv_heads=0", "model.ffn_dim=0")
+    train(cfg, f"run.out_dir={d}/qwen2", "model.qkv_bias=true")
     return d
 
 

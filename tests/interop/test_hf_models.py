@@ -111,10 +111,8 @@ def test_qlora_run_from_a_transformers_checkpoint_and_tokenizer(tmp_path):
     """The CLI end to end on real inputs: `model.from` a transformers checkpoint, `tokenizer.type:
     huggingface` on a tokenizer.json trained by `tokenizers`, QLoRA for a few steps, adapter written."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    corpus = tmp_path / "corpus.txt"
-    with open(os.path.join(root, "data/corpora/kjv.txt"), encoding="utf-8") as f:
-        corpus.write_text("".join(l for _, l in zip(range(2000), f)))
+    from tiny_runs import QFORGE, kjv_corpus
+    corpus = kjv_corpus(tmp_path / "corpus.txt", 2000)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -133,9 +131,8 @@ data: {{sources: [{{path: {corpus}, split: line}}], seq_len: 32, cache_dir: {tmp
 peft: {{r: 4, base: nf4}}
 trainer: {{max_steps: 4, batch_size: 4, eval_batches: 1, schedule: {{warmup_steps: 1}}}}
 """)
-    qforge = os.path.join(os.environ.get("QFORGE_BUILD_DIR", os.path.join(root, "build")), "qforge")
-    r = subprocess.run([qforge, "train", str(cfg)], capture_output=True, text=True)
+    r = subprocess.run([QFORGE, "train", str(cfg)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "run/adapter/adapter_model.safetensors").exists()
-    r = subprocess.run([qforge, "-q", "eval", str(tmp_path / "run"), "--max-batches", "1"], capture_output=True, text=True)
+    r = subprocess.run([QFORGE, "-q", "eval", str(tmp_path / "run"), "--max-batches", "1"], capture_output=True, text=True)
     assert r.returncode == 0 and '"format": "fp+lora"' in r.stdout, r.stderr
