@@ -9,51 +9,30 @@
 namespace qf::gguf {
 namespace {
 
-void put_u32(std::string& o, uint32_t v) { o.append(reinterpret_cast<const char*>(&v), 4); }  // little-endian host
-void put_u64(std::string& o, uint64_t v) { o.append(reinterpret_cast<const char*>(&v), 8); }
+// Little-endian host: values are appended as their bytes.
+template <class T>
+void put(std::string& o, T v) {
+  o.append(reinterpret_cast<const char*>(&v), sizeof v);
+}
 void put_str(std::string& o, const std::string& s) {
-  put_u64(o, s.size());
+  put<uint64_t>(o, s.size());
   o += s;
 }
 
 void put_scalar(std::string& o, ValueType t, const std::variant<uint64_t, int64_t, double, bool, std::string>& v) {
   switch (t) {
-    case ValueType::U8: o.push_back(static_cast<char>(std::get<uint64_t>(v))); break;
-    case ValueType::I8: o.push_back(static_cast<char>(std::get<int64_t>(v))); break;
-    case ValueType::U16: {
-      uint16_t x = static_cast<uint16_t>(std::get<uint64_t>(v));
-      o.append(reinterpret_cast<const char*>(&x), 2);
-      break;
-    }
-    case ValueType::I16: {
-      int16_t x = static_cast<int16_t>(std::get<int64_t>(v));
-      o.append(reinterpret_cast<const char*>(&x), 2);
-      break;
-    }
-    case ValueType::U32: put_u32(o, static_cast<uint32_t>(std::get<uint64_t>(v))); break;
-    case ValueType::I32: {
-      int32_t x = static_cast<int32_t>(std::get<int64_t>(v));
-      o.append(reinterpret_cast<const char*>(&x), 4);
-      break;
-    }
-    case ValueType::F32: {
-      float x = static_cast<float>(std::get<double>(v));
-      o.append(reinterpret_cast<const char*>(&x), 4);
-      break;
-    }
-    case ValueType::BOOL: o.push_back(std::get<bool>(v) ? 1 : 0); break;
+    case ValueType::U8: put(o, static_cast<uint8_t>(std::get<uint64_t>(v))); break;
+    case ValueType::I8: put(o, static_cast<int8_t>(std::get<int64_t>(v))); break;
+    case ValueType::U16: put(o, static_cast<uint16_t>(std::get<uint64_t>(v))); break;
+    case ValueType::I16: put(o, static_cast<int16_t>(std::get<int64_t>(v))); break;
+    case ValueType::U32: put(o, static_cast<uint32_t>(std::get<uint64_t>(v))); break;
+    case ValueType::I32: put(o, static_cast<int32_t>(std::get<int64_t>(v))); break;
+    case ValueType::F32: put(o, static_cast<float>(std::get<double>(v))); break;
+    case ValueType::BOOL: put(o, static_cast<uint8_t>(std::get<bool>(v) ? 1 : 0)); break;
     case ValueType::STRING: put_str(o, std::get<std::string>(v)); break;
-    case ValueType::U64: put_u64(o, std::get<uint64_t>(v)); break;
-    case ValueType::I64: {
-      int64_t x = std::get<int64_t>(v);
-      o.append(reinterpret_cast<const char*>(&x), 8);
-      break;
-    }
-    case ValueType::F64: {
-      double x = std::get<double>(v);
-      o.append(reinterpret_cast<const char*>(&x), 8);
-      break;
-    }
+    case ValueType::U64: put(o, std::get<uint64_t>(v)); break;
+    case ValueType::I64: put(o, std::get<int64_t>(v)); break;
+    case ValueType::F64: put(o, std::get<double>(v)); break;
     case ValueType::ARRAY: throw Error("gguf: nested arrays are not supported");
   }
 }
@@ -148,20 +127,20 @@ void Writer::add_tensor(const std::string& name, const std::vector<int64_t>& dim
 std::string Writer::serialize() const {
   std::string o;
   o += "GGUF";
-  put_u32(o, 3);
-  put_u64(o, tensors_.size());
+  put<uint32_t>(o, 3);
+  put<uint64_t>(o, tensors_.size());
   const bool has_align = [&] {
     for (auto& [k, v] : kv_)
       if (k == "general.alignment") return true;
     return false;
   }();
-  put_u64(o, kv_.size() + (has_align || alignment_ == 32 ? 0 : 1));
+  put<uint64_t>(o, kv_.size() + (has_align || alignment_ == 32 ? 0 : 1));
   for (auto& [k, v] : kv_) {
     put_str(o, k);
-    put_u32(o, static_cast<uint32_t>(v.type));
+    put<uint32_t>(o, static_cast<uint32_t>(v.type));
     if (v.type == ValueType::ARRAY) {
-      put_u32(o, static_cast<uint32_t>(v.elem));
-      put_u64(o, v.array.size());
+      put<uint32_t>(o, static_cast<uint32_t>(v.elem));
+      put<uint64_t>(o, v.array.size());
       for (auto& e : v.array) put_scalar(o, v.elem, e);
     } else {
       put_scalar(o, v.type, v.scalar);
@@ -169,17 +148,17 @@ std::string Writer::serialize() const {
   }
   if (!has_align && alignment_ != 32) {
     put_str(o, "general.alignment");
-    put_u32(o, static_cast<uint32_t>(ValueType::U32));
-    put_u32(o, alignment_);
+    put<uint32_t>(o, static_cast<uint32_t>(ValueType::U32));
+    put<uint32_t>(o, alignment_);
   }
   uint64_t offset = 0;
   std::vector<uint64_t> offsets;
   for (auto& t : tensors_) {
     put_str(o, t.name);
-    put_u32(o, static_cast<uint32_t>(t.dims.size()));
-    for (auto it = t.dims.rbegin(); it != t.dims.rend(); ++it) put_u64(o, static_cast<uint64_t>(*it));  // ne0 first
-    put_u32(o, static_cast<uint32_t>(t.type));
-    put_u64(o, offset);
+    put<uint32_t>(o, static_cast<uint32_t>(t.dims.size()));
+    for (auto it = t.dims.rbegin(); it != t.dims.rend(); ++it) put<uint64_t>(o, static_cast<uint64_t>(*it));  // ne0 first
+    put<uint32_t>(o, static_cast<uint32_t>(t.type));
+    put<uint64_t>(o, offset);
     offsets.push_back(offset);
     offset += t.data.size();
     offset = (offset + alignment_ - 1) / alignment_ * alignment_;

@@ -25,6 +25,22 @@ __device__ __forceinline__ __half from_float<__half>(float v) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
+// Calls launch(T{}) with T the CUDA element type for `out_type` (float, __half, __nv_bfloat16),
+// then checks that the kernel launched.
+template <class F>
+void launch_for(at::ScalarType out_type, const char* what, F&& launch) {
+  if (out_type == at::kFloat)
+    launch(float{});
+  else if (out_type == at::kHalf)
+    launch(__half{});
+  else if (out_type == at::kBFloat16)
+    launch(__nv_bfloat16{});
+  else
+    QF_CHECK(false, what, ": unsupported output dtype ", c10::toString(out_type));
+  cudaError_t e = cudaGetLastError();
+  QF_CHECK(e == cudaSuccess, what, ": kernel launch failed: ", cudaGetErrorString(e));
+}
+
 // rule: 0 = q8_0 (34 B), 1 = q4_0 (18 B), 2 = q4_1 (20 B); 32 values per block.
 template <typename T>
 __global__ void dequant_kernel(const uint8_t* __restrict__ blocks, T* __restrict__ out, int64_t rows, int64_t cols,
@@ -67,18 +83,11 @@ at::Tensor dequantize_ggml(const at::Tensor& blocks, Rule rule, int64_t cols, at
   const int64_t grid = (n + threads - 1) / threads;
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (n == 0) return out;
-  if (out_type == at::kFloat)
-    dequant_kernel<float><<<grid, threads, 0, stream>>>(src.data_ptr<uint8_t>(), out.data_ptr<float>(), rows, cols, r, type_size);
-  else if (out_type == at::kHalf)
-    dequant_kernel<__half><<<grid, threads, 0, stream>>>(src.data_ptr<uint8_t>(), reinterpret_cast<__half*>(out.data_ptr()),
-                                                         rows, cols, r, type_size);
-  else if (out_type == at::kBFloat16)
-    dequant_kernel<__nv_bfloat16><<<grid, threads, 0, stream>>>(
-        src.data_ptr<uint8_t>(), reinterpret_cast<__nv_bfloat16*>(out.data_ptr()), rows, cols, r, type_size);
-  else
-    QF_CHECK(false, "dequantize_ggml: unsupported output dtype ", c10::toString(out_type));
-  cudaError_t e = cudaGetLastError();
-  QF_CHECK(e == cudaSuccess, "dequantize_ggml: kernel launch failed: ", cudaGetErrorString(e));
+  launch_for(out_type, "dequantize_ggml", [&](auto tag) {
+    using T = decltype(tag);
+    dequant_kernel<T><<<grid, threads, 0, stream>>>(src.data_ptr<uint8_t>(), reinterpret_cast<T*>(out.data_ptr()), rows,
+                                                    cols, r, type_size);
+  });
   return out;
 }
 
@@ -124,18 +133,11 @@ at::Tensor dequantize_nf4(const at::Tensor& packed, const at::Tensor& scales, in
   const int64_t grid = ((n + 1) / 2 + threads - 1) / threads;
   auto stream = c10::cuda::getCurrentCUDAStream();
   const auto* s = sc.data_ptr<float>();
-  if (out_type == at::kFloat)
-    nf4_kernel<float><<<grid, threads, 0, stream>>>(src.data_ptr<uint8_t>(), s, out.data_ptr<float>(), n, blocksize);
-  else if (out_type == at::kHalf)
-    nf4_kernel<__half><<<grid, threads, 0, stream>>>(src.data_ptr<uint8_t>(), s,
-                                                     reinterpret_cast<__half*>(out.data_ptr()), n, blocksize);
-  else if (out_type == at::kBFloat16)
-    nf4_kernel<__nv_bfloat16><<<grid, threads, 0, stream>>>(src.data_ptr<uint8_t>(), s,
-                                                            reinterpret_cast<__nv_bfloat16*>(out.data_ptr()), n, blocksize);
-  else
-    QF_CHECK(false, "dequantize_nf4: unsupported output dtype ", c10::toString(out_type));
-  cudaError_t e = cudaGetLastError();
-  QF_CHECK(e == cudaSuccess, "dequantize_nf4: kernel launch failed: ", cudaGetErrorString(e));
+  launch_for(out_type, "dequantize_nf4", [&](auto tag) {
+    using T = decltype(tag);
+    nf4_kernel<T><<<grid, threads, 0, stream>>>(src.data_ptr<uint8_t>(), s, reinterpret_cast<T*>(out.data_ptr()), n,
+                                                blocksize);
+  });
   return out;
 }
 
