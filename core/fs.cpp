@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <ftw.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -23,36 +24,78 @@ void fsync_path(const std::string& path) {
   ::close(fd);
 }
 
-void write_atomic(const std::string& path, std::string_view bytes) {
-  namespace stdfs = std::filesystem;
-  stdfs::path p(path);
-  std::string dir = p.has_parent_path() ? p.parent_path().string() : ".";
-  std::string tmp = path + ".tmp." + std::to_string(::getpid());
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  QF_CHECK_INPUT(fd >= 0, "cannot write '", tmp, "': ", std::strerror(errno));
+AtomicWriter::AtomicWriter(std::string path) : path_(std::move(path)) {
+  tmp_ = path_ + ".tmp." + std::to_string(::getpid());
+  fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  QF_CHECK_INPUT(fd_ >= 0, "cannot write '", path_, "': ", std::strerror(errno));
+}
+
+AtomicWriter::~AtomicWriter() {
+  if (fd_ >= 0) ::close(fd_);
+  if (!tmp_.empty()) ::unlink(tmp_.c_str());
+}
+
+void AtomicWriter::write(std::string_view bytes) {
+  QF_CHECK(fd_ >= 0, "AtomicWriter: write after commit to '", path_, "'");
   size_t off = 0;
   while (off < bytes.size()) {
-    ssize_t n = ::write(fd, bytes.data() + off, bytes.size() - off);
+    ssize_t n = ::write(fd_, bytes.data() + off, bytes.size() - off);
     if (n < 0) {
       if (errno == EINTR) continue;
-      int e = errno;
-      ::close(fd);
-      ::unlink(tmp.c_str());
-      throw InputError(str("cannot write '", path, "': ", std::strerror(e)));
+      throw InputError(str("cannot write '", path_, "' (", size_ + off, " bytes in): ", std::strerror(errno)));
     }
     off += static_cast<size_t>(n);
   }
-  if (::fsync(fd) != 0 || ::close(fd) != 0) {
-    int e = errno;
-    ::unlink(tmp.c_str());
-    throw InputError(str("cannot flush '", path, "': ", std::strerror(e)));
+  size_ += off;
+}
+
+void AtomicWriter::commit() {
+  QF_CHECK(fd_ >= 0, "AtomicWriter: '", path_, "' committed twice");
+  const int fd = fd_;
+  fd_ = -1;
+  if (::fsync(fd) != 0) {
+    const int e = errno;
+    ::close(fd);
+    throw InputError(str("cannot flush '", path_, "': ", std::strerror(e)));
   }
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    int e = errno;
-    ::unlink(tmp.c_str());
-    throw InputError(str("cannot rename '", tmp, "' to '", path, "': ", std::strerror(e)));
+  if (::close(fd) != 0) throw InputError(str("cannot flush '", path_, "': ", std::strerror(errno)));
+  if (::rename(tmp_.c_str(), path_.c_str()) != 0)
+    throw InputError(str("cannot rename '", tmp_, "' to '", path_, "': ", std::strerror(errno)));
+  tmp_.clear();
+  std::filesystem::path p(path_);
+  fsync_path(p.has_parent_path() ? p.parent_path().string() : ".");
+}
+
+void write_atomic(const std::string& path, std::string_view bytes) {
+  AtomicWriter w(path);
+  w.write(bytes);
+  w.commit();
+}
+
+MappedFile::MappedFile(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  QF_CHECK_INPUT(fd >= 0, "cannot open '", path, "': ", std::strerror(errno));
+  struct stat sb {};
+  if (::fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
+    ::close(fd);
+    throw InputError(str("'", path, "' is not a regular file"));
   }
-  fsync_path(dir);
+  len_ = static_cast<size_t>(sb.st_size);
+  if (len_ > 0) {
+    addr_ = ::mmap(nullptr, len_, PROT_READ, MAP_SHARED, fd, 0);
+    if (addr_ == MAP_FAILED) {
+      const int e = errno;
+      ::close(fd);
+      addr_ = nullptr;
+      throw InputError(str("cannot map '", path, "': ", std::strerror(e)));
+    }
+    ::madvise(addr_, len_, MADV_SEQUENTIAL);
+  }
+  ::close(fd);
+}
+
+MappedFile::~MappedFile() {
+  if (addr_) ::munmap(addr_, len_);
 }
 
 void rename_atomic(const std::string& from, const std::string& to) {
@@ -113,6 +156,19 @@ std::string hex64(uint64_t v) {
   char buf[17];
   std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(v));
   return buf;
+}
+
+uint64_t hash64(std::string_view b) {
+  uint64_t h = 0x9E3779B97F4A7C15ULL ^ b.size();
+  size_t i = 0;
+  for (; i + 8 <= b.size(); i += 8) {
+    uint64_t w;
+    std::memcpy(&w, b.data() + i, 8);
+    h = (h ^ (w * 0xBF58476D1CE4E5B9ULL)) * 0x94D049BB133111EBULL;
+    h ^= h >> 29;
+  }
+  for (; i < b.size(); ++i) h = (h ^ static_cast<unsigned char>(b[i])) * 1099511628211ULL;
+  return h;
 }
 
 std::string hash_file(const std::string& path) { return hex64(fnv1a64(read_file(path))); }

@@ -1,6 +1,8 @@
 #include "export/gguf_writer.h"
 
 #include <cstring>
+#include <algorithm>
+#include <memory>
 #include <set>
 
 #include "core/error.h"
@@ -46,7 +48,8 @@ void pad_to(std::string& o, uint32_t alignment) {
 int64_t block_elems(TensorType t) {
   switch (t) {
     case TensorType::F32: case TensorType::F16: case TensorType::BF16: return 1;
-    case TensorType::Q4_0: case TensorType::Q4_1: case TensorType::Q8_0: return 32;
+    case TensorType::Q4_0: case TensorType::Q4_1: case TensorType::Q5_0: case TensorType::Q5_1:
+    case TensorType::Q8_0: return 32;
     case TensorType::Q4_K: case TensorType::Q6_K: return 256;
   }
   return 0;
@@ -58,6 +61,8 @@ int64_t block_bytes(TensorType t) {
     case TensorType::F16: case TensorType::BF16: return 2;
     case TensorType::Q4_0: return 18;
     case TensorType::Q4_1: return 20;
+    case TensorType::Q5_0: return 22;
+    case TensorType::Q5_1: return 24;
     case TensorType::Q8_0: return 34;
     case TensorType::Q4_K: return 144;
     case TensorType::Q6_K: return 210;
@@ -72,6 +77,8 @@ const char* type_name(TensorType t) {
     case TensorType::BF16: return "BF16";
     case TensorType::Q4_0: return "Q4_0";
     case TensorType::Q4_1: return "Q4_1";
+    case TensorType::Q5_0: return "Q5_0";
+    case TensorType::Q5_1: return "Q5_1";
     case TensorType::Q8_0: return "Q8_0";
     case TensorType::Q4_K: return "Q4_K";
     case TensorType::Q6_K: return "Q6_K";
@@ -109,6 +116,17 @@ void Writer::add_i32s(const std::string& k, const std::vector<int32_t>& v) {
 }
 
 void Writer::add_tensor(const std::string& name, const std::vector<int64_t>& dims, TensorType type, std::string data) {
+  auto held = std::make_shared<std::string>(std::move(data));
+  add_tensor(name, dims, type, Producer([held] { return *held; }));
+  if (held->size() != tensors_.back().size) {
+    const auto want = tensors_.back().size;
+    tensors_.pop_back();
+    throw Error(str("gguf: tensor '", name, "' has ", held->size(), " bytes; ", type_name(type),
+                    " of that shape needs ", want));
+  }
+}
+
+void Writer::add_tensor(const std::string& name, const std::vector<int64_t>& dims, TensorType type, Producer make) {
   for (auto& t : tensors_) QF_CHECK(t.name != name, "gguf: duplicate tensor '", name, "'");
   QF_CHECK(!dims.empty() && dims.size() <= 4, "gguf: tensor '", name, "' has ", dims.size(), " dims (1..4 allowed)");
   int64_t n = 1;
@@ -118,13 +136,10 @@ void Writer::add_tensor(const std::string& name, const std::vector<int64_t>& dim
   }
   QF_CHECK(dims.back() % block_elems(type) == 0, "gguf: tensor '", name, "' row width ", dims.back(),
            " is not a multiple of the ", type_name(type), " block (", block_elems(type), ")");
-  const int64_t want = n / block_elems(type) * block_bytes(type);
-  QF_CHECK(static_cast<int64_t>(data.size()) == want, "gguf: tensor '", name, "' has ", data.size(), " bytes; ",
-           type_name(type), " of that shape needs ", want);
-  tensors_.push_back({name, dims, type, std::move(data)});
+  tensors_.push_back({name, dims, type, static_cast<uint64_t>(n / block_elems(type) * block_bytes(type)), std::move(make)});
 }
 
-std::string Writer::serialize() const {
+std::string Writer::header() const {
   std::string o;
   o += "GGUF";
   put<uint32_t>(o, 3);
@@ -152,30 +167,38 @@ std::string Writer::serialize() const {
     put<uint32_t>(o, alignment_);
   }
   uint64_t offset = 0;
-  std::vector<uint64_t> offsets;
   for (auto& t : tensors_) {
     put_str(o, t.name);
     put<uint32_t>(o, static_cast<uint32_t>(t.dims.size()));
     for (auto it = t.dims.rbegin(); it != t.dims.rend(); ++it) put<uint64_t>(o, static_cast<uint64_t>(*it));  // ne0 first
     put<uint32_t>(o, static_cast<uint32_t>(t.type));
     put<uint64_t>(o, offset);
-    offsets.push_back(offset);
-    offset += t.data.size();
-    offset = (offset + alignment_ - 1) / alignment_ * alignment_;
-  }
-  pad_to(o, alignment_);
-  const size_t base = o.size();
-  for (size_t i = 0; i < tensors_.size(); ++i) {
-    o.resize(base + offsets[i], '\0');
-    o += tensors_[i].data;
+    offset = (offset + t.size + alignment_ - 1) / alignment_ * alignment_;
   }
   pad_to(o, alignment_);
   return o;
 }
 
+std::string Writer::produce(size_t i) const {
+  const auto& t = tensors_[i];
+  std::string d = t.make();
+  QF_CHECK(d.size() == t.size, "gguf: tensor '", t.name, "' produced ", d.size(), " bytes; ", type_name(t.type),
+           " of that shape needs ", t.size);
+  return d;
+}
+
+std::string Writer::serialize() {
+  std::string o = header();
+  for (size_t i = 0; i < tensors_.size(); ++i) {
+    o += produce(i);
+    pad_to(o, alignment_);
+  }
+  return o;
+}
+
 namespace {
 struct Cursor {
-  const std::string& b;
+  std::string_view b;
   const std::string& origin;
   size_t at = 0;
   void need(size_t n) {
@@ -193,7 +216,7 @@ struct Cursor {
   std::string string() {
     const uint64_t n = get<uint64_t>();
     need(n);
-    std::string s = b.substr(at, n);
+    std::string s(b.substr(at, n));
     at += n;
     return s;
   }
@@ -216,7 +239,7 @@ struct Cursor {
 };
 }  // namespace
 
-Index read_index(const std::string& bytes, const std::string& origin) {
+Index read_index(std::string_view bytes, const std::string& origin) {
   Cursor c{bytes, origin};
   c.need(4);
   if (bytes.compare(0, 4, "GGUF") != 0) throw InputError(str("GGUF file '", origin, "': bad magic"));
@@ -263,8 +286,26 @@ Index read_index(const std::string& bytes, const std::string& origin) {
   return idx;
 }
 
-int64_t Writer::write(const std::string& path) const {
-  const auto bytes = serialize();
+int64_t Writer::write(const std::string& path, const std::function<void(size_t, const std::string&)>& on_tensor) {
+  std::vector<uint64_t> hashes;
+  {
+    fs::AtomicWriter out(path);
+    out.write(header());
+    static const std::string zeros(256, '\0');
+    for (size_t i = 0; i < tensors_.size(); ++i) {
+      if (on_tensor) on_tensor(i, tensors_[i].name);
+      const std::string d = produce(i);
+      hashes.push_back(fs::hash64(d));
+      out.write(d);
+      const uint64_t pad = (alignment_ - out.size() % alignment_) % alignment_;
+      for (uint64_t left = pad; left > 0; left -= std::min<uint64_t>(left, zeros.size()))
+        out.write(std::string_view(zeros).substr(0, std::min<uint64_t>(left, zeros.size())));
+    }
+    out.commit();
+  }
+  // Re-read what is on disk: the header parses, and every tensor is where it should be, as written.
+  fs::MappedFile f(path);
+  const auto bytes = f.bytes();
   const auto idx = read_index(bytes, path);
   QF_CHECK(idx.tensors.size() == tensors_.size() && idx.keys.size() >= kv_.size(), "gguf: self-check of ", path,
            " found ", idx.tensors.size(), " tensors and ", idx.keys.size(), " keys");
@@ -272,11 +313,9 @@ int64_t Writer::write(const std::string& path) const {
     const auto& a = tensors_[i];
     const auto& b = idx.tensors[i];
     QF_CHECK(a.name == b.name && a.dims == b.dims && a.type == b.type &&
-                 bytes.compare(idx.data_start + b.offset, a.data.size(), a.data) == 0,
+                 fs::hash64(bytes.substr(idx.data_start + b.offset, a.size)) == hashes[i],
              "gguf: self-check of ", path, " failed on tensor '", a.name, "'");
   }
-  fs::write_atomic(path, bytes);
-  QF_CHECK(fs::fnv1a64(fs::read_file(path)) == fs::fnv1a64(bytes), "gguf: ", path, " reads back different bytes");
   return static_cast<int64_t>(bytes.size());
 }
 

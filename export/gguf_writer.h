@@ -8,7 +8,9 @@
 // tensor names, tokenizer block) is the exporter's business (export/gguf_export, coming next).
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <string>
+#include <string_view>
 #include <variant>
 #include <vector>
 
@@ -19,7 +21,9 @@ enum class ValueType : uint32_t {
 };
 
 // ggml tensor types qforge writes; (block elements, block bytes) per ggml-common.h.
-enum class TensorType : uint32_t { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q6_K = 14, BF16 = 30 };
+enum class TensorType : uint32_t {
+  F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q6_K = 14, BF16 = 30
+};
 int64_t block_elems(TensorType t);
 int64_t block_bytes(TensorType t);
 const char* type_name(TensorType t);
@@ -48,7 +52,7 @@ struct Index {
 // Parses the header of a GGUF file held in `bytes`; throws InputError naming `origin` on anything
 // malformed (bad magic/version, counts or strings running past the end, unknown value or tensor
 // types, tensor data outside the file).
-Index read_index(const std::string& bytes, const std::string& origin);
+Index read_index(std::string_view bytes, const std::string& origin);
 
 class Writer {
  public:
@@ -62,13 +66,21 @@ class Writer {
   void add_strings(const std::string& key, const std::vector<std::string>& v);
   void add_f32s(const std::string& key, const std::vector<float>& v);
   void add_i32s(const std::string& key, const std::vector<int32_t>& v);
-  // dims in PyTorch order ([rows, cols]); stored innermost first as GGUF wants. `data` holds the
-  // row-major bytes (blocks for quantized types, rows of whole blocks).
+  // dims in PyTorch order ([rows, cols]); stored innermost first as GGUF wants. The data is the
+  // row-major bytes (blocks for quantized types, rows of whole blocks); a Producer makes them only
+  // when write() reaches the tensor, so a model is streamed out one tensor at a time.
+  using Producer = std::function<std::string()>;
   void add_tensor(const std::string& name, const std::vector<int64_t>& dims, TensorType type, std::string data);
-  // Serialises, parses the bytes back with read_index and checks every tensor's name, dims, type and
-  // data against what was added, writes atomically, re-reads the file and compares; returns its size.
-  int64_t write(const std::string& path) const;
-  std::string serialize() const;
+  void add_tensor(const std::string& name, const std::vector<int64_t>& dims, TensorType type, Producer make);
+  // Streams the file to `path` atomically (fs::AtomicWriter: nothing partial is ever left, a full or
+  // read-only disk is an InputError naming the path): header, then each tensor as its producer makes
+  // it (its byte count checked against type and dims, a hash kept). Then maps the written file,
+  // parses it with read_index and checks every tensor's name, dims, type, offset and data hash.
+  // `on_tensor(i, name)` is called before tensor i is produced (progress). Returns the file size.
+  int64_t write(const std::string& path, const std::function<void(size_t, const std::string&)>& on_tensor = {});
+  // The whole file in memory (tests).
+  std::string serialize();
+  size_t n_tensors() const { return tensors_.size(); }
 
  private:
   void add(const std::string& key, Value v);
@@ -78,8 +90,11 @@ class Writer {
     std::string name;
     std::vector<int64_t> dims;
     TensorType type;
-    std::string data;
+    uint64_t size;  // bytes
+    Producer make;
   };
+  std::string header() const;  // everything before the data section, padded to the alignment
+  std::string produce(size_t i) const;
   std::vector<Tensor> tensors_;
 };
 

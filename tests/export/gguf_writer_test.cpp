@@ -3,9 +3,16 @@
 // gguf-py reads what it writes in tests/interop/test_gguf_writer.py.
 #include <gtest/gtest.h>
 
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <csignal>
+
 #include <cstring>
+#include <filesystem>
 
 #include "core/error.h"
+#include "core/fs.h"
 #include "export/gguf_writer.h"
 
 using namespace qf::gguf;
@@ -64,4 +71,77 @@ TEST(GgufWriter, ReadIndexParsesWhatWasWrittenAndRefusesDamage) {
   EXPECT_THROW(read_index(bad, "t.gguf"), qf::InputError);
   EXPECT_THROW(read_index(s.substr(0, 40), "t.gguf"), qf::InputError);
   EXPECT_THROW(read_index(s.substr(0, s.size() - 64), "t.gguf"), qf::InputError);  // data cut off
+}
+
+// Streaming write: producers run one at a time in order; a failing producer, a read-only directory
+// or a full disk leaves no file (and no temp file) behind, and an existing file is untouched.
+TEST(GgufWriter, StreamsAtomicallyAndLeavesNothingOnFailure) {
+  namespace stdfs = std::filesystem;
+  const auto dir = stdfs::temp_directory_path() / ("qf_gguf_stream_" + std::to_string(::getpid()));
+  stdfs::create_directories(dir);
+  const std::string path = (dir / "m.gguf").string();
+  std::vector<std::string> order;
+  {
+    Writer w;
+    w.add_u32("k", 1);
+    w.add_tensor("a", {32}, TensorType::Q8_0, Writer::Producer([&] { order.push_back("a"); return std::string(34, 'a'); }));
+    w.add_tensor("b", {4}, TensorType::F32, Writer::Producer([&] { order.push_back("b"); return std::string(16, 'b'); }));
+    std::vector<std::string> seen;
+    const auto n = w.write(path, [&](size_t, const std::string& name) { seen.push_back(name); });
+    EXPECT_EQ(n, static_cast<int64_t>(stdfs::file_size(path)));
+    EXPECT_EQ(order, (std::vector<std::string>{"a", "b"}));
+    EXPECT_EQ(seen, order);
+  }
+  const auto before = stdfs::file_size(path);
+  {
+    Writer w;
+    w.add_tensor("a", {32}, TensorType::Q8_0, Writer::Producer([] { return std::string(34, 'x'); }));
+    w.add_tensor("b", {4}, TensorType::F32, Writer::Producer([]() -> std::string { throw qf::Error("producer failed"); }));
+    EXPECT_THROW(w.write(path), qf::Error);
+  }
+  {
+    Writer w;  // a producer that returns the wrong byte count is caught before it reaches the disk
+    w.add_tensor("a", {32}, TensorType::Q8_0, Writer::Producer([] { return std::string(33, 'x'); }));
+    EXPECT_THROW(w.write(path), qf::Error);
+  }
+  EXPECT_EQ(stdfs::file_size(path), before);
+  size_t files = 0;
+  for (auto& e : stdfs::directory_iterator(dir)) files += e.is_regular_file();
+  EXPECT_EQ(files, 1u);  // no temp file left
+  {
+    // A full disk, emulated without root by a file-size limit: write() fails (EFBIG) part way through
+    // the data. The error names the file and nothing is left behind.
+    struct rlimit old {};
+    ::getrlimit(RLIMIT_FSIZE, &old);
+    auto prev = std::signal(SIGXFSZ, SIG_IGN);
+    struct rlimit small = old;
+    small.rlim_cur = 4096;
+    ::setrlimit(RLIMIT_FSIZE, &small);
+    Writer w;
+    w.add_tensor("big", {1024, 32}, TensorType::F32, std::string(1024 * 32 * 4, 'x'));
+    std::string msg;
+    try {
+      w.write(path + ".full");
+    } catch (const qf::InputError& e) {
+      msg = e.what();
+    }
+    ::setrlimit(RLIMIT_FSIZE, &old);
+    std::signal(SIGXFSZ, prev);
+    EXPECT_NE(msg.find(path + ".full"), std::string::npos) << msg;
+    EXPECT_FALSE(stdfs::exists(path + ".full"));
+  }
+  files = 0;
+  for (auto& e : stdfs::directory_iterator(dir)) files += e.is_regular_file();
+  EXPECT_EQ(files, 1u);
+  {
+    Writer w;  // a directory that does not exist / cannot be written
+    w.add_tensor("a", {32}, TensorType::Q8_0, std::string(34, 'x'));
+    try {
+      w.write("/proc/qforge_cannot_write.gguf");
+      ADD_FAILURE() << "writing under /proc succeeded";
+    } catch (const qf::InputError& e) {
+      EXPECT_NE(std::string(e.what()).find("/proc/qforge_cannot_write.gguf"), std::string::npos) << e.what();
+    }
+  }
+  qf::fs::remove_tree(dir.string());
 }
