@@ -120,23 +120,58 @@ int cmd_eval(const std::string& run, const std::vector<std::string>& overrides, 
   return 0;
 }
 
+bool is_hf_dir(const std::string& path) { return std::filesystem::exists(path + "/config.json"); }
+
+// A Hugging Face checkpoint dir as a model (weights memory-mapped when `dtype` matches them).
+std::shared_ptr<models::CausalLM> load_hf_dir(const std::string& path, const std::string& dtype, nlohmann::json* info) {
+  auto ck = models::read_hf_checkpoint(path);
+  const bool bf16 = dtype == "bf16" || (dtype == "auto" && ck.torch_dtype == "bfloat16");
+  ck.config.dtype = bf16 ? models::DType::BF16 : models::DType::F32;
+  auto model = models::build_model(ck.config, /*init=*/false);
+  models::load_hf_weights(*model, ck, !log::quiet());
+  if (info)
+    *info = {{"source", "huggingface"}, {"architecture", ck.architecture}, {"checkpoint_dtype", ck.torch_dtype},
+             {"files", ck.files.size()}};
+  return model;
+}
+
 int cmd_export(const std::string& run, const std::vector<std::string>& overrides, const std::string& format,
                const std::string& out, const std::string& dtype, double shard_mb, const std::string& quant) {
-  auto lr = trainer::load_run(run, overrides);
-  trainer::set_threads(lr.cfg.run.threads);
-  lr.model->to(at::kCPU);
+  const auto t0 = std::chrono::steady_clock::now();
+  std::shared_ptr<models::CausalLM> model;
+  std::shared_ptr<data::Tokenizer> tok;
+  std::string what, name;
+  if (is_hf_dir(run)) {
+    // A Hugging Face checkpoint: weights mapped in their stored dtype, tokenizer from the same dir.
+    QF_CHECK_INPUT(overrides.empty(), "export: key=value overrides apply to qforge runs, not to the Hugging Face dir ", run);
+    model = load_hf_dir(run, "auto", nullptr);
+    tok = data::load_tokenizer_dir(run);
+    what = run + " (Hugging Face checkpoint)";
+    name = std::filesystem::path(run).filename().string();
+  } else {
+    auto lr = trainer::load_run(run, overrides);
+    trainer::set_threads(lr.cfg.run.threads);
+    lr.model->to(at::kCPU);
+    model = lr.model;
+    tok = std::move(lr.tok);
+    what = lr.checkpoint + " (" + lr.format + " model)";
+    name = lr.cfg.run.name;
+  }
   if (format == "gguf") {
-    auto r = exporter::export_gguf(*lr.model, *lr.tok, out, quant, lr.cfg.run.name);
+    auto r = exporter::export_gguf(*model, *tok, out, quant, name, !log::quiet());
     for (auto& row : r.rows) log::info("  ", row);
-    std::printf("exported %s (%s model) to %s: GGUF v3, %lld tensors, %.2f MB (--quant %s)\n", lr.checkpoint.c_str(),
-                lr.format.c_str(), r.path.c_str(), (long long)r.n_tensors, r.bytes / 1e6, quant.c_str());
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    std::printf("exported %s to %s: GGUF v3, %lld tensors, %.2f MB (--quant %s%s%s), re-read and verified in %.2f s\n",
+                what.c_str(), r.path.c_str(), (long long)r.n_tensors, r.bytes / 1e6, quant.c_str(),
+                r.exact ? ", packed blocks exact" : "",
+                r.n_fallback ? str(", ", r.n_fallback, " shape fallbacks").c_str() : "", s);
     return 0;
   }
   const auto t = dtype == "bf16" ? at::kBFloat16 : dtype == "fp16" ? at::kHalf : at::kFloat;
-  auto r = exporter::export_hf(*lr.model, *lr.tok, out, t, static_cast<int64_t>(shard_mb * 1e6));
-  std::printf("exported %s (%s model) to %s: %lld tensors, %.2f MB in %lld file%s (%s), re-read and verified\n",
-              lr.checkpoint.c_str(), lr.format.c_str(), r.dir.c_str(), (long long)r.n_tensors, r.bytes / 1e6,
-              (long long)r.n_shards, r.n_shards > 1 ? "s" : "", dtype.c_str());
+  auto r = exporter::export_hf(*model, *tok, out, t, static_cast<int64_t>(shard_mb * 1e6));
+  std::printf("exported %s to %s: %lld tensors, %.2f MB in %lld file%s (%s), re-read and verified\n", what.c_str(),
+              r.dir.c_str(), (long long)r.n_tensors, r.bytes / 1e6, (long long)r.n_shards, r.n_shards > 1 ? "s" : "",
+              dtype.c_str());
   return 0;
 }
 
@@ -144,14 +179,8 @@ int cmd_inspect(const std::string& path, const std::string& dtype, bool forward)
   const auto t0 = std::chrono::steady_clock::now();
   nlohmann::json j;
   std::shared_ptr<models::CausalLM> model;
-  if (std::filesystem::exists(path + "/config.json")) {
-    auto ck = models::read_hf_checkpoint(path);
-    const bool bf16 = dtype == "bf16" || (dtype == "auto" && ck.torch_dtype == "bfloat16");
-    ck.config.dtype = bf16 ? models::DType::BF16 : models::DType::F32;
-    model = models::build_model(ck.config, /*init=*/false);
-    models::load_hf_weights(*model, ck, !log::quiet());
-    j = {{"source", "huggingface"}, {"architecture", ck.architecture}, {"checkpoint_dtype", ck.torch_dtype},
-         {"files", ck.files.size()}};
+  if (is_hf_dir(path)) {
+    model = load_hf_dir(path, dtype, &j);
   } else {
     auto lr = trainer::load_run(path, {});
     model = lr.model;
@@ -233,14 +262,15 @@ int main(int argc, char** argv) {
   std::string format = "hf", out, dtype = "bf16", gguf_quant = "f16";
   double shard_mb = 5000;
   auto* exp = app.add_subcommand("export", "Write a run's model in a runtime's format (hf: a Hugging Face checkpoint dir)");
-  exp->add_option("run", run, "Run directory or checkpoint directory")->required();
+  exp->add_option("run", run, "Run directory, checkpoint directory, or Hugging Face checkpoint dir (config.json + safetensors + tokenizer)")->required();
   exp->add_option("overrides", overrides, "key.path=value overrides of the run's config");
   exp->add_option("--format", format, "Output format: hf (a Hugging Face checkpoint dir) or gguf (llama.cpp)")
       ->check(CLI::IsMember({"hf", "gguf"}))
       ->capture_default_str();
   exp->add_option("--out", out, "Output directory (hf; must not exist, or be empty) or .gguf file")->required();
   exp->add_option("--quant", gguf_quant,
-                  "gguf: f32|f16|q8_0|q4_0|q4_1|q4_k|q6_k for float linears (packed QAT/PTQ layers keep their blocks)")
+                  "gguf: llama.cpp type mixture for float weights, chosen per tensor as llama-quantize does: "
+                  "f32|f16|q8_0|q4_0|q4_1|q5_0|q5_1|q4_k|q4_k_m|q6_k (packed QAT/PTQ layers keep their blocks)")
       ->capture_default_str();
   exp->add_option("--dtype", dtype, "Weight dtype of the written checkpoint")
       ->check(CLI::IsMember({"fp32", "bf16", "fp16"}))

@@ -9,6 +9,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <mutex>
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
@@ -39,14 +40,48 @@ at::ScalarType scalar_type(DType d) {
 
 namespace {
 // A read-only file mapping shared by the tensors that view it (MAP_PRIVATE: writes stay private).
+// Live mappings, so drop_pages() only ever advises memory that is a file mapping (MADV_DONTNEED on
+// heap memory would zero it).
+std::mutex g_maps_mu;
+std::vector<std::pair<uintptr_t, size_t>> g_maps;
+
 struct Mapping {
   void* addr = nullptr;
   size_t len = 0;
+  void track() {
+    std::lock_guard<std::mutex> l(g_maps_mu);
+    g_maps.emplace_back(reinterpret_cast<uintptr_t>(addr), len);
+  }
   ~Mapping() {
-    if (addr && addr != MAP_FAILED) ::munmap(addr, len);
+    if (!addr || addr == MAP_FAILED) return;
+    {
+      std::lock_guard<std::mutex> l(g_maps_mu);
+      for (size_t i = 0; i < g_maps.size(); ++i)
+        if (g_maps[i].first == reinterpret_cast<uintptr_t>(addr)) {
+          g_maps.erase(g_maps.begin() + static_cast<std::ptrdiff_t>(i));
+          break;
+        }
+    }
+    ::munmap(addr, len);
   }
 };
 }  // namespace
+
+bool drop_pages(const at::Tensor& t) {
+  if (!t.defined() || t.numel() == 0 || !t.device().is_cpu()) return false;
+  const auto b = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const auto e = b + static_cast<uintptr_t>(t.numel() * t.element_size());
+  {
+    std::lock_guard<std::mutex> l(g_maps_mu);
+    bool inside = false;
+    for (auto& [a, n] : g_maps) inside |= b >= a && e <= a + n;
+    if (!inside) return false;
+  }
+  const long page = ::sysconf(_SC_PAGESIZE);
+  const uintptr_t pb = (b + page - 1) / page * page, pe = e / page * page;
+  if (pe > pb) ::madvise(reinterpret_cast<void*>(pb), pe - pb, MADV_DONTNEED);
+  return true;
+}
 
 std::string dtype_name(at::ScalarType t) {
   for (auto& d : dtypes())
@@ -109,6 +144,7 @@ std::shared_ptr<Mapping> map_file(const std::string& path) {
   if (map->len > 0) map->addr = ::mmap(nullptr, map->len, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
   ::close(fd);
   if (map->addr == MAP_FAILED) throw InputError(str("cannot map safetensors file '", path, "': ", std::strerror(errno)));
+  if (map->len > 0) map->track();
   return map;
 }
 

@@ -31,6 +31,10 @@ File load(const std::string& path);
 // Only the validated header (names, dtypes, shapes, offsets): no tensor data is read.
 Header read_header(const std::string& path);
 at::ScalarType scalar_type(DType d);
+// Releases the resident pages under a tensor that views a load()ed file mapping (MADV_DONTNEED on
+// the page-aligned interior; untouched data is re-read from the file if used again). For streaming
+// a model out once (export). Returns false, touching nothing, for any other memory.
+bool drop_pages(const at::Tensor& t);
 
 std::string dtype_name(at::ScalarType t);  // "F32", "BF16", ...
 

@@ -281,6 +281,12 @@ std::unique_ptr<Tokenizer> load_sentencepiece(const std::string& model_path) {
   return std::make_unique<SentencePieceTokenizer>(model_path, fs::read_file(model_path));
 }
 
+std::unique_ptr<Tokenizer> load_tokenizer_dir(const std::string& dir) {
+  if (stdfs::exists(dir + "/tokenizer.model")) return load_sentencepiece(dir + "/tokenizer.model");
+  if (stdfs::exists(dir + "/tokenizer.json")) return load_hf_tokenizer(dir);
+  throw InputError(str("'", dir, "' has neither tokenizer.model (sentencepiece) nor tokenizer.json"));
+}
+
 std::unique_ptr<Tokenizer> load_or_train_tokenizer(const TokenizerConfig& cfg) {
   switch (cfg.type) {
     case TokenizerConfig::Type::SentencePiece:

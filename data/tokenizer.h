@@ -56,5 +56,8 @@ struct TokenizerConfig {
 // file appears only once complete). Throws InputError naming the file on a malformed model.
 std::unique_ptr<Tokenizer> load_or_train_tokenizer(const TokenizerConfig& cfg);
 std::unique_ptr<Tokenizer> load_sentencepiece(const std::string& model_path);
+// A Hugging Face checkpoint dir's tokenizer: tokenizer.model (sentencepiece, preferred, as
+// convert_hf_to_gguf.py does for Llama) else tokenizer.json; InputError naming the dir otherwise.
+std::unique_ptr<Tokenizer> load_tokenizer_dir(const std::string& dir);
 
 }  // namespace qf::data

@@ -2,13 +2,18 @@
 
 #include <ATen/ATen.h>
 
+#include <functional>
 #include <map>
+#include <memory>
 
 #include "core/error.h"
 #include "core/log.h"
+#include "core/progress.h"
+#include "core/safetensors.h"
 #include "export/gguf_writer.h"
 #include "peft/lora.h"
 #include "quant/ggml_blocks.h"
+#include "quant/ggml_mix.h"
 #include "quant/qat.h"
 
 namespace qf::exporter {
@@ -16,52 +21,54 @@ namespace {
 
 using gguf::TensorType;
 using quant::Rule;
-
-struct QuantChoice {
-  TensorType type;
-  Rule rule;  // Affine = float
-  uint32_t ftype;  // llama.cpp LLAMA_FTYPE_*
-};
-
-QuantChoice parse_quant(const std::string& q) {
-  static const std::map<std::string, QuantChoice> m = {
-      {"f32", {TensorType::F32, Rule::Affine, 0}},     {"f16", {TensorType::F16, Rule::Affine, 1}},
-      {"q4_0", {TensorType::Q4_0, Rule::GgmlQ4_0, 2}}, {"q4_1", {TensorType::Q4_1, Rule::GgmlQ4_1, 3}},
-      {"q8_0", {TensorType::Q8_0, Rule::GgmlQ8_0, 7}}, {"q4_k", {TensorType::Q4_K, Rule::GgmlQ4_K, 15}},
-      {"q6_k", {TensorType::Q6_K, Rule::GgmlQ6_K, 18}}};
-  auto it = m.find(q);
-  if (it == m.end()) throw InputError("export: --quant '" + q + "' is not one of f32, f16, q8_0, q4_0, q4_1, q4_k, q6_k");
-  return it->second;
-}
+using quant::TensorRole;
 
 TensorType type_of(Rule r) {
   switch (r) {
     case Rule::GgmlQ8_0: return TensorType::Q8_0;
     case Rule::GgmlQ4_0: return TensorType::Q4_0;
     case Rule::GgmlQ4_1: return TensorType::Q4_1;
+    case Rule::GgmlQ5_0: return TensorType::Q5_0;
+    case Rule::GgmlQ5_1: return TensorType::Q5_1;
     case Rule::GgmlQ4_K: return TensorType::Q4_K;
     case Rule::GgmlQ6_K: return TensorType::Q6_K;
-    default: break;
+    case Rule::Affine: break;
   }
   throw Error("not a llama.cpp block rule");
 }
 
-std::string bytes_of(const at::Tensor& t) {
+void append(std::string& out, const at::Tensor& t) {
   auto c = t.contiguous();
-  return std::string(static_cast<const char*>(c.data_ptr()), c.numel() * c.element_size());
+  out.append(static_cast<const char*>(c.data_ptr()), c.numel() * c.element_size());
 }
 
 // convert_hf_to_gguf.py's permute: rows [heads, 2, hd/2] -> [heads, hd/2, 2] (rotate-half -> interleaved).
 at::Tensor permute_rows(const at::Tensor& rows, int64_t heads) {
   const int64_t n = rows.size(0);
-  auto r = rows.reshape({heads, 2, n / heads / 2, -1}).transpose(1, 2).reshape({n, -1});
-  return r.contiguous();
+  return rows.reshape({heads, 2, n / heads / 2, -1}).transpose(1, 2).reshape({n, -1}).contiguous();
+}
+
+// A 2-D weight as GGUF bytes: `rule` blocks, or float (F16 / F32), converted in row chunks of about
+// 4M values so the float32 copy of a large tensor never exists at once.
+std::string encode(const at::Tensor& w, Rule rule, bool f16) {
+  const int64_t rows = w.size(0), cols = w.size(1);
+  const int64_t chunk = std::max<int64_t>(1, (int64_t{1} << 22) / std::max<int64_t>(1, cols));
+  std::string out;
+  out.reserve(static_cast<size_t>(rule == Rule::Affine ? rows * cols * (f16 ? 2 : 4)
+                                                       : rows * cols / quant::ggml::block_size(rule) *
+                                                             quant::ggml::type_size(rule)));
+  for (int64_t r = 0; r < rows; r += chunk) {
+    auto x = w.slice(0, r, std::min(rows, r + chunk)).to(at::kFloat);
+    if (rule != Rule::Affine) append(out, quant::ggml::quantize(x, rule));
+    else append(out, f16 ? x.to(at::kHalf) : x);
+  }
+  return out;
 }
 
 }  // namespace
 
 GgufExportResult export_gguf(models::CausalLM& model, const data::Tokenizer& tok, const std::string& out,
-                             const std::string& quant_name, const std::string& name) {
+                             const std::string& quant_name, const std::string& name, bool progress) {
   const auto& c = model.cfg;
   if (c.family != models::Family::Llama || c.qkv_bias)
     throw InputError("export: GGUF export covers the llama architecture (no qkv bias) so far; this model is " +
@@ -69,9 +76,10 @@ GgufExportResult export_gguf(models::CausalLM& model, const data::Tokenizer& tok
   if (c.rope_scaling != models::RopeScaling::None)
     throw InputError("export: GGUF export of rope scaling (linear/llama3) is not implemented yet");
   if (tok.kind() != "sentencepiece")
-    throw InputError("export: GGUF's tokenizer block is written for sentencepiece vocabularies so far (this run uses " +
-                     tok.kind() + ")");
-  const QuantChoice q = parse_quant(quant_name);
+    throw InputError("export: GGUF's tokenizer block is written for sentencepiece vocabularies so far (this model's "
+                     "tokenizer is " + tok.kind() + ")");
+  quant::mix_file_type(quant_name);  // throws listing the mixtures
+  const bool f16 = quant_name == "f16";
   at::NoGradGuard ng;
   const int64_t merged = peft::merge_lora(model);
   if (merged) log::info("export: merged ", merged, " LoRA adapters into their base layers");
@@ -80,19 +88,21 @@ GgufExportResult export_gguf(models::CausalLM& model, const data::Tokenizer& tok
   if (converted) log::info("export: converted ", converted, " fake-quant layers to their packed weights");
 
   // A model with packed linears is exported exactly: what it holds in float stays float. A float
-  // model is quantized here (RTN) with --quant, the output layer with Q6_K as llama-quantize does.
+  // model gets llama-quantize's types for --quant.
   std::map<std::string, models::LinearSlot*> slots;
-  bool exact = false;
+  GgufExportResult res;
   for (auto& ns : models::linear_slots(model)) {
     slots[ns.name] = ns.slot;
-    exact |= dynamic_cast<quant::QuantizedLinear*>(ns.slot->get().get()) != nullptr;
+    res.exact |= dynamic_cast<quant::QuantizedLinear*>(ns.slot->get().get()) != nullptr;
   }
-  if (exact) log::info("export: the model holds packed llama.cpp blocks; they are written as they are (exact)");
+  if (res.exact)
+    log::info("export: the model holds packed llama.cpp blocks; they are written as they are and float tensors stay ",
+              f16 ? "F16" : "F32", " (exact)");
   gguf::Writer w;
   w.add_string("general.architecture", "llama");
   w.add_string("general.name", name);
-  w.add_u32("general.file_type", q.ftype);
-  if (q.rule != Rule::Affine) w.add_u32("general.quantization_version", 2);
+  w.add_u32("general.file_type", quant::mix_file_type(quant_name));
+  w.add_u32("general.quantization_version", 2);
   w.add_u32("llama.vocab_size", static_cast<uint32_t>(c.vocab_size));
   w.add_u32("llama.context_length", static_cast<uint32_t>(c.max_seq_len));
   w.add_u32("llama.embedding_length", static_cast<uint32_t>(c.dim));
@@ -136,47 +146,61 @@ GgufExportResult export_gguf(models::CausalLM& model, const data::Tokenizer& tok
   w.add_bool("tokenizer.ggml.add_bos_token", tok.bos_id() >= 0);
   w.add_bool("tokenizer.ggml.add_eos_token", false);
 
-  GgufExportResult res;
-  auto add = [&](const std::string& gname, const std::vector<int64_t>& dims, TensorType t, std::string data) {
+  // Each tensor is added with its type decided now and a producer that makes its bytes when the
+  // writer reaches it.
+  auto add = [&](const std::string& gname, const std::vector<int64_t>& dims, TensorType t, gguf::Writer::Producer make) {
     res.rows.push_back(str(gname, "  ", gguf::type_name(t), "  [", dims.size() > 1 ? std::to_string(dims[0]) + ", " : "",
                            dims.back(), "]"));
-    res.bytes += static_cast<int64_t>(data.size());
-    w.add_tensor(gname, dims, t, std::move(data));
+    w.add_tensor(gname, dims, t, std::move(make));
   };
-  auto floats = [&](const at::Tensor& x) {
-    auto f = x.to(at::kFloat).contiguous();
-    return q.type == TensorType::F16 ? std::make_pair(TensorType::F16, bytes_of(f.to(at::kHalf)))
-                                     : std::make_pair(TensorType::F32, bytes_of(f));
+  // A float 2-D weight [rows, cols], materialised by `get` only when written (an NF4 or bf16 base
+  // dequantizes one layer at a time): the mixture's type (float model) or float (exact export).
+  auto add_float_2d = [&](const std::string& gname, int64_t rows, int64_t cols, std::function<at::Tensor()> get,
+                          TensorRole role, int64_t layer, int64_t permute_heads) {
+    quant::MixChoice ch;
+    ch.f16 = f16;
+    if (!res.exact) ch = quant::mix_choice(quant_name, role, layer, c.n_layers, cols, c.tie_embeddings);
+    if (!ch.fallback.empty()) {
+      ++res.n_fallback;
+      log::warn("export: ", gname, " - ", ch.fallback);
+    }
+    const TensorType t = ch.rule != Rule::Affine ? type_of(ch.rule) : ch.f16 ? TensorType::F16 : TensorType::F32;
+    add(gname, {rows, cols}, t, [get = std::move(get), ch, permute_heads, &res] {
+      auto wt = get();
+      res.input_bytes += wt.numel() * wt.element_size();
+      auto bytes = encode(permute_heads ? permute_rows(wt, permute_heads) : wt, ch.rule, ch.f16);
+      st::drop_pages(wt);  // a mapped checkpoint's pages are not needed again
+      return bytes;
+    });
   };
-  // A linear under its GGUF name: packed blocks as trained, or the float weight quantized by --quant.
-  auto linear = [&](const std::string& hf, const std::string& gname, int64_t permute_heads) {
+  auto add_1d = [&](const std::string& gname, const at::Tensor& p) {
+    res.input_bytes += p.numel() * p.element_size();
+    add(gname, {p.numel()}, TensorType::F32, [p] {
+      std::string s;
+      append(s, p.to(at::kFloat));
+      return s;
+    });
+  };
+  auto linear = [&](const std::string& hf, const std::string& gname, TensorRole role, int64_t layer, int64_t permute_heads) {
     auto it = slots.find(hf);
     QF_CHECK(it != slots.end(), "export: no layer ", hf);
-    auto& m = *it->second->get();
-    std::vector<int64_t> dims{m.out_features, m.in_features};
-    if (auto* ql = dynamic_cast<quant::QuantizedLinear*>(&m)) {
+    auto mod = it->second->get();
+    if (auto ql = std::dynamic_pointer_cast<quant::QuantizedLinear>(mod)) {
       const auto& spec = ql->weight_spec();
       if (!spec.is_ggml())
         throw InputError(str("export: ", hf, " is quantized as ", spec.describe(),
-                             ", which GGUF cannot hold; train with a llama.cpp preset (q8_0, q4_0, q4_1, q4_k, q6_k)"));
-      auto rows = ql->qweight;
-      if (permute_heads) rows = permute_rows(rows, permute_heads);
-      add(gname, dims, type_of(spec.rule), bytes_of(rows));
+                             ", which GGUF cannot hold; train with a llama.cpp preset (q8_0, q4_0, q4_1, q5_0, q5_1, "
+                             "q4_k, q6_k) or export with --format gptq / compressed-tensors"));
+      res.input_bytes += ql->qweight.numel();
+      add(gname, {mod->out_features, mod->in_features}, type_of(spec.rule), [ql, permute_heads] {
+        std::string s;
+        append(s, permute_heads ? permute_rows(ql->qweight, permute_heads) : ql->qweight);
+        return s;
+      });
       return;
     }
-    auto wt = m.effective_weight().to(at::kFloat);
-    if (permute_heads) wt = permute_rows(wt, permute_heads);
-    if (q.rule == Rule::Affine || exact) {
-      auto [t, b] = floats(wt);
-      add(gname, dims, t, std::move(b));
-      return;
-    }
-    Rule rule = q.rule;
-    if (gname == "output.weight") rule = m.in_features % 256 == 0 ? Rule::GgmlQ6_K : Rule::GgmlQ8_0;
-    if (m.in_features % quant::ggml::block_size(rule) != 0)
-      throw InputError(str("export: ", hf, " has width ", m.in_features, ", not a multiple of the ", quant_name,
-                           " block (", quant::ggml::block_size(rule), "); choose another --quant"));
-    add(gname, dims, type_of(rule), bytes_of(quant::ggml::quantize(wt.contiguous(), rule)));
+    add_float_2d(gname, mod->out_features, mod->in_features, [mod] { return mod->effective_weight(); }, role, layer,
+                 permute_heads);
   };
   std::map<std::string, at::Tensor> params;
   for (auto& p : model.named_parameters()) params[p.key()] = p.value();
@@ -185,31 +209,41 @@ GgufExportResult export_gguf(models::CausalLM& model, const data::Tokenizer& tok
     QF_CHECK(it != params.end(), "export: no parameter ", n);
     return it->second;
   };
-  // token embedding
   auto* emb = model.token_embedding().get().get();
   if (auto* qe = dynamic_cast<quant::QuantizedEmbedding*>(emb); qe && qe->spec().is_ggml()) {
-    add("token_embd.weight", {c.vocab_size, c.dim}, type_of(qe->spec().rule), bytes_of(qe->qweight));
+    auto q = qe->qweight;
+    res.input_bytes += q.numel();
+    add("token_embd.weight", {c.vocab_size, c.dim}, type_of(qe->spec().rule), [q] {
+      std::string s;
+      append(s, q);
+      return s;
+    });
   } else {
-    auto [t, b] = floats(emb->table());
-    add("token_embd.weight", {c.vocab_size, c.dim}, t, std::move(b));
+    add_float_2d("token_embd.weight", c.vocab_size, c.dim, [emb] { return emb->table(); }, TensorRole::TokenEmbd, 0, 0);
   }
   for (int64_t i = 0; i < c.n_layers; ++i) {
     const std::string hf = "model.layers." + std::to_string(i) + ".", g = "blk." + std::to_string(i) + ".";
-    add(g + "attn_norm.weight", {c.dim}, TensorType::F32, bytes_of(param(hf + "input_layernorm.weight").to(at::kFloat)));
-    linear(hf + "self_attn.q_proj", g + "attn_q.weight", c.n_heads);
-    linear(hf + "self_attn.k_proj", g + "attn_k.weight", c.kv_heads());
-    linear(hf + "self_attn.v_proj", g + "attn_v.weight", 0);
-    linear(hf + "self_attn.o_proj", g + "attn_output.weight", 0);
-    add(g + "ffn_norm.weight", {c.dim}, TensorType::F32,
-        bytes_of(param(hf + "post_attention_layernorm.weight").to(at::kFloat)));
-    linear(hf + "mlp.gate_proj", g + "ffn_gate.weight", 0);
-    linear(hf + "mlp.up_proj", g + "ffn_up.weight", 0);
-    linear(hf + "mlp.down_proj", g + "ffn_down.weight", 0);
+    add_1d(g + "attn_norm.weight", param(hf + "input_layernorm.weight"));
+    linear(hf + "self_attn.q_proj", g + "attn_q.weight", TensorRole::AttnQ, i, c.n_heads);
+    linear(hf + "self_attn.k_proj", g + "attn_k.weight", TensorRole::AttnK, i, c.kv_heads());
+    linear(hf + "self_attn.v_proj", g + "attn_v.weight", TensorRole::AttnV, i, 0);
+    linear(hf + "self_attn.o_proj", g + "attn_output.weight", TensorRole::AttnOutput, i, 0);
+    add_1d(g + "ffn_norm.weight", param(hf + "post_attention_layernorm.weight"));
+    linear(hf + "mlp.gate_proj", g + "ffn_gate.weight", TensorRole::FfnGate, i, 0);
+    linear(hf + "mlp.up_proj", g + "ffn_up.weight", TensorRole::FfnUp, i, 0);
+    linear(hf + "mlp.down_proj", g + "ffn_down.weight", TensorRole::FfnDown, i, 0);
   }
-  add("output_norm.weight", {c.dim}, TensorType::F32, bytes_of(param("model.norm.weight").to(at::kFloat)));
-  if (!c.tie_embeddings) linear("lm_head", "output.weight", 0);
-  res.n_tensors = static_cast<int64_t>(res.rows.size());
-  res.bytes = w.write(out);
+  add_1d("output_norm.weight", param("model.norm.weight"));
+  if (!c.tie_embeddings) linear("lm_head", "output.weight", TensorRole::Output, 0, 0);
+  if (res.n_fallback)
+    log::warn("export: ", res.n_fallback, " of ", w.n_tensors(), " tensor(s) required fallback quantization");
+  res.n_tensors = static_cast<int64_t>(w.n_tensors());
+  std::unique_ptr<core::ProgressBar> bar;
+  if (progress) bar = std::make_unique<core::ProgressBar>("export", res.n_tensors, 0, "tensor");
+  res.bytes = w.write(out, [&](size_t i, const std::string&) {
+    if (bar) bar->update(static_cast<int64_t>(i));
+  });
+  if (bar) bar->finish();
   res.path = out;
   return res;
 }

@@ -1,18 +1,22 @@
-// `qforge export --format gguf`: a run's model as a llama.cpp GGUF file (architecture "llama").
-//  - Linears that qforge quantized with a llama.cpp preset (QAT + convert, or PTQ) are written with
-//    their packed blocks as they are: the file holds exactly the weights qforge computes with.
-//  - Float linears are quantized with --quant (f32, f16, q8_0, q4_0, q4_1, q4_k, q6_k) by
-//    llama.cpp's reference quantizers (quant/ggml_blocks).
-//  - Tensors qforge holds in float (embeddings, lm_head, norms) are written F32 (F16 with --quant
-//    f16), so the file reproduces qforge's logits; quantize them at training time (quant.embedding)
-//    to make them small.
+// `qforge export --format gguf`: a model as a llama.cpp GGUF file (architecture "llama").
+//  - Linears (and a token embedding) that qforge quantized with a llama.cpp preset (QAT + convert,
+//    or PTQ) are written with their packed blocks as they are: the file holds exactly the weights
+//    qforge computes with, and what qforge holds in float stays float (F32; F16 with --quant f16),
+//    so llama.cpp reproduces qforge's logits.
+//  - A float model is quantized with --quant, a llama.cpp type mixture (f32 f16 q8_0 q4_0 q4_1
+//    q5_0 q5_1 q4_k q4_k_m q6_k), choosing each tensor's type as llama-quantize does
+//    (quant/ggml_mix: output Q6_K, q4_k_m's attn_v/ffn_down, shape fallbacks with a warning each)
+//    and quantizing with llama.cpp's reference quantizers (quant/ggml_blocks): byte-identical to
+//    convert_hf_to_gguf.py --outtype f32 + llama-quantize without an imatrix.
 //  - Q and K rows are permuted from Hugging Face's rotate-half RoPE layout to llama.cpp's, as
 //    convert_hf_to_gguf.py does; a row permutation keeps every quantization block intact.
 //  - Metadata: llama.* hyper-parameters and the tokenizer block (sentencepiece vocabularies).
-// Invariant: written atomically; a width that the block size does not divide is an error naming the
-// tensor (no silent fallback).
+// Streaming: tensors are produced one at a time in row chunks while the file is written (never two
+// copies of the model; the pages of a memory-mapped source checkpoint are released as each tensor
+// is done); the file is re-read and checked, and appears only complete (gguf::Writer).
 #pragma once
 #include <string>
+#include <vector>
 
 #include "data/tokenizer.h"
 #include "models/transformer.h"
@@ -21,11 +25,13 @@ namespace qf::exporter {
 
 struct GgufExportResult {
   std::string path;
-  int64_t n_tensors = 0, bytes = 0;
+  int64_t n_tensors = 0, bytes = 0, n_fallback = 0;
+  int64_t input_bytes = 0;        // bytes of the weights read (as the model holds them)
+  bool exact = false;             // packed QAT/PTQ blocks written as they are
   std::vector<std::string> rows;  // "name  type  shape" per tensor, for the report
 };
 
 GgufExportResult export_gguf(models::CausalLM& model, const data::Tokenizer& tok, const std::string& out,
-                             const std::string& quant, const std::string& name);
+                             const std::string& quant, const std::string& name, bool progress = true);
 
 }  // namespace qf::exporter

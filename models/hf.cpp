@@ -1,7 +1,6 @@
 #include "models/hf.h"
 
 #include <ATen/ATen.h>
-#include <sys/mman.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -235,7 +234,6 @@ void load_hf_weights(CausalLM& model, const HfCheckpoint& ck, bool progress) {
   // converted into the parameter and their source pages are dropped right away, so peak memory
   // stays near one copy of the model.
   at::NoGradGuard ng;
-  const long page = ::sysconf(_SC_PAGESIZE);
   std::unique_ptr<core::ProgressBar> bar;
   if (progress) bar = std::make_unique<core::ProgressBar>("load", static_cast<int64_t>(params.size()), 0, "tensor");
   int64_t done = 0;
@@ -250,10 +248,7 @@ void load_hf_weights(CausalLM& model, const HfCheckpoint& ck, bool progress) {
         p.set_data(t);
       } else {
         p.copy_(transpose ? t.t() : t);
-        const auto b = reinterpret_cast<uintptr_t>(t.data_ptr());
-        const auto e = b + static_cast<uintptr_t>(t.numel() * t.element_size());
-        const uintptr_t pb = (b + page - 1) / page * page, pe = e / page * page;
-        if (pe > pb) ::madvise(reinterpret_cast<void*>(pb), pe - pb, MADV_DONTNEED);
+        st::drop_pages(t);
       }
       if (bar) bar->update(++done);
     }

@@ -1,4 +1,4 @@
-// llama.cpp (ggml) block formats: q8_0, q4_0, q4_1, q4_K, q6_K.
+// llama.cpp (ggml) block formats: q8_0, q4_0, q4_1, q5_0, q5_1, q4_K, q6_K.
 //
 // Every block routine below follows llama.cpp ggml/src/ggml-quants.c (quantize_row_*_ref,
 // dequantize_row_*, make_qkx2_quants, make_qx_quants, nearest_int, get_scale_min_k4) operation by
@@ -113,6 +113,75 @@ void dequant_q4_0(const uint8_t* y, float* x) {
     x[j] = static_cast<float>(lo) * d;
     x[j + kQK / 2] = static_cast<float>(hi) * d;
   }
+}
+
+// ---------------------------------------------------------------- q5_0 / q5_1
+// {fp16 d; uint8 qh[4]; uint8 qs[16]} / {fp16 d, m; uint8 qh[4]; uint8 qs[16]}: low nibbles as in
+// q4_0/q4_1 (element j low, j+16 high), the fifth bits of elements 0..31 in the 32-bit qh.
+
+inline void put_q5(const int* q, uint8_t* qh, uint8_t* qs) {
+  uint32_t h = 0;
+  for (int j = 0; j < kQK / 2; ++j) {
+    qs[j] = static_cast<uint8_t>((q[j] & 0x0F) | ((q[j + kQK / 2] & 0x0F) << 4));
+    h |= static_cast<uint32_t>((q[j] & 0x10) >> 4) << j;
+    h |= static_cast<uint32_t>((q[j + kQK / 2] & 0x10) >> 4) << (j + kQK / 2);
+  }
+  std::memcpy(qh, &h, 4);
+}
+
+inline void get_q5(const uint8_t* qh, const uint8_t* qs, int* q) {
+  uint32_t h;
+  std::memcpy(&h, qh, 4);
+  for (int j = 0; j < kQK / 2; ++j) {
+    q[j] = (qs[j] & 0x0F) | static_cast<int>(((h >> j) << 4) & 0x10);
+    q[j + kQK / 2] = (qs[j] >> 4) | static_cast<int>((h >> (j + 12)) & 0x10);
+  }
+}
+
+void quant_q5_0(const float* x, uint8_t* y) {
+  float amax = 0.0f, max = 0.0f;
+  for (int j = 0; j < kQK; ++j) {
+    if (amax < std::fabs(x[j])) {
+      amax = std::fabs(x[j]);
+      max = x[j];
+    }
+  }
+  const float d = max / -16;
+  const float id = d != 0.0f ? 1.0f / d : 0.0f;
+  put_u16(y, fp16_bits(d));
+  int q[kQK];
+  for (int j = 0; j < kQK; ++j) q[j] = std::min(31, static_cast<int>(static_cast<int8_t>(x[j] * id + 16.5f)));
+  put_q5(q, y + 2, y + 6);
+}
+
+void dequant_q5_0(const uint8_t* y, float* x) {
+  const float d = fp16_value(get_u16(y));
+  int q[kQK];
+  get_q5(y + 2, y + 6, q);
+  for (int j = 0; j < kQK; ++j) x[j] = static_cast<float>(q[j] - 16) * d;
+}
+
+void quant_q5_1(const float* x, uint8_t* y) {
+  float min = x[0], max = x[0];
+  for (int j = 1; j < kQK; ++j) {
+    if (x[j] < min) min = x[j];
+    if (x[j] > max) max = x[j];
+  }
+  const float d = (max - min) / 31;
+  const float id = d != 0.0f ? 1.0f / d : 0.0f;
+  put_u16(y, fp16_bits(d));
+  put_u16(y + 2, fp16_bits(min));
+  int q[kQK];
+  for (int j = 0; j < kQK; ++j) q[j] = static_cast<uint8_t>((x[j] - min) * id + 0.5f);
+  put_q5(q, y + 4, y + 8);
+}
+
+void dequant_q5_1(const uint8_t* y, float* x) {
+  const float d = fp16_value(get_u16(y));
+  const float m = fp16_value(get_u16(y + 2));
+  int q[kQK];
+  get_q5(y + 4, y + 8, q);
+  for (int j = 0; j < kQK; ++j) x[j] = static_cast<float>(q[j]) * d + m;
 }
 
 // ---------------------------------------------------------------- q4_1: {fp16 d, m; uint8 qs[16]}
@@ -497,18 +566,22 @@ const Format& format_of(Rule r) {
   static const Format q8_0{"q8_0", kQK, 34, quant_q8_0, dequant_q8_0, 1024};
   static const Format q4_0{"q4_0", kQK, 18, quant_q4_0, dequant_q4_0, 1024};
   static const Format q4_1{"q4_1", kQK, 20, quant_q4_1, dequant_q4_1, 1024};
+  static const Format q5_0{"q5_0", kQK, 22, quant_q5_0, dequant_q5_0, 1024};
+  static const Format q5_1{"q5_1", kQK, 24, quant_q5_1, dequant_q5_1, 1024};
   static const Format q4_K{"q4_k", kQKK, 144, quant_q4_K, dequant_q4_K, 8};
   static const Format q6_K{"q6_k", kQKK, 210, quant_q6_K, dequant_q6_K, 8};
   switch (r) {
     case Rule::GgmlQ8_0: return q8_0;
     case Rule::GgmlQ4_0: return q4_0;
     case Rule::GgmlQ4_1: return q4_1;
+    case Rule::GgmlQ5_0: return q5_0;
+    case Rule::GgmlQ5_1: return q5_1;
     case Rule::GgmlQ4_K: return q4_K;
     case Rule::GgmlQ6_K: return q6_K;
     case Rule::Affine: break;
   }
   throw Error("ggml block formats: rule 'affine' is not a llama.cpp block format (expected one of "
-              "q8_0, q4_0, q4_1, q4_k, q6_k)");
+              "q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q6_k)");
 }
 
 void check_cols(const Format& f, int64_t cols, const char* what) {
@@ -540,6 +613,8 @@ at::Tensor fake_quant_loop(const at::Tensor& x, const Format& f) {
   });
   return out;
 }
+
+bool has_aten_path(Rule r) { return r == Rule::GgmlQ8_0 || r == Rule::GgmlQ4_0 || r == Rule::GgmlQ4_1; }
 
 // q8_0 / q4_0 / q4_1 as elementwise ATen ops on [n_blocks, 32] (runs on any device). Each op is
 // one IEEE float32 operation of the reference; divisions by a non-power-of-two constant use a
@@ -634,7 +709,7 @@ at::Tensor fake_quant(const at::Tensor& w, Rule r) {
   auto x = w.detach().to(at::kFloat).contiguous();
   // Off the CPU, q8_0/q4_0/q4_1 stay on the device as ATen ops. On the CPU the fused block loop is
   // faster than that chain of ATen ops (measured 1.5-5x), and the K-quants only exist as the loop.
-  if (f.block == kQK && !x.is_cpu()) return fake_quant_aten(x, r);
+  if (has_aten_path(r) && !x.is_cpu()) return fake_quant_aten(x, r);
   auto out = fake_quant_loop(x.cpu(), f);
   return x.is_cpu() ? out : out.to(x.device());
 }
@@ -643,7 +718,7 @@ namespace detail {
 // Test hook (declared in tests/quant/ggml_blocks_test.cpp): the device (ATen) path on any tensor.
 at::Tensor fake_quant_vectorized(const at::Tensor& w, Rule r) {
   const Format& f = format_of(r);
-  QF_CHECK(f.block == kQK, "ggml ", f.name, ": the vectorised fake quant covers q8_0/q4_0/q4_1 only");
+  QF_CHECK(has_aten_path(r), "ggml ", f.name, ": the vectorised fake quant covers q8_0/q4_0/q4_1 only");
   check_cols(f, w.size(-1), "fake_quant");
   return fake_quant_aten(w.detach().to(at::kFloat).contiguous(), r);
 }

@@ -1,5 +1,5 @@
 // llama.cpp (ggml) block formats, bit-exact with ggml-quants.c's reference quantizers
-// (quantize_row_q8_0_ref, q4_0, q4_1, q4_K, q6_K) and their dequantizers.
+// (quantize_row_q8_0_ref, q4_0, q4_1, q5_0, q5_1, q4_K, q6_K) and their dequantizers.
 // Invariant: dequantize(quantize(w)) == fake_quant(w) bit for bit, and quantize(w)'s bytes equal
 // what llama.cpp / gguf-py write for the same float32 rows.
 #pragma once
@@ -12,7 +12,7 @@
 namespace qf::quant::ggml {
 
 int64_t block_size(Rule r);  // 32 (q8_0/q4_0/q4_1) or 256 (q4_k/q6_k)
-int64_t type_size(Rule r);   // bytes per block: 34, 18, 20, 144, 210
+int64_t type_size(Rule r);   // bytes per block: 34, 18, 20, 22, 24, 144, 210
 
 // w: float32 [rows, cols], cols % block_size == 0 (throws qf::Error naming both numbers otherwise).
 // Returns uint8 [rows, cols / block_size * type_size]: ggml's row layout.

@@ -156,7 +156,8 @@ at::Tensor unpack_weight(const PackedStorage& p, const QuantSpec& spec, int64_t 
     return (t * s.unsqueeze(-1)).reshape({rows, cols});
   }
   if (spec.is_ggml()) {
-    if (p.qweight.is_cuda() && spec.rule != Rule::GgmlQ4_K && spec.rule != Rule::GgmlQ6_K)
+    if (p.qweight.is_cuda() &&
+        (spec.rule == Rule::GgmlQ8_0 || spec.rule == Rule::GgmlQ4_0 || spec.rule == Rule::GgmlQ4_1))
       return cuda::dequantize_ggml(p.qweight, spec.rule, cols, at::kFloat);
     return ggml::dequantize(p.qweight.cpu(), spec.rule, cols).to(p.qweight.device());
   }

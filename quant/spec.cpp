@@ -23,6 +23,8 @@ double QuantSpec::bits_per_weight(int64_t width) const {
     case Rule::GgmlQ8_0: return 34.0 * 8 / 32;
     case Rule::GgmlQ4_0: return 18.0 * 8 / 32;
     case Rule::GgmlQ4_1: return 20.0 * 8 / 32;
+    case Rule::GgmlQ5_0: return 22.0 * 8 / 32;
+    case Rule::GgmlQ5_1: return 24.0 * 8 / 32;
     case Rule::GgmlQ4_K: return 144.0 * 8 / 256;
     case Rule::GgmlQ6_K: return 210.0 * 8 / 256;
     case Rule::Affine: break;
@@ -57,7 +59,7 @@ std::string QuantSpec::describe() const {
 }
 
 const std::vector<std::string>& QuantSpec::preset_names() {
-  static const std::vector<std::string> n{"q8_0",  "q4_0",      "q4_1",     "q4_k",           "q6_k",          "int4-g128-asym",
+  static const std::vector<std::string> n{"q8_0",  "q4_0",      "q4_1", "q5_0", "q5_1", "q4_k",           "q6_k",          "int4-g128-asym",
                                           "int4-g32", "int8-per-channel", "int8-per-token", "fp8-e4m3", "fp8-e5m2"};
   return n;
 }
@@ -79,6 +81,10 @@ QuantSpec QuantSpec::preset_named(const std::string& name) {
     ggml(Rule::GgmlQ4_0, 4, true, 32);
   } else if (name == "q4_1") {
     ggml(Rule::GgmlQ4_1, 4, false, 32);
+  } else if (name == "q5_0") {
+    ggml(Rule::GgmlQ5_0, 5, true, 32);
+  } else if (name == "q5_1") {
+    ggml(Rule::GgmlQ5_1, 5, false, 32);
   } else if (name == "q4_k") {
     ggml(Rule::GgmlQ4_K, 4, false, 256);
   } else if (name == "q6_k") {

@@ -17,7 +17,7 @@ enum class Granularity { PerTensor, PerChannel, PerGroup, PerToken };
 enum class ScaleDType { F32, F16, BF16 };
 // How values are mapped to integers. Affine = torchao's fake quantizer (round half to even,
 // x * (1/scale)). The Ggml* rules are llama.cpp's reference quantizers, block by block.
-enum class Rule { Affine, GgmlQ8_0, GgmlQ4_0, GgmlQ4_1, GgmlQ4_K, GgmlQ6_K };
+enum class Rule { Affine, GgmlQ8_0, GgmlQ4_0, GgmlQ4_1, GgmlQ5_0, GgmlQ5_1, GgmlQ4_K, GgmlQ6_K };
 // Learned quantization parameters: none (observer / dynamic), LSQ (scale), LSQ+ (scale + offset).
 enum class Learn { None, Lsq, LsqPlus };
 
@@ -43,7 +43,7 @@ struct QuantSpec {
   std::string describe() const;
   bool is_ggml() const { return rule != Rule::Affine; }
 
-  // Named presets, bit-exact with their runtimes: q8_0 q4_0 q4_1 q4_k q6_k int4-g128-asym
+  // Named presets, bit-exact with their runtimes: q8_0 q4_0 q4_1 q5_0 q5_1 q4_k q6_k int4-g128-asym
   // int4-g32 int8-per-channel int8-per-token (activations) fp8-e4m3 fp8-e5m2; throws listing them.
   static QuantSpec preset_named(const std::string& name);
   static const std::vector<std::string>& preset_names();

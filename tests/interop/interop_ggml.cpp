@@ -1,5 +1,5 @@
 // interop_ggml IN.safetensors OUT.safetensors
-// For every float32 2-D tensor "<rule>/<name>" in IN (rule: q8_0 q4_0 q4_1 q4_k q6_k) writes
+// For every float32 2-D tensor "<rule>/<name>" in IN (rule: q8_0 q4_0 q4_1 q5_0 q5_1 q4_k q6_k) writes
 // "<rule>/<name>/blocks" (uint8, qf::quant::ggml::quantize) and "<rule>/<name>/dequant" (float32,
 // qf::quant::ggml::fake_quant) to OUT, for tests/interop/test_gguf_blocks.py to compare with gguf-py.
 #include <ATen/ATen.h>
@@ -21,22 +21,16 @@ int main(int argc, char** argv) {
     return 2;
   }
   using qf::quant::Rule;
-  const std::map<std::string, Rule> rules = {{"q8_0", Rule::GgmlQ8_0},
-                                             {"q4_0", Rule::GgmlQ4_0},
-                                             {"q4_1", Rule::GgmlQ4_1},
-                                             {"q4_k", Rule::GgmlQ4_K},
-                                             {"q6_k", Rule::GgmlQ6_K}};
   try {
     auto in = qf::st::load(argv[1]);
     std::vector<std::pair<std::string, at::Tensor>> out;
     for (const auto& [name, t] : in.tensors) {
       const auto slash = name.find('/');
       if (slash == std::string::npos || t.scalar_type() != at::kFloat || t.dim() != 2) continue;
-      auto it = rules.find(name.substr(0, slash));
-      QF_CHECK(it != rules.end(), "interop_ggml: tensor '", name, "' names unknown rule '", name.substr(0, slash),
-               "' (expected q8_0, q4_0, q4_1, q4_k or q6_k)");
-      out.emplace_back(name + "/blocks", qf::quant::ggml::quantize(t, it->second));
-      out.emplace_back(name + "/dequant", qf::quant::ggml::fake_quant(t, it->second));
+      const auto spec = qf::quant::QuantSpec::preset_named(name.substr(0, slash));  // throws listing the presets
+      QF_CHECK(spec.is_ggml(), "interop_ggml: tensor '", name, "' names ", spec.describe(), ", not a llama.cpp block format");
+      out.emplace_back(name + "/blocks", qf::quant::ggml::quantize(t, spec.rule));
+      out.emplace_back(name + "/dequant", qf::quant::ggml::fake_quant(t, spec.rule));
     }
     qf::st::save(argv[2], out);
     std::cout << "interop_ggml: wrote " << out.size() << " tensors to " << argv[2] << "\n";

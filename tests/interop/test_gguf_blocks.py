@@ -2,7 +2,7 @@
 
 Runs $QFORGE_BUILD_DIR/interop/interop_ggml on seeded random float32 matrices (several shapes and
 distributions) and checks, per matrix:
-  * q8_0 / q4_0 / q4_1: qforge's block bytes are identical to gguf.quants.quantize(), whose
+  * q8_0 / q4_0 / q4_1 / q5_0 / q5_1: qforge's block bytes are identical to gguf.quants.quantize(), whose
     quantizers for these types are bit-exact ports of ggml-quants.c's reference quantizers; and
     qforge's fake-quant values equal gguf.quants.dequantize() of those bytes bit for bit.
   * q4_K / q6_K: gguf-py has no quantizer for the K-quants (only dequantization), so here only
@@ -25,10 +25,12 @@ RULES = {
     "q8_0": QT.Q8_0,
     "q4_0": QT.Q4_0,
     "q4_1": QT.Q4_1,
+    "q5_0": QT.Q5_0,
+    "q5_1": QT.Q5_1,
     "q4_k": QT.Q4_K,
     "q6_k": QT.Q6_K,
 }
-GGUF_QUANTIZES = {"q8_0", "q4_0", "q4_1"}  # gguf-py implements quantize_blocks for these only
+GGUF_QUANTIZES = {"q8_0", "q4_0", "q4_1", "q5_0", "q5_1"}  # gguf-py implements quantize_blocks for these only
 SHAPES = [(1, 256), (7, 512), (33, 768), (64, 1024)]
 
 

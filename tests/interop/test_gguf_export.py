@@ -79,14 +79,22 @@ def test_gguf_export_reads_back_in_gguf_py(tmp_path, runs, run, quant, layer_typ
         assert tensors["output.weight"].tensor_type.name in ("Q6_K", "Q8_0")
 
 
-def test_gguf_export_refusals(tmp_path, runs):
-    r = subprocess.run([QFORGE, "-q", "export", str(runs / "fp"), "--format", "gguf", "--quant", "q4_k", "--out",
+def test_gguf_export_fallbacks_and_refusals(tmp_path, runs):
+    # width 64 fits no 256-block: llama.cpp's fallbacks (Q4_K -> Q5_0, output Q6_K -> Q8_0), each announced
+    r = subprocess.run([QFORGE, "export", str(runs / "fp"), "--format", "gguf", "--quant", "q4_k", "--out",
                         str(tmp_path / "x.gguf")], capture_output=True, text=True)
-    assert r.returncode == 1 and "not a multiple of the q4_k block (256)" in r.stderr, r.stderr
-    assert not (tmp_path / "x.gguf").exists()
+    assert r.returncode == 0, r.stderr
+    assert "blk.0.attn_q.weight - ncols 64 not divisible by 256 (required for type q4_K) -> falling back to q5_0" in r.stderr
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "x.gguf")).tensors}
+    assert types["blk.0.attn_q.weight"] == "Q5_0" and types["output.weight"] == "Q8_0", types
     r = subprocess.run([QFORGE, "-q", "export", str(runs / "fp"), "--format", "gguf", "--quant", "q3", "--out",
                         str(tmp_path / "y.gguf")], capture_output=True, text=True)
-    assert r.returncode == 1 and "--quant 'q3' is not one of" in r.stderr, r.stderr
+    assert r.returncode == 1 and "mixture 'q3' is not one of" in r.stderr, r.stderr
+    assert not (tmp_path / "y.gguf").exists()
+    # an unwritable destination: a clear error naming it, nothing left behind
+    r = subprocess.run([QFORGE, "-q", "export", str(runs / "fp"), "--format", "gguf", "--quant", "q8_0", "--out",
+                        "/proc/qforge.gguf"], capture_output=True, text=True)
+    assert r.returncode == 1 and "/proc/qforge.gguf" in r.stderr, r.stderr
 
 
 def _llama_logits(path, ids):
@@ -134,6 +142,9 @@ def test_llama_cpp_runs_the_exported_gguf_like_qforge(tmp_path, runs, run, quant
             if heads:  # undo the rotate-half -> interleaved permutation
                 w = w.reshape(heads, w.shape[0] // heads // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
             st[f"model.layers.{i}.{inv[short]}"] = torch.from_numpy(np.ascontiguousarray(w))
+        te = g["token_embd.weight"]  # quantized too, as llama-quantize does
+        st["model.embed_tokens.weight"] = torch.from_numpy(gguf.quants.dequantize(te.data, te.tensor_type).reshape(
+            st["model.embed_tokens.weight"].shape).copy())
         ow = g["output.weight"]
         st["lm_head.weight"] = torch.from_numpy(gguf.quants.dequantize(ow.data, ow.tensor_type).reshape(
             st["lm_head.weight"].shape).copy())

@@ -27,14 +27,16 @@ namespace {
 using qf::quant::Rule;
 namespace gg = qf::quant::ggml;
 
-const std::vector<Rule> kRules = {Rule::GgmlQ8_0, Rule::GgmlQ4_0, Rule::GgmlQ4_1, Rule::GgmlQ4_K,
-                                  Rule::GgmlQ6_K};
+const std::vector<Rule> kRules = {Rule::GgmlQ8_0, Rule::GgmlQ4_0, Rule::GgmlQ4_1, Rule::GgmlQ5_0,
+                                  Rule::GgmlQ5_1, Rule::GgmlQ4_K, Rule::GgmlQ6_K};
 
 std::string name(Rule r) {
   switch (r) {
     case Rule::GgmlQ8_0: return "q8_0";
     case Rule::GgmlQ4_0: return "q4_0";
     case Rule::GgmlQ4_1: return "q4_1";
+    case Rule::GgmlQ5_0: return "q5_0";
+    case Rule::GgmlQ5_1: return "q5_1";
     case Rule::GgmlQ4_K: return "q4_k";
     case Rule::GgmlQ6_K: return "q6_k";
     default: return "affine";
@@ -179,6 +181,14 @@ TEST(GgmlBlocks, AllZeroBlocks) {
         EXPECT_EQ(p[blk * 18], 0x00);
         EXPECT_EQ(p[blk * 18 + 1], 0x80);
         for (int j = 2; j < 18; ++j) EXPECT_EQ(p[blk * 18 + j], 0x88);
+      }
+    } else if (r == Rule::GgmlQ5_0) {
+      // d = -0.0 again, every q = (int8)(0 + 16.5) = 16: low nibbles 0, every fifth bit set in qh.
+      for (int64_t blk = 0; blk < b.numel() / 22; ++blk) {
+        EXPECT_EQ(p[blk * 22], 0x00);
+        EXPECT_EQ(p[blk * 22 + 1], 0x80);
+        for (int j = 2; j < 6; ++j) EXPECT_EQ(p[blk * 22 + j], 0xFF);
+        for (int j = 6; j < 22; ++j) EXPECT_EQ(p[blk * 22 + j], 0x00);
       }
     } else {
       EXPECT_TRUE(at::all(b.eq(0)).item<bool>()) << name(r);

@@ -1,0 +1,57 @@
+"""llama.cpp itself as the reference, from the llama-cpp-python wheel scripts/setup.sh builds
+(vendored llama.cpp 0c1e570):
+  * quantize(type, x): ggml_quantize_chunk from libggml-base.so. Without an importance matrix it
+    runs quantize_row_<type>_ref for every type used here (ggml-quants.c), the quantizer
+    llama-quantize uses.
+  * llama_quantize(src, dst, ftype): llama_model_quantize, i.e. the llama-quantize tool (per-tensor
+    type choice, shape fallbacks and all).
+A missing wheel is a failure (ImportError / OSError), never a skip."""
+import ctypes
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+GGML_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13,
+             "Q6_K": 14}
+LLAMA_FTYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q4_k_s": 14, "q4_k_m": 15,
+               "q6_k": 18}
+_lib = None
+
+
+def _ggml():
+    global _lib
+    if _lib is None:
+        spec = importlib.util.find_spec("llama_cpp")
+        if spec is None or not spec.origin:
+            raise ImportError("llama_cpp (llama-cpp-python) is not installed in the venv; run scripts/setup.sh")
+        _lib = ctypes.CDLL(str(Path(spec.origin).parent / "lib" / "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
+        _lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                             ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        _lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+        _lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+        _lib.ggml_row_size.restype = ctypes.c_size_t
+    return _lib
+
+
+def quantize(type_name, x):
+    """float32 [rows, cols] -> ggml's block bytes (rows * row_size)."""
+    t = GGML_TYPE[type_name.upper()]
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    rows, cols = x.shape
+    n = int(_ggml().ggml_row_size(t, cols)) * rows
+    out = ctypes.create_string_buffer(n)
+    got = _ggml().ggml_quantize_chunk(t, x.ctypes.data, ctypes.addressof(out), 0, rows, cols, None)
+    assert got == n, (got, n)
+    return out.raw
+
+
+def llama_quantize(src, dst, ftype, nthread=2):
+    """llama-quantize SRC DST FTYPE through the library call the tool makes; raises on failure."""
+    import llama_cpp
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = LLAMA_FTYPE[ftype]
+    p.nthread = nthread
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize({src}, {ftype}) returned {rc}")
