@@ -123,12 +123,13 @@ int cmd_eval(const std::string& run, const std::vector<std::string>& overrides, 
 bool is_hf_dir(const std::string& path) { return std::filesystem::exists(path + "/config.json"); }
 
 // A Hugging Face checkpoint dir as a model (weights memory-mapped when `dtype` matches them).
-std::shared_ptr<models::CausalLM> load_hf_dir(const std::string& path, const std::string& dtype, nlohmann::json* info) {
+std::shared_ptr<models::CausalLM> load_hf_dir(const std::string& path, const std::string& dtype, nlohmann::json* info,
+                                              bool populate = true) {
   auto ck = models::read_hf_checkpoint(path);
   const bool bf16 = dtype == "bf16" || (dtype == "auto" && ck.torch_dtype == "bfloat16");
   ck.config.dtype = bf16 ? models::DType::BF16 : models::DType::F32;
   auto model = models::build_model(ck.config, /*init=*/false);
-  models::load_hf_weights(*model, ck, !log::quiet());
+  models::load_hf_weights(*model, ck, !log::quiet(), populate);
   if (info)
     *info = {{"source", "huggingface"}, {"architecture", ck.architecture}, {"checkpoint_dtype", ck.torch_dtype},
              {"files", ck.files.size()}};
@@ -144,7 +145,8 @@ int cmd_export(const std::string& run, const std::vector<std::string>& overrides
   if (is_hf_dir(run)) {
     // A Hugging Face checkpoint: weights mapped in their stored dtype, tokenizer from the same dir.
     QF_CHECK_INPUT(overrides.empty(), "export: key=value overrides apply to qforge runs, not to the Hugging Face dir ", run);
-    model = load_hf_dir(run, "auto", nullptr);
+    // Export reads each weight once: pages come in per tensor and are released after it is written.
+    model = load_hf_dir(run, "auto", nullptr, /*populate=*/false);
     tok = data::load_tokenizer_dir(run);
     what = run + " (Hugging Face checkpoint)";
     name = std::filesystem::path(run).filename().string();

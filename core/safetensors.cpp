@@ -159,7 +159,7 @@ Header read_header(const std::string& path) {
   return parse_header(base_of(*map), map->len, path);  // touches the header's pages only
 }
 
-File load(const std::string& path) {
+File load(const std::string& path, bool populate) {
   // Memory-mapped: tensors view the mapping (copy-on-write), so loading holds no second copy.
   auto map = map_file(path);
 #ifndef MADV_POPULATE_READ
@@ -167,7 +167,7 @@ File load(const std::string& path) {
 #endif
   // Map the (page-cached) file read-only up front in one call instead of one page fault per 4 KiB
   // later; writes still copy-on-write. Best effort: kernels before 5.14 ignore it.
-  if (map->len > 0) ::madvise(map->addr, map->len, MADV_POPULATE_READ);
+  if (map->len > 0 && populate) ::madvise(map->addr, map->len, MADV_POPULATE_READ);
   const auto* base = base_of(*map);
   Header h = parse_header(base, map->len, path);
   File f;

@@ -27,7 +27,9 @@ struct File {
   at::Tensor get(const std::string& name) const;            // throws naming the missing tensor
   bool has(const std::string& name) const;
 };
-File load(const std::string& path);
+// populate=false skips the up-front MADV_POPULATE_READ: pages come in as tensors are touched (a
+// one-pass reader that drop_pages() each tensor then never holds the whole file resident).
+File load(const std::string& path, bool populate = true);
 // Only the validated header (names, dtypes, shapes, offsets): no tensor data is read.
 Header read_header(const std::string& path);
 at::ScalarType scalar_type(DType d);

@@ -186,7 +186,7 @@ HfCheckpoint read_hf_checkpoint(const std::string& dir) {
   return ck;
 }
 
-void load_hf_weights(CausalLM& model, const HfCheckpoint& ck, bool progress) {
+void load_hf_weights(CausalLM& model, const HfCheckpoint& ck, bool progress, bool populate) {
   std::map<std::string, at::Tensor> params;
   for (auto& p : model.named_parameters()) params[p.key()] = p.value();
   const bool gpt2 = ck.config.family == Family::Gpt2;
@@ -238,7 +238,7 @@ void load_hf_weights(CausalLM& model, const HfCheckpoint& ck, bool progress) {
   if (progress) bar = std::make_unique<core::ProgressBar>("load", static_cast<int64_t>(params.size()), 0, "tensor");
   int64_t done = 0;
   for (auto& f : ck.files) {
-    auto file = st::load(ck.dir + "/" + f);
+    auto file = st::load(ck.dir + "/" + f, populate);
     for (auto& [name, t] : file.tensors) {
       auto it = params.find(name);
       if (it == params.end()) continue;

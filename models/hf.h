@@ -33,7 +33,8 @@ struct HfCheckpoint {
 
 HfCheckpoint read_hf_checkpoint(const std::string& dir);
 // Copies the checkpoint's weights into `model` (built from ckpt.config), converting dtypes.
-void load_hf_weights(CausalLM& model, const HfCheckpoint& ckpt, bool progress = true);
+// populate=false: zero-copy tensors stay unread until used (st::load), for one-pass streaming readers.
+void load_hf_weights(CausalLM& model, const HfCheckpoint& ckpt, bool progress = true, bool populate = true);
 // read + build + load.
 std::shared_ptr<CausalLM> load_hf_model(const std::string& dir, bool progress = true);
 
