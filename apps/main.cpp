@@ -18,6 +18,7 @@
 #include "quant/qat.h"
 #include "export/gguf_export.h"
 #include "export/hf_export.h"
+#include "export/int_export.h"
 #include "models/hf.h"
 #include "trainer/trainer.h"
 
@@ -159,6 +160,15 @@ int cmd_export(const std::string& run, const std::vector<std::string>& overrides
     what = lr.checkpoint + " (" + lr.format + " model)";
     name = lr.cfg.run.name;
   }
+  if (format == "gptq" || format == "compressed-tensors") {
+    const auto f = format == "gptq" ? exporter::IntFormat::Gptq : exporter::IntFormat::CompressedTensors;
+    auto r = exporter::export_int(*model, *tok, out, f, quant == "f16" ? "int4-g128" : quant);
+    std::printf("exported %s to %s: %s, %lld quantized linears (%lld with their trained codes, the rest RTN %s), "
+                "%.2f MB, re-read and decoded\n",
+                what.c_str(), r.dir.c_str(), format.c_str(), (long long)r.n_quantized, (long long)r.n_exact,
+                (quant == "f16" ? "int4-g128" : quant).c_str(), r.bytes / 1e6);
+    return 0;
+  }
   if (format == "gguf") {
     auto r = exporter::export_gguf(*model, *tok, out, quant, name, !log::quiet());
     for (auto& row : r.rows) log::info("  ", row);
@@ -266,13 +276,17 @@ int main(int argc, char** argv) {
   auto* exp = app.add_subcommand("export", "Write a run's model in a runtime's format (hf: a Hugging Face checkpoint dir)");
   exp->add_option("run", run, "Run directory, checkpoint directory, or Hugging Face checkpoint dir (config.json + safetensors + tokenizer)")->required();
   exp->add_option("overrides", overrides, "key.path=value overrides of the run's config");
-  exp->add_option("--format", format, "Output format: hf (a Hugging Face checkpoint dir) or gguf (llama.cpp)")
-      ->check(CLI::IsMember({"hf", "gguf"}))
+  exp->add_option("--format", format,
+                  "Output format: hf (a Hugging Face checkpoint dir), gguf (llama.cpp), gptq (transformers via "
+                  "optimum/gptqmodel) or compressed-tensors (transformers / vLLM)")
+      ->check(CLI::IsMember({"hf", "gguf", "gptq", "compressed-tensors"}))
       ->capture_default_str();
   exp->add_option("--out", out, "Output directory (hf; must not exist, or be empty) or .gguf file")->required();
   exp->add_option("--quant", gguf_quant,
                   "gguf: llama.cpp type mixture for float weights, chosen per tensor as llama-quantize does: "
-                  "f32|f16|q8_0|q4_0|q4_1|q5_0|q5_1|q4_k|q4_k_m|q6_k (packed QAT/PTQ layers keep their blocks)")
+                  "f32|f16|q8_0|q4_0|q4_1|q5_0|q5_1|q4_k|q4_k_m|q6_k (packed QAT/PTQ layers keep their blocks); "
+                  "gptq/compressed-tensors: the RTN spec for float linears, int4-g128 (default), int4-g32 or "
+                  "int8-per-channel (QAT-converted layers keep their codes)")
       ->capture_default_str();
   exp->add_option("--dtype", dtype, "Weight dtype of the written checkpoint")
       ->check(CLI::IsMember({"fp32", "bf16", "fp16"}))

@@ -54,6 +54,8 @@ std::vector<std::pair<std::string, at::Tensor>> dense_weights(models::CausalLM& 
   return out;
 }
 
+}  // namespace
+
 void copy_tokenizer(const data::Tokenizer& tok, const std::string& dir) {
   const std::string p = tok.path();
   nlohmann::json tc = {{"model_max_length", 1000000000}, {"clean_up_tokenization_spaces", false}};
@@ -77,20 +79,28 @@ void copy_tokenizer(const data::Tokenizer& tok, const std::string& dir) {
   fs::write_atomic(dir + "/tokenizer_config.json", tc.dump(2) + "\n");
 }
 
-}  // namespace
-
-HfExportResult export_hf(models::CausalLM& model, const data::Tokenizer& tok, const std::string& out,
-                         at::ScalarType dtype, int64_t max_shard_bytes) {
+std::string stage_dir(const std::string& out) {
   if (sfs::exists(out) && !(sfs::is_directory(out) && sfs::is_empty(out)))
     throw InputError(str("export: '", out, "' already exists; remove it or choose another --out"));
   const auto parent = sfs::path(out).has_parent_path() ? sfs::path(out).parent_path().string() : std::string(".");
   fs::check_writable_dir(parent);
-  const int64_t merged = peft::merge_lora(model);
-  if (merged > 0) log::info("export: merged ", merged, " LoRA adapters into their base layers");
-  auto weights = dense_weights(model);
   const std::string tmp = out + ".tmp" + std::to_string(::getpid());
   fs::remove_tree(tmp);
   fs::ensure_dir(tmp);
+  return tmp;
+}
+
+void commit_dir(const std::string& tmp, const std::string& out) {
+  if (sfs::exists(out)) sfs::remove(out);  // an empty directory
+  fs::rename_atomic(tmp, out);
+}
+
+HfExportResult export_hf(models::CausalLM& model, const data::Tokenizer& tok, const std::string& out,
+                         at::ScalarType dtype, int64_t max_shard_bytes) {
+  const std::string tmp = stage_dir(out);
+  const int64_t merged = peft::merge_lora(model);
+  if (merged > 0) log::info("export: merged ", merged, " LoRA adapters into their base layers");
+  auto weights = dense_weights(model);
   try {
     models::write_hf_weights(model.cfg, weights, tmp, dtype, max_shard_bytes);
     copy_tokenizer(tok, tmp);
@@ -109,8 +119,7 @@ HfExportResult export_hf(models::CausalLM& model, const data::Tokenizer& tok, co
     r.n_tensors = static_cast<int64_t>(weights.size());
     r.n_shards = static_cast<int64_t>(ck.files.size());
     for (auto& [n, w] : weights) r.bytes += w.numel() * at::elementSize(dtype);
-    if (sfs::exists(out)) sfs::remove(out);  // an empty directory
-    fs::rename_atomic(tmp, out);
+    commit_dir(tmp, out);
     r.dir = out;
     return r;
   } catch (...) {

@@ -20,6 +20,13 @@ struct HfExportResult {
   int64_t n_tensors = 0, bytes = 0, n_shards = 0;
 };
 
+// Output directories: refuses an existing non-empty `out`, checks its parent is writable and
+// returns a fresh temp dir beside it; commit_dir renames the finished temp dir into place.
+std::string stage_dir(const std::string& out);
+void commit_dir(const std::string& tmp, const std::string& out);
+// tokenizer.model (+ a LlamaTokenizer config) or tokenizer.json, and tokenizer_config.json.
+void copy_tokenizer(const data::Tokenizer& tok, const std::string& dir);
+
 // `tokenizer_path`: the run's sentencepiece .model or tokenizer.json (or its directory).
 HfExportResult export_hf(models::CausalLM& model, const data::Tokenizer& tok, const std::string& out,
                          at::ScalarType dtype, int64_t max_shard_bytes);

@@ -188,6 +188,11 @@ QuantizedLinear::QuantizedLinear(int64_t in, int64_t out, bool has_bias, QuantSp
   if (has_bias) bias = register_buffer("bias", at::zeros({out}));
 }
 
+at::Tensor QuantizedLinear::int_codes() const {
+  QF_CHECK(wspec_.kind == Kind::Int && !wspec_.is_ggml(), "int_codes: ", wspec_.describe(), " has no affine integer codes");
+  return unpack_codes(qweight.cpu(), wspec_, in_features);
+}
+
 std::shared_ptr<QuantizedLinear> QuantizedLinear::from_fake_quant(FakeQuantLinear& f) {
   std::optional<QuantSpec> aspec;
   if (f.act_fq) aspec = f.act_fq->spec();

@@ -66,6 +66,9 @@ class QuantizedLinear : public models::LinearBase {
   void pretty_print(std::ostream& s) const override;
   int64_t packed_bytes() const;
   const QuantSpec& weight_spec() const { return wspec_; }
+  // Affine integer specs: the integer codes, int32 [out, in] in [qmin, qmax] (what the forward
+  // dequantizes with `scales` / `zeros`).
+  at::Tensor int_codes() const;
   at::Tensor qweight, scales, zeros, bias;  // scales/zeros undefined for ggml (inside the blocks)
 
  private:

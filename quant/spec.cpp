@@ -60,7 +60,7 @@ std::string QuantSpec::describe() const {
 
 const std::vector<std::string>& QuantSpec::preset_names() {
   static const std::vector<std::string> n{"q8_0",  "q4_0",      "q4_1", "q5_0", "q5_1", "q4_k",           "q6_k",          "int4-g128-asym",
-                                          "int4-g32", "int8-per-channel", "int8-per-token", "fp8-e4m3", "fp8-e5m2"};
+                                          "int4-g32", "int4-g128", "int8-per-channel", "int8-per-token", "fp8-e4m3", "fp8-e5m2"};
   return n;
 }
 
@@ -91,6 +91,8 @@ QuantSpec QuantSpec::preset_named(const std::string& name) {
     ggml(Rule::GgmlQ6_K, 6, true, 256);
   } else if (name == "int4-g128-asym") {
     s.bits = 4, s.symmetric = false, s.granularity = Granularity::PerGroup, s.group_size = 128, s.scale_dtype = ScaleDType::F16;
+  } else if (name == "int4-g128") {
+    s.bits = 4, s.symmetric = true, s.granularity = Granularity::PerGroup, s.group_size = 128, s.scale_dtype = ScaleDType::F16;
   } else if (name == "int4-g32") {
     s.bits = 4, s.symmetric = true, s.granularity = Granularity::PerGroup, s.group_size = 32;
   } else if (name == "int8-per-channel") {

@@ -1,0 +1,36 @@
+// `qforge export --format gptq | compressed-tensors`: a Llama/Qwen2-family model with integer
+// weights in the layouts transformers loads for GPTQ (optimum + gptqmodel) and for
+// compressed-tensors (the `compressed-tensors` package; vLLM reads the same files):
+//  - gptq (checkpoint_format "gptq", v1): per linear qweight int32 [in/(32/b), out] (input rows
+//    packed low bits first), qzeros int32 [groups, out/(32/b)] holding zero-1 (v1), scales
+//    [groups, out], g_idx int32 [in] = i / group; config.json quantization_config + quantize_config.json.
+//  - compressed-tensors: int4 "pack-quantized" (weight_packed int32 [out, in/8], codes + 8 packed
+//    along the input, weight_scale [out, groups], weight_shape) or int8 "int-quantized" (weight
+//    int8 [out, in], weight_scale [out, 1]); config_groups targeting Linear, lm_head ignored.
+// Weights: a QuantizedLinear with a symmetric integer spec (QAT/PTQ with e.g. int4-g128,
+// int4-g32, int8-per-channel) is written with its own codes and scales (exact: the runtime computes
+// qforge's weights); a float linear is quantized here with --quant (default int4-g128) by RTN.
+// torchao's asymmetric specs keep a float-domain zero point that these integer formats cannot
+// hold: refused with the reason. Embeddings, norms and lm_head are written in float (the model's
+// dtype; scales in the spec's scale dtype).
+// Invariants: built in a temp dir, each packed layer decoded back (C++ reference of the runtime's
+// dequant) and compared with what was meant before the rename; a non-empty --out is refused.
+#pragma once
+#include <string>
+
+#include "data/tokenizer.h"
+#include "models/transformer.h"
+
+namespace qf::exporter {
+
+enum class IntFormat { Gptq, CompressedTensors };
+
+struct IntExportResult {
+  std::string dir;
+  int64_t n_quantized = 0, n_exact = 0, bytes = 0;
+};
+
+IntExportResult export_int(models::CausalLM& model, const data::Tokenizer& tok, const std::string& out, IntFormat fmt,
+                           const std::string& quant);
+
+}  // namespace qf::exporter
