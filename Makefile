@@ -36,6 +36,7 @@ bench: build
 	@bench/train_throughput.sh
 	@bench/qlora_step.sh
 	@bench/hf_load.sh
+	@bench/export_gguf.sh
 
 clean:
 	rm -rf $(BUILD) $(BUILD).configure.log
