@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <cstdio>
 #include <iostream>
+#include <optional>
 
 #include "apps/embedded_config.h"
 #include "core/config.h"
@@ -20,6 +21,7 @@
 #include "export/hf_export.h"
 #include "export/int_export.h"
 #include "models/hf.h"
+#include "peft/adapter.h"
 #include "trainer/trainer.h"
 
 using namespace qf;
@@ -143,6 +145,7 @@ int cmd_export(const std::string& run, const std::vector<std::string>& overrides
   std::shared_ptr<models::CausalLM> model;
   std::shared_ptr<data::Tokenizer> tok;
   std::string what, name;
+  std::optional<trainer::RunConfig> run_cfg;
   if (is_hf_dir(run)) {
     // A Hugging Face checkpoint: weights mapped in their stored dtype, tokenizer from the same dir.
     QF_CHECK_INPUT(overrides.empty(), "export: key=value overrides apply to qforge runs, not to the Hugging Face dir ", run);
@@ -159,6 +162,20 @@ int cmd_export(const std::string& run, const std::vector<std::string>& overrides
     tok = std::move(lr.tok);
     what = lr.checkpoint + " (" + lr.format + " model)";
     name = lr.cfg.run.name;
+    run_cfg = lr.cfg;
+  }
+  if (format == "peft") {
+    // The LoRA adapters alone, in PEFT's directory layout (what <run>/adapter/ holds after training).
+    QF_CHECK_INPUT(run_cfg && run_cfg->peft.enabled, "export: --format peft needs a LoRA/QLoRA run (peft: section); ",
+                   run, " has no adapters");
+    if (std::filesystem::exists(out) && !std::filesystem::is_empty(out))
+      throw InputError(str("export: '", out, "' already exists; remove it or choose another --out"));
+    peft::save_adapter(*model, run_cfg->peft, out,
+                       run_cfg->run.init_from.empty() ? "qforge:" + run_cfg->run.name : run_cfg->run.init_from,
+                       run_cfg->model.family == models::Family::Gpt2);
+    std::printf("exported %s to %s: PEFT LoRA adapter (adapter_model.safetensors + adapter_config.json)\n", what.c_str(),
+                out.c_str());
+    return 0;
   }
   if (format == "gptq" || format == "compressed-tensors") {
     const auto f = format == "gptq" ? exporter::IntFormat::Gptq : exporter::IntFormat::CompressedTensors;
@@ -278,8 +295,8 @@ int main(int argc, char** argv) {
   exp->add_option("overrides", overrides, "key.path=value overrides of the run's config");
   exp->add_option("--format", format,
                   "Output format: hf (a Hugging Face checkpoint dir), gguf (llama.cpp), gptq (transformers via "
-                  "optimum/gptqmodel) or compressed-tensors (transformers / vLLM)")
-      ->check(CLI::IsMember({"hf", "gguf", "gptq", "compressed-tensors"}))
+                  "optimum/gptqmodel), compressed-tensors (transformers / vLLM) or peft (a LoRA run's adapters)")
+      ->check(CLI::IsMember({"hf", "gguf", "gptq", "compressed-tensors", "peft"}))
       ->capture_default_str();
   exp->add_option("--out", out, "Output directory (hf; must not exist, or be empty) or .gguf file")->required();
   exp->add_option("--quant", gguf_quant,

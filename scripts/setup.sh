@@ -60,12 +60,21 @@ fi
 # `qforge export --format gptq | compressed-tensors` writes: optimum + gptqmodel (sdist only: built
 # without CUDA kernels - torch here is a +cu130 build without a GPU - and without build isolation,
 # so it keeps the venv's torch; its CPU kernel is TorchQuantLinear) and compressed-tensors (0.14
-# is the first that loads packed int4 everywhere). --no-deps keeps torch/transformers as pinned.
-if ! .venv/bin/python -c "import sys, importlib.metadata as m; sys.exit(not (m.version('gptqmodel') == '4.2.5' and m.version('compressed-tensors') == '0.14.0.1' and m.version('optimum') == '2.0.0'))" 2>/dev/null; then
-  echo "[setup] installing optimum 2.0.0, gptqmodel 4.2.5 (CPU) and compressed-tensors 0.14.0.1"
-  .venv/bin/pip install -q --disable-pip-version-check "setuptools<82" wheel==0.48.0
-  BUILD_CUDA_EXT=0 .venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation gptqmodel==4.2.5
-  .venv/bin/pip install -q --disable-pip-version-check --no-deps optimum==2.0.0 compressed-tensors==0.14.0.1 \
+# is the first that loads packed int4 everywhere). They live in an overlay venv, .venv-gptq, that
+# sees .venv's packages through a .pth file: installed into .venv, gptqmodel 4.2.5 makes peft 0.21
+# refuse to load any adapter (peft requires gptqmodel >= 7 once it is importable).
+if .venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('gptqmodel') is None)" 2>/dev/null; then
+  .venv/bin/pip uninstall -q -y gptqmodel optimum compressed-tensors >/dev/null 2>&1 || true
+fi
+if ! .venv-gptq/bin/python -c "import sys, importlib.metadata as m; sys.exit(not (m.version('gptqmodel') == '4.2.5' and m.version('compressed-tensors') == '0.14.0.1' and m.version('optimum') == '2.0.0'))" 2>/dev/null; then
+  echo "[setup] overlay venv .venv-gptq: optimum 2.0.0, gptqmodel 4.2.5 (CPU) and compressed-tensors 0.14.0.1"
+  rm -rf .venv-gptq
+  "$PY" -m venv .venv-gptq
+  SITE=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  echo "$SITE" > "$(.venv-gptq/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/qforge_base.pth"
+  .venv-gptq/bin/pip install -q --disable-pip-version-check "setuptools<82" wheel==0.48.0
+  BUILD_CUDA_EXT=0 .venv-gptq/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation gptqmodel==4.2.5
+  .venv-gptq/bin/pip install -q --disable-pip-version-check --no-deps optimum==2.0.0 compressed-tensors==0.14.0.1 \
     device-smi==0.4.1 logbar==0.0.4 threadpoolctl==3.8.0 tokenicer==0.0.14 random_word==1.0.13 hf_transfer==0.1.9 \
     maturin==1.16.0 pydantic==2.14.3 pydantic_core==2.50.4 loguru==0.7.3 annotated-types==0.8.0 typing-inspection==0.4.5
 fi

@@ -72,3 +72,28 @@ def test_bf16_sharded_export_and_overwrite_refusal(tmp_path, runs):
     r = _export(runs / "base", out)
     assert r.returncode == 1 and "already exists" in r.stderr, r.stderr
     assert not any(p.name.startswith("hf16.tmp") for p in tmp_path.iterdir())
+
+
+def test_peft_format_export_loads_in_peft(tmp_path, runs):
+    """`export --format peft`: a QLoRA run's adapters alone, as PEFT loads them onto the base model;
+    the result matches the merged export's logits. A run without adapters is refused."""
+    import peft  # a missing peer fails here, loudly
+    base, merged = tmp_path / "base", tmp_path / "merged"
+    assert _export(runs / "base", base, "--dtype", "fp32").returncode == 0
+    assert _export(runs / "qlora", merged, "--dtype", "fp32").returncode == 0
+    r = subprocess.run([QFORGE, "-q", "export", str(runs / "qlora"), "--format", "peft", "--out", str(tmp_path / "ad")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "ad/adapter_model.safetensors").exists() and (tmp_path / "ad/adapter_config.json").exists()
+    ids = (torch.arange(16).reshape(1, 16) * 17 + 3) % 400
+    with torch.no_grad():
+        # the adapters act on the NF4-dequantized base: compare against the merged export, which
+        # holds dequant(NF4) + BA, rather than the fp32 pre-training base
+        want = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()(ids).logits
+        m = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base), tmp_path / "ad").eval()
+        got = m(ids).logits
+    # the base here is the fp32 pre-training model, not its NF4 rounding, so only closeness is expected
+    assert (got - want).abs().max().item() <= 0.05 * max(1.0, want.abs().max().item())
+    r = subprocess.run([QFORGE, "-q", "export", str(runs / "base"), "--format", "peft", "--out", str(tmp_path / "no")],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "needs a LoRA/QLoRA run" in r.stderr, r.stderr
