@@ -168,8 +168,7 @@ int cmd_export(const std::string& run, const std::vector<std::string>& overrides
     // The LoRA adapters alone, in PEFT's directory layout (what <run>/adapter/ holds after training).
     QF_CHECK_INPUT(run_cfg && run_cfg->peft.enabled, "export: --format peft needs a LoRA/QLoRA run (peft: section); ",
                    run, " has no adapters");
-    if (std::filesystem::exists(out) && !std::filesystem::is_empty(out))
-      throw InputError(str("export: '", out, "' already exists; remove it or choose another --out"));
+    exporter::check_out_dir(out);
     peft::save_adapter(*model, run_cfg->peft, out,
                        run_cfg->run.init_from.empty() ? "qforge:" + run_cfg->run.name : run_cfg->run.init_from,
                        run_cfg->model.family == models::Family::Gpt2);

@@ -78,7 +78,7 @@ GgufExportResult export_gguf(models::CausalLM& model, const data::Tokenizer& tok
   if (tok.kind() != "sentencepiece")
     throw InputError("export: GGUF's tokenizer block is written for sentencepiece vocabularies so far (this model's "
                      "tokenizer is " + tok.kind() + ")");
-  quant::mix_file_type(quant_name);  // throws listing the mixtures
+  const uint32_t file_type = quant::mix_file_type(quant_name);  // throws listing the mixtures
   const bool f16 = quant_name == "f16";
   at::NoGradGuard ng;
   const int64_t merged = peft::merge_lora(model);
@@ -101,7 +101,7 @@ GgufExportResult export_gguf(models::CausalLM& model, const data::Tokenizer& tok
   gguf::Writer w;
   w.add_string("general.architecture", "llama");
   w.add_string("general.name", name);
-  w.add_u32("general.file_type", quant::mix_file_type(quant_name));
+  w.add_u32("general.file_type", file_type);
   w.add_u32("general.quantization_version", 2);
   w.add_u32("llama.vocab_size", static_cast<uint32_t>(c.vocab_size));
   w.add_u32("llama.context_length", static_cast<uint32_t>(c.max_seq_len));

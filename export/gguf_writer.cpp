@@ -116,17 +116,14 @@ void Writer::add_i32s(const std::string& k, const std::vector<int32_t>& v) {
 }
 
 void Writer::add_tensor(const std::string& name, const std::vector<int64_t>& dims, TensorType type, std::string data) {
+  const uint64_t want = tensor_bytes(name, dims, type);
+  QF_CHECK(data.size() == want, "gguf: tensor '", name, "' has ", data.size(), " bytes; ", type_name(type),
+           " of that shape needs ", want);
   auto held = std::make_shared<std::string>(std::move(data));
   add_tensor(name, dims, type, Producer([held] { return *held; }));
-  if (held->size() != tensors_.back().size) {
-    const auto want = tensors_.back().size;
-    tensors_.pop_back();
-    throw Error(str("gguf: tensor '", name, "' has ", held->size(), " bytes; ", type_name(type),
-                    " of that shape needs ", want));
-  }
 }
 
-void Writer::add_tensor(const std::string& name, const std::vector<int64_t>& dims, TensorType type, Producer make) {
+uint64_t Writer::tensor_bytes(const std::string& name, const std::vector<int64_t>& dims, TensorType type) const {
   for (auto& t : tensors_) QF_CHECK(t.name != name, "gguf: duplicate tensor '", name, "'");
   QF_CHECK(!dims.empty() && dims.size() <= 4, "gguf: tensor '", name, "' has ", dims.size(), " dims (1..4 allowed)");
   int64_t n = 1;
@@ -136,7 +133,12 @@ void Writer::add_tensor(const std::string& name, const std::vector<int64_t>& dim
   }
   QF_CHECK(dims.back() % block_elems(type) == 0, "gguf: tensor '", name, "' row width ", dims.back(),
            " is not a multiple of the ", type_name(type), " block (", block_elems(type), ")");
-  tensors_.push_back({name, dims, type, static_cast<uint64_t>(n / block_elems(type) * block_bytes(type)), std::move(make)});
+  return static_cast<uint64_t>(n / block_elems(type) * block_bytes(type));
+}
+
+void Writer::add_tensor(const std::string& name, const std::vector<int64_t>& dims, TensorType type, Producer make) {
+  const uint64_t size = tensor_bytes(name, dims, type);
+  tensors_.push_back({name, dims, type, size, std::move(make)});
 }
 
 std::string Writer::header() const {

@@ -93,6 +93,8 @@ class Writer {
     uint64_t size;  // bytes
     Producer make;
   };
+  // Checks name (unique), dims and block divisibility; returns the tensor's byte size.
+  uint64_t tensor_bytes(const std::string& name, const std::vector<int64_t>& dims, TensorType type) const;
   std::string header() const;  // everything before the data section, padded to the alignment
   std::string produce(size_t i) const;
   std::vector<Tensor> tensors_;

@@ -79,11 +79,15 @@ void copy_tokenizer(const data::Tokenizer& tok, const std::string& dir) {
   fs::write_atomic(dir + "/tokenizer_config.json", tc.dump(2) + "\n");
 }
 
-std::string stage_dir(const std::string& out) {
+void check_out_dir(const std::string& out) {
   if (sfs::exists(out) && !(sfs::is_directory(out) && sfs::is_empty(out)))
     throw InputError(str("export: '", out, "' already exists; remove it or choose another --out"));
   const auto parent = sfs::path(out).has_parent_path() ? sfs::path(out).parent_path().string() : std::string(".");
   fs::check_writable_dir(parent);
+}
+
+std::string stage_dir(const std::string& out) {
+  check_out_dir(out);
   const std::string tmp = out + ".tmp" + std::to_string(::getpid());
   fs::remove_tree(tmp);
   fs::ensure_dir(tmp);

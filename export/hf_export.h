@@ -20,8 +20,10 @@ struct HfExportResult {
   int64_t n_tensors = 0, bytes = 0, n_shards = 0;
 };
 
-// Output directories: refuses an existing non-empty `out`, checks its parent is writable and
-// returns a fresh temp dir beside it; commit_dir renames the finished temp dir into place.
+// Output directories: check_out_dir refuses an existing non-empty `out` and an unwritable parent;
+// stage_dir does that and returns a fresh temp dir beside it; commit_dir renames the finished temp
+// dir into place.
+void check_out_dir(const std::string& out);
 std::string stage_dir(const std::string& out);
 void commit_dir(const std::string& tmp, const std::string& out);
 // tokenizer.model (+ a LlamaTokenizer config) or tokenizer.json, and tokenizer_config.json.

@@ -54,11 +54,6 @@ at::Tensor unpack_cols(const at::Tensor& w, int bits) {
   return v.__rshift__(shifts).bitwise_and((1 << bits) - 1).reshape({w.size(0), -1});
 }
 
-at::ScalarType scale_type(const QuantSpec& s) {
-  return s.scale_dtype == quant::ScaleDType::F16 ? at::kHalf : s.scale_dtype == quant::ScaleDType::BF16 ? at::kBFloat16
-                                                                                                      : at::kFloat;
-}
-
 }  // namespace
 
 IntExportResult export_int(models::CausalLM& model, const data::Tokenizer& tok, const std::string& out, IntFormat fmt,
@@ -106,7 +101,7 @@ IntExportResult export_int(models::CausalLM& model, const data::Tokenizer& tok, 
         throw InputError(str("export: ", ns.name, " is ", spec.describe(), " but earlier layers are ", used->describe(),
                              "; one ", fname, " file holds one weight scheme"));
       used = spec;
-      const auto st = scale_type(spec);
+      const auto st = quant::scale_type(spec);
       const int64_t in = mod->in_features, outf = mod->out_features, groups = in / iw.group;
       QF_CHECK(in % (32 / iw.bits) == 0 && outf % (32 / iw.bits) == 0, "export: ", ns.name, " [", outf, ", ", in,
                "] does not pack into 32-bit words of ", iw.bits, "-bit codes");

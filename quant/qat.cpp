@@ -78,10 +78,11 @@ void FakeQuantLinear::pretty_print(std::ostream& s) const {
 }
 
 // ---------------- QuantizedLinear ----------------
-namespace {
 at::ScalarType scale_type(const QuantSpec& s) {
   return s.scale_dtype == ScaleDType::F16 ? at::kHalf : s.scale_dtype == ScaleDType::BF16 ? at::kBFloat16 : at::kFloat;
 }
+
+namespace {
 // Codes (int32, in [qmin, qmax]) -> unsigned bytes; <= 4 bits pack two per byte, low nibble first.
 at::Tensor pack_codes(const at::Tensor& q, const QuantSpec& s) {
   auto u = (q - s.qmin()).to(at::kByte);

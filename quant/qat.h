@@ -81,6 +81,8 @@ class QuantizedLinear : public models::LinearBase {
 struct PackedStorage {
   at::Tensor qweight, scales, zeros;
 };
+// The dtype packed scales are stored in (spec.scale_dtype).
+at::ScalarType scale_type(const QuantSpec& s);
 PackedStorage register_packed(torch::nn::Module& m, int64_t rows, int64_t cols, const QuantSpec& spec);
 // Quantizes `weight` [rows, cols] exactly as `fq` fake-quantizes it, into `p`.
 void pack_weight(PackedStorage& p, const at::Tensor& weight, FakeQuantizer& fq);
