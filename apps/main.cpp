@@ -13,6 +13,7 @@
 
 #include "apps/embedded_config.h"
 #include "core/config.h"
+#include "core/fs.h"
 #include "core/log.h"
 #include "core/safetensors.h"
 #include "models/generate.h"
@@ -22,6 +23,8 @@
 #include "export/int_export.h"
 #include "models/hf.h"
 #include "peft/adapter.h"
+#include "quant/ptq.h"
+#include "trainer/checkpoint.h"
 #include "trainer/trainer.h"
 
 using namespace qf;
@@ -203,6 +206,174 @@ int cmd_export(const std::string& run, const std::vector<std::string>& overrides
   return 0;
 }
 
+struct QuantizeArgs {
+  std::string method = "gptq", quant = "q4_0", fallback, calib, out;
+  int64_t samples = 128, batch_size = 8;
+  quant::GptqConfig gptq;
+  quant::AwqConfig awq;
+  bool no_eval = false;
+};
+
+// PTQ of a float model (qforge run or Hugging Face dir) into a converted run directory that
+// eval / generate / export take like a QAT run's.
+int cmd_quantize(const std::string& src, const std::vector<std::string>& overrides, QuantizeArgs a) {
+  // Everything that can be wrong with the request fails here, before any weight is read.
+  const auto method = quant::parse_method(a.method);
+  QF_CHECK_INPUT(method != quant::PtqMethod::None, "quantize: --method must be rtn, gptq or awq");
+  const auto spec = quant::QuantSpec::preset_named(a.quant);
+  if (method == quant::PtqMethod::Gptq) {
+    auto why = quant::gptq_unsupported(spec);
+    if (!why.empty()) throw ConfigError({str("--method gptq --quant ", a.quant, ": ", why)});
+  }
+  QF_CHECK_INPUT((spec.kind != quant::Kind::Fp8E4M3 && spec.kind != quant::Kind::Fp8E5M2) || method != quant::PtqMethod::Awq,
+                 "--method awq --quant ", a.quant, ": AWQ searches integer grids; fp8 has no group scales to protect");
+  QF_CHECK_INPUT(a.quant != "int8-per-token", "--quant int8-per-token is an activation format; pick a weight format");
+  exporter::check_out_dir(a.out);
+  const auto out = std::filesystem::absolute(a.out).lexically_normal().string();
+
+  trainer::RunConfig cfg;
+  std::shared_ptr<models::CausalLM> model;
+  std::unique_ptr<data::Tokenizer> tok;
+  if (is_hf_dir(src)) {
+    QF_CHECK_INPUT(!a.calib.empty(), "quantize: a Hugging Face model needs --calib RECIPE.yaml, whose data: section "
+                                     "supplies the calibration and held-out text (the tokenizer comes from ", src, ")");
+    const bool spm = std::filesystem::exists(src + "/tokenizer.model");
+    std::vector<std::string> ov{"model.from=" + src, "run.init_from=", "tokenizer.train.enabled=false",
+                                std::string("tokenizer.type=") + (spm ? "sentencepiece" : "huggingface"),
+                                "tokenizer.path=" + src + (spm ? "/tokenizer.model" : "/tokenizer.json")};
+    ov.insert(ov.end(), overrides.begin(), overrides.end());
+    cfg = trainer::load_run_config(a.calib, ov);
+    trainer::set_threads(cfg.run.threads);
+    model = load_hf_dir(src, "fp32", nullptr);
+    tok = data::load_or_train_tokenizer(cfg.tokenizer);
+  } else {
+    auto lr = trainer::load_run(src, overrides);
+    QF_CHECK_INPUT(lr.format == "fp", "quantize: ", lr.checkpoint, " holds a ", lr.format,
+                   " model; PTQ starts from float weights (a pretraining or fine-tuning run, or a Hugging Face dir)");
+    cfg = lr.cfg;
+    trainer::set_threads(cfg.run.threads);
+    model = lr.model;
+    tok = std::move(lr.tok);
+    cfg.resolved["run"]["init_from"] = std::filesystem::absolute(lr.checkpoint).lexically_normal().string();
+  }
+  const std::string layers = model->cfg.family == models::Family::Gpt2 ? "transformer.h.*" : "model.layers.*";
+  auto& q = cfg.quant;
+  q.enabled = true;
+  // Linears whose width the format's group does not divide: --fallback's format, or an error naming them.
+  std::vector<std::pair<std::string, std::string>> rules;  // (pattern, preset)
+  std::vector<std::string> misfits;
+  for (auto& ns : models::linear_slots(model->layer(0))) {
+    const int64_t in = ns.slot->get()->in_features, blk = spec.block(in);
+    if (blk <= 0 || in % blk == 0) continue;
+    const auto pat = layers + "." + ns.name;
+    if (a.fallback.empty()) {
+      misfits.push_back(str(pat, " (", in, " inputs)"));
+      continue;
+    }
+    const auto fb = quant::QuantSpec::preset_named(a.fallback);
+    const int64_t fblk = fb.block(in);
+    QF_CHECK_INPUT(fblk <= 0 || in % fblk == 0, "--fallback ", a.fallback, ": its block ", fblk,
+                   " does not divide the ", in, " inputs of ", pat, " either");
+    rules.emplace_back(pat, a.fallback);
+  }
+  if (!misfits.empty()) {
+    std::string all;
+    for (auto& m : misfits) all += (all.empty() ? "" : ", ") + m;
+    throw ConfigError({str("--quant ", a.quant, ": its block of ", spec.block(1 << 30), " does not divide the input width of ",
+                           all, "; give --fallback FORMAT for them (e.g. int4-g64), as llama-quantize falls back")});
+  }
+  rules.emplace_back(layers, a.quant);
+  q.rules.clear();
+  for (auto& [pat, preset] : rules) q.rules.push_back(quant::QuantRule{pat, quant::QuantSpec::preset_named(preset), std::nullopt});
+  q.embedding.reset();
+  q.init.method = method;
+  q.init.calib.samples = a.samples;
+  q.init.calib.batch_size = a.batch_size;
+  q.init.calib.data = is_hf_dir(src) ? "" : a.calib;
+  q.init.gptq = a.gptq;
+  q.init.awq = a.awq;
+  auto ds = data::build_dataset(cfg.data, *tok);
+  model->to(trainer::pick_device(cfg.trainer.device));
+  const auto dev = model->parameters().front().device();
+  const bool bf16 = cfg.trainer.precision == trainer::Precision::BF16;
+  trainer::EvalResult before, after;
+  if (!a.no_eval && ds.val.size() > 0)
+    before = trainer::evaluate_model(*model, ds.val, cfg.trainer.batch_size, cfg.trainer.eval_batches, dev, bf16);
+
+  auto r = trainer::run_ptq_init(*model, cfg, *tok, ds.train);
+  quant::prepare(*model, q);
+  quant::convert(*model);
+  if (!r.packed.empty()) quant::apply_packed(*model, r);
+  if (!a.no_eval && ds.val.size() > 0)
+    after = trainer::evaluate_model(*model, ds.val, cfg.trainer.batch_size, cfg.trainer.eval_batches, dev, bf16);
+
+  // The output is a run directory: its config.yaml re-creates it with `qforge train` (PTQ as
+  // quant.init, no training steps) and tells load_run how to rebuild the packed model.
+  YAML::Node res = YAML::Clone(cfg.resolved);
+  res["run"]["name"] = std::filesystem::path(out).filename().string();
+  res["run"]["out_dir"] = out;
+  YAML::Node qn;
+  qn["enabled"] = true;
+  for (auto& [pat, preset] : rules) {
+    YAML::Node rule;
+    rule["pattern"] = pat;
+    rule["weight"]["preset"] = preset;
+    qn["rules"].push_back(rule);
+  }
+  qn["init"] = quant::method_name(method);
+  qn["calib"]["samples"] = a.samples;
+  qn["calib"]["batch_size"] = a.batch_size;
+  if (!q.init.calib.data.empty()) qn["calib"]["data"] = q.init.calib.data;
+  qn["gptq"]["damp"] = a.gptq.damp;
+  qn["gptq"]["block_size"] = a.gptq.block_size;
+  qn["gptq"]["act_order"] = a.gptq.act_order;
+  qn["gptq"]["static_groups"] = a.gptq.static_groups;
+  qn["gptq"]["true_sequential"] = a.gptq.true_sequential;
+  qn["awq"]["grid"] = a.awq.grid;
+  qn["awq"]["duo_scaling"] = a.awq.duo_scaling;
+  qn["awq"]["clip"] = a.awq.clip;
+  res["quant"] = qn;
+  res["trainer"]["max_steps"] = 0;
+  fs::ensure_dir(out);
+  fs::write_atomic(out + "/config.yaml", "# Made by: qforge quantize " + src + " --method " + a.method + " --quant " +
+                                             a.quant + "\n# Re-create with: qforge train " + out +
+                                             "/config.yaml (PTQ as quant.init, no training steps)\n" + cfg::dump(res));
+  trainer::CheckpointData d;
+  d.model = trainer::model_state(*model);
+  nlohmann::json layers_j = nlohmann::json::array();
+  for (auto& l : r.linears)
+    layers_j.push_back({{"name", l.name}, {"spec", l.spec}, {"err_rtn", l.err_rtn}, {"err", l.err}, {"damp", l.damp}});
+  nlohmann::json summary = {{"method", quant::method_name(method)},
+                            {"quant", a.quant},
+                            {"source", src},
+                            {"calib_sequences", a.samples},
+                            {"calib_tokens", r.calib_tokens},
+                            {"seconds", r.seconds},
+                            {"mean_err", r.mean_err()},
+                            {"mean_err_rtn", r.mean_err_rtn()},
+                            {"val_loss_fp", before.tokens ? before.loss : -1.0},
+                            {"val_loss", after.tokens ? after.loss : -1.0},
+                            {"model_bytes", quant::model_bytes(*model)},
+                            {"linears", layers_j}};
+  d.state = {{"step", 0},
+             {"model_format", "converted"},
+             {"model_family", model->cfg.family_name()},
+             {"vocab_size", model->cfg.vocab_size},
+             {"model_bytes", quant::model_bytes(*model)},
+             {"ptq", quant::method_name(method)}};
+  auto dir = trainer::save_checkpoint(out + "/checkpoints", 0, d, 1);
+  fs::write_atomic(out + "/ptq_summary.json", summary.dump(2) + "\n");
+  std::printf("quantized %s with %s to %s: %zu linears in %.1f s; mean relative output error %.4g (round-to-nearest %.4g)\n",
+              src.c_str(), quant::method_name(method), a.quant.c_str(), r.linears.size(), r.seconds, r.mean_err(),
+              r.mean_err_rtn());
+  if (before.tokens)
+    std::printf("held-out perplexity: float %.3f -> %s %.3f (%lld tokens)\n", before.ppl, a.quant.c_str(), after.ppl,
+                (long long)after.tokens);
+  std::printf("weights: %lld bytes (packed)\nrun: %s (checkpoint %s)\n", (long long)quant::model_bytes(*model), out.c_str(),
+              dir.c_str());
+  return 0;
+}
+
 int cmd_inspect(const std::string& path, const std::string& dtype, bool forward) {
   const auto t0 = std::chrono::steady_clock::now();
   nlohmann::json j;
@@ -333,6 +504,33 @@ int main(int argc, char** argv) {
   gen->add_option("--top-p", s.top_p, "Nucleus sampling mass; 1 = off")->capture_default_str();
   gen->add_option("--seed", s.seed, "Sampling seed")->capture_default_str();
 
+  QuantizeArgs qa;
+  auto* qz = app.add_subcommand("quantize", "Post-training quantization (RTN, GPTQ, AWQ) of a float model into a converted run");
+  qz->add_option("model", run, "qforge run / checkpoint directory, or Hugging Face checkpoint dir")->required();
+  qz->add_option("overrides", overrides, "key.path=value overrides of the run's (or --calib recipe's) config");
+  qz->add_option("--method", qa.method, "rtn | gptq | awq")->check(CLI::IsMember({"rtn", "gptq", "awq"}))->capture_default_str();
+  qz->add_option("--quant", qa.quant,
+                 "Weight format for every decoder linear (a preset): q4_0 q4_1 q5_0 q5_1 q8_0 int4-g128 int4-g32 "
+                 "int4-g128-asym int3-g128 int3-g128-asym int8-per-channel (awq/rtn also q4_k q6_k)")
+      ->capture_default_str();
+  qz->add_option("--fallback", qa.fallback,
+                 "Format for the linears whose input width --quant's group size does not divide (e.g. int4-g64)");
+  qz->add_option("--calib", qa.calib,
+                 "Recipe whose data: section gives the calibration text (default: the run's own training text; "
+                 "required for a Hugging Face dir, whose held-out split is then also scored)");
+  qz->add_option("--samples", qa.samples, "Calibration sequences (of data.seq_len tokens)")->capture_default_str();
+  qz->add_option("--batch-size", qa.batch_size, "Calibration sequences per layer forward")->capture_default_str();
+  qz->add_option("--out", qa.out, "Output run directory (must not exist, or be empty)")->required();
+  qz->add_option("--damp", qa.gptq.damp, "gptq: dampening, as a fraction of the mean Hessian diagonal")->capture_default_str();
+  qz->add_flag("--act-order", qa.gptq.act_order, "gptq: quantize columns by decreasing Hessian diagonal (static groups)");
+  qz->add_flag("--static-groups", qa.gptq.static_groups, "gptq: group scales from the original weights");
+  qz->add_option("--block-size", qa.gptq.block_size, "gptq: lazy-batch width")->capture_default_str();
+  qz->add_option("--grid", qa.awq.grid, "awq: scale grid points")->capture_default_str();
+  qz->add_flag("!--no-clip", qa.awq.clip, "awq: skip the clipping search");
+  qz->add_flag("--no-eval", qa.no_eval, "Skip the held-out perplexity before/after");
+  qz->footer("Example: qforge quantize runs/demo/ft_fp --method gptq --quant q4_0 --out runs/demo/gptq_q4_0\n"
+             "Then: qforge eval runs/demo/gptq_q4_0 | qforge export runs/demo/gptq_q4_0 --format gguf --out m.gguf");
+
   CLI11_PARSE(app, argc, argv);
   log::set_quiet(quiet);
   try {
@@ -346,6 +544,10 @@ int main(int argc, char** argv) {
     if (*eval) return cmd_eval(run, overrides, split, max_batches, text, data_from, save_tokens);
     if (*gen) return cmd_generate(run, overrides, prompt, s);
     if (*insp) return cmd_inspect(run, inspect_dtype, inspect_forward);
+    if (*qz) {
+      if (qa.gptq.act_order) qa.gptq.static_groups = true;
+      return cmd_quantize(run, overrides, qa);
+    }
     if (*exp) return cmd_export(run, overrides, format, out, dtype, shard_mb, gguf_quant);
   } catch (const ConfigError& e) {
     std::fprintf(stderr, "qforge: %s\n", e.what());

@@ -176,6 +176,13 @@ class LlamaForCausalLM : public CausalLM, public HasLinearSlots {
   }
   EmbeddingSlot& token_embedding() override { return model->embed_tokens; }
   std::string token_embedding_name() const override { return "model.embed_tokens"; }
+  at::Tensor embed(const at::Tensor& ids) override { return at::embedding(model->embed_tokens.get()->table(), ids); }
+  at::Tensor layer_forward(int64_t i, const at::Tensor& x) override {
+    auto [cos, sin] = rope_cos_sin(cfg, 0, x.size(1), x.options());
+    return model->layer_ptrs.at(i)->forward(x, cos, sin, nullptr, static_cast<int>(i));
+  }
+  torch::nn::Module& layer(int64_t i) override { return *model->layer_ptrs.at(i); }
+  std::string layer_prefix(int64_t i) const override { return "model.layers." + std::to_string(i); }
   LinearSlot* linear_slot(const std::string& n) override { return n == "lm_head" && lm_head.get() ? &lm_head : nullptr; }
   std::shared_ptr<LlamaBody> model;
   LinearSlot lm_head;
@@ -279,6 +286,15 @@ class Gpt2LMHeadModel : public CausalLM {
   }
   EmbeddingSlot& token_embedding() override { return transformer->wte; }
   std::string token_embedding_name() const override { return "transformer.wte"; }
+  at::Tensor embed(const at::Tensor& ids) override {
+    auto pos = at::arange(0, ids.size(1), ids.options());
+    return at::embedding(transformer->wte.get()->table(), ids) + transformer->wpe->forward(pos).unsqueeze(0);
+  }
+  at::Tensor layer_forward(int64_t i, const at::Tensor& x) override {
+    return transformer->blocks.at(i)->forward(x, nullptr, static_cast<int>(i));
+  }
+  torch::nn::Module& layer(int64_t i) override { return *transformer->blocks.at(i); }
+  std::string layer_prefix(int64_t i) const override { return "transformer.h." + std::to_string(i); }
   std::shared_ptr<Gpt2Body> transformer;
 };
 

@@ -36,6 +36,14 @@ class CausalLM : public torch::nn::Module {
   // The token embedding table (model.embed_tokens / transformer.wte) and its HF name.
   virtual EmbeddingSlot& token_embedding() = 0;
   virtual std::string token_embedding_name() const = 0;
+  // Layer-by-layer execution (PTQ calibration runs one decoder layer at a time):
+  // embed(ids) is the hidden state entering layer 0, layer_forward(i, x) one layer's full-sequence
+  // forward from position 0 (no cache), and layer_prefix(i) its HF name ("model.layers.3").
+  // forward(ids) == head(layer_forward(n-1, ... layer_forward(0, embed(ids)))).
+  virtual at::Tensor embed(const at::Tensor& input_ids) = 0;
+  virtual at::Tensor layer_forward(int64_t i, const at::Tensor& x) = 0;
+  virtual torch::nn::Module& layer(int64_t i) = 0;
+  virtual std::string layer_prefix(int64_t i) const = 0;
   const ModelConfig cfg;
 };
 

@@ -714,6 +714,45 @@ at::Tensor fake_quant(const at::Tensor& w, Rule r) {
   return x.is_cpu() ? out : out.to(x.device());
 }
 
+bool is_simple(Rule r) {
+  return r == Rule::GgmlQ8_0 || r == Rule::GgmlQ4_0 || r == Rule::GgmlQ4_1 || r == Rule::GgmlQ5_0 || r == Rule::GgmlQ5_1;
+}
+
+at::Tensor pack_simple(Rule r, const at::Tensor& codes, const at::Tensor& d, const at::Tensor& m) {
+  const Format& f = format_of(r);
+  QF_CHECK(is_simple(r), "ggml pack_simple: ", f.name, " is not a single-scale 32-element format");
+  check_cols(f, codes.size(1), "pack_simple");
+  const bool with_min = r == Rule::GgmlQ4_1 || r == Rule::GgmlQ5_1;
+  const int64_t rows = codes.size(0), nb = codes.size(1) / kQK;
+  QF_CHECK(d.size(0) == rows && d.size(1) == nb && (!with_min || (m.defined() && m.sizes() == d.sizes())),
+           "ggml pack_simple: scales must be [", rows, ", ", nb, "]");
+  auto c = codes.to(at::kInt).contiguous();
+  auto dh = d.to(at::kHalf).contiguous();
+  auto mh = with_min ? m.to(at::kHalf).contiguous() : dh;
+  auto out = at::zeros({rows, nb * f.bytes}, at::kByte);
+  const int32_t* cp = c.data_ptr<int32_t>();
+  const uint16_t* dp = reinterpret_cast<const uint16_t*>(dh.data_ptr<at::Half>());
+  const uint16_t* mp = reinterpret_cast<const uint16_t*>(mh.data_ptr<at::Half>());
+  uint8_t* op = out.data_ptr<uint8_t>();
+  for (int64_t i = 0; i < rows * nb; ++i) {
+    const int32_t* q = cp + i * kQK;
+    uint8_t* y = op + i * f.bytes;
+    put_u16(y, dp[i]);
+    int off = 2;
+    if (with_min) put_u16(y + 2, mp[i]), off = 4;
+    if (r == Rule::GgmlQ8_0) {
+      for (int j = 0; j < kQK; ++j) y[2 + j] = static_cast<uint8_t>(static_cast<int8_t>(q[j]));
+    } else if (r == Rule::GgmlQ4_0 || r == Rule::GgmlQ4_1) {
+      for (int j = 0; j < kQK / 2; ++j) y[off + j] = static_cast<uint8_t>((q[j] & 0xF) | ((q[j + kQK / 2] & 0xF) << 4));
+    } else {
+      int qi[kQK];
+      for (int j = 0; j < kQK; ++j) qi[j] = q[j];
+      put_q5(qi, y + off, y + off + 4);
+    }
+  }
+  return out;
+}
+
 namespace detail {
 // Test hook (declared in tests/quant/ggml_blocks_test.cpp): the device (ATen) path on any tensor.
 at::Tensor fake_quant_vectorized(const at::Tensor& w, Rule r) {

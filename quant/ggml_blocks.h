@@ -19,6 +19,13 @@ int64_t type_size(Rule r);   // bytes per block: 34, 18, 20, 22, 24, 144, 210
 at::Tensor quantize(const at::Tensor& w, Rule r);
 // blocks: uint8 [rows, n_blocks * type_size] -> float32 [rows, cols].
 at::Tensor dequantize(const at::Tensor& blocks, Rule r, int64_t cols);
+// The 32-element formats whose blocks are one scale (q8_0, q4_0, q5_0) or a scale and a minimum
+// (q4_1, q5_1) and per-element codes: what GPTQ can quantize column by column.
+bool is_simple(Rule r);
+// Blocks of a simple format from explicit parts: codes int32 [rows, cols] (q8_0: [-128, 127];
+// others unsigned [0, 2^bits - 1]), d (and m for q4_1/q5_1) fp16 [rows, cols / 32].
+// pack_simple(codes, d, m) == quantize(w) when codes, d, m are what quantize_row_*_ref computes.
+at::Tensor pack_simple(Rule r, const at::Tensor& codes, const at::Tensor& d, const at::Tensor& m);
 // dequantize(quantize(w)) computed directly (fast path for QAT forwards; float32 in and out).
 at::Tensor fake_quant(const at::Tensor& w, Rule r);
 

@@ -43,6 +43,16 @@ QatConfig QatConfig::from_config(cfg::Reader& r) {
   auto o = r.child("observer");
   c.observer = ObserverConfig::from_config(o);
   c.convert_at_end = r.boolean("convert_at_end", c.convert_at_end);
+  c.init.method = r.choice<PtqMethod>(
+      "init", PtqMethod::None,
+      {{"none", PtqMethod::None}, {"rtn", PtqMethod::Rtn}, {"gptq", PtqMethod::Gptq}, {"awq", PtqMethod::Awq}});
+  auto cr = r.child("calib");
+  c.init.calib = CalibConfig::from_config(cr);
+  auto gr = r.child("gptq");
+  c.init.gptq = GptqConfig::from_config(gr);
+  auto ar = r.child("awq");
+  c.init.awq = AwqConfig::from_config(ar);
+  if (c.init.method != PtqMethod::None && c.rules.empty()) r.fail("init", "PTQ initialisation needs quant.rules");
   if (c.enabled && c.rules.empty() && !c.embedding) r.fail("rules", "quantization is enabled but no rules select modules");
   r.finish();
   return c;
@@ -82,14 +92,13 @@ at::ScalarType scale_type(const QuantSpec& s) {
   return s.scale_dtype == ScaleDType::F16 ? at::kHalf : s.scale_dtype == ScaleDType::BF16 ? at::kBFloat16 : at::kFloat;
 }
 
-namespace {
-// Codes (int32, in [qmin, qmax]) -> unsigned bytes; <= 4 bits pack two per byte, low nibble first.
 at::Tensor pack_codes(const at::Tensor& q, const QuantSpec& s) {
   auto u = (q - s.qmin()).to(at::kByte);
   if (s.bits > 4) return u;
   auto flat = u.reshape({u.size(0), -1, 2});
   return (flat.select(-1, 0) | flat.select(-1, 1).__lshift__(4)).contiguous();
 }
+namespace {
 at::Tensor unpack_codes(const at::Tensor& p, const QuantSpec& s, int64_t cols) {
   at::Tensor u = p;
   if (s.bits <= 4) u = at::stack({p.bitwise_and(0x0F), p.__rshift__(4)}, -1).reshape({p.size(0), cols});

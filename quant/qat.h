@@ -16,6 +16,7 @@
 #include "core/config.h"
 #include "models/linear.h"
 #include "quant/fake_quant.h"
+#include "quant/ptq_config.h"
 #include "quant/spec.h"
 
 namespace qf::quant {
@@ -35,6 +36,7 @@ struct QatConfig {
   int64_t fake_quant_after_steps = 0;  // delayed fake quant (torchtune's fake_quant_after_n_steps)
   ObserverConfig observer;
   bool convert_at_end = true;           // write <run>/converted/ after training
+  PtqConfig init;                       // `init: rtn|gptq|awq` (+ calib/gptq/awq): PTQ before QAT starts
   static QatConfig from_config(cfg::Reader& r);  // calls r.finish()
 };
 
@@ -86,6 +88,9 @@ at::ScalarType scale_type(const QuantSpec& s);
 PackedStorage register_packed(torch::nn::Module& m, int64_t rows, int64_t cols, const QuantSpec& spec);
 // Quantizes `weight` [rows, cols] exactly as `fq` fake-quantizes it, into `p`.
 void pack_weight(PackedStorage& p, const at::Tensor& weight, FakeQuantizer& fq);
+// Affine integer codes (int32 [rows, cols] in [qmin, qmax]) as QuantizedLinear stores them: unsigned
+// bytes, two per byte (low nibble first) for <= 4 bits.
+at::Tensor pack_codes(const at::Tensor& codes, const QuantSpec& spec);
 at::Tensor unpack_weight(const PackedStorage& p, const QuantSpec& spec, int64_t rows, int64_t cols);
 int64_t packed_storage_bytes(const PackedStorage& p, const QuantSpec& spec);
 

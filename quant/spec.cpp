@@ -1,6 +1,7 @@
 #include "quant/spec.h"
 
 #include <cmath>
+#include <cstdio>
 
 #include "core/error.h"
 
@@ -60,7 +61,7 @@ std::string QuantSpec::describe() const {
 
 const std::vector<std::string>& QuantSpec::preset_names() {
   static const std::vector<std::string> n{"q8_0",  "q4_0",      "q4_1", "q5_0", "q5_1", "q4_k",           "q6_k",          "int4-g128-asym",
-                                          "int4-g32", "int4-g128", "int8-per-channel", "int8-per-token", "fp8-e4m3", "fp8-e5m2"};
+                                          "int4-g32", "int4-g128", "int3-g128", "int3-g128-asym", "int8-per-channel", "int8-per-token", "fp8-e4m3", "fp8-e5m2"};
   return n;
 }
 
@@ -93,6 +94,9 @@ QuantSpec QuantSpec::preset_named(const std::string& name) {
     s.bits = 4, s.symmetric = false, s.granularity = Granularity::PerGroup, s.group_size = 128, s.scale_dtype = ScaleDType::F16;
   } else if (name == "int4-g128") {
     s.bits = 4, s.symmetric = true, s.granularity = Granularity::PerGroup, s.group_size = 128, s.scale_dtype = ScaleDType::F16;
+  } else if (name == "int3-g128" || name == "int3-g128-asym") {
+    s.bits = 3, s.symmetric = name == "int3-g128", s.granularity = Granularity::PerGroup, s.group_size = 128;
+    s.scale_dtype = ScaleDType::F16;
   } else if (name == "int4-g32") {
     s.bits = 4, s.symmetric = true, s.granularity = Granularity::PerGroup, s.group_size = 32;
   } else if (name == "int8-per-channel") {
@@ -102,10 +106,16 @@ QuantSpec QuantSpec::preset_named(const std::string& name) {
   } else if (name == "fp8-e4m3" || name == "fp8-e5m2") {
     s.kind = name == "fp8-e4m3" ? Kind::Fp8E4M3 : Kind::Fp8E5M2;
     s.bits = 8, s.granularity = Granularity::PerChannel;
+  } else if (int b = 0, g = 0, used = 0; std::sscanf(name.c_str(), "int%d-g%d%n", &b, &g, &used) == 2 && b >= 2 &&
+             b <= 8 && g >= 2 && (name.c_str()[used] == 0 || std::string(name.c_str() + used) == "-asym")) {
+    // int<bits>-g<group>[-asym]: symmetric (or asymmetric) per-group with fp16 scales, like int4-g128.
+    s.bits = b, s.symmetric = name.c_str()[used] == 0, s.granularity = Granularity::PerGroup, s.group_size = g;
+    s.scale_dtype = ScaleDType::F16;
   } else {
     std::string all;
     for (auto& n : preset_names()) all += (all.empty() ? "" : "|") + n;
-    throw ConfigError({"unknown quantization preset '" + name + "'; expected one of " + all});
+    throw ConfigError({"unknown quantization preset '" + name + "'; expected one of " + all +
+                       " or int<bits>-g<group>[-asym] (e.g. int4-g64)"});
   }
   return s;
 }

@@ -108,6 +108,38 @@ EvalResult evaluate_model(models::CausalLM& m, const data::PackedSet& set, int64
 
 Trainer::Trainer(RunConfig cfg) : cfg_(std::move(cfg)) {}
 
+at::Tensor calibration_tokens(const data::PackedSet& set, int64_t samples, const std::string& origin) {
+  if (set.size() < samples) {
+    throw ConfigError({str("quant.calib.samples: ", samples, " calibration sequences were requested but ", origin,
+                           " yields only ", set.size(), " sequences of ", set.size() ? set.tokens.size(1) - 1 : 0,
+                           " tokens; lower quant.calib.samples (qforge quantize --samples) or give more text")});
+  }
+  auto idx = at::div(at::arange(samples, at::kLong) * set.size(), samples, "floor");
+  auto rows = set.tokens.index_select(0, idx.to(set.tokens.device()));
+  return rows.slice(1, 0, rows.size(1) - 1).contiguous();
+}
+
+quant::PtqResult run_ptq_init(models::CausalLM& model, const RunConfig& cfg, const data::Tokenizer& tok,
+                              const data::PackedSet& own) {
+  const auto& init = cfg.quant.init;
+  at::Tensor tokens;
+  if (!init.calib.data.empty()) {
+    auto other = load_run_config(init.calib.data, {"run.init_from=", "model.from="});
+    auto ds = data::build_dataset(other.data, tok);
+    tokens = calibration_tokens(ds.train, init.calib.samples, "the data of " + init.calib.data);
+  } else {
+    tokens = calibration_tokens(own, init.calib.samples, "the run's training split");
+  }
+  auto q = cfg.quant;
+  for (auto& r : q.rules) r.weight.learn = quant::Learn::None;  // LSQ starts from the plain spec's result
+  log::info("PTQ ", quant::method_name(init.method), ": ", tokens.size(0), " calibration sequences x ", tokens.size(1),
+            " tokens", init.calib.data.empty() ? "" : " from " + init.calib.data);
+  auto r = quant::run_ptq(model, q, init, tokens, true);
+  log::info("PTQ ", quant::method_name(init.method), " done in ", r.seconds, " s: mean relative output error ", r.mean_err(),
+            " (round-to-nearest ", r.mean_err_rtn(), ") over ", r.linears.size(), " linears");
+  return r;
+}
+
 peft::ApplyReport apply_peft(torch::nn::Module& model, const peft::LoraConfig& pc, bool verbose) {
   auto rep = peft::apply_lora(model, pc, "lm_head");
   if (!pc.init_adapter.empty()) {
@@ -158,8 +190,16 @@ void Trainer::setup() {
     load_model_state(*model_, load_checkpoint(ck, false).model, ck + "/model.safetensors");
     log::info("initialised weights from ", ck);
   }
+  const bool will_resume = cfg_.trainer.resume == Resume::Auto && !resolve_checkpoint(run.out_dir).empty();
+  if (cfg_.quant.enabled && cfg_.quant.init.method != quant::PtqMethod::None && !will_resume) {
+    model_->to(device_);
+    ptq_ = run_ptq_init(*model_, cfg_, *tok_, ds_.train);
+  }
   if (cfg_.quant.enabled) {
     auto rep = quant::prepare(*model_, cfg_.quant);
+    if (ptq_) {
+      if (auto n = quant::seed_learned_scales(*model_, *ptq_)) log::info("QAT: ", n, " learned scales start at GPTQ's");
+    }
     log::info("QAT: ", rep.n_swapped, " linear layers now fake-quantize", cfg_.quant.fake_quant_after_steps > 0 ? str(" from step ", cfg_.quant.fake_quant_after_steps) : std::string());
     for (auto& row : rep.rows) log::info("  ", row);
   }
@@ -423,6 +463,11 @@ std::string Trainer::save_model_dir(const std::string& sub, const std::string& f
 std::string Trainer::save_converted() {
   const int64_t n = quant::convert(*model_);
   log::info("converted ", n, " fake-quant modules to packed integer weights");
+  if (ptq_ && !ptq_->packed.empty() && step_ == 0 && !cfg_.peft.enabled) {
+    // No training happened: keep GPTQ's own codes and scales (re-rounding its output may differ).
+    quant::apply_packed(*model_, *ptq_);
+    log::info("kept GPTQ's packed weights for ", ptq_->packed.size(), " linears");
+  }
   return save_model_dir("converted", "converted");
 }
 

@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -12,6 +13,7 @@
 #include "data/sampler.h"
 #include "data/tokenizer.h"
 #include "models/transformer.h"
+#include "quant/ptq.h"
 #include "trainer/run_config.h"
 
 namespace torch::optim {
@@ -88,6 +90,7 @@ class Trainer {
   double last_val_ = -1;
   bool resumed_ = false;
   std::string metrics_path_;
+  std::optional<quant::PtqResult> ptq_;  // quant.init: what PTQ produced (GPTQ's exact codes)
 };
 
 // Everything needed to use a finished run: its config snapshot, tokenizer and model weights.
@@ -100,6 +103,15 @@ struct LoadedRun {
 };
 // `path` is a run directory (config.yaml + checkpoints/) or a checkpoint step directory inside one.
 LoadedRun load_run(const std::string& path, const std::vector<std::string>& overrides);
+
+// PTQ calibration set: `samples` sequences evenly spaced over `set`, input ids [samples, seq_len].
+// Throws ConfigError naming quant.calib.samples when `set` (from `origin`) is smaller.
+at::Tensor calibration_tokens(const data::PackedSet& set, int64_t samples, const std::string& origin);
+// Runs cfg.quant.init (rtn|gptq|awq) on the float `model`: calibration from quant.calib.data's
+// recipe (tokenized with `tok`) or else `own` (the run's training split). Learned (LSQ) rules
+// are calibrated as their plain affine spec; seed_learned_scales then starts them at GPTQ's scales.
+quant::PtqResult run_ptq_init(models::CausalLM& model, const RunConfig& cfg, const data::Tokenizer& tok,
+                              const data::PackedSet& own);
 
 // Applies the `peft:` section to a model (after quant::prepare): LoRA wrappers, frozen base storage,
 // optional PEFT adapter to start from. verbose logs the parameter report.

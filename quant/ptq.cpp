@@ -1,0 +1,425 @@
+#include "quant/ptq.h"
+
+#include <ATen/ATen.h>
+
+#include <chrono>
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <optional>
+
+#include "core/error.h"
+#include "core/log.h"
+#include "core/progress.h"
+#include "quant/fake_quant.h"
+
+namespace qf::quant {
+
+const char* method_name(PtqMethod m) {
+  switch (m) {
+    case PtqMethod::None: return "none";
+    case PtqMethod::Rtn: return "rtn";
+    case PtqMethod::Gptq: return "gptq";
+    case PtqMethod::Awq: return "awq";
+  }
+  return "?";
+}
+
+PtqMethod parse_method(const std::string& s) {
+  if (s == "rtn") return PtqMethod::Rtn;
+  if (s == "gptq") return PtqMethod::Gptq;
+  if (s == "awq") return PtqMethod::Awq;
+  if (s == "none") return PtqMethod::None;
+  throw ConfigError({"unknown PTQ method '" + s + "'; expected rtn|gptq|awq"});
+}
+
+AwqConfig AwqConfig::from_config(cfg::Reader& r) {
+  AwqConfig c;
+  c.grid = r.i64("grid", c.grid, 1, 1000);
+  c.duo_scaling = r.boolean("duo_scaling", c.duo_scaling);
+  c.clip = r.boolean("clip", c.clip);
+  c.max_shrink = r.f64("max_shrink", c.max_shrink, 0.0, 0.99);
+  c.tokens = r.i64("tokens", c.tokens, 16, 1LL << 30);
+  c.clip_tokens = r.i64("clip_tokens", c.clip_tokens, 16, 1LL << 30);
+  r.finish();
+  return c;
+}
+
+CalibConfig CalibConfig::from_config(cfg::Reader& r) {
+  CalibConfig c;
+  c.samples = r.i64("samples", c.samples, 1, 1 << 24);
+  c.batch_size = r.i64("batch_size", c.batch_size, 1, 1 << 16);
+  c.data = r.path("data", "", true);
+  r.finish();
+  return c;
+}
+
+double PtqResult::mean_err_rtn() const {
+  double s = 0;
+  for (auto& l : linears) s += l.err_rtn;
+  return linears.empty() ? 0 : s / static_cast<double>(linears.size());
+}
+double PtqResult::mean_err() const {
+  double s = 0;
+  for (auto& l : linears) s += l.err;
+  return linears.empty() ? 0 : s / static_cast<double>(linears.size());
+}
+
+const QuantRule* rule_for(const QatConfig& q, const std::string& name) {
+  for (auto& e : q.exclude)
+    if (glob_match(e, name)) return nullptr;
+  for (auto& r : q.rules)
+    if (glob_match(r.pattern, name)) return &r;
+  return nullptr;
+}
+
+namespace {
+
+// A forward hook: stands in a LinearSlot, accumulates sum x^T x (and optionally keeps the inputs),
+// and runs the wrapped linear.
+class CaptureLinear : public models::LinearBase {
+ public:
+  CaptureLinear(std::shared_ptr<models::LinearBase> inner, bool keep)
+      : LinearBase(inner->in_features, inner->out_features), inner_(std::move(inner)), keep_(keep) {}
+  at::Tensor forward(const at::Tensor& x) override {
+    auto x2 = x.detach().reshape({-1, in_features}).to(at::kFloat);
+    if (!xtx_.defined()) xtx_ = at::zeros({in_features, in_features}, x2.options());
+    xtx_.addmm_(x2.t(), x2);
+    samples_ += x.dim() >= 3 ? x.size(0) : 1;
+    if (keep_) inputs_.push_back(x2.cpu());
+    return inner_->forward(x);
+  }
+  at::Tensor effective_weight() override { return inner_->effective_weight(); }
+  // GPTQ's H = 2/n sum x x^T, n counting sequences (as the reference's add_batch does).
+  at::Tensor hessian() const { return (xtx_ * (2.0 / static_cast<double>(std::max<int64_t>(1, samples_)))).cpu(); }
+  at::Tensor inputs() const { return at::cat(inputs_, 0); }
+  const std::shared_ptr<models::LinearBase>& inner() const { return inner_; }
+
+ private:
+  std::shared_ptr<models::LinearBase> inner_;
+  bool keep_;
+  at::Tensor xtx_;
+  int64_t samples_ = 0;
+  std::vector<at::Tensor> inputs_;
+};
+
+struct LayerLinear {
+  std::string rel, full;
+  models::LinearSlot* slot;
+  const QuantRule* rule;
+  models::DenseLinear* dense;
+};
+
+// Linears quantized one group after another (true-sequential order within a layer).
+std::vector<std::vector<std::string>> sequential_groups(models::Family f) {
+  if (f == models::Family::Gpt2) return {{"attn.c_attn"}, {"attn.c_proj"}, {"mlp.c_fc"}, {"mlp.c_proj"}};
+  return {{"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"},
+          {"self_attn.o_proj"},
+          {"mlp.gate_proj", "mlp.up_proj"},
+          {"mlp.down_proj"}};
+}
+
+// AWQ's scalable pairs: `prev` (a norm, or a linear whose output rows feed `linears` directly).
+struct Fold {
+  std::string prev;
+  bool prev_is_norm;
+  std::vector<std::string> linears;
+};
+std::vector<Fold> awq_folds(models::Family f) {
+  if (f == models::Family::Gpt2) return {{"ln_1", true, {"attn.c_attn"}}, {"ln_2", true, {"mlp.c_fc"}}};
+  return {{"input_layernorm", true, {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}},
+          {"self_attn.v_proj", false, {"self_attn.o_proj"}},
+          {"post_attention_layernorm", true, {"mlp.gate_proj", "mlp.up_proj"}},
+          {"mlp.up_proj", false, {"mlp.down_proj"}}};
+}
+
+std::vector<LayerLinear> layer_linears(models::CausalLM& model, int64_t i, const QatConfig& q) {
+  std::vector<LayerLinear> out;
+  const auto prefix = model.layer_prefix(i) + ".";
+  for (auto& ns : models::linear_slots(model.layer(i))) {
+    LayerLinear l{ns.name, prefix + ns.name, ns.slot, rule_for(q, prefix + ns.name), nullptr};
+    l.dense = dynamic_cast<models::DenseLinear*>(ns.slot->get().get());
+    out.push_back(l);
+  }
+  return out;
+}
+
+LayerLinear* find(std::vector<LayerLinear>& ls, const std::string& rel) {
+  for (auto& l : ls)
+    if (l.rel == rel) return &l;
+  return nullptr;
+}
+
+// Evenly strided rows (deterministic subsample) of x [n, d], at most `k`.
+at::Tensor strided_rows(const at::Tensor& x, int64_t k) {
+  if (x.size(0) <= k) return x;
+  const int64_t step = (x.size(0) + k - 1) / k;
+  return x.slice(0, 0, x.size(0), step);
+}
+
+// AWQ scale search for linears sharing input X [n, in]: minimises sum_k mean((X Wq_k^T - X W_k^T)^2)
+// with Wq_k = fq(W_k * s) / s over s = x_mean^r / w_mean^(1-r), r on the grid (r = 0: s = 1, RTN).
+at::Tensor awq_scale(const at::Tensor& X, const std::vector<at::Tensor>& Ws, const std::vector<QuantSpec>& specs,
+                     const AwqConfig& c) {
+  auto x_mean = X.abs().mean(0);
+  at::Tensor w_mean;
+  if (c.duo_scaling) {
+    auto w = at::cat(Ws, 0);
+    const int64_t gs = specs[0].is_ggml() ? specs[0].group_size : specs[0].block(w.size(1));
+    auto wg = w.abs().reshape({-1, gs});
+    w_mean = (wg / (wg.amax(1, true) + 1e-6)).reshape(w.sizes()).mean(0);
+  }
+  std::vector<at::Tensor> ref;
+  for (auto& W : Ws) ref.push_back(at::matmul(X, W.t()));
+  double best = std::numeric_limits<double>::infinity();
+  at::Tensor best_s = at::ones_like(x_mean);
+  for (int64_t g = 0; g < c.grid; ++g) {
+    const double r = static_cast<double>(g) / static_cast<double>(c.grid);
+    auto s = c.duo_scaling ? (x_mean.pow(r) / (w_mean.pow(1.0 - r) + 1e-4)).clamp_min(1e-4) : x_mean.pow(r).clamp_min(1e-4);
+    s = s / (s.max() * s.min()).sqrt();
+    double err = 0;
+    for (size_t k = 0; k < Ws.size(); ++k) {
+      auto wq = fake_quant_values(Ws[k] * s.unsqueeze(0), specs[k]) / s.unsqueeze(0);
+      err += (at::matmul(X, wq.t()) - ref[k]).pow(2).mean().item<double>();
+    }
+    if (err < best) best = err, best_s = s;
+  }
+  return best_s;
+}
+
+// AWQ clipping search: per (row, group) the range max|w| * (1 - i/grid) whose quantized group
+// output on X [n, in] is closest to the float one; W is clamped in place.
+void awq_clip(at::Tensor& W, const at::Tensor& X, const QuantSpec& spec, const AwqConfig& c) {
+  const int64_t rows = W.size(0), in = W.size(1);
+  const int64_t gs = spec.is_ggml() ? spec.group_size : spec.block(in), ng = in / gs, n = X.size(0);
+  auto Xg = X.reshape({n, ng, gs});
+  const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 24) / std::max<int64_t>(1, n * ng));
+  const int64_t steps = static_cast<int64_t>(c.max_shrink * static_cast<double>(c.grid));
+  for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
+    const int64_t r1 = std::min(rows, r0 + chunk), R = r1 - r0;
+    auto Wg = W.slice(0, r0, r1).reshape({R, ng, gs});
+    auto org = at::einsum("rgk,ngk->rng", {Wg, Xg});
+    auto org_max = Wg.abs().amax(-1, true);
+    auto best_err = at::full({R, ng}, std::numeric_limits<float>::infinity());
+    auto best_max = org_max.clone();
+    for (int64_t i = 0; i < std::max<int64_t>(1, steps); ++i) {
+      auto mx = org_max * (1.0 - static_cast<double>(i) / static_cast<double>(c.grid));
+      auto cur = at::max(at::min(Wg, mx), -mx);
+      auto q = fake_quant_values(cur.reshape({R, in}), spec).reshape({R, ng, gs});
+      auto err = (at::einsum("rgk,ngk->rng", {q, Xg}) - org).pow(2).mean(1);
+      auto better = err < best_err;
+      best_err = at::where(better, err, best_err);
+      best_max = at::where(better.unsqueeze(-1), mx, best_max);
+    }
+    W.slice(0, r0, r1).copy_(at::max(at::min(Wg, best_max), -best_max).reshape({R, in}));
+  }
+}
+
+}  // namespace
+
+void check_ptq(models::CausalLM& model, const QatConfig& q, PtqMethod method) {
+  std::vector<std::string> problems;
+  int64_t selected = 0;
+  for (int64_t i = 0; i < model.cfg.n_layers; ++i) {
+    for (auto& l : layer_linears(model, i, q)) {
+      if (!l.rule) continue;
+      ++selected;
+      if (!l.dense)
+        problems.push_back(str(l.full, ": PTQ needs float weights, but this layer is already a ",
+                               l.slot->get()->name(), " (quantize the float model, not a QAT or converted one)"));
+      if (method == PtqMethod::Gptq) {
+        auto why = gptq_unsupported(l.rule->weight);
+        if (!why.empty()) problems.push_back(str(l.full, ": gptq with ", l.rule->weight.describe(), ": ", why));
+      }
+      if (method == PtqMethod::Awq && l.rule->weight.kind == Kind::Nf4)
+        problems.push_back(str(l.full, ": awq with NF4 is QLoRA's storage, not a PTQ target"));
+      const int64_t blk = l.rule->weight.block(l.slot->get()->in_features);
+      if (blk > 0 && l.slot->get()->in_features % blk != 0)
+        problems.push_back(str(l.full, ": block size ", blk, " does not divide its input width ", l.slot->get()->in_features));
+    }
+  }
+  if (selected == 0) problems.push_back("quant.rules select no linear inside the decoder layers; nothing to quantize");
+  if (!problems.empty()) throw ConfigError(problems);
+}
+
+PtqResult run_ptq(models::CausalLM& model, const QatConfig& q, const PtqConfig& p, const at::Tensor& tokens,
+                  bool progress) {
+  QF_CHECK(p.method != PtqMethod::None, "run_ptq: no method");
+  QF_CHECK(tokens.dim() == 2 && tokens.size(0) > 0, "run_ptq: calibration tokens must be [samples, seq_len], got ",
+           tokens.sizes());
+  check_ptq(model, q, p.method);
+  const auto t0 = std::chrono::steady_clock::now();
+  at::NoGradGuard no_grad;
+  const bool was_training = model.is_training();
+  model.eval();
+  const auto dev = model.parameters().front().device();
+  PtqResult res;
+  res.method = p.method;
+  res.calib_tokens = tokens.numel();
+
+  std::vector<at::Tensor> hs;
+  for (auto& chunk : tokens.split(p.calib.batch_size)) hs.push_back(model.embed(chunk.to(dev)));
+  auto run_layer = [&](int64_t i) {
+    for (auto& h : hs) model.layer_forward(i, h);
+  };
+  // Swaps capture hooks into the given linears, runs the layer, restores them.
+  auto capture = [&](int64_t i, std::vector<LayerLinear*> ls, bool keep) {
+    std::vector<std::shared_ptr<CaptureLinear>> caps;
+    for (auto* l : ls) {
+      caps.push_back(std::make_shared<CaptureLinear>(l->slot->get(), keep));
+      l->slot->replace(caps.back());
+    }
+    run_layer(i);
+    for (size_t k = 0; k < ls.size(); ++k) ls[k]->slot->replace(caps[k]->inner());
+    return caps;
+  };
+
+  std::optional<core::ProgressBar> bar;
+  if (progress) bar.emplace(std::string("ptq ") + method_name(p.method), model.cfg.n_layers, 0, "layer");
+  for (int64_t i = 0; i < model.cfg.n_layers; ++i) {
+    auto lls = layer_linears(model, i, q);
+    if (p.method == PtqMethod::Gptq) {
+      std::vector<std::vector<LayerLinear*>> groups;
+      if (p.gptq.true_sequential) {
+        for (auto& g : sequential_groups(model.cfg.family)) {
+          std::vector<LayerLinear*> gl;
+          for (auto& rel : g)
+            if (auto* l = find(lls, rel); l && l->rule) gl.push_back(l);
+          if (!gl.empty()) groups.push_back(gl);
+        }
+      } else {
+        groups.emplace_back();
+        for (auto& l : lls)
+          if (l.rule) groups.back().push_back(&l);
+      }
+      for (auto& gl : groups) {
+        auto caps = capture(i, gl, false);
+        for (size_t k = 0; k < gl.size(); ++k) {
+          auto* l = gl[k];
+          auto H = caps[k]->hessian();
+          auto W = l->dense->weight.detach().to(at::kCPU, at::kFloat);
+          auto qw = gptq_quantize(W, H, l->rule->weight, p.gptq, l->full);
+          res.linears.push_back({l->full, l->rule->weight.describe(),
+                                 output_error(W, fake_quant_values(W, l->rule->weight), H), output_error(W, qw.weight, H),
+                                 qw.damp});
+          l->dense->weight.copy_(qw.weight.to(l->dense->weight.options()));
+          res.packed[l->full] = qw.packed;
+        }
+      }
+    } else {
+      std::vector<LayerLinear*> sel;
+      for (auto& l : lls)
+        if (l.rule) sel.push_back(&l);
+      auto caps = capture(i, sel, p.method == PtqMethod::Awq);
+      std::map<std::string, at::Tensor> H, X, W0, colscale, rowscale;
+      for (size_t k = 0; k < sel.size(); ++k) {
+        H[sel[k]->rel] = caps[k]->hessian();
+        W0[sel[k]->rel] = sel[k]->dense->weight.detach().to(at::kCPU, at::kFloat).clone();
+        if (p.method == PtqMethod::Awq) X[sel[k]->rel] = caps[k]->inputs();
+      }
+      caps.clear();
+      if (p.method == PtqMethod::Awq) {
+        auto params = model.layer(i).named_parameters();
+        for (auto& f : awq_folds(model.cfg.family)) {
+          std::vector<LayerLinear*> fl;
+          for (auto& rel : f.linears)
+            if (auto* l = find(lls, rel); l && l->rule) fl.push_back(l);
+          if (fl.size() != f.linears.size()) continue;  // a partly quantized group keeps its scales
+          const int64_t in = fl[0]->dense->in_features;
+          if (f.prev_is_norm) {
+            if (!params.contains(f.prev + ".weight")) continue;
+          } else {
+            auto* pl = find(lls, f.prev);
+            if (!pl || !pl->dense || pl->dense->out_features != in) continue;  // e.g. GQA: v_proj rows != o_proj inputs
+          }
+          std::vector<at::Tensor> Ws;
+          std::vector<QuantSpec> specs;
+          for (auto* l : fl) Ws.push_back(l->dense->weight.detach().to(at::kCPU, at::kFloat)), specs.push_back(l->rule->weight);
+          auto Xs = strided_rows(X[fl[0]->rel], p.awq.tokens);
+          auto s = awq_scale(Xs, Ws, specs, p.awq);
+          // Fold: prev's output channels / s, the linears' input columns * s (float model unchanged).
+          if (f.prev_is_norm) {
+            for (auto* suffix : {".weight", ".bias"})
+              if (params.contains(f.prev + suffix)) {
+                auto& t = params[f.prev + suffix];
+                t.div_(s.to(t.options()));
+              }
+          } else {
+            auto* pl = find(lls, f.prev);
+            pl->dense->weight.div_(s.unsqueeze(1).to(pl->dense->weight.options()));
+            if (pl->dense->bias.defined()) pl->dense->bias.div_(s.to(pl->dense->bias.options()));
+            rowscale[pl->rel] = rowscale.count(pl->rel) ? rowscale[pl->rel] * s : s;
+          }
+          for (auto* l : fl) {
+            l->dense->weight.mul_(s.unsqueeze(0).to(l->dense->weight.options()));
+            X[l->rel] = X[l->rel] / s.unsqueeze(0);
+            colscale[l->rel] = colscale.count(l->rel) ? colscale[l->rel] * s : s;
+          }
+        }
+        if (p.awq.clip) {
+          for (auto* l : sel) {
+            if (l->rel == "self_attn.q_proj" || l->rel == "self_attn.k_proj" || l->rel == "attn.c_attn") continue;
+            auto W = l->dense->weight.detach().to(at::kCPU, at::kFloat).clone();
+            awq_clip(W, strided_rows(X[l->rel], p.awq.clip_tokens), l->rule->weight, p.awq);
+            l->dense->weight.copy_(W.to(l->dense->weight.options()));
+          }
+        }
+      }
+      for (auto* l : sel) {
+        const auto& spec = l->rule->weight;
+        auto w0 = W0[l->rel];
+        auto rtn = output_error(w0, fake_quant_values(w0, spec), H[l->rel]);
+        double err = rtn;
+        if (p.method == PtqMethod::Awq) {
+          // The quantized weight in the original input and output spaces: fq(W') / s_in * s_out.
+          auto wq = fake_quant_values(l->dense->weight.detach().to(at::kCPU, at::kFloat), spec);
+          if (colscale.count(l->rel)) wq = wq / colscale[l->rel].unsqueeze(0);
+          if (rowscale.count(l->rel)) wq = wq * rowscale[l->rel].unsqueeze(1);
+          err = output_error(w0, wq, H[l->rel]);
+        }
+        res.linears.push_back({l->full, spec.describe(), rtn, err, 0.0});
+      }
+    }
+    // The next layer's inputs: this layer's outputs with its new weights.
+    for (auto& h : hs) h = model.layer_forward(i, h);
+    if (bar) bar->update(i + 1, str("rel. error ", res.mean_err(), " (rtn ", res.mean_err_rtn(), ")"));
+  }
+  if (bar) bar->finish();
+  if (was_training) model.train();
+  res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return res;
+}
+
+void apply_packed(torch::nn::Module& model, const PtqResult& r) {
+  at::NoGradGuard ng;
+  int64_t n = 0;
+  for (auto& ns : models::linear_slots(model)) {
+    auto it = r.packed.find(ns.name);
+    if (it == r.packed.end()) continue;
+    auto ql = std::dynamic_pointer_cast<QuantizedLinear>(ns.slot->get());
+    QF_CHECK(ql, "apply_packed: ", ns.name, " was quantized by GPTQ but is not a converted QuantizedLinear");
+    const auto& p = it->second;
+    QF_CHECK(p.qweight.sizes() == ql->qweight.sizes(), "apply_packed: ", ns.name, " packed shape ", p.qweight.sizes(),
+             " != ", ql->qweight.sizes());
+    ql->qweight.copy_(p.qweight);
+    if (p.scales.defined()) ql->scales.copy_(p.scales), ql->zeros.copy_(p.zeros);
+    ++n;
+  }
+  QF_CHECK(n == static_cast<int64_t>(r.packed.size()), "apply_packed: ", r.packed.size() - n,
+           " GPTQ layers have no converted counterpart");
+}
+
+int64_t seed_learned_scales(torch::nn::Module& model, const PtqResult& r) {
+  at::NoGradGuard ng;
+  int64_t n = 0;
+  for (auto& ns : models::linear_slots(model)) {
+    auto it = r.packed.find(ns.name);
+    auto f = std::dynamic_pointer_cast<FakeQuantLinear>(ns.slot->get());
+    if (it == r.packed.end() || !f || !f->weight_fq->scale.defined() || !it->second.scales.defined()) continue;
+    f->weight_fq->scale.copy_(it->second.scales.to(f->weight_fq->scale.options()));
+    ++n;
+  }
+  return n;
+}
+
+}  // namespace qf::quant

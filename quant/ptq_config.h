@@ -1,0 +1,52 @@
+// PTQ settings (`quant.init`, `quant.calib`, `quant.gptq`, `quant.awq` of a recipe; the flags of
+// `qforge quantize`). Kept apart from quant/ptq.h so the QAT config can hold them.
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "core/config.h"
+
+namespace qf::quant {
+
+struct GptqConfig {
+  double damp = 0.01;           // percdamp: damp * mean(diag H) is added to the diagonal
+  int64_t block_size = 128;     // lazy-batch width (columns updated together)
+  bool act_order = false;       // desc_act: quantize columns in decreasing order of H_ii
+  // Group parameters fixed from the original weights before any update (GPTQModel's
+  // static_groups). Act-order needs it here: groups then stay contiguous in storage order, so no
+  // g_idx is needed and every format (GGUF blocks too) holds the result.
+  bool static_groups = false;
+  bool true_sequential = true;  // within a layer, q/k/v -> o -> gate/up -> down, each seeing the quantized earlier ones
+  static GptqConfig from_config(cfg::Reader& r);  // calls r.finish()
+};
+
+enum class PtqMethod { None, Rtn, Gptq, Awq };
+const char* method_name(PtqMethod m);
+PtqMethod parse_method(const std::string& s);  // throws ConfigError listing rtn|gptq|awq
+
+struct AwqConfig {
+  int64_t grid = 20;          // scale ratios r = 0, 1/grid, ..., (grid-1)/grid
+  bool duo_scaling = true;    // s = x_mean^r / w_mean^(1-r) (AutoAWQ's default); false: x_mean^r (the paper)
+  bool clip = true;           // per-group clipping search (not for q/k projections)
+  double max_shrink = 0.5;    // clip ranges tried: max * (1 - i/grid) for i < max_shrink * grid
+  int64_t tokens = 4096;      // calibration tokens used by the scale search (evenly strided)
+  int64_t clip_tokens = 512;  // ... and by the clipping search
+  static AwqConfig from_config(cfg::Reader& r);
+};
+
+struct CalibConfig {
+  int64_t samples = 128;      // calibration sequences (of data.seq_len tokens)
+  int64_t batch_size = 8;     // sequences per layer forward
+  std::string data;           // a recipe whose `data:` section supplies the text; "" = the run's own training split
+  static CalibConfig from_config(cfg::Reader& r);
+};
+
+// `quant.init` and its settings: PTQ applied to the float weights before QAT's prepare.
+struct PtqConfig {
+  PtqMethod method = PtqMethod::None;
+  CalibConfig calib;
+  GptqConfig gptq;
+  AwqConfig awq;
+};
+
+}  // namespace qf::quant

@@ -1,0 +1,219 @@
+// PTQ: GPTQ's column-by-column quantizers equal round-to-nearest when there is no error to spread
+// (H = I), for every format it takes; GPTQ beats RTN on correlated inputs; AWQ's folding leaves
+// the float model unchanged; the driver's packed weights survive convert; bad input fails early.
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include "models/transformer.h"
+#include "quant/fake_quant.h"
+#include "quant/ggml_blocks.h"
+#include "quant/gptq.h"
+#include "quant/ptq.h"
+#include "tests/tiny_model.h"
+#include "trainer/trainer.h"
+
+using namespace qf;
+using namespace qf::quant;
+
+namespace {
+
+at::Tensor correlated_inputs(int64_t n, int64_t d, uint64_t seed) {
+  at::manual_seed(seed);
+  // A few strong directions plus noise and per-channel scale differences (outlier channels), as
+  // activations of a trained model look.
+  auto basis = at::randn({8, d});
+  auto x = at::matmul(at::randn({n, 8}), basis) + 0.3 * at::randn({n, d});
+  auto ch = at::ones({d});
+  ch.slice(0, 0, 4).fill_(8.0);
+  return x * ch;
+}
+
+QuantSpec spec_of(const std::string& name) { return QuantSpec::preset_named(name); }
+
+QatConfig layers_rule(const std::string& preset) {
+  QatConfig q;
+  q.enabled = true;
+  q.rules = {QuantRule{"model.layers.*", spec_of(preset), std::nullopt}};
+  return q;
+}
+
+}  // namespace
+
+class GptqIdentity : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(GptqIdentity, EqualsRoundToNearestBitForBit) {
+  const auto spec = spec_of(GetParam());
+  at::manual_seed(7);
+  auto W = at::randn({24, 256}) * 0.05;
+  W.select(0, 3).mul_(20);  // a row of outliers
+  GptqConfig cfg;
+  cfg.damp = 0.0;
+  for (bool act_order : {false, true}) {
+    cfg.act_order = cfg.static_groups = act_order;
+    auto qw = gptq_quantize(W, at::eye(256), spec, cfg, "w");
+    ASSERT_TRUE(at::equal(qw.weight, fake_quant_values(W, spec))) << spec.describe();
+    if (spec.is_ggml()) {
+      ASSERT_TRUE(at::equal(qw.packed.qweight, ggml::quantize(W, spec.rule))) << "block bytes differ from llama.cpp's";
+    } else {
+      // The same bytes convert() would pack from the float weight.
+      auto fq = std::make_shared<FakeQuantizer>(spec, ObserverConfig{}, false);
+      auto ref = std::make_shared<torch::nn::Module>();
+      auto p = register_packed(*ref, 24, 256, spec);
+      pack_weight(p, W, *fq);
+      ASSERT_TRUE(at::equal(qw.packed.qweight, p.qweight));
+      ASSERT_TRUE(at::equal(qw.packed.scales, p.scales));
+      ASSERT_TRUE(at::equal(qw.packed.zeros, p.zeros));
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Formats, GptqIdentity,
+                         ::testing::Values("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "int4-g32", "int4-g128",
+                                           "int4-g128-asym", "int3-g128", "int3-g128-asym", "int8-per-channel"),
+                         [](const auto& i) {
+                           std::string n = i.param;
+                           for (auto& c : n)
+                             if (c == '-') c = '_';
+                           return n;
+                         });
+
+TEST(Gptq, BeatsRoundToNearestOnCorrelatedInputs) {
+  auto X = correlated_inputs(2048, 128, 3);
+  auto H = at::matmul(X.t(), X) * (2.0 / 2048);
+  at::manual_seed(11);
+  auto W = at::randn({64, 128}) * 0.05;
+  for (const char* name : {"q4_0", "int4-g32", "int3-g128-asym", "int8-per-channel"}) {
+    const auto spec = spec_of(name);
+    const double rtn = output_error(W, fake_quant_values(W, spec), H);
+    for (bool act_order : {false, true}) {
+      GptqConfig cfg;
+      cfg.act_order = cfg.static_groups = act_order;
+      cfg.block_size = 32;  // several lazy blocks
+      auto qw = gptq_quantize(W, H, spec, cfg, "w");
+      const double err = output_error(W, qw.weight, H);
+      EXPECT_LT(err, 0.7 * rtn) << name << " act_order " << act_order << ": gptq " << err << " rtn " << rtn;
+      EXPECT_TRUE(at::equal(unpack_weight(qw.packed, spec, 64, 128), qw.weight));
+    }
+  }
+}
+
+TEST(Gptq, DeadInputsAndDampeningEscalation) {
+  auto X = correlated_inputs(512, 64, 5);
+  X.select(1, 10).zero_();  // an input that is always zero
+  auto H = at::matmul(X.t(), X);
+  at::manual_seed(2);
+  auto W = at::randn({16, 64});
+  GptqConfig cfg;
+  auto qw = gptq_quantize(W, H, spec_of("int4-g32"), cfg, "w");
+  EXPECT_TRUE(at::all(qw.weight.select(1, 10) == 0).item<bool>()) << "a dead input's weights become 0";
+  // Rank-1 H without dampening: the Cholesky fails, dampening grows until it works.
+  auto v = at::randn({64, 1});
+  auto H1 = at::matmul(v, v.t());
+  cfg.damp = 0.0;
+  EXPECT_THROW(gptq_quantize(W, H1, spec_of("int4-g32"), cfg, "w"), Error) << "damp 0 cannot grow";
+  cfg.damp = 1e-9;
+  auto q1 = gptq_quantize(W, H1, spec_of("int4-g32"), cfg, "w");
+  EXPECT_GT(q1.damp, 1e-9);
+  // Not positive definite at any dampening: a clear error naming the layer.
+  try {
+    gptq_quantize(W, -at::eye(64), spec_of("int4-g32"), GptqConfig{}, "model.layers.3.mlp.up_proj");
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("model.layers.3.mlp.up_proj"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("not positive definite"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Gptq, RefusesFormatsItCannotQuantizeColumnByColumn) {
+  EXPECT_NE(gptq_unsupported(spec_of("q4_k")), "");
+  EXPECT_NE(gptq_unsupported(spec_of("q6_k")), "");
+  EXPECT_NE(gptq_unsupported(spec_of("fp8-e4m3")), "");
+  EXPECT_EQ(gptq_unsupported(spec_of("q4_0")), "");
+  auto m = models::build_model(qf::testing::tiny_llama());
+  try {
+    check_ptq(*m, layers_rule("q4_k"), PtqMethod::Gptq);
+    FAIL() << "expected a ConfigError";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("model.layers.0.self_attn.q_proj"), std::string::npos) << e.what();
+  }
+  EXPECT_NO_THROW(check_ptq(*m, layers_rule("q4_0"), PtqMethod::Gptq));
+  EXPECT_THROW(check_ptq(*m, layers_rule("q4_k"), PtqMethod::Awq), ConfigError) << "256-blocks do not divide 64 inputs";
+}
+
+TEST(Ptq, CalibrationSetTooSmallIsAConfigError) {
+  data::PackedSet s;
+  s.tokens = at::zeros({5, 17}, at::kLong);
+  s.loss_mask = at::ones({5, 17}, at::kBool);
+  EXPECT_EQ(trainer::calibration_tokens(s, 5, "x").sizes(), (std::vector<int64_t>{5, 16}));
+  try {
+    trainer::calibration_tokens(s, 6, "the run's training split");
+    FAIL();
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("quant.calib.samples"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("only 5"), std::string::npos) << e.what();
+  }
+}
+
+namespace {
+std::shared_ptr<models::CausalLM> tiny(int64_t kv_heads) {
+  auto c = qf::testing::tiny_llama(64, 32, 0.1);
+  c.n_kv_heads = kv_heads;
+  auto m = models::build_model(c);
+  m->init_weights(5);
+  // Non-trivial norms so folding has something to divide.
+  for (auto& p : m->named_parameters())
+    if (p.key().find("layernorm") != std::string::npos) {
+      at::NoGradGuard ng;
+      p.value().uniform_(0.5, 1.5);
+    }
+  m->eval();
+  return m;
+}
+at::Tensor calib(int64_t n) {
+  at::manual_seed(9);
+  return at::randint(0, 64, {n, 32}, at::kLong);
+}
+}  // namespace
+
+TEST(Awq, FoldingKeepsTheFloatModel) {
+  for (int64_t kv : {4, 2}) {  // MHA (v_proj -> o_proj folds) and GQA (it cannot)
+    auto m = tiny(kv);
+    auto ids = calib(4);
+    at::NoGradGuard ng;
+    auto before = m->forward(ids);
+    PtqConfig p;
+    p.method = PtqMethod::Awq;
+    p.awq.clip = false;
+    p.calib.batch_size = 4;
+    auto r = run_ptq(*m, layers_rule("int3-g32-asym"), p, calib(16), false);
+    auto after = m->forward(ids);
+    EXPECT_TRUE(at::allclose(before, after, 1e-4, 1e-4)) << "kv " << kv << ": max diff "
+                                                         << (before - after).abs().max().item<double>();
+    EXPECT_EQ(r.linears.size(), 14u);
+    EXPECT_LE(r.mean_err(), 1.05 * r.mean_err_rtn()) << "the scale search includes s = 1 (RTN)";
+  }
+}
+
+TEST(Ptq, GptqWeightsSurviveConvert) {
+  auto m = tiny(2);
+  PtqConfig p;
+  p.method = PtqMethod::Gptq;
+  auto q = layers_rule("q4_0");
+  auto r = run_ptq(*m, q, p, calib(32), false);
+  EXPECT_EQ(r.packed.size(), 14u);
+  EXPECT_LT(r.mean_err(), r.mean_err_rtn());
+  auto ids = calib(2);
+  at::NoGradGuard ng;
+  auto float_q = m->forward(ids);  // the float model holding GPTQ's dequantized weights
+  prepare(*m, q);
+  convert(*m);
+  apply_packed(*m, r);
+  for (auto& ns : models::linear_slots(*m)) {
+    auto it = r.packed.find(ns.name);
+    if (it == r.packed.end()) continue;
+    auto ql = std::dynamic_pointer_cast<QuantizedLinear>(ns.slot->get());
+    ASSERT_TRUE(ql);
+    EXPECT_TRUE(at::equal(ql->qweight, it->second.qweight));
+  }
+  EXPECT_TRUE(at::allclose(m->forward(ids), float_q, 1e-5, 1e-5));
+}
