@@ -298,14 +298,14 @@ int cmd_quantize(const std::string& src, const std::vector<std::string>& overrid
   const bool bf16 = cfg.trainer.precision == trainer::Precision::BF16;
   trainer::EvalResult before, after;
   if (!a.no_eval && ds.val.size() > 0)
-    before = trainer::evaluate_model(*model, ds.val, cfg.trainer.batch_size, cfg.trainer.eval_batches, dev, bf16);
+    before = trainer::evaluate_model(*model, ds.val, cfg.trainer.batch_size, 0, dev, bf16);
 
   auto r = trainer::run_ptq_init(*model, cfg, *tok, ds.train);
   quant::prepare(*model, q);
   quant::convert(*model);
   if (!r.packed.empty()) quant::apply_packed(*model, r);
   if (!a.no_eval && ds.val.size() > 0)
-    after = trainer::evaluate_model(*model, ds.val, cfg.trainer.batch_size, cfg.trainer.eval_batches, dev, bf16);
+    after = trainer::evaluate_model(*model, ds.val, cfg.trainer.batch_size, 0, dev, bf16);
 
   // The output is a run directory: its config.yaml re-creates it with `qforge train` (PTQ as
   // quant.init, no training steps) and tells load_run how to rebuild the packed model.

@@ -59,7 +59,7 @@ class Cli : public ::testing::Test {
 };
 
 TEST_F(Cli, HelpOnEveryCommand) {
-  for (std::string c : {"", "train ", "eval ", "generate "}) {
+  for (std::string c : {"", "train ", "eval ", "generate ", "export ", "inspect ", "quantize "}) {
     auto r = run(c + "--help");
     EXPECT_EQ(r.rc, 0) << c << r.out;
     EXPECT_NE(r.out.find("Usage"), std::string::npos) << c << r.out;
@@ -138,3 +138,65 @@ TEST_F(Cli, EvalOfSomethingThatIsNotARun) {
 }
 
 }  // namespace
+
+// qforge quantize: RTN / GPTQ / AWQ of a float run into a converted run that eval and export take;
+// requests that cannot work fail before any weight is read, naming the flag and what to do.
+TEST_F(Cli, QuantizeMethodsEndToEnd) {
+  ASSERT_EQ(run("train " + cfg + " 'sample.prompts=[]'").rc, 0);
+  const std::string src = tmp.path + "/run";
+  for (std::string m : {"rtn", "gptq", "awq"}) {
+    const auto out = tmp.path + "/q_" + m;
+    auto r = run("quantize " + src + " --method " + m + " --quant q4_0 --samples 16 --out " + out);
+    ASSERT_EQ(r.rc, 0) << r.out;
+    EXPECT_NE(r.out.find("held-out perplexity: float"), std::string::npos) << r.out;
+    EXPECT_TRUE(sfs::exists(out + "/ptq_summary.json"));
+    auto e = run("eval " + out);
+    ASSERT_EQ(e.rc, 0) << e.out;
+    EXPECT_NE(e.out.find("\"format\": \"converted\""), std::string::npos) << e.out;
+    // The printed perplexity of the quantized model is what eval of the written run computes.
+    const auto at = r.out.find("-> q4_0 ");
+    ASSERT_NE(at, std::string::npos) << r.out;
+    const double ppl = std::stod(r.out.substr(at + 8));
+    const auto pe = e.out.find("\"ppl\": ");
+    EXPECT_NEAR(std::stod(e.out.substr(pe + 7)), ppl, 1e-3 * ppl) << e.out;
+    auto x = run("export " + out + " --format gguf --out " + out + ".gguf");
+    ASSERT_EQ(x.rc, 0) << x.out;
+    EXPECT_NE(x.out.find("packed blocks exact"), std::string::npos) << x.out;
+  }
+  // quant.init: the same PTQ as the start of a QAT recipe (no steps: GPTQ's packed codes are kept).
+  auto t = run("train " + cfg + " run.out_dir=" + tmp.path + "/qat run.init_from=" + src +
+               " trainer.max_steps=0 'sample.prompts=[]' quant.init=gptq quant.calib.samples=16 "
+               "\"quant.rules=[{pattern: 'model.layers.*', weight: {preset: q4_0}}]\"");
+  ASSERT_EQ(t.rc, 0) << t.out;
+  EXPECT_NE(t.out.find("kept GPTQ's packed weights for 14 linears"), std::string::npos) << t.out;
+  auto a = run("eval " + tmp.path + "/qat/converted");
+  auto b = run("eval " + tmp.path + "/q_gptq");
+  ASSERT_EQ(a.rc, 0);
+  EXPECT_EQ(a.out.substr(a.out.find("{\"loss\"")), b.out.substr(b.out.find("{\"loss\""))) << "same GPTQ either way";
+}
+
+TEST_F(Cli, QuantizeRejectsImpossibleRequestsEarly) {
+  ASSERT_EQ(run("train " + cfg + " 'sample.prompts=[]'").rc, 0);
+  const std::string src = tmp.path + "/run", out = tmp.path + "/q";
+  auto r = run("quantize " + src + " --method gptq --quant q4_k --out " + out);
+  EXPECT_EQ(r.rc, 2) << r.out;
+  EXPECT_NE(r.out.find("super-blocks"), std::string::npos) << r.out;
+  r = run("quantize " + src + " --method gptq --quant int9-g7 --out " + out);
+  EXPECT_EQ(r.rc, 2) << r.out;
+  EXPECT_NE(r.out.find("unknown quantization preset 'int9-g7'"), std::string::npos) << r.out;
+  r = run("quantize " + src + " --method gptq --quant q4_0 --samples 100000 --out " + out);
+  EXPECT_EQ(r.rc, 2) << r.out;
+  EXPECT_NE(r.out.find("quant.calib.samples: 100000 calibration sequences"), std::string::npos) << r.out;
+  r = run("quantize " + src + " --method gptq --quant int4-g128 --out " + out);  // 128 does not divide 32 or 64
+  EXPECT_EQ(r.rc, 2) << r.out;
+  EXPECT_NE(r.out.find("--fallback"), std::string::npos) << r.out;
+  EXPECT_FALSE(sfs::exists(out)) << "nothing written on a rejected request";
+  r = run("quantize " + src + " --method magic --out " + out);
+  EXPECT_NE(r.rc, 0);
+  ASSERT_EQ(run("quantize " + src + " --method rtn --quant q8_0 --samples 4 --out " + out).rc, 0);
+  r = run("quantize " + out + " --method gptq --out " + tmp.path + "/q2");
+  EXPECT_EQ(r.rc, 1) << r.out;
+  EXPECT_NE(r.out.find("PTQ starts from float weights"), std::string::npos) << r.out;
+  r = run("quantize " + src + " --method rtn --quant q8_0 --out " + out);
+  EXPECT_NE(r.rc, 0) << "an existing non-empty output dir is refused";
+}
