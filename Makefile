@@ -37,6 +37,7 @@ bench: build
 	@bench/qlora_step.sh
 	@bench/hf_load.sh
 	@bench/export_gguf.sh
+	@bench/ptq_quality.sh
 
 clean:
 	rm -rf $(BUILD) $(BUILD).configure.log

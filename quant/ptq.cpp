@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <chrono>
+#include <functional>
 #include <cmath>
 #include <limits>
 #include <memory>
@@ -157,31 +158,37 @@ at::Tensor strided_rows(const at::Tensor& x, int64_t k) {
   return x.slice(0, 0, x.size(0), step);
 }
 
-// AWQ scale search for linears sharing input X [n, in]: minimises sum_k mean((X Wq_k^T - X W_k^T)^2)
+// What the scale search compares: the output of the block the scaled linears feed, as a function
+// of their weights (AutoAWQ's module2inspect). Default: the linears' own outputs, concatenated.
+using Inspect = std::function<at::Tensor(const at::Tensor& X, const std::vector<at::Tensor>& Ws)>;
+at::Tensor linear_outputs(const at::Tensor& X, const std::vector<at::Tensor>& Ws) {
+  std::vector<at::Tensor> outs;
+  for (auto& W : Ws) outs.push_back(at::matmul(X, W.t()));
+  return at::cat(outs, -1);
+}
+
+// AWQ scale search for linears sharing input X [n, in]: minimises mean((inspect(X, Wq) - inspect(X, W))^2)
 // with Wq_k = fq(W_k * s) / s over s = x_mean^r / w_mean^(1-r), r on the grid (r = 0: s = 1, RTN).
 at::Tensor awq_scale(const at::Tensor& X, const std::vector<at::Tensor>& Ws, const std::vector<QuantSpec>& specs,
-                     const AwqConfig& c) {
+                     const AwqConfig& c, const Inspect& inspect) {
   auto x_mean = X.abs().mean(0);
   at::Tensor w_mean;
   if (c.duo_scaling) {
     auto w = at::cat(Ws, 0);
-    const int64_t gs = specs[0].is_ggml() ? specs[0].group_size : specs[0].block(w.size(1));
+    const int64_t gs = specs[0].block(w.size(1));
     auto wg = w.abs().reshape({-1, gs});
     w_mean = (wg / (wg.amax(1, true) + 1e-6)).reshape(w.sizes()).mean(0);
   }
-  std::vector<at::Tensor> ref;
-  for (auto& W : Ws) ref.push_back(at::matmul(X, W.t()));
+  const auto ref = inspect(X, Ws);
   double best = std::numeric_limits<double>::infinity();
   at::Tensor best_s = at::ones_like(x_mean);
   for (int64_t g = 0; g < c.grid; ++g) {
     const double r = static_cast<double>(g) / static_cast<double>(c.grid);
     auto s = c.duo_scaling ? (x_mean.pow(r) / (w_mean.pow(1.0 - r) + 1e-4)).clamp_min(1e-4) : x_mean.pow(r).clamp_min(1e-4);
     s = s / (s.max() * s.min()).sqrt();
-    double err = 0;
-    for (size_t k = 0; k < Ws.size(); ++k) {
-      auto wq = fake_quant_values(Ws[k] * s.unsqueeze(0), specs[k]) / s.unsqueeze(0);
-      err += (at::matmul(X, wq.t()) - ref[k]).pow(2).mean().item<double>();
-    }
+    std::vector<at::Tensor> wq;
+    for (size_t k = 0; k < Ws.size(); ++k) wq.push_back(fake_quant_values(Ws[k] * s.unsqueeze(0), specs[k]) / s.unsqueeze(0));
+    const double err = (inspect(X, wq) - ref).pow(2).mean().item<double>();
     if (err < best) best = err, best_s = s;
   }
   return best_s;
@@ -336,7 +343,21 @@ PtqResult run_ptq(models::CausalLM& model, const QatConfig& q, const PtqConfig& 
           std::vector<QuantSpec> specs;
           for (auto* l : fl) Ws.push_back(l->dense->weight.detach().to(at::kCPU, at::kFloat)), specs.push_back(l->rule->weight);
           auto Xs = strided_rows(X[fl[0]->rel], p.awq.tokens);
-          auto s = awq_scale(Xs, Ws, specs, p.awq);
+          // Gate/up (c_fc) scales are judged on the MLP's output, as AutoAWQ inspects the MLP.
+          Inspect inspect = linear_outputs;
+          const bool llama_mlp = f.prev == "post_attention_layernorm", gpt2_mlp = f.prev == "ln_2";
+          auto* down = find(lls, llama_mlp ? "mlp.down_proj" : "mlp.c_proj");
+          if ((llama_mlp || gpt2_mlp) && down && down->dense) {
+            auto Wd = down->dense->weight.detach().to(at::kCPU, at::kFloat);
+            auto bd = down->dense->bias.defined() ? down->dense->bias.detach().to(at::kCPU, at::kFloat) : at::Tensor();
+            auto b0 = fl[0]->dense->bias.defined() ? fl[0]->dense->bias.detach().to(at::kCPU, at::kFloat) : at::Tensor();
+            inspect = [=](const at::Tensor& x, const std::vector<at::Tensor>& w) {
+              auto h = llama_mlp ? at::silu(at::matmul(x, w[0].t())) * at::matmul(x, w[1].t())
+                                 : at::gelu(at::linear(x, w[0], b0), "tanh");
+              return at::linear(h, Wd, bd);
+            };
+          }
+          auto s = awq_scale(Xs, Ws, specs, p.awq, inspect);
           // Fold: prev's output channels / s, the linears' input columns * s (float model unchanged).
           if (f.prev_is_norm) {
             for (auto* suffix : {".weight", ".bias"})

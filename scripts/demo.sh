@@ -24,6 +24,9 @@ $Q train configs/tiny_qat_q4_0.yaml quant.enabled=false run.out_dir=$OUT/ft_fp r
 echo; echo "== [3/10] post-training quantization of the control: RTN to q4_0 (configs/tiny_ptq_q4_0.yaml) =="
 $Q train configs/tiny_ptq_q4_0.yaml run.out_dir=$OUT/ptq_q4_0 run.init_from=$OUT/ft_fp
 
+echo; echo "   ... and GPTQ to q4_0 of the same control (qforge quantize; 128 calibration windows of the training text)"
+$Q quantize $OUT/ft_fp --method gptq --quant q4_0 --out $OUT/gptq_q4_0
+
 echo; echo "== [4/10] quantization-aware training against q4_0 (configs/tiny_qat_q4_0.yaml) =="
 $Q train configs/tiny_qat_q4_0.yaml run.out_dir=$OUT/qat_q4_0 run.init_from=$OUT/pretrain
 
@@ -43,11 +46,12 @@ echo "model,heldout_ppl,weight_bytes" > "$OUT/summary.csv"
   row "FP32 pretrained (1000 steps)" $OUT/pretrain
   row "FP32 control (+300 steps)" $OUT/ft_fp
   row "PTQ: RTN q4_0 of the control" $OUT/ptq_q4_0/converted
+  row "PTQ: GPTQ q4_0 of the control" $OUT/gptq_q4_0
   row "QAT q4_0 (+300 steps; converted)" $OUT/qat_q4_0/converted
 } | tee "$OUT/summary.md"
-awk -F, 'NR==3{fp=$2} NR==4{rtn=$2} NR==5{qat=$2} END{
+awk -F, 'NR==3{fp=$2} NR==4{rtn=$2} NR==5{gptq=$2} NR==6{qat=$2} END{
   printf "RTN q4_0 opens a perplexity gap of %.3f over the FP control; ", rtn-fp;
-  if (rtn > fp) printf "QAT recovers %.1f%% of it ((ptq - qat) / (ptq - control))\n", 100*(rtn-qat)/(rtn-fp);
+  if (rtn > fp) printf "GPTQ closes %.1f%% of it, QAT recovers %.1f%% ((rtn - x) / (rtn - control))\n", 100*(rtn-gptq)/(rtn-fp), 100*(rtn-qat)/(rtn-fp);
   else printf "there is no gap to recover\n" }' "$OUT/summary.csv" | tee -a "$OUT/summary.md"
 
 echo; echo "== [6/10] greedy generation from the QAT q4_0 model (packed weights) =="
