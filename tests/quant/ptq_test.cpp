@@ -217,3 +217,39 @@ TEST(Ptq, GptqWeightsSurviveConvert) {
   }
   EXPECT_TRUE(at::allclose(m->forward(ids), float_q, 1e-5, 1e-5));
 }
+
+TEST(Ptq, Gpt2FoldsIntoLayerNormsAndQuantizesItsConv1dLinears) {
+  auto c = qf::testing::tiny_llama(64, 32, 0.1);
+  c.family = models::Family::Gpt2;
+  c.n_kv_heads = 0;
+  c.tie_embeddings = true;
+  auto m = models::build_model(c);
+  m->init_weights(3);
+  for (auto& p : m->named_parameters())
+    if (p.key().find(".ln_") != std::string::npos) {
+      at::NoGradGuard ng;
+      p.value().uniform_(0.5, 1.5);  // weights and biases of ln_1 / ln_2
+    }
+  m->eval();
+  QatConfig q;
+  q.enabled = true;
+  q.rules = {QuantRule{"transformer.h.*", spec_of("int4-g32"), std::nullopt}};
+  auto ids = calib(2);
+  at::NoGradGuard ng;
+  auto before = m->forward(ids);
+  PtqConfig p;
+  p.method = PtqMethod::Awq;
+  p.awq.clip = false;
+  auto r = run_ptq(*m, q, p, calib(16), false);
+  EXPECT_EQ(r.linears.size(), 8u);  // c_attn, attn.c_proj, c_fc, mlp.c_proj per block
+  EXPECT_TRUE(at::allclose(before, m->forward(ids), 1e-4, 1e-4)) << "ln_1/ln_2 folding keeps the float model";
+  p.method = PtqMethod::Gptq;
+  auto g = run_ptq(*m, q, p, calib(16), false);
+  EXPECT_EQ(g.packed.size(), 8u);
+  EXPECT_LT(g.mean_err(), g.mean_err_rtn());
+  auto float_q = m->forward(ids);
+  prepare(*m, q);
+  convert(*m);
+  apply_packed(*m, g);
+  EXPECT_TRUE(at::allclose(m->forward(ids), float_q, 1e-5, 1e-5));
+}
