@@ -522,7 +522,9 @@ int main(int argc, char** argv) {
   qz->add_option("--batch-size", qa.batch_size, "Calibration sequences per layer forward")->capture_default_str();
   qz->add_option("--out", qa.out, "Output run directory (must not exist, or be empty)")->required();
   qz->add_option("--damp", qa.gptq.damp, "gptq: dampening, as a fraction of the mean Hessian diagonal")->capture_default_str();
-  qz->add_flag("--act-order", qa.gptq.act_order, "gptq: quantize columns by decreasing Hessian diagonal (static groups)");
+  qz->add_flag("--act-order", qa.gptq.act_order,
+               "gptq: quantize columns by decreasing Hessian diagonal (desc_act; int specs keep a g_idx, which only "
+               "--format gptq exports; llama.cpp blocks use static groups)");
   qz->add_flag("--static-groups", qa.gptq.static_groups, "gptq: group scales from the original weights");
   qz->add_option("--block-size", qa.gptq.block_size, "gptq: lazy-batch width")->capture_default_str();
   qz->add_option("--grid", qa.awq.grid, "awq: scale grid points")->capture_default_str();
@@ -544,10 +546,7 @@ int main(int argc, char** argv) {
     if (*eval) return cmd_eval(run, overrides, split, max_batches, text, data_from, save_tokens);
     if (*gen) return cmd_generate(run, overrides, prompt, s);
     if (*insp) return cmd_inspect(run, inspect_dtype, inspect_forward);
-    if (*qz) {
-      if (qa.gptq.act_order) qa.gptq.static_groups = true;
-      return cmd_quantize(run, overrides, qa);
-    }
+    if (*qz) return cmd_quantize(run, overrides, qa);
     if (*exp) return cmd_export(run, overrides, format, out, dtype, shard_mb, gguf_quant);
   } catch (const ConfigError& e) {
     std::fprintf(stderr, "qforge: %s\n", e.what());

@@ -57,7 +57,7 @@ def rules(preset, fallback, down):
 
 def model_rows(name, recipe, init, src, calib, workdir, steps, fallback_needed):
     common = [f"run.init_from={init}" if init else "run.init_from=", "trainer.eval_every=0", "trainer.save_every=0",
-              "sample.prompts=[]", f"trainer.max_steps={steps}", "trainer.optim.lr=3.0e-4", "trainer.optim.weight_decay=0.0",
+              "sample.prompts=[]", f"trainer.max_steps={steps}", "trainer.optim.lr=1.0e-4", "trainer.optim.weight_decay=0.0",
               "trainer.schedule.warmup_steps=10"]
     if not init:
         common.append(f"model.from={src}")

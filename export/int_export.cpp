@@ -23,6 +23,7 @@ using quant::QuantSpec;
 // One linear's integer weights: codes int32 [out, in] in [-2^(b-1), 2^(b-1)-1], scales float [out, groups].
 struct IntWeights {
   at::Tensor codes, scales;
+  at::Tensor g_idx;  // GPTQ act-order column groups (undefined: contiguous)
   int bits;
   int64_t group;  // elements per scale along the input (== in for per-channel)
 };
@@ -76,6 +77,7 @@ IntExportResult export_int(models::CausalLM& model, const data::Tokenizer& tok, 
     std::vector<std::pair<std::string, at::Tensor>> tensors;
     std::map<std::string, at::Tensor> expect;  // dequantized weight per layer, to check the file
     std::optional<QuantSpec> used;            // one spec for the whole file (one config group)
+    bool desc_act = false;                    // some layer carries a GPTQ act-order g_idx
     std::vector<std::string> slot_names;
     for (auto& ns : models::linear_slots(model)) {
       slot_names.push_back(ns.name);
@@ -89,12 +91,18 @@ IntExportResult export_int(models::CausalLM& model, const data::Tokenizer& tok, 
       if (auto ql = std::dynamic_pointer_cast<quant::QuantizedLinear>(mod)) {
         spec = ql->weight_spec();
         check_spec(ns.name, spec);
-        iw = {ql->int_codes(), ql->scales.to(at::kFloat), spec.bits, spec.block(mod->in_features)};
+        iw = {ql->int_codes(), ql->scales.to(at::kFloat), ql->g_idx, spec.bits, spec.block(mod->in_features)};
+        if (iw.g_idx.defined() && fmt != IntFormat::Gptq)
+          throw InputError(str("export: ", ns.name, " was quantized by GPTQ with act-order (a per-column group map, "
+                               "g_idx), which ", fname, " does not hold; use --format gptq, or quantize with "
+                               "--static-groups"));
+        desc_act |= iw.g_idx.defined();
         ++res.n_exact;
       } else {
         auto w = mod->effective_weight().to(at::kFloat);
         auto qp = quant::choose_qparams(w, spec);
-        iw = {quant::quantize_affine(w, qp, spec), qp.scale.to(at::kFloat), spec.bits, spec.block(mod->in_features)};
+        iw = {quant::quantize_affine(w, qp, spec), qp.scale.to(at::kFloat), at::Tensor(), spec.bits,
+              spec.block(mod->in_features)};
       }
       if (used && (used->bits != spec.bits || used->block(mod->in_features) != spec.block(mod->in_features) ||
                    used->granularity != spec.granularity))
@@ -113,7 +121,8 @@ IntExportResult export_int(models::CausalLM& model, const data::Tokenizer& tok, 
         tensors.emplace_back(ns.name + ".qweight", pack_cols(u, iw.bits).t().contiguous());
         tensors.emplace_back(ns.name + ".qzeros", pack_cols(at::full({groups, outf}, zero - 1, at::kLong), iw.bits));
         tensors.emplace_back(ns.name + ".scales", scales.t().contiguous());
-        tensors.emplace_back(ns.name + ".g_idx", at::arange(in, at::kInt).div(iw.group, "floor").to(at::kInt));
+        tensors.emplace_back(ns.name + ".g_idx", iw.g_idx.defined() ? iw.g_idx.to(at::kInt).contiguous()
+                                                                     : at::arange(in, at::kInt).div(iw.group, "floor").to(at::kInt));
       } else if (iw.bits == 4) {
         tensors.emplace_back(ns.name + ".weight_packed", pack_cols(u, 4));
         tensors.emplace_back(ns.name + ".weight_scale", scales.contiguous());
@@ -123,8 +132,8 @@ IntExportResult export_int(models::CausalLM& model, const data::Tokenizer& tok, 
         tensors.emplace_back(ns.name + ".weight_scale", scales.contiguous());
       }
       if (auto b = mod->bias_or_undefined(); b.defined()) tensors.emplace_back(ns.name + ".bias", b.to(ftype).contiguous());
-      expect[ns.name] = iw.codes.to(at::kFloat) *
-                        scales.to(at::kFloat).repeat_interleave(iw.group, 1);
+      expect[ns.name] = iw.codes.to(at::kFloat) * (iw.g_idx.defined() ? scales.to(at::kFloat).index_select(1, iw.g_idx.to(at::kLong))
+                                                                      : scales.to(at::kFloat).repeat_interleave(iw.group, 1));
       ++res.n_quantized;
     }
     // Everything that is not a linear: the embedding and the norms, in the model's dtype.
@@ -143,7 +152,7 @@ IntExportResult export_int(models::CausalLM& model, const data::Tokenizer& tok, 
     nlohmann::json q;
     if (fmt == IntFormat::Gptq) {
       q = {{"quant_method", "gptq"}, {"bits", used->bits}, {"group_size", channel ? -1 : used->group_size},
-           {"desc_act", false}, {"sym", true}, {"true_sequential", true}, {"damp_percent", 0.01},
+           {"desc_act", desc_act}, {"sym", true}, {"true_sequential", true}, {"damp_percent", 0.01},
            {"static_groups", false}, {"checkpoint_format", "gptq"}, {"lm_head", false},
            {"meta", {{"quantizer", {"qforge:0.1"}}}}};
       fs::write_atomic(tmp + "/quantize_config.json", q.dump(2) + "\n");

@@ -18,11 +18,9 @@ GptqConfig GptqConfig::from_config(cfg::Reader& r) {
   c.damp = r.f64("damp", c.damp, 0.0, 10.0);
   c.block_size = r.i64("block_size", c.block_size, 1, 1 << 20);
   c.act_order = r.boolean("act_order", c.act_order);
-  c.static_groups = r.boolean("static_groups", c.act_order);
+  // A recipe's GPTQ is a QAT start: static groups put GPTQ's grid where fake quant finds it again.
+  c.static_groups = r.boolean("static_groups", true);
   c.true_sequential = r.boolean("true_sequential", c.true_sequential);
-  if (c.act_order && !c.static_groups)
-    r.fail("static_groups", "act_order without static groups needs a per-column group map (g_idx) that qforge's packed "
-                            "weights and GGUF blocks cannot hold; leave static_groups: true");
   r.finish();
   return c;
 }
@@ -51,6 +49,8 @@ class ColumnQuantizer {
   virtual std::pair<at::Tensor, at::Tensor> quant(int64_t g, const at::Tensor& col) = 0;
   // Codes [rows, cols] in storage order -> QuantizedLinear's packed storage.
   virtual PackedStorage pack(const at::Tensor& codes) = 0;
+  // Grid step (distance between neighbouring levels) per row and group: float32 [rows, groups].
+  virtual at::Tensor steps() = 0;
 };
 
 // torchao-exact affine integers (quant/affine.h): a group's qparams come from choose_qparams on
@@ -80,6 +80,11 @@ class AffineColumns : public ColumnQuantizer {
     p.scales = at::cat(s, 1).to(scale_type(spec_));
     p.zeros = at::cat(z, 1).to(at::kFloat);
     return p;
+  }
+  at::Tensor steps() override {
+    std::vector<at::Tensor> s;
+    for (auto& q : qp_) s.push_back(q.scale.to(at::kFloat));
+    return at::cat(s, 1);
   }
 
  private:
@@ -144,6 +149,7 @@ class GgmlColumns : public ColumnQuantizer {
     p.qweight = ggml::pack_simple(r_, codes, at::stack(d_, 1), m);
     return p;
   }
+  at::Tensor steps() override { return at::stack(d_, 1).to(at::kFloat).abs(); }
 
  private:
   Rule r_;
@@ -165,7 +171,6 @@ QuantizedWeight gptq_quantize(const at::Tensor& W0, const at::Tensor& H0, const 
   at::NoGradGuard no_grad;
   auto why = gptq_unsupported(spec);
   QF_CHECK(why.empty(), "gptq: cannot quantize ", name, " to ", spec.describe(), ": ", why);
-  QF_CHECK(!cfg.act_order || cfg.static_groups, "gptq: act_order needs static_groups");
   auto W = W0.detach().to(at::kCPU, at::kFloat).clone();
   auto H = H0.detach().to(at::kCPU, at::kFloat).clone();
   const int64_t rows = W.size(0), cols = W.size(1);
@@ -184,7 +189,13 @@ QuantizedWeight gptq_quantize(const at::Tensor& W0, const at::Tensor& H0, const 
   auto dead = H.diagonal() == 0;
   H.diagonal().masked_fill_(dead, 1.0);
   W.masked_fill_(dead.unsqueeze(0).expand_as(W), 0.0);
-  const bool fixed = cfg.static_groups;
+  // llama.cpp blocks are contiguous 32-column groups: with act-order their parameters are fixed
+  // up front (static groups). Affine specs without static groups take their groups in processing
+  // order and record each column's group (g_idx), as GPTQ's desc_act does.
+  const bool fixed = cfg.static_groups || (cfg.act_order && spec.is_ggml());
+  const bool with_g_idx = cfg.act_order && !fixed;
+  auto g_idx = at::zeros({cols}, at::kInt);
+  int32_t* gp = g_idx.data_ptr<int32_t>();
   if (fixed)
     for (int64_t g = 0; g < ng; ++g) cq->fit(g, W.slice(1, g * gs, (g + 1) * gs));
   at::Tensor perm;
@@ -246,6 +257,7 @@ QuantizedWeight gptq_quantize(const at::Tensor& W0, const at::Tensor& H0, const 
         if (j % gs == 0) cq->fit(g, W.slice(1, j, j + gs));
       }
       auto w = W1.select(1, i).contiguous();
+      gp[col] = static_cast<int32_t>(g);
       auto [dq, c] = cq->quant(g, w);
       Q.select(1, j).copy_(dq);
       codes.select(1, col).copy_(c);
@@ -260,6 +272,23 @@ QuantizedWeight gptq_quantize(const at::Tensor& W0, const at::Tensor& H0, const 
   QuantizedWeight out;
   out.weight = Q;
   out.packed = cq->pack(codes);
+  if (with_g_idx) out.packed.g_idx = g_idx;
+  auto step = cq->steps().index_select(1, g_idx.to(at::kLong));
+  auto w0 = W0.detach().to(at::kCPU, at::kFloat);
+  auto latent = Q + at::max(at::min(w0 - Q, 0.499 * step), -0.499 * step);
+  // Fake quant recomputes each block's grid from its extremes (max |w|, or min and max): those
+  // elements keep their original values, so the grid stays the one rounding the original weights
+  // finds (GPTQ's, with static groups); everything else lies between them.
+  {
+    const int64_t blk = spec.block(cols);
+    auto wb = w0.reshape({rows, cols / blk, blk}), lb = latent.view({rows, cols / blk, blk});
+    const bool sym = spec.is_ggml() ? (spec.rule == Rule::GgmlQ8_0 || spec.rule == Rule::GgmlQ4_0 ||
+                                       spec.rule == Rule::GgmlQ5_0)
+                                    : spec.symmetric;
+    auto pin = sym ? wb.abs() == wb.abs().amax(-1, true) : (wb == wb.amax(-1, true)) | (wb == wb.amin(-1, true));
+    lb.copy_(at::where(pin, wb, lb));
+  }
+  out.latent = latent;
   out.damp = damp;
   // The packed form must dequantize to exactly what GPTQ chose (what the next layer was fed).
   QF_CHECK(at::equal(unpack_weight(out.packed, spec, rows, cols), Q), "gptq: internal error: packed weights of ", name,

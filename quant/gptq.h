@@ -24,6 +24,11 @@ namespace qf::quant {
 // One weight matrix after PTQ: the dequantized weight and the packed storage QuantizedLinear holds.
 struct QuantizedWeight {
   at::Tensor weight;     // float32 [rows, cols]
+  // A float weight for QAT to start from: the input weight moved just inside the rounding bin of
+  // GPTQ's choice (unchanged where GPTQ agrees with rounding), so fake quant reproduces GPTQ while
+  // the weights keep their position inside the bins (latent weights sitting on grid points would
+  // need half a step of gradient before any code flips).
+  at::Tensor latent;
   PackedStorage packed;  // qweight / scales / zeros as quant::register_packed lays them out
   double damp = 0;       // the dampening that made H positive definite (after escalation)
 };

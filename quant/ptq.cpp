@@ -285,6 +285,7 @@ PtqResult run_ptq(models::CausalLM& model, const QatConfig& q, const PtqConfig& 
   if (progress) bar.emplace(std::string("ptq ") + method_name(p.method), model.cfg.n_layers, 0, "layer");
   for (int64_t i = 0; i < model.cfg.n_layers; ++i) {
     auto lls = layer_linears(model, i, q);
+    std::vector<std::pair<models::DenseLinear*, at::Tensor>> latent;  // GPTQ: weights after the layer's pass
     if (p.method == PtqMethod::Gptq) {
       std::vector<std::vector<LayerLinear*>> groups;
       if (p.gptq.true_sequential) {
@@ -311,6 +312,7 @@ PtqResult run_ptq(models::CausalLM& model, const QatConfig& q, const PtqConfig& 
                                  qw.damp});
           l->dense->weight.copy_(qw.weight.to(l->dense->weight.options()));
           res.packed[l->full] = qw.packed;
+          latent.emplace_back(l->dense, qw.latent);
         }
       }
     } else {
@@ -403,6 +405,9 @@ PtqResult run_ptq(models::CausalLM& model, const QatConfig& q, const PtqConfig& 
     }
     // The next layer's inputs: this layer's outputs with its new weights.
     for (auto& h : hs) h = model.layer_forward(i, h);
+    // GPTQ: the float weights become latent weights inside GPTQ's bins (what QAT starts from;
+    // convert + apply_packed restore GPTQ's exact codes).
+    for (auto& [dense, w] : latent) dense->weight.copy_(w.to(dense->weight.options()));
     if (bar) bar->update(i + 1, str("rel. error ", res.mean_err(), " (rtn ", res.mean_err_rtn(), ")"));
   }
   if (bar) bar->finish();
@@ -424,6 +429,7 @@ void apply_packed(torch::nn::Module& model, const PtqResult& r) {
              " != ", ql->qweight.sizes());
     ql->qweight.copy_(p.qweight);
     if (p.scales.defined()) ql->scales.copy_(p.scales), ql->zeros.copy_(p.zeros);
+    if (p.g_idx.defined()) ql->set_g_idx(p.g_idx);
     ++n;
   }
   QF_CHECK(n == static_cast<int64_t>(r.packed.size()), "apply_packed: ", r.packed.size() - n,
@@ -436,7 +442,9 @@ int64_t seed_learned_scales(torch::nn::Module& model, const PtqResult& r) {
   for (auto& ns : models::linear_slots(model)) {
     auto it = r.packed.find(ns.name);
     auto f = std::dynamic_pointer_cast<FakeQuantLinear>(ns.slot->get());
-    if (it == r.packed.end() || !f || !f->weight_fq->scale.defined() || !it->second.scales.defined()) continue;
+    if (it == r.packed.end() || !f || !f->weight_fq->scale.defined() || !it->second.scales.defined() ||
+        it->second.g_idx.defined())
+      continue;
     f->weight_fq->scale.copy_(it->second.scales.to(f->weight_fq->scale.options()));
     ++n;
   }

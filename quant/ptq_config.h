@@ -11,10 +11,12 @@ namespace qf::quant {
 struct GptqConfig {
   double damp = 0.01;           // percdamp: damp * mean(diag H) is added to the diagonal
   int64_t block_size = 128;     // lazy-batch width (columns updated together)
-  bool act_order = false;       // desc_act: quantize columns in decreasing order of H_ii
+  // desc_act: quantize columns in decreasing order of H_ii. Without static groups, an affine
+  // spec's groups follow that order and each column's group is kept (g_idx: written to GPTQ
+  // files; GGUF and compressed-tensors cannot hold it). llama.cpp blocks always use static groups.
+  bool act_order = false;
   // Group parameters fixed from the original weights before any update (GPTQModel's
-  // static_groups). Act-order needs it here: groups then stay contiguous in storage order, so no
-  // g_idx is needed and every format (GGUF blocks too) holds the result.
+  // static_groups): groups stay contiguous in storage order, so every format holds the result.
   bool static_groups = false;
   bool true_sequential = true;  // within a layer, q/k/v -> o -> gate/up -> down, each seeing the quantized earlier ones
   static GptqConfig from_config(cfg::Reader& r);  // calls r.finish()

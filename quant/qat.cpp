@@ -173,6 +173,16 @@ at::Tensor unpack_weight(const PackedStorage& p, const QuantSpec& spec, int64_t 
   }
   auto codes = unpack_codes(p.qweight, spec, cols);
   auto s = p.scales.to(at::kFloat);
+  if (p.g_idx.defined()) {
+    // Column c uses group g_idx[c]: the same formulas, one element per (scale, zero point).
+    QF_CHECK(spec.learn == Learn::None, "g_idx: learned scales are stored in contiguous groups");
+    auto g = p.g_idx.to(at::kLong);
+    auto one = spec;
+    one.granularity = Granularity::PerChannel;
+    one.group_size = 0;
+    QParams qp{s.index_select(1, g).reshape({-1, 1}), p.zeros.index_select(1, g).reshape({-1, 1})};
+    return dequantize_affine(codes.reshape({-1, 1}), qp, one, at::kFloat).reshape({rows, cols});
+  }
   if (spec.learn != Learn::None) {
     auto v = codes.to(at::kFloat).reshape({s.size(0), s.size(1), -1});
     return (v * s.unsqueeze(-1) + p.zeros.unsqueeze(-1)).reshape({rows, cols});
@@ -216,7 +226,15 @@ std::shared_ptr<QuantizedLinear> QuantizedLinear::from_fake_quant(FakeQuantLinea
 }
 
 at::Tensor QuantizedLinear::effective_weight() {
-  return unpack_weight(PackedStorage{qweight, scales, zeros}, wspec_, out_features, in_features);
+  return unpack_weight(PackedStorage{qweight, scales, zeros, g_idx}, wspec_, out_features, in_features);
+}
+
+void QuantizedLinear::set_g_idx(const at::Tensor& g) {
+  QF_CHECK(!wspec_.is_ggml() && wspec_.kind == Kind::Int && wspec_.granularity == Granularity::PerGroup,
+           "g_idx: only affine per-group weights have column groups, not ", wspec_.describe());
+  QF_CHECK(g.dim() == 1 && g.size(0) == in_features, "g_idx: expected [", in_features, "], got ", g.sizes());
+  if (!g_idx.defined()) g_idx = register_buffer("g_idx", at::zeros({in_features}, at::kInt));
+  g_idx.copy_(g.to(at::kInt));
 }
 
 at::Tensor QuantizedLinear::forward(const at::Tensor& x) {
@@ -226,7 +244,8 @@ at::Tensor QuantizedLinear::forward(const at::Tensor& x) {
 }
 
 int64_t QuantizedLinear::packed_bytes() const {
-  return packed_storage_bytes(PackedStorage{qweight, scales, zeros}, wspec_) + (bias.defined() ? bias.numel() * 4 : 0);
+  return packed_storage_bytes(PackedStorage{qweight, scales, zeros}, wspec_) + (bias.defined() ? bias.numel() * 4 : 0) +
+         (g_idx.defined() ? g_idx.numel() * 4 : 0);
 }
 
 // ---------------- embeddings ----------------

@@ -72,6 +72,10 @@ class QuantizedLinear : public models::LinearBase {
   // dequantizes with `scales` / `zeros`).
   at::Tensor int_codes() const;
   at::Tensor qweight, scales, zeros, bias;  // scales/zeros undefined for ggml (inside the blocks)
+  // GPTQ act-order without static groups: the scale group of each input column (int32 [in]);
+  // undefined = contiguous groups. set_g_idx registers it as a buffer (saved with the checkpoint).
+  at::Tensor g_idx;
+  void set_g_idx(const at::Tensor& g);
 
  private:
   QuantSpec wspec_;
@@ -82,6 +86,7 @@ class QuantizedLinear : public models::LinearBase {
 // Packed weights as convert() stores them, registered as buffers qweight/scales/zeros on a module.
 struct PackedStorage {
   at::Tensor qweight, scales, zeros;
+  at::Tensor g_idx;  // optional: per-column group index (affine per-group only), see QuantizedLinear::g_idx
 };
 // The dtype packed scales are stored in (spec.scale_dtype).
 at::ScalarType scale_type(const QuantSpec& s);

@@ -518,6 +518,13 @@ LoadedRun load_run(const std::string& path, const std::vector<std::string>& over
     apply_peft(*r.model, pc, false);
     r.format += "+lora";
   }
+  // GPTQ act-order layers carry their column groups (g_idx) as an extra buffer.
+  for (auto& ns : models::linear_slots(*r.model)) {
+    auto ql = std::dynamic_pointer_cast<quant::QuantizedLinear>(ns.slot->get());
+    if (!ql) continue;
+    for (auto& [name, t] : ck.model)
+      if (name == ns.name + ".g_idx") ql->set_g_idx(t);
+  }
   load_model_state(*r.model, ck.model, r.checkpoint + "/model.safetensors");
   r.model->to(pick_device(r.cfg.trainer.device));
   r.model->eval();

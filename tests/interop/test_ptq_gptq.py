@@ -7,7 +7,8 @@ transformers on the held-out windows:
   - held-out perplexity within 1% of the peer's;
   - mean per-linear output error ||X Wq^T - X W^T|| / ||X W^T|| on the float model's calibration
     inputs no worse than the peer's (5% slack; per linear 25%), and both below round-to-nearest's.
-Plain and act-order (with static groups) orders. A missing peer fails at import, loudly."""
+Plain order, act-order with static groups, and act-order with a per-column g_idx (desc_act, the
+GPTQ file's own layout; also loaded by transformers' GPTQ path). A missing peer fails at import, loudly."""
 import os
 import subprocess
 
@@ -48,11 +49,11 @@ def model(tmp_path_factory):
     return d, calib, val
 
 
-def _peer_gptq(d, calib, act_order, out):
+def _peer_gptq(d, calib, act_order, static, out):
     """GPTQModel.quantize on the float HF dir; load() insists on a tokenizer with a pad id, so it
     gets a stage dir of symlinks plus a WordLevel stand-in (the ids go in pre-tokenized)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    stage = d / ("stage_ao" if act_order else "stage")
+    stage = d / f"stage_{out.name}"
     stage.mkdir()
     for f in os.listdir(d / "hf"):
         if not f.startswith("tokenizer") and f != "special_tokens_map.json":
@@ -61,7 +62,7 @@ def _peer_gptq(d, calib, act_order, out):
     tk = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(vocab)}, unk_token="t0"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="t0", unk_token="t0").save_pretrained(str(stage))
-    qc = gptqmodel.QuantizeConfig(bits=4, group_size=GROUP, sym=True, desc_act=act_order, static_groups=act_order,
+    qc = gptqmodel.QuantizeConfig(bits=4, group_size=GROUP, sym=True, desc_act=act_order, static_groups=static,
                                   damp_percent=0.01, damp_auto_increment=0.0, mse=0.0, act_group_aware=False, v2=False,
                                   true_sequential=True, device="cpu")
     m = gptqmodel.GPTQModel.load(str(stage), qc, torch_dtype=torch.float32)
@@ -133,16 +134,20 @@ def _rtn(w):
     return (torch.clamp(torch.round(g / s), -8, 7) * s).reshape(w.shape)
 
 
-@pytest.mark.parametrize("act_order", [False, True], ids=["plain", "act_order"])
-def test_gptq_matches_gptqmodel(model, act_order):
+@pytest.mark.parametrize("act_order,static", [(False, False), (True, True), (True, False)],
+                         ids=["plain", "act_order_static_groups", "act_order_g_idx"])
+def test_gptq_matches_gptqmodel(model, act_order, static):
     d, calib, val = model
-    tag = "ao" if act_order else "plain"
-    flags = ["--act-order"] if act_order else []
+    tag = ("ao" if act_order else "plain") + ("_static" if static else "")
+    flags = (["--act-order"] if act_order else []) + (["--static-groups"] if static else [])
     _qf("quantize", d / "fp", "--method", "gptq", "--quant", "int4-g32", "--samples", N_CALIB, "--out", d / f"q_{tag}",
         "--no-eval", *flags)
     _qf("export", d / f"q_{tag}", "--format", "gptq", "--out", d / f"qgptq_{tag}")
-    _peer_gptq(d, calib, act_order, d / f"peer_{tag}")
+    _peer_gptq(d, calib, act_order, static, d / f"peer_{tag}")
     ours, theirs = _decode_gptq(d / f"qgptq_{tag}"), _decode_gptq(d / f"peer_{tag}")
+    g_idx = load_file(str(d / f"qgptq_{tag}" / "model.safetensors"))["model.layers.0.mlp.down_proj.g_idx"]
+    contiguous = torch.equal(g_idx, torch.arange(g_idx.numel(), dtype=torch.int32) // GROUP)
+    assert contiguous == (not act_order or static), "act-order without static groups writes a permuted g_idx"
     assert sorted(ours) == sorted(theirs) and len(ours) == 14
 
     m, xs, w = _float_inputs(d / "hf", calib)
