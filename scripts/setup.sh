@@ -8,7 +8,9 @@ ROOT=$PWD
 APT_PKGS=(build-essential cmake ninja-build pkg-config ccache git python3-venv
           libyaml-cpp-dev libcli11-dev nlohmann-json3-dev libsentencepiece-dev sentencepiece
           libpcre2-dev googletest libgtest-dev libgmock-dev libbenchmark-dev clang libclang-rt-14-dev
-          bible-kjv bible-kjv-text python3.11-doc)
+          bible-kjv bible-kjv-text python3.11-doc
+          libgloo-dev)  # gloo headers only: the torch wheel ships c10d's ProcessGroupGloo.hpp and gloo's
+                        # code, not gloo's headers; Debian's (2022) compile against the 2.11 wheel (tested)
 
 missing=()
 for p in "${APT_PKGS[@]}"; do

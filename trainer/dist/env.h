@@ -1,0 +1,35 @@
+// Distributed launch contract, torchrun's: RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
+// MASTER_ADDR, MASTER_PORT. Under SLURM (no RANK set) SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID,
+// SLURM_NTASKS_PER_NODE stand in, with MASTER_ADDR / MASTER_PORT still read from the environment.
+// No variable set = one process (world size 1), which runs the same code path.
+// Invariant: read_env either returns a consistent Env (0 <= rank < world_size, 0 <= local_rank <
+// local_world_size <= world_size, a port in 1..65535) or throws ConfigError naming each variable.
+#pragma once
+#include <ATen/core/ivalue.h>
+#include <torch/csrc/distributed/c10d/Backend.hpp>
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <string>
+
+namespace qf::trainer::dist {
+
+struct Env {
+  int64_t rank = 0, world_size = 1, local_rank = 0, local_world_size = 1;
+  std::string master_addr = "127.0.0.1";
+  int64_t master_port = 29500;
+  std::string source = "single";  // "torchrun" (RANK/WORLD_SIZE), "slurm" or "single"
+  bool distributed() const { return world_size > 1; }
+};
+
+using GetEnv = std::function<const char*(const char*)>;
+Env read_env(const GetEnv& get = [](const char* k) { return std::getenv(k); });
+
+enum class BackendKind { Auto, Gloo, Nccl };
+// Rendezvous over a TCPStore at MASTER_ADDR:MASTER_PORT (rank 0 serves it), then a Gloo (CPU) or
+// NCCL (CUDA, one device per process: LOCAL_RANK) backend. Everything waits at most `timeout`;
+// failures are qf::Error naming the address, the rank and what to check.
+c10::intrusive_ptr<c10d::Backend> init_backend(const Env& env, BackendKind kind, std::chrono::milliseconds timeout);
+
+}  // namespace qf::trainer::dist
