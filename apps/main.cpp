@@ -57,6 +57,7 @@ int cmd_train(const std::string& file, const std::vector<std::string>& overrides
   t.setup();
   auto r = t.train();
   t.cleanup();
+  if (!t.is_rank0()) return 0;  // data parallel: rank 0 reports
   std::printf("\n== run '%s' finished: steps %lld -> %lld, %.0f tokens/s ==\n", cfg.run.name.c_str(),
               (long long)r.start_step, (long long)r.end_step, r.tokens_per_s);
   std::printf("%-28s %12s %12s\n", "validation", "loss", "perplexity");
@@ -559,6 +560,9 @@ int main(int argc, char** argv) {
     return 1;
   } catch (const c10::Error& e) {
     std::fprintf(stderr, "qforge: torch error: %s\n", e.what_without_backtrace());
+    return 1;
+  }  catch (const std::exception& e) {
+    std::fprintf(stderr, "qforge: error: %s\n", e.what());
     return 1;
   }
   return 0;

@@ -49,6 +49,10 @@ RunConfig parse_run_config(const YAML::Node& root, const std::string& source) {
     c.sample_prompts = r.strings("prompts", {});
     c.sample = models::SamplingConfig::from_config(r);
   }
+  {
+    auto r = top.child("dist");
+    c.dist = DistConfig::from_config(r);
+  }
   // Cross-component consistency.
   if (c.data.seq_len > c.model.max_seq_len)
     dr.fail("seq_len", std::to_string(c.data.seq_len) + " exceeds model.max_seq_len " +
@@ -61,6 +65,14 @@ RunConfig parse_run_config(const YAML::Node& root, const std::string& source) {
   top.finish();
   problems.throw_if_any();
   return c;
+}
+
+DistConfig DistConfig::from_config(cfg::Reader& r) {
+  DistConfig d;
+  d.backend = r.choice<Backend>("backend", d.backend, {{"auto", Backend::Auto}, {"gloo", Backend::Gloo}, {"nccl", Backend::Nccl}});
+  d.timeout_s = r.f64("timeout_s", d.timeout_s, 1.0, 86400.0);
+  r.finish();
+  return d;
 }
 
 RunConfig load_run_config(const std::string& file, const std::vector<std::string>& overrides) {

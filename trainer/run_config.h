@@ -26,6 +26,15 @@ struct RunSection {
   static RunSection from_config(cfg::Reader& r);
 };
 
+// `dist:` data-parallel settings; the process layout itself comes from the launcher's environment
+// (trainer/dist/env.h: RANK, WORLD_SIZE, MASTER_ADDR, ...).
+struct DistConfig {
+  enum class Backend { Auto, Gloo, Nccl };
+  Backend backend = Backend::Auto;  // auto: NCCL on CUDA, else Gloo
+  double timeout_s = 300;           // rendezvous and every collective
+  static DistConfig from_config(cfg::Reader& r);
+};
+
 struct RunConfig {
   RunSection run;
   models::ModelConfig model;
@@ -35,6 +44,7 @@ struct RunConfig {
   quant::QatConfig quant;             // `quant:` QAT rules (prepare before training, convert after)
   peft::LoraConfig peft;              // `peft:` LoRA / QLoRA adapters (applied after quant.prepare)
   models::SamplingConfig sample;      // `sample:` settings for the end-of-run generated text
+  DistConfig dist;                    // `dist:` data parallel (used when launched with WORLD_SIZE > 1)
   std::vector<std::string> sample_prompts;
   YAML::Node resolved;                // the resolved config (defaults filled in)
   std::string source;                 // the file it came from

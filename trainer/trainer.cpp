@@ -160,6 +160,20 @@ Trainer::~Trainer() = default;
 
 void Trainer::setup() {
   const auto& run = cfg_.run;
+  denv_ = dist::read_env();
+  if (denv_.distributed()) {
+    if (!is_rank0()) {
+      log::set_quiet(true);  // rank 0 speaks for the group; warnings and errors still show
+      ::setenv("QFORGE_PROGRESS", "0", 1);
+    }
+    const auto b = cfg_.dist.backend;
+    const auto kind = b == DistConfig::Backend::Gloo   ? dist::BackendKind::Gloo
+                      : b == DistConfig::Backend::Nccl ? dist::BackendKind::Nccl
+                                                       : dist::BackendKind::Auto;
+    pg_ = dist::init_backend(denv_, kind, std::chrono::milliseconds(static_cast<int64_t>(cfg_.dist.timeout_s * 1000)));
+    log::info("data parallel: ", denv_.world_size, " ranks (", denv_.source, " environment), gloo, rendezvous at ",
+              denv_.master_addr, ":", denv_.master_port);
+  }
   set_threads(run.threads);
   device_ = pick_device(cfg_.trainer.device);
   // An unwritable run directory fails before any work; it is created only once the inputs loaded.
@@ -173,9 +187,11 @@ void Trainer::setup() {
                            tok_->vocab_size(), " (", tok_->path(), "); use 0 to take it from the tokenizer")});
   }
   ds_ = data::build_dataset(cfg_.data, *tok_);
-  fs::ensure_dir(run.out_dir);
-  fs::write_atomic(run.out_dir + "/config.yaml",
-                   "# resolved config of run '" + run.name + "' (from " + cfg_.source + ")\n" + cfg::dump(cfg_.resolved));
+  if (is_rank0()) {
+    fs::ensure_dir(run.out_dir);
+    fs::write_atomic(run.out_dir + "/config.yaml",
+                     "# resolved config of run '" + run.name + "' (from " + cfg_.source + ")\n" + cfg::dump(cfg_.resolved));
+  }
 
   at::manual_seed(static_cast<uint64_t>(run.seed));
   model_ = models::build_model(mc, /*init=*/mc.from.empty());
@@ -206,6 +222,7 @@ void Trainer::setup() {
   if (cfg_.peft.enabled) apply_peft(*model_, cfg_.peft, true);
   model_->to(device_);
   model_->train();
+  if (pg_) broadcast_model();
 
   // AdamW, decoupled weight decay on matrices only (no decay on norms and biases).
   std::vector<at::Tensor> decay, no_decay;
@@ -221,16 +238,17 @@ void Trainer::setup() {
   opt_ = std::make_unique<torch::optim::AdamW>(std::move(groups), base);
 
   sampler_ = std::make_unique<data::Sampler>(ds_.train.size(), cfg_.trainer.batch_size,
-                                             static_cast<uint64_t>(cfg_.data.seed));
+                                             static_cast<uint64_t>(cfg_.data.seed), true,
+                                             static_cast<int>(denv_.rank), static_cast<int>(denv_.world_size));
   metrics_path_ = run.out_dir + "/metrics.jsonl";
 
   std::string ck = cfg_.trainer.resume == Resume::Auto ? resolve_checkpoint(run.out_dir) : "";
   if (!ck.empty()) {
     restore(ck);
-  } else if (sfs::exists(metrics_path_)) {
+  } else if (is_rank0() && sfs::exists(metrics_path_)) {
     sfs::remove(metrics_path_);  // a fresh run starts a fresh metrics file
   }
-  tb_ = std::make_unique<core::TensorBoardWriter>(run.out_dir + "/tb");
+  if (is_rank0()) tb_ = std::make_unique<core::TensorBoardWriter>(run.out_dir + "/tb");
   int64_t n_train = 0;
   for (auto& p : model_->parameters()) n_train += p.requires_grad() ? p.numel() : 0;
   log::info("model: ", mc.family_name(), " ", model_->num_parameters(), " parameters (", n_train, " trainable), ",
@@ -260,7 +278,7 @@ void Trainer::restore(const std::string& ck) {
     log::warn("resuming from ", ck, " whose config differs from this run's (config hash ",
               d.state.value("config_hash", "?"), " vs ", cfg_.hash(), ")");
   // Metrics after the checkpoint belong to a run that did not survive: drop them.
-  if (sfs::exists(metrics_path_)) {
+  if (is_rank0() && sfs::exists(metrics_path_)) {
     std::ifstream in(metrics_path_);
     std::string line, kept;
     while (std::getline(in, line)) {
@@ -277,6 +295,7 @@ void Trainer::restore(const std::string& ck) {
 }
 
 void Trainer::write_metrics(const nlohmann::json& j) {
+  if (!is_rank0()) return;
   std::ofstream f(metrics_path_, std::ios::app);
   f << j.dump() << "\n";
   f.flush();
@@ -295,6 +314,9 @@ double Trainer::train_step() {
     micro.push_back(data::make_batch(ds_.train, sampler_->next()));
     n_tokens += (micro.back().labels != -100).sum().item<int64_t>();
   }
+  // Data parallel: every rank normalises by the tokens of the whole global step, so the summed
+  // gradients equal one process's gradient over the global batch.
+  const double n_step = pg_ ? allreduce_sum(static_cast<double>(n_tokens)) : static_cast<double>(n_tokens);
   if (cfg_.quant.enabled) quant::set_qat_step(*model_, step_, cfg_.quant.fake_quant_after_steps);
   const double lr = t.optim.lr * t.schedule.factor(step_, t.max_steps);
   for (auto& g : opt_->param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
@@ -302,7 +324,7 @@ double Trainer::train_step() {
   double loss_sum = 0;
   for (size_t a = 0; a < micro.size(); ++a) {
     // Normalise by the tokens of the whole optimizer step, so k x (B/k) == B exactly in expectation.
-    auto loss = token_loss_sum(*model_, micro[a], device_, bf16) / static_cast<double>(std::max<int64_t>(1, n_tokens));
+    auto loss = token_loss_sum(*model_, micro[a], device_, bf16) / std::max(1.0, n_step);
     double v = loss.item<double>();
     if (!std::isfinite(v))
       throw DivergedError(str("non-finite loss (", v, ") at step ", step_ + 1, ", micro-batch ", a,
@@ -310,6 +332,10 @@ double Trainer::train_step() {
                               ") or enable trainer.grad_clip; the last checkpoint is still intact"));
     loss.backward();
     loss_sum += v;
+  }
+  if (pg_) {
+    allreduce_grads();
+    loss_sum = allreduce_sum(loss_sum);
   }
   double gnorm = 0;
   if (t.grad_clip > 0) {
@@ -319,7 +345,7 @@ double Trainer::train_step() {
   }
   opt_->step();
   ++step_;
-  tokens_seen_ += static_cast<int64_t>(micro.size()) * micro[0].input_ids.numel();
+  tokens_seen_ += static_cast<int64_t>(micro.size()) * micro[0].input_ids.numel() * denv_.world_size;
   if (step_ % t.log_every == 0 || step_ == t.max_steps)
     write_metrics({{"step", step_}, {"loss", loss_sum}, {"lr", lr}, {"grad_norm", gnorm}, {"tokens", tokens_seen_}});
   return loss_sum;
@@ -374,6 +400,7 @@ TrainResult Trainer::train() {
   }
   if (res.checkpoint.empty() || step_ > res.start_step) res.checkpoint = save_checkpoint();
   res.end_step = step_;
+  if (!is_rank0()) return res;  // adapters, merged and converted models, the summary: rank 0 writes them
   const bool convert = cfg_.quant.enabled && cfg_.quant.convert_at_end;
   if (cfg_.peft.enabled) {
     if (cfg_.peft.save_adapter) {
@@ -427,6 +454,10 @@ TrainResult Trainer::train() {
 }
 
 std::string Trainer::save_checkpoint() {
+  if (!is_rank0()) {
+    barrier();  // rank 0 writes; the others wait until the checkpoint is complete
+    return "";
+  }
   CheckpointData d;
   d.model = model_state(*model_);
   d.optimizer = optimizer_state(*model_, *opt_);
@@ -443,7 +474,63 @@ std::string Trainer::save_checkpoint() {
              {"vocab_size", cfg_.model.vocab_size}};
   auto dir = trainer::save_checkpoint(cfg_.run.out_dir + "/checkpoints", step_, d, cfg_.trainer.keep_last);
   log::info("saved checkpoint ", dir);
+  barrier();
   return dir;
+}
+
+namespace {
+// Runs one collective; a peer that died (gloo's IoException, a timeout) becomes qf::Error naming
+// this rank and the step, so every surviving rank exits non-zero with a readable message.
+template <class F>
+void collective(const dist::Env& env, int64_t step, const char* what, F&& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    std::string w = e.what();
+    throw Error(str("data parallel: rank ", env.rank, " of ", env.world_size, ": ", what, " at step ", step,
+                    " failed (another rank died, was killed or timed out): ", w.substr(0, w.find('\n'))));
+  }
+}
+}  // namespace
+
+void Trainer::broadcast_model() {
+  at::NoGradGuard ng;
+  // The same recipe on every rank, or the group is not training one model.
+  const auto h = static_cast<int64_t>(fs::fnv1a64(cfg::dump(cfg_.resolved)));
+  std::vector<at::Tensor> hv{at::full({1}, h, at::kLong)};
+  collective(denv_, step_, "config check", [&] { pg_->broadcast(hv, c10d::BroadcastOptions{0})->wait(); });
+  QF_CHECK_INPUT(hv[0].item<int64_t>() == h, "data parallel: rank ", denv_.rank, "'s resolved config (hash ", cfg_.hash(),
+                 ") differs from rank 0's; every rank must run the same recipe with the same overrides");
+  for (auto& p : model_->parameters()) {
+    std::vector<at::Tensor> v{p.data()};
+    collective(denv_, step_, "parameter broadcast", [&] { pg_->broadcast(v, c10d::BroadcastOptions{0})->wait(); });
+  }
+}
+
+void Trainer::allreduce_grads() {
+  std::vector<at::Tensor> grads;
+  for (auto& p : model_->parameters())
+    if (p.requires_grad() && p.grad().defined()) grads.push_back(p.grad());
+  if (grads.empty()) return;
+  std::vector<at::Tensor> views;
+  for (auto& g : grads) views.push_back(g.reshape({-1}));
+  std::vector<at::Tensor> flat{at::cat(views, 0)};
+  collective(denv_, step_ + 1, "gradient all-reduce", [&] { pg_->allreduce(flat)->wait(); });
+  int64_t off = 0;
+  for (auto& g : grads) {
+    g.copy_(flat[0].slice(0, off, off + g.numel()).view(g.sizes()));
+    off += g.numel();
+  }
+}
+
+double Trainer::allreduce_sum(double v) {
+  std::vector<at::Tensor> t{at::full({1}, v, at::kDouble)};
+  collective(denv_, step_ + 1, "all-reduce", [&] { pg_->allreduce(t)->wait(); });
+  return t[0].item<double>();
+}
+
+void Trainer::barrier() {
+  if (pg_) collective(denv_, step_, "barrier", [&] { pg_->barrier()->wait(); });
 }
 
 std::string Trainer::save_model_dir(const std::string& sub, const std::string& format) {

@@ -14,6 +14,7 @@
 #include "data/tokenizer.h"
 #include "models/transformer.h"
 #include "quant/ptq.h"
+#include "trainer/dist/env.h"
 #include "trainer/run_config.h"
 
 namespace torch::optim {
@@ -68,6 +69,9 @@ class Trainer {
   const data::Dataset& dataset() const { return ds_; }
   const RunConfig& config() const { return cfg_; }
   int64_t step() const { return step_; }
+  // Data parallel: this process's place (world size 1 when not launched distributed).
+  const dist::Env& dist_env() const { return denv_; }
+  bool is_rank0() const { return denv_.rank == 0; }
 
  private:
   void write_metrics(const nlohmann::json& j);
@@ -91,6 +95,12 @@ class Trainer {
   bool resumed_ = false;
   std::string metrics_path_;
   std::optional<quant::PtqResult> ptq_;  // quant.init: what PTQ produced (GPTQ's exact codes)
+  dist::Env denv_;
+  c10::intrusive_ptr<c10d::Backend> pg_;  // null unless WORLD_SIZE > 1
+  void broadcast_model();
+  void allreduce_grads();
+  double allreduce_sum(double v);
+  void barrier();
 };
 
 // Everything needed to use a finished run: its config snapshot, tokenizer and model weights.
