@@ -270,3 +270,17 @@ TEST_F(Cli, DataParallelDeadRankStopsTheOthers) {
   EXPECT_LT(s, 60.0) << r.out;
   EXPECT_NE(r.out.find("data parallel: rank 0 of 2"), std::string::npos) << r.out;
 }
+
+TEST_F(Cli, DataParallelBadLaunchesAreClearErrors) {
+  // NCCL without a GPU: refused before any rendezvous, naming the rank.
+  auto n = run_sh("MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(next_port()) + " WORLD_SIZE=2 RANK=0 " +
+                  QFORGE_BINARY + " train " + cfg + " dist.backend=nccl 'sample.prompts=[]'");
+  EXPECT_EQ(n.rc, 1) << n.out;
+  EXPECT_NE(n.out.find("nccl needs a CUDA device"), std::string::npos) << n.out;
+  // A rank outside the world, a non-numeric port: exit 2 naming the variables.
+  auto r = run_sh("WORLD_SIZE=2 RANK=2 MASTER_PORT=http " + std::string(QFORGE_BINARY) + " train " + cfg);
+  EXPECT_EQ(r.rc, 2) << r.out;
+  EXPECT_NE(r.out.find("RANK=2 is outside [0, WORLD_SIZE=2)"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("MASTER_PORT='http': expected an integer"), std::string::npos) << r.out;
+  EXPECT_FALSE(sfs::exists(tmp.path + "/run")) << "nothing written";
+}
