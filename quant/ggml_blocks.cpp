@@ -64,6 +64,19 @@ inline int nearest_int(float x) {
 
 // ---------------------------------------------------------------- q8_0: {fp16 d; int8 qs[32]}
 
+// The signed value of the first element with the largest |x| (q4_0 / q5_0 scale from it).
+inline float signed_absmax(const float* x) {
+  float amax = 0.0f, max = 0.0f;
+  for (int j = 0; j < kQK; ++j) {
+    const float a = std::fabs(x[j]);
+    if (amax < a) {
+      amax = a;
+      max = x[j];
+    }
+  }
+  return max;
+}
+
 void quant_q8_0(const float* x, uint8_t* y) {
   float amax = 0.0f;
   for (int j = 0; j < kQK; ++j) amax = std::max(amax, std::fabs(x[j]));
@@ -84,16 +97,7 @@ void dequant_q8_0(const uint8_t* y, float* x) {
 // ---------------------------------------------------------------- q4_0: {fp16 d; uint8 qs[16]}
 
 void quant_q4_0(const float* x, uint8_t* y) {
-  float amax = 0.0f;
-  float max = 0.0f;  // signed value of the first element with the largest |x|
-  for (int j = 0; j < kQK; ++j) {
-    const float a = std::fabs(x[j]);
-    if (amax < a) {
-      amax = a;
-      max = x[j];
-    }
-  }
-  const float d = max / -8;
+  const float d = signed_absmax(x) / -8;
   const float id = d != 0.0f ? 1.0f / d : 0.0f;
   put_u16(y, fp16_bits(d));
   for (int j = 0; j < kQK / 2; ++j) {
@@ -139,14 +143,7 @@ inline void get_q5(const uint8_t* qh, const uint8_t* qs, int* q) {
 }
 
 void quant_q5_0(const float* x, uint8_t* y) {
-  float amax = 0.0f, max = 0.0f;
-  for (int j = 0; j < kQK; ++j) {
-    if (amax < std::fabs(x[j])) {
-      amax = std::fabs(x[j]);
-      max = x[j];
-    }
-  }
-  const float d = max / -16;
+  const float d = signed_absmax(x) / -16;
   const float id = d != 0.0f ? 1.0f / d : 0.0f;
   put_u16(y, fp16_bits(d));
   int q[kQK];

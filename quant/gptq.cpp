@@ -176,7 +176,7 @@ QuantizedWeight gptq_quantize(const at::Tensor& W0, const at::Tensor& H0, const 
   const int64_t rows = W.size(0), cols = W.size(1);
   QF_CHECK(H.dim() == 2 && H.size(0) == cols && H.size(1) == cols, "gptq: Hessian of ", name, " is ", H.sizes(),
            ", expected [", cols, ", ", cols, "]");
-  const int64_t gs = spec.is_ggml() ? ggml::block_size(spec.rule) : spec.block(cols);
+  const int64_t gs = spec.block(cols);  // llama.cpp presets: their 32-element block
   QF_CHECK(cols % gs == 0, "gptq: group size ", gs, " does not divide the input width ", cols, " of ", name);
   const int64_t ng = cols / gs;
   std::unique_ptr<ColumnQuantizer> cq;

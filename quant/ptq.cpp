@@ -198,7 +198,7 @@ at::Tensor awq_scale(const at::Tensor& X, const std::vector<at::Tensor>& Ws, con
 // output on X [n, in] is closest to the float one; W is clamped in place.
 void awq_clip(at::Tensor& W, const at::Tensor& X, const QuantSpec& spec, const AwqConfig& c) {
   const int64_t rows = W.size(0), in = W.size(1);
-  const int64_t gs = spec.is_ggml() ? spec.group_size : spec.block(in), ng = in / gs, n = X.size(0);
+  const int64_t gs = spec.block(in), ng = in / gs, n = X.size(0);  // ggml presets: their block size
   auto Xg = X.reshape({n, ng, gs});
   const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 24) / std::max<int64_t>(1, n * ng));
   const int64_t steps = static_cast<int64_t>(c.max_shrink * static_cast<double>(c.grid));

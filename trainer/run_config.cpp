@@ -69,7 +69,9 @@ RunConfig parse_run_config(const YAML::Node& root, const std::string& source) {
 
 DistConfig DistConfig::from_config(cfg::Reader& r) {
   DistConfig d;
-  d.backend = r.choice<Backend>("backend", d.backend, {{"auto", Backend::Auto}, {"gloo", Backend::Gloo}, {"nccl", Backend::Nccl}});
+  using dist::BackendKind;
+  d.backend = r.choice<BackendKind>("backend", d.backend,
+                                    {{"auto", BackendKind::Auto}, {"gloo", BackendKind::Gloo}, {"nccl", BackendKind::Nccl}});
   d.timeout_s = r.f64("timeout_s", d.timeout_s, 1.0, 86400.0);
   r.finish();
   return d;

@@ -13,6 +13,7 @@
 #include "models/generate.h"
 #include "peft/lora.h"
 #include "quant/qat.h"
+#include "trainer/dist/env.h"
 #include "trainer/trainer_config.h"
 
 namespace qf::trainer {
@@ -29,8 +30,7 @@ struct RunSection {
 // `dist:` data-parallel settings; the process layout itself comes from the launcher's environment
 // (trainer/dist/env.h: RANK, WORLD_SIZE, MASTER_ADDR, ...).
 struct DistConfig {
-  enum class Backend { Auto, Gloo, Nccl };
-  Backend backend = Backend::Auto;  // auto: NCCL on CUDA, else Gloo
+  dist::BackendKind backend = dist::BackendKind::Auto;  // auto: NCCL on CUDA, else Gloo
   double timeout_s = 300;           // rendezvous and every collective
   static DistConfig from_config(cfg::Reader& r);
 };

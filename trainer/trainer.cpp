@@ -166,11 +166,7 @@ void Trainer::setup() {
       log::set_quiet(true);  // rank 0 speaks for the group; warnings and errors still show
       ::setenv("QFORGE_PROGRESS", "0", 1);
     }
-    const auto b = cfg_.dist.backend;
-    const auto kind = b == DistConfig::Backend::Gloo   ? dist::BackendKind::Gloo
-                      : b == DistConfig::Backend::Nccl ? dist::BackendKind::Nccl
-                                                       : dist::BackendKind::Auto;
-    pg_ = dist::init_backend(denv_, kind, std::chrono::milliseconds(static_cast<int64_t>(cfg_.dist.timeout_s * 1000)));
+    pg_ = dist::init_backend(denv_, cfg_.dist.backend, std::chrono::milliseconds(static_cast<int64_t>(cfg_.dist.timeout_s * 1000)));
     log::info("data parallel: ", denv_.world_size, " ranks (", denv_.source, " environment), gloo, rendezvous at ",
               denv_.master_addr, ":", denv_.master_port);
   }
@@ -206,8 +202,9 @@ void Trainer::setup() {
     load_model_state(*model_, load_checkpoint(ck, false).model, ck + "/model.safetensors");
     log::info("initialised weights from ", ck);
   }
-  const bool will_resume = cfg_.trainer.resume == Resume::Auto && !resolve_checkpoint(run.out_dir).empty();
-  if (cfg_.quant.enabled && cfg_.quant.init.method != quant::PtqMethod::None && !will_resume) {
+  // The checkpoint a resumed run continues from (its weights replace anything set up below).
+  const std::string resume_ck = cfg_.trainer.resume == Resume::Auto ? resolve_checkpoint(run.out_dir) : "";
+  if (cfg_.quant.enabled && cfg_.quant.init.method != quant::PtqMethod::None && resume_ck.empty()) {
     model_->to(device_);
     ptq_ = run_ptq_init(*model_, cfg_, *tok_, ds_.train);
   }
@@ -242,9 +239,8 @@ void Trainer::setup() {
                                              static_cast<int>(denv_.rank), static_cast<int>(denv_.world_size));
   metrics_path_ = run.out_dir + "/metrics.jsonl";
 
-  std::string ck = cfg_.trainer.resume == Resume::Auto ? resolve_checkpoint(run.out_dir) : "";
-  if (!ck.empty()) {
-    restore(ck);
+  if (!resume_ck.empty()) {
+    restore(resume_ck);
   } else if (is_rank0() && sfs::exists(metrics_path_)) {
     sfs::remove(metrics_path_);  // a fresh run starts a fresh metrics file
   }
@@ -496,10 +492,11 @@ void collective(const dist::Env& env, int64_t step, const char* what, F&& f) {
 void Trainer::broadcast_model() {
   at::NoGradGuard ng;
   // The same recipe on every rank, or the group is not training one model.
-  const auto h = static_cast<int64_t>(fs::fnv1a64(cfg::dump(cfg_.resolved)));
+  const std::string hash = cfg_.hash();
+  const auto h = static_cast<int64_t>(std::stoull(hash, nullptr, 16));
   std::vector<at::Tensor> hv{at::full({1}, h, at::kLong)};
   collective(denv_, step_, "config check", [&] { pg_->broadcast(hv, c10d::BroadcastOptions{0})->wait(); });
-  QF_CHECK_INPUT(hv[0].item<int64_t>() == h, "data parallel: rank ", denv_.rank, "'s resolved config (hash ", cfg_.hash(),
+  QF_CHECK_INPUT(hv[0].item<int64_t>() == h, "data parallel: rank ", denv_.rank, "'s resolved config (hash ", hash,
                  ") differs from rank 0's; every rank must run the same recipe with the same overrides");
   for (auto& p : model_->parameters()) {
     std::vector<at::Tensor> v{p.data()};

@@ -14,7 +14,7 @@
 #include "data/tokenizer.h"
 #include "models/transformer.h"
 #include "quant/ptq.h"
-#include "trainer/dist/env.h"
+#include "trainer/dist/backend.h"
 #include "trainer/run_config.h"
 
 namespace torch::optim {

@@ -155,19 +155,23 @@ TEST(Ptq, CalibrationSetTooSmallIsAConfigError) {
 }
 
 namespace {
-std::shared_ptr<models::CausalLM> tiny(int64_t kv_heads) {
-  auto c = qf::testing::tiny_llama(64, 32, 0.1);
-  c.n_kv_heads = kv_heads;
+// A model whose norm parameters (names containing `norm_key`) are non-trivial, so folding has
+// something to divide.
+std::shared_ptr<models::CausalLM> with_random_norms(const models::ModelConfig& c, uint64_t seed, const std::string& norm_key) {
   auto m = models::build_model(c);
-  m->init_weights(5);
-  // Non-trivial norms so folding has something to divide.
+  m->init_weights(seed);
   for (auto& p : m->named_parameters())
-    if (p.key().find("layernorm") != std::string::npos) {
+    if (p.key().find(norm_key) != std::string::npos) {
       at::NoGradGuard ng;
       p.value().uniform_(0.5, 1.5);
     }
   m->eval();
   return m;
+}
+std::shared_ptr<models::CausalLM> tiny(int64_t kv_heads) {
+  auto c = qf::testing::tiny_llama(64, 32, 0.1);
+  c.n_kv_heads = kv_heads;
+  return with_random_norms(c, 5, "layernorm");
 }
 at::Tensor calib(int64_t n) {
   at::manual_seed(9);
@@ -237,14 +241,7 @@ TEST(Ptq, Gpt2FoldsIntoLayerNormsAndQuantizesItsConv1dLinears) {
   c.family = models::Family::Gpt2;
   c.n_kv_heads = 0;
   c.tie_embeddings = true;
-  auto m = models::build_model(c);
-  m->init_weights(3);
-  for (auto& p : m->named_parameters())
-    if (p.key().find(".ln_") != std::string::npos) {
-      at::NoGradGuard ng;
-      p.value().uniform_(0.5, 1.5);  // weights and biases of ln_1 / ln_2
-    }
-  m->eval();
+  auto m = with_random_norms(c, 3, ".ln_");  // weights and biases of ln_1 / ln_2
   QatConfig q;
   q.enabled = true;
   q.rules = {QuantRule{"transformer.h.*", spec_of("int4-g32"), std::nullopt}};
@@ -264,11 +261,13 @@ TEST(Ptq, Gpt2FoldsIntoLayerNormsAndQuantizesItsConv1dLinears) {
   prepare(*m, q);
   convert(*m);
   apply_packed(*m, g);
-  for (auto& ns : models::linear_slots(*m))
-    if (auto it = g.packed.find(ns.name); it != g.packed.end())
+  for (auto& ns : models::linear_slots(*m)) {
+    if (auto it = g.packed.find(ns.name); it != g.packed.end()) {
       EXPECT_TRUE(at::equal(ns.slot->get()->effective_weight(),
                             unpack_weight(it->second, q.rules[0].weight, ns.slot->get()->out_features,
                                           ns.slot->get()->in_features)));
+    }
+  }
 }
 
 TEST(Gptq, ActOrderWithoutStaticGroupsKeepsAColumnGroupMap) {

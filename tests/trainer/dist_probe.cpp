@@ -10,7 +10,7 @@
 #include <string>
 
 #include "core/error.h"
-#include "trainer/dist/env.h"
+#include "trainer/dist/backend.h"
 
 using namespace qf;
 

@@ -5,11 +5,8 @@
 // Invariant: read_env either returns a consistent Env (0 <= rank < world_size, 0 <= local_rank <
 // local_world_size <= world_size, a port in 1..65535) or throws ConfigError naming each variable.
 #pragma once
-#include <ATen/core/ivalue.h>
-#include <torch/csrc/distributed/c10d/Backend.hpp>
-
-#include <chrono>
 #include <cstdint>
+#include <cstdlib>
 #include <functional>
 #include <string>
 
@@ -26,10 +23,7 @@ struct Env {
 using GetEnv = std::function<const char*(const char*)>;
 Env read_env(const GetEnv& get = [](const char* k) { return std::getenv(k); });
 
+// `dist.backend`: auto = NCCL when CUDA is available, else Gloo (see trainer/dist/backend.h).
 enum class BackendKind { Auto, Gloo, Nccl };
-// Rendezvous over a TCPStore at MASTER_ADDR:MASTER_PORT (rank 0 serves it), then a Gloo (CPU) or
-// NCCL (CUDA, one device per process: LOCAL_RANK) backend. Everything waits at most `timeout`;
-// failures are qf::Error naming the address, the rank and what to check.
-c10::intrusive_ptr<c10d::Backend> init_backend(const Env& env, BackendKind kind, std::chrono::milliseconds timeout);
 
 }  // namespace qf::trainer::dist
