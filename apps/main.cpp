@@ -25,6 +25,7 @@
 #include "peft/adapter.h"
 #include "quant/ptq.h"
 #include "trainer/checkpoint.h"
+#include "trainer/dist/launch.h"
 #include "trainer/trainer.h"
 
 using namespace qf;
@@ -534,6 +535,20 @@ int main(int argc, char** argv) {
   qz->footer("Example: qforge quantize runs/demo/ft_fp --method gptq --quant q4_0 --out runs/demo/gptq_q4_0\n"
              "Then: qforge eval runs/demo/gptq_q4_0 | qforge export runs/demo/gptq_q4_0 --format gguf --out m.gguf");
 
+  trainer::dist::LaunchOptions lo;
+  auto* lau = app.add_subcommand("launch", "Start N data-parallel ranks of a qforge command on this node (as torchrun does)");
+  lau->add_option("--nproc-per-node", lo.nproc_per_node, "Processes on this node (one per GPU, or CPU ranks)")->capture_default_str();
+  lau->add_option("--nnodes", lo.nnodes, "Nodes in the job")->capture_default_str();
+  lau->add_option("--node-rank", lo.node_rank, "This node's index, 0..nnodes-1")->capture_default_str();
+  lau->add_option("--master-addr", lo.master_addr, "Address of node 0, reachable from every node")->capture_default_str();
+  lau->add_option("--master-port", lo.master_port, "Rendezvous port on node 0 (default: a free port when single-node)");
+  lau->add_option("--grace", lo.grace_s, "Seconds between SIGTERM and SIGKILL for the others when a rank fails")->capture_default_str();
+  std::vector<std::string> launch_cmd;
+  lau->add_option("command", launch_cmd, "After --: the qforge command every rank runs, e.g. -- train recipe.yaml key=value");
+  lau->footer("Example: qforge launch --nproc-per-node 2 -- train configs/tiny_pretrain.yaml trainer.max_steps=50\n"
+              "Multi-node (run on every node): qforge launch --nnodes 2 --node-rank $K --nproc-per-node 8 \\\n"
+              "  --master-addr node0 --master-port 29500 -- train recipe.yaml");
+
   CLI11_PARSE(app, argc, argv);
   log::set_quiet(quiet);
   try {
@@ -543,6 +558,12 @@ int main(int argc, char** argv) {
       if (!train_args.empty() && train_args[0].find('=') == std::string::npos) config = train_args[i++];
       overrides.assign(train_args.begin() + i, train_args.end());
       return cmd_train(config, overrides, print_config);
+    }
+    if (*lau) {
+      std::vector<std::string> cmd{argv[0]};
+      cmd.insert(cmd.end(), launch_cmd.begin(), launch_cmd.end());
+      if (cmd.size() == 1) cmd.clear();
+      return trainer::dist::launch(lo, cmd);
     }
     if (*eval) return cmd_eval(run, overrides, split, max_batches, text, data_from, save_tokens);
     if (*gen) return cmd_generate(run, overrides, prompt, s);

@@ -121,6 +121,14 @@ ObserverConfig ObserverConfig::from_config(cfg::Reader& r) {
   return o;
 }
 
+namespace {
+StatSync& observer_sync() {
+  static StatSync f;
+  return f;
+}
+}  // namespace
+void set_observer_sync(StatSync f) { observer_sync() = std::move(f); }
+
 FakeQuantizer::FakeQuantizer(QuantSpec spec, ObserverConfig obs, bool is_activation)
     : spec_(std::move(spec)), obs_(obs), is_activation_(is_activation) {
   QF_CHECK(!(is_activation && spec_.learn != Learn::None),
@@ -181,6 +189,8 @@ void FakeQuantizer::observe(const at::Tensor& x) {
     mn = std::get<0>(xb.min(-1));
     mx = std::get<0>(xb.max(-1));
   }
+  if (is_activation_ && observer_sync())
+    observer_sync()(mn, mx, obs_.type == ObserverType::MinMax || obs_.type == ObserverType::MovingAverage);
   if (!obs_min.defined()) {
     obs_min = register_buffer("obs_min", mn.clone());
     obs_max = register_buffer("obs_max", mx.clone());

@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <torch/nn/module.h>
 
+#include <functional>
 #include <string>
 
 #include "core/config.h"
@@ -35,6 +36,14 @@ struct ObserverConfig {
   int64_t freeze_after = 0;                    // steps after which statistics stop updating (0 = never)
   static ObserverConfig from_config(cfg::Reader& r);
 };
+
+// Data parallel: each forward's observed activation statistics (min, max per block) are combined
+// across ranks before they are folded in, so every rank quantizes identically. `exact` is true for
+// min-max and moving-average observers, whose statistics of the global batch are the min of the
+// ranks' mins and the max of their maxes (then equal to one process's); mse/percentile statistics
+// are averaged instead. The trainer installs it for a distributed run; null = one process.
+using StatSync = std::function<void(at::Tensor& mn, at::Tensor& mx, bool exact)>;
+void set_observer_sync(StatSync f);
 
 // One quantizer for one tensor (a weight or a Linear's input activation).
 class FakeQuantizer : public torch::nn::Module {

@@ -5,6 +5,8 @@
 
 #include <cstdio>
 #include <filesystem>
+#include <map>
+#include <set>
 
 #include "core/error.h"
 #include "core/fs.h"
@@ -61,8 +63,11 @@ void load_optimizer_state(const torch::nn::Module& m, torch::optim::AdamW& opt, 
   std::map<std::string, at::Tensor> by;
   for (auto& [n, t] : state) by[n] = t;
   auto& st = opt.state();
+  std::set<const void*> mine;  // under ZeRO an optimizer holds only its rank's share of the parameters
+  for (auto& g : opt.param_groups())
+    for (auto& p : g.params()) mine.insert(p.unsafeGetTensorImpl());
   for (auto& p : m.named_parameters()) {
-    if (!p.value().requires_grad()) continue;
+    if (!p.value().requires_grad() || !mine.count(p.value().unsafeGetTensorImpl())) continue;
     auto a = by.find("exp_avg/" + p.key());
     if (a == by.end()) continue;  // parameter never stepped
     auto b = by.find("exp_avg_sq/" + p.key());

@@ -73,6 +73,10 @@ DistConfig DistConfig::from_config(cfg::Reader& r) {
   d.backend = r.choice<BackendKind>("backend", d.backend,
                                     {{"auto", BackendKind::Auto}, {"gloo", BackendKind::Gloo}, {"nccl", BackendKind::Nccl}});
   d.timeout_s = r.f64("timeout_s", d.timeout_s, 1.0, 86400.0);
+  d.zero = r.i64("zero", d.zero, 0, 2);
+  d.bucket_mb = r.f64("bucket_mb", d.bucket_mb, 0.0, 4096.0);
+  d.first_bucket_mb = r.f64("first_bucket_mb", d.first_bucket_mb, 0.0, 4096.0);
+  d.overlap = r.boolean("overlap", d.overlap);
   r.finish();
   return d;
 }

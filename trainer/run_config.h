@@ -32,6 +32,10 @@ struct RunSection {
 struct DistConfig {
   dist::BackendKind backend = dist::BackendKind::Auto;  // auto: NCCL on CUDA, else Gloo
   double timeout_s = 300;           // rendezvous and every collective
+  int64_t zero = 0;                 // 0: replicated AdamW; 1: optimizer state sharded (ZeRO-1); 2: + gradients (ZeRO-2)
+  double bucket_mb = 25;            // gradient bucket size (DDP's bucket_cap_mb)
+  double first_bucket_mb = 1;       // the first bucket, small so communication starts early
+  bool overlap = true;              // launch buckets from autograd hooks during backward (false: after it)
   static DistConfig from_config(cfg::Reader& r);
 };
 

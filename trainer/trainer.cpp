@@ -6,6 +6,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
 #include <ATen/autocast_mode.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/cuda.h>
 #include <torch/nn/utils/clip_grad.h>
 #include <torch/optim/adamw.h>
@@ -16,6 +17,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <thread>
 
 #include "core/fs.h"
@@ -84,24 +86,32 @@ at::Device pick_device(DeviceChoice d) {
 }
 
 EvalResult evaluate_model(models::CausalLM& m, const data::PackedSet& set, int64_t bs, int64_t max_batches,
-                          at::Device dev, bool bf16) {
+                          at::Device dev, bool bf16, const EvalShard& shard) {
   EvalResult r;
   if (set.size() == 0) return r;
   at::NoGradGuard ng;
   bool was = m.is_training();
   m.eval();
-  double sum = 0;
-  int64_t nb = (set.size() + bs - 1) / bs;
+  // Sharded only when every rank gets sequences of the first batch (observers may sync on it).
+  const int64_t world = shard.world > 1 && set.size() >= shard.world ? shard.world : 1;
+  const int64_t gb = bs * world;
+  double sum = 0, tokens = 0;
+  int64_t nb = (set.size() + gb - 1) / gb;
   if (max_batches > 0) nb = std::min(nb, max_batches);
   for (int64_t i = 0; i < nb; ++i) {
+    const int64_t lo = i * gb, len = std::min(set.size(), lo + gb) - lo;
+    const int64_t r = world > 1 ? shard.rank : 0;
     std::vector<int64_t> idx;
-    for (int64_t j = i * bs; j < std::min(set.size(), (i + 1) * bs); ++j) idx.push_back(j);
+    for (int64_t j = lo + r * len / world; j < lo + (r + 1) * len / world; ++j) idx.push_back(j);
+    if (idx.empty()) continue;
     auto b = data::make_batch(set, idx);
     sum += token_loss_sum(m, b, dev, bf16).item<double>();
-    r.tokens += (b.labels != -100).sum().item<int64_t>();
+    tokens += static_cast<double>((b.labels != -100).sum().item<int64_t>());
   }
+  if (world > 1) shard.sum(sum, tokens);
   if (was) m.train();
-  r.loss = r.tokens ? sum / static_cast<double>(r.tokens) : 0.0;
+  r.tokens = static_cast<int64_t>(tokens);
+  r.loss = r.tokens ? sum / tokens : 0.0;
   r.ppl = std::exp(r.loss);
   return r;
 }
@@ -156,24 +166,55 @@ peft::ApplyReport apply_peft(torch::nn::Module& model, const peft::LoraConfig& p
   }
   return rep;
 }
-Trainer::~Trainer() = default;
+Trainer::~Trainer() {
+  if (pg_) quant::set_observer_sync(nullptr);
+}
 
 void Trainer::setup() {
   const auto& run = cfg_.run;
   denv_ = dist::read_env();
+  device_ = pick_device(cfg_.trainer.device);
+  if (denv_.distributed() && device_.is_cuda()) {
+    // One process per GPU: LOCAL_RANK picks this node's device.
+    const auto n = static_cast<int64_t>(torch::cuda::device_count());
+    QF_CHECK_INPUT(denv_.local_rank < n, "data parallel: LOCAL_RANK=", denv_.local_rank, " but this node has ", n,
+                   " CUDA devices; start one rank per GPU (--nproc-per-node ", n, ")");
+    device_ = at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(denv_.local_rank));
+    c10::impl::getDeviceGuardImpl(at::kCUDA)->setDevice(device_);
+  }
   if (denv_.distributed()) {
     if (!is_rank0()) {
       log::set_quiet(true);  // rank 0 speaks for the group; warnings and errors still show
       ::setenv("QFORGE_PROGRESS", "0", 1);
     }
-    pg_ = dist::init_backend(denv_, cfg_.dist.backend, std::chrono::milliseconds(static_cast<int64_t>(cfg_.dist.timeout_s * 1000)));
-    log::info("data parallel: ", denv_.world_size, " ranks (", denv_.source, " environment), gloo, rendezvous at ",
-              denv_.master_addr, ":", denv_.master_port);
+    auto kind = cfg_.dist.backend;
+    if (kind == dist::BackendKind::Auto) kind = device_.is_cuda() ? dist::BackendKind::Nccl : dist::BackendKind::Gloo;
+    QF_CHECK_INPUT(kind != dist::BackendKind::Nccl || device_.is_cuda() || !torch::cuda::is_available(),
+                   "dist.backend: nccl reduces CUDA tensors but trainer.device is cpu; use gloo or trainer.device=cuda");
+    pg_ = dist::init_backend(denv_, kind, std::chrono::milliseconds(static_cast<int64_t>(cfg_.dist.timeout_s * 1000)));
+    quant::set_observer_sync([this](at::Tensor& mn, at::Tensor& mx, bool exact) {
+      std::vector<at::Tensor> a{mn}, b{mx};
+      collective(denv_, step_ + 1, "observer statistics all-reduce", [&] {
+        pg_->allreduce(a, c10d::AllreduceOptions{exact ? c10d::ReduceOp::MIN : c10d::ReduceOp::SUM})->wait();
+        pg_->allreduce(b, c10d::AllreduceOptions{exact ? c10d::ReduceOp::MAX : c10d::ReduceOp::SUM})->wait();
+      });
+      if (!exact) {
+        mn.div_(static_cast<double>(denv_.world_size));
+        mx.div_(static_cast<double>(denv_.world_size));
+      }
+    });
+    log::info("data parallel: ", denv_.world_size, " ranks (", denv_.source, " environment), ", pg_->getBackendName(),
+              ", rendezvous at ", denv_.master_addr, ":", denv_.master_port);
   }
-  set_threads(run.threads);
-  device_ = pick_device(cfg_.trainer.device);
+  // Ranks sharing a node share its cores (run.threads 0 = this rank's share).
+  set_threads(run.threads > 0 || denv_.local_world_size <= 1
+                  ? run.threads
+                  : std::max<int64_t>(1, std::thread::hardware_concurrency() / denv_.local_world_size));
   // An unwritable run directory fails before any work; it is created only once the inputs loaded.
   fs::check_writable_dir(run.out_dir);
+  // Data parallel: rank 0 trains a missing tokenizer and writes the token caches; the others wait,
+  // then read what it wrote (no rank trains into the same path as another).
+  if (!is_rank0()) barrier();
   tok_ = data::load_or_train_tokenizer(cfg_.tokenizer);
   auto& mc = cfg_.model;
   if (mc.vocab_size == 0) {
@@ -183,6 +224,7 @@ void Trainer::setup() {
                            tok_->vocab_size(), " (", tok_->path(), "); use 0 to take it from the tokenizer")});
   }
   ds_ = data::build_dataset(cfg_.data, *tok_);
+  if (is_rank0()) barrier();
   if (is_rank0()) {
     fs::ensure_dir(run.out_dir);
     fs::write_atomic(run.out_dir + "/config.yaml",
@@ -221,18 +263,42 @@ void Trainer::setup() {
   model_->train();
   if (pg_) broadcast_model();
 
-  // AdamW, decoupled weight decay on matrices only (no decay on norms and biases).
-  std::vector<at::Tensor> decay, no_decay;
-  for (auto& p : model_->named_parameters()) {
-    if (!p.value().requires_grad()) continue;
-    (p.value().dim() >= 2 ? decay : no_decay).push_back(p.value());
+  for (auto& p : model_->parameters())
+    if (p.requires_grad()) trainable_.push_back(p);
+  if (pg_) {
+    zero_ = cfg_.dist.zero;
+    if (zero_ > 0) owner_ = dist::partition(trainable_, denv_.world_size);
+    dist::ReducerOptions ro;
+    ro.bucket_bytes = static_cast<int64_t>(cfg_.dist.bucket_mb * (1 << 20));
+    ro.first_bucket_bytes = static_cast<int64_t>(cfg_.dist.first_bucket_mb * (1 << 20));
+    ro.overlap = cfg_.dist.overlap;
+    ro.to_owner = zero_ == 2;
+    if (!trainable_.empty())
+      reducer_ = std::make_unique<dist::GradReducer>(pg_, denv_, trainable_, ro, ro.to_owner ? owner_ : std::vector<int>{});
+  } else if (cfg_.dist.zero > 0) {
+    log::info("dist.zero: ", cfg_.dist.zero, " has nothing to shard in a single process; the optimizer is not sharded");
   }
+
+  // AdamW, decoupled weight decay on matrices only (no decay on norms and biases). Under ZeRO each
+  // rank's AdamW holds only the parameters it owns.
+  std::vector<at::Tensor> decay, no_decay;
+  for (size_t i = 0; i < trainable_.size(); ++i)
+    if (owns(i)) (trainable_[i].dim() >= 2 ? decay : no_decay).push_back(trainable_[i]);
   const auto& o = cfg_.trainer.optim;
   auto base = torch::optim::AdamWOptions(o.lr).betas({o.betas[0], o.betas[1]}).eps(o.eps);
   std::vector<torch::optim::OptimizerParamGroup> groups;
   groups.emplace_back(decay, std::make_unique<torch::optim::AdamWOptions>(base.weight_decay(o.weight_decay)));
   groups.emplace_back(no_decay, std::make_unique<torch::optim::AdamWOptions>(base.weight_decay(0.0)));
   opt_ = std::make_unique<torch::optim::AdamW>(std::move(groups), base);
+  if (zero_ > 0) {
+    int64_t mine = 0, all = 0;
+    for (size_t i = 0; i < trainable_.size(); ++i) {
+      all += trainable_[i].numel();
+      mine += owns(i) ? trainable_[i].numel() : 0;
+    }
+    log::info("ZeRO-", zero_, ": rank 0 holds optimizer state for ", mine, " of ", all, " trainable elements (",
+              denv_.world_size, " shards)", zero_ == 2 ? "; gradients are reduced to their owners" : "");
+  }
 
   sampler_ = std::make_unique<data::Sampler>(ds_.train.size(), cfg_.trainer.batch_size,
                                              static_cast<uint64_t>(cfg_.data.seed), true,
@@ -316,9 +382,10 @@ double Trainer::train_step() {
   if (cfg_.quant.enabled) quant::set_qat_step(*model_, step_, cfg_.quant.fake_quant_after_steps);
   const double lr = t.optim.lr * t.schedule.factor(step_, t.max_steps);
   for (auto& g : opt_->param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
-  opt_->zero_grad();
+  model_->zero_grad();  // every gradient: under ZeRO the optimizer knows only its own parameters
   double loss_sum = 0;
   for (size_t a = 0; a < micro.size(); ++a) {
+    if (reducer_) reducer_->begin_backward(a + 1 == micro.size());  // no sync on accumulation micro-steps
     // Normalise by the tokens of the whole optimizer step, so k x (B/k) == B exactly in expectation.
     auto loss = token_loss_sum(*model_, micro[a], device_, bf16) / std::max(1.0, n_step);
     double v = loss.item<double>();
@@ -330,16 +397,17 @@ double Trainer::train_step() {
     loss_sum += v;
   }
   if (pg_) {
-    allreduce_grads();
+    if (reducer_) reducer_->finish(step_ + 1);
     loss_sum = allreduce_sum(loss_sum);
   }
   double gnorm = 0;
   if (t.grad_clip > 0) {
-    gnorm = torch::nn::utils::clip_grad_norm_(model_->parameters(), t.grad_clip);
+    gnorm = zero_ == 2 ? clip_sharded_grads(t.grad_clip) : torch::nn::utils::clip_grad_norm_(model_->parameters(), t.grad_clip);
     if (!std::isfinite(gnorm))
       throw DivergedError(str("non-finite gradient norm at step ", step_ + 1, "; nothing was saved"));
   }
   opt_->step();
+  if (zero_ > 0) sync_params();
   ++step_;
   tokens_seen_ += static_cast<int64_t>(micro.size()) * micro[0].input_ids.numel() * denv_.world_size;
   if (step_ % t.log_every == 0 || step_ == t.max_steps)
@@ -352,8 +420,19 @@ TrainResult Trainer::train() {
   const bool bf16 = t.precision == Precision::BF16;
   TrainResult res;
   res.start_step = step_;
+  // Validation is sharded over the ranks until the rank-0-only part at the end.
+  EvalShard shard;
+  if (pg_) {
+    shard = {denv_.rank, denv_.world_size, [this](double& loss, double& tokens) {
+               std::vector<at::Tensor> v{at::tensor({loss, tokens}, at::kDouble).to(device_)};  // NCCL: device tensors
+               collective(denv_, step_, "validation all-reduce", [&] { pg_->allreduce(v)->wait(); });
+               auto h = v[0].cpu();
+               loss = h[0].item<double>();
+               tokens = h[1].item<double>();
+             }};
+  }
   auto eval = [&]() {
-    auto e = evaluate_model(*model_, ds_.val, t.batch_size, t.eval_batches, device_, bf16);
+    auto e = evaluate_model(*model_, ds_.val, t.batch_size, t.eval_batches, device_, bf16, shard);
     last_val_ = e.loss;
     write_metrics({{"step", step_}, {"val_loss", e.loss}, {"val_ppl", e.ppl}});
     return e;
@@ -365,7 +444,7 @@ TrainResult Trainer::train() {
     log::info("step ", step_, ": validation loss ", e.loss, ", perplexity ", e.ppl);
   }
   core::ProgressBar bar("train", t.max_steps, step_);
-  const int64_t tokens_per_step = t.batch_size * t.grad_accum * cfg_.data.seq_len;
+  const int64_t tokens_per_step = t.batch_size * t.grad_accum * cfg_.data.seq_len * denv_.world_size;  // global
   auto t0 = std::chrono::steady_clock::now();
   double ema = -1;
   while (step_ < t.max_steps) {
@@ -385,8 +464,8 @@ TrainResult Trainer::train() {
   bar.finish();
   // Training memory, as held during the steps: weights as stored, gradients, AdamW moments.
   res.train_weight_bytes = quant::model_bytes(*model_);
-  for (auto& p : model_->parameters())
-    if (p.requires_grad()) res.grad_bytes += p.numel() * p.element_size();
+  for (size_t i = 0; i < trainable_.size(); ++i)  // ZeRO-2 keeps only its own gradients
+    if (zero_ < 2 || owns(i)) res.grad_bytes += trainable_[i].numel() * trainable_[i].element_size();
   for (auto& [n, s] : optimizer_state(*model_, *opt_)) res.optim_bytes += s.numel() * s.element_size();
   if (cfg_.quant.enabled) quant::set_qat_step(*model_, step_, cfg_.quant.fake_quant_after_steps);
   if (ds_.val.size() > 0) {
@@ -396,6 +475,8 @@ TrainResult Trainer::train() {
   }
   if (res.checkpoint.empty() || step_ > res.start_step) res.checkpoint = save_checkpoint();
   res.end_step = step_;
+  quant::set_observer_sync(nullptr);  // what follows runs on rank 0 alone
+  shard = {};
   if (!is_rank0()) return res;  // adapters, merged and converted models, the summary: rank 0 writes them
   const bool convert = cfg_.quant.enabled && cfg_.quant.convert_at_end;
   if (cfg_.peft.enabled) {
@@ -445,18 +526,34 @@ TrainResult Trainer::train() {
                       {"converted", res.converted},
                       {"adapter", res.adapter},
                       {"merged", res.merged}};
+  if (pg_) {
+    const auto st = reducer_ ? reducer_->stats() : dist::ReducerStats{};
+    const double n = static_cast<double>(std::max<int64_t>(1, st.steps));
+    j["data_parallel"] = {{"world_size", denv_.world_size},
+                          {"backend", pg_->getBackendName()},
+                          {"zero", zero_},
+                          {"overlap", cfg_.dist.overlap},
+                          {"buckets", reducer_ ? reducer_->buckets().size() : 0},
+                          {"collectives_per_step", static_cast<double>(st.collectives) / n},
+                          {"gradient_bytes_per_step", static_cast<double>(st.bytes) / n},
+                          // time after backward spent finishing the gradient sync (not hidden by it)
+                          {"exposed_comm_s_per_step", st.exposed_s / n},
+                          {"step_s", res.tokens_per_s > 0 ? static_cast<double>(cfg_.trainer.batch_size * cfg_.trainer.grad_accum *
+                                                                                cfg_.data.seq_len * denv_.world_size) / res.tokens_per_s : 0.0}};
+  }
   fs::write_atomic(cfg_.run.out_dir + "/train_summary.json", j.dump(2) + "\n");
   return res;
 }
 
 std::string Trainer::save_checkpoint() {
+  auto optim = gather_optimizer_state();  // ZeRO: every rank sends its shard to rank 0
   if (!is_rank0()) {
     barrier();  // rank 0 writes; the others wait until the checkpoint is complete
     return "";
   }
   CheckpointData d;
   d.model = model_state(*model_);
-  d.optimizer = optimizer_state(*model_, *opt_);
+  d.optimizer = std::move(optim);
   d.extra.emplace_back("rng.cpu", at::detail::getDefaultCPUGenerator().get_state());
   auto s = sampler_->state();
   d.state = {{"step", step_},
@@ -474,27 +571,14 @@ std::string Trainer::save_checkpoint() {
   return dir;
 }
 
-namespace {
-// Runs one collective; a peer that died (gloo's IoException, a timeout) becomes qf::Error naming
-// this rank and the step, so every surviving rank exits non-zero with a readable message.
-template <class F>
-void collective(const dist::Env& env, int64_t step, const char* what, F&& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    std::string w = e.what();
-    throw Error(str("data parallel: rank ", env.rank, " of ", env.world_size, ": ", what, " at step ", step,
-                    " failed (another rank died, was killed or timed out): ", w.substr(0, w.find('\n'))));
-  }
-}
-}  // namespace
+using dist::collective;
 
 void Trainer::broadcast_model() {
   at::NoGradGuard ng;
   // The same recipe on every rank, or the group is not training one model.
   const std::string hash = cfg_.hash();
   const auto h = static_cast<int64_t>(std::stoull(hash, nullptr, 16));
-  std::vector<at::Tensor> hv{at::full({1}, h, at::kLong)};
+  std::vector<at::Tensor> hv{at::full({1}, h, at::TensorOptions().dtype(at::kLong).device(device_))};
   collective(denv_, step_, "config check", [&] { pg_->broadcast(hv, c10d::BroadcastOptions{0})->wait(); });
   QF_CHECK_INPUT(hv[0].item<int64_t>() == h, "data parallel: rank ", denv_.rank, "'s resolved config (hash ", hash,
                  ") differs from rank 0's; every rank must run the same recipe with the same overrides");
@@ -504,24 +588,100 @@ void Trainer::broadcast_model() {
   }
 }
 
-void Trainer::allreduce_grads() {
-  std::vector<at::Tensor> grads;
-  for (auto& p : model_->parameters())
-    if (p.requires_grad() && p.grad().defined()) grads.push_back(p.grad());
-  if (grads.empty()) return;
-  std::vector<at::Tensor> views;
-  for (auto& g : grads) views.push_back(g.reshape({-1}));
-  std::vector<at::Tensor> flat{at::cat(views, 0)};
-  collective(denv_, step_ + 1, "gradient all-reduce", [&] { pg_->allreduce(flat)->wait(); });
-  int64_t off = 0;
-  for (auto& g : grads) {
-    g.copy_(flat[0].slice(0, off, off + g.numel()).view(g.sizes()));
-    off += g.numel();
+double Trainer::clip_sharded_grads(double max_norm) {
+  // torch's clip_grad_norm_: total = ||(||g_i||)_i||, coefficient max/(total + 1e-6) clamped to 1.
+  double sq = 0;
+  for (size_t i = 0; i < trainable_.size(); ++i)
+    if (owns(i) && trainable_[i].grad().defined()) sq += trainable_[i].grad().to(at::kDouble).pow(2).sum().item<double>();
+  const double total = std::sqrt(allreduce_sum(sq));
+  const double coef = max_norm / (total + 1e-6);
+  if (coef < 1.0) {
+    at::NoGradGuard ng;
+    for (size_t i = 0; i < trainable_.size(); ++i)
+      if (owns(i) && trainable_[i].grad().defined()) trainable_[i].mutable_grad().mul_(coef);
+  }
+  return total;
+}
+
+void Trainer::sync_params() {
+  // All-gather of the updated shards, as one broadcast per owner of its flattened parameters.
+  at::NoGradGuard ng;
+  for (int64_t r = 0; r < denv_.world_size; ++r) {
+    std::vector<at::Tensor> mine;
+    int64_t n = 0;
+    for (size_t i = 0; i < trainable_.size(); ++i)
+      if (owner_[i] == r) {
+        mine.push_back(trainable_[i]);
+        n += trainable_[i].numel();
+      }
+    if (mine.empty()) continue;
+    std::vector<at::Tensor> flat{r == denv_.rank ? [&] {
+      std::vector<at::Tensor> v;
+      for (auto& p : mine) v.push_back(p.detach().reshape({-1}));
+      return at::cat(v, 0);
+    }()
+                                                 : at::empty({n}, mine[0].options())};
+    collective(denv_, step_, "parameter all-gather", [&] { pg_->broadcast(flat, c10d::BroadcastOptions{r})->wait(); });
+    if (r == denv_.rank) continue;
+    int64_t off = 0;
+    for (auto& p : mine) {
+      p.detach().copy_(flat[0].slice(0, off, off + p.numel()).view(p.sizes()));
+      off += p.numel();
+    }
   }
 }
 
+NamedTensors Trainer::gather_optimizer_state() {
+  auto local = optimizer_state(*model_, *opt_);
+  if (zero_ == 0) return local;
+  // Each parameter's AdamW state goes from its owner to rank 0 (a flag first: a parameter that
+  // never received a gradient has none). The file is the same as a single process writes, so a
+  // checkpoint saved by N ranks resumes on any M.
+  std::map<std::string, at::Tensor> by(local.begin(), local.end());
+  const auto names = [&] {
+    std::vector<std::string> v;
+    for (auto& p : model_->named_parameters())
+      if (p.value().requires_grad()) v.push_back(p.key());
+    return v;
+  }();
+  NamedTensors out;
+  int tag = 0;
+  for (size_t i = 0; i < trainable_.size(); ++i, tag += 4) {
+    const int o = owner_[i];
+    const std::string keys[3] = {"exp_avg/" + names[i], "exp_avg_sq/" + names[i], "step/" + names[i]};
+    if (o == 0) {
+      if (is_rank0() && by.count(keys[0]))
+        for (auto& k : keys) out.emplace_back(k, by[k]);
+      continue;
+    }
+    if (denv_.rank != o && !is_rank0()) continue;
+    collective(denv_, step_, "optimizer state gather", [&] {
+      const auto on = at::TensorOptions().device(trainable_[i].device());  // NCCL sends device tensors
+      std::vector<at::Tensor> flag{at::full({1}, denv_.rank == o ? int64_t(by.count(keys[0])) : 0, on.dtype(at::kLong))};
+      if (denv_.rank == o) {
+        pg_->send(flag, 0, tag)->wait();
+        if (!by.count(keys[0])) return;
+        for (int k = 0; k < 3; ++k) {
+          std::vector<at::Tensor> v{by[keys[k]].to(on.device()).contiguous()};
+          pg_->send(v, 0, tag + 1 + k)->wait();
+        }
+        return;
+      }
+      pg_->recv(flag, o, tag)->wait();
+      if (flag[0].item<int64_t>() == 0) return;
+      const auto& p = trainable_[i];
+      std::vector<at::Tensor> v[3] = {{at::empty_like(p.detach())}, {at::empty_like(p.detach())}, {at::empty({}, on.dtype(at::kLong))}};
+      for (int k = 0; k < 3; ++k) {
+        pg_->recv(v[k], o, tag + 1 + k)->wait();
+        out.emplace_back(keys[k], k == 2 ? v[k][0].cpu() : v[k][0]);
+      }
+    });
+  }
+  return out;
+}
+
 double Trainer::allreduce_sum(double v) {
-  std::vector<at::Tensor> t{at::full({1}, v, at::kDouble)};
+  std::vector<at::Tensor> t{at::full({1}, v, at::TensorOptions().dtype(at::kDouble).device(device_))};
   collective(denv_, step_ + 1, "all-reduce", [&] { pg_->allreduce(t)->wait(); });
   return t[0].item<double>();
 }

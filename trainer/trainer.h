@@ -4,6 +4,7 @@
 #pragma once
 #include <nlohmann/json.hpp>
 
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -15,6 +16,8 @@
 #include "models/transformer.h"
 #include "quant/ptq.h"
 #include "trainer/dist/backend.h"
+#include "trainer/checkpoint.h"
+#include "trainer/dist/reducer.h"
 #include "trainer/run_config.h"
 
 namespace torch::optim {
@@ -97,10 +100,19 @@ class Trainer {
   std::optional<quant::PtqResult> ptq_;  // quant.init: what PTQ produced (GPTQ's exact codes)
   dist::Env denv_;
   c10::intrusive_ptr<c10d::Backend> pg_;  // null unless WORLD_SIZE > 1
+  std::unique_ptr<dist::GradReducer> reducer_;  // bucketed gradient sync (data parallel only)
+  // ZeRO (dist.zero > 0 with WORLD_SIZE > 1): trainable_[i] is owned by rank owner_[i]; this rank's
+  // AdamW holds only its own parameters' state.
+  int64_t zero_ = 0;
+  std::vector<at::Tensor> trainable_;
+  std::vector<int> owner_;
+  bool owns(size_t i) const { return zero_ == 0 || owner_[i] == denv_.rank; }
   void broadcast_model();
-  void allreduce_grads();
   double allreduce_sum(double v);
   void barrier();
+  double clip_sharded_grads(double max_norm);  // ZeRO-2: the global norm from each rank's own gradients
+  void sync_params();                        // ZeRO: each owner broadcasts its updated parameters
+  NamedTensors gather_optimizer_state();     // ZeRO: the whole optimizer state, on rank 0
 };
 
 // Everything needed to use a finished run: its config snapshot, tokenizer and model weights.
@@ -130,7 +142,14 @@ at::Device pick_device(DeviceChoice d);
 // Intra-op CPU threads for run.threads (0 = every core).
 void set_threads(int64_t threads);
 // Mean next-token cross-entropy over a packed set (batches in order).
+// Data parallel (shard.world > 1): each global batch of batch_size * world sequences is split
+// across ranks and shard.sum adds (loss, tokens) over them, so every rank gets the number one
+// process with that global batch computes, in 1/world of the time.
+struct EvalShard {
+  int64_t rank = 0, world = 1;
+  std::function<void(double& loss_sum, double& tokens)> sum;
+};
 EvalResult evaluate_model(models::CausalLM& m, const data::PackedSet& set, int64_t batch_size, int64_t max_batches,
-                          at::Device dev, bool bf16);
+                          at::Device dev, bool bf16, const EvalShard& shard = {});
 
 }  // namespace qf::trainer

@@ -9,8 +9,10 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 
 #include "core/fs.h"
+#include "core/safetensors.h"
 #include "tests/test_util.h"
 
 namespace sfs = std::filesystem;
@@ -237,12 +239,26 @@ TEST_F(Cli, DataParallelTwoRanksFollowOneRank) {
   const std::vector<std::pair<std::string, std::string>> variants{
       {"plain", ""},
       {"fake quant", " \"quant.rules=[{pattern: 'model.layers.*', weight: {preset: int4-g32}}]\""},
-      {"lora", " peft.r=4"}};
+      {"lora", " peft.r=4"},
+      // Static activation observers: each forward's min/max are combined across ranks, so the two
+      // halves observe what one batch does.
+      {"observed activations",
+       " \"quant.rules=[{pattern: 'model.layers.*', weight: {preset: int8-per-channel}, activation: {bits: 8, "
+       "granularity: per-tensor}}]\" quant.observer.type=minmax"},
+      // ZeRO-1: sharded AdamW + all-gathered parameters; ZeRO-2 also reduces gradients to their
+      // owners. With accumulation (no sync on the first micro-step), tiny buckets (many
+      // collectives from the hooks) and clipping (the norm from sharded gradients).
+      {"zero-1", " dist.zero=1"},
+      {"zero-2 accum buckets clip", " dist.zero=2 trainer.grad_accum=2 dist.bucket_mb=0.01 dist.first_bucket_mb=0.001 trainer.grad_clip=0.05"},
+      {"buckets after backward", " dist.overlap=false dist.bucket_mb=0.02"}};
+  int k = 0;
   for (auto& [name, extra] : variants) {
-    const auto one = tmp.path + "/one_" + std::to_string(name.size()), two = tmp.path + "/two_" + std::to_string(name.size());
+    const auto one = tmp.path + "/one_" + std::to_string(k), two = tmp.path + "/two_" + std::to_string(k++);
     auto a = run("train " + cfg + " run.out_dir=" + one + common + extra);
     ASSERT_EQ(a.rc, 0) << name << a.out;
-    auto b = run_sh(two_ranks("train " + cfg + " run.out_dir=" + two + " trainer.batch_size=2" + common + extra));
+    const std::string args = "train " + cfg + " run.out_dir=" + two + " trainer.batch_size=2" + common + extra;
+    // The plain case goes through `qforge launch` (torchrun's job), the others set the env by hand.
+    auto b = name == "plain" ? run("launch --nproc-per-node 2 -- " + args) : run_sh(two_ranks(args));
     ASSERT_EQ(b.rc, 0) << name << b.out;
     EXPECT_NE(b.out.find("data parallel: 2 ranks"), std::string::npos) << b.out;
     auto la = losses(one + "/metrics.jsonl"), lb = losses(two + "/metrics.jsonl");
@@ -251,8 +267,75 @@ TEST_F(Cli, DataParallelTwoRanksFollowOneRank) {
     // Gradients summed over two halves differ from one batch's in the last bits (summation order).
     // Under fake quant such a bit can move a weight across a rounding boundary, so that comparison
     // gets 1e-4 (measured: 2.7e-5 at step 6); plain and LoRA stay within 1e-5.
-    const double tol = name == "fake quant" ? 1e-4 : 1e-5;
+    const double tol = name == "fake quant" || name == "observed activations" ? 1e-4 : 1e-5;
     for (size_t i = 0; i < la.size(); ++i) EXPECT_NEAR(la[i], lb[i], tol * std::abs(la[i])) << name << " step " << i + 1;
+    if (name != "observed activations") continue;
+    // The observers themselves, after one step (later, rounding flips move activations by a code
+    // step): rank 0's statistics are those of the whole global batch. Without the sync they are of
+    // its half: measured up to 14% apart.
+    const std::string s1 = " trainer.max_steps=1 trainer.log_every=1 'sample.prompts=[]' trainer.eval_batches=1";
+    ASSERT_EQ(run("train " + cfg + " run.out_dir=" + one + "s1" + s1 + extra).rc, 0);
+    ASSERT_EQ(run_sh(two_ranks("train " + cfg + " run.out_dir=" + two + "s1 trainer.batch_size=2" + s1 + extra)).rc, 0);
+    auto fa = qf::st::load(one + "s1/checkpoints/step_00000001/model.safetensors");
+    auto fb = qf::st::load(two + "s1/checkpoints/step_00000001/model.safetensors");
+    int n_obs = 0;
+    for (auto& [tn, t] : fa.tensors) {
+      if (tn.find("obs_m") == std::string::npos || t.numel() != 1) continue;  // per-tensor: the activations'
+      ++n_obs;
+      const double va = t.item().toDouble(), vb = fb.get(tn).item().toDouble();
+      EXPECT_NEAR(va, vb, 1e-5 * std::abs(va) + 1e-7) << tn;
+    }
+    EXPECT_GT(n_obs, 10);
+  }
+}
+
+double json_number(const std::string& file, const std::string& key) {
+  std::ifstream in(file);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  const std::string t = ss.str();
+  const auto at = t.find("\"" + key + "\":");
+  return at == std::string::npos ? -1 : std::stod(t.substr(at + key.size() + 3));
+}
+
+TEST_F(Cli, ZeroCheckpointsReshardBetweenWorldSizes) {
+  ASSERT_EQ(run("train " + cfg + " trainer.max_steps=0 'sample.prompts=[]'").rc, 0);
+  const std::string common = " trainer.log_every=1 'sample.prompts=[]' trainer.eval_batches=1 trainer.schedule.total_steps=6";
+  const auto ref = tmp.path + "/ref";
+  ASSERT_EQ(run("train " + cfg + " run.out_dir=" + ref + " trainer.max_steps=6 trainer.save_every=3" + common).rc, 0);
+  const auto want = losses(ref + "/metrics.jsonl");
+  ASSERT_EQ(want.size(), 6u);
+  struct Leg {
+    int ranks;
+    std::string extra;
+  };
+  // Saved by 2 ranks under ZeRO-1, resumed by 1; saved by 1, resumed by 2 under ZeRO-2.
+  const std::vector<std::pair<Leg, Leg>> cases{{{2, " dist.zero=1"}, {1, ""}}, {{1, ""}, {2, " dist.zero=2"}}};
+  int k = 0;
+  for (auto& [first, second] : cases) {
+    const auto dir = tmp.path + "/reshard" + std::to_string(k++);
+    auto leg = [&](const Leg& l, int steps) {
+      const std::string args = "train " + cfg + " run.out_dir=" + dir + " trainer.max_steps=" + std::to_string(steps) +
+                               " trainer.batch_size=" + std::to_string(l.ranks == 2 ? 2 : 4) + common + l.extra;
+      return l.ranks == 2 ? run_sh(two_ranks(args)) : run(args);
+    };
+    auto a = leg(first, 3);
+    ASSERT_EQ(a.rc, 0) << a.out;
+    // Rank 0 gathered the shards: the optimizer file is the one a single process writes.
+    EXPECT_EQ(sfs::file_size(dir + "/checkpoints/step_00000003/optimizer.safetensors"),
+              sfs::file_size(ref + "/checkpoints/step_00000003/optimizer.safetensors"));
+    auto b = leg(second, 6);
+    ASSERT_EQ(b.rc, 0) << b.out;
+    EXPECT_NE(b.out.find("resumed from"), std::string::npos) << b.out;
+    const auto got = losses(dir + "/metrics.jsonl");
+    ASSERT_EQ(got.size(), 6u) << k;
+    for (size_t i = 0; i < 6; ++i) EXPECT_NEAR(got[i], want[i], 1e-5 * std::abs(want[i])) << "case " << k << " step " << i + 1;
+    if (second.ranks == 2) {  // ZeRO: rank 0 keeps about half of AdamW's state
+      const double one = json_number(ref + "/train_summary.json", "optimizer_bytes");
+      const double mine = json_number(dir + "/train_summary.json", "optimizer_bytes");
+      EXPECT_GT(mine, 0.3 * one);
+      EXPECT_LT(mine, 0.7 * one) << "ZeRO-2 with 2 ranks should hold ~1/2 of the optimizer state";
+    }
   }
 }
 
@@ -271,6 +354,29 @@ TEST_F(Cli, DataParallelDeadRankStopsTheOthers) {
   EXPECT_NE(r.out.find("data parallel: rank 0 of 2"), std::string::npos) << r.out;
 }
 
+TEST_F(Cli, LaunchStopsEveryRankWhenOneDies) {
+  ASSERT_EQ(run("train " + cfg + " trainer.max_steps=0 'sample.prompts=[]'").rc, 0);
+  // SIGKILL one of the launcher's ranks mid-training: the launcher stops the other and returns 137.
+  const auto t0 = std::chrono::steady_clock::now();
+  auto r = run_sh(std::string("(") + QFORGE_BINARY + " launch --nproc-per-node 2 --grace 5 -- train " + cfg + " run.out_dir=" +
+                  tmp.path + "/launched trainer.max_steps=100000 dist.timeout_s=30 'sample.prompts=[]' & L=$!; sleep 6; "
+                  "kill -9 $(pgrep -P $L | tail -1); wait $L; exit $?)");
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_EQ(r.rc, 137) << r.out;
+  EXPECT_LT(s, 40.0) << r.out;
+  EXPECT_NE(r.out.find("exited with code 137; stopping the other ranks"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("qforge launch: failed: rank"), std::string::npos) << r.out;
+  EXPECT_EQ(run_sh("pgrep -f " + tmp.path + "/launche[d]").out, "") << "no rank left behind";
+  // Impossible layouts: exit 2 naming the option.
+  auto bad = run("launch --nproc-per-node 0 --node-rank 3 -- train " + cfg);
+  EXPECT_EQ(bad.rc, 2) << bad.out;
+  EXPECT_NE(bad.out.find("--nproc-per-node 0: expected at least 1"), std::string::npos) << bad.out;
+  EXPECT_NE(bad.out.find("--node-rank 3"), std::string::npos) << bad.out;
+  auto none = run("launch --nproc-per-node 2");
+  EXPECT_EQ(none.rc, 2) << none.out;
+  EXPECT_NE(none.out.find("no command"), std::string::npos) << none.out;
+}
+
 TEST_F(Cli, DataParallelBadLaunchesAreClearErrors) {
   // NCCL without a GPU: refused before any rendezvous, naming the rank.
   auto n = run_sh("MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(next_port()) + " WORLD_SIZE=2 RANK=0 " +
@@ -283,4 +389,14 @@ TEST_F(Cli, DataParallelBadLaunchesAreClearErrors) {
   EXPECT_NE(r.out.find("RANK=2 is outside [0, WORLD_SIZE=2)"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("MASTER_PORT='http': expected an integer"), std::string::npos) << r.out;
   EXPECT_FALSE(sfs::exists(tmp.path + "/run")) << "nothing written";
+  // Ranks launched with different WORLD_SIZEs: both stop at the rendezvous, naming the values.
+  const std::string env = "MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(next_port());
+  const auto t0 = std::chrono::steady_clock::now();
+  auto w = run_sh("(" + env + " WORLD_SIZE=3 RANK=1 " + QFORGE_BINARY + " train " + cfg + " dist.timeout_s=60 > " + tmp.path +
+                  "/r1.log 2>&1 & " + env + " WORLD_SIZE=2 RANK=0 " + QFORGE_BINARY + " train " + cfg +
+                  " dist.timeout_s=60; rc=$?; wait $!; echo rank1 $?; cat " + tmp.path + "/r1.log; exit $rc)");
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 30.0) << "well within the timeout";
+  EXPECT_EQ(w.rc, 2) << w.out;
+  EXPECT_NE(w.out.find("rank 1 has WORLD_SIZE=3 but rank 0 has WORLD_SIZE=2"), std::string::npos) << w.out;
+  EXPECT_NE(w.out.find("rank1 2"), std::string::npos) << w.out;
 }

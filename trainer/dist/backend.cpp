@@ -8,10 +8,48 @@
 #include <torch/cuda.h>
 
 #include <cstdlib>
+#include <thread>
 
 #include "core/error.h"
 
 namespace qf::trainer::dist {
+
+namespace {
+// Every rank posts its WORLD_SIZE; a rank disagreeing with rank 0 says so and stops, and rank 0
+// stops too (instead of waiting for ranks that will never come). Then waits until all joined.
+void check_world(c10d::Store& store, const Env& env, std::chrono::milliseconds timeout) {
+  const auto as_bytes = [](const std::string& s) { return std::vector<uint8_t>(s.begin(), s.end()); };
+  const auto as_str = [](const std::vector<uint8_t>& v) { return std::string(v.begin(), v.end()); };
+  store.set("qforge/world_size/" + std::to_string(env.rank), as_bytes(std::to_string(env.world_size)));
+  if (env.rank != 0) {
+    store.wait({"qforge/world_size/0"}, timeout);
+    const std::string w0 = as_str(store.get("qforge/world_size/0"));
+    if (w0 != std::to_string(env.world_size)) {
+      const std::string msg = str("rank ", env.rank, " has WORLD_SIZE=", env.world_size, " but rank 0 has WORLD_SIZE=", w0);
+      store.set("qforge/mismatch", as_bytes(msg));
+      throw ConfigError({str("distributed rendezvous at ", env.master_addr, ":", env.master_port, ": ", msg,
+                             "; every rank must be started with the same WORLD_SIZE")});
+    }
+  }
+  store.add("qforge/joined", 1);
+  const auto t0 = std::chrono::steady_clock::now();
+  for (;;) {
+    if (store.check({"qforge/mismatch"}))
+      throw ConfigError({str("distributed rendezvous at ", env.master_addr, ":", env.master_port, ": ",
+                             as_str(store.get("qforge/mismatch")), "; every rank must be started with the same WORLD_SIZE")});
+    const int64_t joined = store.add("qforge/joined", 0);
+    if (joined == env.world_size) break;
+    if (joined > env.world_size)
+      throw ConfigError({str("distributed rendezvous at ", env.master_addr, ":", env.master_port, ": ", joined,
+                             " ranks joined a world of WORLD_SIZE=", env.world_size, " (two launches on one MASTER_PORT?)")});
+    if (std::chrono::steady_clock::now() - t0 > timeout)
+      throw Error(str("distributed rendezvous: rank ", env.rank, " of ", env.world_size, ": only ", joined, " of ",
+                      env.world_size, " ranks joined at ", env.master_addr, ":", env.master_port, " within ",
+                      timeout.count() / 1000.0, " s (not every rank joined: check WORLD_SIZE and that every rank started)"));
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+}
+}  // namespace
 
 c10::intrusive_ptr<c10d::Backend> init_backend(const Env& env, BackendKind kind, std::chrono::milliseconds timeout) {
   const bool cuda = torch::cuda::is_available();
@@ -19,12 +57,15 @@ c10::intrusive_ptr<c10d::Backend> init_backend(const Env& env, BackendKind kind,
   QF_CHECK_INPUT(kind != BackendKind::Nccl || cuda,
                  "dist.backend: nccl needs a CUDA device, and this process (rank ", env.rank,
                  ") sees none; use gloo (CPU) or auto");
-  QF_CHECK_INPUT(kind == BackendKind::Gloo, "dist.backend: nccl is not wired in this build yet; use gloo");
+#ifndef QFORGE_WITH_NCCL
+  QF_CHECK_INPUT(kind == BackendKind::Gloo,
+                 "dist.backend: nccl: this qforge was built without the CUDA toolkit (no ProcessGroupNCCL); use gloo");
+#endif
   c10d::TCPStoreOptions o{};
   o.port = static_cast<uint16_t>(env.master_port);
   o.isServer = env.rank == 0;
   o.numWorkers = static_cast<int>(env.world_size);
-  o.waitWorkers = true;
+  o.waitWorkers = false;  // joining is checked below, where a WORLD_SIZE mismatch can be named
   o.timeout = timeout;
   c10::intrusive_ptr<c10d::TCPStore> store;
   try {
@@ -38,6 +79,18 @@ c10::intrusive_ptr<c10d::Backend> init_backend(const Env& env, BackendKind kind,
                     env.rank == 0 ? "serve" : "reach", " the store at ", env.master_addr, ":", env.master_port,
                     " within ", timeout.count() / 1000.0, " s (", hint, "): ", what.substr(0, what.find('\n'))));
   }
+  check_world(*store, env, timeout);
+#ifdef QFORGE_WITH_NCCL
+  if (kind == BackendKind::Nccl) {
+    try {
+      return make_nccl(store, env, timeout);
+    } catch (const std::exception& e) {
+      std::string what = e.what();
+      throw Error(str("distributed init (nccl): rank ", env.rank, " of ", env.world_size, ": ",
+                      what.substr(0, what.find('\n'))));
+    }
+  }
+#endif
   auto go = c10d::ProcessGroupGloo::Options::create(timeout);
   // Loopback rendezvous (one node): listen on 127.0.0.1. Otherwise the interface GLOO_SOCKET_IFNAME
   // names, or the address this host's name resolves to (as torch.distributed does).
