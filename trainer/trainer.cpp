@@ -535,6 +535,7 @@ TrainResult Trainer::train() {
                           {"overlap", cfg_.dist.overlap},
                           {"buckets", reducer_ ? reducer_->buckets().size() : 0},
                           {"collectives_per_step", static_cast<double>(st.collectives) / n},
+                          {"buckets_launched_in_backward_per_step", static_cast<double>(st.launched_in_backward) / n},
                           {"gradient_bytes_per_step", static_cast<double>(st.bytes) / n},
                           // time after backward spent finishing the gradient sync (not hidden by it)
                           {"exposed_comm_s_per_step", st.exposed_s / n},

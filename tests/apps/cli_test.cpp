@@ -233,6 +233,15 @@ std::string two_ranks(const std::string& args) {
 }
 }  // namespace
 
+double json_number(const std::string& file, const std::string& key) {
+  std::ifstream in(file);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  const std::string t = ss.str();
+  const auto at = t.find("\"" + key + "\":");
+  return at == std::string::npos ? -1 : std::stod(t.substr(at + key.size() + 3));
+}
+
 TEST_F(Cli, DataParallelTwoRanksFollowOneRank) {
   ASSERT_EQ(run("train " + cfg + " trainer.max_steps=0 'sample.prompts=[]'").rc, 0);  // tokenizer + token cache
   const std::string common = " trainer.max_steps=6 trainer.log_every=1 'sample.prompts=[]' trainer.eval_batches=1";
@@ -250,7 +259,7 @@ TEST_F(Cli, DataParallelTwoRanksFollowOneRank) {
       // collectives from the hooks) and clipping (the norm from sharded gradients).
       {"zero-1", " dist.zero=1"},
       {"zero-2 accum buckets clip", " dist.zero=2 trainer.grad_accum=2 dist.bucket_mb=0.01 dist.first_bucket_mb=0.001 trainer.grad_clip=0.05"},
-      {"buckets after backward", " dist.overlap=false dist.bucket_mb=0.02"}};
+      {"buckets after backward", " dist.overlap=false dist.bucket_mb=0.02 dist.first_bucket_mb=0.002 trainer.grad_accum=2"}};
   int k = 0;
   for (auto& [name, extra] : variants) {
     const auto one = tmp.path + "/one_" + std::to_string(k), two = tmp.path + "/two_" + std::to_string(k++);
@@ -269,6 +278,15 @@ TEST_F(Cli, DataParallelTwoRanksFollowOneRank) {
     // gets 1e-4 (measured: 2.7e-5 at step 6); plain and LoRA stay within 1e-5.
     const double tol = name == "fake quant" || name == "observed activations" ? 1e-4 : 1e-5;
     for (size_t i = 0; i < la.size(); ++i) EXPECT_NEAR(la[i], lb[i], tol * std::abs(la[i])) << name << " step " << i + 1;
+    // Every bucket is launched from the hooks during backward (or, with overlap off, after it), once
+    // per optimizer step: accumulation micro-steps do not communicate.
+    const double buckets = json_number(two + "/train_summary.json", "buckets");
+    const double in_bw = json_number(two + "/train_summary.json", "buckets_launched_in_backward_per_step");
+    if (name != "zero-2 accum buckets clip") {
+      EXPECT_EQ(json_number(two + "/train_summary.json", "collectives_per_step"), buckets) << name;
+    }
+    EXPECT_EQ(in_bw, name == "buckets after backward" ? 0 : buckets) << name;
+    if (name == "buckets after backward") EXPECT_GE(buckets, 4) << "0.02 MB buckets";
     if (name != "observed activations") continue;
     // The observers themselves, after one step (later, rounding flips move activations by a code
     // step): rank 0's statistics are those of the whole global batch. Without the sync they are of
@@ -287,15 +305,6 @@ TEST_F(Cli, DataParallelTwoRanksFollowOneRank) {
     }
     EXPECT_GT(n_obs, 10);
   }
-}
-
-double json_number(const std::string& file, const std::string& key) {
-  std::ifstream in(file);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  const std::string t = ss.str();
-  const auto at = t.find("\"" + key + "\":");
-  return at == std::string::npos ? -1 : std::stod(t.substr(at + key.size() + 3));
 }
 
 TEST_F(Cli, ZeroCheckpointsReshardBetweenWorldSizes) {

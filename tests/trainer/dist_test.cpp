@@ -13,6 +13,7 @@
 
 #include "core/error.h"
 #include "trainer/dist/env.h"
+#include "trainer/dist/reducer.h"
 
 using namespace qf::trainer::dist;
 
@@ -125,4 +126,14 @@ TEST(DistGloo, MissingPeerAndBusyPortAreErrorsWithinTheTimeout) {
   ::close(fd);
   EXPECT_EQ(b.rc, 1) << b.text;
   EXPECT_NE(b.text.find("MASTER_PORT already in use"), std::string::npos) << b.text;
+}
+
+TEST(DistZero, PartitionBalancesElementsInParameterOrder) {
+  // ZeroRedundancyOptimizer's greedy rule: each parameter to the rank holding the fewest elements.
+  std::vector<at::Tensor> ps{at::zeros({100}), at::zeros({10}), at::zeros({10}), at::zeros({50}), at::zeros({40})};
+  auto o = qf::trainer::dist::partition(ps, 2);
+  EXPECT_EQ(o, (std::vector<int>{0, 1, 1, 1, 1}));  // 100 | 10+10+50+40 = 110
+  auto three = qf::trainer::dist::partition(ps, 3);
+  EXPECT_EQ(three, (std::vector<int>{0, 1, 2, 1, 2}));
+  EXPECT_EQ(qf::trainer::dist::partition(ps, 1), std::vector<int>(5, 0));
 }

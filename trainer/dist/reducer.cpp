@@ -82,7 +82,10 @@ void GradReducer::ready(size_t i) {
   if (!rebuilt_) ready_order_.push_back(i);
   const size_t b = bucket_of_[i];
   if (--pending_[b] > 0 || !opts_.overlap) return;
-  while (next_ < buckets_.size() && pending_[next_] == 0) launch(next_++);
+  while (next_ < buckets_.size() && pending_[next_] == 0) {
+    launch(next_++);
+    ++stats_.launched_in_backward;
+  }
 }
 
 void GradReducer::launch(size_t b) {

@@ -34,6 +34,7 @@ struct ReducerOptions {
 // Where time went, summed over optimizer steps (for the bench and metrics).
 struct ReducerStats {
   int64_t steps = 0, collectives = 0, bytes = 0;  // bytes: gradient bytes sent through collectives
+  int64_t launched_in_backward = 0;  // buckets launched from the hooks, while backward was running
   double exposed_s = 0;  // wall time in finish(): communication not hidden behind backward
 };
 
