@@ -20,7 +20,7 @@ CFG=configs/tiny_pretrain.yaml
 [[ -x "$QFORGE" ]] || { echo "dist_scaling: build $QFORGE first" >&2; exit 1; }
 WORK="$(mktemp -d /tmp/qf_bench_dist.XXXXXX)"; trap 'rm -rf "$WORK"' EXIT
 REC="$WORK/records.jsonl"; : > "$REC"
-COMMON="trainer.max_steps=$STEPS trainer.eval_every=0 trainer.eval_batches=1 trainer.save_every=0 trainer.log_every=10 sample.prompts=[] quant.rules=[] $EXTRA"
+COMMON="trainer.max_steps=$STEPS trainer.eval_every=0 trainer.eval_batches=1 trainer.save_every=0 trainer.log_every=10 sample.prompts=[] trainer.schedule.warmup_steps=5 $EXTRA"
 "$QFORGE" -q train "$CFG" run.out_dir="$WORK/warm" trainer.max_steps=0 'sample.prompts=[]' > /dev/null  # tokenizer + token cache
 NCORES=$(nproc)
 for rep in $(seq 1 "$REPS"); do

@@ -1,6 +1,7 @@
 // The qforge binary end to end: --help everywhere, exit codes (2 = config, 1 = input), clear
 // messages naming the file/key, nothing written on a rejected config, train -> eval -> generate.
 #include <gtest/gtest.h>
+#include <torch/cuda.h>
 #include <sys/wait.h>
 
 #include <array>
@@ -43,7 +44,7 @@ struct TmpDir : qf::testing::TmpDir {
 };
 
 class Cli : public ::testing::Test {
- protected:
+ public:  // also for the helpers shared by several tests
   void SetUp() override {
     std::ifstream in(std::string(QFORGE_SOURCE_DIR) + "/data/corpora/kjv.txt");
     std::ofstream o(tmp.path + "/corpus.txt");
@@ -66,7 +67,7 @@ class Cli : public ::testing::Test {
 };
 
 TEST_F(Cli, HelpOnEveryCommand) {
-  for (std::string c : {"", "train ", "eval ", "generate ", "export ", "inspect ", "quantize "}) {
+  for (std::string c : {"", "train ", "eval ", "generate ", "export ", "inspect ", "quantize ", "launch "}) {
     auto r = run(c + "--help");
     EXPECT_EQ(r.rc, 0) << c << r.out;
     EXPECT_NE(r.out.find("Usage"), std::string::npos) << c << r.out;
@@ -361,6 +362,34 @@ TEST_F(Cli, DataParallelDeadRankStopsTheOthers) {
   EXPECT_NE(r.rc, 124) << "rank 0 hung until the outer timeout: " << r.out;
   EXPECT_LT(s, 60.0) << r.out;
   EXPECT_NE(r.out.find("data parallel: rank 0 of 2"), std::string::npos) << r.out;
+}
+
+// A launched world of one runs the process group, the bucketed reducer and ZeRO like N ranks do,
+// and must train exactly as the plain process.
+void world_of_one_follows_one_process(Cli& t, const std::string& backend, const std::string& device) {
+  ASSERT_EQ(run("train " + t.cfg + " trainer.max_steps=0 'sample.prompts=[]'").rc, 0);
+  const std::string common = " trainer.max_steps=4 trainer.log_every=1 'sample.prompts=[]' trainer.eval_batches=1 trainer.device=" + device;
+  const auto one = t.tmp.path + "/w1_plain_" + backend, launched = t.tmp.path + "/w1_" + backend;
+  ASSERT_EQ(run("train " + t.cfg + " run.out_dir=" + one + common).rc, 0);
+  for (const std::string zero : {"0", "2"}) {
+    auto r = run_sh("MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(next_port()) + " WORLD_SIZE=1 RANK=0 LOCAL_RANK=0 " +
+                    QFORGE_BINARY + " train " + t.cfg + " run.out_dir=" + launched + zero + " dist.backend=" + backend +
+                    " dist.zero=" + zero + common);
+    ASSERT_EQ(r.rc, 0) << r.out;
+    EXPECT_NE(r.out.find("data parallel: 1 ranks"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find(", " + backend + ","), std::string::npos) << r.out;
+    auto la = losses(one + "/metrics.jsonl"), lb = losses(launched + zero + "/metrics.jsonl");
+    ASSERT_EQ(la.size(), 4u);
+    ASSERT_EQ(lb.size(), 4u);
+    for (size_t i = 0; i < la.size(); ++i) EXPECT_NEAR(la[i], lb[i], 1e-5 * std::abs(la[i])) << backend << " zero " << zero << " step " << i + 1;
+  }
+}
+
+TEST_F(Cli, GlooWorldOfOneFollowsOneProcess) { world_of_one_follows_one_process(*this, "gloo", "cpu"); }
+
+TEST_F(Cli, NcclWorldOfOneFollowsOneProcess) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device: ProcessGroupNCCL is compiled (trainer/dist/nccl.cpp) but not run";
+  world_of_one_follows_one_process(*this, "nccl", "cuda");
 }
 
 TEST_F(Cli, LaunchStopsEveryRankWhenOneDies) {

@@ -1,7 +1,7 @@
 // Distributed launch contract, torchrun's: RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
 // MASTER_ADDR, MASTER_PORT. Under SLURM (no RANK set) SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID,
 // SLURM_NTASKS_PER_NODE stand in, with MASTER_ADDR / MASTER_PORT still read from the environment.
-// No variable set = one process (world size 1), which runs the same code path.
+// No variable set = one process without a process group; WORLD_SIZE=1 = a process group of one.
 // Invariant: read_env either returns a consistent Env (0 <= rank < world_size, 0 <= local_rank <
 // local_world_size <= world_size, a port in 1..65535) or throws ConfigError naming each variable.
 #pragma once
@@ -17,7 +17,9 @@ struct Env {
   std::string master_addr = "127.0.0.1";
   int64_t master_port = 29500;
   std::string source = "single";  // "torchrun" (RANK/WORLD_SIZE), "slurm" or "single"
-  bool distributed() const { return world_size > 1; }
+  // Launched (torchrun/SLURM variables present), even as a world of one: that runs the same
+  // process group, reducer and ZeRO code as N ranks.
+  bool distributed() const { return world_size > 1 || source != "single"; }
 };
 
 using GetEnv = std::function<const char*(const char*)>;
