@@ -317,7 +317,8 @@ void Trainer::setup() {
             mc.n_layers, " layers, dim ", mc.dim, ", heads ", mc.n_heads, "/", mc.kv_heads(), ", vocab ", mc.vocab_size,
             " on ", device_.str());
   log::info("data: ", ds_.train.size(), " train / ", ds_.val.size(), " val sequences of ", cfg_.data.seq_len,
-            " tokens; ", sampler_->batches_per_epoch(), " steps per epoch at batch ", cfg_.trainer.batch_size);
+            " tokens; ", sampler_->batches_per_epoch(), " steps per epoch at batch ", cfg_.trainer.batch_size,
+            denv_.distributed() ? str(" x ", denv_.world_size, " ranks") : std::string());
 }
 
 void Trainer::restore(const std::string& ck) {
