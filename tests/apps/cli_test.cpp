@@ -260,7 +260,8 @@ TEST_F(Cli, DataParallelTwoRanksFollowOneRank) {
       // collectives from the hooks) and clipping (the norm from sharded gradients).
       {"zero-1", " dist.zero=1"},
       {"zero-2 accum buckets clip", " dist.zero=2 trainer.grad_accum=2 dist.bucket_mb=0.01 dist.first_bucket_mb=0.001 trainer.grad_clip=0.05"},
-      {"buckets after backward", " dist.overlap=false dist.bucket_mb=0.02 dist.first_bucket_mb=0.002 trainer.grad_accum=2"}};
+      {"buckets after backward", " dist.overlap=false dist.bucket_mb=0.02 dist.first_bucket_mb=0.002 trainer.grad_accum=2"},
+      {"bf16 autocast", " trainer.precision=bf16"}};
   int k = 0;
   for (auto& [name, extra] : variants) {
     const auto one = tmp.path + "/one_" + std::to_string(k), two = tmp.path + "/two_" + std::to_string(k++);
