@@ -393,6 +393,28 @@ TEST_F(Cli, NcclWorldOfOneFollowsOneProcess) {
   world_of_one_follows_one_process(*this, "nccl", "cuda");
 }
 
+TEST_F(Cli, LaunchTwoNodesOnLoopbackFollowOneProcess) {
+  // Multi-node through the launcher: two `qforge launch --nnodes 2` (node ranks 0 and 1, one
+  // process each) meet at node 0's address and train as one process with the global batch.
+  ASSERT_EQ(run("train " + cfg + " trainer.max_steps=0 'sample.prompts=[]'").rc, 0);
+  const std::string common = " trainer.max_steps=4 trainer.log_every=1 'sample.prompts=[]' trainer.eval_batches=1";
+  ASSERT_EQ(run("train " + cfg + " run.out_dir=" + tmp.path + "/nodes1" + common).rc, 0);
+  const std::string node = std::string(QFORGE_BINARY) + " launch --nnodes 2 --nproc-per-node 1 --master-addr 127.0.0.1 --master-port " +
+                           std::to_string(next_port()) + " --node-rank ";
+  const std::string args = " -- train " + cfg + " run.out_dir=" + tmp.path + "/nodes2 trainer.batch_size=2" + common;
+  auto r = run_sh("(" + node + "1" + args + " > /dev/null 2>&1 & " + node + "0" + args + "; rc=$?; wait $! || rc=9; exit $rc)");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  EXPECT_NE(r.out.find("node 0 of 2 (world size 2)"), std::string::npos) << r.out;
+  auto la = losses(tmp.path + "/nodes1/metrics.jsonl"), lb = losses(tmp.path + "/nodes2/metrics.jsonl");
+  ASSERT_EQ(la.size(), 4u);
+  ASSERT_EQ(lb.size(), 4u);
+  for (size_t i = 0; i < la.size(); ++i) EXPECT_NEAR(la[i], lb[i], 1e-5 * std::abs(la[i])) << "step " << i + 1;
+  // A multi-node launch needs an explicit port (every node must name the same one).
+  auto bad = run("launch --nnodes 2 -- train " + cfg);
+  EXPECT_EQ(bad.rc, 2) << bad.out;
+  EXPECT_NE(bad.out.find("--master-port: give one port for every node"), std::string::npos) << bad.out;
+}
+
 TEST_F(Cli, LaunchStopsEveryRankWhenOneDies) {
   ASSERT_EQ(run("train " + cfg + " trainer.max_steps=0 'sample.prompts=[]'").rc, 0);
   // SIGKILL one of the launcher's ranks mid-training: the launcher stops the other and returns 137.
