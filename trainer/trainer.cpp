@@ -267,7 +267,13 @@ void Trainer::setup() {
     if (p.requires_grad()) trainable_.push_back(p);
   if (pg_) {
     zero_ = cfg_.dist.zero;
-    if (zero_ > 0) owner_ = dist::partition(trainable_, denv_.world_size);
+    if (zero_ > 0) {
+      owner_ = dist::partition(trainable_, denv_.world_size);
+      for (auto& p : trainable_)  // the parameter all-gather moves one flat buffer per owner
+        QF_CHECK_INPUT(p.scalar_type() == trainable_[0].scalar_type(), "dist.zero: ", zero_,
+                       " needs every trainable parameter in one dtype; found ", trainable_[0].scalar_type(), " and ",
+                       p.scalar_type(), " (use dist.zero=0)");
+    }
     dist::ReducerOptions ro;
     ro.bucket_bytes = static_cast<int64_t>(cfg_.dist.bucket_mb * (1 << 20));
     ro.first_bucket_bytes = static_cast<int64_t>(cfg_.dist.first_bucket_mb * (1 << 20));
