@@ -101,11 +101,10 @@ void commit_dir(const std::string& tmp, const std::string& out) {
 
 HfExportResult export_hf(models::CausalLM& model, const data::Tokenizer& tok, const std::string& out,
                          at::ScalarType dtype, int64_t max_shard_bytes) {
-  const std::string tmp = stage_dir(out);
-  const int64_t merged = peft::merge_lora(model);
-  if (merged > 0) log::info("export: merged ", merged, " LoRA adapters into their base layers");
-  auto weights = dense_weights(model);
-  try {
+  return write_staged_dir(out, [&](const std::string& tmp) {
+    const int64_t merged = peft::merge_lora(model);
+    if (merged > 0) log::info("export: merged ", merged, " LoRA adapters into their base layers");
+    auto weights = dense_weights(model);
     models::write_hf_weights(model.cfg, weights, tmp, dtype, max_shard_bytes);
     copy_tokenizer(tok, tmp);
     // Re-read what was written and compare with what was meant, before reporting success.
@@ -123,13 +122,9 @@ HfExportResult export_hf(models::CausalLM& model, const data::Tokenizer& tok, co
     r.n_tensors = static_cast<int64_t>(weights.size());
     r.n_shards = static_cast<int64_t>(ck.files.size());
     for (auto& [n, w] : weights) r.bytes += w.numel() * at::elementSize(dtype);
-    commit_dir(tmp, out);
     r.dir = out;
     return r;
-  } catch (...) {
-    fs::remove_tree(tmp);
-    throw;
-  }
+  });
 }
 
 }  // namespace qf::exporter

@@ -10,6 +10,7 @@
 
 #include <string>
 
+#include "core/fs.h"
 #include "data/tokenizer.h"
 #include "models/transformer.h"
 
@@ -26,6 +27,21 @@ struct HfExportResult {
 void check_out_dir(const std::string& out);
 std::string stage_dir(const std::string& out);
 void commit_dir(const std::string& tmp, const std::string& out);
+// Runs fill(tmp) in a fresh stage_dir beside `out` and renames it into place when fill returns
+// (its result carries the outcome); if anything throws, the temp dir is removed and `out` is left
+// as it was.
+template <class F>
+auto write_staged_dir(const std::string& out, F&& fill) {
+  const std::string tmp = stage_dir(out);
+  try {
+    auto r = fill(tmp);
+    commit_dir(tmp, out);
+    return r;
+  } catch (...) {
+    fs::remove_tree(tmp);
+    throw;
+  }
+}
 // tokenizer.model (+ a LlamaTokenizer config) or tokenizer.json, and tokenizer_config.json.
 void copy_tokenizer(const data::Tokenizer& tok, const std::string& dir);
 

@@ -67,8 +67,7 @@ IntExportResult export_int(models::CausalLM& model, const data::Tokenizer& tok, 
   const QuantSpec rtn = QuantSpec::preset_named(quant_name);
   check_spec("--quant " + quant_name, rtn);
   at::NoGradGuard ng;
-  const std::string tmp = stage_dir(out);
-  try {
+  return write_staged_dir(out, [&](const std::string& tmp) {
     const int64_t merged = peft::merge_lora(model);
     if (merged) log::info("export: merged ", merged, " LoRA adapters into their base layers");
     quant::convert(model);
@@ -196,13 +195,9 @@ IntExportResult export_int(models::CausalLM& model, const data::Tokenizer& tok, 
       QF_CHECK(at::equal(got, want), "export: re-reading ", tmp, " decodes '", name, "' differently from what was meant");
     }
     res.bytes = static_cast<int64_t>(std::filesystem::file_size(tmp + "/model.safetensors"));
-    commit_dir(tmp, out);
     res.dir = out;
     return res;
-  } catch (...) {
-    fs::remove_tree(tmp);
-    throw;
-  }
+  });
 }
 
 }  // namespace qf::exporter
