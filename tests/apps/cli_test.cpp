@@ -250,6 +250,7 @@ TEST_F(Cli, DataParallelTwoRanksFollowOneRank) {
       {"plain", ""},
       {"fake quant", " \"quant.rules=[{pattern: 'model.layers.*', weight: {preset: int4-g32}}]\""},
       {"lora", " peft.r=4"},
+      {"qlora", " peft.r=4 peft.base=nf4"},
       // Static activation observers: each forward's min/max are combined across ranks, so the two
       // halves observe what one batch does.
       {"observed activations",
@@ -263,6 +264,7 @@ TEST_F(Cli, DataParallelTwoRanksFollowOneRank) {
       {"buckets after backward", " dist.overlap=false dist.bucket_mb=0.02 dist.first_bucket_mb=0.002 trainer.grad_accum=2"},
       {"bf16 autocast", " trainer.precision=bf16"}};
   int k = 0;
+  double plain_bytes = 0;
   for (auto& [name, extra] : variants) {
     const auto one = tmp.path + "/one_" + std::to_string(k), two = tmp.path + "/two_" + std::to_string(k++);
     auto a = run("train " + cfg + " run.out_dir=" + one + common + extra);
@@ -289,6 +291,13 @@ TEST_F(Cli, DataParallelTwoRanksFollowOneRank) {
     }
     EXPECT_EQ(in_bw, name == "buckets after backward" ? 0 : buckets) << name;
     if (name == "buckets after backward") EXPECT_GE(buckets, 4) << "0.02 MB buckets";
+    // LoRA/QLoRA: only the adapters' gradients travel.
+    const double sent = json_number(two + "/train_summary.json", "gradient_bytes_per_step");
+    if (name == "plain") plain_bytes = sent;
+    if (name == "lora" || name == "qlora") {
+      EXPECT_GT(sent, 0) << name;
+      EXPECT_LT(sent, 0.5 * plain_bytes) << name << ": only adapter gradients should be reduced";
+    }
     if (name != "observed activations") continue;
     // The observers themselves, after one step (later, rounding flips move activations by a code
     // step): rank 0's statistics are those of the whole global batch. Without the sync they are of
