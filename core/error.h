@@ -33,6 +33,9 @@ void cat(std::ostringstream& o, const T& t, const R&... r) {
 }
 }  // namespace detail
 
+// The first line of a message (c10d's exceptions append a C++ stack trace after it).
+inline std::string first_line(const std::string& s) { return s.substr(0, s.find('\n')); }
+
 template <class... A>
 std::string str(const A&... a) {
   std::ostringstream o;

@@ -282,10 +282,8 @@ QuantizedWeight gptq_quantize(const at::Tensor& W0, const at::Tensor& H0, const 
   {
     const int64_t blk = spec.block(cols);
     auto wb = w0.reshape({rows, cols / blk, blk}), lb = latent.view({rows, cols / blk, blk});
-    const bool sym = spec.is_ggml() ? (spec.rule == Rule::GgmlQ8_0 || spec.rule == Rule::GgmlQ4_0 ||
-                                       spec.rule == Rule::GgmlQ5_0)
-                                    : spec.symmetric;
-    auto pin = sym ? wb.abs() == wb.abs().amax(-1, true) : (wb == wb.amax(-1, true)) | (wb == wb.amin(-1, true));
+    // spec.symmetric holds for the ggml presets too: q8_0/q4_0/q5_0 are scale-only, q4_1/q5_1 carry a min.
+    auto pin = spec.symmetric ? wb.abs() == wb.abs().amax(-1, true) : (wb == wb.amax(-1, true)) | (wb == wb.amin(-1, true));
     lb.copy_(at::where(pin, wb, lb));
   }
   out.latent = latent;

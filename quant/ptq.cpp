@@ -16,21 +16,21 @@
 
 namespace qf::quant {
 
+const std::vector<std::pair<std::string, PtqMethod>>& method_names() {
+  static const std::vector<std::pair<std::string, PtqMethod>> n{
+      {"none", PtqMethod::None}, {"rtn", PtqMethod::Rtn}, {"gptq", PtqMethod::Gptq}, {"awq", PtqMethod::Awq}};
+  return n;
+}
+
 const char* method_name(PtqMethod m) {
-  switch (m) {
-    case PtqMethod::None: return "none";
-    case PtqMethod::Rtn: return "rtn";
-    case PtqMethod::Gptq: return "gptq";
-    case PtqMethod::Awq: return "awq";
-  }
+  for (auto& [name, v] : method_names())
+    if (v == m) return name.c_str();
   return "?";
 }
 
 PtqMethod parse_method(const std::string& s) {
-  if (s == "rtn") return PtqMethod::Rtn;
-  if (s == "gptq") return PtqMethod::Gptq;
-  if (s == "awq") return PtqMethod::Awq;
-  if (s == "none") return PtqMethod::None;
+  for (auto& [name, v] : method_names())
+    if (name == s) return v;
   throw ConfigError({"unknown PTQ method '" + s + "'; expected rtn|gptq|awq"});
 }
 
@@ -64,14 +64,6 @@ double PtqResult::mean_err() const {
   double s = 0;
   for (auto& l : linears) s += l.err;
   return linears.empty() ? 0 : s / static_cast<double>(linears.size());
-}
-
-const QuantRule* rule_for(const QatConfig& q, const std::string& name) {
-  for (auto& e : q.exclude)
-    if (glob_match(e, name)) return nullptr;
-  for (auto& r : q.rules)
-    if (glob_match(r.pattern, name)) return &r;
-  return nullptr;
 }
 
 namespace {

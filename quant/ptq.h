@@ -57,7 +57,5 @@ void apply_packed(torch::nn::Module& model, const PtqResult& r);
 // After quant::prepare of a GPTQ-initialised model: learned (LSQ) scales start at GPTQ's scales,
 // so QAT's first forward equals the GPTQ model. Returns the number of quantizers seeded.
 int64_t seed_learned_scales(torch::nn::Module& model, const PtqResult& r);
-// The rule (first match, after excludes) that selects linear `name`, or nullptr.
-const QuantRule* rule_for(const QatConfig& q, const std::string& name);
 
 }  // namespace qf::quant

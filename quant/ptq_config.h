@@ -3,6 +3,8 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "core/config.h"
 
@@ -23,6 +25,8 @@ struct GptqConfig {
 };
 
 enum class PtqMethod { None, Rtn, Gptq, Awq };
+// The names recipes (`quant.init`) and `qforge quantize --method` use, one table for both.
+const std::vector<std::pair<std::string, PtqMethod>>& method_names();
 const char* method_name(PtqMethod m);
 PtqMethod parse_method(const std::string& s);  // throws ConfigError listing rtn|gptq|awq
 

@@ -16,6 +16,14 @@ bool glob_match(const std::string& pattern, const std::string& name) {
   return ::fnmatch(pattern.c_str(), name.c_str(), 0) == 0;
 }
 
+const QuantRule* rule_for(const QatConfig& q, const std::string& name) {
+  for (auto& e : q.exclude)
+    if (glob_match(e, name)) return nullptr;
+  for (auto& r : q.rules)
+    if (glob_match(r.pattern, name)) return &r;
+  return nullptr;
+}
+
 QatConfig QatConfig::from_config(cfg::Reader& r) {
   QatConfig c;
   c.enabled = r.boolean("enabled", r.has("rules"));
@@ -43,9 +51,7 @@ QatConfig QatConfig::from_config(cfg::Reader& r) {
   auto o = r.child("observer");
   c.observer = ObserverConfig::from_config(o);
   c.convert_at_end = r.boolean("convert_at_end", c.convert_at_end);
-  c.init.method = r.choice<PtqMethod>(
-      "init", PtqMethod::None,
-      {{"none", PtqMethod::None}, {"rtn", PtqMethod::Rtn}, {"gptq", PtqMethod::Gptq}, {"awq", PtqMethod::Awq}});
+  c.init.method = r.choice<PtqMethod>("init", PtqMethod::None, method_names());
   auto cr = r.child("calib");
   c.init.calib = CalibConfig::from_config(cr);
   auto gr = r.child("gptq");
@@ -283,33 +289,29 @@ PrepareReport prepare(torch::nn::Module& model, const QatConfig& cfg) {
   std::snprintf(line, sizeof line, "%-36s %-12s %-38s %s", "module", "shape", "weight", "activation");
   rep.rows.push_back(line);
   for (auto& ns : slots) {
-    bool excluded = false;
-    for (auto& e : cfg.exclude) excluded |= glob_match(e, ns.name);
-    if (excluded) continue;
-    for (size_t i = 0; i < cfg.rules.size(); ++i) {
-      const auto& rule = cfg.rules[i];
-      if (!glob_match(rule.pattern, ns.name)) continue;
-      ++hits[i];
-      auto cur = ns.slot->get();
-      const int64_t in = cur->in_features;
-      const int64_t blk = rule.weight.block(in);  // ggml presets are per-group with their block size
-      if (blk > 0 && in % blk != 0) {
-        problems.push_back(str("quant.rules[", i, "]: ", rule.weight.granularity == Granularity::PerGroup && !rule.weight.is_ggml()
-                                                           ? "group size "
-                                                           : "block size ",
-                               blk, " (", rule.weight.describe(), ") does not divide the input width ", in, " of ", ns.name));
-        break;
-      }
-      if (!problems.empty()) break;
-      auto fq = std::make_shared<FakeQuantLinear>(*cur, rule, cfg.observer);
-      ns.slot->replace(fq);
-      ++rep.n_swapped;
-      std::snprintf(line, sizeof line, "%-36s %-12s %-38s %s", ns.name.c_str(),
-                    (std::to_string(cur->out_features) + "x" + std::to_string(in)).c_str(), rule.weight.describe().c_str(),
-                    rule.activation ? rule.activation->describe().c_str() : "-");
-      rep.rows.push_back(line);
-      break;  // first matching rule wins
+    const QuantRule* rp = rule_for(cfg, ns.name);
+    if (!rp) continue;
+    const auto& rule = *rp;
+    const size_t i = static_cast<size_t>(rp - cfg.rules.data());
+    ++hits[i];
+    auto cur = ns.slot->get();
+    const int64_t in = cur->in_features;
+    const int64_t blk = rule.weight.block(in);  // ggml presets are per-group with their block size
+    if (blk > 0 && in % blk != 0) {
+      problems.push_back(str("quant.rules[", i, "]: ", rule.weight.granularity == Granularity::PerGroup && !rule.weight.is_ggml()
+                                                         ? "group size "
+                                                         : "block size ",
+                             blk, " (", rule.weight.describe(), ") does not divide the input width ", in, " of ", ns.name));
+      continue;
     }
+    if (!problems.empty()) continue;  // every problem is reported; nothing more is swapped
+    auto fq = std::make_shared<FakeQuantLinear>(*cur, rule, cfg.observer);
+    ns.slot->replace(fq);
+    ++rep.n_swapped;
+    std::snprintf(line, sizeof line, "%-36s %-12s %-38s %s", ns.name.c_str(),
+                  (std::to_string(cur->out_features) + "x" + std::to_string(in)).c_str(), rule.weight.describe().c_str(),
+                  rule.activation ? rule.activation->describe().c_str() : "-");
+    rep.rows.push_back(line);
   }
   if (cfg.embedding) {
     auto* lm = dynamic_cast<models::CausalLM*>(&model);

@@ -136,5 +136,8 @@ void set_qat_step(torch::nn::Module& model, int64_t step, int64_t enable_after);
 // Bytes of the model's weights as stored (packed linears + everything else at its dtype).
 int64_t model_bytes(torch::nn::Module& model);
 bool glob_match(const std::string& pattern, const std::string& name);
+// The rule that selects linear `name` (the first match, unless an exclude matches), or nullptr:
+// prepare's choice, and PTQ's.
+const QuantRule* rule_for(const QatConfig& q, const std::string& name);
 
 }  // namespace qf::quant

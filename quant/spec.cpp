@@ -90,14 +90,7 @@ QuantSpec QuantSpec::preset_named(const std::string& name) {
     ggml(Rule::GgmlQ4_K, 4, false, 256);
   } else if (name == "q6_k") {
     ggml(Rule::GgmlQ6_K, 6, true, 256);
-  } else if (name == "int4-g128-asym") {
-    s.bits = 4, s.symmetric = false, s.granularity = Granularity::PerGroup, s.group_size = 128, s.scale_dtype = ScaleDType::F16;
-  } else if (name == "int4-g128") {
-    s.bits = 4, s.symmetric = true, s.granularity = Granularity::PerGroup, s.group_size = 128, s.scale_dtype = ScaleDType::F16;
-  } else if (name == "int3-g128" || name == "int3-g128-asym") {
-    s.bits = 3, s.symmetric = name == "int3-g128", s.granularity = Granularity::PerGroup, s.group_size = 128;
-    s.scale_dtype = ScaleDType::F16;
-  } else if (name == "int4-g32") {
+  } else if (name == "int4-g32") {  // fp32 scales, unlike the fp16 of int<b>-g<G> below
     s.bits = 4, s.symmetric = true, s.granularity = Granularity::PerGroup, s.group_size = 32;
   } else if (name == "int8-per-channel") {
     s.bits = 8, s.symmetric = true, s.granularity = Granularity::PerChannel;
@@ -108,7 +101,8 @@ QuantSpec QuantSpec::preset_named(const std::string& name) {
     s.bits = 8, s.granularity = Granularity::PerChannel;
   } else if (int b = 0, g = 0, used = 0; std::sscanf(name.c_str(), "int%d-g%d%n", &b, &g, &used) == 2 && b >= 2 &&
              b <= 8 && g >= 2 && (name.c_str()[used] == 0 || std::string(name.c_str() + used) == "-asym")) {
-    // int<bits>-g<group>[-asym]: symmetric (or asymmetric) per-group with fp16 scales, like int4-g128.
+    // int<bits>-g<group>[-asym] (int4-g128, int4-g128-asym, int3-g128, ...): symmetric (or
+    // asymmetric) per-group with fp16 scales.
     s.bits = b, s.symmetric = name.c_str()[used] == 0, s.granularity = Granularity::PerGroup, s.group_size = g;
     s.scale_dtype = ScaleDType::F16;
   } else {

@@ -431,11 +431,9 @@ TrainResult Trainer::train() {
   EvalShard shard;
   if (pg_) {
     shard = {denv_.rank, denv_.world_size, [this](double& loss, double& tokens) {
-               std::vector<at::Tensor> v{at::tensor({loss, tokens}, at::kDouble).to(device_)};  // NCCL: device tensors
-               collective(denv_, step_, "validation all-reduce", [&] { pg_->allreduce(v)->wait(); });
-               auto h = v[0].cpu();
-               loss = h[0].item<double>();
-               tokens = h[1].item<double>();
+               auto s = allreduce_sums({loss, tokens}, "validation all-reduce", step_);
+               loss = s[0];
+               tokens = s[1];
              }};
   }
   auto eval = [&]() {
@@ -688,10 +686,12 @@ NamedTensors Trainer::gather_optimizer_state() {
   return out;
 }
 
-double Trainer::allreduce_sum(double v) {
-  std::vector<at::Tensor> t{at::full({1}, v, at::TensorOptions().dtype(at::kDouble).device(device_))};
-  collective(denv_, step_ + 1, "all-reduce", [&] { pg_->allreduce(t)->wait(); });
-  return t[0].item<double>();
+std::vector<double> Trainer::allreduce_sums(std::vector<double> v, const char* what, int64_t step) {
+  std::vector<at::Tensor> t{at::tensor(v, at::kDouble).to(device_)};  // NCCL reduces device tensors
+  collective(denv_, step, what, [&] { pg_->allreduce(t)->wait(); });
+  auto h = t[0].cpu();
+  for (size_t i = 0; i < v.size(); ++i) v[i] = h[static_cast<int64_t>(i)].item<double>();
+  return v;
 }
 
 void Trainer::barrier() {

@@ -108,7 +108,9 @@ class Trainer {
   std::vector<int> owner_;
   bool owns(size_t i) const { return zero_ == 0 || owner_[i] == denv_.rank; }
   void broadcast_model();
-  double allreduce_sum(double v);
+  // Sums over the ranks in one all-reduce; `what` and `step` name it if a peer is gone.
+  std::vector<double> allreduce_sums(std::vector<double> v, const char* what, int64_t step);
+  double allreduce_sum(double v) { return allreduce_sums({v}, "all-reduce", step_ + 1)[0]; }
   void barrier();
   double clip_sharded_grads(double max_norm);  // ZeRO-2: the global norm from each rank's own gradients
   void sync_params();                        // ZeRO: each owner broadcasts its updated parameters

@@ -31,8 +31,7 @@ int main(int argc, char** argv) {
         pg->allreduce(u)->wait();
       } catch (const std::exception& e) {
         const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        std::string w = e.what();
-        std::fprintf(stderr, "rank %lld: peer lost after %.2f s: %s\n", (long long)env.rank, s, w.substr(0, w.find('\n')).c_str());
+        std::fprintf(stderr, "rank %lld: peer lost after %.2f s: %s\n", (long long)env.rank, s, first_line(e.what()).c_str());
         return 1;
       }
       std::printf("rank %lld: second all-reduce succeeded without rank 1\n", (long long)env.rank);

@@ -77,7 +77,7 @@ c10::intrusive_ptr<c10d::Backend> init_backend(const Env& env, BackendKind kind,
                                        : "is MASTER_ADDR reachable and rank 0 started?";
     throw Error(str("distributed rendezvous: rank ", env.rank, " of ", env.world_size, " could not ",
                     env.rank == 0 ? "serve" : "reach", " the store at ", env.master_addr, ":", env.master_port,
-                    " within ", timeout.count() / 1000.0, " s (", hint, "): ", what.substr(0, what.find('\n'))));
+                    " within ", timeout.count() / 1000.0, " s (", hint, "): ", first_line(what)));
   }
   check_world(*store, env, timeout);
 #ifdef QFORGE_WITH_NCCL
@@ -85,9 +85,7 @@ c10::intrusive_ptr<c10d::Backend> init_backend(const Env& env, BackendKind kind,
     try {
       return make_nccl(store, env, timeout);
     } catch (const std::exception& e) {
-      std::string what = e.what();
-      throw Error(str("distributed init (nccl): rank ", env.rank, " of ", env.world_size, ": ",
-                      what.substr(0, what.find('\n'))));
+      throw Error(str("distributed init (nccl): rank ", env.rank, " of ", env.world_size, ": ", first_line(e.what())));
     }
   }
 #endif
@@ -102,10 +100,8 @@ c10::intrusive_ptr<c10d::Backend> init_backend(const Env& env, BackendKind kind,
   try {
     return c10::make_intrusive<c10d::ProcessGroupGloo>(store, static_cast<int>(env.rank), static_cast<int>(env.world_size), go);
   } catch (const std::exception& e) {
-    std::string what = e.what();
     throw Error(str("distributed init (gloo): rank ", env.rank, " of ", env.world_size,
-                    " could not connect to its peers within ", timeout.count() / 1000.0, " s: ",
-                    what.substr(0, what.find('\n'))));
+                    " could not connect to its peers within ", timeout.count() / 1000.0, " s: ", first_line(e.what())));
   }
 }
 

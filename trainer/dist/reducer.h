@@ -49,9 +49,8 @@ void collective(const Env& env, int64_t step, const char* what, F&& f) {
   try {
     f();
   } catch (const std::exception& e) {
-    std::string w = e.what();
     throw Error(str("data parallel: rank ", env.rank, " of ", env.world_size, ": ", what, " at step ", step,
-                    " failed (another rank died, was killed or timed out): ", w.substr(0, w.find('\n'))));
+                    " failed (another rank died, was killed or timed out): ", first_line(e.what())));
   }
 }
 
