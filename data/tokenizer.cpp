@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <string_view>
 #include <nlohmann/json.hpp>
 #include <unordered_map>
 
@@ -64,6 +65,93 @@ TokenizerConfig TokenizerConfig::from_config(cfg::Reader& r) {
 
 namespace {
 
+// What libsentencepiece 0.1.x does not expose (its ModelProto headers are not installed): each
+// piece's type (USER_DEFINED included) and the normalizer spec, read from the serialized
+// ModelProto with protobuf's wire format. Field numbers from sentencepiece_model.proto:
+// ModelProto {1: repeated SentencePiece pieces, 3: NormalizerSpec normalizer_spec};
+// SentencePiece {1: piece, 2: score, 3: type = NORMAL}; NormalizerSpec {1: name,
+// 3: add_dummy_prefix = true, 4: remove_extra_whitespaces = true}.
+struct ModelFacts {
+  std::vector<int32_t> types;
+  Tokenizer::Normalization norm{"", true, true};
+};
+
+class WireReader {
+ public:
+  explicit WireReader(std::string_view b) : b_(b) {}
+  bool done() const { return p_ >= b_.size(); }
+  uint64_t varint() {
+    uint64_t v = 0;
+    for (int shift = 0; shift < 64; shift += 7) {
+      QF_CHECK(p_ < b_.size(), "truncated varint");
+      uint8_t c = static_cast<uint8_t>(b_[p_++]);
+      v |= static_cast<uint64_t>(c & 0x7f) << shift;
+      if (!(c & 0x80)) return v;
+    }
+    QF_CHECK(false, "malformed varint");
+    return 0;
+  }
+  // Reads one field's key; its value is read by the caller (varint/bytes) or skipped.
+  std::pair<uint32_t, uint32_t> key() {
+    uint64_t k = varint();
+    return {static_cast<uint32_t>(k >> 3), static_cast<uint32_t>(k & 7)};
+  }
+  std::string_view bytes() {
+    uint64_t n = varint();
+    QF_CHECK(n <= b_.size() - p_, "truncated field");
+    auto v = b_.substr(p_, n);
+    p_ += n;
+    return v;
+  }
+  void skip(uint32_t wire) {
+    switch (wire) {
+      case 0: varint(); return;
+      case 1: advance(8); return;
+      case 2: bytes(); return;
+      case 5: advance(4); return;
+      default: QF_CHECK(false, "unsupported wire type ", wire);
+    }
+  }
+
+ private:
+  void advance(size_t n) {
+    QF_CHECK(n <= b_.size() - p_, "truncated field");
+    p_ += n;
+  }
+  std::string_view b_;
+  size_t p_ = 0;
+};
+
+ModelFacts model_facts(std::string_view model) {
+  ModelFacts f;
+  WireReader r(model);
+  while (!r.done()) {
+    auto [field, wire] = r.key();
+    if (field == 1 && wire == 2) {
+      WireReader piece(r.bytes());
+      int32_t type = 1;
+      while (!piece.done()) {
+        auto [pf, pw] = piece.key();
+        if (pf == 3 && pw == 0) type = static_cast<int32_t>(piece.varint());
+        else piece.skip(pw);
+      }
+      f.types.push_back(type);
+    } else if (field == 3 && wire == 2) {
+      WireReader spec(r.bytes());
+      while (!spec.done()) {
+        auto [sf, sw] = spec.key();
+        if (sf == 1 && sw == 2) f.norm.rule = std::string(spec.bytes());
+        else if (sf == 3 && sw == 0) f.norm.add_dummy_prefix = spec.varint() != 0;
+        else if (sf == 4 && sw == 0) f.norm.remove_extra_whitespaces = spec.varint() != 0;
+        else spec.skip(sw);
+      }
+    } else {
+      r.skip(wire);
+    }
+  }
+  return f;
+}
+
 class SentencePieceTokenizer final : public Tokenizer {
  public:
   SentencePieceTokenizer(std::string path, std::string bytes) : path_(std::move(path)) {
@@ -73,6 +161,14 @@ class SentencePieceTokenizer final : public Tokenizer {
     if (sp_.GetPieceSize() <= 0)
       throw InputError(str("tokenizer file '", path_, "' is not a valid sentencepiece model: it has no pieces"));
     fingerprint_ = "spm:" + fs::hex64(fs::fnv1a64(bytes));
+    try {
+      facts_ = model_facts(bytes);
+    } catch (const Error& e) {
+      throw InputError(str("tokenizer file '", path_, "' is not a valid sentencepiece model: ", e.what()));
+    }
+    if (static_cast<int>(facts_.types.size()) != sp_.GetPieceSize())
+      throw InputError(str("tokenizer file '", path_, "' is not a valid sentencepiece model: ", facts_.types.size(),
+                           " pieces read, sentencepiece loaded ", sp_.GetPieceSize()));
   }
   std::vector<int32_t> encode(const std::string& text) const override {
     std::vector<int> ids;
@@ -84,14 +180,10 @@ class SentencePieceTokenizer final : public Tokenizer {
     QF_CHECK(id >= 0 && id < sp_.GetPieceSize(), "token id ", id, " is out of range for tokenizer '", path_, "'");
     return sp_.IdToPiece(id);
   }
-  Entry entry(int32_t id) const override {
-    Entry e{token(id), sp_.GetScore(id), 1};
-    if (sp_.IsUnknown(id)) e.type = 2;
-    else if (sp_.IsControl(id)) e.type = 3;
-    else if (sp_.IsUnused(id)) e.type = 5;
-    else if (sp_.IsByte(id)) e.type = 6;
-    return e;
-  }
+  // sentencepiece's piece types are llama.cpp's token types (NORMAL 1, UNKNOWN 2, CONTROL 3,
+  // USER_DEFINED 4, UNUSED 5, BYTE 6), as convert_hf_to_gguf.py copies them.
+  Entry entry(int32_t id) const override { return {token(id), sp_.GetScore(id), facts_.types[id]}; }
+  Normalization normalization() const override { return facts_.norm; }
   std::string kind() const override { return "sentencepiece"; }
   std::string decode(const std::vector<int32_t>& ids) const override {
     const int n = sp_.GetPieceSize();
@@ -116,6 +208,7 @@ class SentencePieceTokenizer final : public Tokenizer {
  private:
   std::string path_;
   std::string fingerprint_;
+  ModelFacts facts_;
   sentencepiece::SentencePieceProcessor sp_;
 };
 
@@ -249,6 +342,15 @@ void train_sentencepiece(const TokenizerConfig& cfg) {
       {"character_coverage", str(t.character_coverage)},
       {"input_sentence_size", std::to_string(t.max_sentences)},
       {"shuffle_input_sentence", "true"},
+      // Llama's settings: the text is kept as it is (no NFKC, newlines and indentation survive;
+      // a newline, never inside a training line, encodes as the <0x0A> byte piece), runs of
+      // spaces may be pieces of their own, characters outside the vocabulary fall back to bytes,
+      // numbers are split into digits, and a "▁" is prepended (llama.cpp's add_space_prefix).
+      {"normalization_rule_name", "identity"},
+      {"remove_extra_whitespaces", "false"},
+      {"allow_whitespace_only_pieces", "true"},
+      {"add_dummy_prefix", "true"},
+      {"split_digits", "true"},
       {"byte_fallback", "true"},
       {"unk_id", "0"},
       {"bos_id", "1"},
@@ -289,13 +391,23 @@ std::unique_ptr<Tokenizer> load_tokenizer_dir(const std::string& dir) {
 
 std::unique_ptr<Tokenizer> load_or_train_tokenizer(const TokenizerConfig& cfg) {
   switch (cfg.type) {
-    case TokenizerConfig::Type::SentencePiece:
+    case TokenizerConfig::Type::SentencePiece: {
       if (!stdfs::exists(cfg.path)) {
         QF_CHECK_INPUT(cfg.train.enabled, "tokenizer file '", cfg.path,
                        "' does not exist; set tokenizer.train.enabled: true to train one");
         train_sentencepiece(cfg);
+        return load_sentencepiece(cfg.path);
       }
-      return load_sentencepiece(cfg.path);
+      auto tok = load_sentencepiece(cfg.path);
+      // An existing file wins over the train: settings; say so when it is an older qforge model
+      // that loses text (its ids then also differ from llama.cpp's on an exported GGUF).
+      auto n = tok->normalization();
+      if (cfg.train.enabled && (n.rule != "identity" || n.remove_extra_whitespaces))
+        log::warn("tokenizer '", cfg.path, "' exists and is used as is, but it normalizes text (", n.rule,
+                  n.remove_extra_whitespaces ? ", extra whitespace removed" : "",
+                  "), so newlines and indentation are not kept; delete it to retrain with identity normalisation");
+      return tok;
+    }
     case TokenizerConfig::Type::HuggingFace:
       return load_hf_tokenizer(cfg.path);
   }

@@ -24,6 +24,15 @@ class Tokenizer {
     int32_t type = 1;
   };
   virtual Entry entry(int32_t id) const { return {token(id), 0.f, 1}; }
+  // A sentencepiece model's normalizer spec: what a runtime must reproduce to give the same ids
+  // (llama.cpp's "llama" vocabulary applies none of it except the dummy prefix, its
+  // tokenizer.ggml.add_space_prefix). Other tokenizers report {"", false, false}.
+  struct Normalization {
+    std::string rule;                       // "identity", "nmt_nfkc", ... ("" when not sentencepiece)
+    bool add_dummy_prefix = false;          // "▁" prepended to the text before encoding
+    bool remove_extra_whitespaces = false;  // leading/trailing spaces dropped, runs collapsed
+  };
+  virtual Normalization normalization() const { return {}; }
   virtual std::string kind() const = 0;  // "sentencepiece" or "huggingface-bpe"
   virtual int64_t vocab_size() const = 0;
   virtual int32_t bos_id() const = 0;  // -1 when the tokenizer has none
@@ -39,7 +48,10 @@ struct TokenizerConfig {
   enum class ModelType { Bpe, Unigram };
   Type type = Type::SentencePiece;
   std::string path;              // .model file (sentencepiece) or tokenizer.json / its directory (huggingface)
-  // When train.enabled and `path` does not exist, a sentencepiece model is trained on these sources.
+  // When train.enabled and `path` does not exist, a sentencepiece model is trained on these sources,
+  // the way Llama's tokenizer was: identity normalisation (text kept byte for byte: newlines,
+  // indentation, runs of spaces), whitespace-only pieces, byte fallback, digits split, a dummy "▁"
+  // prefix. decode(encode(text)) == text for any UTF-8 text.
   struct Train {
     bool enabled = false;
     std::vector<std::string> sources;  // files or directories (recursively, *.txt/*.rst*/*.md/*.jsonl text)

@@ -145,6 +145,15 @@ GgufExportResult export_gguf(models::CausalLM& model, const data::Tokenizer& tok
   if (tok.pad_id() >= 0) w.add_u32("tokenizer.ggml.padding_token_id", static_cast<uint32_t>(tok.pad_id()));
   w.add_bool("tokenizer.ggml.add_bos_token", tok.bos_id() >= 0);
   w.add_bool("tokenizer.ggml.add_eos_token", false);
+  // llama.cpp's "llama" vocabulary tokenizes the raw text: it prepends a space when
+  // add_space_prefix (sentencepiece's add_dummy_prefix) and normalizes nothing else.
+  const auto norm = tok.normalization();
+  w.add_bool("tokenizer.ggml.add_space_prefix", norm.add_dummy_prefix);
+  if (norm.rule != "identity" || norm.remove_extra_whitespaces)
+    log::warn("export: tokenizer '", tok.path(), "' normalizes text (", norm.rule,
+              norm.remove_extra_whitespaces ? ", extra whitespace removed" : "",
+              ") and llama.cpp does not: its ids will differ from qforge's wherever that normalization changes the "
+              "text (newlines, runs of spaces, NFKC forms)");
 
   // Each tensor is added with its type decided now and a producer that makes its bytes when the
   // writer reaches it.

@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 #include <yaml-cpp/yaml.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <cstdlib>
@@ -231,6 +232,122 @@ TEST_F(SentencePieceTest, DatasetOnARealModel) {
   Dataset ds2 = build_dataset(dc, *other);
   EXPECT_NE(ds2.cache_file, ds.cache_file);
   EXPECT_FALSE(ds2.cache_hit);
+}
+
+// ----------------------------------------------------------------------------------------------
+// The text is kept (Llama's settings: identity normalisation, whitespace pieces, byte fallback,
+// split digits, dummy prefix), trained on indented Python-like code.
+
+namespace {
+
+// Deterministic Python-ish source: functions with 4- and 8-space indentation, blank lines,
+// comments, numbers and a tab now and then.
+std::string generated_code(int n_funcs, uint64_t seed = 5) {
+  static const char* names[] = {"scale", "weight", "token", "layer", "quant", "batch", "group", "point"};
+  uint64_t s = seed;
+  auto rnd = [&] {
+    s = s * 6364136223846793005ULL + 1442695040888963407ULL;
+    return static_cast<size_t>(s >> 33);
+  };
+  std::string out;
+  for (int i = 0; i < n_funcs; ++i) {
+    std::string a = names[rnd() % 8], b = names[rnd() % 8];
+    out += "def " + a + "_" + std::to_string(i) + "(" + b + ", x):\n";
+    out += "    \"\"\"Return the " + a + " of " + b + ".\"\"\"\n";
+    out += "    if x > " + std::to_string(rnd() % 1000) + ":\n";
+    out += "        return " + b + " * x  # " + a + "\n";
+    out += "    for i in range(" + std::to_string(rnd() % 100) + "):\n";
+    out += "        x = x + " + b + "[i]\n";
+    out += (i % 5 == 0) ? "\treturn x\n\n\n" : "    return x\n\n";
+  }
+  return out;
+}
+
+class KeepsTheTextTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new TmpDir();
+    write(*dir_ / "code.py.txt", generated_code(300) + generated_text(200, 4));
+    tok_ = load_or_train_tokenizer(train_config(*dir_ / "code.model", *dir_ / "code.py.txt", 500)).release();
+  }
+  static void TearDownTestSuite() {
+    delete tok_;
+    delete dir_;
+  }
+  static TmpDir* dir_;
+  static Tokenizer* tok_;
+};
+TmpDir* KeepsTheTextTest::dir_ = nullptr;
+Tokenizer* KeepsTheTextTest::tok_ = nullptr;
+
+}  // namespace
+
+TEST_F(KeepsTheTextTest, NewlinesAndIndentationGiveDifferentIds) {
+  auto a = tok_->encode("def f(x):\n    return x");
+  auto b = tok_->encode("def f(x): return x");
+  EXPECT_NE(a, b);
+  EXPECT_EQ(tok_->decode(a), "def f(x):\n    return x");
+  EXPECT_EQ(tok_->decode(b), "def f(x): return x");
+  // A newline is the <0x0A> byte piece, as in Llama's vocabulary; indentation is kept as pieces
+  // of spaces (whitespace-only pieces are learned from the indented corpus).
+  auto nl = tok_->encode("a\nb");
+  std::vector<std::string> pieces;
+  for (auto id : nl) pieces.push_back(tok_->token(id));
+  EXPECT_NE(std::find(pieces.begin(), pieces.end(), "<0x0A>"), pieces.end());
+  bool spaces_piece = false;
+  for (int32_t i = 0; i < tok_->vocab_size(); ++i)
+    spaces_piece |= tok_->token(i) == "\u2581\u2581\u2581\u2581" || tok_->token(i) == "\u2581\u2581\u2581";
+  EXPECT_TRUE(spaces_piece) << "no whitespace-only piece learned from 4-space indentation";
+  EXPECT_NE(tok_->encode("x  y"), tok_->encode("x y"));
+  EXPECT_NE(tok_->encode("x\ty"), tok_->encode("x y"));
+  EXPECT_NE(tok_->encode(" x"), tok_->encode("x"));
+}
+
+TEST_F(KeepsTheTextTest, DecodeRoundTripsAnyText) {
+  for (std::string s :
+       {std::string("def f(x):\n    return x"), std::string("class A:\n\tdef g(self):\n\t\tpass\n"),
+        std::string("runs   of    spaces     and\ttabs\t\tand\n\n\nblank lines"),
+        std::string("  leading and trailing  "), std::string("\n"), std::string(" "), std::string("   "),
+        std::string("\n\n  x"), std::string("caf\u00e9 na\u00efve \u00e9t\u00e9"),
+        std::string("\u4e2d\u6587\u5b57\u7b26"), std::string("emoji \U0001F600\U0001F389 mixed\U0001F44D\U0001F3FDtext"),
+        std::string("ﬁ ligature, full-width \uff21\uff22 and \u2126 (NFKC would change these)"),
+        std::string("crlf\r\nline"), std::string("x = 1234567890 + 3.14159")}) {
+    auto ids = tok_->encode(s);
+    EXPECT_EQ(tok_->decode(ids), s) << "ids of '" << s << "' do not decode back to it";
+  }
+  // Characters outside the vocabulary are byte pieces, never <unk>.
+  for (auto id : tok_->encode("\u4e2d\u6587 \U0001F600")) EXPECT_NE(id, 0) << "unknown piece";
+}
+
+TEST_F(KeepsTheTextTest, DigitsAreSplit) {
+  auto ids = tok_->encode("x = 1234567890 + 3.14159 and 1000 items");
+  int64_t digits = 0;
+  for (auto id : ids) {
+    std::string p = tok_->token(id);
+    int64_t n = std::count_if(p.begin(), p.end(), [](char c) { return c >= '0' && c <= '9'; });
+    EXPECT_LE(n, 1) << "piece '" << p << "' holds several digits";
+    digits += n;
+  }
+  EXPECT_EQ(digits, 10 + 6 + 4);
+}
+
+TEST_F(KeepsTheTextTest, NormalizationAndPieceTypesAreWhatARuntimeNeeds) {
+  auto n = tok_->normalization();
+  EXPECT_EQ(n.rule, "identity");
+  EXPECT_TRUE(n.add_dummy_prefix);
+  EXPECT_FALSE(n.remove_extra_whitespaces);
+  // llama.cpp token types: <unk> unknown, <s> </s> <pad> control, <0xNN> byte, the rest normal.
+  EXPECT_EQ(tok_->entry(0).type, 2);
+  for (int32_t i : {1, 2, 3}) EXPECT_EQ(tok_->entry(i).type, 3) << tok_->token(i);
+  int64_t bytes = 0;
+  for (int32_t i = 4; i < tok_->vocab_size(); ++i) {
+    auto e = tok_->entry(i);
+    bool byte_piece = e.piece.size() == 6 && e.piece.rfind("<0x", 0) == 0 && e.piece.back() == '>';
+    EXPECT_EQ(e.type, byte_piece ? 6 : 1) << e.piece;
+    bytes += byte_piece;
+  }
+  EXPECT_EQ(bytes, 256);
+  EXPECT_EQ(tok_->token(4 + 0x0A), "<0x0A>");
 }
 
 // ----------------------------------------------------------------------------------------------

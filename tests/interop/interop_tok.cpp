@@ -1,6 +1,7 @@
-// interop_tok TOKENIZER IN.json OUT.json: loads a Hugging Face tokenizer.json (data/hf_tokenizer.h)
-// and, for the list of strings in IN.json, writes {"ids": [[...]...], "decoded": [...], "bos": id,
-// "eos": id} to OUT.json for tests/interop/test_hf_tokenizers.py. Exit 1 with the error otherwise.
+// interop_tok TOKENIZER IN.json OUT.json: loads a Hugging Face tokenizer.json (data/hf_tokenizer.h),
+// or a sentencepiece .model file (data/tokenizer.h), and, for the list of strings in IN.json, writes
+// {"ids": [[...]...], "decoded": [...], "bos": id, "eos": id} to OUT.json for
+// tests/interop/test_hf_tokenizers.py and test_gguf_tokenizer.py. Exit 1 with the error otherwise.
 #include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -8,6 +9,7 @@
 #include "core/error.h"
 #include "core/fs.h"
 #include "data/hf_tokenizer.h"
+#include "data/tokenizer.h"
 
 int main(int argc, char** argv) {
   if (argc != 4) {
@@ -15,7 +17,9 @@ int main(int argc, char** argv) {
     return 2;
   }
   try {
-    auto tok = qf::data::load_hf_tokenizer(argv[1]);
+    const std::string path = argv[1];
+    const bool spm = path.size() > 6 && path.compare(path.size() - 6, 6, ".model") == 0;
+    auto tok = spm ? qf::data::load_sentencepiece(path) : qf::data::load_hf_tokenizer(path);
     auto in = nlohmann::json::parse(qf::fs::read_file(argv[2]));
     nlohmann::json out = {{"ids", nlohmann::json::array()}, {"decoded", nlohmann::json::array()},
                           {"bos", tok->bos_id()}, {"eos", tok->eos_id()}, {"vocab_size", tok->vocab_size()}};
