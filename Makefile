@@ -1,7 +1,7 @@
 # qforge — the two commands a new user needs:
 #   make demo   install what is missing, build, run the embedded default (pretrain -> eval -> sample)
 #   make test   install what is missing, build, run every test (exits non-zero on any failure)
-# Also: make setup | build | bench | clean
+# Also: make setup | build | bench | clean | fresh-check (both commands on a fresh clone, empty caches)
 SHELL := /bin/bash
 JOBS ?= $(shell nproc)
 BUILD ?= build
@@ -10,7 +10,7 @@ export CCACHE_SLOPPINESS := pch_defines,time_macros,include_file_mtime,include_f
 export CCACHE_MAXSIZE ?= 5G
 export PATH := $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda/bin:,)$(PATH)
 
-.PHONY: setup build demo test bench clean
+.PHONY: setup build demo test bench clean fresh-check
 
 setup:
 	@scripts/setup.sh
@@ -38,6 +38,9 @@ bench: build
 	@bench/hf_load.sh
 	@bench/export_gguf.sh
 	@bench/ptq_quality.sh
+
+fresh-check:
+	@scripts/fresh_check.sh
 
 clean:
 	rm -rf $(BUILD) $(BUILD).configure.log

@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # The embedded default run (`make demo`): pretrain a small Llama-family model from scratch on the
-# King James Bible, then quantize it to llama.cpp's q4_0 two ways and compare held-out perplexity
-# and weight bytes, with torchao's methodology: an FP control fine-tuned for the same 300 steps,
-# PTQ = round-to-nearest q4_0 of that control, QAT = the same 300 steps with q4_0 fake quant;
-# recovery = (ppl_PTQ - ppl_QAT) / (ppl_PTQ - ppl_control). Then QLoRA domain fine-tuning of the
-# pretrained model on Python's documentation (configs/tiny_qlora_domain.yaml) next to a full
-# fine-tune: domain and general perplexity before/after, and the training-memory table of full
-# fine-tune vs LoRA vs bf16 LoRA vs QLoRA. Finally the QAT model is exported to GGUF q4_0 and run by
-# llama.cpp, its perplexity printed next to qforge's. Everything lands in runs/demo/.
+# King James Bible, then quantize it to 3-bit weights (symmetric int3, groups of 32, fp16 scales)
+# three ways and compare held-out perplexity and weight bytes, with torchao's methodology: an FP
+# control fine-tuned for the same 300 steps, RTN = round-to-nearest of that control, GPTQ of the
+# same control, QAT = the same 300 steps with int3 fake quant; recovery = (ppl_RTN - ppl_X) /
+# (ppl_RTN - ppl_control). 3 bits because at 4 bits this 4M-parameter model's gap is within the
+# noise between CPUs. Then QLoRA domain fine-tuning of the pretrained model on Python's
+# documentation (configs/tiny_qlora_domain.yaml) next to a full fine-tune: domain and general
+# perplexity before/after, and the training-memory table of full fine-tune vs LoRA vs bf16 LoRA vs
+# QLoRA. Finally a QAT run against llama.cpp's q4_0 is exported to GGUF and run by llama.cpp, its
+# perplexity printed next to qforge's. Everything lands in runs/demo/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 Q=build/qforge
 OUT=runs/demo
 rm -rf "$OUT"
 start=$(date +%s)
+CPU="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores"
+echo "demo on: $CPU"
 
 echo "== [1/10] pretraining the embedded default (configs/tiny_pretrain.yaml) =="
 $Q train run.out_dir=$OUT/pretrain
@@ -21,14 +25,14 @@ $Q train run.out_dir=$OUT/pretrain
 echo; echo "== [2/10] FP control: the QAT recipe's 300 steps without fake quant =="
 $Q train configs/tiny_qat_q4_0.yaml quant.enabled=false run.out_dir=$OUT/ft_fp run.init_from=$OUT/pretrain 'sample.prompts=[]'
 
-echo; echo "== [3/10] post-training quantization of the control: RTN to q4_0 (configs/tiny_ptq_q4_0.yaml) =="
-$Q train configs/tiny_ptq_q4_0.yaml run.out_dir=$OUT/ptq_q4_0 run.init_from=$OUT/ft_fp
+echo; echo "== [3/10] post-training quantization of the control: RTN to int3 g32 (configs/tiny_ptq_int3.yaml) =="
+$Q train configs/tiny_ptq_int3.yaml run.out_dir=$OUT/ptq_int3 run.init_from=$OUT/ft_fp
 
-echo; echo "   ... and GPTQ to q4_0 of the same control (qforge quantize; 128 calibration windows of the training text)"
-$Q quantize $OUT/ft_fp --method gptq --quant q4_0 --out $OUT/gptq_q4_0
+echo; echo "   ... and GPTQ to int3 g32 of the same control (qforge quantize; 128 calibration windows of the training text)"
+$Q quantize $OUT/ft_fp --method gptq --quant int3-g32 --out $OUT/gptq_int3
 
-echo; echo "== [4/10] quantization-aware training against q4_0 (configs/tiny_qat_q4_0.yaml) =="
-$Q train configs/tiny_qat_q4_0.yaml run.out_dir=$OUT/qat_q4_0 run.init_from=$OUT/pretrain
+echo; echo "== [4/10] quantization-aware training against int3 g32 (configs/tiny_qat_int3.yaml) =="
+$Q train configs/tiny_qat_int3.yaml run.out_dir=$OUT/qat_int3 run.init_from=$OUT/pretrain
 
 echo; echo "== [5/10] held-out perplexity of each model (qforge eval) =="
 row() {  # label, run-or-checkpoint dir
@@ -45,17 +49,19 @@ echo "model,heldout_ppl,weight_bytes" > "$OUT/summary.csv"
   printf "|%s|%s|%s|\n" "------------------------------------" "------------" "--------------"
   row "FP32 pretrained (1000 steps)" $OUT/pretrain
   row "FP32 control (+300 steps)" $OUT/ft_fp
-  row "PTQ: RTN q4_0 of the control" $OUT/ptq_q4_0/converted
-  row "PTQ: GPTQ q4_0 of the control" $OUT/gptq_q4_0
-  row "QAT q4_0 (+300 steps; converted)" $OUT/qat_q4_0/converted
+  row "PTQ: RTN int3 g32 of the control" $OUT/ptq_int3/converted
+  row "PTQ: GPTQ int3 g32 of the control" $OUT/gptq_int3
+  row "QAT int3 g32 (+300 steps; converted)" $OUT/qat_int3/converted
 } | tee "$OUT/summary.md"
 awk -F, 'NR==3{fp=$2} NR==4{rtn=$2} NR==5{gptq=$2} NR==6{qat=$2} END{
-  printf "RTN q4_0 opens a perplexity gap of %.3f over the FP control; ", rtn-fp;
+  printf "RTN int3 g32 opens a perplexity gap of %.3f over the FP control; ", rtn-fp;
   if (rtn > fp) printf "GPTQ closes %.1f%% of it, QAT recovers %.1f%% ((rtn - x) / (rtn - control))\n", 100*(rtn-gptq)/(rtn-fp), 100*(rtn-qat)/(rtn-fp);
   else printf "there is no gap to recover\n" }' "$OUT/summary.csv" | tee -a "$OUT/summary.md"
 
-echo; echo "== [6/10] greedy generation from the QAT q4_0 model (packed weights) =="
-$Q generate $OUT/qat_q4_0/converted --prompt "In the beginning" -n 40 -t 0
+echo "measured on: $CPU" | tee -a "$OUT/summary.md"
+
+echo; echo "== [6/10] greedy generation from the QAT int3 model (packed weights) =="
+$Q generate $OUT/qat_int3/converted --prompt "In the beginning" -n 40 -t 0
 
 echo; echo "== [7/10] QLoRA domain fine-tuning on Python's docs (configs/tiny_qlora_domain.yaml) and a full fine-tune =="
 $Q train configs/tiny_qlora_domain.yaml run.out_dir=$OUT/qlora_domain run.init_from=$OUT/pretrain
@@ -92,7 +98,8 @@ mem_row() { .venv/bin/python scripts/memory_row.py "$1" "$2"; }
 echo; echo "== [9/10] greedy generation from the QLoRA model (NF4 base + adapter) =="
 $Q generate $OUT/qlora_domain --prompt "The list of" -n 40 -t 0
 
-echo; echo "== [10/10] the QAT q4_0 model as a GGUF file, run by llama.cpp (llama-cpp-python) =="
+echo; echo "== [10/10] QAT against llama.cpp's q4_0 (configs/tiny_qat_q4_0.yaml), exported to GGUF and run by llama.cpp (llama-cpp-python) =="
+$Q -q train configs/tiny_qat_q4_0.yaml run.out_dir=$OUT/qat_q4_0 run.init_from=$OUT/pretrain 'sample.prompts=[]' >/dev/null
 rm -f $OUT/qat_q4_0.gguf
 $Q -q export $OUT/qat_q4_0/converted --format gguf --quant q4_0 --out $OUT/qat_q4_0.gguf
 qf_json=$($Q -q eval $OUT/qat_q4_0/converted --save-tokens $OUT/heldout_tokens.safetensors | grep '^{')
@@ -106,5 +113,6 @@ print("| qforge (packed q4_0 weights) | %.4f |" % q["ppl"])
 print("| llama.cpp on the exported GGUF | %.4f |" % l["ppl"])
 print("difference: %+.3f%% (llama.cpp also quantizes activations to q8_0 inside its q4_0 matmuls)" % (100 * (l["ppl"] / q["ppl"] - 1)))
 PYEOF
+echo "measured on: $CPU" | tee -a "$OUT/gguf.md"
 echo
 echo "demo finished in $(( $(date +%s) - start )) s; run directories under $OUT/ (metrics.jsonl, tb/, checkpoints/, converted/)"

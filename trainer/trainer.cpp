@@ -1,5 +1,7 @@
 #include "trainer/trainer.h"
 
+#include "core/threads.h"
+
 #include "peft/adapter.h"
 
 #include <ATen/ATen.h>
@@ -71,8 +73,8 @@ at::Tensor token_loss_sum(models::CausalLM& m, const data::Batch& b, at::Device 
 }  // namespace
 
 void set_threads(int64_t threads) {
-  at::set_num_threads(threads > 0 ? static_cast<int>(threads)
-                                  : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+  // 0: every core this process may use (its affinity mask, not the machine's count).
+  at::set_num_threads(threads > 0 ? static_cast<int>(threads) : qf::threads::usable_cores());
 }
 
 at::Device pick_device(DeviceChoice d) {
@@ -209,7 +211,7 @@ void Trainer::setup() {
   // Ranks sharing a node share its cores (run.threads 0 = this rank's share).
   set_threads(run.threads > 0 || denv_.local_world_size <= 1
                   ? run.threads
-                  : std::max<int64_t>(1, std::thread::hardware_concurrency() / denv_.local_world_size));
+                  : std::max<int64_t>(1, qf::threads::usable_cores() / denv_.local_world_size));
   // An unwritable run directory fails before any work; it is created only once the inputs loaded.
   fs::check_writable_dir(run.out_dir);
   // Data parallel: rank 0 trains a missing tokenizer and writes the token caches; the others wait,
@@ -220,8 +222,14 @@ void Trainer::setup() {
   if (mc.vocab_size == 0) {
     mc.vocab_size = tok_->vocab_size();
   } else if (mc.vocab_size < tok_->vocab_size()) {
-    throw ConfigError({str("model.vocab_size: ", mc.vocab_size, " is smaller than the tokenizer's vocabulary of ",
-                           tok_->vocab_size(), " (", tok_->path(), "); use 0 to take it from the tokenizer")});
+    // Under model.from the size is the checkpoint's (its embedding rows): the tokenizer is the misfit.
+    throw ConfigError({mc.from.empty()
+                           ? str("model.vocab_size: ", mc.vocab_size, " is smaller than the tokenizer's vocabulary of ",
+                                 tok_->vocab_size(), " (", tok_->path(), "); use 0 to take it from the tokenizer")
+                           : str("tokenizer.path: ", tok_->path(), " has ", tok_->vocab_size(),
+                                 " tokens but the model.from checkpoint ", mc.from, " has ", mc.vocab_size,
+                                 " embedding rows (config.json vocab_size), so it is not that model's tokenizer; drop "
+                                 "the tokenizer section to use the checkpoint's own tokenizer.json / tokenizer.model")});
   }
   ds_ = data::build_dataset(cfg_.data, *tok_);
   if (is_rank0()) barrier();
@@ -488,7 +496,7 @@ TrainResult Trainer::train() {
     if (cfg_.peft.save_adapter) {
       res.adapter = cfg_.run.out_dir + "/adapter";
       peft::save_adapter(*model_, cfg_.peft, res.adapter,
-                         cfg_.run.init_from.empty() ? "qforge:" + cfg_.run.name : cfg_.run.init_from,
+                         adapter_base_name(cfg_.model.from, cfg_.run.init_from, cfg_.run.name),
                          cfg_.model.family == models::Family::Gpt2);
       log::info("saved PEFT adapter ", res.adapter);
     }
@@ -748,6 +756,18 @@ LoadedRun load_run(const std::string& path, const std::vector<std::string>& over
   std::vector<std::string> ov{"run.init_from=", "model.from="};
   ov.insert(ov.end(), overrides.begin(), overrides.end());
   r.cfg = load_run_config(run_dir + "/config.yaml", ov);
+  {
+    const auto own = cfg::load_yaml(run_dir + "/config.yaml", {});
+    auto get = [&](const char* sec, const char* key) {
+      if (!own.IsMap()) return std::string();
+      const YAML::Node m = own[sec];
+      if (!m.IsDefined() || !m.IsMap()) return std::string();
+      const YAML::Node n = m[key];
+      return n.IsDefined() && n.IsScalar() ? n.Scalar() : std::string();
+    };
+    r.model_from = get("model", "from");
+    r.init_from = get("run", "init_from");
+  }
   r.checkpoint = resolve_checkpoint(path);
   QF_CHECK_INPUT(!r.checkpoint.empty(), "'", path, "' holds no checkpoint (checkpoints/latest is missing)");
   r.cfg.tokenizer.train.enabled = false;
@@ -781,6 +801,96 @@ LoadedRun load_run(const std::string& path, const std::vector<std::string>& over
   r.model->to(pick_device(r.cfg.trainer.device));
   r.model->eval();
   return r;
+}
+
+bool is_hf_dir(const std::string& path) { return sfs::exists(path + "/config.json"); }
+
+std::shared_ptr<models::CausalLM> load_hf_dir(const std::string& dir, const std::string& dtype, nlohmann::json* info,
+                                              bool populate) {
+  auto ck = models::read_hf_checkpoint(dir);
+  const bool bf16 = dtype == "bf16" || (dtype == "auto" && ck.torch_dtype == "bfloat16");
+  ck.config.dtype = bf16 ? models::DType::BF16 : models::DType::F32;
+  auto model = models::build_model(ck.config, /*init=*/false);
+  models::load_hf_weights(*model, ck, !log::quiet(), populate);
+  if (info)
+    *info = {{"source", "huggingface"}, {"architecture", ck.architecture}, {"checkpoint_dtype", ck.torch_dtype},
+             {"files", ck.files.size()}};
+  return model;
+}
+
+namespace {
+
+HfTokenizerFile hf_tokenizer_or_throw(const std::string& dir) {
+  auto f = hf_dir_tokenizer(dir);
+  QF_CHECK_INPUT(!f.path.empty(), "'", dir, "' has config.json but neither tokenizer.model (sentencepiece) nor "
+                 "tokenizer.json; a Hugging Face dir used as a model needs its tokenizer next to the weights");
+  return f;
+}
+
+// Whether transformers' tokenizer for `dir` starts a text with BOS: tokenizer_config.json's
+// add_bos_token, else LlamaTokenizer's default (true) for tokenizer.model, else whether
+// tokenizer.json's post-processor template begins with a special token.
+bool hf_adds_bos(const std::string& dir, const HfTokenizerFile& f) {
+  auto read = [](const std::string& p) {
+    try {
+      return nlohmann::json::parse(fs::read_file(p));
+    } catch (const nlohmann::json::exception& e) {
+      throw InputError(str(p, ": not valid JSON (", e.what(), ")"));
+    }
+  };
+  if (sfs::exists(dir + "/tokenizer_config.json")) {
+    auto c = read(dir + "/tokenizer_config.json");
+    if (c.is_object() && c.contains("add_bos_token") && c["add_bos_token"].is_boolean()) return c["add_bos_token"].get<bool>();
+  }
+  if (f.type == "sentencepiece") return true;
+  auto j = read(f.path);
+  if (!j.is_object() || !j.contains("post_processor") || !j["post_processor"].is_object()) return false;
+  auto pp = j["post_processor"];
+  if (pp.value("type", "") == "Sequence" && pp.contains("processors") && pp["processors"].is_array())
+    for (auto& x : pp["processors"])
+      if (x.is_object() && x.value("type", "") == "TemplateProcessing") pp = x;
+  if (pp.value("type", "") != "TemplateProcessing" || !pp.contains("single") || !pp["single"].is_array() ||
+      pp["single"].empty())
+    return false;
+  return pp["single"][0].is_object() && pp["single"][0].contains("SpecialToken");
+}
+
+}  // namespace
+
+std::vector<std::string> hf_dir_overrides(const std::string& dir) {
+  const auto f = hf_tokenizer_or_throw(dir);
+  return {"model.from=" + dir, "run.init_from=", "tokenizer.train.enabled=false", "tokenizer.type=" + f.type,
+          "tokenizer.path=" + f.path};
+}
+
+LoadedRun load_model(const std::string& path, const std::vector<std::string>& overrides) {
+  if (!is_hf_dir(path)) return load_run(path, overrides);
+  QF_CHECK_INPUT(overrides.empty(), "key=value overrides apply to qforge runs, not to the Hugging Face dir ", path);
+  const auto f = hf_tokenizer_or_throw(path);
+  LoadedRun r;
+  r.hf_dir = true;
+  r.checkpoint = path;
+  r.format = "fp";
+  r.model_from = sfs::absolute(path).lexically_normal().string();
+  r.cfg.source = path + "/config.json";
+  r.cfg.run.name = sfs::path(path).lexically_normal().filename().string();
+  r.cfg.tokenizer.type = f.type == "sentencepiece" ? data::TokenizerConfig::Type::SentencePiece
+                                                   : data::TokenizerConfig::Type::HuggingFace;
+  r.cfg.tokenizer.path = f.path;
+  r.tok = data::load_or_train_tokenizer(r.cfg.tokenizer);
+  r.cfg.data.add_bos = r.tok->bos_id() >= 0 && hf_adds_bos(path, f);
+  r.model = load_hf_dir(path, "fp32");
+  r.cfg.model = r.model->cfg;
+  r.cfg.model.from = path;
+  r.model->to(pick_device(r.cfg.trainer.device));
+  r.model->eval();
+  return r;
+}
+
+std::string adapter_base_name(const std::string& model_from, const std::string& init_from, const std::string& run_name) {
+  if (!model_from.empty()) return sfs::absolute(model_from).lexically_normal().string();
+  if (!init_from.empty()) return init_from;
+  return "qforge:" + run_name;
 }
 
 }  // namespace qf::trainer
