@@ -15,6 +15,9 @@ cd "$(dirname "$0")/.."
 Q=build/qforge
 OUT=runs/demo
 rm -rf "$OUT"
+# The recipes' tokenizer path is shared (runs/tokenizers/); the demo always trains its own, so a
+# file left by an older qforge (which normalized text) is never reused.
+rm -f runs/tokenizers/kjv_bpe4k.model
 start=$(date +%s)
 CPU="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores"
 echo "demo on: $CPU"
