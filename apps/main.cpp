@@ -16,6 +16,7 @@
 #include "core/fs.h"
 #include "core/log.h"
 #include "core/safetensors.h"
+#include "data/text_stream.h"
 #include "models/generate.h"
 #include "quant/qat.h"
 #include "export/gguf_export.h"
@@ -31,6 +32,9 @@
 using namespace qf;
 
 namespace {
+
+using trainer::is_hf_dir;
+using trainer::load_hf_dir;
 
 trainer::RunConfig resolve_config(const std::string& file, const std::vector<std::string>& overrides) {
   if (file.empty()) {
@@ -94,19 +98,29 @@ int cmd_train(const std::string& file, const std::vector<std::string>& overrides
 
 int cmd_eval(const std::string& run, const std::vector<std::string>& overrides, const std::string& split,
              int64_t max_batches, const std::string& text, const std::string& data_from, const std::string& save_tokens) {
-  auto lr = trainer::load_run(run, overrides);
+  QF_CHECK_INPUT(!is_hf_dir(run) || !text.empty() || !data_from.empty(), "eval: ", run,
+                 " is a Hugging Face checkpoint dir, which names no data; give --text FILE|DIR (all of it is "
+                 "scored) or --data-from RECIPE.yaml (its data: section's --split)");
+  auto lr = trainer::load_model(run, overrides);
   trainer::set_threads(lr.cfg.run.threads);
   auto dcfg = lr.cfg.data;
   if (!data_from.empty()) {
     // Another recipe's data section (same split rules), e.g. a domain's held-out text for a base model.
     auto other = trainer::load_run_config(data_from, {"run.init_from="});
+    const bool add_bos = dcfg.add_bos;
     dcfg = other.data;
+    if (lr.hf_dir) dcfg.add_bos = add_bos;  // BOS as the checkpoint's tokenizer adds it
   }
   if (!text.empty()) {
     data::SourceConfig s;
     s.path = text;
     dcfg.sources = {s};
     dcfg.val_fraction = 0.0;
+  }
+  if (dcfg.seq_len > lr.model->cfg.max_seq_len) {
+    log::info("eval: windows of ", lr.model->cfg.max_seq_len, " tokens (the model's context) instead of data.seq_len ",
+              dcfg.seq_len);
+    dcfg.seq_len = lr.model->cfg.max_seq_len;
   }
   auto ds = data::build_dataset(dcfg, *lr.tok);
   const auto& set = (!text.empty() || split == "train") ? ds.train : ds.val;
@@ -128,28 +142,15 @@ int cmd_eval(const std::string& run, const std::vector<std::string>& overrides, 
   return 0;
 }
 
-bool is_hf_dir(const std::string& path) { return std::filesystem::exists(path + "/config.json"); }
-
-// A Hugging Face checkpoint dir as a model (weights memory-mapped when `dtype` matches them).
-std::shared_ptr<models::CausalLM> load_hf_dir(const std::string& path, const std::string& dtype, nlohmann::json* info,
-                                              bool populate = true) {
-  auto ck = models::read_hf_checkpoint(path);
-  const bool bf16 = dtype == "bf16" || (dtype == "auto" && ck.torch_dtype == "bfloat16");
-  ck.config.dtype = bf16 ? models::DType::BF16 : models::DType::F32;
-  auto model = models::build_model(ck.config, /*init=*/false);
-  models::load_hf_weights(*model, ck, !log::quiet(), populate);
-  if (info)
-    *info = {{"source", "huggingface"}, {"architecture", ck.architecture}, {"checkpoint_dtype", ck.torch_dtype},
-             {"files", ck.files.size()}};
-  return model;
-}
-
 int cmd_export(const std::string& run, const std::vector<std::string>& overrides, const std::string& format,
-               const std::string& out, const std::string& dtype, double shard_mb, const std::string& quant) {
+               const std::string& out, const std::string& dtype, double shard_mb, const std::string& quant,
+               const std::string& fallback) {
+  QF_CHECK_INPUT(fallback.empty() || format == "gguf" || format == "gptq" || format == "compressed-tensors",
+                 "export: --fallback applies to --format gguf, gptq and compressed-tensors (quantized layouts)");
   const auto t0 = std::chrono::steady_clock::now();
   std::shared_ptr<models::CausalLM> model;
   std::shared_ptr<data::Tokenizer> tok;
-  std::string what, name;
+  std::string what, name, base_name;
   std::optional<trainer::RunConfig> run_cfg;
   if (is_hf_dir(run)) {
     // A Hugging Face checkpoint: weights mapped in their stored dtype, tokenizer from the same dir.
@@ -167,6 +168,7 @@ int cmd_export(const std::string& run, const std::vector<std::string>& overrides
     tok = std::move(lr.tok);
     what = lr.checkpoint + " (" + lr.format + " model)";
     name = lr.cfg.run.name;
+    base_name = trainer::adapter_base_name(lr.model_from, lr.init_from, name);
     run_cfg = lr.cfg;
   }
   if (format == "peft") {
@@ -174,24 +176,23 @@ int cmd_export(const std::string& run, const std::vector<std::string>& overrides
     QF_CHECK_INPUT(run_cfg && run_cfg->peft.enabled, "export: --format peft needs a LoRA/QLoRA run (peft: section); ",
                    run, " has no adapters");
     exporter::check_out_dir(out);
-    peft::save_adapter(*model, run_cfg->peft, out,
-                       run_cfg->run.init_from.empty() ? "qforge:" + run_cfg->run.name : run_cfg->run.init_from,
-                       run_cfg->model.family == models::Family::Gpt2);
-    std::printf("exported %s to %s: PEFT LoRA adapter (adapter_model.safetensors + adapter_config.json)\n", what.c_str(),
-                out.c_str());
+    peft::save_adapter(*model, run_cfg->peft, out, base_name, run_cfg->model.family == models::Family::Gpt2);
+    std::printf("exported %s to %s: PEFT LoRA adapter (adapter_model.safetensors + adapter_config.json) on %s\n",
+                what.c_str(), out.c_str(), base_name.c_str());
     return 0;
   }
   if (format == "gptq" || format == "compressed-tensors") {
     const auto f = format == "gptq" ? exporter::IntFormat::Gptq : exporter::IntFormat::CompressedTensors;
-    auto r = exporter::export_int(*model, *tok, out, f, quant == "f16" ? "int4-g128" : quant);
+    auto r = exporter::export_int(*model, *tok, out, f, quant == "f16" ? "int4-g128" : quant, fallback);
     std::printf("exported %s to %s: %s, %lld quantized linears (%lld with their trained codes, the rest RTN %s), "
-                "%.2f MB, re-read and decoded\n",
+                "%.2f MB, re-read and decoded%s\n",
                 what.c_str(), r.dir.c_str(), format.c_str(), (long long)r.n_quantized, (long long)r.n_exact,
-                (quant == "f16" ? "int4-g128" : quant).c_str(), r.bytes / 1e6);
+                (quant == "f16" ? "int4-g128" : quant).c_str(), r.bytes / 1e6,
+                r.n_fallback ? str("; ", r.n_fallback, " linears in --fallback ", fallback).c_str() : "");
     return 0;
   }
   if (format == "gguf") {
-    auto r = exporter::export_gguf(*model, *tok, out, quant, name, !log::quiet());
+    auto r = exporter::export_gguf(*model, *tok, out, quant, name, !log::quiet(), fallback);
     for (auto& row : r.rows) log::info("  ", row);
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     std::printf("exported %s to %s: GGUF v3, %lld tensors, %.2f MB (--quant %s%s%s), re-read and verified in %.2f s\n",
@@ -239,10 +240,7 @@ int cmd_quantize(const std::string& src, const std::vector<std::string>& overrid
   if (is_hf_dir(src)) {
     QF_CHECK_INPUT(!a.calib.empty(), "quantize: a Hugging Face model needs --calib RECIPE.yaml, whose data: section "
                                      "supplies the calibration and held-out text (the tokenizer comes from ", src, ")");
-    const bool spm = std::filesystem::exists(src + "/tokenizer.model");
-    std::vector<std::string> ov{"model.from=" + src, "run.init_from=", "tokenizer.train.enabled=false",
-                                std::string("tokenizer.type=") + (spm ? "sentencepiece" : "huggingface"),
-                                "tokenizer.path=" + src + (spm ? "/tokenizer.model" : "/tokenizer.json")};
+    auto ov = trainer::hf_dir_overrides(src);
     ov.insert(ov.end(), overrides.begin(), overrides.end());
     cfg = trainer::load_run_config(a.calib, ov);
     trainer::set_threads(cfg.run.threads);
@@ -263,27 +261,13 @@ int cmd_quantize(const std::string& src, const std::vector<std::string>& overrid
   q.enabled = true;
   // Linears whose width the format's group does not divide: --fallback's format, or an error naming them.
   std::vector<std::pair<std::string, std::string>> rules;  // (pattern, preset)
-  std::vector<std::string> misfits;
-  for (auto& ns : models::linear_slots(model->layer(0))) {
-    const int64_t in = ns.slot->get()->in_features, blk = spec.block(in);
-    if (blk <= 0 || in % blk == 0) continue;
-    const auto pat = layers + "." + ns.name;
-    if (a.fallback.empty()) {
-      misfits.push_back(str(pat, " (", in, " inputs)"));
-      continue;
-    }
-    const auto fb = quant::QuantSpec::preset_named(a.fallback);
-    const int64_t fblk = fb.block(in);
-    QF_CHECK_INPUT(fblk <= 0 || in % fblk == 0, "--fallback ", a.fallback, ": its block ", fblk,
-                   " does not divide the ", in, " inputs of ", pat, " either");
-    rules.emplace_back(pat, a.fallback);
-  }
-  if (!misfits.empty()) {
-    std::string all;
-    for (auto& m : misfits) all += (all.empty() ? "" : ", ") + m;
-    throw ConfigError({str("--quant ", a.quant, ": its block of ", spec.block(1 << 30), " does not divide the input width of ",
-                           all, "; give --fallback FORMAT for them (e.g. int4-g64), as llama-quantize falls back")});
-  }
+  std::vector<std::pair<std::string, int64_t>> widths;
+  for (auto& ns : models::linear_slots(model->layer(0))) widths.emplace_back(layers + "." + ns.name, ns.slot->get()->in_features);
+  std::optional<quant::QuantSpec> fb;
+  if (!a.fallback.empty()) fb = quant::QuantSpec::preset_named(a.fallback);
+  const auto misfit = quant::width_fallbacks(widths, spec, a.quant, a.fallback, fb ? &*fb : nullptr);
+  for (size_t i = 0; i < widths.size(); ++i)
+    if (misfit[i]) rules.emplace_back(widths[i].first, a.fallback);
   rules.emplace_back(layers, a.quant);
   q.rules.clear();
   for (auto& [pat, preset] : rules) q.rules.push_back(quant::QuantRule{pat, quant::QuantSpec::preset_named(preset), std::nullopt});
@@ -410,16 +394,28 @@ int cmd_inspect(const std::string& path, const std::string& dtype, bool forward)
 
 int cmd_generate(const std::string& run, const std::vector<std::string>& overrides, const std::string& prompt,
                  models::SamplingConfig s) {
-  auto lr = trainer::load_run(run, overrides);
+  auto lr = trainer::load_model(run, overrides);
   trainer::set_threads(lr.cfg.run.threads);
   std::vector<int64_t> ids;
   if (lr.tok->bos_id() >= 0 && lr.cfg.data.add_bos) ids.push_back(lr.tok->bos_id());
-  for (int32_t i : lr.tok->encode(prompt)) ids.push_back(i);
-  auto out = models::generate(*lr.model, ids, s, lr.tok->eos_id());
-  std::vector<int32_t> o32;
-  for (size_t i = (lr.tok->bos_id() >= 0 && lr.cfg.data.add_bos) ? 1 : 0; i < ids.size(); ++i) o32.push_back((int32_t)ids[i]);
-  o32.insert(o32.end(), out.begin(), out.end());
-  std::printf("%s\n", lr.tok->decode(o32).c_str());
+  const auto prompt_ids = lr.tok->encode(prompt);
+  ids.insert(ids.end(), prompt_ids.begin(), prompt_ids.end());
+  // Streamed as tokens arrive: only whole UTF-8 code points, special tokens (EOS, BOS) left out.
+  data::TextStream text(*lr.tok, prompt_ids);
+  auto emit = [](const std::string& t) {
+    if (t.empty()) return;
+    std::fwrite(t.data(), 1, t.size(), stdout);
+    std::fflush(stdout);
+  };
+  auto g = models::generate_ids(*lr.model, ids, s, lr.tok->eos_id(),
+                                [&](int64_t id) { emit(text.push(static_cast<int32_t>(id))); });
+  emit(text.finish());
+  emit("\n");
+  if (g.stop == models::StopReason::Context)
+    log::warn("generate: stopped after ", g.ids.size(), " of the ", s.max_new_tokens, " tokens asked for (-n): the prompt (",
+              ids.size(), " tokens) and the output fill the model's context of ", lr.model->cfg.max_seq_len,
+              " positions (", lr.hf_dir ? "max_position_embeddings in config.json" : "model.max_seq_len",
+              "); the model has no position beyond it");
   return 0;
 }
 
@@ -449,8 +445,10 @@ int main(int argc, char** argv) {
 
   std::string run, split = "val", text, data_from, save_tokens;
   int64_t max_batches = 0;
-  auto* eval = app.add_subcommand("eval", "Perplexity of a trained run's latest checkpoint");
-  eval->add_option("run", run, "Run directory or checkpoint directory")->required();
+  auto* eval = app.add_subcommand("eval", "Perplexity of a trained run's latest checkpoint or of a Hugging Face checkpoint dir");
+  eval->add_option("run", run,
+                   "Run directory, checkpoint directory, or Hugging Face checkpoint dir (config.json + safetensors + "
+                   "tokenizer.json or tokenizer.model; needs --text or --data-from)")->required();
   eval->add_option("overrides", overrides, "key.path=value overrides of the run's config");
   eval->add_option("--split", split, "Dataset split of the run's data")->check(CLI::IsMember({"val", "train"}));
   eval->add_option("--max-batches", max_batches, "Evaluate at most this many batches (0 = all)");
@@ -460,7 +458,7 @@ int main(int argc, char** argv) {
   eval->add_option("--save-tokens", save_tokens,
                    "Also write the evaluated token windows (safetensors: tokens, loss_mask) for another runtime to score");
 
-  std::string format = "hf", out, dtype = "bf16", gguf_quant = "f16";
+  std::string format = "hf", out, dtype = "bf16", gguf_quant = "f16", export_fallback;
   double shard_mb = 5000;
   auto* exp = app.add_subcommand("export", "Write a run's model in a runtime's format (hf: a Hugging Face checkpoint dir)");
   exp->add_option("run", run, "Run directory, checkpoint directory, or Hugging Face checkpoint dir (config.json + safetensors + tokenizer)")->required();
@@ -477,6 +475,10 @@ int main(int argc, char** argv) {
                   "gptq/compressed-tensors: the RTN spec for float linears, int4-g128 (default), int4-g32 or "
                   "int8-per-channel (QAT-converted layers keep their codes)")
       ->capture_default_str();
+  exp->add_option("--fallback", export_fallback,
+                  "For linears whose input width --quant's block/group does not divide (as llama-quantize falls "
+                  "back): gguf: q8_0|q5_0|q5_1|q4_0|q4_1|f16|f32 instead of llama-quantize's own choice; "
+                  "compressed-tensors: another preset (e.g. int4-g64) or f16 (kept in float); gptq: f16 (kept in float)");
   exp->add_option("--dtype", dtype, "Weight dtype of the written checkpoint")
       ->check(CLI::IsMember({"fp32", "bf16", "fp16"}))
       ->capture_default_str();
@@ -496,15 +498,19 @@ int main(int argc, char** argv) {
 
   models::SamplingConfig s;
   std::string prompt;
-  auto* gen = app.add_subcommand("generate", "Generate text from a trained run (KV cache, temperature/top-k/top-p)");
-  gen->add_option("run", run, "Run directory or checkpoint directory")->required();
+  auto* gen = app.add_subcommand("generate", "Generate text from a trained run or a Hugging Face checkpoint dir (KV cache, temperature/top-k/top-p)");
+  gen->add_option("run", run,
+                  "Run directory, checkpoint directory, or Hugging Face checkpoint dir (config.json + safetensors + "
+                  "tokenizer.json or tokenizer.model)")->required();
   gen->add_option("overrides", overrides, "key.path=value overrides of the run's config");
   gen->add_option("-p,--prompt", prompt, "Prompt text")->required();
-  gen->add_option("-n,--max-new-tokens", s.max_new_tokens, "Tokens to generate")->capture_default_str();
+  gen->add_option("-n,--max-new-tokens", s.max_new_tokens,
+                  "Tokens to generate (at most up to the model's context; stops early at EOS)")->capture_default_str();
   gen->add_option("-t,--temperature", s.temperature, "Sampling temperature; 0 = greedy")->capture_default_str();
   gen->add_option("--top-k", s.top_k, "Keep the k most likely tokens; 0 = off")->capture_default_str();
   gen->add_option("--top-p", s.top_p, "Nucleus sampling mass; 1 = off")->capture_default_str();
   gen->add_option("--seed", s.seed, "Sampling seed")->capture_default_str();
+  gen->add_flag("!--ignore-eos", s.stop_at_eos, "Keep generating after the EOS token (it is still not printed)");
 
   QuantizeArgs qa;
   auto* qz = app.add_subcommand("quantize", "Post-training quantization (RTN, GPTQ, AWQ) of a float model into a converted run");
@@ -569,7 +575,7 @@ int main(int argc, char** argv) {
     if (*gen) return cmd_generate(run, overrides, prompt, s);
     if (*insp) return cmd_inspect(run, inspect_dtype, inspect_forward);
     if (*qz) return cmd_quantize(run, overrides, qa);
-    if (*exp) return cmd_export(run, overrides, format, out, dtype, shard_mb, gguf_quant);
+    if (*exp) return cmd_export(run, overrides, format, out, dtype, shard_mb, gguf_quant, export_fallback);
   } catch (const ConfigError& e) {
     std::fprintf(stderr, "qforge: %s\n", e.what());
     return 2;

@@ -68,7 +68,8 @@ std::string encode(const at::Tensor& w, Rule rule, bool f16) {
 }  // namespace
 
 GgufExportResult export_gguf(models::CausalLM& model, const data::Tokenizer& tok, const std::string& out,
-                             const std::string& quant_name, const std::string& name, bool progress) {
+                             const std::string& quant_name, const std::string& name, bool progress,
+                             const std::string& fallback) {
   const auto& c = model.cfg;
   if (c.family != models::Family::Llama || c.qkv_bias)
     throw InputError("export: GGUF export covers the llama architecture (no qkv bias) so far; this model is " +
@@ -79,6 +80,7 @@ GgufExportResult export_gguf(models::CausalLM& model, const data::Tokenizer& tok
     throw InputError("export: GGUF's tokenizer block is written for sentencepiece vocabularies so far (this model's "
                      "tokenizer is " + tok.kind() + ")");
   const uint32_t file_type = quant::mix_file_type(quant_name);  // throws listing the mixtures
+  if (!fallback.empty()) quant::mix_file_type(fallback);      // --fallback is a mixture name too
   const bool f16 = quant_name == "f16";
   at::NoGradGuard ng;
   const int64_t merged = peft::merge_lora(model);
@@ -168,7 +170,13 @@ GgufExportResult export_gguf(models::CausalLM& model, const data::Tokenizer& tok
                           TensorRole role, int64_t layer, int64_t permute_heads) {
     quant::MixChoice ch;
     ch.f16 = f16;
-    if (!res.exact) ch = quant::mix_choice(quant_name, role, layer, c.n_layers, cols, c.tie_embeddings);
+    if (!res.exact) {
+      try {
+        ch = quant::mix_choice(quant_name, role, layer, c.n_layers, cols, c.tie_embeddings, fallback);
+      } catch (const InputError& e) {
+        throw InputError(str("export: ", gname, ": ", e.what()));
+      }
+    }
     if (!ch.fallback.empty()) {
       ++res.n_fallback;
       log::warn("export: ", gname, " - ", ch.fallback);

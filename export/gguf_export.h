@@ -32,6 +32,7 @@ struct GgufExportResult {
 };
 
 GgufExportResult export_gguf(models::CausalLM& model, const data::Tokenizer& tok, const std::string& out,
-                             const std::string& quant, const std::string& name, bool progress = true);
+                             const std::string& quant, const std::string& name, bool progress = true,
+                             const std::string& fallback = "");
 
 }  // namespace qf::exporter

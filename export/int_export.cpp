@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <map>
+#include <set>
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
@@ -58,7 +59,7 @@ at::Tensor unpack_cols(const at::Tensor& w, int bits) {
 }  // namespace
 
 IntExportResult export_int(models::CausalLM& model, const data::Tokenizer& tok, const std::string& out, IntFormat fmt,
-                           const std::string& quant_name) {
+                           const std::string& quant_name, const std::string& fallback) {
   const auto& c = model.cfg;
   const char* fname = fmt == IntFormat::Gptq ? "gptq" : "compressed-tensors";
   if (c.family != models::Family::Llama)
@@ -66,6 +67,31 @@ IntExportResult export_int(models::CausalLM& model, const data::Tokenizer& tok, 
                          c.family_name()));
   const QuantSpec rtn = QuantSpec::preset_named(quant_name);
   check_spec("--quant " + quant_name, rtn);
+  // --fallback: f16 keeps those linears in float (both formats can leave layers unquantized);
+  // compressed-tensors also takes a second integer scheme (its own config group).
+  const bool float_fallback = fallback == "f16" || fallback == "float";
+  std::optional<QuantSpec> fb;
+  if (!fallback.empty() && !float_fallback) {
+    if (fmt == IntFormat::Gptq)
+      throw InputError(str("export: --format gptq --fallback ", fallback, ": transformers' GPTQ loader (optimum) holds one "
+                           "bits/group_size per file; use --fallback f16 (those linears stay in float) or "
+                           "--format compressed-tensors, which takes a second scheme"));
+    fb = QuantSpec::preset_named(fallback);
+    check_spec("--fallback " + fallback, *fb);
+    if (fb->bits != rtn.bits)
+      throw InputError(str("export: --fallback ", fallback, " has ", fb->bits, "-bit codes and --quant ", quant_name, " ",
+                           rtn.bits, "-bit; one file holds one code width (pick a ", rtn.bits, "-bit fallback or f16)"));
+  }
+  // Float linears whose width --quant's group does not divide: the fallback, or one error naming them.
+  std::vector<std::pair<std::string, int64_t>> widths;
+  for (auto& ns : models::linear_slots(model)) {
+    if (ns.name == "lm_head" || std::dynamic_pointer_cast<quant::QuantizedLinear>(ns.slot->get())) continue;
+    widths.emplace_back(ns.name, ns.slot->get()->in_features);
+  }
+  std::set<std::string> to_fallback;
+  const auto misfit = quant::width_fallbacks(widths, rtn, quant_name, fallback, fb ? &*fb : nullptr);
+  for (size_t i = 0; i < widths.size(); ++i)
+    if (misfit[i]) to_fallback.insert(widths[i].first);
   at::NoGradGuard ng;
   return write_staged_dir(out, [&](const std::string& tmp) {
     const int64_t merged = peft::merge_lora(model);
@@ -75,18 +101,26 @@ IntExportResult export_int(models::CausalLM& model, const data::Tokenizer& tok, 
     IntExportResult res;
     std::vector<std::pair<std::string, at::Tensor>> tensors;
     std::map<std::string, at::Tensor> expect;  // dequantized weight per layer, to check the file
-    std::optional<QuantSpec> used;            // one spec for the whole file (one config group)
+    std::optional<QuantSpec> used;            // the main scheme (GPTQ: the only one)
+    std::optional<QuantSpec> second;          // compressed-tensors: --fallback's scheme (config group 1)
+    std::vector<std::string> second_layers, float_layers;
     bool desc_act = false;                    // some layer carries a GPTQ act-order g_idx
     std::vector<std::string> slot_names;
     for (auto& ns : models::linear_slots(model)) {
       slot_names.push_back(ns.name);
       auto mod = ns.slot->get();
-      if (ns.name == "lm_head") {
-        tensors.emplace_back("lm_head.weight", mod->effective_weight().to(ftype).contiguous());
+      const bool fall = to_fallback.count(ns.name) > 0;
+      if (ns.name == "lm_head" || (fall && float_fallback)) {
+        tensors.emplace_back(ns.name + ".weight", mod->effective_weight().to(ftype).contiguous());
+        if (ns.name != "lm_head") {
+          if (auto b = mod->bias_or_undefined(); b.defined()) tensors.emplace_back(ns.name + ".bias", b.to(ftype).contiguous());
+          float_layers.push_back(ns.name);
+          ++res.n_fallback;
+        }
         continue;
       }
       IntWeights iw;
-      QuantSpec spec = rtn;
+      QuantSpec spec = fall ? *fb : rtn;
       if (auto ql = std::dynamic_pointer_cast<quant::QuantizedLinear>(mod)) {
         spec = ql->weight_spec();
         check_spec(ns.name, spec);
@@ -103,11 +137,17 @@ IntExportResult export_int(models::CausalLM& model, const data::Tokenizer& tok, 
         iw = {quant::quantize_affine(w, qp, spec), qp.scale.to(at::kFloat), at::Tensor(), spec.bits,
               spec.block(mod->in_features)};
       }
-      if (used && (used->bits != spec.bits || used->block(mod->in_features) != spec.block(mod->in_features) ||
-                   used->granularity != spec.granularity))
-        throw InputError(str("export: ", ns.name, " is ", spec.describe(), " but earlier layers are ", used->describe(),
-                             "; one ", fname, " file holds one weight scheme"));
-      used = spec;
+      if (fall) {
+        second = spec;
+        second_layers.push_back(ns.name);
+        ++res.n_fallback;
+      } else {
+        if (used && (used->bits != spec.bits || used->block(mod->in_features) != spec.block(mod->in_features) ||
+                     used->granularity != spec.granularity))
+          throw InputError(str("export: ", ns.name, " is ", spec.describe(), " but earlier layers are ", used->describe(),
+                               "; one ", fname, " file holds one weight scheme"));
+        used = spec;
+      }
       const auto st = quant::scale_type(spec);
       const int64_t in = mod->in_features, outf = mod->out_features, groups = in / iw.group;
       QF_CHECK(in % (32 / iw.bits) == 0 && outf % (32 / iw.bits) == 0, "export: ", ns.name, " [", outf, ", ", in,
@@ -154,6 +194,21 @@ IntExportResult export_int(models::CausalLM& model, const data::Tokenizer& tok, 
            {"desc_act", desc_act}, {"sym", true}, {"true_sequential", true}, {"damp_percent", 0.01},
            {"static_groups", false}, {"checkpoint_format", "gptq"}, {"lm_head", false},
            {"meta", {{"quantizer", {"qforge:0.1"}}}}};
+      if (!float_layers.empty()) {
+        // Float linears: GPTQ quantizes the block modules named here (by their name inside the block).
+        auto in_block = [](const std::string& n) {  // model.layers.3.mlp.down_proj -> mlp.down_proj
+          const auto p = n.find('.', n.find("layers.") + 7);
+          return p == std::string::npos ? n : n.substr(p + 1);
+        };
+        std::set<std::string> quantized, kept;
+        for (auto& [n, w] : expect) quantized.insert(in_block(n));
+        for (auto& n : float_layers) kept.insert(in_block(n));
+        for (auto& n : kept)
+          if (quantized.count(n))
+            throw InputError(str("export: --fallback f16 keeps ", n, " in float in some layers but not in others; GPTQ "
+                                 "files name the quantized modules per block"));
+        q["modules_in_block_to_quantize"] = {std::vector<std::string>(quantized.begin(), quantized.end())};
+      }
       fs::write_atomic(tmp + "/quantize_config.json", q.dump(2) + "\n");
     } else {
       const std::string f = used->bits == 4 ? "pack-quantized" : "int-quantized";
@@ -162,11 +217,22 @@ IntExportResult export_int(models::CausalLM& model, const data::Tokenizer& tok, 
                            {"observer", "minmax"}, {"observer_kwargs", nlohmann::json::object()},
                            {"block_structure", nullptr}};
       wq["group_size"] = channel ? nlohmann::json(nullptr) : nlohmann::json(used->group_size);
+      std::vector<std::string> ignore{"lm_head"};
+      ignore.insert(ignore.end(), float_layers.begin(), float_layers.end());
       q = {{"quant_method", "compressed-tensors"}, {"format", f},
            {"config_groups", {{"group_0", {{"targets", {"Linear"}}, {"weights", wq}, {"input_activations", nullptr},
                                            {"output_activations", nullptr}, {"format", f}}}}},
-           {"ignore", {"lm_head"}}, {"quantization_status", "compressed"}, {"kv_cache_scheme", nullptr},
+           {"ignore", ignore}, {"quantization_status", "compressed"}, {"kv_cache_scheme", nullptr},
            {"global_compression_ratio", nullptr}, {"sparsity_config", nlohmann::json::object()}};
+      if (second) {
+        // --fallback's layers by exact name (compressed-tensors prefers a name match over "Linear").
+        const bool ch2 = second->granularity == quant::Granularity::PerChannel;
+        auto w2 = wq;
+        w2["strategy"] = ch2 ? "channel" : "group";
+        w2["group_size"] = ch2 ? nlohmann::json(nullptr) : nlohmann::json(second->group_size);
+        q["config_groups"]["group_1"] = {{"targets", second_layers}, {"weights", w2}, {"input_activations", nullptr},
+                                         {"output_activations", nullptr}, {"format", f}};
+      }
     }
     cfg["quantization_config"] = q;
     fs::write_atomic(tmp + "/config.json", cfg.dump(2) + "\n");

@@ -28,9 +28,13 @@ enum class IntFormat { Gptq, CompressedTensors };
 struct IntExportResult {
   std::string dir;
   int64_t n_quantized = 0, n_exact = 0, bytes = 0;
+  int64_t n_fallback = 0;  // linears written in --fallback's format
 };
 
+// `fallback`: for float linears whose width --quant's group does not divide (quant::width_fallbacks):
+// "f16" keeps them in float (GPTQ: left out of modules_in_block_to_quantize; compressed-tensors:
+// ignored), or (compressed-tensors) a preset with the same bits, written as a second config group.
 IntExportResult export_int(models::CausalLM& model, const data::Tokenizer& tok, const std::string& out, IntFormat fmt,
-                           const std::string& quant);
+                           const std::string& quant, const std::string& fallback = "");
 
 }  // namespace qf::exporter

@@ -37,19 +37,22 @@ at::Tensor filter_logits(at::Tensor logits, int64_t top_k, double top_p) {
   return logits;
 }
 
-std::vector<int64_t> generate(CausalLM& model, const std::vector<int64_t>& prompt, const SamplingConfig& s,
-                              int64_t eos_id) {
+Generation generate_ids(CausalLM& model, const std::vector<int64_t>& prompt, const SamplingConfig& s, int64_t eos_id,
+                        const std::function<void(int64_t)>& on_token) {
   QF_CHECK(!prompt.empty(), "generate: empty prompt");
   at::NoGradGuard ng;
   bool was_training = model.is_training();
   model.eval();
   auto dev = model.parameters().front().device();
-  int64_t budget = std::min<int64_t>(s.max_new_tokens, model.cfg.max_seq_len - (int64_t)prompt.size());
-  QF_CHECK(budget > 0, "prompt of ", prompt.size(), " tokens leaves no room below model.max_seq_len ", model.cfg.max_seq_len);
+  const int64_t room = model.cfg.max_seq_len - (int64_t)prompt.size();
+  QF_CHECK_INPUT(room > 0, "generate: the prompt of ", prompt.size(), " tokens fills the model's context of ",
+                 model.cfg.max_seq_len, " positions (model.max_seq_len / max_position_embeddings); shorten it");
+  const int64_t budget = std::min<int64_t>(s.max_new_tokens, room);
   auto cache = model.make_cache(1, (int64_t)prompt.size() + budget);
   auto gen = at::detail::createCPUGenerator(static_cast<uint64_t>(s.seed));
   auto ids = at::tensor(prompt, at::kLong).unsqueeze(0).to(dev);
-  std::vector<int64_t> out;
+  Generation g;
+  g.stop = budget < s.max_new_tokens ? StopReason::Context : StopReason::MaxNewTokens;
   for (int64_t step = 0; step < budget; ++step) {
     auto logits = model.forward(ids, &cache).select(1, -1).squeeze(0).to(at::kFloat).cpu();
     int64_t next;
@@ -59,12 +62,21 @@ std::vector<int64_t> generate(CausalLM& model, const std::vector<int64_t>& promp
       auto l = filter_logits(logits / s.temperature, s.top_k, s.top_p);
       next = at::multinomial(at::softmax(l, -1), 1, false, gen).item<int64_t>();
     }
-    out.push_back(next);
-    if (s.stop_at_eos && eos_id >= 0 && next == eos_id) break;
+    if (s.stop_at_eos && eos_id >= 0 && next == eos_id) {
+      g.stop = StopReason::Eos;
+      break;
+    }
+    g.ids.push_back(next);
+    if (on_token) on_token(next);
     ids = at::full({1, 1}, next, at::TensorOptions().dtype(at::kLong).device(dev));
   }
   if (was_training) model.train();
-  return out;
+  return g;
+}
+
+std::vector<int64_t> generate(CausalLM& model, const std::vector<int64_t>& prompt, const SamplingConfig& s,
+                              int64_t eos_id) {
+  return generate_ids(model, prompt, s, eos_id).ids;
 }
 
 }  // namespace qf::models

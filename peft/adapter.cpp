@@ -20,6 +20,9 @@ namespace {
 const std::string kPrefix = "base_model.model.";
 const std::string kWeights = "adapter_model.safetensors";
 const std::string kConfig = "adapter_config.json";
+// qforge's own facts about the adapter, kept out of adapter_config.json (PEFT reads every key of
+// that file into LoraConfig and warns "upgrade PEFT" about keys it does not know).
+const std::string kExtras = "qforge_adapter.json";
 
 std::string last_component(const std::string& name) {
   auto p = name.rfind('.');
@@ -61,14 +64,15 @@ void save_adapter(torch::nn::Module& model, const LoraConfig& cfg, const std::st
       {"layers_to_transform", nullptr},
       {"layers_pattern", nullptr},
       {"revision", nullptr},
-      {"qforge", {{"base", base_format_name(cfg.base)}, {"exact_merge", cfg.exact_merge}}},
   };
+  const nlohmann::json extras = {{"base", base_format_name(cfg.base)}, {"exact_merge", cfg.exact_merge}};
   // Build in a temp dir next to the target, then swap it in (an old adapter stays until then).
   const std::string tmp = dir + ".tmp" + std::to_string(::getpid());
   fs::remove_tree(tmp);
   fs::ensure_dir(tmp);
   st::save(tmp + "/" + kWeights, tensors, {{"format", "pt"}});
   fs::write_atomic(tmp + "/" + kConfig, c.dump(2) + "\n");
+  fs::write_atomic(tmp + "/" + kExtras, extras.dump(2) + "\n");
   fs::fsync_path(tmp);
   const std::string old = dir + ".old" + std::to_string(::getpid());
   const bool had = std::filesystem::exists(dir);

@@ -1,5 +1,6 @@
 // PEFT adapter directories: adapter_model.safetensors + adapter_config.json, as
-// `peft.PeftModel.save_pretrained` writes them and `PeftModel.from_pretrained` reads them.
+// `peft.PeftModel.save_pretrained` writes them and `PeftModel.from_pretrained` reads them, plus
+// qforge_adapter.json (qforge's extras: base storage, exact_merge), which PEFT ignores.
 // Keys: base_model.model.<module>.lora_A.weight [r, in], .lora_B.weight [out, r]; modules_to_save
 // as base_model.model.<module>.<param>. (tests/interop/test_peft_lora.py checks both directions.)
 // Invariants: save writes a temp dir and renames it into place; load validates the config and

@@ -58,7 +58,8 @@ uint32_t mix_file_type(const std::string& mix) { return mix_of(mix).ftype; }
 
 bool use_more_bits(int64_t i, int64_t n) { return i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2; }
 
-MixChoice mix_choice(const std::string& name, TensorRole role, int64_t layer, int64_t n_layers, int64_t cols, bool tied) {
+MixChoice mix_choice(const std::string& name, TensorRole role, int64_t layer, int64_t n_layers, int64_t cols, bool tied,
+                     const std::string& fallback) {
   const Mix& m = mix_of(name);
   MixChoice c;
   if (m.base == Rule::Affine) {
@@ -80,6 +81,21 @@ MixChoice mix_choice(const std::string& name, TensorRole role, int64_t layer, in
     // tensor_type_fallback: K-quants fall back to a 32-block type, anything that still does not fit to F16.
     Rule fb = r == Rule::GgmlQ4_K ? Rule::GgmlQ5_0 : r == Rule::GgmlQ6_K ? Rule::GgmlQ8_0 : r;
     c.fallback = str("ncols ", cols, " not divisible by ", ggml::block_size(r), " (required for type ", rule_name(r), ")");
+    if (!fallback.empty()) {  // the caller's choice instead of llama.cpp's
+      const Mix& f = mix_of(fallback);
+      if (f.base == Rule::Affine) {
+        c.f16 = f.f16;
+        c.fallback += str(" -> falling back to ", fallback, " (--fallback)");
+        return c;
+      }
+      if (f.base == Rule::GgmlQ4_K || f.base == Rule::GgmlQ6_K || fallback == "q4_k_m" || cols % ggml::block_size(f.base) != 0)
+        throw InputError(str("--fallback ", fallback, ": its block of ", ggml::block_size(f.base), " does not divide the ",
+                             cols, " columns either; use q8_0, q5_0, q5_1, q4_0 or q4_1 (32-blocks) when 32 divides ",
+                             "them, else f16 or f32"));
+      c.fallback += str(" -> falling back to ", fallback, " (--fallback)");
+      c.rule = f.base;
+      return c;
+    }
     if (cols % ggml::block_size(fb) != 0) {
       c.fallback += " -> falling back to f16";
       c.f16 = true;

@@ -32,6 +32,9 @@ bool is_mix(const std::string& name);
 uint32_t mix_file_type(const std::string& mix);  // general.file_type (LLAMA_FTYPE_*)
 bool use_more_bits(int64_t i_layer, int64_t n_layers);
 // `cols` = the row width (input features); `tied` = no separate output tensor (token_embd is it).
-MixChoice mix_choice(const std::string& mix, TensorRole role, int64_t layer, int64_t n_layers, int64_t cols, bool tied);
+// `fallback` (a mixture name: q8_0 q5_0 q5_1 q4_0 q4_1 f16 f32) replaces llama.cpp's fallback type
+// for a width the chosen block does not divide; InputError when it does not divide it either.
+MixChoice mix_choice(const std::string& mix, TensorRole role, int64_t layer, int64_t n_layers, int64_t cols, bool tied,
+                     const std::string& fallback = "");
 
 }  // namespace qf::quant

@@ -157,4 +157,60 @@ QuantSpec QuantSpec::from_config(cfg::Reader& r, bool activation) {
   return s;
 }
 
+std::vector<std::string> fitting_presets(const QuantSpec& spec, int64_t width) {
+  std::vector<std::string> out;
+  auto fits = [&](const std::string& name) {
+    const auto b = QuantSpec::preset_named(name).block(width);
+    return b > 0 && width % b == 0;
+  };
+  if (spec.is_ggml()) {
+    for (const char* n : {"q8_0", "q6_k", "q5_0", "q5_1", "q4_k", "q4_0", "q4_1"})
+      if (fits(n)) out.push_back(n);
+    return out;
+  }
+  if (spec.kind == Kind::Int && spec.granularity == Granularity::PerGroup) {
+    for (int64_t g = spec.group_size / 2; g >= 8; g /= 2) {
+      const auto n = str("int", spec.bits, "-g", g, spec.symmetric ? "" : "-asym");
+      if (fits(n)) out.push_back(n);
+    }
+  }
+  if (spec.bits == 8) out.push_back("int8-per-channel");
+  return out;
+}
+
+std::vector<bool> width_fallbacks(const std::vector<std::pair<std::string, int64_t>>& layers, const QuantSpec& spec,
+                                  const std::string& quant_name, const std::string& fallback_name,
+                                  const QuantSpec* fallback) {
+  std::vector<bool> misfit(layers.size(), false);
+  std::vector<std::string> problems;
+  std::string without;
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const auto& [name, width] = layers[i];
+    const int64_t blk = spec.block(width);
+    if (blk <= 0 || width % blk == 0) continue;
+    misfit[i] = true;
+    if (fallback_name.empty()) {
+      std::string fit;
+      for (auto& p : fitting_presets(spec, width)) fit += (fit.empty() ? "" : ", ") + p;
+      without += str(without.empty() ? "" : "; ", name, " (", width, " inputs", fit.empty() ? "" : ": " + fit + " fit", ")");
+    } else if (fallback) {
+      const int64_t fb = fallback->block(width);
+      if (fb > 0 && width % fb != 0) {
+        std::string fit;
+        for (auto& p : fitting_presets(*fallback, width)) fit += (fit.empty() ? "" : ", ") + p;
+        problems.push_back(str("--fallback ", fallback_name, ": its block of ", fb, " does not divide the ", width,
+                               " inputs of ", name, " either", fit.empty() ? "" : " (" + fit + " would)"));
+      }
+    }
+  }
+  if (!without.empty())
+    problems.insert(problems.begin(),
+                    str("--quant ", quant_name, ": its block of ", spec.block(int64_t{1} << 40),
+                        " does not divide the input width of ", without,
+                        "; give --fallback FORMAT for these layers (e.g. one of the presets listed), as "
+                        "llama-quantize falls back for widths its block does not divide"));
+  if (!problems.empty()) throw ConfigError(problems);
+  return misfit;
+}
+
 }  // namespace qf::quant

@@ -6,6 +6,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/config.h"
@@ -51,5 +52,18 @@ struct QuantSpec {
   // learn, kind}; records problems on r and calls r.finish().
   static QuantSpec from_config(cfg::Reader& r, bool activation);
 };
+
+// Widths a block does not divide, handled as llama-quantize does (tensor_type_fallback): a linear
+// (name, input width) whose width `spec`'s block does not divide gets the fallback format.
+// Returns, per layer, whether it needs the fallback. Without one (`fallback_name` empty) every
+// such layer is an error: one ConfigError naming each layer, its width, the presets that would fit
+// it and the `--fallback FORMAT` option. A `fallback` spec (null: the caller keeps those layers in
+// float) must fit every one of them, else a ConfigError naming the layer.
+std::vector<bool> width_fallbacks(const std::vector<std::pair<std::string, int64_t>>& layers, const QuantSpec& spec,
+                                  const std::string& quant_name, const std::string& fallback_name,
+                                  const QuantSpec* fallback);
+// Presets like `spec` whose block divides `width` (smaller groups, llama.cpp's 32-blocks, int8 per
+// channel), for advice in error messages.
+std::vector<std::string> fitting_presets(const QuantSpec& spec, int64_t width);
 
 }  // namespace qf::quant

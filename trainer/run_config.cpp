@@ -1,8 +1,48 @@
 #include "trainer/run_config.h"
 
+#include <filesystem>
+
 #include "core/fs.h"
+#include "core/log.h"
 
 namespace qf::trainer {
+
+HfTokenizerFile hf_dir_tokenizer(const std::string& dir, const std::string& type) {
+  const bool spm_ok = type.empty() || type == "sentencepiece", hf_ok = type.empty() || type == "huggingface";
+  if (spm_ok && std::filesystem::exists(dir + "/tokenizer.model")) return {"sentencepiece", dir + "/tokenizer.model"};
+  if (hf_ok && std::filesystem::exists(dir + "/tokenizer.json")) return {"huggingface", dir + "/tokenizer.json"};
+  return {};
+}
+
+namespace {
+
+// model.from without tokenizer.path: the checkpoint's own tokenizer (tokenizer.model as
+// sentencepiece, else tokenizer.json as huggingface; an explicit tokenizer.type picks its file).
+// A key of a map node, or a null node (never a yaml-cpp zombie, which throws when asked its type).
+YAML::Node at(const YAML::Node& n, const char* key) {
+  if (!n.IsDefined() || !n.IsMap()) return YAML::Node();
+  for (auto it = n.begin(); it != n.end(); ++it)
+    if (it->first.IsScalar() && it->first.Scalar() == key) return it->second;
+  return YAML::Node();
+}
+
+YAML::Node with_checkpoint_tokenizer(const YAML::Node& root) {
+  const YAML::Node from = at(at(root, "model"), "from"), tok = at(root, "tokenizer");
+  if (!from.IsScalar() || from.Scalar().empty()) return root;
+  if (!tok.IsNull() && !tok.IsMap()) return root;  // its own error
+  const YAML::Node enabled = at(at(tok, "train"), "enabled");
+  if (!at(tok, "path").IsNull() || (enabled.IsScalar() && enabled.Scalar() == "true")) return root;
+  const YAML::Node type = at(tok, "type");
+  const auto f = hf_dir_tokenizer(from.Scalar(), type.IsScalar() ? type.Scalar() : "");
+  if (f.path.empty()) return root;  // tokenizer.path's own error says what is missing
+  YAML::Node out = YAML::Clone(root);
+  out["tokenizer"]["type"] = f.type;
+  out["tokenizer"]["path"] = f.path;
+  log::info("tokenizer: ", f.path, " (", f.type, ", the model.from checkpoint's own)");
+  return out;
+}
+
+}  // namespace
 
 RunSection RunSection::from_config(cfg::Reader& r) {
   RunSection s;
@@ -16,7 +56,8 @@ RunSection RunSection::from_config(cfg::Reader& r) {
   return s;
 }
 
-RunConfig parse_run_config(const YAML::Node& root, const std::string& source) {
+RunConfig parse_run_config(const YAML::Node& given, const std::string& source) {
+  const YAML::Node root = with_checkpoint_tokenizer(given);
   RunConfig c;
   c.source = source;
   cfg::Problems problems;

@@ -39,6 +39,14 @@ struct DistConfig {
   static DistConfig from_config(cfg::Reader& r);
 };
 
+// The tokenizer of a Hugging Face checkpoint dir: tokenizer.model (type sentencepiece, preferred, as
+// convert_hf_to_gguf.py does for Llama) else tokenizer.json (type huggingface); `type` non-empty
+// accepts only that kind. Empty path when the dir has none.
+struct HfTokenizerFile {
+  std::string type, path;
+};
+HfTokenizerFile hf_dir_tokenizer(const std::string& dir, const std::string& type = "");
+
 struct RunConfig {
   RunSection run;
   models::ModelConfig model;
@@ -55,6 +63,8 @@ struct RunConfig {
   std::string hash() const;           // stable hash of the resolved config
 };
 
+// A `model.from` checkpoint without tokenizer.path (and no tokenizer training) uses the
+// checkpoint's own tokenizer (hf_dir_tokenizer), logged and recorded in the resolved config.
 RunConfig parse_run_config(const YAML::Node& root, const std::string& source);
 RunConfig load_run_config(const std::string& file, const std::vector<std::string>& overrides);
 

@@ -16,13 +16,13 @@ OptimConfig OptimConfig::from_config(cfg::Reader& r) {
   return o;
 }
 
-ScheduleConfig ScheduleConfig::from_config(cfg::Reader& r) {
+ScheduleConfig ScheduleConfig::from_config(cfg::Reader& r, int64_t max_steps) {
   ScheduleConfig s;
   s.type = r.choice<Schedule>("type", s.type,
                               {{"cosine", Schedule::Cosine}, {"linear", Schedule::Linear}, {"constant", Schedule::Constant}});
-  s.warmup_steps = r.i64("warmup_steps", s.warmup_steps, 0, 1LL << 40);
-  s.min_lr_ratio = r.f64("min_lr_ratio", s.min_lr_ratio, 0.0, 1.0);
   s.total_steps = r.i64("total_steps", s.total_steps, 0, 1LL << 40);
+  s.warmup_steps = r.i64("warmup_steps", default_warmup(s.total_steps > 0 ? s.total_steps : max_steps), 0, 1LL << 40);
+  s.min_lr_ratio = r.f64("min_lr_ratio", s.min_lr_ratio, 0.0, 1.0);
   r.finish();
   return s;
 }
@@ -55,7 +55,7 @@ TrainerConfig TrainerConfig::from_config(cfg::Reader& r) {
   auto o = r.child("optim");
   t.optim = OptimConfig::from_config(o);
   auto s = r.child("schedule");
-  t.schedule = ScheduleConfig::from_config(s);
+  t.schedule = ScheduleConfig::from_config(s, t.max_steps);
   const int64_t horizon = t.schedule.total_steps > 0 ? t.schedule.total_steps : t.max_steps;
   if (t.schedule.warmup_steps > horizon && horizon > 0)
     s.fail("warmup_steps", "warmup of " + std::to_string(t.schedule.warmup_steps) +

@@ -1,5 +1,6 @@
 // `trainer:` section: optimisation, schedule, precision, evaluation and checkpoint cadence.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -23,10 +24,13 @@ struct OptimConfig {
 
 struct ScheduleConfig {
   Schedule type = Schedule::Cosine;
-  int64_t warmup_steps = 100;
+  int64_t warmup_steps = 100;  // when not given: default_warmup(horizon)
   double min_lr_ratio = 0.1;  // final lr = lr * min_lr_ratio (cosine, linear)
   int64_t total_steps = 0;    // schedule horizon; 0 = trainer.max_steps (set it to stop early and resume later)
-  static ScheduleConfig from_config(cfg::Reader& r);
+  // `max_steps`: trainer.max_steps, the horizon when total_steps is 0.
+  static ScheduleConfig from_config(cfg::Reader& r, int64_t max_steps);
+  // The default warmup: a tenth of the horizon, at most 100 steps (fits any max_steps, 0 for < 10).
+  static int64_t default_warmup(int64_t horizon) { return std::min<int64_t>(100, horizon / 10); }
   // lr multiplier in [0, 1] at `step` (0-based); horizon = total_steps or max_steps.
   double factor(int64_t step, int64_t max_steps) const;
 };

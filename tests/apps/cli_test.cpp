@@ -472,3 +472,138 @@ TEST_F(Cli, DataParallelBadLaunchesAreClearErrors) {
   EXPECT_NE(w.out.find("rank 1 has WORLD_SIZE=3 but rank 0 has WORLD_SIZE=2"), std::string::npos) << w.out;
   EXPECT_NE(w.out.find("rank1 2"), std::string::npos) << w.out;
 }
+
+// Issue 15: Hugging Face dirs wherever a model is taken, generation edges, short runs, export
+// fallbacks for widths a group does not divide.
+namespace {
+std::string json_after(const std::string& out, const std::string& key) {
+  const auto at = out.find("\"" + key + "\": ");
+  return at == std::string::npos ? "" : out.substr(at + key.size() + 4, out.find_first_of(",}", at + key.size() + 4) - at - key.size() - 4);
+}
+std::string read_text(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+}  // namespace
+
+TEST_F(Cli, EvalAndGenerateTakeAHuggingFaceDir) {
+  ASSERT_EQ(run("train " + cfg + " 'sample.prompts=[]'").rc, 0);
+  const std::string src = tmp.path + "/run", hf = tmp.path + "/hf";
+  auto x = run("export " + src + " --format hf --dtype fp32 --out " + hf);
+  ASSERT_EQ(x.rc, 0) << x.out;
+  // No data named: a clear error, not "is not a run directory".
+  auto e0 = run("eval " + hf);
+  EXPECT_EQ(e0.rc, 1) << e0.out;
+  EXPECT_NE(e0.out.find("--text FILE|DIR"), std::string::npos) << e0.out;
+  EXPECT_NE(e0.out.find("--data-from RECIPE.yaml"), std::string::npos) << e0.out;
+  EXPECT_EQ(e0.out.find("is not a run directory"), std::string::npos) << e0.out;
+  // The same weights and tokenizer (BOS added as tokenizer_config.json says): the same numbers. An
+  // HF dir has no data.seq_len of its own: windows of its context (64 positions here).
+  auto a = run("eval " + src + " --text " + tmp.path + "/corpus.txt data.seq_len=64");
+  auto b = run("eval " + hf + " --text " + tmp.path + "/corpus.txt");
+  ASSERT_EQ(a.rc, 0) << a.out;
+  ASSERT_EQ(b.rc, 0) << b.out;
+  EXPECT_EQ(json_after(a.out, "tokens"), json_after(b.out, "tokens")) << a.out << b.out;
+  EXPECT_NEAR(std::stod(json_after(a.out, "loss")), std::stod(json_after(b.out, "loss")), 1e-5) << a.out << b.out;
+  auto c = run("eval " + hf + " --data-from " + cfg);
+  auto d = run("eval " + src + " --data-from " + cfg);
+  ASSERT_EQ(c.rc, 0) << c.out;
+  ASSERT_EQ(d.rc, 0) << d.out;
+  EXPECT_EQ(json_after(c.out, "tokens"), json_after(d.out, "tokens")) << c.out << d.out;
+  EXPECT_NEAR(std::stod(json_after(c.out, "loss")), std::stod(json_after(d.out, "loss")), 1e-5) << c.out << d.out;
+  auto g1 = run("-q generate " + src + " --prompt 'And God said' -n 6 -t 0");
+  auto g2 = run("-q generate " + hf + " --prompt 'And God said' -n 6 -t 0");
+  ASSERT_EQ(g2.rc, 0) << g2.out;
+  EXPECT_EQ(g1.out, g2.out);
+  EXPECT_NE(run("eval " + hf + " --text " + tmp.path + "/corpus.txt trainer.batch_size=2").rc, 0)
+      << "overrides are for runs";
+}
+
+TEST_F(Cli, GenerateSaysWhenTheContextEndsIt) {
+  ASSERT_EQ(run("train " + cfg + " 'sample.prompts=[]'").rc, 0);
+  // --ignore-eos: the trained model ends its lines with EOS, which would stop it first.
+  auto g = run("generate " + tmp.path + "/run --prompt 'And God said' -n 400 -t 0 --ignore-eos");
+  ASSERT_EQ(g.rc, 0) << g.out;
+  EXPECT_NE(g.out.find("stopped after 59 of the 400 tokens asked for"), std::string::npos) << g.out;
+  EXPECT_NE(g.out.find("context of 64 positions (model.max_seq_len)"), std::string::npos) << g.out;
+  auto ok = run("generate " + tmp.path + "/run --prompt 'And God said' -n 5 -t 0 --ignore-eos");
+  ASSERT_EQ(ok.rc, 0);
+  EXPECT_EQ(ok.out.find("stopped after"), std::string::npos) << "no warning within the context: " << ok.out;
+}
+
+TEST_F(Cli, DefaultWarmupFitsAnyRunLength) {
+  std::string text = read_text(cfg);
+  const std::string explicit_warmup = ", schedule: {warmup_steps: 1}";
+  ASSERT_NE(text.find(explicit_warmup), std::string::npos);
+  text.erase(text.find(explicit_warmup), explicit_warmup.size());
+  const auto cfg2 = tmp.path + "/default_warmup.yaml";
+  std::ofstream(cfg2) << text;
+  auto t = run("train " + cfg2 + " trainer.max_steps=2 'sample.prompts=[]'");
+  ASSERT_EQ(t.rc, 0) << t.out;
+  EXPECT_NE(run("train " + cfg2 + " --print-config trainer.max_steps=2").out.find("warmup_steps: 0"), std::string::npos);
+  EXPECT_NE(run("train " + cfg2 + " --print-config trainer.max_steps=300").out.find("warmup_steps: 30"), std::string::npos);
+  EXPECT_NE(run("train " + cfg2 + " --print-config trainer.max_steps=5000").out.find("warmup_steps: 100"), std::string::npos);
+  auto bad = run("train " + cfg2 + " trainer.max_steps=2 trainer.schedule.warmup_steps=5");
+  EXPECT_EQ(bad.rc, 2) << "an explicit warmup longer than the run is still an error";
+}
+
+TEST_F(Cli, ExportFallbackForWidthsTheGroupDoesNotDivide) {
+  ASSERT_EQ(run("train " + cfg + " 'sample.prompts=[]'").rc, 0);
+  const std::string src = tmp.path + "/run";
+  // dim 32, ffn 64: int4-g64 divides down_proj's 64 inputs but not the 32 of the others.
+  auto r = run("export " + src + " --format gptq --quant int4-g64 --out " + tmp.path + "/g");
+  EXPECT_EQ(r.rc, 2) << r.out;
+  EXPECT_NE(r.out.find("model.layers.0.self_attn.q_proj (32 inputs: int4-g32, int4-g16, int4-g8 fit)"), std::string::npos)
+      << r.out;
+  EXPECT_NE(r.out.find("--fallback FORMAT"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find("mlp.down_proj (64"), std::string::npos) << "down_proj fits: " << r.out;
+  EXPECT_FALSE(sfs::exists(tmp.path + "/g"));
+  // gptq: float fallback (left out of modules_in_block_to_quantize).
+  auto g = run("export " + src + " --format gptq --quant int4-g64 --fallback f16 --out " + tmp.path + "/g");
+  ASSERT_EQ(g.rc, 0) << g.out;
+  EXPECT_NE(g.out.find("12 linears in --fallback f16"), std::string::npos) << g.out;
+  const auto gc = read_text(tmp.path + "/g/config.json");
+  EXPECT_NE(gc.find("\"modules_in_block_to_quantize\""), std::string::npos) << gc;
+  EXPECT_NE(gc.find("\"mlp.down_proj\""), std::string::npos) << gc;
+  EXPECT_NE(run("export " + src + " --format gptq --quant int4-g64 --fallback int4-g32 --out " + tmp.path + "/g2").rc, 0);
+  // compressed-tensors: a second config group.
+  auto c = run("export " + src + " --format compressed-tensors --quant int4-g64 --fallback int4-g32 --out " + tmp.path + "/c");
+  ASSERT_EQ(c.rc, 0) << c.out;
+  const auto cc = read_text(tmp.path + "/c/config.json");
+  EXPECT_NE(cc.find("\"group_1\""), std::string::npos) << cc;
+  EXPECT_NE(cc.find("\"model.layers.1.mlp.up_proj\""), std::string::npos) << cc;
+  auto c2 = run("export " + src + " --format compressed-tensors --quant int4-g128 --fallback int4-g64 --out " + tmp.path + "/c2");
+  EXPECT_EQ(c2.rc, 2) << c2.out;
+  EXPECT_NE(c2.out.find("--fallback int4-g64: its block of 64 does not divide the 32 inputs of model.layers.0.self_attn.q_proj"),
+            std::string::npos) << c2.out;
+  // gguf: llama-quantize falls back by itself (q4_k -> q5_0); --fallback picks the type instead.
+  auto q = run("export " + src + " --format gguf --quant q4_k --out " + tmp.path + "/a.gguf");
+  ASSERT_EQ(q.rc, 0) << q.out;
+  EXPECT_NE(q.out.find("falling back to q5_0"), std::string::npos) << q.out;
+  auto q2 = run("export " + src + " --format gguf --quant q4_k --fallback q8_0 --out " + tmp.path + "/b.gguf");
+  ASSERT_EQ(q2.rc, 0) << q2.out;
+  EXPECT_NE(q2.out.find("falling back to q8_0 (--fallback)"), std::string::npos) << q2.out;
+  EXPECT_EQ(q2.out.find("falling back to q5_0"), std::string::npos) << q2.out;
+  auto q3 = run("export " + src + " --format gguf --quant q4_k --fallback q6_k --out " + tmp.path + "/c.gguf");
+  EXPECT_EQ(q3.rc, 1) << q3.out;
+  EXPECT_NE(q3.out.find("export: token_embd.weight: --fallback q6_k: its block of 256 does not divide the 32 columns"),
+            std::string::npos) << "names the tensor: " << q3.out;
+  EXPECT_NE(run("export " + src + " --format hf --fallback f16 --out " + tmp.path + "/h").rc, 0);
+}
+
+TEST_F(Cli, PeftAdapterNamesItsBaseAndKeepsExtrasApart) {
+  ASSERT_EQ(run("train " + cfg + " 'sample.prompts=[]'").rc, 0);
+  const std::string src = tmp.path + "/run";
+  ASSERT_EQ(run("train " + cfg + " run.out_dir=" + tmp.path + "/lora run.init_from=" + src +
+                " peft.r=4 trainer.max_steps=2 'sample.prompts=[]'").rc, 0);
+  const auto ac = read_text(tmp.path + "/lora/adapter/adapter_config.json");
+  EXPECT_EQ(ac.find("\"qforge\""), std::string::npos) << ac;
+  EXPECT_NE(ac.find("\"base_model_name_or_path\": \"" + src + "\""), std::string::npos) << ac;
+  EXPECT_NE(read_text(tmp.path + "/lora/adapter/qforge_adapter.json").find("\"base\""), std::string::npos);
+  auto x = run("export " + tmp.path + "/lora --format peft --out " + tmp.path + "/ad");
+  ASSERT_EQ(x.rc, 0) << x.out;
+  EXPECT_NE(read_text(tmp.path + "/ad/adapter_config.json").find("\"base_model_name_or_path\": \"" + src + "\""),
+            std::string::npos) << "export keeps the run's base, not qforge:<name>";
+}
