@@ -98,3 +98,26 @@ def test_asymmetric_float_zero_point_is_refused(tmp_path, runs):
     r = _export(runs / "qat_asym/converted", "gptq", out)
     assert r.returncode == 1 and "float-domain zero point" in r.stderr, r.stderr
     assert not out.exists() and not any(p.name.startswith("x.tmp") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("fmt,fallback,down", [("compressed-tensors", "int4-g32", "CompressedLinear"),
+                                               ("compressed-tensors", "f16", "Linear"), ("gptq", "f16", "Linear")])
+def test_fallback_for_a_width_the_group_does_not_divide_loads(tmp_path, runs, fmt, fallback, down):
+    """ffn 160: int4-g64 fits every linear but down_proj. Without --fallback the error names it and
+    what fits; with it, transformers loads the mixture (a second config group, or float layers)."""
+    out = tmp_path / fmt
+    r = _export(runs / "fp", fmt, out, "--quant", "int4-g64")
+    assert r.returncode == 2 and "model.layers.0.mlp.down_proj (160 inputs: int4-g32, int4-g16, int4-g8 fit)" in r.stderr, r.stderr
+    assert "--fallback FORMAT" in r.stderr and not out.exists()
+    r = _export(runs / "fp", fmt, out, "--quant", "int4-g64", "--fallback", fallback)
+    assert r.returncode == 0, r.stderr
+    m, logits, _ = _hf_logits(out, IDS)
+    assert type(m.model.layers[0].mlp.down_proj).__name__ == down
+    assert type(m.model.layers[0].self_attn.q_proj).__name__ in ("TorchQuantLinear", "CompressedLinear")
+    if down == "CompressedLinear":
+        assert m.model.layers[1].mlp.down_proj.quantization_scheme.weights.group_size == 32
+        assert m.model.layers[1].mlp.up_proj.quantization_scheme.weights.group_size == 64
+    ours, _ = _qforge_logits(tmp_path, runs / "fp", IDS)
+    rel = float(np.abs(logits - ours).max()) / float(np.abs(ours).max())
+    print(f"\nINT_EXPORT fallback {fmt} {fallback}: max rel diff to the float model {rel:.3g}")
+    assert rel < 0.25, rel
