@@ -141,3 +141,28 @@ def test_generate_edges_context_eos_and_utf8(hf_dir, tmp_path):
     r = _q("-q", "generate", flat, "--prompt", "And God", "-n", 10, "-t", 0)
     assert r.returncode == 0, r.stderr
     assert r.stdout == b"And God\n", r.stdout
+
+
+def test_vocab_advice_under_model_from(hf_dir):
+    """A tokenizer with more tokens than the checkpoint's embedding rows is the wrong tokenizer; the
+    advice must not be "use model.vocab_size 0" (model.from fixes the size)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    tmp_path, d, corpus = hf_dir
+    big = Tokenizer(models.BPE())
+    big.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    big.train([str(corpus)], trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                 show_progress=False))
+    big.save(str(tmp_path / "big.json"))
+    cfg = tmp_path / "wrong_tok.yaml"
+    cfg.write_text(f"""
+run: {{name: wrong, out_dir: {tmp_path}/wrong, threads: 2}}
+model: {{from: {d}}}
+tokenizer: {{type: huggingface, path: {tmp_path}/big.json}}
+data: {{sources: [{{path: {corpus}, split: line}}], seq_len: 32, cache_dir: {tmp_path}/cache}}
+trainer: {{max_steps: 2, batch_size: 4}}
+""")
+    r = _q("train", cfg)
+    assert r.returncode == 2, r.stderr[-2000:]
+    err = r.stderr.decode()
+    assert "has 400 tokens but the model.from checkpoint" in err and "320 embedding rows" in err, err
+    assert "drop the tokenizer section" in err and "use 0 to take it" not in err, err
