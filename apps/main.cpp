@@ -16,6 +16,7 @@
 #include "core/fs.h"
 #include "core/log.h"
 #include "core/safetensors.h"
+#include "core/threads.h"
 #include "data/text_stream.h"
 #include "models/generate.h"
 #include "quant/qat.h"
@@ -422,6 +423,9 @@ int cmd_generate(const std::string& run, const std::vector<std::string>& overrid
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Idle OpenMP workers sleep instead of spin-waiting, so a core shared with another process slows
+  // a step in proportion, not 16x (bench/README.md "Threads under load"); OMP_WAIT_POLICY overrides.
+  threads::ensure_passive_wait(argv);
   // Keep multi-MB activation/gradient buffers in the heap instead of returning them to the OS after
   // every step (glibc's defaults mmap/munmap them: ~40k page faults per training step on the demo
   // model). Measured ~13% faster steps for ~25% more peak RSS (bench/README.md).
