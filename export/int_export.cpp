@@ -82,21 +82,27 @@ IntExportResult export_int(models::CausalLM& model, const data::Tokenizer& tok, 
       throw InputError(str("export: --fallback ", fallback, " has ", fb->bits, "-bit codes and --quant ", quant_name, " ",
                            rtn.bits, "-bit; one file holds one code width (pick a ", rtn.bits, "-bit fallback or f16)"));
   }
+  at::NoGradGuard ng;
+  // LoRA folded in and fake quant converted first: the layers that hold trained codes are then
+  // QuantizedLinear, and a scheme these formats cannot hold is named before any width problem.
+  const int64_t merged = peft::merge_lora(model);
+  if (merged) log::info("export: merged ", merged, " LoRA adapters into their base layers");
+  quant::convert(model);
   // Float linears whose width --quant's group does not divide: the fallback, or one error naming them.
   std::vector<std::pair<std::string, int64_t>> widths;
   for (auto& ns : models::linear_slots(model)) {
-    if (ns.name == "lm_head" || std::dynamic_pointer_cast<quant::QuantizedLinear>(ns.slot->get())) continue;
+    if (ns.name == "lm_head") continue;
+    if (auto ql = std::dynamic_pointer_cast<quant::QuantizedLinear>(ns.slot->get())) {
+      check_spec(ns.name, ql->weight_spec());
+      continue;
+    }
     widths.emplace_back(ns.name, ns.slot->get()->in_features);
   }
   std::set<std::string> to_fallback;
   const auto misfit = quant::width_fallbacks(widths, rtn, quant_name, fallback, fb ? &*fb : nullptr);
   for (size_t i = 0; i < widths.size(); ++i)
     if (misfit[i]) to_fallback.insert(widths[i].first);
-  at::NoGradGuard ng;
   return write_staged_dir(out, [&](const std::string& tmp) {
-    const int64_t merged = peft::merge_lora(model);
-    if (merged) log::info("export: merged ", merged, " LoRA adapters into their base layers");
-    quant::convert(model);
     const at::ScalarType ftype = c.dtype == models::DType::BF16 ? at::kBFloat16 : at::kFloat;
     IntExportResult res;
     std::vector<std::pair<std::string, at::Tensor>> tensors;
