@@ -21,5 +21,5 @@ done
 MASTER_ADDR=127.0.0.1 MASTER_PORT=$PORT WORLD_SIZE=$NPROC RANK=0 LOCAL_RANK=0 LOCAL_WORLD_SIZE=$NPROC \
   OMP_NUM_THREADS=1 "$BIN" --backend "$BACKEND" --max-mb "$MAX_MB" --iters "$ITERS" > "$TMP"
 wait
-{ echo "{\"command\": \"BACKEND=$BACKEND NPROC=$NPROC bench/allreduce_bw.sh\", \"date\": \"$(date -I)\", \"machine\": \"$(nproc) cores\"}"; cat "$TMP"; } > "$OUT"
+{ echo "{\"command\": \"BACKEND=$BACKEND NPROC=$NPROC bench/allreduce_bw.sh\", \"date\": \"$(date -I)\", \"machine\": \"$(nproc) cores\", \"cpu_model\": \"$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)\"}"; cat "$TMP"; } > "$OUT"
 cat "$OUT"

@@ -54,7 +54,7 @@ tps = {c: med(c, "tokens_per_s") for c in ("one_1t", "one_all", "two", "two_afte
 exp_on, exp_off = med("two", "exposed_comm_s_per_step"), med("two_after", "exposed_comm_s_per_step")
 res = {
     "command": "bench/dist_scaling.sh" + (f" (EXTRA='{extra}')" if extra else ""),
-    "date": datetime.date.today().isoformat(), "machine": f"{os.cpu_count()} cores, {platform.machine()}",
+    "date": datetime.date.today().isoformat(), "machine": f"{os.cpu_count()} cores, {platform.machine()}", "cpu_model": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?"),
     "model": "configs/tiny_pretrain.yaml (4.2M params, seq 128)", "global_batch": b, "steps": steps, "reps": reps,
     "tokens_per_s": tps,
     "speedup_two_vs_one_1t": tps["two"] / tps["one_1t"],

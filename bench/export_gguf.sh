@@ -66,7 +66,7 @@ for q in E["QUANTS"].split():
         res[q][impl] = {"wall_s": wall, "gb_per_s": gb / wall, "peak_rss_mib": rss,
                         "peak_rss_over_model": rss / (int(E["CKPT_BYTES"]) / 2**20)}
     res[q]["throughput_ratio"] = res[q]["qforge"]["gb_per_s"] / res[q]["llama.cpp"]["gb_per_s"]
-out = {"bench": "export_gguf", "command": "bench/export_gguf.sh", "checkpoint": E["CKPT"], "checkpoint_gb": gb,
+out = {"bench": "export_gguf", "command": "bench/export_gguf.sh", "cpu_model": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?"), "checkpoint": E["CKPT"], "checkpoint_gb": gb,
        "reps": int(E["REPS"]), "peer": "convert_hf_to_gguf.py --outtype f16 + llama_model_quantize (llama-cpp-python 0.3.36, llama.cpp 0c1e570), 2 threads",
        "results": res, "records": recs}
 json.dump(out, open(sys.argv[2], "w"), indent=2)

@@ -63,7 +63,7 @@ ratios = {"load_speedup": res["transformers"]["load_s"] / res["qforge"]["load_s"
           "load_and_forward_speedup": res["transformers"]["load_and_forward_s"] / res["qforge"]["load_and_forward_s"],
           "wall_speedup": res["transformers"]["wall_s"] / res["qforge"]["wall_s"]}
 same = len({round(r["logits_sum"], 1) for r in recs}) == 1
-out = {"bench": "hf_load", "command": "bench/hf_load.sh", "checkpoint": E["CKPT"], "shape": E["SHAPE"],
+out = {"bench": "hf_load", "command": "bench/hf_load.sh", "cpu_model": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?"), "checkpoint": E["CKPT"], "shape": E["SHAPE"],
        "checkpoint_mib": size_mib, "reps": int(E["REPS"]), "results": res, "ratios": ratios,
        "same_logits_sum_both_sides": same, "records": recs}
 json.dump(out, open(sys.argv[2], "w"), indent=2)

@@ -159,7 +159,7 @@ def main():
         prev[r["model"]] = r
     merged = sorted(prev.values(), key=lambda r: r["model"])
     with open(os.path.join(out, "ptq_quality.json"), "w") as f:
-        json.dump({"command": "bench/ptq_quality.sh " + " ".join(sys.argv[1:]), "qat_steps": a.qat_steps,
+        json.dump({"command": "bench/ptq_quality.sh " + " ".join(sys.argv[1:]), "cpu_model": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?"), "qat_steps": a.qat_steps,
                    "results": merged}, f, indent=2)
     md = table(merged, a.qat_steps)
     with open(os.path.join(out, "ptq_quality.md"), "w") as f:

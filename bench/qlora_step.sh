@@ -109,7 +109,7 @@ nf4_lin = res["qforge/qlora"]["weight_bytes"] - res["qforge/lora_bf16"]["weight_
 ratios["nf4_base_over_bf16_base_bytes"] = nf4_lin / (2 * n_lin)
 ratios["qlora_over_bf16_lora_model_weight_bytes"] = res["qforge/qlora"]["weight_bytes"] / res["qforge/lora_bf16"]["weight_bytes"]
 ratios["qlora_over_full_train_state_bytes"] = res["qforge/qlora"]["train_state_bytes"] / res["qforge/full"]["train_state_bytes"]
-out = {"bench": "qlora_step", "started_utc": E["T_START"], "host": platform.node(), "cpus": os.cpu_count(),
+out = {"bench": "qlora_step", "started_utc": E["T_START"], "host": platform.node(), "cpus": os.cpu_count(), "cpu_model": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?"),
        "threads": int(E["THREADS"]), "reps": int(E["REPS"]), "steps": int(E["STEPS"]), "skip": int(E["SKIP"]),
        "shape": "configs/tiny_qlora_domain.yaml (llama dim 256, 4 layers, 8/4 heads, ffn 704, vocab 4096), LoRA r16 "
                 "alpha 32 on all 28 decoder linears, batch 16 x 128, fp32 compute",
