@@ -1,5 +1,7 @@
 #include "core/config.h"
 
+#include <map>
+
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -257,6 +259,33 @@ static YAML::Node merge(const YAML::Node& base, const YAML::Node& over) {
 
 static YAML::Node load_with_base(const std::string& file, int depth);
 
+// Every mapping key is a plain scalar and appears once: yaml-cpp keeps both copies of a repeated
+// key and lookups see the first, so `lr: 1` ... `lr: 2` would silently train at 1 (and merging a
+// `base:` chain would see the last). Complex keys (`? [a, b]`) are refused here instead of failing
+// later as a raw "bad conversion".
+static void check_keys(const YAML::Node& n, const std::string& file, const std::string& path, Problems* p) {
+  if (n.IsMap()) {
+    std::map<std::string, int> seen;  // key -> line (1-based)
+    for (auto it = n.begin(); it != n.end(); ++it) {
+      const int line = it->first.Mark().line + 1;
+      if (!it->first.IsScalar()) {
+        p->add(file + ":" + std::to_string(line), str("a mapping key under '", path.empty() ? "<top level>" : path,
+                                                      "' is not a plain name (complex YAML keys are not config keys)"));
+        continue;
+      }
+      const std::string k = it->first.Scalar();
+      const std::string kp = path.empty() ? k : path + "." + k;
+      auto [at, fresh] = seen.emplace(k, line);
+      if (!fresh)
+        p->add(file + ":" + std::to_string(line), str("key '", kp, "' appears twice in one mapping (first at line ",
+                                                      at->second, "); YAML keys must be unique: delete one"));
+      check_keys(it->second, file, kp, p);
+    }
+  } else if (n.IsSequence()) {
+    for (size_t i = 0; i < n.size(); ++i) check_keys(n[i], file, path + "[" + std::to_string(i) + "]", p);
+  }
+}
+
 YAML::Node load_yaml(const std::string& file, const std::vector<std::string>& overrides) {
   YAML::Node root = load_with_base(file, 0);
   Problems p;
@@ -282,6 +311,11 @@ static YAML::Node load_with_base(const std::string& file, int depth) {
   }
   if (root.IsNull()) root = YAML::Node(YAML::NodeType::Map);
   if (!root.IsMap()) throw ConfigError({file + ": expected a mapping of sections (model:, data:, trainer:, ...)"});
+  {
+    Problems p;
+    check_keys(root, file, "", &p);
+    p.throw_if_any();
+  }
   if (root["base"]) {
     if (!root["base"].IsScalar()) throw ConfigError({file + ": base: expected the path of another YAML recipe"});
     std::string b = root["base"].Scalar();

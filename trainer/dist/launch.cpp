@@ -3,6 +3,7 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -11,6 +12,8 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <fstream>
+#include <string>
 #include <thread>
 
 #include "core/error.h"
@@ -21,6 +24,15 @@ namespace qf::trainer::dist {
 namespace {
 std::atomic<int> g_signal{0};
 void on_signal(int s) { g_signal = s; }
+
+// /proc/PID/stat's state: T (stopped by a signal) or t (stopped by a tracer).
+bool is_stopped(pid_t pid) {
+  std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
+  std::string line;
+  if (!std::getline(f, line)) return false;
+  const auto close = line.rfind(')');  // the command name may hold spaces and parentheses
+  return close != std::string::npos && close + 2 < line.size() && (line[close + 2] == 'T' || line[close + 2] == 't');
+}
 
 int exit_code(int status) {
   if (WIFEXITED(status)) return WEXITSTATUS(status);
@@ -72,12 +84,17 @@ int launch(const LaunchOptions& o, const std::vector<std::string>& argv) {
   ::sigaction(SIGTERM, &sa, &old_term);
 
   std::vector<pid_t> pids;
+  const pid_t launcher = ::getpid();
   for (int64_t l = 0; l < o.nproc_per_node; ++l) {
     const pid_t pid = ::fork();
     QF_CHECK(pid >= 0, "launch: fork(): ", std::strerror(errno));
     if (pid == 0) {
       ::sigaction(SIGINT, &old_int, nullptr);
       ::sigaction(SIGTERM, &old_term, nullptr);
+      // A launcher killed with SIGKILL cannot stop its ranks: the kernel does (SIGTERM on the
+      // launcher's death; kept across exec). A launcher already gone before this line: exit now.
+      ::prctl(PR_SET_PDEATHSIG, SIGTERM);
+      if (::getppid() != launcher) std::_Exit(1);
       const auto set = [](const char* k, int64_t v) { ::setenv(k, std::to_string(v).c_str(), 1); };
       set("RANK", o.node_rank * o.nproc_per_node + l);
       set("WORLD_SIZE", world);
@@ -94,7 +111,7 @@ int launch(const LaunchOptions& o, const std::vector<std::string>& argv) {
   }
 
   int first_rc = 0;
-  int64_t first_rank = -1;
+  int64_t first_rank = -1, stopped_rank = -1;
   std::vector<char> alive(pids.size(), 1);
   size_t n_alive = pids.size();
   std::chrono::steady_clock::time_point kill_at{};
@@ -126,7 +143,17 @@ int launch(const LaunchOptions& o, const std::vector<std::string>& argv) {
           first_rank = rank;
           first_rc = rc;
           log::warn("launch: rank ", rank, " (pid ", pid, ") exited with code ", rc, "; stopping the other ranks");
+          // A rank that is stopped (SIGSTOP, a debugger) never reaches the collective the others
+          // time out in: it, not the rank that reported the timeout, is the cause.
+          for (size_t j = 0; j < pids.size(); ++j)
+            if (alive[j] && is_stopped(pids[j])) {
+              stopped_rank = o.node_rank * o.nproc_per_node + static_cast<int64_t>(j);
+              log::warn("launch: rank ", stopped_rank, " (pid ", pids[j], ") is stopped (SIGSTOP or a debugger): the "
+                        "other ranks timed out waiting for it in a collective");
+              break;
+            }
           stop_all(SIGTERM);
+          stop_all(SIGCONT);  // a stopped rank handles SIGTERM only once it runs again
           stopping = true;
           kill_at = std::chrono::steady_clock::now() + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
                                                            std::chrono::duration<double>(o.grace_s));
@@ -139,7 +166,12 @@ int launch(const LaunchOptions& o, const std::vector<std::string>& argv) {
   }
   ::sigaction(SIGINT, &old_int, nullptr);
   ::sigaction(SIGTERM, &old_term, nullptr);
-  if (first_rank >= 0)
+  if (stopped_rank >= 0)
+    std::fprintf(stderr,
+                 "qforge launch: failed: rank %lld was stopped (SIGSTOP or a debugger), so rank %lld timed out "
+                 "waiting for it (dist.timeout_s) and exited with code %d\n",
+                 static_cast<long long>(stopped_rank), static_cast<long long>(first_rank), first_rc);
+  else if (first_rank >= 0)
     std::fprintf(stderr, "qforge launch: failed: rank %lld exited with code %d (its own message is above)\n",
                  static_cast<long long>(first_rank), first_rc);
   return first_rc;
