@@ -59,6 +59,10 @@ ModelConfig llama_like(const Cfg& c, const std::string& arch, std::vector<std::s
   m.n_layers = c.i64("num_hidden_layers");
   m.n_heads = c.i64("num_attention_heads");
   m.n_kv_heads = c.i64_or("num_key_value_heads", m.n_heads);
+  if (m.n_heads % m.n_kv_heads != 0)
+    throw c.bad("num_key_value_heads", str("is ", m.n_kv_heads, ", which does not divide num_attention_heads ", m.n_heads,
+                                           " (grouped-query attention shares each KV head among a whole number of "
+                                           "query heads)"));
   m.head_dim = c.i64_or("head_dim", m.dim / m.n_heads);
   m.ffn_dim = c.i64("intermediate_size");
   m.max_seq_len = c.i64_or("max_position_embeddings", 2048);
@@ -153,8 +157,17 @@ HfCheckpoint read_hf_checkpoint(const std::string& dir) {
   QF_CHECK_INPUT(std::find(kArchitectures.begin(), kArchitectures.end(), arch) != kArchitectures.end(), cpath,
                  ": architecture '", arch, "' is not supported; qforge loads ", known);
   ck.architecture = arch;
-  ck.torch_dtype = j.value("torch_dtype", j.value("dtype", std::string("float32")));
-  ck.config = arch == "GPT2LMHeadModel" ? gpt2(c) : llama_like(c, arch, ck.notes);
+  for (const char* k : {"torch_dtype", "dtype"})
+    QF_CHECK_INPUT(!j.contains(k) || j[k].is_null() || j[k].is_string(), cpath, ": '", k, "' must be a string such as \"bfloat16\"");
+  ck.torch_dtype = "float32";
+  for (const char* k : {"dtype", "torch_dtype"})  // torch_dtype wins when both are there
+    if (j.contains(k) && j[k].is_string()) ck.torch_dtype = j[k].get<std::string>();
+  try {
+    ck.config = arch == "GPT2LMHeadModel" ? gpt2(c) : llama_like(c, arch, ck.notes);
+  } catch (const json::exception& e) {  // a key of the wrong JSON type (e.g. "hidden_act": 3)
+    throw InputError(qf::str(cpath, ": a value has the wrong JSON type for its key (", e.what(),
+                             "); compare it with the keys transformers writes for ", arch));
+  }
 
   const std::string index = dir + "/model.safetensors.index.json";
   if (sfs::exists(index)) {

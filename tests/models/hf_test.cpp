@@ -102,3 +102,28 @@ TEST(HfImport, ModelFromTakesTheArchitectureAndRefusesDisagreeingKeys) {
       [&] { qf::testing::parse_section<ModelConfig>("model: {from: " + tmp.path + "}", "model"); });
   EXPECT_NE(err.find("architecture 'BertModel' is not supported"), std::string::npos) << err;
 }
+
+// Issue 16: config.json values that cannot describe a model are errors naming the file and key.
+TEST(HfImport, InconsistentOrMistypedConfigIsAnErrorNamingTheKey) {
+  qf::testing::TmpDir tmp("qf_hf_bad");
+  auto c = tiny();
+  fs::ensure_dir(tmp / "m");
+  st::save(tmp / "m/model.safetensors", {{"x", at::zeros({1})}});
+  const auto expect_error = [&](const nlohmann::json& patch, const std::string& want) {
+    write_config(tmp / "m", c);
+    auto j = nlohmann::json::parse(fs::read_file(tmp / "m/config.json"));
+    j.merge_patch(patch);
+    fs::write_atomic(tmp / "m/config.json", j.dump());
+    try {
+      read_hf_checkpoint(tmp / "m");
+      ADD_FAILURE() << "accepted " << patch.dump();
+    } catch (const qf::InputError& e) {
+      EXPECT_NE(std::string(e.what()).find(want), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("config.json"), std::string::npos) << e.what();
+    }
+  };
+  ASSERT_EQ(c.n_heads % 3, 1);  // 3 KV heads do not divide the tiny model's 4 query heads
+  expect_error({{"num_key_value_heads", 3}}, "'num_key_value_heads' is 3, which does not divide num_attention_heads");
+  expect_error({{"hidden_act", 3}}, "wrong JSON type");
+  expect_error({{"rope_scaling", {{"rope_type", 7}}}}, "wrong JSON type");
+}
