@@ -145,7 +145,10 @@ int cmd_eval(const std::string& run, const std::vector<std::string>& overrides, 
 
 int cmd_export(const std::string& run, const std::vector<std::string>& overrides, const std::string& format,
                const std::string& out, const std::string& dtype, double shard_mb, const std::string& quant,
-               const std::string& fallback) {
+               const std::string& fallback, bool force) {
+  // The output is checked before any weight is read: an existing one (unless --force), and always
+  // anything inside a checkpoint dir or belonging to the source.
+  exporter::check_out(out, run, force);
   QF_CHECK_INPUT(fallback.empty() || format == "gguf" || format == "gptq" || format == "compressed-tensors",
                  "export: --fallback applies to --format gguf, gptq and compressed-tensors (quantized layouts)");
   const auto t0 = std::chrono::steady_clock::now();
@@ -176,15 +179,17 @@ int cmd_export(const std::string& run, const std::vector<std::string>& overrides
     // The LoRA adapters alone, in PEFT's directory layout (what <run>/adapter/ holds after training).
     QF_CHECK_INPUT(run_cfg && run_cfg->peft.enabled, "export: --format peft needs a LoRA/QLoRA run (peft: section); ",
                    run, " has no adapters");
-    exporter::check_out_dir(out);
-    peft::save_adapter(*model, run_cfg->peft, out, base_name, run_cfg->model.family == models::Family::Gpt2);
+    exporter::write_staged_dir(out, force, [&](const std::string& tmp) {
+      peft::save_adapter(*model, run_cfg->peft, tmp, base_name, run_cfg->model.family == models::Family::Gpt2);
+      return 0;
+    });
     std::printf("exported %s to %s: PEFT LoRA adapter (adapter_model.safetensors + adapter_config.json) on %s\n",
                 what.c_str(), out.c_str(), base_name.c_str());
     return 0;
   }
   if (format == "gptq" || format == "compressed-tensors") {
     const auto f = format == "gptq" ? exporter::IntFormat::Gptq : exporter::IntFormat::CompressedTensors;
-    auto r = exporter::export_int(*model, *tok, out, f, quant == "f16" ? "int4-g128" : quant, fallback);
+    auto r = exporter::export_int(*model, *tok, out, f, quant == "f16" ? "int4-g128" : quant, fallback, force);
     std::printf("exported %s to %s: %s, %lld quantized linears (%lld with their trained codes, the rest RTN %s), "
                 "%.2f MB, re-read and decoded%s\n",
                 what.c_str(), r.dir.c_str(), format.c_str(), (long long)r.n_quantized, (long long)r.n_exact,
@@ -193,7 +198,7 @@ int cmd_export(const std::string& run, const std::vector<std::string>& overrides
     return 0;
   }
   if (format == "gguf") {
-    auto r = exporter::export_gguf(*model, *tok, out, quant, name, !log::quiet(), fallback);
+    auto r = exporter::export_gguf(*model, *tok, out, quant, name, !log::quiet(), fallback, force);
     for (auto& row : r.rows) log::info("  ", row);
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     std::printf("exported %s to %s: GGUF v3, %lld tensors, %.2f MB (--quant %s%s%s), re-read and verified in %.2f s\n",
@@ -203,7 +208,7 @@ int cmd_export(const std::string& run, const std::vector<std::string>& overrides
     return 0;
   }
   const auto t = dtype == "bf16" ? at::kBFloat16 : dtype == "fp16" ? at::kHalf : at::kFloat;
-  auto r = exporter::export_hf(*model, *tok, out, t, static_cast<int64_t>(shard_mb * 1e6));
+  auto r = exporter::export_hf(*model, *tok, out, t, static_cast<int64_t>(shard_mb * 1e6), force);
   std::printf("exported %s to %s: %lld tensors, %.2f MB in %lld file%s (%s), re-read and verified\n", what.c_str(),
               r.dir.c_str(), (long long)r.n_tensors, r.bytes / 1e6, (long long)r.n_shards, r.n_shards > 1 ? "s" : "",
               dtype.c_str());
@@ -215,7 +220,7 @@ struct QuantizeArgs {
   int64_t samples = 128, batch_size = 8;
   quant::GptqConfig gptq;
   quant::AwqConfig awq;
-  bool no_eval = false;
+  bool no_eval = false, force = false;
 };
 
 // PTQ of a float model (qforge run or Hugging Face dir) into a converted run directory that
@@ -232,7 +237,8 @@ int cmd_quantize(const std::string& src, const std::vector<std::string>& overrid
   QF_CHECK_INPUT((spec.kind != quant::Kind::Fp8E4M3 && spec.kind != quant::Kind::Fp8E5M2) || method != quant::PtqMethod::Awq,
                  "--method awq --quant ", a.quant, ": AWQ searches integer grids; fp8 has no group scales to protect");
   QF_CHECK_INPUT(a.quant != "int8-per-token", "--quant int8-per-token is an activation format; pick a weight format");
-  exporter::check_out_dir(a.out);
+  exporter::check_out(a.out, src, a.force);
+  exporter::check_out_dir(a.out, a.force);
   const auto out = std::filesystem::absolute(a.out).lexically_normal().string();
 
   trainer::RunConfig cfg;
@@ -321,10 +327,9 @@ int cmd_quantize(const std::string& src, const std::vector<std::string>& overrid
   qn["awq"]["clip"] = a.awq.clip;
   res["quant"] = qn;
   res["trainer"]["max_steps"] = 0;
-  fs::ensure_dir(out);
-  fs::write_atomic(out + "/config.yaml", "# Made by: qforge quantize " + src + " --method " + a.method + " --quant " +
+  const std::string config_text = "# Made by: qforge quantize " + src + " --method " + a.method + " --quant " +
                                              a.quant + "\n# Re-create with: qforge train " + out +
-                                             "/config.yaml (PTQ as quant.init, no training steps)\n" + cfg::dump(res));
+                                             "/config.yaml (PTQ as quant.init, no training steps)\n" + cfg::dump(res);
   trainer::CheckpointData d;
   d.model = trainer::model_state(*model);
   nlohmann::json layers_j = nlohmann::json::array();
@@ -348,8 +353,14 @@ int cmd_quantize(const std::string& src, const std::vector<std::string>& overrid
              {"vocab_size", model->cfg.vocab_size},
              {"model_bytes", quant::model_bytes(*model)},
              {"ptq", quant::method_name(method)}};
-  auto dir = trainer::save_checkpoint(out + "/checkpoints", 0, d, 1);
-  fs::write_atomic(out + "/ptq_summary.json", summary.dump(2) + "\n");
+  // Written in a temp dir beside `out` and renamed into place complete: a kill or a full disk leaves
+  // no half run at `out` (and the next quantize removes the dead temp dir).
+  const auto dir = exporter::write_staged_dir(out, a.force, [&](const std::string& tmp) {
+    fs::write_atomic(tmp + "/config.yaml", config_text);
+    auto ck = trainer::save_checkpoint(tmp + "/checkpoints", 0, d, 1);
+    fs::write_atomic(tmp + "/ptq_summary.json", summary.dump(2) + "\n");
+    return out + ck.substr(tmp.size());
+  });
   std::printf("quantized %s with %s to %s: %zu linears in %.1f s; mean relative output error %.4g (round-to-nearest %.4g)\n",
               src.c_str(), quant::method_name(method), a.quant.c_str(), r.linears.size(), r.seconds, r.mean_err(),
               r.mean_err_rtn());
@@ -472,7 +483,14 @@ int main(int argc, char** argv) {
                   "optimum/gptqmodel), compressed-tensors (transformers / vLLM) or peft (a LoRA run's adapters)")
       ->check(CLI::IsMember({"hf", "gguf", "gptq", "compressed-tensors", "peft"}))
       ->capture_default_str();
-  exp->add_option("--out", out, "Output directory (hf; must not exist, or be empty) or .gguf file")->required();
+  bool force = false;
+  exp->add_option("--out", out,
+                  "Output directory (hf, gptq, compressed-tensors, peft; must not exist, or be empty) or .gguf file "
+                  "(must not exist); never inside a run's checkpoints/ nor one of the source's own files")
+      ->required();
+  exp->add_flag("--force", force,
+                "Replace an existing --out (only once the new output is complete); checkpoints and the source's "
+                "files are refused even so");
   exp->add_option("--quant", gguf_quant,
                   "gguf: llama.cpp type mixture for float weights, chosen per tensor as llama-quantize does: "
                   "f32|f16|q8_0|q4_0|q4_1|q5_0|q5_1|q4_k|q4_k_m|q6_k (packed QAT/PTQ layers keep their blocks); "
@@ -532,7 +550,10 @@ int main(int argc, char** argv) {
                  "required for a Hugging Face dir, whose held-out split is then also scored)");
   qz->add_option("--samples", qa.samples, "Calibration sequences (of data.seq_len tokens)")->capture_default_str();
   qz->add_option("--batch-size", qa.batch_size, "Calibration sequences per layer forward")->capture_default_str();
-  qz->add_option("--out", qa.out, "Output run directory (must not exist, or be empty)")->required();
+  qz->add_option("--out", qa.out,
+                 "Output run directory (must not exist, or be empty; never inside a run's checkpoints/ nor the source)")
+      ->required();
+  qz->add_flag("--force", qa.force, "Replace an existing --out (only once the new run dir is complete)");
   qz->add_option("--damp", qa.gptq.damp, "gptq: dampening, as a fraction of the mean Hessian diagonal")->capture_default_str();
   qz->add_flag("--act-order", qa.gptq.act_order,
                "gptq: quantize columns by decreasing Hessian diagonal (desc_act; int specs keep a g_idx, which only "
@@ -579,7 +600,7 @@ int main(int argc, char** argv) {
     if (*gen) return cmd_generate(run, overrides, prompt, s);
     if (*insp) return cmd_inspect(run, inspect_dtype, inspect_forward);
     if (*qz) return cmd_quantize(run, overrides, qa);
-    if (*exp) return cmd_export(run, overrides, format, out, dtype, shard_mb, gguf_quant, export_fallback);
+    if (*exp) return cmd_export(run, overrides, format, out, dtype, shard_mb, gguf_quant, export_fallback, force);
   } catch (const ConfigError& e) {
     std::fprintf(stderr, "qforge: %s\n", e.what());
     return 2;

@@ -1,17 +1,20 @@
 #include "core/fs.h"
 
 #include <fcntl.h>
+#include <signal.h>
 #include <ftw.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <vector>
 
 #include "core/error.h"
 
@@ -142,6 +145,38 @@ void remove_tree(const std::string& path) {
   ::nftw(
       path.c_str(), [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p) == 0 ? 0 : 0; }, 16,
       FTW_DEPTH | FTW_PHYS);
+}
+
+bool pid_alive(long pid) {
+  if (pid <= 0) return false;
+  return ::kill(static_cast<pid_t>(pid), 0) == 0 || errno == EPERM;
+}
+
+int remove_dead_temps(const std::string& dir, const std::function<bool(const std::string&)>& match) {
+  namespace stdfs = std::filesystem;
+  std::error_code ec;
+  if (!stdfs::is_directory(dir, ec)) return 0;
+  std::vector<std::string> dead;
+  for (auto it = stdfs::directory_iterator(dir, ec); !ec && it != stdfs::directory_iterator(); it.increment(ec)) {
+    const std::string n = it->path().filename().string();
+    size_t d = n.size();
+    while (d > 0 && std::isdigit(static_cast<unsigned char>(n[d - 1]))) --d;
+    if (d == n.size() || n.size() - d > 9) continue;
+    size_t e = d;
+    if (e > 0 && n[e - 1] == '.') --e;  // AtomicWriter's "<path>.tmp.<pid>"
+    std::string base;
+    for (const char* tag : {".tmp", ".old", ".link"}) {
+      const size_t t = std::strlen(tag);
+      if (e >= t && n.compare(e - t, t, tag) == 0) {
+        base = n.substr(0, e - t);
+        break;
+      }
+    }
+    if (base.empty() || !match(base) || pid_alive(std::stol(n.substr(d)))) continue;
+    dead.push_back(it->path().string());
+  }
+  for (auto& p : dead) remove_tree(p);
+  return static_cast<int>(dead.size());
 }
 
 uint64_t fnv1a64(std::string_view b, uint64_t h) {

@@ -3,6 +3,7 @@
 // reader sees either the old complete file or the new complete file, never a torn one.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -62,6 +63,12 @@ void check_writable_dir(const std::string& dir);
 void remove_tree(const std::string& path);
 
 // Stable 64-bit FNV-1a hash (hex) of bytes / of a file's bytes; used for cache keys and config hashes.
+// Leftovers of a killed writer: entries of `dir` named <base>.tmp<PID>, <base>.tmp.<PID> (AtomicWriter),
+// <base>.old<PID> or <base>.link<PID> whose PID is no live process (a live writer's files are never
+// touched) and whose <base> satisfies `match`. Removes them; returns how many.
+bool pid_alive(long pid);
+int remove_dead_temps(const std::string& dir, const std::function<bool(const std::string& base)>& match);
+
 uint64_t fnv1a64(std::string_view bytes, uint64_t seed = 1469598103934665603ULL);
 std::string hex64(uint64_t v);
 // Fast non-cryptographic 64-bit hash (8 bytes per step, ~10x fnv1a64) for checking written data

@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 
+#include <filesystem>
 #include <functional>
 #include <map>
 #include <memory>
@@ -11,6 +12,7 @@
 #include "core/progress.h"
 #include "core/safetensors.h"
 #include "export/gguf_writer.h"
+#include "export/hf_export.h"
 #include "peft/lora.h"
 #include "quant/ggml_blocks.h"
 #include "quant/ggml_mix.h"
@@ -69,7 +71,10 @@ std::string encode(const at::Tensor& w, Rule rule, bool f16) {
 
 GgufExportResult export_gguf(models::CausalLM& model, const data::Tokenizer& tok, const std::string& out,
                              const std::string& quant_name, const std::string& name, bool progress,
-                             const std::string& fallback) {
+                             const std::string& fallback, bool force) {
+  check_out(out, "", force);
+  QF_CHECK_INPUT(!std::filesystem::is_directory(out), "--out '", out,
+                 "' is a directory; GGUF export writes one file (e.g. --out model.gguf)");
   const auto& c = model.cfg;
   if (c.family != models::Family::Llama || c.qkv_bias)
     throw InputError("export: GGUF export covers the llama architecture (no qkv bias) so far; this model is " +

@@ -13,7 +13,8 @@
 //  - Metadata: llama.* hyper-parameters and the tokenizer block (sentencepiece vocabularies).
 // Streaming: tensors are produced one at a time in row chunks while the file is written (never two
 // copies of the model; the pages of a memory-mapped source checkpoint are released as each tensor
-// is done); the file is re-read and checked, and appears only complete (gguf::Writer).
+// is done); the file is re-read and checked, and appears only complete (gguf::Writer: temp file + fsync
+// + rename). An existing `out` is refused unless `force`, a directory always (exporter::check_out).
 #pragma once
 #include <string>
 #include <vector>
@@ -33,6 +34,6 @@ struct GgufExportResult {
 
 GgufExportResult export_gguf(models::CausalLM& model, const data::Tokenizer& tok, const std::string& out,
                              const std::string& quant, const std::string& name, bool progress = true,
-                             const std::string& fallback = "");
+                             const std::string& fallback = "", bool force = false);
 
 }  // namespace qf::exporter

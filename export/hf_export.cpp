@@ -79,15 +79,76 @@ void copy_tokenizer(const data::Tokenizer& tok, const std::string& dir) {
   fs::write_atomic(dir + "/tokenizer_config.json", tc.dump(2) + "\n");
 }
 
-void check_out_dir(const std::string& out) {
-  if (sfs::exists(out) && !(sfs::is_directory(out) && sfs::is_empty(out)))
-    throw InputError(str("export: '", out, "' already exists; remove it or choose another --out"));
-  const auto parent = sfs::path(out).has_parent_path() ? sfs::path(out).parent_path().string() : std::string(".");
+namespace {
+// The path as it will be reached (symlinks of the existing part resolved).
+sfs::path real(const std::string& p) {
+  std::error_code ec;
+  auto r = sfs::weakly_canonical(sfs::absolute(p), ec);
+  return ec ? sfs::absolute(p).lexically_normal() : r;
+}
+bool inside(const sfs::path& p, const sfs::path& dir) {  // p == dir or below it
+  auto rel = p.lexically_relative(dir);
+  return !rel.empty() && *rel.begin() != "..";
+}
+bool is_run_dir(const sfs::path& d) {
+  return sfs::exists(d / "config.yaml") && (sfs::exists(d / "checkpoints") || sfs::exists(d / "adapter"));
+}
+}  // namespace
+
+void check_out(const std::string& out, const std::string& source, bool force) {
+  QF_CHECK_INPUT(!out.empty(), "--out is empty");
+  const sfs::path o = real(out);
+  // Never inside a checkpoint directory (<run>/checkpoints/, converted/, merged/: they hold `latest`).
+  for (sfs::path p = o; !p.empty(); p = p.parent_path()) {
+    if (sfs::exists(p / "latest") && sfs::is_directory(p))
+      throw InputError(str("--out '", out, "' is inside the checkpoint directory '", p.string(),
+                           "' (it holds `latest`); writing there would destroy checkpoints, so it is refused even "
+                           "with --force; choose a path outside the run's checkpoints"));
+    if (p == p.parent_path()) break;
+  }
+  if (!source.empty() && sfs::exists(source)) {
+    const sfs::path src = real(source);
+    QF_CHECK_INPUT(!inside(src, o), "--out '", out, "' is or contains the source '", source,
+                   "' being exported; refused even with --force; choose another --out");
+    if (inside(o, src) && sfs::exists(o)) {
+      const std::string top = (*o.lexically_relative(src).begin()).string();
+      static const std::set<std::string> run_files = {"config.yaml", "checkpoints", "metrics.jsonl", "tb",
+                                                      "train_summary.json", "adapter", "merged", "converted",
+                                                      "ptq_summary.json"};
+      QF_CHECK_INPUT(!(is_run_dir(src) ? run_files.count(top) > 0 : true), "--out '", out,
+                     "' is one of the source's own files ('", top, "' of ", source,
+                     "); refused even with --force; choose another --out");
+    }
+  }
+  // Temp siblings of killed exports (their PID is gone); a live export's are left alone. A --force
+  // replacement killed between its two renames left the old output as <out>.old<PID>: put it back.
+  const auto parent = o.parent_path().string(), base = o.filename().string();
+  if (!sfs::exists(o) && sfs::is_directory(parent)) {
+    for (auto& e : sfs::directory_iterator(parent)) {
+      const auto n = e.path().filename().string();
+      const auto pre = base + ".old";
+      if (n.size() > pre.size() && n.compare(0, pre.size(), pre) == 0 &&
+          n.find_first_not_of("0123456789", pre.size()) == std::string::npos &&
+          !fs::pid_alive(std::stol(n.substr(pre.size())))) {
+        fs::rename_atomic(e.path().string(), o.string());
+        break;
+      }
+    }
+  }
+  fs::remove_dead_temps(parent, [&](const std::string& b) { return b == base; });
+  if (sfs::exists(out) && !(sfs::is_directory(out) && sfs::is_empty(out)) && !force)
+    throw InputError(str("'", out, "' already exists; remove it, choose another --out, or pass --force to replace it"));
   fs::check_writable_dir(parent);
 }
 
-std::string stage_dir(const std::string& out) {
-  check_out_dir(out);
+void check_out_dir(const std::string& out, bool force) {
+  check_out(out, "", force);
+  QF_CHECK_INPUT(!sfs::exists(out) || sfs::is_directory(out), "--out '", out,
+                 "' is a file; this format writes a directory");
+}
+
+std::string stage_dir(const std::string& out, bool force) {
+  check_out_dir(out, force);
   const std::string tmp = out + ".tmp" + std::to_string(::getpid());
   fs::remove_tree(tmp);
   fs::ensure_dir(tmp);
@@ -95,13 +156,24 @@ std::string stage_dir(const std::string& out) {
 }
 
 void commit_dir(const std::string& tmp, const std::string& out) {
-  if (sfs::exists(out)) sfs::remove(out);  // an empty directory
+  if (sfs::exists(out) && sfs::is_directory(out) && sfs::is_empty(out)) {
+    sfs::remove(out);
+  } else if (sfs::exists(out)) {
+    // --force: the old output goes aside only now that the new one is complete; a kill between the two
+    // renames leaves <out>.old<PID> (and the new one in <out>.tmp<PID>).
+    const std::string old = out + ".old" + std::to_string(::getpid());
+    fs::remove_tree(old);
+    fs::rename_atomic(out, old);
+    fs::rename_atomic(tmp, out);
+    fs::remove_tree(old);
+    return;
+  }
   fs::rename_atomic(tmp, out);
 }
 
 HfExportResult export_hf(models::CausalLM& model, const data::Tokenizer& tok, const std::string& out,
-                         at::ScalarType dtype, int64_t max_shard_bytes) {
-  return write_staged_dir(out, [&](const std::string& tmp) {
+                         at::ScalarType dtype, int64_t max_shard_bytes, bool force) {
+  return write_staged_dir(out, force, [&](const std::string& tmp) {
     const int64_t merged = peft::merge_lora(model);
     if (merged > 0) log::info("export: merged ", merged, " LoRA adapters into their base layers");
     auto weights = dense_weights(model);

@@ -4,7 +4,8 @@
 // What is written is the model as it computes: LoRA adapters merged, fake-quant / converted / NF4
 // weights dequantized to the values the forward pass uses, in fp32, bf16 or fp16.
 // Invariants: built in a temp directory, re-read with models/hf (every tensor compared with what was
-// meant to be written) and only then renamed into place; an existing non-empty --out is refused.
+// meant to be written) and only then renamed into place; an existing non-empty --out is refused
+// unless `force` (then replaced only once the new one is complete).
 #pragma once
 #include <ATen/core/ScalarType.h>
 
@@ -21,18 +22,27 @@ struct HfExportResult {
   int64_t n_tensors = 0, bytes = 0, n_shards = 0;
 };
 
-// Output directories: check_out_dir refuses an existing non-empty `out` and an unwritable parent;
-// stage_dir does that and returns a fresh temp dir beside it; commit_dir renames the finished temp
-// dir into place.
-void check_out_dir(const std::string& out);
-std::string stage_dir(const std::string& out);
+// Outputs of export / quantize (directories and single files such as .gguf):
+//  - check_out refuses, even with `force`, an `out` inside a checkpoint directory (a dir holding
+//    `latest`, e.g. <run>/checkpoints/), an `out` that is the source (`source`: a run or Hugging
+//    Face dir) or contains it, and an existing entry of the source dir that the source owns
+//    (config.yaml, checkpoints/, ... of a run; anything in a Hugging Face dir); without `force` it
+//    refuses any existing `out` (a non-empty dir or a file). It also removes temp siblings that killed
+//    exports left (<out>.tmp<PID>, <out>.tmp.<PID>, <out>.old<PID> whose PID is dead; an
+//    <out>.old<PID> with no <out> is the old output a killed --force replacement set aside: restored).
+//  - check_out_dir: check_out without a source, for formats that write a directory.
+//  - stage_dir checks and returns a fresh temp dir beside `out`; commit_dir renames the finished
+//    temp dir into place (with force, an existing `out` is moved aside first and removed after).
+void check_out(const std::string& out, const std::string& source, bool force);
+void check_out_dir(const std::string& out, bool force = false);
+std::string stage_dir(const std::string& out, bool force = false);
 void commit_dir(const std::string& tmp, const std::string& out);
 // Runs fill(tmp) in a fresh stage_dir beside `out` and renames it into place when fill returns
 // (its result carries the outcome); if anything throws, the temp dir is removed and `out` is left
-// as it was.
+// as it was. A kill leaves only <out>.tmp<PID>, which the next check_out removes.
 template <class F>
-auto write_staged_dir(const std::string& out, F&& fill) {
-  const std::string tmp = stage_dir(out);
+auto write_staged_dir(const std::string& out, bool force, F&& fill) {
+  const std::string tmp = stage_dir(out, force);
   try {
     auto r = fill(tmp);
     commit_dir(tmp, out);
@@ -47,6 +57,6 @@ void copy_tokenizer(const data::Tokenizer& tok, const std::string& dir);
 
 // `tokenizer_path`: the run's sentencepiece .model or tokenizer.json (or its directory).
 HfExportResult export_hf(models::CausalLM& model, const data::Tokenizer& tok, const std::string& out,
-                         at::ScalarType dtype, int64_t max_shard_bytes);
+                         at::ScalarType dtype, int64_t max_shard_bytes, bool force = false);
 
 }  // namespace qf::exporter

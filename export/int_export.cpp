@@ -59,7 +59,7 @@ at::Tensor unpack_cols(const at::Tensor& w, int bits) {
 }  // namespace
 
 IntExportResult export_int(models::CausalLM& model, const data::Tokenizer& tok, const std::string& out, IntFormat fmt,
-                           const std::string& quant_name, const std::string& fallback) {
+                           const std::string& quant_name, const std::string& fallback, bool force) {
   const auto& c = model.cfg;
   const char* fname = fmt == IntFormat::Gptq ? "gptq" : "compressed-tensors";
   if (c.family != models::Family::Llama)
@@ -102,7 +102,7 @@ IntExportResult export_int(models::CausalLM& model, const data::Tokenizer& tok, 
   const auto misfit = quant::width_fallbacks(widths, rtn, quant_name, fallback, fb ? &*fb : nullptr);
   for (size_t i = 0; i < widths.size(); ++i)
     if (misfit[i]) to_fallback.insert(widths[i].first);
-  return write_staged_dir(out, [&](const std::string& tmp) {
+  return write_staged_dir(out, force, [&](const std::string& tmp) {
     const at::ScalarType ftype = c.dtype == models::DType::BF16 ? at::kBFloat16 : at::kFloat;
     IntExportResult res;
     std::vector<std::pair<std::string, at::Tensor>> tensors;

@@ -14,7 +14,8 @@
 // hold: refused with the reason. Embeddings, norms and lm_head are written in float (the model's
 // dtype; scales in the spec's scale dtype).
 // Invariants: built in a temp dir, each packed layer decoded back (C++ reference of the runtime's
-// dequant) and compared with what was meant before the rename; a non-empty --out is refused.
+// dequant) and compared with what was meant before the rename; a non-empty --out is refused
+// unless `force` (export/hf_export.h check_out).
 #pragma once
 #include <string>
 
@@ -35,6 +36,6 @@ struct IntExportResult {
 // "f16" keeps them in float (GPTQ: left out of modules_in_block_to_quantize; compressed-tensors:
 // ignored), or (compressed-tensors) a preset with the same bits, written as a second config group.
 IntExportResult export_int(models::CausalLM& model, const data::Tokenizer& tok, const std::string& out, IntFormat fmt,
-                           const std::string& quant, const std::string& fallback = "");
+                           const std::string& quant, const std::string& fallback = "", bool force = false);
 
 }  // namespace qf::exporter

@@ -1,10 +1,14 @@
 #include "trainer/checkpoint.h"
 
 #include <ATen/ATen.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <set>
 
@@ -89,34 +93,127 @@ static std::string step_name(int64_t step) {
   return b;
 }
 
+namespace {
+std::function<void(const char*)>& fault_hook() {
+  static std::function<void(const char*)> h;
+  return h;
+}
+// A fault-injection point: the test hook (or QFORGE_CHECKPOINT_FAULT=<point>, which kills the
+// process as SIGKILL would) fires after each rename/fsync step of a save.
+void fault(const char* point) {
+  if (fault_hook()) fault_hook()(point);
+  static const char* env = std::getenv("QFORGE_CHECKPOINT_FAULT");
+  if (env && std::strcmp(env, point) == 0) ::raise(SIGKILL);
+}
+
+std::string read_latest(const std::string& root) {
+  if (!sfs::exists(root + "/latest")) return "";
+  std::string n = fs::read_file(root + "/latest");
+  while (!n.empty() && (n.back() == '\n' || n.back() == ' ')) n.pop_back();
+  return n;
+}
+
+// `dst` (absent) becomes a complete copy of the flat directory `src`: hard links where the file system
+// allows them (no bytes copied), else copies; fsynced before it is renamed into place by the caller.
+void link_dir(const std::string& src, const std::string& dst) {
+  fs::remove_tree(dst);
+  fs::ensure_dir(dst);
+  for (auto& e : sfs::directory_iterator(src)) {
+    const std::string to = dst + "/" + e.path().filename().string();
+    if (::link(e.path().c_str(), to.c_str()) != 0) {
+      std::error_code ec;
+      sfs::copy_file(e.path(), to, ec);
+      QF_CHECK_INPUT(!ec, "checkpoint: cannot copy '", e.path().string(), "' to '", to, "': ", ec.message());
+      fs::fsync_path(to);
+    }
+  }
+  fs::fsync_path(dst);
+}
+
+// Second half of a re-save. On entry `latest` names the complete .<name>.next; step dir <name> may
+// hold the previous save, a finished copy of .next, or nothing. Every step leaves `latest` naming a
+// complete directory: <name> is moved aside (latest still names .next), a linked copy of .next is
+// built under a temp name and renamed to <name>, latest is repointed to <name>, then the spares go.
+void promote_next(const std::string& root, const std::string& name) {
+  const std::string pid = std::to_string(::getpid());
+  const std::string final_dir = root + "/" + name, next = root + "/." + name + ".next";
+  const std::string old = root + "/." + name + ".old" + pid, link = root + "/." + name + ".link" + pid;
+  fs::remove_tree(old);  // this process's own, from an earlier failed attempt
+  if (sfs::exists(final_dir)) {
+    fs::rename_atomic(final_dir, old);
+    fault("old_aside");
+  }
+  link_dir(next, link);
+  fault("linked");
+  fs::rename_atomic(link, final_dir);
+  fault("final_in_place");
+  fs::write_atomic(root + "/latest", name + "\n");
+  fault("latest_final");
+  fs::remove_tree(old);
+  fs::remove_tree(next);
+}
+}  // namespace
+
+void set_checkpoint_fault_hook(std::function<void(const char* point)> hook) { fault_hook() = std::move(hook); }
+
+void recover_checkpoints(const std::string& root) {
+  if (!sfs::is_directory(root)) return;
+  const std::string latest = read_latest(root);
+  // An interrupted re-save: latest names .step_N.next (complete); finish moving it to step_N.
+  if (latest.size() > 6 && latest[0] == '.' && latest.compare(latest.size() - 5, 5, ".next") == 0 &&
+      sfs::exists(root + "/" + latest + "/model.safetensors"))
+    promote_next(root, latest.substr(1, latest.size() - 6));
+  const std::string now = read_latest(root);
+  std::vector<std::string> stale;
+  for (auto& e : sfs::directory_iterator(root)) {
+    const std::string n = e.path().filename().string();
+    if (n[0] == '.' && n.size() > 5 && n.compare(n.size() - 5, 5, ".next") == 0 && n != now) stale.push_back(e.path());
+  }
+  for (auto& p : stale) fs::remove_tree(p);
+  // Temp / moved-aside / link dirs of saves that were killed (their PID is gone; a live one's are kept).
+  fs::remove_dead_temps(root, [](const std::string& base) { return base.rfind(".step_", 0) == 0; });
+}
+
 std::string save_checkpoint(const std::string& root, int64_t step, const CheckpointData& d, int64_t keep_last) {
   fs::ensure_dir(root);
+  recover_checkpoints(root);
   const std::string name = step_name(step);
   const std::string final_dir = root + "/" + name;
   const std::string tmp = root + "/." + name + ".tmp" + std::to_string(::getpid());
   fs::remove_tree(tmp);
   fs::ensure_dir(tmp);
-  st::save(tmp + "/model.safetensors", d.model);
-  st::save(tmp + "/optimizer.safetensors", d.optimizer);
-  st::save(tmp + "/extra.safetensors", d.extra);
-  fs::write_atomic(tmp + "/trainer_state.json", d.state.dump(2) + "\n");
-  fs::fsync_path(tmp);
-  if (sfs::exists(final_dir)) {
-    // Re-saving the same step (e.g. after resume): move the old one aside first.
-    const std::string old = root + "/." + name + ".old" + std::to_string(::getpid());
-    fs::rename_atomic(final_dir, old);
-    fs::rename_atomic(tmp, final_dir);
-    fs::remove_tree(old);
-  } else {
-    fs::rename_atomic(tmp, final_dir);
+  try {
+    st::save(tmp + "/model.safetensors", d.model);
+    st::save(tmp + "/optimizer.safetensors", d.optimizer);
+    st::save(tmp + "/extra.safetensors", d.extra);
+    fs::write_atomic(tmp + "/trainer_state.json", d.state.dump(2) + "\n");
+    fs::fsync_path(tmp);
+  } catch (...) {
+    fs::remove_tree(tmp);  // a full disk: nothing partial stays behind
+    throw;
   }
-  fs::write_atomic(root + "/latest", name + "\n");
+  fault("written");
+  if (!sfs::exists(final_dir)) {
+    fs::rename_atomic(tmp, final_dir);
+    fault("renamed");
+    fs::write_atomic(root + "/latest", name + "\n");
+    fault("latest");
+  } else {
+    // Re-saving a step (e.g. after a resume): `latest` always names a complete directory. The new
+    // save becomes .<name>.next, latest is pointed at it, and only then is <name> replaced.
+    const std::string next = root + "/." + name + ".next";
+    fs::remove_tree(next);  // recover_checkpoints left none that latest names
+    fs::rename_atomic(tmp, next);
+    fault("next");
+    fs::write_atomic(root + "/latest", "." + name + ".next\n");
+    fault("latest_next");
+    promote_next(root, name);
+  }
   // Retention: keep the newest keep_last step_* directories.
   std::vector<std::string> steps;
   for (auto& e : sfs::directory_iterator(root)) {
     auto n = e.path().filename().string();
     if (e.is_directory() && n.rfind("step_", 0) == 0) steps.push_back(n);
-    if (e.is_directory() && n[0] == '.' && n.find(".tmp") != std::string::npos) fs::remove_tree(e.path());  // stale temp dirs
   }
   std::sort(steps.begin(), steps.end());
   for (size_t i = 0; i + keep_last < steps.size(); ++i)
@@ -129,8 +226,7 @@ std::string resolve_checkpoint(const std::string& path) {
   if (sfs::exists(path + "/model.safetensors")) return path;
   for (std::string root : {path + "/checkpoints", path}) {
     if (sfs::exists(root + "/latest")) {
-      std::string n = fs::read_file(root + "/latest");
-      while (!n.empty() && (n.back() == '\n' || n.back() == ' ')) n.pop_back();
+      const std::string n = read_latest(root);
       QF_CHECK_INPUT(sfs::exists(root + "/" + n + "/model.safetensors"), root, "/latest points to '", n,
                      "', which has no model.safetensors");
       return root + "/" + n;

@@ -2,13 +2,16 @@
 // trainer_state.json} plus <run>/checkpoints/latest (text: the directory name).
 // Invariant: a checkpoint directory is built under a temporary name, every file fsynced, then
 // renamed into place, and only then is `latest` atomically repointed; a crash (even SIGKILL) at any
-// moment leaves the previous checkpoint and `latest` intact and loadable.
+// moment leaves `latest` naming a complete, loadable checkpoint. Re-saving an existing step never
+// moves the live directory aside first: the new one becomes .step_N.next, `latest` names it, then
+// step_N is replaced by a (hard-linked) copy and `latest` names step_N again.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <torch/nn/module.h>
 #include <torch/optim/adamw.h>
 
 #include <nlohmann/json.hpp>
+#include <functional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -34,6 +37,14 @@ struct CheckpointData {
 // Writes step_<N> atomically and repoints `latest`; removes older checkpoints beyond keep_last.
 // Returns the checkpoint directory.
 std::string save_checkpoint(const std::string& ckpt_root, int64_t step, const CheckpointData& d, int64_t keep_last);
+// Finishes a re-save that a kill interrupted (latest naming .step_N.next) and removes the temp dirs
+// of killed saves (dead PIDs only). save_checkpoint calls it; the trainer calls it at start.
+void recover_checkpoints(const std::string& ckpt_root);
+// Test hook: called with the name of each rename/fsync point of save_checkpoint ("written",
+// "renamed", "latest", "next", "latest_next", "old_aside", "linked", "final_in_place",
+// "latest_final"); a throw from it leaves the disk as a kill there would. Empty = none.
+// QFORGE_CHECKPOINT_FAULT=<point> SIGKILLs the process at that point (for end-to-end tests).
+void set_checkpoint_fault_hook(std::function<void(const char* point)> hook);
 // Resolves a run dir, a checkpoints dir or a step dir to a step dir; "" when none exists.
 std::string resolve_checkpoint(const std::string& path);
 CheckpointData load_checkpoint(const std::string& step_dir, bool with_optimizer = true);

@@ -168,8 +168,29 @@ peft::ApplyReport apply_peft(torch::nn::Module& model, const peft::LoraConfig& p
   }
   return rep;
 }
+static bool holds_nothing_but_config(const std::string& dir);
+
 Trainer::~Trainer() {
   if (pg_) quant::set_observer_sync(nullptr);
+  // A run that failed in the directory it created itself leaves nothing behind when nothing of value
+  // was written there (only config.yaml and empty files); a pre-existing run dir is never removed.
+  if (created_run_dir_ && !finished_ && is_rank0() && holds_nothing_but_config(cfg_.run.out_dir)) {
+    log::warn("removing ", cfg_.run.out_dir, ": this failed run created it and wrote nothing there but its config");
+    fs::remove_tree(cfg_.run.out_dir);
+  }
+}
+
+// True when `dir` holds no file but config.yaml and empty files (a run that never got going).
+static bool holds_nothing_but_config(const std::string& dir) {
+  std::error_code ec;
+  if (!sfs::is_directory(dir, ec)) return false;
+  for (auto it = sfs::recursive_directory_iterator(dir, ec); !ec && it != sfs::recursive_directory_iterator();
+       it.increment(ec)) {
+    if (it->is_directory(ec)) continue;
+    const bool config = it.depth() == 0 && it->path().filename() == "config.yaml";
+    if (!config && !(it->is_regular_file(ec) && it->file_size(ec) == 0)) return false;
+  }
+  return !ec;
 }
 
 void Trainer::setup() {
@@ -232,11 +253,15 @@ void Trainer::setup() {
                                  "the tokenizer section to use the checkpoint's own tokenizer.json / tokenizer.model")});
   }
   ds_ = data::build_dataset(cfg_.data, *tok_);
+  if (is_rank0()) {
+    created_run_dir_ = !sfs::exists(run.out_dir);
+    // Finish a re-save a kill interrupted and drop the temp dirs of killed saves (dead PIDs only),
+    // before any rank looks for the checkpoint to resume from.
+    for (const char* sub : {"/checkpoints", "/converted", "/merged"}) recover_checkpoints(run.out_dir + sub);
+  }
   if (is_rank0()) barrier();
   if (is_rank0()) {
     fs::ensure_dir(run.out_dir);
-    fs::write_atomic(run.out_dir + "/config.yaml",
-                     "# resolved config of run '" + run.name + "' (from " + cfg_.source + ")\n" + cfg::dump(cfg_.resolved));
   }
 
   at::manual_seed(static_cast<uint64_t>(run.seed));
@@ -319,11 +344,14 @@ void Trainer::setup() {
                                              static_cast<int>(denv_.rank), static_cast<int>(denv_.world_size));
   metrics_path_ = run.out_dir + "/metrics.jsonl";
 
-  if (!resume_ck.empty()) {
-    restore(resume_ck);
-  } else if (is_rank0() && sfs::exists(metrics_path_)) {
+  if (!resume_ck.empty()) restore(resume_ck);
+  // Only now, with the model built and the checkpoint to resume from checked against it, is the run
+  // directory written: a config that does not fit the run leaves its config.yaml untouched.
+  if (is_rank0())
+    fs::write_atomic(run.out_dir + "/config.yaml",
+                     "# resolved config of run '" + run.name + "' (from " + cfg_.source + ")\n" + cfg::dump(cfg_.resolved));
+  if (resume_ck.empty() && is_rank0() && sfs::exists(metrics_path_))
     sfs::remove(metrics_path_);  // a fresh run starts a fresh metrics file
-  }
   if (is_rank0()) tb_ = std::make_unique<core::TensorBoardWriter>(run.out_dir + "/tb");
   int64_t n_train = 0;
   for (auto& p : model_->parameters()) n_train += p.requires_grad() ? p.numel() : 0;
@@ -490,6 +518,7 @@ TrainResult Trainer::train() {
   res.end_step = step_;
   quant::set_observer_sync(nullptr);  // what follows runs on rank 0 alone
   shard = {};
+  finished_ = true;
   if (!is_rank0()) return res;  // adapters, merged and converted models, the summary: rank 0 writes them
   const bool convert = cfg_.quant.enabled && cfg_.quant.convert_at_end;
   if (cfg_.peft.enabled) {

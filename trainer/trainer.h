@@ -96,6 +96,8 @@ class Trainer {
   int64_t tokens_seen_ = 0;
   double last_val_ = -1;
   bool resumed_ = false;
+  bool created_run_dir_ = false;  // rank 0: this run created run.out_dir (a failed one removes it if empty)
+  bool finished_ = false;         // train() ran to the end
   std::string metrics_path_;
   std::optional<quant::PtqResult> ptq_;  // quant.init: what PTQ produced (GPTQ's exact codes)
   dist::Env denv_;

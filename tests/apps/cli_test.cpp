@@ -607,3 +607,192 @@ TEST_F(Cli, PeftAdapterNamesItsBaseAndKeepsExtrasApart) {
   EXPECT_NE(read_text(tmp.path + "/ad/adapter_config.json").find("\"base_model_name_or_path\": \"" + src + "\""),
             std::string::npos) << "export keeps the run's base, not qforge:<name>";
 }
+
+// Issue 16: one writer per run, a launcher that takes its ranks with it, the rank that hung named,
+// repeated YAML keys refused.
+TEST_F(Cli, OneTrainerPerRunDirectory) {
+  const std::string long_run = std::string(QFORGE_BINARY) + " -q train " + cfg +
+                               " trainer.max_steps=100000 trainer.eval_every=0 trainer.save_every=0 'sample.prompts=[]'";
+  auto r = run_sh("(" + long_run + " > " + tmp.path + "/first.log 2>&1 & P=$!; "
+                  "for i in $(seq 100); do [ -f " + tmp.path + "/run/config.yaml ] && break; sleep 0.2; done; sleep 1; " +
+                  QFORGE_BINARY + " train " + cfg + " 'sample.prompts=[]'; rc=$?; kill -9 $P; wait $P; exit $rc)");
+  EXPECT_EQ(r.rc, 1) << r.out;
+  EXPECT_NE(r.out.find("is in use by process"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("trainer.max_steps=100000"), std::string::npos) << "names the holder's command line: " << r.out;
+  // The lock died with its SIGKILLed holder: the run resumes at once.
+  auto again = run("-q train " + cfg + " 'sample.prompts=[]'");
+  EXPECT_EQ(again.rc, 0) << again.out;
+}
+
+TEST_F(Cli, LaunchKilledTakesItsRanksAndAStoppedRankIsNamed) {
+  ASSERT_EQ(run("train " + cfg + " trainer.max_steps=0 'sample.prompts=[]'").rc, 0);  // tokenizer + caches
+  const std::string launch = std::string(QFORGE_BINARY) + " launch --nproc-per-node 2 --grace 3 -- train " + cfg +
+                             " trainer.max_steps=100000 trainer.eval_every=0 trainer.save_every=0 'sample.prompts=[]' "
+                             "dist.timeout_s=6 run.out_dir=";
+  // kill -9 of the launcher: the kernel stops its ranks (parent-death signal).
+  auto k = run_sh("(" + launch + tmp.path + "/orphans > /dev/null 2>&1 & L=$!; sleep 6; kill -9 $L; sleep 3; "
+                  "pgrep -f '^" + QFORGE_BINARY + " .*" + tmp.path + "/orphan[s]' | wc -l)");  // qforge processes, not this shell
+  EXPECT_EQ(k.out.substr(0, k.out.find_first_not_of("0123456789")), "0") << "ranks outlived their launcher: " << k.out;
+  // A SIGSTOPped rank: the launcher names it, not the rank whose collective timed out.
+  const auto t0 = std::chrono::steady_clock::now();
+  auto s = run_sh("(" + launch + tmp.path + "/hung & L=$!; sleep 6; kill -STOP $(pgrep -P $L | tail -1); wait $L; exit $?)");
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 40.0) << s.out;
+  EXPECT_EQ(s.rc, 1) << s.out;
+  EXPECT_NE(s.out.find("rank 1 was stopped (SIGSTOP or a debugger), so rank 0 timed out"), std::string::npos) << s.out;
+  EXPECT_EQ(run_sh("pgrep -f " + tmp.path + "/hun[g] | wc -l").out.substr(0, 1), "0") << "no rank left behind";
+}
+
+TEST_F(Cli, RepeatedOrComplexYamlKeysAreConfigErrors) {
+  std::ofstream(tmp.path + "/dup.yaml") << "base: " << cfg << "\ntrainer:\n  max_steps: 5\n  max_steps: 7\n? [a, b]\n: 1\n";
+  auto r = run("train " + tmp.path + "/dup.yaml");
+  EXPECT_EQ(r.rc, 2) << r.out;
+  EXPECT_NE(r.out.find("dup.yaml:4: key 'trainer.max_steps' appears twice in one mapping (first at line 3)"),
+            std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("dup.yaml:5: a mapping key under '<top level>' is not a plain name"), std::string::npos) << r.out;
+  EXPECT_FALSE(sfs::exists(tmp.path + "/run")) << "nothing written";
+}
+
+namespace {
+std::string slurp(const std::string& path) { return qf::fs::read_file(path); }
+// A PID that is surely not a live process (a child that has exited and been reaped).
+std::string dead_pid() {
+  pid_t c = fork();
+  if (c == 0) _exit(0);
+  waitpid(c, nullptr, 0);
+  return std::to_string(c);
+}
+}  // namespace
+
+// Issue 16, reproducer 1: no export may overwrite a checkpoint or the source's files (not even with
+// --force); an existing output is refused unless --force; killed exports' temp siblings are removed.
+TEST_F(Cli, ExportNeverOverwritesCheckpointsAndRefusesExistingOutputs) {
+  ASSERT_EQ(run("train " + cfg + " 'sample.prompts=[]'").rc, 0);
+  const std::string src = tmp.path + "/run", ck = src + "/checkpoints/step_00000006/model.safetensors";
+  const std::string ck_bytes = slurp(ck), latest = slurp(src + "/checkpoints/latest"), conf = slurp(src + "/config.yaml");
+  for (std::string force : {"", " --force"}) {
+    for (std::string out : {ck, src + "/checkpoints/latest", src + "/checkpoints/x.gguf"}) {
+      auto r = run("export " + src + " --format gguf --out " + out + force);
+      EXPECT_EQ(r.rc, 1) << out << force << r.out;
+      EXPECT_NE(r.out.find("checkpoint directory"), std::string::npos) << r.out;
+    }
+    auto q = run("quantize " + src + " --method rtn --quant q4_0 --no-eval --out " + src + "/checkpoints/q" + force);
+    EXPECT_EQ(q.rc, 1) << q.out;
+    for (std::string fmt : {"hf", "gptq"}) {
+      auto r = run("export " + src + " --format " + fmt + " --out " + src + force);
+      EXPECT_EQ(r.rc, 1) << fmt << force << r.out;
+      EXPECT_NE(r.out.find("is or contains the source"), std::string::npos) << r.out;
+    }
+    auto c = run("export " + src + " --format gguf --out " + src + "/config.yaml" + force);
+    EXPECT_EQ(c.rc, 1) << c.out;
+    EXPECT_NE(c.out.find("source's own files"), std::string::npos) << c.out;
+  }
+  EXPECT_EQ(slurp(ck), ck_bytes);
+  EXPECT_EQ(slurp(src + "/checkpoints/latest"), latest);
+  EXPECT_EQ(slurp(src + "/config.yaml"), conf);
+  EXPECT_EQ(run("eval " + src).rc, 0);
+
+  // An existing output: refused (naming it) unless --force; stale temps of killed exports removed.
+  const std::string gguf = tmp.path + "/m.gguf", dead = dead_pid();
+  qf::testing::write_text(gguf + ".tmp." + dead, "half a file");
+  ASSERT_EQ(run("export " + src + " --format gguf --out " + gguf).rc, 0);
+  EXPECT_FALSE(sfs::exists(gguf + ".tmp." + dead));
+  auto again = run("export " + src + " --format gguf --out " + gguf);
+  EXPECT_EQ(again.rc, 1) << again.out;
+  EXPECT_NE(again.out.find("'" + gguf + "' already exists"), std::string::npos) << again.out;
+  EXPECT_NE(again.out.find("--force"), std::string::npos) << again.out;
+  EXPECT_EQ(run("export " + src + " --format gguf --quant q8_0 --out " + gguf + " --force").rc, 0);
+  const std::string hf = tmp.path + "/hf";
+  qf::testing::write_text(hf + ".tmp" + dead + "/config.json", "{");
+  ASSERT_EQ(run("export " + src + " --format hf --out " + hf).rc, 0);
+  EXPECT_FALSE(sfs::exists(hf + ".tmp" + dead));
+  for (std::string fmt : {"hf", "gptq", "compressed-tensors"})
+    EXPECT_EQ(run("export " + src + " --format " + fmt + " --out " + hf).rc, 1) << fmt;
+  EXPECT_EQ(run("export " + src + " --format gptq --quant int4-g32 --out " + hf + " --force").rc, 0);
+  EXPECT_TRUE(sfs::exists(hf + "/quantize_config.json"));
+  for (auto& e : sfs::directory_iterator(tmp.path))
+    EXPECT_EQ(e.path().filename().string().find(".tmp"), std::string::npos) << e.path();
+}
+
+// Issue 16, reproducer 2: a train into an existing run with another model shape fails before it
+// writes anything there; a failed run removes a run dir it created only if nothing else is in it.
+TEST_F(Cli, TrainWithAnotherShapeLeavesTheRunIntact) {
+  ASSERT_EQ(run("train " + cfg + " 'sample.prompts=[]'").rc, 0);
+  const std::string src = tmp.path + "/run";
+  const std::string conf = slurp(src + "/config.yaml"), metrics = slurp(src + "/metrics.jsonl");
+  auto r = run("train " + cfg + " 'sample.prompts=[]' model.dim=64 trainer.max_steps=8");
+  EXPECT_EQ(r.rc, 1) << r.out;
+  EXPECT_NE(r.out.find("has shape"), std::string::npos) << r.out;
+  EXPECT_EQ(slurp(src + "/config.yaml"), conf);
+  EXPECT_EQ(slurp(src + "/metrics.jsonl"), metrics);
+  auto e = run("eval " + src);
+  EXPECT_EQ(e.rc, 0) << e.out;
+  // A run that fails after creating its dir (no checkpoint under run.init_from) leaves no empty dir;
+  // an existing (empty) dir it was pointed at stays.
+  sfs::create_directories(tmp.path + "/nothing");
+  auto f = run("train " + cfg + " run.out_dir=" + tmp.path + "/fresh run.init_from=" + tmp.path + "/nothing");
+  EXPECT_EQ(f.rc, 1) << f.out;
+  EXPECT_FALSE(sfs::exists(tmp.path + "/fresh")) << f.out;
+  sfs::create_directories(tmp.path + "/mine");
+  EXPECT_EQ(run("train " + cfg + " run.out_dir=" + tmp.path + "/mine run.init_from=" + tmp.path + "/nothing").rc, 1);
+  EXPECT_TRUE(sfs::exists(tmp.path + "/mine"));
+}
+
+// Issue 16, reproducer 4: quantize writes its run dir through a temp dir: a kill mid-write leaves no
+// half run at --out, and the rerun succeeds (removing the dead temp dir); --force replaces.
+TEST_F(Cli, QuantizeKilledMidWriteLeavesNothingAndReruns) {
+  ASSERT_EQ(run("train " + cfg + " 'sample.prompts=[]'").rc, 0);
+  const std::string src = tmp.path + "/run", q = tmp.path + "/q";
+  const std::string cmd = "quantize " + src + " --method rtn --quant q4_0 --no-eval --out " + q;
+  auto k = run_sh("QFORGE_CHECKPOINT_FAULT=written " + std::string(QFORGE_BINARY) + " " + cmd);
+  EXPECT_NE(k.rc, 0) << k.out;
+  EXPECT_FALSE(sfs::exists(q)) << k.out;
+  auto r = run(cmd);
+  ASSERT_EQ(r.rc, 0) << r.out;
+  EXPECT_EQ(run("eval " + q).rc, 0);
+  for (auto& e : sfs::directory_iterator(tmp.path))
+    EXPECT_EQ(e.path().filename().string().find(".tmp"), std::string::npos) << e.path();
+  auto again = run(cmd);
+  EXPECT_EQ(again.rc, 1) << again.out;
+  EXPECT_NE(again.out.find("already exists"), std::string::npos) << again.out;
+  ASSERT_EQ(run(cmd + " --force").rc, 0);
+  EXPECT_EQ(run("eval " + q).rc, 0);
+}
+
+// Issue 16: text that is not UTF-8 through a tokenizer.json (PCRE2) tokenizer crashed generate, train
+// and eval with SIGSEGV; now each is a clear error (exit 1) naming --prompt or the file and the byte.
+TEST_F(Cli, InvalidUtf8WithATokenizerJsonIsAClearError) {
+  // GPT-2's byte-level alphabet as the whole vocabulary (id = byte), ByteLevel pre-tokenizer/decoder.
+  std::string vocab;
+  int n = 0;
+  for (int b = 0; b < 256; ++b) {
+    const bool direct = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || b >= 0xAE;
+    const int cp = direct ? b : 256 + n++;
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%s\"\\u%04x\": %d", b ? ", " : "", cp, b);
+    vocab += buf;
+  }
+  std::ofstream(tmp.path + "/tokenizer.json")
+      << "{\"model\": {\"type\": \"BPE\", \"vocab\": {" << vocab << "}, \"merges\": []},"
+      << " \"pre_tokenizer\": {\"type\": \"ByteLevel\", \"add_prefix_space\": false, \"use_regex\": true},"
+      << " \"decoder\": {\"type\": \"ByteLevel\"}}\n";
+  std::ofstream(cfg, std::ios::app) << "tokenizer: {type: huggingface, path: " << tmp.path << "/tokenizer.json}\n";
+  std::string yaml = qf::fs::read_file(cfg);
+  yaml.erase(yaml.find("tokenizer: {path:"), yaml.find("\nmodel:") - yaml.find("tokenizer: {path:") + 1);
+  std::ofstream(cfg) << yaml;
+  auto t = run("train " + cfg + " trainer.max_steps=2 'sample.prompts=[]'");
+  ASSERT_EQ(t.rc, 0) << t.out;
+  auto g = run("generate " + tmp.path + "/run --prompt 'abc \xff def' -n 2 -t 0");
+  EXPECT_EQ(g.rc, 1) << g.out;
+  EXPECT_NE(g.out.find("--prompt: not valid UTF-8 at byte offset 4 (line 1, byte 0xFF)"), std::string::npos) << g.out;
+  auto ok = run("generate " + tmp.path + "/run --prompt 'abc def' -n 2 -t 0");
+  EXPECT_EQ(ok.rc, 0) << ok.out;
+  std::ofstream(tmp.path + "/bad.txt") << "And God said\nabc \xff def\n";
+  auto e = run("eval " + tmp.path + "/run --text " + tmp.path + "/bad.txt");
+  EXPECT_EQ(e.rc, 1) << e.out;
+  EXPECT_NE(e.out.find(tmp.path + "/bad.txt: not valid UTF-8 at byte offset 17 (line 2, byte 0xFF)"), std::string::npos)
+      << e.out;
+  auto tr = run("train " + cfg + " trainer.max_steps=1 'sample.prompts=[]' run.out_dir=" + tmp.path +
+                 "/run2 'data.sources=[{path: " + tmp.path + "/bad.txt}]'");
+  EXPECT_EQ(tr.rc, 1) << tr.out;
+  EXPECT_NE(tr.out.find("bad.txt: not valid UTF-8 at byte offset 17"), std::string::npos) << tr.out;
+}

@@ -9,6 +9,7 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <set>
 #include <thread>
 
 #include "core/fs.h"
@@ -216,6 +217,81 @@ TEST(Checkpoint, SigkillDuringSaveLeavesPreviousCheckpointLoadable) {
     EXPECT_TRUE(at::equal(d.model[0].second, at::full({512, 1024}, (float)step))) << dir;
     EXPECT_TRUE(at::equal(d.optimizer[0].second, at::full({512, 1024}, (float)-step))) << dir;
   }
+}
+
+// Re-saving an existing step (issue 16): a fault (a throw standing for a kill) at every rename/fsync
+// point of the save leaves `latest` naming a complete checkpoint, holding the old or the new save, and
+// the next save (a resume) succeeds and leaves no temp dirs behind. Before the fix a kill after the
+// live step dir was moved aside left `latest` dangling.
+TEST(Checkpoint, ResaveFaultAtEveryPointKeepsLatestLoadable) {
+  struct Fault : std::runtime_error {
+    using std::runtime_error::runtime_error;
+  };
+  auto data_for = [](float v) {
+    CheckpointData d;
+    d.model.emplace_back("w", at::full({4, 8}, v));
+    d.optimizer.emplace_back("exp_avg/w", at::full({4, 8}, -v));
+    d.state = {{"step", 4}, {"v", v}};
+    return d;
+  };
+  const std::vector<std::string> points = {"written",   "next",   "latest_next",    "old_aside",
+                                           "linked",    "final_in_place", "latest_final"};
+  std::set<std::string> seen;
+  for (const auto& point : points) {
+    TmpDir tmp;
+    const std::string root = tmp.path + "/checkpoints";
+    save_checkpoint(root, 2, data_for(2), 3);
+    save_checkpoint(root, 4, data_for(1), 3);
+    set_checkpoint_fault_hook([&](const char* p) {
+      seen.insert(p);
+      if (point == p) throw Fault(p);
+    });
+    EXPECT_THROW(save_checkpoint(root, 4, data_for(7), 3), Fault) << point;
+    set_checkpoint_fault_hook(nullptr);
+    // What a reader (eval/export) or a resuming trainer sees right after the kill.
+    auto dir = resolve_checkpoint(tmp.path);
+    ASSERT_FALSE(dir.empty()) << point;
+    auto d = load_checkpoint(dir, true);
+    const float v = d.state["v"].get<float>();
+    EXPECT_TRUE(v == 1.f || v == 7.f) << point << ": " << v;
+    EXPECT_TRUE(at::equal(d.model[0].second, at::full({4, 8}, v))) << point;
+    EXPECT_TRUE(at::equal(d.optimizer[0].second, at::full({4, 8}, -v))) << point;
+    // The trainer's start-up recovery, then the resumed run's save of the same step.
+    recover_checkpoints(root);
+    dir = resolve_checkpoint(tmp.path);
+    ASSERT_FALSE(dir.empty()) << point;
+    EXPECT_EQ(load_checkpoint(dir, true).state["v"].get<float>(), v) << point;
+    save_checkpoint(root, 4, data_for(9), 3);
+    dir = resolve_checkpoint(tmp.path);
+    EXPECT_EQ(std::filesystem::path(dir).filename(), "step_00000004") << point;
+    EXPECT_EQ(load_checkpoint(dir, true).state["v"].get<float>(), 9.f) << point;
+    EXPECT_EQ(load_checkpoint(root + "/step_00000002", true).state["v"].get<float>(), 2.f) << point;
+    for (auto& e : std::filesystem::directory_iterator(root))
+      EXPECT_NE(e.path().filename().string()[0], '.') << point << ": left behind " << e.path();
+  }
+  for (const auto& p : points) EXPECT_TRUE(seen.count(p)) << "fault point '" << p << "' never reached";
+}
+
+// A save that fails (a full disk) leaves no .step_N.tmp<PID> behind; one a killed process left is
+// removed at the next start (dead PIDs only; a live process's temp dir is kept).
+TEST(Checkpoint, DeadSaveTempDirsAreRemovedLiveOnesKept) {
+  TmpDir tmp;
+  const std::string root = tmp.path + "/checkpoints";
+  CheckpointData d;
+  d.model.emplace_back("w", at::ones({2, 2}));
+  d.state = {{"step", 1}};
+  save_checkpoint(root, 1, d, 2);
+  pid_t child = fork();
+  if (child == 0) _exit(0);
+  waitpid(child, nullptr, 0);  // a PID that is surely dead now
+  const std::string dead = root + "/.step_00000002.tmp" + std::to_string(child);
+  const std::string live = root + "/.step_00000002.tmp" + std::to_string(::getppid());
+  qf::testing::write_text(dead + "/model.safetensors", "partial");
+  qf::testing::write_text(live + "/model.safetensors", "partial");
+  recover_checkpoints(root);
+  EXPECT_FALSE(std::filesystem::exists(dead));
+  EXPECT_TRUE(std::filesystem::exists(live));
+  EXPECT_EQ(std::filesystem::path(resolve_checkpoint(tmp.path)).filename(), "step_00000001");
 }
 
 TEST(Checkpoint, ModelStateRoundTripAndShapeMismatchIsNamed) {
