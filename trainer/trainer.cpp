@@ -235,6 +235,8 @@ void Trainer::setup() {
                   : std::max<int64_t>(1, qf::threads::usable_cores() / denv_.local_world_size));
   // An unwritable run directory fails before any work; it is created only once the inputs loaded.
   fs::check_writable_dir(run.out_dir);
+  // One writer per run: an existing run dir is locked before anything reads or cleans it.
+  if (is_rank0() && sfs::is_directory(run.out_dir)) run_lock_.acquire(run.out_dir);
   // Data parallel: rank 0 trains a missing tokenizer and writes the token caches; the others wait,
   // then read what it wrote (no rank trains into the same path as another).
   if (!is_rank0()) barrier();
@@ -262,6 +264,7 @@ void Trainer::setup() {
   if (is_rank0()) barrier();
   if (is_rank0()) {
     fs::ensure_dir(run.out_dir);
+    run_lock_.acquire(run.out_dir);
   }
 
   at::manual_seed(static_cast<uint64_t>(run.seed));

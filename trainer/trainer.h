@@ -15,6 +15,7 @@
 #include "data/tokenizer.h"
 #include "models/transformer.h"
 #include "quant/ptq.h"
+#include "trainer/run_lock.h"
 #include "trainer/dist/backend.h"
 #include "trainer/checkpoint.h"
 #include "trainer/dist/reducer.h"
@@ -85,6 +86,7 @@ class Trainer {
   std::string save_model_dir(const std::string& sub, const std::string& format);
 
   RunConfig cfg_;
+  RunDirLock run_lock_;  // rank 0: the one writer of run.out_dir
   std::unique_ptr<data::Tokenizer> tok_;
   data::Dataset ds_;
   std::shared_ptr<models::CausalLM> model_;
