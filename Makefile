@@ -2,6 +2,7 @@
 #   make demo   install what is missing, build, run the embedded default (pretrain -> eval -> sample)
 #   make test   install what is missing, build, run every test (exits non-zero on any failure)
 # Also: make setup | build | bench | clean | fresh-check (both commands on a fresh clone, empty caches)
+#       make fuzz   every libFuzzer target (tests/fuzz/) for 10^6 inputs, corpora kept in build/fuzz/
 SHELL := /bin/bash
 JOBS ?= $(shell nproc)
 BUILD ?= build
@@ -10,7 +11,7 @@ export CCACHE_SLOPPINESS := pch_defines,time_macros,include_file_mtime,include_f
 export CCACHE_MAXSIZE ?= 5G
 export PATH := $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda/bin:,)$(PATH)
 
-.PHONY: setup build demo test bench clean fresh-check
+.PHONY: setup build demo test bench fuzz clean fresh-check
 
 setup:
 	@scripts/setup.sh
@@ -38,6 +39,19 @@ bench: build
 	@bench/hf_load.sh
 	@bench/export_gguf.sh
 	@bench/ptq_quality.sh
+
+# Each target: name:seed dir. The corpus grows across runs in $(BUILD)/fuzz/<name>.corpus; a crash
+# leaves its input as $(BUILD)/fuzz/<name>-crash-* and stops here.
+FUZZ_TARGETS := fuzz_safetensors:tests/fuzz/seeds fuzz_tokenizer_json:tests/fuzz/seeds_tokenizer
+fuzz: build
+	@for t in $(FUZZ_TARGETS); do \
+	  name=$${t%%:*}; seeds=$${t#*:}; mkdir -p $(BUILD)/fuzz/$$name.corpus; \
+	  echo "== $$name: 10^6 inputs (corpus $(BUILD)/fuzz/$$name.corpus, seeds $$seeds)"; \
+	  $(BUILD)/fuzz/$$name -runs=1000000 -timeout=5 -rss_limit_mb=2048 -print_final_stats=1 \
+	    -artifact_prefix=$(BUILD)/fuzz/$$name- $(BUILD)/fuzz/$$name.corpus $$seeds 2>&1 | \
+	    grep -E '^(Done|stat::|==[0-9]+==|SUMMARY|INFO: (Seed|Loaded))|crash-' ; \
+	  [ $${PIPESTATUS[0]} -eq 0 ] || { echo "make fuzz: $$name failed (input saved under $(BUILD)/fuzz/)"; exit 1; }; \
+	done
 
 fresh-check:
 	@scripts/fresh_check.sh

@@ -21,6 +21,7 @@
 #include "core/fs.h"
 #include "core/log.h"
 #include "core/strings.h"
+#include "data/utf8.h"
 
 namespace qf::data {
 
@@ -384,6 +385,7 @@ Stream tokenize_corpus(const DataConfig& cfg, const Tokenizer& tok,
     for (const auto& f : files[i]) {
       if (n_read >= limit) break;
       std::string bytes = fs::read_file(f);
+      check_utf8(bytes, f);  // every tokenizer alike: refused with the file, line and byte offset named
       std::vector<Doc> docs;
       if (is_jsonl(cfg.sources[i], f))
         read_jsonl(cfg.sources[i], f, bytes, docs, limit - n_read);

@@ -13,6 +13,7 @@
 
 #include "core/error.h"
 #include "core/fs.h"
+#include "data/utf8.h"
 
 namespace qf::data {
 namespace {
@@ -92,17 +93,40 @@ class Regex {
     }
     pcre2_jit_compile(code_, PCRE2_JIT_COMPLETE);
   }
+  // A per-thread match context with a JIT stack of up to 8 MiB (PCRE2's default 32 KiB runs out on
+  // long runs of one character class); encode() runs on several threads at once.
+  struct Context {
+    pcre2_match_context* mc = pcre2_match_context_create(nullptr);
+    pcre2_jit_stack* js = pcre2_jit_stack_create(32 * 1024, 8 * 1024 * 1024, nullptr);
+    Context() { pcre2_jit_stack_assign(mc, nullptr, js); }
+    ~Context() {
+      pcre2_jit_stack_free(js);
+      pcre2_match_context_free(mc);
+    }
+  };
   ~Regex() { pcre2_code_free(code_); }
   Regex(const Regex&) = delete;
   Regex& operator=(const Regex&) = delete;
   // Non-overlapping matches [begin, end) in s.
-  std::vector<std::pair<size_t, size_t>> matches(const std::string& s) const {
+  // PCRE2_NO_UTF_CHECK is passed (PCRE2 would otherwise re-check the rest of the subject on every
+  // call: quadratic), so the subject is validated here, once: JIT matching of ill-formed UTF-8 is
+  // undefined behaviour (it crashed `generate --prompt $'abc \xff def'`).
+  std::vector<std::pair<size_t, size_t>> matches(const std::string& s, const std::string& origin) const {
+    check_utf8(s, origin + ": text given to the pre-tokenizer regex");
+    thread_local Context ctx;
     std::vector<std::pair<size_t, size_t>> out;
     pcre2_match_data* md = pcre2_match_data_create_from_pattern(code_, nullptr);
     size_t at = 0;
     while (at <= s.size()) {
-      int rc = pcre2_match(code_, reinterpret_cast<PCRE2_SPTR>(s.data()), s.size(), at, PCRE2_NO_UTF_CHECK, md, nullptr);
-      if (rc < 0) break;
+      int rc = pcre2_match(code_, reinterpret_cast<PCRE2_SPTR>(s.data()), s.size(), at, PCRE2_NO_UTF_CHECK, md, ctx.mc);
+      if (rc == PCRE2_ERROR_NOMATCH) break;
+      if (rc < 0) {
+        pcre2_match_data_free(md);
+        PCRE2_UCHAR msg[256];
+        pcre2_get_error_message(rc, msg, sizeof msg);
+        throw InputError(str(origin, ": pre-tokenizer regex failed on a piece of ", s.size(), " bytes at offset ", at,
+                             ": ", reinterpret_cast<const char*>(msg)));
+      }
       const PCRE2_SIZE* ov = pcre2_get_ovector_pointer(md);
       size_t b = ov[0], e = ov[1];
       if (e == b) {  // empty match: step one character
@@ -121,10 +145,10 @@ class Regex {
 };
 
 // Split behaviour "Isolated": matches and the gaps between them all become pieces.
-std::vector<std::string> split_isolated(const Regex& re, const std::string& s) {
+std::vector<std::string> split_isolated(const Regex& re, const std::string& s, const std::string& origin) {
   std::vector<std::string> out;
   size_t prev = 0;
-  for (auto [b, e] : re.matches(s)) {
+  for (auto [b, e] : re.matches(s, origin)) {
     if (b > prev) out.push_back(s.substr(prev, b - prev));
     out.push_back(s.substr(b, e - b));
     prev = e;
@@ -155,7 +179,9 @@ struct DecStep {
 
 class HfTokenizer final : public Tokenizer {
  public:
-  explicit HfTokenizer(const std::string& path);
+  // `raw`: the tokenizer.json text; `path`: the file named in messages; `read_config`: look for
+  // tokenizer_config.json next to `path`.
+  HfTokenizer(const std::string& raw, const std::string& path, bool read_config);
   std::vector<int32_t> encode(const std::string& text) const override;
   std::string decode(const std::vector<int32_t>& ids) const override;
   int64_t vocab_size() const override { return static_cast<int64_t>(id_to_token_.size()); }
@@ -171,6 +197,7 @@ class HfTokenizer final : public Tokenizer {
   std::string path() const override { return path_; }
 
  private:
+  void parse(const std::string& raw, bool read_config);
   void bpe(const std::string& piece, std::vector<int32_t>& out) const;
   int32_t token_id(const json& t, const std::string& origin) const;
   std::string path_, fingerprint_;
@@ -185,10 +212,16 @@ class HfTokenizer final : public Tokenizer {
   int32_t unk_ = -1, bos_ = -1, eos_ = -1, pad_ = -1;
 };
 
-HfTokenizer::HfTokenizer(const std::string& p) {
-  path_ = sfs::is_directory(p) ? p + "/tokenizer.json" : p;
-  const std::string raw = fs::read_file(path_);
+HfTokenizer::HfTokenizer(const std::string& raw, const std::string& path, bool read_config) : path_(path) {
   fingerprint_ = "hf:" + fs::hex64(fs::fnv1a64(raw));
+  try {
+    parse(raw, read_config);
+  } catch (const json::exception& e) {  // a field of the wrong JSON type, a missing key
+    throw InputError(str(path_, ": malformed tokenizer.json (", e.what(), ")"));
+  }
+}
+
+void HfTokenizer::parse(const std::string& raw, bool read_config) {
   json j;
   try {
     j = json::parse(raw);
@@ -196,14 +229,28 @@ HfTokenizer::HfTokenizer(const std::string& p) {
     throw InputError(str(path_, ": not valid JSON (", e.what(), ")"));
   }
   auto bad = [&](const std::string& why) { return InputError(str(path_, ": ", why)); };
+  auto quoted = [](const std::string& t) { return json(t).dump(); };
+  // Ids are what `tokenizers` stores them as (u32), limited to int32: [0, 2^31).
+  auto id_of = [&](const json& v, const std::string& where, const std::string& token) -> int32_t {
+    const bool ok = v.is_number_unsigned() ? v.get<uint64_t>() <= INT32_MAX
+                                          : v.is_number_integer() && v.get<int64_t>() >= 0 && v.get<int64_t>() <= INT32_MAX;
+    if (!ok)
+      throw bad(str(where, ": token ", quoted(token), " has id ", v.dump(), "; ids must be integers in [0, 2^31)"));
+    return static_cast<int32_t>(v.is_number_unsigned() ? v.get<uint64_t>() : v.get<int64_t>());
+  };
   if (!j.is_object() || !j.contains("model") || !j["model"].is_object()) throw bad("no 'model' object; not a tokenizer.json");
   const auto& m = j["model"];
   const std::string type = m.value("type", std::string("BPE"));
   if (type != "BPE") throw bad("model type '" + type + "' is not supported; qforge reads BPE tokenizer.json files");
   if (!m.contains("vocab") || !m["vocab"].is_object()) throw bad("model.vocab must be an object {token: id}");
+  std::unordered_map<int32_t, std::string> owner;  // id -> token, to refuse two tokens with one id
   for (auto it = m["vocab"].begin(); it != m["vocab"].end(); ++it) {
-    if (!it->is_number_integer() || it->get<int64_t>() < 0) throw bad("model.vocab['" + it.key() + "'] is not an id");
-    vocab_[it.key()] = it->get<int32_t>();
+    const int32_t id = id_of(*it, "model.vocab", it.key());
+    auto [o, fresh] = owner.emplace(id, it.key());
+    if (!fresh)
+      throw bad(str("model.vocab: tokens ", quoted(o->second), " and ", quoted(it.key()), " both have id ", id,
+                    "; ids must be unique"));
+    vocab_[it.key()] = id;
   }
   for (const char* k : {"continuing_subword_prefix", "end_of_word_suffix"})
     if (m.contains(k) && !m[k].is_null() && !m[k].get<std::string>().empty())
@@ -214,7 +261,9 @@ HfTokenizer::HfTokenizer(const std::string& p) {
   ignore_merges_ = m.value("ignore_merges", false);
   fuse_unk_ = m.value("fuse_unk", false);
   int32_t rank = 0;
-  for (auto& mg : m.value("merges", json::array())) {
+  const json merges = m.value("merges", json::array());
+  if (!merges.is_array()) throw bad("model.merges must be a list");
+  for (auto& mg : merges) {
     std::string a, b;
     if (mg.is_string()) {
       const auto s = mg.get<std::string>();
@@ -228,46 +277,84 @@ HfTokenizer::HfTokenizer(const std::string& p) {
     } else {
       throw bad("model.merges entries must be 'a b' or [a, b]");
     }
+    // As `tokenizers` (MergeTokenOutOfVocabulary): both parts and their concatenation are tokens.
+    for (const std::string* t : std::initializer_list<const std::string*>{&a, &b, nullptr}) {
+      const std::string tok = t ? *t : a + b;
+      if (!vocab_.count(tok))
+        throw bad(str("model.merges[", rank, "] ", mg.dump(), ": token ", quoted(tok),
+                      t ? "" : " (the merged pair)", " is not in model.vocab"));
+    }
     merge_rank_.emplace(a + '\0' + b, rank++);
   }
-  for (auto& a : j.value("added_tokens", json::array())) {
-    const auto content = a.value("content", std::string());
-    const int32_t id = a.value("id", -1);
-    if (content.empty() || id < 0) throw bad("added_tokens entries need 'id' and 'content'");
+  const json added = j.value("added_tokens", json::array());
+  if (!added.is_array()) throw bad("added_tokens must be a list");
+  for (auto& a : added) {
+    if (!a.is_object() || !a.contains("content") || !a["content"].is_string() || a["content"].get<std::string>().empty() ||
+        !a.contains("id"))
+      throw bad("added_tokens entries need 'id' and a non-empty 'content', got " + a.dump());
+    const auto content = a["content"].get<std::string>();
+    const int32_t id = id_of(a["id"], "added_tokens", content);
+    auto v = vocab_.find(content);
+    if (v != vocab_.end() && v->second != id)
+      throw bad(str("added_tokens: token ", quoted(content), " has id ", id, " but model.vocab gives it id ", v->second));
+    auto [o, fresh] = owner.emplace(id, content);
+    if (!fresh && o->second != content)
+      throw bad(str("added_tokens: token ", quoted(content), " has id ", id, ", which is already token ", quoted(o->second),
+                    "; ids must be unique"));
     vocab_[content] = id;
     added_.emplace_back(content, id);
   }
   std::sort(added_.begin(), added_.end(), [](auto& x, auto& y) { return x.first.size() > y.first.size(); });
-  int32_t max_id = -1;
-  for (auto& [t, id] : vocab_) max_id = std::max(max_id, id);
-  id_to_token_.assign(max_id + 1, std::string());
+  // Dense ids: every id below the largest names a token (`tokenizers` writes them so; a hole would
+  // be a row no text maps to, and an id of 2^31-1 alone would ask for 2^31 entries).
+  const int64_t n_ids = static_cast<int64_t>(owner.size());
+  for (auto& [id, t] : owner)
+    if (id >= n_ids) {
+      int64_t hole = 0;
+      while (owner.count(static_cast<int32_t>(hole))) ++hole;
+      throw bad(str("token ", quoted(t), " has id ", id, " but there are only ", n_ids,
+                    " tokens and no token has id ", hole, "; ids must be dense, 0..", n_ids - 1));
+    }
+  id_to_token_.assign(static_cast<size_t>(n_ids), std::string());
   for (auto& [t, id] : vocab_) id_to_token_[id] = t;
   if (m.contains("unk_token") && m["unk_token"].is_string()) {
     auto it = vocab_.find(m["unk_token"].get<std::string>());
     if (it != vocab_.end()) unk_ = it->second;
   }
 
+  constexpr int kMaxDepth = 16;  // nested Sequences
+  auto items = [&](const json& n, const char* key, int depth) -> const json& {
+    if (depth > kMaxDepth) throw bad(str("Sequences nested deeper than ", kMaxDepth));
+    const json& v = n.at(key);
+    if (!v.is_array()) throw bad(str("Sequence.", key, " must be a list"));
+    return v;
+  };
+  auto string_pattern = [&](const json& n) -> const json* {
+    if (!n.contains("pattern")) return nullptr;
+    const json& p = n.at("pattern");
+    return p.is_object() && p.contains("String") ? &p.at("String") : nullptr;
+  };
   // normalizer
-  std::function<void(const json&)> add_norm = [&](const json& n) {
+  std::function<void(const json&, int)> add_norm = [&](const json& n, int depth) {
     if (n.is_null()) return;
     const std::string t = n.value("type", std::string());
     if (t == "Sequence") {
-      for (auto& x : n["normalizers"]) add_norm(x);
+      for (auto& x : items(n, "normalizers", depth)) add_norm(x, depth + 1);
     } else if (t == "Prepend") {
       norm_.push_back({NormStep::Prepend, n.value("prepend", std::string()), ""});
-    } else if (t == "Replace" && n.contains("pattern") && n["pattern"].contains("String")) {
-      norm_.push_back({NormStep::Replace, n["pattern"]["String"].get<std::string>(), n.value("content", std::string())});
+    } else if (t == "Replace" && string_pattern(n)) {
+      norm_.push_back({NormStep::Replace, string_pattern(n)->get<std::string>(), n.value("content", std::string())});
     } else {
       throw bad("normalizer '" + t + "' is not supported (supported: Sequence, Prepend, Replace with a String pattern)");
     }
   };
-  if (j.contains("normalizer")) add_norm(j["normalizer"]);
+  if (j.contains("normalizer")) add_norm(j["normalizer"], 0);
   // pre-tokenizer
-  std::function<void(const json&)> add_pre = [&](const json& n) {
+  std::function<void(const json&, int)> add_pre = [&](const json& n, int depth) {
     if (n.is_null()) return;
     const std::string t = n.value("type", std::string());
     if (t == "Sequence") {
-      for (auto& x : n["pretokenizers"]) add_pre(x);
+      for (auto& x : items(n, "pretokenizers", depth)) add_pre(x, depth + 1);
     } else if (t == "ByteLevel") {
       PreStep s{PreStep::ByteLevel};
       s.add_prefix_space = n.value("add_prefix_space", false);
@@ -277,8 +364,8 @@ HfTokenizer::HfTokenizer(const std::string& p) {
       if (n.value("behavior", std::string()) != "Isolated" || n.value("invert", false))
         throw bad("pre_tokenizer Split is supported with behavior Isolated (not inverted) only");
       PreStep s{PreStep::Split};
-      const auto& pat = n["pattern"];
-      std::string rx = pat.contains("Regex") ? pat["Regex"].get<std::string>() : std::string();
+      const auto& pat = n.at("pattern");
+      std::string rx = pat.is_object() && pat.contains("Regex") ? pat["Regex"].get<std::string>() : std::string();
       if (rx.empty()) throw bad("pre_tokenizer Split needs a Regex pattern");
       s.re = std::make_shared<Regex>(rx, path_);
       pre_.push_back(s);
@@ -292,17 +379,17 @@ HfTokenizer::HfTokenizer(const std::string& p) {
       throw bad("pre_tokenizer '" + t + "' is not supported (supported: ByteLevel, Split, Metaspace, Sequence)");
     }
   };
-  if (j.contains("pre_tokenizer")) add_pre(j["pre_tokenizer"]);
+  if (j.contains("pre_tokenizer")) add_pre(j["pre_tokenizer"], 0);
   // decoder
-  std::function<void(const json&)> add_dec = [&](const json& n) {
+  std::function<void(const json&, int)> add_dec = [&](const json& n, int depth) {
     if (n.is_null()) return;
     const std::string t = n.value("type", std::string());
     if (t == "Sequence") {
-      for (auto& x : n["decoders"]) add_dec(x);
+      for (auto& x : items(n, "decoders", depth)) add_dec(x, depth + 1);
     } else if (t == "ByteLevel") {
       dec_.push_back({DecStep::ByteLevel});
-    } else if (t == "Replace" && n.contains("pattern") && n["pattern"].contains("String")) {
-      dec_.push_back({DecStep::Replace, n["pattern"]["String"].get<std::string>(), n.value("content", std::string())});
+    } else if (t == "Replace" && string_pattern(n)) {
+      dec_.push_back({DecStep::Replace, string_pattern(n)->get<std::string>(), n.value("content", std::string())});
     } else if (t == "ByteFallback") {
       dec_.push_back({DecStep::ByteFallback});
     } else if (t == "Fuse") {
@@ -311,6 +398,9 @@ HfTokenizer::HfTokenizer(const std::string& p) {
       DecStep s{DecStep::Strip, n.value("content", std::string(" "))};
       s.start = n.value("start", int64_t{0});
       s.stop = n.value("stop", int64_t{0});
+      // `tokenizers` holds content as one char and start/stop as counts.
+      if (s.a.empty() || s.a.size() != char_len(s.a, 0) || s.start < 0 || s.stop < 0)
+        throw bad(str("decoder Strip needs one character as content and start/stop >= 0, got ", n.dump()));
       dec_.push_back(s);
     } else if (t == "Metaspace") {
       DecStep s{DecStep::Metaspace};
@@ -320,17 +410,18 @@ HfTokenizer::HfTokenizer(const std::string& p) {
       throw bad("decoder '" + t + "' is not supported");
     }
   };
-  if (j.contains("decoder")) add_dec(j["decoder"]);
+  if (j.contains("decoder")) add_dec(j["decoder"], 0);
 
   // BOS/EOS/PAD: tokenizer_config.json next to the file, as transformers reads them.
   const std::string tc = (sfs::path(path_).parent_path() / "tokenizer_config.json").string();
-  if (sfs::exists(tc)) {
+  if (read_config && sfs::exists(tc)) {
     json c;
     try {
       c = json::parse(fs::read_file(tc));
     } catch (const json::exception& e) {
       throw InputError(str(tc, ": not valid JSON (", e.what(), ")"));
     }
+    if (!c.is_object()) throw InputError(str(tc, ": expected a JSON object"));
     bos_ = token_id(c.value("bos_token", json()), tc);
     eos_ = token_id(c.value("eos_token", json()), tc);
     pad_ = token_id(c.value("pad_token", json()), tc);
@@ -407,6 +498,7 @@ void HfTokenizer::bpe(const std::string& piece, std::vector<int32_t>& out) const
 }
 
 std::vector<int32_t> HfTokenizer::encode(const std::string& text) const {
+  check_utf8(text, "text given to tokenizer " + path_);
   std::vector<int32_t> out;
   // 1. added tokens are cut out first (leftmost, longest).
   std::vector<std::pair<std::string, int32_t>> segs;
@@ -448,11 +540,11 @@ std::vector<int32_t> HfTokenizer::encode(const std::string& text) const {
       std::vector<std::string> next;
       for (auto& x : pieces) {
         if (p.kind == PreStep::Split) {
-          for (auto& y : split_isolated(*p.re, x)) next.push_back(y);
+          for (auto& y : split_isolated(*p.re, x, path_)) next.push_back(y);
         } else if (p.kind == PreStep::ByteLevel) {
           std::string y = x;
           if (p.add_prefix_space && !y.empty() && y[0] != ' ') y = " " + y;
-          std::vector<std::string> parts = p.re ? split_isolated(*p.re, y) : std::vector<std::string>{y};
+          std::vector<std::string> parts = p.re ? split_isolated(*p.re, y, path_) : std::vector<std::string>{y};
           for (auto& part : parts) {
             std::string mapped;
             for (unsigned char b : part) mapped += byte_map().to_char[b];
@@ -545,7 +637,7 @@ std::string HfTokenizer::decode(const std::vector<int32_t>& ids) const {
       case DecStep::Strip:
         for (auto& t : toks) {
           int64_t a = 0;
-          while (a < d.start && t.compare(a * d.a.size(), d.a.size(), d.a) == 0) ++a;
+          while (a < d.start && (a + 1) * d.a.size() <= t.size() && t.compare(a * d.a.size(), d.a.size(), d.a) == 0) ++a;
           t = t.substr(a * d.a.size());
           int64_t z = 0;
           while (z < d.stop && t.size() >= d.a.size() && t.compare(t.size() - d.a.size(), d.a.size(), d.a) == 0) {
@@ -569,6 +661,13 @@ std::string HfTokenizer::decode(const std::vector<int32_t>& ids) const {
 
 }  // namespace
 
-std::unique_ptr<Tokenizer> load_hf_tokenizer(const std::string& path) { return std::make_unique<HfTokenizer>(path); }
+std::unique_ptr<Tokenizer> load_hf_tokenizer(const std::string& p) {
+  const std::string path = sfs::is_directory(p) ? p + "/tokenizer.json" : p;
+  return std::make_unique<HfTokenizer>(fs::read_file(path), path, /*read_config=*/true);
+}
+
+std::unique_ptr<Tokenizer> parse_hf_tokenizer(const std::string& json_text, const std::string& origin) {
+  return std::make_unique<HfTokenizer>(json_text, origin, /*read_config=*/false);
+}
 
 }  // namespace qf::data

@@ -19,6 +19,11 @@ namespace qf::data {
 
 // `path`: a tokenizer.json file or a directory holding one (tokenizer_config.json next to it, when
 // present, names the BOS/EOS/PAD tokens).
+// Throws InputError naming the file (and the token, id or merge) on a malformed one: ids must be
+// integers in [0, 2^31), unique and dense; merges must name tokens of model.vocab, as `tokenizers`
+// requires. encode() throws InputError on text that is not valid UTF-8 (data/utf8.h).
 std::unique_ptr<Tokenizer> load_hf_tokenizer(const std::string& path);
+// The same from the file's text (no tokenizer_config.json is read); `origin` names it in messages.
+std::unique_ptr<Tokenizer> parse_hf_tokenizer(const std::string& json_text, const std::string& origin);
 
 }  // namespace qf::data

@@ -15,6 +15,7 @@
 #include <unordered_map>
 
 #include "core/error.h"
+#include "data/utf8.h"
 #include "core/fs.h"
 #include "core/log.h"
 #include "data/hf_tokenizer.h"
@@ -171,6 +172,9 @@ class SentencePieceTokenizer final : public Tokenizer {
                            " pieces read, sentencepiece loaded ", sp_.GetPieceSize()));
   }
   std::vector<int32_t> encode(const std::string& text) const override {
+    // sentencepiece itself would map ill-formed bytes to U+FFFD silently; qforge refuses them for
+    // every tokenizer alike (data/utf8.h).
+    check_utf8(text, "text given to tokenizer " + path_);
     std::vector<int> ids;
     auto st = sp_.Encode(text, &ids);
     QF_CHECK(st.ok(), "sentencepiece encode failed with '", path_, "': ", st.ToString());

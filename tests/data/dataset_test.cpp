@@ -514,3 +514,17 @@ TEST(DataConfig, SourcesAreRequired) {
   EXPECT_NE(config_error("data:\n  sources: corpus.txt\n").find("data.sources: expected a list of mappings"),
             std::string::npos);
 }
+
+// Issue 16: a corpus line that is not UTF-8 is refused, naming the file, the line and the byte
+// offset, whatever the tokenizer (this one would take any bytes); JSONL alike.
+TEST(Reading, InvalidUtf8NamesFileLineAndByteOffset) {
+  TmpDir d;
+  write(d / "c.txt", "fine line\nsecond\nabc \xff def\n");
+  ByteTokenizer tok;
+  std::string m = error_of([&] { build_dataset(config_for(d / "c.txt", 8, 0.0), tok); });
+  EXPECT_NE(m.find(d / "c.txt: not valid UTF-8 at byte offset 21 (line 3, byte 0xFF)"), std::string::npos) << m;
+  EXPECT_THROW(build_dataset(config_for(d / "c.txt", 8, 0.0), tok), qf::InputError);
+  write(d / "j.jsonl", "{\"text\": \"caf\xc3\"}\n");
+  m = error_of([&] { build_dataset(config_for(d / "j.jsonl", 8, 0.0), tok); });
+  EXPECT_NE(m.find(d / "j.jsonl: not valid UTF-8 at byte offset 13 (line 1, byte 0xC3)"), std::string::npos) << m;
+}
