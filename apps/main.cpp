@@ -18,6 +18,7 @@
 #include "core/safetensors.h"
 #include "core/threads.h"
 #include "data/text_stream.h"
+#include "data/utf8.h"
 #include "models/generate.h"
 #include "quant/qat.h"
 #include "export/gguf_export.h"
@@ -406,6 +407,7 @@ int cmd_inspect(const std::string& path, const std::string& dtype, bool forward)
 
 int cmd_generate(const std::string& run, const std::vector<std::string>& overrides, const std::string& prompt,
                  models::SamplingConfig s) {
+  data::check_utf8(prompt, "--prompt");  // before the model loads: every tokenizer refuses it alike
   auto lr = trainer::load_model(run, overrides);
   trainer::set_threads(lr.cfg.run.threads);
   std::vector<int64_t> ids;
