@@ -305,16 +305,19 @@ void HfTokenizer::parse(const std::string& raw, bool read_config) {
     added_.emplace_back(content, id);
   }
   std::sort(added_.begin(), added_.end(), [](auto& x, auto& y) { return x.first.size() > y.first.size(); });
-  // Dense ids: every id below the largest names a token (`tokenizers` writes them so; a hole would
-  // be a row no text maps to, and an id of 2^31-1 alone would ask for 2^31 entries).
-  const int64_t n_ids = static_cast<int64_t>(owner.size());
+  // Ids index a table of max_id + 1 rows. `tokenizers` accepts holes (rows no text maps to; they
+  // decode to nothing), but one id of 2^31-1 alone would ask for 2^31 rows: holes may be at most as
+  // many as the tokens themselves, plus 1024.
+  const int64_t n_tokens = static_cast<int64_t>(owner.size());
+  int64_t max_id = -1;
+  std::string max_tok;
   for (auto& [id, t] : owner)
-    if (id >= n_ids) {
-      int64_t hole = 0;
-      while (owner.count(static_cast<int32_t>(hole))) ++hole;
-      throw bad(str("token ", quoted(t), " has id ", id, " but there are only ", n_ids,
-                    " tokens and no token has id ", hole, "; ids must be dense, 0..", n_ids - 1));
-    }
+    if (id > max_id) max_id = id, max_tok = t;
+  if (max_id + 1 > 2 * n_tokens + 1024)
+    throw bad(str("token ", quoted(max_tok), " has id ", max_id, " but there are only ", n_tokens,
+                  " tokens; ids this sparse (", max_id + 1 - n_tokens, " unused below the largest) are not a "
+                  "vocabulary qforge can index"));
+  const int64_t n_ids = max_id + 1;
   id_to_token_.assign(static_cast<size_t>(n_ids), std::string());
   for (auto& [t, id] : vocab_) id_to_token_[id] = t;
   if (m.contains("unk_token") && m["unk_token"].is_string()) {

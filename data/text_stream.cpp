@@ -1,5 +1,7 @@
 #include "data/text_stream.h"
 
+#include "data/utf8.h"
+
 namespace qf::data {
 namespace {
 
@@ -21,17 +23,8 @@ std::string utf8_sanitize(const std::string& s, std::string* tail) {
       ++i;
       continue;
     }
-    // Lead byte: how many continuation bytes follow, and the allowed range of the first one
-    // (Unicode Table 3-7: no overlongs, no surrogates, nothing above U+10FFFF).
-    int need = 0;
-    unsigned char lo = 0x80, hi = 0xBF;
-    if (b >= 0xC2 && b <= 0xDF) need = 1;
-    else if (b == 0xE0) need = 2, lo = 0xA0;
-    else if ((b >= 0xE1 && b <= 0xEC) || b == 0xEE || b == 0xEF) need = 2;
-    else if (b == 0xED) need = 2, hi = 0x9F;
-    else if (b == 0xF0) need = 3, lo = 0x90;
-    else if (b >= 0xF1 && b <= 0xF3) need = 3;
-    else if (b == 0xF4) need = 3, hi = 0x8F;
+    // Lead byte: how many continuation bytes follow, and the allowed range of the first one.
+    const auto [need, lo, hi] = utf8_lead(b);
     if (need == 0) {  // a stray continuation byte or a byte no UTF-8 text holds
       out += kReplacement;
       ++i;

@@ -14,6 +14,23 @@
 
 namespace qf::data {
 
+// A lead byte's continuation count and the allowed range of its first continuation byte (Unicode
+// Table 3-7: no overlongs, no surrogates, nothing above U+10FFFF); need == 0: not a lead byte.
+struct Utf8Lead {
+  int need;
+  unsigned char lo, hi;
+};
+inline Utf8Lead utf8_lead(unsigned char b) {
+  if (b >= 0xC2 && b <= 0xDF) return {1, 0x80, 0xBF};
+  if (b == 0xE0) return {2, 0xA0, 0xBF};
+  if ((b >= 0xE1 && b <= 0xEC) || b == 0xEE || b == 0xEF) return {2, 0x80, 0xBF};
+  if (b == 0xED) return {2, 0x80, 0x9F};
+  if (b == 0xF0) return {3, 0x90, 0xBF};
+  if (b >= 0xF1 && b <= 0xF3) return {3, 0x80, 0xBF};
+  if (b == 0xF4) return {3, 0x80, 0x8F};
+  return {0, 0x80, 0xBF};
+}
+
 // Offset of the first byte of the first ill-formed sequence, or std::string_view::npos.
 inline size_t utf8_invalid_at(std::string_view s) {
   const size_t n = s.size();
@@ -24,15 +41,7 @@ inline size_t utf8_invalid_at(std::string_view s) {
       ++i;
       continue;
     }
-    int need = 0;
-    unsigned char lo = 0x80, hi = 0xBF;
-    if (b >= 0xC2 && b <= 0xDF) need = 1;
-    else if (b == 0xE0) need = 2, lo = 0xA0;
-    else if ((b >= 0xE1 && b <= 0xEC) || b == 0xEE || b == 0xEF) need = 2;
-    else if (b == 0xED) need = 2, hi = 0x9F;
-    else if (b == 0xF0) need = 3, lo = 0x90;
-    else if (b >= 0xF1 && b <= 0xF3) need = 3;
-    else if (b == 0xF4) need = 3, hi = 0x8F;
+    const auto [need, lo, hi] = utf8_lead(b);
     if (need == 0 || i + need >= n) return i;  // not a lead byte, or cut off by the end
     for (int k = 1; k <= need; ++k) {
       const auto c = static_cast<unsigned char>(s[i + k]);
