@@ -3,10 +3,12 @@
 #include <ATen/ATen.h>
 
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <mutex>
@@ -45,17 +47,91 @@ namespace {
 std::mutex g_maps_mu;
 std::vector<std::pair<uintptr_t, size_t>> g_maps;
 
+// A file truncated (or rewritten shorter) by another process while mapped turns every later touch of
+// the lost pages into SIGBUS, which would kill the process without a word. Each live mapping has a
+// slot here, readable from a signal handler (fixed storage, atomics, no locks): its address range and
+// the message to print, formatted when it was mapped. The handler prints it and exits 1; a SIGBUS
+// anywhere else goes to the action that was installed before.
+constexpr size_t kSlots = 1024, kMsg = 1024;
+struct SigbusSlot {
+  std::atomic<uintptr_t> begin{0};
+  std::atomic<size_t> len{0};  // 0: free (set last when claiming, first when releasing)
+  size_t msg_len = 0;
+  char msg[kMsg];
+};
+SigbusSlot g_slots[kSlots];  // claimed and released under g_maps_mu
+struct sigaction g_old_sigbus {};
+
+void on_sigbus(int sig, siginfo_t* si, void* /*ctx*/) {
+  const auto a = reinterpret_cast<uintptr_t>(si->si_addr);
+  for (auto& s : g_slots) {
+    const size_t n = s.len.load(std::memory_order_acquire);
+    const uintptr_t b = s.begin.load(std::memory_order_relaxed);
+    if (n == 0 || a < b || a - b >= n) continue;
+    for (size_t done = 0; done < s.msg_len;) {
+      const ssize_t w = ::write(STDERR_FILENO, s.msg + done, s.msg_len - done);
+      if (w > 0) done += static_cast<size_t>(w);
+      else if (errno != EINTR) break;
+    }
+    ::_exit(1);
+  }
+  // Not ours: hand it back. A fault re-executes the access on return and faults again under the old
+  // action; a sent signal is sent again (blocked here, delivered on return).
+  const int saved = errno;
+  ::sigaction(sig, &g_old_sigbus, nullptr);
+  if (si->si_code <= 0) ::raise(sig);
+  errno = saved;
+}
+
+void install_sigbus_handler() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    struct sigaction sa {};
+    sa.sa_sigaction = on_sigbus;
+    sa.sa_flags = SA_SIGINFO;
+    sigemptyset(&sa.sa_mask);
+    ::sigaction(SIGBUS, &sa, &g_old_sigbus);
+  });
+}
+
+// Claims a slot for [addr, addr + len) mapped from `path` (none free: the mapping works, a truncation
+// just goes unexplained). Returns the slot index or -1. Caller holds g_maps_mu.
+int claim_slot(uintptr_t addr, size_t len, const std::string& path) {
+  for (size_t i = 0; i < kSlots; ++i) {
+    auto& s = g_slots[i];
+    if (s.len.load(std::memory_order_relaxed) != 0) continue;
+    const char* head = "qforge: error: ";
+    const char* tail =
+        " changed or was truncated while mapped (SIGBUS reading it); the model read from it is no longer valid. "
+        "Restore the file and rerun (a training run resumes from its last checkpoint).\n";
+    std::string p = path;
+    const size_t room = kMsg - std::strlen(head) - std::strlen(tail) - 1;
+    if (p.size() > room) p = "..." + p.substr(p.size() - (room - 3));  // keep the file name end
+    const std::string m = head + p + tail;
+    std::memcpy(s.msg, m.data(), m.size());
+    s.msg_len = m.size();
+    s.begin.store(addr, std::memory_order_relaxed);
+    s.len.store(len, std::memory_order_release);
+    return static_cast<int>(i);
+  }
+  return -1;
+}
+
 struct Mapping {
   void* addr = nullptr;
   size_t len = 0;
-  void track() {
+  int slot = -1;
+  void track(const std::string& path) {
+    install_sigbus_handler();
     std::lock_guard<std::mutex> l(g_maps_mu);
     g_maps.emplace_back(reinterpret_cast<uintptr_t>(addr), len);
+    slot = claim_slot(reinterpret_cast<uintptr_t>(addr), len, path);
   }
   ~Mapping() {
     if (!addr || addr == MAP_FAILED) return;
     {
       std::lock_guard<std::mutex> l(g_maps_mu);
+      if (slot >= 0) g_slots[slot].len.store(0, std::memory_order_release);
       for (size_t i = 0; i < g_maps.size(); ++i)
         if (g_maps[i].first == reinterpret_cast<uintptr_t>(addr)) {
           g_maps.erase(g_maps.begin() + static_cast<std::ptrdiff_t>(i));
@@ -144,7 +220,7 @@ std::shared_ptr<Mapping> map_file(const std::string& path) {
   if (map->len > 0) map->addr = ::mmap(nullptr, map->len, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
   ::close(fd);
   if (map->addr == MAP_FAILED) throw InputError(str("cannot map safetensors file '", path, "': ", std::strerror(errno)));
-  if (map->len > 0) map->track();
+  if (map->len > 0) map->track(path);
   return map;
 }
 

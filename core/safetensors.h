@@ -27,6 +27,9 @@ struct File {
   at::Tensor get(const std::string& name) const;            // throws naming the missing tensor
   bool has(const std::string& name) const;
 };
+// The file stays mapped while any tensor views it: if another process truncates it meanwhile, the
+// first touch of a lost page prints "qforge: error: <path> changed or was truncated while mapped ..."
+// and exits 1 (a SIGBUS handler, installed at the first mapping, knows every live mapping's file).
 // populate=false skips the up-front MADV_POPULATE_READ: pages come in as tensors are touched (a
 // one-pass reader that drop_pages() each tensor then never holds the whole file resident).
 File load(const std::string& path, bool populate = true);

@@ -1,8 +1,12 @@
 // The hardened safetensors reader: every rule of the format rejected with a message naming the
 // file, the tensor and the rule; valid files load memory-mapped (copy-on-write: tensors are
-// writable, the file is untouched); save -> load round-trips every dtype.
+// writable, the file is untouched); save -> load round-trips every dtype; a file truncated while
+// mapped ends the process with a message naming it (exit 1), not a bare SIGBUS.
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
+
+#include <signal.h>
+#include <unistd.h>
 
 #include <fstream>
 #include <string>
@@ -108,4 +112,24 @@ TEST(Safetensors, LoadIsMemoryMappedCopyOnWriteAndRoundTripsEveryDtype) {
   f = st::File{};  // tensors outlive the File that mapped them
   EXPECT_EQ(kept[2][3].item<int64_t>(), 11 % 7);
   EXPECT_THROW(st::load(tmp / "missing.safetensors"), InputError);
+}
+
+// Another process truncating a file while it is mapped: the next touch of a lost page raises SIGBUS.
+// qforge's handler names the file, says what to do and exits 1 instead of dying by the signal; a
+// SIGBUS outside every mapping still kills by SIGBUS.
+TEST(Safetensors, FileTruncatedWhileMappedExitsOneNamingTheFile) {
+  qf::testing::TmpDir tmp("qf_st_trunc");
+  const std::string path = tmp / "base.safetensors";
+  for (bool populate : {false, true}) {
+    st::save(path, {{"w", at::ones({1 << 20})}});  // 4 MiB: far past the page the header lives in
+    auto f = st::load(path, populate);
+    const auto* p = static_cast<const volatile char*>(f.get("w").data_ptr());
+    ASSERT_EQ(::truncate(path.c_str(), 4096), 0);
+    // fork()ed child (gtest warns about torch's threads): it only reads one byte, then the handler exits
+    EXPECT_EXIT((void)p[(1 << 22) - 1], ::testing::ExitedWithCode(1),
+                "qforge: error: .*base\\.safetensors changed or was truncated while mapped \\(SIGBUS reading it\\).*"
+                "Restore the file and rerun")
+        << "populate=" << populate;
+  }
+  EXPECT_EXIT(::raise(SIGBUS), ::testing::KilledBySignal(SIGBUS), "");
 }
