@@ -66,24 +66,51 @@ void load_optimizer_state(const torch::nn::Module& m, torch::optim::AdamW& opt, 
                           const std::string& origin) {
   std::map<std::string, at::Tensor> by;
   for (auto& [n, t] : state) by[n] = t;
+  // The file must be this model's: every entry AdamW state of one of its trainable parameters, in its
+  // shape. A parameter may lack state (it never received a gradient), and each ZeRO rank below keeps
+  // only its own share; but state for a parameter the model does not train, or in another shape,
+  // means the file belongs to another model or run, and silently restarting AdamW would hide that.
+  std::map<std::string, at::Tensor> trainable;
+  for (auto& p : m.named_parameters())
+    if (p.value().requires_grad()) trainable[p.key()] = p.value();
+  size_t n_state = 0;
+  for (auto& [k, t] : by) n_state += k.rfind("exp_avg/", 0) == 0;
+  const std::string advice =
+      str(" (the file holds AdamW state for ", n_state, " parameter", n_state == 1 ? "" : "s", ", the model trains ",
+          trainable.size(), "): it belongs to another model or run. Resume the run it belongs to, or delete ", origin,
+          " to restart the optimizer from zero moments with these weights");
+  for (auto& [k, t] : by) {
+    const auto slash = k.find('/');
+    const std::string kind = k.substr(0, slash), name = slash == std::string::npos ? "" : k.substr(slash + 1);
+    QF_CHECK_INPUT(kind == "exp_avg" || kind == "exp_avg_sq" || kind == "step", origin, ": entry '", k,
+                   "' is not AdamW state (exp_avg/<parameter>, exp_avg_sq/<parameter> or step/<parameter>)", advice);
+    auto p = trainable.find(name);
+    QF_CHECK_INPUT(p != trainable.end(), origin, ": holds optimizer state for '", name,
+                   "', which is not a trainable parameter of this model", advice);
+    if (kind == "step")
+      QF_CHECK_INPUT(t.numel() == 1, origin, ": '", k, "' has shape ", t.sizes(), ", expected a scalar step count", advice);
+    else
+      QF_CHECK_INPUT(t.sizes() == p->second.sizes(), origin, ": optimizer state '", k, "' has shape ", t.sizes(),
+                     " but parameter '", name, "' has shape ", p->second.sizes(), advice);
+  }
   auto& st = opt.state();
   std::set<const void*> mine;  // under ZeRO an optimizer holds only its rank's share of the parameters
   for (auto& g : opt.param_groups())
     for (auto& p : g.params()) mine.insert(p.unsafeGetTensorImpl());
-  for (auto& p : m.named_parameters()) {
-    if (!p.value().requires_grad() || !mine.count(p.value().unsafeGetTensorImpl())) continue;
-    auto a = by.find("exp_avg/" + p.key());
-    if (a == by.end()) continue;  // parameter never stepped
-    auto b = by.find("exp_avg_sq/" + p.key());
-    auto s = by.find("step/" + p.key());
-    QF_CHECK_INPUT(b != by.end() && s != by.end(), origin, ": incomplete optimizer state for '", p.key(), "'");
-    QF_CHECK_INPUT(a->second.sizes() == p.value().sizes(), origin, ": optimizer state for '", p.key(), "' has shape ",
-                   a->second.sizes(), ", parameter has ", p.value().sizes());
+  for (auto& [name, param] : trainable) {
+    auto a = by.find("exp_avg/" + name);
+    auto b = by.find("exp_avg_sq/" + name);
+    auto s = by.find("step/" + name);
+    const bool any = a != by.end() || b != by.end() || s != by.end();
+    if (!any) continue;  // parameter never stepped
+    QF_CHECK_INPUT(a != by.end() && b != by.end() && s != by.end(), origin, ": incomplete optimizer state for '", name,
+                   "' (exp_avg/, exp_avg_sq/ and step/ go together)", advice);
+    if (!mine.count(param.unsafeGetTensorImpl())) continue;
     auto ps = std::make_unique<torch::optim::AdamWParamState>();
     ps->step(s->second.item<int64_t>());
-    ps->exp_avg(a->second.to(p.value().device()).clone());
-    ps->exp_avg_sq(b->second.to(p.value().device()).clone());
-    st[p.value().unsafeGetTensorImpl()] = std::move(ps);
+    ps->exp_avg(a->second.to(param.device()).clone());
+    ps->exp_avg_sq(b->second.to(param.device()).clone());
+    st[param.unsafeGetTensorImpl()] = std::move(ps);
   }
 }
 

@@ -26,6 +26,9 @@ NamedTensors model_state(const torch::nn::Module& m);
 void load_model_state(torch::nn::Module& m, const NamedTensors& state, const std::string& origin, bool strict = true);
 
 NamedTensors optimizer_state(const torch::nn::Module& m, torch::optim::AdamW& opt);
+// Restores AdamW state for the parameters `opt` holds (a ZeRO rank: its share). Every entry of the
+// file must be state of a trainable parameter of `m` in its shape (parameters without state never
+// stepped); anything else throws InputError naming the file, the parameter and the shapes/counts.
 void load_optimizer_state(const torch::nn::Module& m, torch::optim::AdamW& opt, const NamedTensors& state,
                           const std::string& origin);
 

@@ -318,6 +318,72 @@ TEST(Checkpoint, ModelStateRoundTripAndShapeMismatchIsNamed) {
 
 }  // namespace
 
+// optimizer.safetensors from another model or run is an error naming the file, the parameter and the
+// shapes (or counts), not a silent AdamW restart; legitimate subsets (a ZeRO rank's share, parameters
+// that never stepped) still load.
+TEST(Checkpoint, ForeignOptimizerStateIsAnErrorNamingFileParameterAndShapes) {
+  models::ModelConfig c;
+  c.vocab_size = 50;
+  c.dim = 16;
+  c.n_layers = 1;
+  c.n_heads = 2;
+  auto stepped = [](torch::nn::Module& m) {
+    auto opt = std::make_unique<torch::optim::AdamW>(m.parameters(), torch::optim::AdamWOptions(1e-3));
+    for (auto& p : m.parameters()) p.mutable_grad() = at::ones_like(p);
+    opt->step();
+    return opt;
+  };
+  auto a = models::build_model(c);
+  auto opt_a = stepped(*a);
+  const auto state = optimizer_state(*a, *opt_a);
+  auto error = [&](torch::nn::Module& m, const NamedTensors& s) {
+    torch::optim::AdamW opt(m.parameters(), torch::optim::AdamWOptions(1e-3));
+    try {
+      load_optimizer_state(m, opt, s, "ck/optimizer.safetensors");
+    } catch (const InputError& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  // Same model: loads; a rank holding only some parameters (ZeRO) takes its share.
+  auto b = models::build_model(c);
+  EXPECT_EQ(error(*b, state), "");
+  std::vector<at::Tensor> share{b->parameters()[0]};
+  torch::optim::AdamW zero(share, torch::optim::AdamWOptions(1e-3));
+  load_optimizer_state(*b, zero, state, "ck/optimizer.safetensors");
+  EXPECT_EQ(zero.state().size(), 1u);
+  // Only some parameters stepped: fine.
+  EXPECT_EQ(error(*b, NamedTensors(state.begin(), state.begin() + 3)), "");
+  // Another width: the shapes are named.
+  c.dim = 32;
+  auto wider = models::build_model(c);
+  auto e = error(*wider, state);
+  EXPECT_NE(e.find("ck/optimizer.safetensors"), std::string::npos) << e;
+  EXPECT_NE(e.find("has shape [50, 16] but parameter 'lm_head.weight' has shape [50, 32]"), std::string::npos) << e;
+  EXPECT_NE(e.find("delete ck/optimizer.safetensors to restart the optimizer"), std::string::npos) << e;
+  // Another depth: state for a parameter the model does not have, and the counts.
+  c.dim = 16;
+  c.n_layers = 2;
+  auto deeper = models::build_model(c);
+  auto opt_d = stepped(*deeper);
+  auto foreign = optimizer_state(*deeper, *opt_d);
+  e = error(*a, foreign);
+  EXPECT_NE(e.find("holds optimizer state for 'model.layers.1."), std::string::npos) << e;
+  EXPECT_NE(e.find("which is not a trainable parameter of this model"), std::string::npos) << e;
+  EXPECT_NE(e.find("the file holds AdamW state for " + std::to_string(deeper->parameters().size()) +
+                   " parameters, the model trains " + std::to_string(a->parameters().size())),
+            std::string::npos)
+      << e;
+  // Frozen in this model (a LoRA base): its state is foreign too.
+  for (auto& p : b->parameters()) p.set_requires_grad(false);
+  e = error(*b, state);
+  EXPECT_NE(e.find("the model trains 0"), std::string::npos) << e;
+  // Incomplete state.
+  e = error(*a, NamedTensors(state.begin(), state.begin() + 2));
+  EXPECT_NE(e.find("incomplete optimizer state for"), std::string::npos) << e;
+}
+
+
 // ---------------- LoRA / QLoRA runs ----------------
 TEST_F(TrainerTest, QloraTrainsOnlyAdaptersResumesIdenticallyAndWritesAPeftAdapter) {
   const std::vector<std::string> q{"peft.r=4", "peft.alpha=8", "peft.base=nf4", "trainer.optim.lr=0.01",
