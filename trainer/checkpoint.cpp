@@ -14,6 +14,7 @@
 
 #include "core/error.h"
 #include "core/fs.h"
+#include "core/log.h"
 #include "core/safetensors.h"
 
 namespace qf::trainer {
@@ -266,7 +267,12 @@ CheckpointData load_checkpoint(const std::string& dir, bool with_optimizer) {
   CheckpointData d;
   d.model = st::load(dir + "/model.safetensors").tensors;
   if (with_optimizer) {
-    d.optimizer = st::load(dir + "/optimizer.safetensors").tensors;
+    // Deleted on purpose (the way out of a foreign one): AdamW restarts, everything else resumes.
+    if (sfs::exists(dir + "/optimizer.safetensors"))
+      d.optimizer = st::load(dir + "/optimizer.safetensors").tensors;
+    else
+      log::warn(dir, " has no optimizer.safetensors: AdamW restarts from zero moments (weights, step and data "
+                     "position resume)");
     d.extra = st::load(dir + "/extra.safetensors").tensors;
   }
   std::string js = fs::read_file(dir + "/trainer_state.json");

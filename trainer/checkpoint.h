@@ -50,6 +50,8 @@ void recover_checkpoints(const std::string& ckpt_root);
 void set_checkpoint_fault_hook(std::function<void(const char* point)> hook);
 // Resolves a run dir, a checkpoints dir or a step dir to a step dir; "" when none exists.
 std::string resolve_checkpoint(const std::string& path);
+// A step dir without optimizer.safetensors (deleted to restart AdamW) loads with no optimizer state,
+// saying so.
 CheckpointData load_checkpoint(const std::string& step_dir, bool with_optimizer = true);
 
 }  // namespace qf::trainer

@@ -737,6 +737,29 @@ TEST_F(Cli, TrainWithAnotherShapeLeavesTheRunIntact) {
   EXPECT_TRUE(sfs::exists(tmp.path + "/mine"));
 }
 
+// Issue 16: a checkpoint whose optimizer.safetensors came from another run (another width here) is a
+// clear error on resume (exit 1, the file, the parameter and the shapes), not a silent AdamW reset;
+// deleting the file, as the message advises, resumes with a fresh AdamW.
+TEST_F(Cli, ForeignOptimizerStateIsAClearErrorAndDeletingItRestartsAdamW) {
+  const std::string a = tmp.path + "/a", b = tmp.path + "/b";
+  ASSERT_EQ(run("train " + cfg + " 'sample.prompts=[]' trainer.max_steps=3 run.out_dir=" + a).rc, 0);
+  ASSERT_EQ(run("train " + cfg + " 'sample.prompts=[]' trainer.max_steps=3 model.dim=48 run.out_dir=" + b).rc, 0);
+  const std::string opt = a + "/checkpoints/step_00000003/optimizer.safetensors";
+  sfs::remove(opt);
+  sfs::copy_file(b + "/checkpoints/step_00000003/optimizer.safetensors", opt);
+  const std::string resume = "train " + cfg + " 'sample.prompts=[]' trainer.max_steps=4 run.out_dir=" + a;
+  auto r = run(resume);
+  EXPECT_EQ(r.rc, 1) << r.out;
+  EXPECT_NE(r.out.find(opt + ": optimizer state '"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("has shape [400, 48] but parameter"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("delete " + opt + " to restart the optimizer"), std::string::npos) << r.out;
+  sfs::remove(opt);
+  auto ok = run(resume);
+  EXPECT_EQ(ok.rc, 0) << ok.out;
+  EXPECT_NE(ok.out.find("has no optimizer.safetensors: AdamW restarts from zero moments"), std::string::npos) << ok.out;
+  EXPECT_NE(ok.out.find("resumed from"), std::string::npos) << ok.out;
+}
+
 // Issue 16, reproducer 4: quantize writes its run dir through a temp dir: a kill mid-write leaves no
 // half run at --out, and the rerun succeeds (removing the dead temp dir); --force replaces.
 TEST_F(Cli, QuantizeKilledMidWriteLeavesNothingAndReruns) {
