@@ -760,6 +760,24 @@ TEST_F(Cli, ForeignOptimizerStateIsAClearErrorAndDeletingItRestartsAdamW) {
   EXPECT_NE(ok.out.find("resumed from"), std::string::npos) << ok.out;
 }
 
+// Issue 16: the Hugging Face file under a LoRA run's frozen base (memory-mapped, zero-copy) truncated by
+// another process mid-run: exit 1 with a message naming the file, not a bare SIGBUS.
+TEST_F(Cli, HfBaseTruncatedMidLoraRunIsAClearExitOne) {
+  ASSERT_EQ(run("train " + cfg + " 'sample.prompts=[]'").rc, 0);
+  const std::string hf = tmp.path + "/hf", log = tmp.path + "/lora.log";
+  ASSERT_EQ(run("export " + tmp.path + "/run --format hf --dtype fp32 --out " + hf).rc, 0);
+  // Many steps (a timeout bounds it if the signal never came); the file goes once training has begun.
+  auto r = run_sh("(timeout 120 " + std::string(QFORGE_BINARY) + " train " + cfg + " 'sample.prompts=[]' run.out_dir=" +
+                  tmp.path + "/lora model.from=" + hf + " peft.r=4 trainer.max_steps=1000000 > " + log +
+                  " 2>&1; echo rc=$? >> " + log + ") & for i in $(seq 600); do grep -q 'step 0:' " + log +
+                  " 2>/dev/null && break; sleep 0.1; done; sleep 0.3; truncate -s 0 " + hf + "/model.safetensors; wait; cat " +
+                  log);
+  EXPECT_NE(r.out.find("qforge: error: " + hf + "/model.safetensors changed or was truncated while mapped (SIGBUS"),
+            std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("Restore the file and rerun"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("rc=1"), std::string::npos) << r.out;
+}
+
 // Issue 16, reproducer 4: quantize writes its run dir through a temp dir: a kill mid-write leaves no
 // half run at --out, and the rerun succeeds (removing the dead temp dir); --force replaces.
 TEST_F(Cli, QuantizeKilledMidWriteLeavesNothingAndReruns) {
