@@ -42,7 +42,8 @@ bench: build
 
 # Each target: name:seed dir. The corpus grows across runs in $(BUILD)/fuzz/<name>.corpus; a crash
 # leaves its input as $(BUILD)/fuzz/<name>-crash-* and stops here.
-FUZZ_TARGETS := fuzz_safetensors:tests/fuzz/seeds fuzz_tokenizer_json:tests/fuzz/seeds_tokenizer
+FUZZ_TARGETS := fuzz_safetensors:tests/fuzz/seeds fuzz_tokenizer_json:tests/fuzz/seeds_tokenizer \
+  fuzz_yaml_recipe:tests/fuzz/seeds_yaml fuzz_hf_config:tests/fuzz/seeds_hf_config
 fuzz: build
 	@for t in $(FUZZ_TARGETS); do \
 	  name=$${t%%:*}; seeds=$${t#*:}; mkdir -p $(BUILD)/fuzz/$$name.corpus; \

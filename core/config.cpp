@@ -202,7 +202,11 @@ std::vector<double> Reader::f64s(const std::string& key, const std::vector<doubl
 
 std::string Reader::path(const std::string& key, const std::string& def, bool must_exist) {
   std::string p = str(key, def);
-  if (must_exist && !p.empty() && !std::filesystem::exists(p)) fail(key, "path '" + p + "' does not exist");
+  if (must_exist && !p.empty()) {
+    std::error_code ec;  // a name the OS refuses (too long, ...) is a problem, not a filesystem_error
+    if (!std::filesystem::exists(p, ec))
+      fail(key, "path '" + p + "' does not exist" + (ec && ec != std::errc::no_such_file_or_directory ? " (" + ec.message() + ")" : ""));
+  }
   return p;
 }
 
@@ -241,7 +245,11 @@ void Reader::finish() {
   std::string known;
   for (auto& k : read_) known += (known.empty() ? "" : ", ") + k;
   for (auto it = node_.begin(); it != node_.end(); ++it) {
-    std::string k = it->first.as<std::string>();
+    if (!it->first.IsScalar()) {  // load_yaml refuses these; a tree built by hand may still hold one
+      problems_->add(path_.empty() ? "<top level>" : path_, "a mapping key is not a plain name");
+      continue;
+    }
+    const std::string k = it->first.Scalar();
     if (!read_.count(k)) problems_->add(key_path(k), "unknown key; known keys here: " + known);
   }
 }
@@ -259,14 +267,50 @@ static YAML::Node merge(const YAML::Node& base, const YAML::Node& over) {
 
 static YAML::Node load_with_base(const std::string& file, int depth);
 
+// std::filesystem::exists without its exception: a name the OS refuses (too long, a component that
+// is a file) is a ConfigError naming it (fuzz_yaml_recipe found `base: <300 characters>` escaping
+// as std::filesystem_error).
+static bool path_exists(const std::filesystem::path& p, const std::string& where) {
+  std::error_code ec;
+  const bool e = std::filesystem::exists(p, ec);
+  if (ec && ec != std::errc::no_such_file_or_directory && ec != std::errc::not_a_directory)
+    throw ConfigError({where + ": '" + p.string() + "' cannot be looked up (" + ec.message() + ")"});
+  return e && !ec;
+}
+
 // Every mapping key is a plain scalar and appears once: yaml-cpp keeps both copies of a repeated
 // key and lookups see the first, so `lr: 1` ... `lr: 2` would silently train at 1 (and merging a
 // `base:` chain would see the last). Complex keys (`? [a, b]`) are refused here instead of failing
-// later as a raw "bad conversion".
-static void check_keys(const YAML::Node& n, const std::string& file, const std::string& path, Problems* p) {
+// later as a raw "bad conversion". The walk also bounds what aliases can make of a small file (found
+// by fuzz_yaml_recipe): `a: &x [*x]` is a cycle (endless recursion before), and aliases of aliases
+// of lists grow exponentially (a "billion laughs" hang); a recipe nests a few levels and holds a
+// few hundred values.
+namespace {
+constexpr int kMaxDepth = 64;
+constexpr int64_t kMaxValues = 100000;
+struct KeyWalk {
+  const std::string& file;
+  Problems* p;
+  int64_t values = 0;
+  bool stopped = false;
+  void walk(const YAML::Node& n, const std::string& path, int depth);
+};
+}  // namespace
+
+void KeyWalk::walk(const YAML::Node& n, const std::string& path, int depth) {
+  if (stopped) return;
+  if (depth > kMaxDepth || ++values > kMaxValues) {
+    stopped = true;
+    const int line = n.Mark().line + 1;
+    p->add(file + (line > 0 ? ":" + std::to_string(line) : ""),
+           depth > kMaxDepth ? str("'", path, "' nests deeper than ", kMaxDepth, " levels (a YAML alias inside itself?)")
+                             : str("more than ", kMaxValues, " values once YAML aliases are expanded (at '", path,
+                                   "'); a recipe holds a few hundred"));
+    return;
+  }
   if (n.IsMap()) {
     std::map<std::string, int> seen;  // key -> line (1-based)
-    for (auto it = n.begin(); it != n.end(); ++it) {
+    for (auto it = n.begin(); it != n.end() && !stopped; ++it) {
       const int line = it->first.Mark().line + 1;
       if (!it->first.IsScalar()) {
         p->add(file + ":" + std::to_string(line), str("a mapping key under '", path.empty() ? "<top level>" : path,
@@ -279,11 +323,15 @@ static void check_keys(const YAML::Node& n, const std::string& file, const std::
       if (!fresh)
         p->add(file + ":" + std::to_string(line), str("key '", kp, "' appears twice in one mapping (first at line ",
                                                       at->second, "); YAML keys must be unique: delete one"));
-      check_keys(it->second, file, kp, p);
+      walk(it->second, kp, depth + 1);
     }
   } else if (n.IsSequence()) {
-    for (size_t i = 0; i < n.size(); ++i) check_keys(n[i], file, path + "[" + std::to_string(i) + "]", p);
+    for (size_t i = 0; i < n.size() && !stopped; ++i) walk(n[i], path + "[" + std::to_string(i) + "]", depth + 1);
   }
+}
+
+static void check_keys(const YAML::Node& n, const std::string& file, const std::string& path, Problems* p) {
+  KeyWalk{file, p}.walk(n, path, 0);
 }
 
 YAML::Node load_yaml(const std::string& file, const std::vector<std::string>& overrides) {
@@ -294,20 +342,31 @@ YAML::Node load_yaml(const std::string& file, const std::vector<std::string>& ov
   return root;
 }
 
+static YAML::Node load_text(const std::string& text, const std::string& file, int depth);
+
 // `base: other.yaml` (relative to this file's directory) makes this file an overlay of another.
 static YAML::Node load_with_base(const std::string& file, int depth) {
   namespace fs = std::filesystem;
   if (depth > 8) throw ConfigError({file + ": `base:` chain deeper than 8 files (a cycle?)"});
-  if (!fs::exists(file)) throw ConfigError({file + ": config file does not exist"});
-  if (fs::is_directory(file)) throw ConfigError({file + ": is a directory; expected a YAML config file"});
+  if (!path_exists(file, file)) throw ConfigError({file + ": config file does not exist"});
+  std::error_code ec;
+  if (fs::is_directory(file, ec)) throw ConfigError({file + ": is a directory; expected a YAML config file"});
+  std::ifstream in(file, std::ios::binary);
+  if (!in) throw ConfigError({file + ": cannot be read"});
+  std::ostringstream text;
+  text << in.rdbuf();
+  return load_text(text.str(), file, depth);
+}
+
+// The recipe `file` holds `text`: parse, check keys, resolve `base:` (relative to file's directory).
+static YAML::Node load_text(const std::string& text, const std::string& file, int depth) {
+  namespace fs = std::filesystem;
   YAML::Node root;
   try {
-    root = YAML::LoadFile(file);
+    root = YAML::Load(text);
   } catch (const YAML::ParserException& e) {
     throw ConfigError({file + ":" + std::to_string(e.mark.line + 1) + ":" + std::to_string(e.mark.column + 1) +
                        ": malformed YAML: " + e.msg});
-  } catch (const YAML::BadFile&) {
-    throw ConfigError({file + ": cannot be read"});
   }
   if (root.IsNull()) root = YAML::Node(YAML::NodeType::Map);
   if (!root.IsMap()) throw ConfigError({file + ": expected a mapping of sections (model:, data:, trainer:, ...)"});
@@ -320,12 +379,14 @@ static YAML::Node load_with_base(const std::string& file, int depth) {
     if (!root["base"].IsScalar()) throw ConfigError({file + ": base: expected the path of another YAML recipe"});
     std::string b = root["base"].Scalar();
     fs::path bp = fs::path(b).is_absolute() ? fs::path(b) : fs::path(file).parent_path() / b;
-    if (!fs::exists(bp)) throw ConfigError({file + ": base: '" + b + "' does not exist (resolved to " + bp.string() + ")"});
+    if (!path_exists(bp, file + ": base")) throw ConfigError({file + ": base: '" + b + "' does not exist (resolved to " + bp.string() + ")"});
     root.remove("base");
     return merge(load_with_base(bp.string(), depth + 1), root);
   }
   return root;
 }
+
+YAML::Node load_yaml_text(const std::string& text, const std::string& name) { return load_text(text, name, 0); }
 
 void apply_override(YAML::Node& root, const std::string& a, Problems* problems) {
   auto eq = a.find('=');
@@ -340,6 +401,14 @@ void apply_override(YAML::Node& root, const std::string& a, Problems* problems) 
   } catch (const YAML::Exception& e) {
     problems->add(key, "override value '" + value + "' is not valid YAML: " + e.msg);
     return;
+  }
+  {  // the value obeys the same key rules as a recipe file
+    Problems kp;
+    check_keys(v, "override '" + a + "'", key, &kp);
+    if (!kp.empty()) {
+      problems->items.insert(problems->items.end(), kp.items.begin(), kp.items.end());
+      return;
+    }
   }
   std::vector<std::string> parts;
   std::stringstream ss(key);

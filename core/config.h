@@ -96,6 +96,10 @@ E Reader::choice(const std::string& key, E def, const std::vector<std::pair<std:
 // Loads a YAML file (ConfigError with file:line:col on malformed YAML), then applies overrides
 // of the form `a.b.c=value` (value parsed as YAML, so numbers and lists keep their types).
 YAML::Node load_yaml(const std::string& file, const std::vector<std::string>& overrides);
+// The recipe file `name` holding `text` (what load_yaml does after reading the file, without
+// overrides): ConfigError on malformed YAML, repeated or complex keys; `base:` is resolved
+// relative to name's directory.
+YAML::Node load_yaml_text(const std::string& text, const std::string& name);
 void apply_override(YAML::Node& root, const std::string& assignment, Problems* problems);
 // Writes `node` as YAML text; used for --print-config and run-directory snapshots.
 std::string dump(const YAML::Node& node);

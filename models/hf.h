@@ -2,8 +2,8 @@
 // MistralForCausalLM, GPT2LMHeadModel) + model.safetensors or sharded model-*.safetensors with
 // model.safetensors.index.json; fp32/fp16/bf16 weights; tied embeddings.
 // Invariants:
-//  - read_hf_checkpoint validates config.json and the file list (every shard named by the index
-//    exists) before any weight is read; errors name the file and key;
+//  - read_hf_checkpoint validates config.json (models/hf_config.h, torch-free) and the file list
+//    (every shard named by the index exists) before any weight is read; errors name the file and key;
 //  - load_hf_weights checks every tensor's presence, shape and dtype class against the model first
 //    and only then copies (memory-mapped shards, one at a time), so a bad checkpoint loads nothing;
 //  - GPT-2's Conv1D weights ([in, out] in the file) are transposed to qforge's [out, in] layout.

@@ -126,4 +126,11 @@ TEST(HfImport, InconsistentOrMistypedConfigIsAnErrorNamingTheKey) {
   expect_error({{"num_key_value_heads", 3}}, "'num_key_value_heads' is 3, which does not divide num_attention_heads");
   expect_error({{"hidden_act", 3}}, "wrong JSON type");
   expect_error({{"rope_scaling", {{"rope_type", 7}}}}, "wrong JSON type");
+  // Found by fuzz_hf_config (undefined behaviour before): a float where an integer belongs, a size
+  // whose multiples overflow int64, a scaling factor that is not positive.
+  expect_error({{"rope_scaling", {{"rope_type", "llama3"}, {"original_max_position_embeddings", 1e300}}}},
+               "'original_max_position_embeddings' must be a positive integer");
+  expect_error({{"hidden_size", int64_t{1} << 62}}, "'hidden_size' must be a positive integer (at most 2147483647)");
+  expect_error({{"rope_scaling", {{"rope_type", "linear"}, {"factor", -2.0}}}}, "'factor' must be a positive number");
+  expect_error({{"rope_scaling", "linear"}}, "'rope_scaling' must be an object");
 }

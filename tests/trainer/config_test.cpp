@@ -147,6 +147,63 @@ TEST(Config, OverridesKeepTypesAndCreateSections) {
   EXPECT_DOUBLE_EQ(c.trainer.optim.betas[0], 0.8);
 }
 
+// Found by fuzz_yaml_recipe: an override value with a complex key got past the key checks and made
+// Reader::finish throw yaml-cpp's "bad conversion" instead of a ConfigError.
+TEST(Config, OverrideValuesObeyTheKeyRules) {
+  YAML::Node root = YAML::Load(base());
+  cfg::Problems p;
+  cfg::apply_override(root, "model={[1]: 2}", &p);
+  cfg::apply_override(root, "trainer.optim={lr: 1, lr: 2}", &p);
+  ASSERT_EQ(p.items.size(), 2u);
+  EXPECT_NE(p.items[0].find("not a plain name"), std::string::npos) << p.items[0];
+  EXPECT_NE(p.items[1].find("key 'trainer.optim.lr' appears twice"), std::string::npos) << p.items[1];
+  EXPECT_TRUE(problems_of(base()).empty());
+  // A tree built by hand with a complex key is a problem at finish(), not a yaml-cpp exception.
+  YAML::Node odd = YAML::Load("{[1]: 2}");
+  cfg::Problems q;
+  cfg::Reader r(odd, "", &q, YAML::Node(YAML::NodeType::Map));
+  r.finish();
+  EXPECT_EQ(q.items.size(), 1u);
+}
+
+// load_yaml_text is what load_yaml does after reading the file: same errors, `base:` relative to
+// the name's directory.
+TEST(Config, LoadYamlTextMatchesLoadYaml) {
+  auto dir = sfs::temp_directory_path() / ("qf_cfg_text_" + std::to_string(::getpid()));
+  sfs::create_directories(dir);
+  std::ofstream((dir / "b.yaml").string()) << "model:\n  dim: 64\n  n_layers: 2\n";
+  const std::string over = "base: b.yaml\nmodel:\n  n_layers: 3\n";
+  std::ofstream((dir / "o.yaml").string()) << over;
+  EXPECT_EQ(cfg::dump(cfg::load_yaml_text(over, (dir / "o.yaml").string())),
+            cfg::dump(cfg::load_yaml((dir / "o.yaml").string(), {})));
+  EXPECT_EQ(cfg::load_yaml_text(over, (dir / "o.yaml").string())["model"]["n_layers"].as<int>(), 3);
+  EXPECT_THROW(cfg::load_yaml_text("a: 1\na: 2\n", (dir / "x.yaml").string()), ConfigError);
+  EXPECT_THROW(cfg::load_yaml_text("a: [1\n", (dir / "x.yaml").string()), ConfigError);
+  EXPECT_THROW(cfg::load_yaml_text("- 1\n", (dir / "x.yaml").string()), ConfigError);
+  // Found by fuzz_yaml_recipe: an alias inside itself recursed without end (stack overflow), and
+  // aliases of aliases expanded exponentially (a hang).
+  EXPECT_THROW(cfg::load_yaml_text("a: &x [*x]\n", (dir / "x.yaml").string()), ConfigError);
+  EXPECT_THROW(cfg::load_yaml_text("a: &x {b: *x}\n", (dir / "x.yaml").string()), ConfigError);
+  std::string laughs = "a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1]\n";
+  for (int i = 1; i < 8; ++i) {
+    const std::string prev = "*a" + std::to_string(i - 1);
+    laughs += "a" + std::to_string(i) + ": &a" + std::to_string(i) + " [" + prev;
+    for (int j = 1; j < 8; ++j) laughs += ", " + prev;
+    laughs += "]\n";
+  }
+  try {
+    cfg::load_yaml_text(laughs, (dir / "x.yaml").string());
+    ADD_FAILURE() << "accepted 8^8 aliased values";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("once YAML aliases are expanded"), std::string::npos) << e.what();
+  }
+  cfg::Problems p;
+  YAML::Node root = YAML::Load(base());
+  cfg::apply_override(root, "model=&x [*x]", &p);
+  EXPECT_EQ(p.items.size(), 1u);
+  fs::remove_tree(dir.string());
+}
+
 TEST(Config, ResolvedConfigHasDefaultsAndReparsesIdentically) {
   auto c = trainer::parse_run_config(YAML::Load(base()), "<test>");
   EXPECT_EQ(c.resolved["trainer"]["max_steps"].as<int64_t>(), 1000);

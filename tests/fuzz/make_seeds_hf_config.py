@@ -1,0 +1,27 @@
+"""Writes tests/fuzz/seeds_hf_config/: config.json files as transformers writes them (to_json_string)
+for each architecture qforge imports, plus a few variants (rope scaling, sliding window, GQA).
+Run: .venv/bin/python tests/fuzz/make_seeds_hf_config.py"""
+import pathlib
+
+from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+out = pathlib.Path(__file__).parent / "seeds_hf_config"
+out.mkdir(exist_ok=True)
+small = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+configs = {
+    "llama": LlamaConfig(**small, num_key_value_heads=2, architectures=["LlamaForCausalLM"], torch_dtype="bfloat16"),
+    "llama_default": LlamaConfig(architectures=["LlamaForCausalLM"]),
+    "llama3_rope": LlamaConfig(**small, architectures=["LlamaForCausalLM"], rope_theta=500000.0, max_position_embeddings=16384,
+                               rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    "llama_linear_rope": LlamaConfig(**small, architectures=["LlamaForCausalLM"],
+                                     rope_scaling={"type": "linear", "factor": 2.0}, tie_word_embeddings=True),
+    "qwen2": Qwen2Config(**small, num_key_value_heads=2, architectures=["Qwen2ForCausalLM"], use_sliding_window=True,
+                         sliding_window=32, max_window_layers=1, torch_dtype="float16"),
+    "mistral": MistralConfig(**small, num_key_value_heads=1, architectures=["MistralForCausalLM"], sliding_window=64),
+    "gpt2": GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                       architectures=["GPT2LMHeadModel"]),
+    "gpt2_default": GPT2Config(architectures=["GPT2LMHeadModel"]),
+}
+for name, c in configs.items():
+    (out / f"{name}.json").write_text(c.to_json_string())
