@@ -12,6 +12,7 @@
 // Seeds: tests/fuzz/seeds_yaml/.
 #include <cstdint>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <string>
 #include <vector>
@@ -64,6 +65,10 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
   const char* d = mkdtemp(tmpl);
   if (!d) std::abort();
   g_dir = d;
+  std::atexit([] {
+    std::error_code ec;
+    std::filesystem::remove_all(g_dir, ec);
+  });
   std::ofstream(g_dir + "/base.yaml") << "model:\n  dim: 64\n  n_layers: 2\ntrainer:\n  lr: 3.0e-4\n  steps: 10\n"
                                       << "data:\n  sources:\n    - path: a.txt\n      weight: 1\n";
   std::ofstream(g_dir + "/loop.yaml") << "base: loop.yaml\nmodel: {dim: 8}\n";
