@@ -353,9 +353,16 @@ static YAML::Node load_with_base(const std::string& file, int depth) {
   if (fs::is_directory(file, ec)) throw ConfigError({file + ": is a directory; expected a YAML config file"});
   std::ifstream in(file, std::ios::binary);
   if (!in) throw ConfigError({file + ": cannot be read"});
-  std::ostringstream text;
-  text << in.rdbuf();
-  return load_text(text.str(), file, depth);
+  // Read in bounded chunks: a FIFO (`<(...)`) works, a device such as /dev/zero fails instead of
+  // reading forever.
+  constexpr size_t kMaxRecipe = size_t{16} << 20;
+  std::string text;
+  char buf[65536];
+  while (in.read(buf, sizeof buf) || in.gcount() > 0) {
+    text.append(buf, static_cast<size_t>(in.gcount()));
+    if (text.size() > kMaxRecipe) throw ConfigError({file + ": larger than 16 MiB; expected a YAML recipe"});
+  }
+  return load_text(text, file, depth);
 }
 
 // The recipe `file` holds `text`: parse, check keys, resolve `base:` (relative to file's directory).
