@@ -72,11 +72,11 @@ void release(const Key& k) {
 }  // namespace
 
 RunDirLock::~RunDirLock() {
-  if (fd_ >= 0) release({dev_, ino_});
+  if (held_) release({dev_, ino_});
 }
 
 void RunDirLock::acquire(const std::string& dir) {
-  if (fd_ >= 0 && dir == dir_) return;
+  if (held_ && dir == dir_) return;
   const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   QF_CHECK_INPUT(fd >= 0, "run.out_dir: cannot open '", dir, "' to lock it: ", std::strerror(errno));
   struct stat me {};
@@ -105,8 +105,8 @@ void RunDirLock::acquire(const std::string& dir) {
                            "stop it, or give this run another run.out_dir"));
     }
   }
-  if (fd_ >= 0) release({dev_, ino_});
-  fd_ = 0;  // holds a reference to the process-wide lock of (dev_, ino_)
+  if (held_) release({dev_, ino_});
+  held_ = true;
   dev_ = me.st_dev;
   ino_ = me.st_ino;
   dir_ = dir;

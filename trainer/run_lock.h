@@ -19,10 +19,10 @@ class RunDirLock {
   // Locks `dir` (which must exist); a no-op when this object already holds it. Throws InputError
   // naming the holder (pid and command line, from /proc/locks) when another process holds it.
   void acquire(const std::string& dir);
-  bool held() const { return fd_ >= 0; }
+  bool held() const { return held_; }
 
  private:
-  int fd_ = -1;  // >= 0: holds a reference to this process's lock of (dev_, ino_)
+  bool held_ = false;  // holds a reference to this process's lock of (dev_, ino_)
   dev_t dev_ = 0;
   ino_t ino_ = 0;
   std::string dir_;
