@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <functional>
 #include <nlohmann/json.hpp>
+#include <queue>
 #include <unordered_map>
 
 #include "core/error.h"
@@ -52,6 +53,17 @@ void replace_all(std::string& s, const std::string& from, const std::string& to)
   size_t i = 0;
   for (size_t p; (p = s.find(from, i)) != std::string::npos; i = p + from.size()) out += s.substr(i, p - i) + to;
   s = out + s.substr(i);
+}
+
+// Replace steps chained in a normalizer or decoder can grow text geometrically (" " -> "  " twenty
+// times is 2^20x). Real tokenizers grow it by a few times at most (" " -> U+2581 is 3x); past 8x
+// + 4 KiB the file is refused rather than allowed to exhaust memory and time.
+void check_growth(size_t now, size_t base, const char* stage, const std::string& origin) {
+  const size_t limit = 8 * base + 4096;
+  if (now > limit)
+    throw InputError(str(origin, ": the ", stage, "'s Replace/Prepend steps grow ", base, " bytes of text past ", limit,
+                         " bytes (the limit is 8x + 4 KiB); this tokenizer.json's ", stage,
+                         " chain is not one a real tokenizer uses"));
 }
 
 // GPT-2's bytes_to_unicode: printable bytes map to themselves, the rest to U+0100 upwards.
@@ -465,28 +477,46 @@ void HfTokenizer::bpe(const std::string& piece, std::vector<int32_t>& out) const
       sym.push_back(std::string());  // unknown
     }
   }
-  while (sym.size() > 1) {
-    int32_t best = INT32_MAX;
-    for (size_t i = 0; i + 1 < sym.size(); ++i) {
-      if (sym[i].empty() || sym[i + 1].empty()) continue;
-      auto it = merge_rank_.find(sym[i] + '\0' + sym[i + 1]);
-      if (it != merge_rank_.end()) best = std::min(best, it->second);
-    }
-    if (best == INT32_MAX) break;
-    std::vector<std::string> next;
-    for (size_t i = 0; i < sym.size(); ++i) {
-      if (i + 1 < sym.size() && !sym[i].empty() && !sym[i + 1].empty()) {
-        auto it = merge_rank_.find(sym[i] + '\0' + sym[i + 1]);
-        if (it != merge_rank_.end() && it->second == best) {
-          next.push_back(sym[i] + sym[i + 1]);
-          ++i;
-          continue;
-        }
-      }
-      next.push_back(sym[i]);
-    }
-    sym.swap(next);
+  // Merges, lowest rank first and leftmost among equal ranks, as `tokenizers`' Word::merge_all
+  // does with its heap: O(n log n) in the piece's length, so a Llama-2-style tokenizer (no
+  // pre-tokenizer: a whole line is one piece) stays fast on long lines. An empty symbol is an
+  // unknown character and never merges.
+  struct Cand {
+    int32_t rank;
+    size_t left, right;
+    uint32_t gen_left, gen_right;
+    bool operator>(const Cand& o) const { return rank != o.rank ? rank > o.rank : left > o.left; }
+  };
+  const size_t n = sym.size();
+  std::vector<size_t> prev(n), next(n);
+  std::vector<uint32_t> gen(n, 0);
+  std::vector<char> alive(n, 1);
+  for (size_t i = 0; i < n; ++i) prev[i] = i - 1, next[i] = i + 1;  // i - 1 wraps for i = 0: "none"
+  std::priority_queue<Cand, std::vector<Cand>, std::greater<Cand>> heap;
+  auto consider = [&](size_t l, size_t r) {
+    if (l >= n || r >= n || sym[l].empty() || sym[r].empty()) return;
+    auto it = merge_rank_.find(sym[l] + '\0' + sym[r]);
+    if (it != merge_rank_.end()) heap.push({it->second, l, r, gen[l], gen[r]});
+  };
+  for (size_t i = 0; i + 1 < n; ++i) consider(i, i + 1);
+  while (!heap.empty()) {
+    const Cand c = heap.top();
+    heap.pop();
+    if (!alive[c.left] || !alive[c.right] || next[c.left] != c.right || gen[c.left] != c.gen_left ||
+        gen[c.right] != c.gen_right)
+      continue;  // stale: one side has merged since
+    sym[c.left] += sym[c.right];
+    ++gen[c.left];
+    alive[c.right] = 0;
+    next[c.left] = next[c.right];
+    if (next[c.left] < n) prev[next[c.left]] = c.left;
+    consider(prev[c.left], c.left);
+    consider(c.left, next[c.left]);
   }
+  std::vector<std::string> merged;
+  for (size_t i = 0; i < n; ++i)
+    if (alive[i]) merged.push_back(std::move(sym[i]));
+  sym.swap(merged);
   bool prev_unk = false;
   for (auto& s : sym) {
     if (s.empty()) {
@@ -536,6 +566,7 @@ std::vector<int32_t> HfTokenizer::encode(const std::string& text) const {
       } else {
         replace_all(s, n.a, n.b);
       }
+      check_growth(s.size(), seg.size(), "normalizer", path_);
     }
     // 3. pre-tokenizers
     std::vector<std::string> pieces{s};
@@ -582,10 +613,12 @@ std::vector<int32_t> HfTokenizer::encode(const std::string& text) const {
 
 std::string HfTokenizer::decode(const std::vector<int32_t>& ids) const {
   std::vector<std::string> toks;
+  size_t in_bytes = 0;
   for (int32_t id : ids) {
     if (id < 0 || id >= static_cast<int32_t>(id_to_token_.size()))
       throw InputError(str(path_, ": id ", id, " is outside the vocabulary of ", id_to_token_.size()));
     toks.push_back(id_to_token_[id]);
+    in_bytes += toks.back().size();
   }
   auto is_byte_tok = [](const std::string& t) {
     return t.size() == 6 && t.compare(0, 3, "<0x") == 0 && t[5] == '>' && std::isxdigit(t[3]) && std::isxdigit(t[4]);
@@ -609,9 +642,15 @@ std::string HfTokenizer::decode(const std::vector<int32_t>& ids) const {
         toks = {bytes};
         break;
       }
-      case DecStep::Replace:
-        for (auto& t : toks) replace_all(t, d.a, d.b);
+      case DecStep::Replace: {
+        size_t total = 0;
+        for (auto& t : toks) {
+          replace_all(t, d.a, d.b);
+          total += t.size();
+          check_growth(total, in_bytes, "decoder", path_);
+        }
         break;
+      }
       case DecStep::ByteFallback: {
         std::vector<std::string> next;
         std::string run;

@@ -117,3 +117,51 @@ def test_unsupported_tokenizers_are_refused(tmp_path):
     (tmp_path / "broken.json").write_text("{\"model\": ")
     r, _ = _run(tmp_path / "broken.json", ["a"], tmp_path)
     assert r.returncode == 1 and "not valid JSON" in r.stderr, r.stderr
+
+
+def test_merge_order_follows_tokenizers_heap(tmp_path):
+    # "abab" with merges [a b] (rank 0) and [ab a] (rank 1 < nothing else): tokenizers pops the
+    # lowest (rank, position) merge one at a time, so after the first "a b" the new pair "ab a" can
+    # win over the second "a b" only if its rank is lower; both orders are checked, plus a chain
+    # whose later merges outrank the ones that made their parts.
+    cases = [
+        ({"a": 0, "b": 1, "ab": 2, "aba": 3}, [("a", "b"), ("ab", "a")], ["abab", "ababab", "aab", "ba"]),
+        ({"a": 0, "b": 1, "c": 2, "ab": 3, "abc": 4, "bc": 5}, [("ab", "c"), ("b", "c"), ("a", "b")],
+         ["abc", "abcabc", "ababc", "cabcb"]),
+        ({"a": 0, "aa": 1, "aaaa": 2, "aaa": 3}, [("a", "a"), ("aa", "aa"), ("aa", "a")],
+         ["a" * k for k in range(1, 12)]),
+    ]
+    for i, (vocab, merges, strings) in enumerate(cases):
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+        p = tmp_path / f"t{i}.json"
+        tok.save(str(p))
+        r, got = _run(p, strings, tmp_path)
+        assert r.returncode == 0, r.stderr
+        for s, ids in zip(strings, got["ids"]):
+            assert ids == tok.encode(s).ids, f"case {i}: {s!r} qforge {ids} tokenizers {tok.encode(s).ids}"
+
+
+def test_long_lines_without_pre_tokenizer_match_and_are_fast(tmp_path):
+    # Llama-2-style tokenizers have no pre-tokenizer: a whole line is one BPE piece. 40 KB lines
+    # must match tokenizers and take well under a second each (merging is O(n log n)).
+    tok = _build("llama2", [])
+    tok.save(str(tmp_path / "l2.json"))
+    with open(os.path.join(ROOT, "data/corpora/kjv.txt"), encoding="utf-8") as f:
+        text = f.read(200_000)
+    strings = [text[i:i + 40_000].replace("\n", " ") for i in range(0, 160_000, 40_000)]
+    import time
+    t0 = time.time()
+    r, got = _run(tmp_path / "l2.json", strings, tmp_path)
+    took = time.time() - t0
+    assert r.returncode == 0, r.stderr
+    for s, ids in zip(strings, got["ids"]):
+        assert ids == tok.encode(s, add_special_tokens=False).ids
+    assert took < 20, f"4 lines of 40 KB took {took:.1f} s"
+
+
+def test_geometric_replace_chains_are_refused(tmp_path):
+    tok = _build("llama2", [])
+    tok.normalizer = normalizers.Sequence([normalizers.Replace(" ", "  ")] * 16)
+    tok.save(str(tmp_path / "grow.json"))
+    r, _ = _run(tmp_path / "grow.json", ["a b c d e f"], tmp_path)
+    assert r.returncode == 1 and "normalizer's Replace/Prepend steps grow" in r.stderr, r.stderr
