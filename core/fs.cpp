@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "core/fault.h"
 
 namespace qf::fs {
 
@@ -62,11 +63,13 @@ void AtomicWriter::commit() {
     throw InputError(str("cannot flush '", path_, "': ", std::strerror(e)));
   }
   if (::close(fd) != 0) throw InputError(str("cannot flush '", path_, "': ", std::strerror(errno)));
+  fault("file_synced", path_);
   if (::rename(tmp_.c_str(), path_.c_str()) != 0)
     throw InputError(str("cannot rename '", tmp_, "' to '", path_, "': ", std::strerror(errno)));
   tmp_.clear();
   std::filesystem::path p(path_);
   fsync_path(p.has_parent_path() ? p.parent_path().string() : ".");
+  fault("file_renamed", path_);
 }
 
 void write_atomic(const std::string& path, std::string_view bytes) {

@@ -164,6 +164,7 @@ void commit_dir(const std::string& tmp, const std::string& out) {
     const std::string old = out + ".old" + std::to_string(::getpid());
     fs::remove_tree(old);
     fs::rename_atomic(out, old);
+    fault("export_old_aside", out);
     fs::rename_atomic(tmp, out);
     fs::remove_tree(old);
     return;

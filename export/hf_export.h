@@ -11,6 +11,7 @@
 
 #include <string>
 
+#include "core/fault.h"
 #include "core/fs.h"
 #include "data/tokenizer.h"
 #include "models/transformer.h"
@@ -45,7 +46,9 @@ auto write_staged_dir(const std::string& out, bool force, F&& fill) {
   const std::string tmp = stage_dir(out, force);
   try {
     auto r = fill(tmp);
+    fault("export_staged", out);
     commit_dir(tmp, out);
+    fault("export_committed", out);
     return r;
   } catch (...) {
     fs::remove_tree(tmp);

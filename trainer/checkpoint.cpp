@@ -13,6 +13,7 @@
 #include <set>
 
 #include "core/error.h"
+#include "core/fault.h"
 #include "core/fs.h"
 #include "core/log.h"
 #include "core/safetensors.h"
@@ -122,17 +123,8 @@ static std::string step_name(int64_t step) {
 }
 
 namespace {
-std::function<void(const char*)>& fault_hook() {
-  static std::function<void(const char*)> h;
-  return h;
-}
-// A fault-injection point: the test hook (or QFORGE_CHECKPOINT_FAULT=<point>, which kills the
-// process as SIGKILL would) fires after each rename/fsync step of a save.
-void fault(const char* point) {
-  if (fault_hook()) fault_hook()(point);
-  static const char* env = std::getenv("QFORGE_CHECKPOINT_FAULT");
-  if (env && std::strcmp(env, point) == 0) ::raise(SIGKILL);
-}
+// A fault-injection point (core/fault.h) after each rename/fsync step of a save.
+void fault(const char* point) { qf::fault(point); }
 
 std::string read_latest(const std::string& root) {
   if (!sfs::exists(root + "/latest")) return "";
@@ -182,7 +174,7 @@ void promote_next(const std::string& root, const std::string& name) {
 }
 }  // namespace
 
-void set_checkpoint_fault_hook(std::function<void(const char* point)> hook) { fault_hook() = std::move(hook); }
+void set_checkpoint_fault_hook(std::function<void(const char* point)> hook) { qf::set_fault_hook(std::move(hook)); }
 
 void recover_checkpoints(const std::string& root) {
   if (!sfs::is_directory(root)) return;

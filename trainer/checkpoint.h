@@ -46,7 +46,7 @@ void recover_checkpoints(const std::string& ckpt_root);
 // Test hook: called with the name of each rename/fsync point of save_checkpoint ("written",
 // "renamed", "latest", "next", "latest_next", "old_aside", "linked", "final_in_place",
 // "latest_final"); a throw from it leaves the disk as a kill there would. Empty = none.
-// QFORGE_CHECKPOINT_FAULT=<point> SIGKILLs the process at that point (for end-to-end tests).
+// QFORGE_FAULT=<point> SIGKILLs the process at that point (core/fault.h; for end-to-end tests).
 void set_checkpoint_fault_hook(std::function<void(const char* point)> hook);
 // Resolves a run dir, a checkpoints dir or a step dir to a step dir; "" when none exists.
 std::string resolve_checkpoint(const std::string& path);

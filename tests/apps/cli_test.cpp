@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <sstream>
 
 #include "core/fs.h"
@@ -784,7 +785,7 @@ TEST_F(Cli, QuantizeKilledMidWriteLeavesNothingAndReruns) {
   ASSERT_EQ(run("train " + cfg + " 'sample.prompts=[]'").rc, 0);
   const std::string src = tmp.path + "/run", q = tmp.path + "/q";
   const std::string cmd = "quantize " + src + " --method rtn --quant q4_0 --no-eval --out " + q;
-  auto k = run_sh("QFORGE_CHECKPOINT_FAULT=written " + std::string(QFORGE_BINARY) + " " + cmd);
+  auto k = run_sh("QFORGE_FAULT=written " + std::string(QFORGE_BINARY) + " " + cmd);
   EXPECT_NE(k.rc, 0) << k.out;
   EXPECT_FALSE(sfs::exists(q)) << k.out;
   auto r = run(cmd);
@@ -797,6 +798,79 @@ TEST_F(Cli, QuantizeKilledMidWriteLeavesNothingAndReruns) {
   EXPECT_NE(again.out.find("already exists"), std::string::npos) << again.out;
   ASSERT_EQ(run(cmd + " --force").rc, 0);
   EXPECT_EQ(run("eval " + q).rc, 0);
+}
+
+// Issue 16: a kill at every rename/fsync point of each exporter (QFORGE_FAULT, core/fault.h) leaves --out
+// absent or exactly as it was (with --force the old output survives until the new one is complete, and
+// one set aside when the kill came is put back), never partial; the rerun succeeds and no temp sibling
+// is left.
+TEST_F(Cli, ExportKilledAtEveryPointLeavesTheOldOutputOrNothing) {
+  ASSERT_EQ(run("train " + cfg + " 'sample.prompts=[]' trainer.max_steps=4 trainer.save_every=2").rc, 0);
+  const std::string src = tmp.path + "/run", outs = tmp.path + "/outs";
+  sfs::create_directories(outs);
+  // Every file under `p` (or `p` itself) with its bytes: what "as it was" means.
+  auto snapshot = [](const std::string& p) {
+    std::map<std::string, std::string> m;
+    if (sfs::is_regular_file(p)) {
+      m[""] = qf::fs::read_file(p);
+    } else if (sfs::is_directory(p)) {
+      for (auto& e : sfs::recursive_directory_iterator(p))
+        if (e.is_regular_file()) m[sfs::relative(e.path(), p).string()] = qf::fs::read_file(e.path().string());
+    }
+    return m;
+  };
+  struct Case {
+    std::string format, extra, out;
+    std::vector<std::string> points;
+  };
+  const std::vector<Case> cases = {
+      {"gguf", "--quant q8_0", outs + "/m.gguf", {"file_synced:m.gguf", "file_renamed:m.gguf"}},
+      {"hf", "--dtype fp32", outs + "/hf",
+       {"file_synced:config.json", "export_staged", "export_old_aside", "export_committed"}},
+      {"gptq", "--quant int4-g32", outs + "/gq", {"file_synced:config.json", "export_staged", "export_old_aside"}},
+      {"compressed-tensors", "--quant int4-g32", outs + "/ct", {"export_staged", "export_old_aside", "export_committed"}},
+  };
+  for (const auto& c : cases) {
+    const std::string cmd = "export " + src + " --format " + c.format + " " + c.extra + " --out " + c.out;
+    for (const auto& point : c.points) {
+      for (bool force : {false, true}) {
+        if (!force && point == "export_old_aside") continue;  // only a replacement sets the old output aside
+        const std::string what = c.format + " at " + point + (force ? " with --force" : "");
+        qf::fs::remove_tree(c.out);
+        if (force) {
+          // The output to be replaced: written from a 2-step checkpoint so that it differs from the new one.
+          ASSERT_EQ(run("export " + src + "/checkpoints/step_00000002 --format " + c.format + " " + c.extra +
+                        " --out " + c.out).rc, 0) << what;
+        }
+        const auto before = snapshot(c.out);
+        auto k = run_sh("QFORGE_FAULT=" + point + " " + std::string(QFORGE_BINARY) + " " + cmd + (force ? " --force" : ""));
+        EXPECT_TRUE(k.rc == 137 || k.rc == -1) << what << ": rc " << k.rc << "\n" << k.out;
+        const bool committed = point == "export_committed" || point == "file_renamed:m.gguf";
+        if (committed) {
+          EXPECT_TRUE(sfs::exists(c.out)) << what;
+          if (force) {
+            EXPECT_NE(snapshot(c.out), before) << what << ": the new output is in place";
+          }
+        } else if (point == "export_old_aside") {
+          // The old output was set aside as <out>.old<PID>: the next command puts it back first.
+          EXPECT_FALSE(sfs::exists(c.out)) << what;
+          auto again = run(cmd);
+          EXPECT_EQ(again.rc, 1) << what << "\n" << again.out;
+          EXPECT_NE(again.out.find("already exists"), std::string::npos) << what << "\n" << again.out;
+          EXPECT_EQ(snapshot(c.out), before) << what << ": the old output is restored byte for byte";
+        } else {
+          EXPECT_EQ(snapshot(c.out), before) << what << ": --out is untouched (absent, or the old output)";
+        }
+        auto r = run(cmd + " --force");
+        ASSERT_EQ(r.rc, 0) << what << "\n" << r.out;
+        for (auto& e : sfs::directory_iterator(outs)) {
+          const auto n = e.path().filename().string();
+          EXPECT_TRUE(n.find(".tmp") == std::string::npos && n.find(".old") == std::string::npos)
+              << what << ": left behind " << e.path();
+        }
+      }
+    }
+  }
 }
 
 // Issue 16: text that is not UTF-8 through a tokenizer.json (PCRE2) tokenizer crashed generate, train
