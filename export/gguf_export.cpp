@@ -16,6 +16,7 @@
 #include "peft/lora.h"
 #include "quant/ggml_blocks.h"
 #include "quant/ggml_mix.h"
+#include "quant/ggml_types.h"
 #include "quant/qat.h"
 
 namespace qf::exporter {
@@ -25,19 +26,7 @@ using gguf::TensorType;
 using quant::Rule;
 using quant::TensorRole;
 
-TensorType type_of(Rule r) {
-  switch (r) {
-    case Rule::GgmlQ8_0: return TensorType::Q8_0;
-    case Rule::GgmlQ4_0: return TensorType::Q4_0;
-    case Rule::GgmlQ4_1: return TensorType::Q4_1;
-    case Rule::GgmlQ5_0: return TensorType::Q5_0;
-    case Rule::GgmlQ5_1: return TensorType::Q5_1;
-    case Rule::GgmlQ4_K: return TensorType::Q4_K;
-    case Rule::GgmlQ6_K: return TensorType::Q6_K;
-    case Rule::Affine: break;
-  }
-  throw Error("not a llama.cpp block rule");
-}
+TensorType type_of(Rule r) { return static_cast<TensorType>(quant::ggml::traits(r).gguf_id); }
 
 void append(std::string& out, const at::Tensor& t) {
   auto c = t.contiguous();

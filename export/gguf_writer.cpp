@@ -7,6 +7,7 @@
 
 #include "core/error.h"
 #include "core/fs.h"
+#include "quant/ggml_types.h"
 
 namespace qf::gguf {
 namespace {
@@ -45,46 +46,18 @@ void pad_to(std::string& o, uint32_t alignment) {
 
 }  // namespace
 
-int64_t block_elems(TensorType t) {
-  switch (t) {
-    case TensorType::F32: case TensorType::F16: case TensorType::BF16: return 1;
-    case TensorType::Q4_0: case TensorType::Q4_1: case TensorType::Q5_0: case TensorType::Q5_1:
-    case TensorType::Q8_0: return 32;
-    case TensorType::Q4_K: case TensorType::Q6_K: return 256;
-  }
-  return 0;
+// Geometry and names from the one type table (quant/ggml_types.h).
+namespace {
+const quant::ggml::TypeTraits& row(TensorType t) {
+  const auto* r = quant::ggml::traits_by_gguf_id(static_cast<uint32_t>(t));
+  QF_CHECK(r, "gguf: tensor type id ", static_cast<uint32_t>(t), " is not in qforge's type table");
+  return *r;
 }
+}  // namespace
 
-int64_t block_bytes(TensorType t) {
-  switch (t) {
-    case TensorType::F32: return 4;
-    case TensorType::F16: case TensorType::BF16: return 2;
-    case TensorType::Q4_0: return 18;
-    case TensorType::Q4_1: return 20;
-    case TensorType::Q5_0: return 22;
-    case TensorType::Q5_1: return 24;
-    case TensorType::Q8_0: return 34;
-    case TensorType::Q4_K: return 144;
-    case TensorType::Q6_K: return 210;
-  }
-  return 0;
-}
-
-const char* type_name(TensorType t) {
-  switch (t) {
-    case TensorType::F32: return "F32";
-    case TensorType::F16: return "F16";
-    case TensorType::BF16: return "BF16";
-    case TensorType::Q4_0: return "Q4_0";
-    case TensorType::Q4_1: return "Q4_1";
-    case TensorType::Q5_0: return "Q5_0";
-    case TensorType::Q5_1: return "Q5_1";
-    case TensorType::Q8_0: return "Q8_0";
-    case TensorType::Q4_K: return "Q4_K";
-    case TensorType::Q6_K: return "Q6_K";
-  }
-  return "?";
-}
+int64_t block_elems(TensorType t) { return row(t).block; }
+int64_t block_bytes(TensorType t) { return row(t).bytes; }
+const char* type_name(TensorType t) { return row(t).gguf_name; }
 
 void Writer::add(const std::string& key, Value v) {
   for (auto& [k, _] : kv_) QF_CHECK(k != key, "gguf: duplicate metadata key '", key, "'");

@@ -20,7 +20,7 @@ enum class ValueType : uint32_t {
   U8 = 0, I8 = 1, U16 = 2, I16 = 3, U32 = 4, I32 = 5, F32 = 6, BOOL = 7, STRING = 8, ARRAY = 9, U64 = 10, I64 = 11, F64 = 12
 };
 
-// ggml tensor types qforge writes; (block elements, block bytes) per ggml-common.h.
+// ggml tensor types qforge writes (GGUF ids); their geometry and names: quant/ggml_types.h.
 enum class TensorType : uint32_t {
   F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q6_K = 14, BF16 = 30
 };

@@ -24,6 +24,7 @@
 #include <string>
 
 #include "core/error.h"
+#include "quant/ggml_types.h"
 
 // -Wpsabi: the lane vectors below only pass between internal (inlined) helpers, so the vector-ABI
 // note does not apply.
@@ -559,14 +560,19 @@ struct Format {
   int64_t grain;  // blocks per parallel_for chunk
 };
 
+// The codec of each block rule; its name and geometry come from the type table (quant/ggml_types.h).
 const Format& format_of(Rule r) {
-  static const Format q8_0{"q8_0", kQK, 34, quant_q8_0, dequant_q8_0, 1024};
-  static const Format q4_0{"q4_0", kQK, 18, quant_q4_0, dequant_q4_0, 1024};
-  static const Format q4_1{"q4_1", kQK, 20, quant_q4_1, dequant_q4_1, 1024};
-  static const Format q5_0{"q5_0", kQK, 22, quant_q5_0, dequant_q5_0, 1024};
-  static const Format q5_1{"q5_1", kQK, 24, quant_q5_1, dequant_q5_1, 1024};
-  static const Format q4_K{"q4_k", kQKK, 144, quant_q4_K, dequant_q4_K, 8};
-  static const Format q6_K{"q6_k", kQKK, 210, quant_q6_K, dequant_q6_K, 8};
+  auto make = [](Rule rule, void (*q)(const float*, uint8_t*), void (*dq)(const uint8_t*, float*), int64_t grain) {
+    const TypeTraits& t = traits(rule);
+    return Format{t.name, static_cast<int>(t.block), static_cast<int>(t.bytes), q, dq, grain};
+  };
+  static const Format q8_0 = make(Rule::GgmlQ8_0, quant_q8_0, dequant_q8_0, 1024);
+  static const Format q4_0 = make(Rule::GgmlQ4_0, quant_q4_0, dequant_q4_0, 1024);
+  static const Format q4_1 = make(Rule::GgmlQ4_1, quant_q4_1, dequant_q4_1, 1024);
+  static const Format q5_0 = make(Rule::GgmlQ5_0, quant_q5_0, dequant_q5_0, 1024);
+  static const Format q5_1 = make(Rule::GgmlQ5_1, quant_q5_1, dequant_q5_1, 1024);
+  static const Format q4_K = make(Rule::GgmlQ4_K, quant_q4_K, dequant_q4_K, 8);
+  static const Format q6_K = make(Rule::GgmlQ6_K, quant_q6_K, dequant_q6_K, 8);
   switch (r) {
     case Rule::GgmlQ8_0: return q8_0;
     case Rule::GgmlQ4_0: return q4_0;
@@ -577,8 +583,8 @@ const Format& format_of(Rule r) {
     case Rule::GgmlQ6_K: return q6_K;
     case Rule::Affine: break;
   }
-  throw Error("ggml block formats: rule 'affine' is not a llama.cpp block format (expected one of "
-              "q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q6_k)");
+  (void)traits(r);  // throws, naming the block formats
+  throw Error("unreachable");
 }
 
 void check_cols(const Format& f, int64_t cols, const char* what) {

@@ -4,6 +4,7 @@
 
 #include "core/error.h"
 #include "quant/ggml_blocks.h"
+#include "quant/ggml_types.h"
 
 namespace qf::quant {
 namespace {
@@ -33,19 +34,8 @@ const Mix& mix_of(const std::string& name) {
   return it->second;
 }
 
-const char* rule_name(Rule r) {
-  switch (r) {
-    case Rule::GgmlQ8_0: return "q8_0";
-    case Rule::GgmlQ4_0: return "q4_0";
-    case Rule::GgmlQ4_1: return "q4_1";
-    case Rule::GgmlQ5_0: return "q5_0";
-    case Rule::GgmlQ5_1: return "q5_1";
-    case Rule::GgmlQ4_K: return "q4_K";
-    case Rule::GgmlQ6_K: return "q6_K";
-    case Rule::Affine: break;
-  }
-  return "f32";
-}
+// ggml_type_name(), as llama-quantize's messages spell the type.
+const char* rule_name(Rule r) { return r == Rule::Affine ? "f32" : ggml::traits(r).ggml_name; }
 
 }  // namespace
 

@@ -4,6 +4,7 @@
 #include <cstdio>
 
 #include "core/error.h"
+#include "quant/ggml_types.h"
 
 namespace qf::quant {
 
@@ -20,15 +21,9 @@ int64_t QuantSpec::block(int64_t width) const {
 }
 
 double QuantSpec::bits_per_weight(int64_t width) const {
-  switch (rule) {
-    case Rule::GgmlQ8_0: return 34.0 * 8 / 32;
-    case Rule::GgmlQ4_0: return 18.0 * 8 / 32;
-    case Rule::GgmlQ4_1: return 20.0 * 8 / 32;
-    case Rule::GgmlQ5_0: return 22.0 * 8 / 32;
-    case Rule::GgmlQ5_1: return 24.0 * 8 / 32;
-    case Rule::GgmlQ4_K: return 144.0 * 8 / 256;
-    case Rule::GgmlQ6_K: return 210.0 * 8 / 256;
-    case Rule::Affine: break;
+  if (rule != Rule::Affine) {
+    const auto& t = ggml::traits(rule);
+    return static_cast<double>(t.bytes) * 8 / static_cast<double>(t.block);
   }
   double vbits = kind == Kind::Int ? bits : kind == Kind::Nf4 ? 4 : 8;
   double sbits = scale_dtype == ScaleDType::F32 ? 32 : 16;
@@ -76,20 +71,9 @@ QuantSpec QuantSpec::preset_named(const std::string& name) {
     s.group_size = g;
     s.scale_dtype = ScaleDType::F16;
   };
-  if (name == "q8_0") {
-    ggml(Rule::GgmlQ8_0, 8, true, 32);
-  } else if (name == "q4_0") {
-    ggml(Rule::GgmlQ4_0, 4, true, 32);
-  } else if (name == "q4_1") {
-    ggml(Rule::GgmlQ4_1, 4, false, 32);
-  } else if (name == "q5_0") {
-    ggml(Rule::GgmlQ5_0, 5, true, 32);
-  } else if (name == "q5_1") {
-    ggml(Rule::GgmlQ5_1, 5, false, 32);
-  } else if (name == "q4_k") {
-    ggml(Rule::GgmlQ4_K, 4, false, 256);
-  } else if (name == "q6_k") {
-    ggml(Rule::GgmlQ6_K, 6, true, 256);
+  const ggml::TypeTraits* t = ggml::traits_by_name(name);
+  if (t && t->rule != Rule::Affine) {
+    ggml(t->rule, t->bits, t->symmetric, t->block);
   } else if (name == "int4-g32") {  // fp32 scales, unlike the fp16 of int<b>-g<G> below
     s.bits = 4, s.symmetric = true, s.granularity = Granularity::PerGroup, s.group_size = 32;
   } else if (name == "int8-per-channel") {

@@ -9,12 +9,15 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <cctype>
 #include <cmath>
+#include <set>
 #include <cstdint>
 #include <string>
 #include <vector>
 
 #include "core/error.h"
+#include "quant/ggml_types.h"
 
 namespace qf::quant::ggml::detail {
 // Defined in quant/ggml_blocks.cpp: the elementwise ATen fake quant (q8_0/q4_0/q4_1) that
@@ -83,6 +86,33 @@ TEST(GgmlBlocks, SizesMatchGgmlCommon) {
   EXPECT_EQ(gg::type_size(Rule::GgmlQ4_K), 144);
   EXPECT_EQ(gg::type_size(Rule::GgmlQ6_K), 210);
   EXPECT_THROW(gg::block_size(Rule::Affine), qf::Error);
+}
+
+// The one type table (quant/ggml_types.h): unique names and GGUF ids, a row for every block rule, and
+// each codec's output width follows the row (what gguf_writer checks tensors against).
+TEST(GgmlBlocks, TypeTableIsTheOneDefinition) {
+  std::set<std::string> names;
+  std::set<uint32_t> ids;
+  for (const auto& t : gg::type_table()) {
+    EXPECT_TRUE(names.insert(t.name).second) << t.name;
+    EXPECT_TRUE(ids.insert(t.gguf_id).second) << t.name;
+    EXPECT_EQ(gg::traits_by_name(t.name), &t);
+    EXPECT_EQ(gg::traits_by_gguf_id(t.gguf_id), &t);
+    std::string upper = t.ggml_name;
+    for (auto& c : upper) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+    EXPECT_EQ(upper, t.gguf_name);
+    if (t.rule == Rule::Affine) continue;
+    EXPECT_EQ(&gg::traits(t.rule), &t);
+    EXPECT_EQ(gg::block_size(t.rule), t.block);
+    EXPECT_EQ(gg::type_size(t.rule), t.bytes);
+    auto w = at::randn({3, 2 * t.block});
+    EXPECT_EQ(gg::quantize(w, t.rule).size(1), 2 * t.bytes) << t.name;
+    EXPECT_EQ(qf::quant::QuantSpec::preset_named(t.name).rule, t.rule) << t.name;
+  }
+  for (Rule r : {Rule::GgmlQ8_0, Rule::GgmlQ4_0, Rule::GgmlQ4_1, Rule::GgmlQ5_0, Rule::GgmlQ5_1, Rule::GgmlQ4_K,
+                 Rule::GgmlQ6_K})
+    EXPECT_NO_THROW(gg::traits(r));
+  EXPECT_EQ(gg::traits_by_name("q3_k"), nullptr);
 }
 
 TEST(GgmlBlocks, FakeQuantEqualsDequantOfQuantBitForBit) {

@@ -1,0 +1,46 @@
+#include "quant/ggml_types.h"
+
+#include "core/error.h"
+
+namespace qf::quant::ggml {
+
+const std::vector<TypeTraits>& type_table() {
+  // Block geometry as ggml-common.h's block_* structs (static_asserted sizes there).
+  static const std::vector<TypeTraits> t = {
+      {0, "f32", "f32", "F32", Rule::Affine, 1, 4, 32, true},
+      {1, "f16", "f16", "F16", Rule::Affine, 1, 2, 16, true},
+      {2, "q4_0", "q4_0", "Q4_0", Rule::GgmlQ4_0, 32, 18, 4, true},
+      {3, "q4_1", "q4_1", "Q4_1", Rule::GgmlQ4_1, 32, 20, 4, false},
+      {6, "q5_0", "q5_0", "Q5_0", Rule::GgmlQ5_0, 32, 22, 5, true},
+      {7, "q5_1", "q5_1", "Q5_1", Rule::GgmlQ5_1, 32, 24, 5, false},
+      {8, "q8_0", "q8_0", "Q8_0", Rule::GgmlQ8_0, 32, 34, 8, true},
+      {12, "q4_k", "q4_K", "Q4_K", Rule::GgmlQ4_K, 256, 144, 4, false},
+      {14, "q6_k", "q6_K", "Q6_K", Rule::GgmlQ6_K, 256, 210, 6, true},
+      {30, "bf16", "bf16", "BF16", Rule::Affine, 1, 2, 16, true},
+  };
+  return t;
+}
+
+const TypeTraits& traits(Rule r) {
+  if (r != Rule::Affine)
+    for (const auto& t : type_table())
+      if (t.rule == r) return t;
+  std::string all;
+  for (const auto& t : type_table())
+    if (t.rule != Rule::Affine) all += (all.empty() ? "" : ", ") + std::string(t.name);
+  throw Error(str("ggml block formats: rule 'affine' is not a llama.cpp block format (expected one of ", all, ")"));
+}
+
+const TypeTraits* traits_by_name(const std::string& name) {
+  for (const auto& t : type_table())
+    if (name == t.name) return &t;
+  return nullptr;
+}
+
+const TypeTraits* traits_by_gguf_id(uint32_t id) {
+  for (const auto& t : type_table())
+    if (t.gguf_id == id) return &t;
+  return nullptr;
+}
+
+}  // namespace qf::quant::ggml
