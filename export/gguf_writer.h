@@ -5,7 +5,7 @@
 // Invariants: the file appears only complete (temp file + fsync + rename); every tensor's byte size
 // is checked against its ggml type and dims before anything is written; keys are unique.
 // This is the container only: what llama.cpp expects in it for a model (architecture keys,
-// tensor names, tokenizer block) is the exporter's business (export/gguf_export, coming next).
+// tensor names, tokenizer block) is the exporter's business (export/gguf_export).
 #pragma once
 #include <cstdint>
 #include <functional>

@@ -58,7 +58,8 @@ auto write_staged_dir(const std::string& out, bool force, F&& fill) {
 // tokenizer.model (+ a LlamaTokenizer config) or tokenizer.json, and tokenizer_config.json.
 void copy_tokenizer(const data::Tokenizer& tok, const std::string& dir);
 
-// `tokenizer_path`: the run's sentencepiece .model or tokenizer.json (or its directory).
+// `tok`: the run's tokenizer, written beside the weights (copy_tokenizer); `max_shard_bytes`: shards
+// above this size get a model.safetensors.index.json; `force`: replace an existing --out (check_out).
 HfExportResult export_hf(models::CausalLM& model, const data::Tokenizer& tok, const std::string& out,
                          at::ScalarType dtype, int64_t max_shard_bytes, bool force = false);
 

@@ -1,6 +1,7 @@
 // CUDA dequantization of llama.cpp blocks (q8_0, q4_0, q4_1) and NF4 to float32/bf16/fp16 on the GPU.
 // Invariant: equals ggml::dequantize on the CPU bit for bit (fp16 scale times small integer).
-// Compiled when the CUDA toolkit is present (QFORGE_WITH_CUDA); callers check cuda_available().
+// Compiled when the CUDA toolkit is present (QFORGE_WITH_CUDA); without it dequant_stub.cpp defines
+// these and compiled_with_cuda() is false: callers check it before taking the CUDA path.
 #pragma once
 #include <ATen/core/Tensor.h>
 
