@@ -18,6 +18,17 @@
 
 namespace qf::cfg {
 
+// One spelling per value of an enum a recipe names: Reader::choice parses with the table and
+// name_of writes with it, so a config that qforge writes reads back unchanged.
+template <class E>
+using Names = std::vector<std::pair<std::string, E>>;
+template <class E>
+const std::string& name_of(const Names<E>& names, E v) {
+  for (const auto& [n, x] : names)
+    if (x == v) return n;
+  throw Error("cfg::name_of: an enum value has no name in its table");
+}
+
 struct Problems {
   std::vector<std::string> items;
   void add(const std::string& path, const std::string& msg) { items.push_back(path + ": " + msg); }

@@ -14,7 +14,7 @@ int64_t ModelConfig::ffn() const {
 
 ModelConfig ModelConfig::from_config(cfg::Reader& r) {
   ModelConfig c;
-  c.family = r.choice<Family>("family", c.family, {{"llama", Family::Llama}, {"gpt2", Family::Gpt2}});
+  c.family = r.choice<Family>("family", c.family, family_names());
   c.vocab_size = r.i64("vocab_size", c.vocab_size, 0, 1 << 24);
   c.dim = r.i64("dim", c.dim, 8, 1 << 16);
   c.n_layers = r.i64("n_layers", c.n_layers, 1, 1024);
@@ -25,8 +25,7 @@ ModelConfig ModelConfig::from_config(cfg::Reader& r) {
   c.max_seq_len = r.i64("max_seq_len", c.max_seq_len, 8, 1 << 22);
   c.rope_theta = r.f64("rope_theta", c.rope_theta, 1.0, 1e12);
   auto rs = r.child("rope_scaling");
-  c.rope_scaling = rs.choice<RopeScaling>("type", c.rope_scaling,
-                                          {{"none", RopeScaling::None}, {"linear", RopeScaling::Linear}, {"llama3", RopeScaling::Llama3}});
+  c.rope_scaling = rs.choice<RopeScaling>("type", c.rope_scaling, rope_scaling_names());
   c.rope_factor = rs.f64("factor", c.rope_factor, 1.0, 1e6);
   c.rope_low_freq_factor = rs.f64("low_freq_factor", c.rope_low_freq_factor, 1e-6, 1e6);
   c.rope_high_freq_factor = rs.f64("high_freq_factor", c.rope_high_freq_factor, 1e-6, 1e6);
@@ -37,7 +36,7 @@ ModelConfig ModelConfig::from_config(cfg::Reader& r) {
   c.norm_eps = r.f64("norm_eps", c.norm_eps, 1e-12, 1.0);
   c.qkv_bias = r.boolean("qkv_bias", c.qkv_bias);
   c.tie_embeddings = r.boolean("tie_embeddings", c.family == Family::Gpt2 ? true : c.tie_embeddings);
-  c.dtype = r.choice<DType>("dtype", c.dtype, {{"fp32", DType::F32}, {"bf16", DType::BF16}});
+  c.dtype = r.choice<DType>("dtype", c.dtype, dtype_names());
   c.init_std = r.f64("init_std", c.init_std, 0.0, 10.0);
 
   c.from = r.path("from", "", true);
@@ -81,8 +80,7 @@ ModelConfig ModelConfig::from_config(cfg::Reader& r) {
       res["norm_eps"] = c.norm_eps;
       res["qkv_bias"] = c.qkv_bias;
       res["tie_embeddings"] = c.tie_embeddings;
-      const char* types[] = {"none", "linear", "llama3"};
-      res["rope_scaling"]["type"] = types[static_cast<int>(c.rope_scaling)];
+      res["rope_scaling"]["type"] = cfg::name_of(rope_scaling_names(), c.rope_scaling);
       res["rope_scaling"]["factor"] = c.rope_factor;
       res["rope_scaling"]["low_freq_factor"] = c.rope_low_freq_factor;
       res["rope_scaling"]["high_freq_factor"] = c.rope_high_freq_factor;

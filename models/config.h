@@ -11,6 +11,21 @@ namespace qf::models {
 enum class Family { Llama, Gpt2 };
 enum class RopeScaling { None, Linear, Llama3 };
 enum class DType { F32, BF16 };
+// The recipe spellings: model.family, model.rope_scaling.type, model.dtype (inline: torch-free
+// readers such as models/hf_config use them without the model library).
+inline const cfg::Names<Family>& family_names() {
+  static const cfg::Names<Family> n{{"llama", Family::Llama}, {"gpt2", Family::Gpt2}};
+  return n;
+}
+inline const cfg::Names<RopeScaling>& rope_scaling_names() {
+  static const cfg::Names<RopeScaling> n{
+      {"none", RopeScaling::None}, {"linear", RopeScaling::Linear}, {"llama3", RopeScaling::Llama3}};
+  return n;
+}
+inline const cfg::Names<DType>& dtype_names() {
+  static const cfg::Names<DType> n{{"fp32", DType::F32}, {"bf16", DType::BF16}};
+  return n;
+}
 
 struct ModelConfig {
   Family family = Family::Llama;
@@ -39,7 +54,7 @@ struct ModelConfig {
   int64_t hdim() const { return head_dim > 0 ? head_dim : dim / n_heads; }
   int64_t ffn() const;
   static ModelConfig from_config(cfg::Reader& r);  // validates; calls r.finish()
-  std::string family_name() const { return family == Family::Llama ? "llama" : "gpt2"; }
+  std::string family_name() const { return cfg::name_of(family_names(), family); }
 };
 
 }  // namespace qf::models

@@ -32,23 +32,33 @@ double QuantSpec::bits_per_weight(int64_t width) const {
   return vbits + per_block / static_cast<double>(std::max<int64_t>(1, b));
 }
 
-static const char* gran_name(Granularity g) {
-  switch (g) {
-    case Granularity::PerTensor: return "per-tensor";
-    case Granularity::PerChannel: return "per-channel";
-    case Granularity::PerGroup: return "per-group";
-    case Granularity::PerToken: return "per-token";
-  }
-  return "?";
+const cfg::Names<Kind>& kind_names() {
+  static const cfg::Names<Kind> n{{"int", Kind::Int}, {"fp8-e4m3", Kind::Fp8E4M3}, {"fp8-e5m2", Kind::Fp8E5M2}};
+  return n;
+}
+const cfg::Names<Granularity>& granularity_names() {
+  static const cfg::Names<Granularity> n{{"per-tensor", Granularity::PerTensor},
+                                         {"per-channel", Granularity::PerChannel},
+                                         {"per-group", Granularity::PerGroup},
+                                         {"per-token", Granularity::PerToken}};
+  return n;
+}
+const cfg::Names<ScaleDType>& scale_dtype_names() {
+  static const cfg::Names<ScaleDType> n{{"fp32", ScaleDType::F32}, {"fp16", ScaleDType::F16}, {"bf16", ScaleDType::BF16}};
+  return n;
+}
+const cfg::Names<Learn>& learn_names() {
+  static const cfg::Names<Learn> n{{"none", Learn::None}, {"lsq", Learn::Lsq}, {"lsq+", Learn::LsqPlus}};
+  return n;
 }
 
 std::string QuantSpec::describe() const {
   if (!preset.empty() && is_ggml()) return preset + " (llama.cpp block format)";
   std::string s = kind == Kind::Fp8E4M3 ? "fp8-e4m3" : kind == Kind::Fp8E5M2 ? "fp8-e5m2" : kind == Kind::Nf4 ? "nf4" : "int" + std::to_string(bits);
   if (kind == Kind::Int) s += symmetric ? " sym" : " asym";
-  s += std::string(" ") + gran_name(granularity);
+  s += " " + cfg::name_of(granularity_names(), granularity);
   if (granularity == Granularity::PerGroup) s += "(" + std::to_string(group_size) + ")";
-  s += scale_dtype == ScaleDType::F32 ? " fp32-scale" : scale_dtype == ScaleDType::F16 ? " fp16-scale" : " bf16-scale";
+  s += " " + cfg::name_of(scale_dtype_names(), scale_dtype) + "-scale";
   if (learn == Learn::Lsq) s += " LSQ";
   if (learn == Learn::LsqPlus) s += " LSQ+";
   return s;
@@ -107,26 +117,21 @@ QuantSpec QuantSpec::from_config(cfg::Reader& r, bool activation) {
     } catch (const ConfigError& e) {
       r.fail("preset", e.problems[0]);
     }
-    s.learn = r.choice<Learn>("learn", Learn::None, {{"none", Learn::None}, {"lsq", Learn::Lsq}, {"lsq+", Learn::LsqPlus}});
+    s.learn = r.choice<Learn>("learn", Learn::None, learn_names());
     if (s.is_ggml() && s.learn != Learn::None)
       r.fail("learn", "llama.cpp block presets compute their scales from the weights (so the exported file equals the "
                       "trained model); learned scales need an affine spec such as int4-g32");
     r.finish();
     return s;
   }
-  s.kind = r.choice<Kind>("kind", activation ? Kind::Int : Kind::Int,
-                          {{"int", Kind::Int}, {"fp8-e4m3", Kind::Fp8E4M3}, {"fp8-e5m2", Kind::Fp8E5M2}});
+  s.kind = r.choice<Kind>("kind", Kind::Int, kind_names());
   s.bits = static_cast<int>(r.i64("bits", 8, 2, 8));
   s.symmetric = r.boolean("symmetric", !activation);
   s.granularity = r.choice<Granularity>("granularity", activation ? Granularity::PerToken : Granularity::PerChannel,
-                                        {{"per-tensor", Granularity::PerTensor},
-                                         {"per-channel", Granularity::PerChannel},
-                                         {"per-group", Granularity::PerGroup},
-                                         {"per-token", Granularity::PerToken}});
+                                        granularity_names());
   s.group_size = r.i64("group_size", s.granularity == Granularity::PerGroup ? 32 : 0, 0, 1 << 20);
-  s.scale_dtype = r.choice<ScaleDType>("scale_dtype", ScaleDType::F32,
-                                       {{"fp32", ScaleDType::F32}, {"fp16", ScaleDType::F16}, {"bf16", ScaleDType::BF16}});
-  s.learn = r.choice<Learn>("learn", Learn::None, {{"none", Learn::None}, {"lsq", Learn::Lsq}, {"lsq+", Learn::LsqPlus}});
+  s.scale_dtype = r.choice<ScaleDType>("scale_dtype", ScaleDType::F32, scale_dtype_names());
+  s.learn = r.choice<Learn>("learn", Learn::None, learn_names());
   if (s.granularity == Granularity::PerGroup && s.group_size <= 0) r.fail("group_size", "per-group needs group_size > 0");
   if (s.granularity != Granularity::PerGroup && s.group_size != 0)
     r.fail("group_size", "only meaningful with granularity: per-group");

@@ -21,6 +21,11 @@ enum class ScaleDType { F32, F16, BF16 };
 enum class Rule { Affine, GgmlQ8_0, GgmlQ4_0, GgmlQ4_1, GgmlQ5_0, GgmlQ5_1, GgmlQ4_K, GgmlQ6_K };
 // Learned quantization parameters: none (observer / dynamic), LSQ (scale), LSQ+ (scale + offset).
 enum class Learn { None, Lsq, LsqPlus };
+// The recipe spellings (quant.*.kind / granularity / scale_dtype / learn).
+const cfg::Names<Kind>& kind_names();
+const cfg::Names<Granularity>& granularity_names();
+const cfg::Names<ScaleDType>& scale_dtype_names();
+const cfg::Names<Learn>& learn_names();
 
 struct QuantSpec {
   Kind kind = Kind::Int;
