@@ -5,6 +5,7 @@
 #include <set>
 
 #include "core/error.h"
+#include "core/json_file.h"
 
 namespace qf::st {
 
@@ -47,7 +48,7 @@ Header parse_header(const uint8_t* file, size_t size, const std::string& origin)
     // nlohmann rejects invalid UTF-8 inside strings, so a parse also checks the encoding.
     h = nlohmann::ordered_json::parse(file + 8, file + 8 + n, cb);
   } catch (const nlohmann::json::exception& e) {
-    throw bad(str("header is not valid UTF-8 JSON: ", e.what()));
+    throw bad(str("header is not valid UTF-8 JSON (", json_file::describe(e), ")"));
   }
   if (!dup.empty()) throw bad(str("duplicate key '", dup, "' in the header"));
   if (!h.is_object()) throw bad("header is not a JSON object");

@@ -19,6 +19,7 @@
 
 #include "core/error.h"
 #include "core/fs.h"
+#include "core/json_file.h"
 #include "core/log.h"
 #include "core/strings.h"
 #include "data/utf8.h"
@@ -180,7 +181,7 @@ void read_jsonl(const SourceConfig& src, const std::string& file, const std::str
     try {
       j = nlohmann::json::parse(line);
     } catch (const nlohmann::json::parse_error& e) {
-      throw InputError(str(where, ": malformed JSON (", e.what(), "); expected one JSON object per line: ", expect));
+      throw InputError(str(where, ": malformed JSON (", json_file::describe(e), "); expected one JSON object per line: ", expect));
     }
     if (!j.is_object()) throw InputError(str(where, ": expected ", expect, ", got a JSON ", json_type(j)));
     auto field = [&](const std::string& name) -> const nlohmann::json* {

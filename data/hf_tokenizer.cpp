@@ -14,6 +14,7 @@
 
 #include "core/error.h"
 #include "core/fs.h"
+#include "core/json_file.h"
 #include "data/utf8.h"
 
 namespace qf::data {
@@ -211,7 +212,7 @@ class HfTokenizer final : public Tokenizer {
  private:
   void parse(const std::string& raw, bool read_config);
   void bpe(const std::string& piece, std::vector<int32_t>& out) const;
-  int32_t token_id(const json& t, const std::string& origin) const;
+  int32_t token_id(const json& config, const char* key, const std::string& origin) const;
   std::string path_, fingerprint_;
   std::unordered_map<std::string, int32_t> vocab_;
   std::vector<std::string> id_to_token_;
@@ -226,20 +227,12 @@ class HfTokenizer final : public Tokenizer {
 
 HfTokenizer::HfTokenizer(const std::string& raw, const std::string& path, bool read_config) : path_(path) {
   fingerprint_ = "hf:" + fs::hex64(fs::fnv1a64(raw));
-  try {
-    parse(raw, read_config);
-  } catch (const json::exception& e) {  // a field of the wrong JSON type, a missing key
-    throw InputError(str(path_, ": malformed tokenizer.json (", e.what(), ")"));
-  }
+  // A field of the wrong JSON type, a missing key: "<path>: 'model.merges[3][0]': expected a string, found a number".
+  json_file::interpret(path_, [&] { parse(raw, read_config); });
 }
 
 void HfTokenizer::parse(const std::string& raw, bool read_config) {
-  json j;
-  try {
-    j = json::parse(raw);
-  } catch (const json::exception& e) {
-    throw InputError(str(path_, ": not valid JSON (", e.what(), ")"));
-  }
+  const json j = json_file::parse(raw, path_);
   auto bad = [&](const std::string& why) { return InputError(str(path_, ": ", why)); };
   auto quoted = [](const std::string& t) { return json(t).dump(); };
   // Ids are what `tokenizers` stores them as (u32), limited to int32: [0, 2^31).
@@ -273,7 +266,8 @@ void HfTokenizer::parse(const std::string& raw, bool read_config) {
   ignore_merges_ = m.value("ignore_merges", false);
   fuse_unk_ = m.value("fuse_unk", false);
   int32_t rank = 0;
-  const json merges = m.value("merges", json::array());
+  static const json kNone = json::array();  // (references keep each value's key path for errors)
+  const json& merges = m.contains("merges") ? m["merges"] : kNone;
   if (!merges.is_array()) throw bad("model.merges must be a list");
   for (auto& mg : merges) {
     std::string a, b;
@@ -298,7 +292,7 @@ void HfTokenizer::parse(const std::string& raw, bool read_config) {
     }
     merge_rank_.emplace(a + '\0' + b, rank++);
   }
-  const json added = j.value("added_tokens", json::array());
+  const json& added = j.contains("added_tokens") ? j["added_tokens"] : kNone;
   if (!added.is_array()) throw bad("added_tokens must be a list");
   for (auto& a : added) {
     if (!a.is_object() || !a.contains("content") || !a["content"].is_string() || a["content"].get<std::string>().empty() ||
@@ -430,24 +424,29 @@ void HfTokenizer::parse(const std::string& raw, bool read_config) {
   // BOS/EOS/PAD: tokenizer_config.json next to the file, as transformers reads them.
   const std::string tc = (sfs::path(path_).parent_path() / "tokenizer_config.json").string();
   if (read_config && sfs::exists(tc)) {
-    json c;
-    try {
-      c = json::parse(fs::read_file(tc));
-    } catch (const json::exception& e) {
-      throw InputError(str(tc, ": not valid JSON (", e.what(), ")"));
-    }
+    const json c = json_file::read(tc);
     if (!c.is_object()) throw InputError(str(tc, ": expected a JSON object"));
-    bos_ = token_id(c.value("bos_token", json()), tc);
-    eos_ = token_id(c.value("eos_token", json()), tc);
-    pad_ = token_id(c.value("pad_token", json()), tc);
+    json_file::interpret(tc, [&] {  // (its errors name tokenizer_config.json, not tokenizer.json)
+      bos_ = token_id(c, "bos_token", tc);
+      eos_ = token_id(c, "eos_token", tc);
+      pad_ = token_id(c, "pad_token", tc);
+    });
   }
 }
 
-int32_t HfTokenizer::token_id(const json& t, const std::string& origin) const {
-  std::string s = t.is_string() ? t.get<std::string>() : t.is_object() ? t.value("content", std::string()) : "";
+// tokenizer_config.json's `key`, as transformers takes it: absent/null (none), a token string, or an
+// AddedToken object {"content": "<s>", ...}.
+int32_t HfTokenizer::token_id(const json& c, const char* key, const std::string& origin) const {
+  if (!c.contains(key) || c[key].is_null()) return -1;
+  const json& t = c[key];
+  if (!t.is_string() && !(t.is_object() && t.contains("content") && t["content"].is_string()))
+    throw InputError(str(origin, ": '", key, "': expected a token string such as \"<s>\" or an object {\"content\": \"<s>\"}, found ",
+                         t.type_name() == std::string("array") || t.type_name() == std::string("object") ? "an " : "a ",
+                         t.type_name(), " ", t.dump()));
+  const std::string s = t.is_string() ? t.get<std::string>() : t["content"].get<std::string>();
   if (s.empty()) return -1;
   auto it = vocab_.find(s);
-  if (it == vocab_.end()) throw InputError(str(origin, ": special token '", s, "' is not in the vocabulary"));
+  if (it == vocab_.end()) throw InputError(str(origin, ": '", key, "': special token '", s, "' is not in the vocabulary"));
   return it->second;
 }
 

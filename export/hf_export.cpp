@@ -128,7 +128,7 @@ void check_out(const std::string& out, const std::string& source, bool force) {
       const auto n = e.path().filename().string();
       const auto pre = base + ".old";
       if (n.size() > pre.size() && n.compare(0, pre.size(), pre) == 0 &&
-          n.find_first_not_of("0123456789", pre.size()) == std::string::npos &&
+          n.size() - pre.size() <= 9 && n.find_first_not_of("0123456789", pre.size()) == std::string::npos &&
           !fs::pid_alive(std::stol(n.substr(pre.size())))) {
         fs::rename_atomic(e.path().string(), o.string());
         break;

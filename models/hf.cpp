@@ -11,6 +11,7 @@
 
 #include "core/error.h"
 #include "core/fs.h"
+#include "core/json_file.h"
 #include "core/log.h"
 #include "core/progress.h"
 #include "core/strings.h"
@@ -52,12 +53,7 @@ HfCheckpoint read_hf_checkpoint(const std::string& dir) {
 
   const std::string index = dir + "/model.safetensors.index.json";
   if (sfs::exists(index)) {
-    json ij;
-    try {
-      ij = json::parse(fs::read_file(index));
-    } catch (const json::exception& e) {
-      throw InputError(qf::str(index, ": not valid JSON (", e.what(), ")"));
-    }
+    const json ij = json_file::read(index);
     QF_CHECK_INPUT(ij.contains("weight_map") && ij["weight_map"].is_object(), index, ": missing the 'weight_map' object");
     std::set<std::string> files;
     for (auto it = ij["weight_map"].begin(); it != ij["weight_map"].end(); ++it) {

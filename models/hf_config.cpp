@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/json_file.h"
 
 namespace qf::models {
 namespace {
@@ -127,12 +128,7 @@ ModelConfig gpt2(const Cfg& c) {
 
 HfConfig parse_hf_config(const std::string& text, const std::string& cpath) {
   HfConfig ck;
-  json j;
-  try {
-    j = json::parse(text);
-  } catch (const json::exception& e) {
-    throw InputError(qf::str(cpath, ": not valid JSON (", e.what(), ")"));
-  }
+  const json j = json_file::parse(text, cpath);
   QF_CHECK_INPUT(j.is_object(), cpath, ": expected a JSON object");
   Cfg c{j, cpath};
   std::string arch;
@@ -149,12 +145,8 @@ HfConfig parse_hf_config(const std::string& text, const std::string& cpath) {
   ck.torch_dtype = "float32";
   for (const char* k : {"dtype", "torch_dtype"})  // torch_dtype wins when both are there
     if (j.contains(k) && j[k].is_string()) ck.torch_dtype = j[k].get<std::string>();
-  try {
-    ck.config = arch == "GPT2LMHeadModel" ? gpt2(c) : llama_like(c, arch, ck.notes);
-  } catch (const json::exception& e) {  // a key of the wrong JSON type (e.g. "hidden_act": 3)
-    throw InputError(qf::str(cpath, ": a value has the wrong JSON type for its key (", e.what(),
-                             "); compare it with the keys transformers writes for ", arch));
-  }
+  // A key of the wrong JSON type (e.g. "hidden_act": 3): "<file>: 'hidden_act': expected a string, found a number".
+  ck.config = json_file::interpret(cpath, [&] { return arch == "GPT2LMHeadModel" ? gpt2(c) : llama_like(c, arch, ck.notes); });
   return ck;
 }
 

@@ -11,6 +11,7 @@
 
 #include "core/error.h"
 #include "core/fs.h"
+#include "core/json_file.h"
 #include "core/safetensors.h"
 #include "core/strings.h"
 
@@ -83,32 +84,30 @@ void save_adapter(torch::nn::Module& model, const LoraConfig& cfg, const std::st
 
 AdapterInfo read_adapter_config(const std::string& dir) {
   const std::string path = dir + "/" + kConfig;
-  nlohmann::json c;
-  try {
-    c = nlohmann::json::parse(fs::read_file(path));
-  } catch (const nlohmann::json::exception& e) {
-    throw InputError(str(path, ": not valid JSON (", e.what(), ")"));
-  }
+  const nlohmann::json c = json_file::read(path);
   QF_CHECK_INPUT(c.is_object(), path, ": expected a JSON object");
-  auto type = c.value("peft_type", std::string());
-  QF_CHECK_INPUT(type == "LORA", path, ": peft_type '", type, "' is not supported; qforge loads LORA adapters");
-  QF_CHECK_INPUT(!c.value("use_dora", false), path, ": use_dora: true (DoRA) is not supported");
-  for (const char* k : {"rank_pattern", "alpha_pattern"})
-    QF_CHECK_INPUT(!c.contains(k) || c[k].is_null() || c[k].empty(), path, ": ", k,
-                   " (per-layer ranks/alphas) is not supported");
-  auto bias = c.value("bias", std::string("none"));
-  QF_CHECK_INPUT(bias == "none", path, ": bias '", bias, "' is not supported; expected none");
-  AdapterInfo a;
-  QF_CHECK_INPUT(c.contains("r") && c["r"].is_number_integer() && c["r"].get<int64_t>() > 0, path,
-                 ": 'r' must be a positive integer");
-  a.r = c["r"].get<int64_t>();
-  QF_CHECK_INPUT(c.contains("lora_alpha") && c["lora_alpha"].is_number(), path, ": 'lora_alpha' must be a number");
-  a.alpha = c["lora_alpha"].get<double>();
-  a.rslora = c.value("use_rslora", false);
-  a.dropout = c.contains("lora_dropout") && c["lora_dropout"].is_number() ? c["lora_dropout"].get<double>() : 0.0;
-  if (c.contains("modules_to_save") && c["modules_to_save"].is_array())
-    for (auto& m : c["modules_to_save"]) a.modules_to_save.push_back(m.get<std::string>());
-  return a;
+  // A key of the wrong type ("peft_type": 1): "<path>: 'peft_type': expected a string, found a number".
+  return json_file::interpret(path, [&] {
+    auto type = c.value("peft_type", std::string());
+    QF_CHECK_INPUT(type == "LORA", path, ": peft_type '", type, "' is not supported; qforge loads LORA adapters");
+    QF_CHECK_INPUT(!c.value("use_dora", false), path, ": use_dora: true (DoRA) is not supported");
+    for (const char* k : {"rank_pattern", "alpha_pattern"})
+      QF_CHECK_INPUT(!c.contains(k) || c[k].is_null() || c[k].empty(), path, ": ", k,
+                     " (per-layer ranks/alphas) is not supported");
+    auto bias = c.value("bias", std::string("none"));
+    QF_CHECK_INPUT(bias == "none", path, ": bias '", bias, "' is not supported; expected none");
+    AdapterInfo a;
+    QF_CHECK_INPUT(c.contains("r") && c["r"].is_number_integer() && c["r"].get<int64_t>() > 0, path,
+                   ": 'r' must be a positive integer");
+    a.r = c["r"].get<int64_t>();
+    QF_CHECK_INPUT(c.contains("lora_alpha") && c["lora_alpha"].is_number(), path, ": 'lora_alpha' must be a number");
+    a.alpha = c["lora_alpha"].get<double>();
+    a.rslora = c.value("use_rslora", false);
+    a.dropout = c.contains("lora_dropout") && c["lora_dropout"].is_number() ? c["lora_dropout"].get<double>() : 0.0;
+    if (c.contains("modules_to_save") && c["modules_to_save"].is_array())
+      for (auto& m : c["modules_to_save"]) a.modules_to_save.push_back(m.get<std::string>());
+    return a;
+  });
 }
 
 AdapterInfo load_adapter(torch::nn::Module& model, const std::string& dir, double dropout) {

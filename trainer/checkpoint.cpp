@@ -15,6 +15,7 @@
 #include "core/error.h"
 #include "core/fault.h"
 #include "core/fs.h"
+#include "core/json_file.h"
 #include "core/log.h"
 #include "core/safetensors.h"
 
@@ -123,6 +124,43 @@ static std::string step_name(int64_t step) {
 }
 
 namespace {
+// trainer_state.json as written by save_checkpoint's callers: each known key, when present, has its
+// JSON type (and range), so every reader of CheckpointData::state may use .value() without meeting a
+// type error; unknown keys are left alone. Errors: "<path>: '<key>': expected ..., found <value>".
+void check_state(const nlohmann::json& s, const std::string& path) {
+  QF_CHECK_INPUT(s.is_object(), path, ": expected a JSON object (step, sampler, model_format, ...), found ", s.dump());
+  enum Kind { Count, Positive, Number, String, Bool, Object };
+  auto check = [&](const nlohmann::json& o, const std::string& prefix, const char* key, Kind kind) {
+    if (!o.contains(key)) return;
+    const auto& v = o[key];
+    const bool integer = v.is_number_unsigned() ? v.get<uint64_t>() <= uint64_t(INT64_MAX) : v.is_number_integer();
+    const int64_t i = integer ? v.get<int64_t>() : 0;
+    const char* want = nullptr;
+    switch (kind) {
+      case Count: want = integer && i >= 0 ? nullptr : "a non-negative integer"; break;
+      case Positive: want = integer && i > 0 ? nullptr : "a positive integer"; break;
+      case Number: want = v.is_number() ? nullptr : "a number"; break;
+      case String: want = v.is_string() ? nullptr : "a string"; break;
+      case Bool: want = v.is_boolean() ? nullptr : "true or false"; break;
+      case Object: want = v.is_object() ? nullptr : "an object"; break;
+    }
+    QF_CHECK_INPUT(!want, path, ": '", prefix, key, "': expected ", want, ", found ", v.dump());
+  };
+  for (const char* k : {"step", "tokens_seen", "model_bytes"}) check(s, "", k, Count);
+  check(s, "", "vocab_size", Positive);
+  check(s, "", "last_val_loss", Number);
+  for (const char* k : {"config_hash", "model_format", "model_family", "ptq"}) check(s, "", k, String);
+  check(s, "", "lora", Bool);
+  check(s, "", "sampler", Object);
+  if (s.contains("sampler"))
+    for (const char* k : {"epoch", "cursor"}) check(s["sampler"], "sampler.", k, Count);
+  if (s.contains("model_format")) {
+    const std::string f = s["model_format"].get<std::string>();
+    QF_CHECK_INPUT(f == "fp" || f == "fake_quant" || f == "converted", path, ": 'model_format': expected fp, fake_quant "
+                   "or converted, found \"", f, "\"");
+  }
+}
+
 // A fault-injection point (core/fault.h) after each rename/fsync step of a save.
 void fault(const char* point) { qf::fault(point); }
 
@@ -267,12 +305,9 @@ CheckpointData load_checkpoint(const std::string& dir, bool with_optimizer) {
                      "position resume)");
     d.extra = st::load(dir + "/extra.safetensors").tensors;
   }
-  std::string js = fs::read_file(dir + "/trainer_state.json");
-  try {
-    d.state = nlohmann::json::parse(js);
-  } catch (const std::exception& e) {
-    throw InputError(str(dir, "/trainer_state.json: not valid JSON: ", e.what()));
-  }
+  const std::string state_path = dir + "/trainer_state.json";
+  d.state = json_file::read(state_path);
+  check_state(d.state, state_path);
   return d;
 }
 

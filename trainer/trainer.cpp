@@ -23,6 +23,7 @@
 #include <thread>
 
 #include "core/fs.h"
+#include "core/json_file.h"
 #include "core/log.h"
 #include "core/progress.h"
 #include "core/tensorboard.h"
@@ -370,17 +371,27 @@ void Trainer::restore(const std::string& ck) {
   auto d = load_checkpoint(ck, true);
   load_model_state(*model_, d.model, ck + "/model.safetensors");
   load_optimizer_state(*model_, *opt_, d.optimizer, ck + "/optimizer.safetensors");
-  step_ = d.state.value("step", 0);
-  tokens_seen_ = d.state.value("tokens_seen", 0);
+  // (load_checkpoint checked these keys' types: trainer/checkpoint.cpp check_state)
+  step_ = d.state.value("step", int64_t{0});
+  tokens_seen_ = d.state.value("tokens_seen", int64_t{0});
   last_val_ = d.state.value("last_val_loss", -1.0);
   data::Sampler::State s;
-  s.epoch = d.state["sampler"].value("epoch", 0);
-  s.cursor = d.state["sampler"].value("cursor", 0);
+  const auto sampler = d.state.value("sampler", nlohmann::json::object());
+  s.epoch = sampler.value("epoch", int64_t{0});
+  s.cursor = sampler.value("cursor", int64_t{0});
+  QF_CHECK_INPUT(s.cursor <= sampler_->batches_per_epoch(), ck, "/trainer_state.json: 'sampler.cursor': expected at most ",
+                 sampler_->batches_per_epoch(), " (this run's batches per epoch), found ", s.cursor,
+                 "; was the checkpoint made with other data or batch settings?");
   sampler_->set_state(s);
   for (auto& [n, t] : d.extra)
     if (n == "rng.cpu") {
       at::Generator g = at::detail::getDefaultCPUGenerator();
-      g.set_state(t);
+      try {
+        g.set_state(t);
+      } catch (const c10::Error& e) {  // a tensor of another size or dtype
+        throw InputError(qf::str(ck, "/extra.safetensors: 'rng.cpu' (shape ", t.sizes(), ", ", t.dtype(),
+                             ") is not a CPU generator state: ", first_line(e.what_without_backtrace())));
+      }
     }
   if (d.state.value("config_hash", "") != cfg_.hash())
     log::warn("resuming from ", ck, " whose config differs from this run's (config hash ",
@@ -865,28 +876,29 @@ HfTokenizerFile hf_tokenizer_or_throw(const std::string& dir) {
 // add_bos_token, else LlamaTokenizer's default (true) for tokenizer.model, else whether
 // tokenizer.json's post-processor template begins with a special token.
 bool hf_adds_bos(const std::string& dir, const HfTokenizerFile& f) {
-  auto read = [](const std::string& p) {
-    try {
-      return nlohmann::json::parse(fs::read_file(p));
-    } catch (const nlohmann::json::exception& e) {
-      throw InputError(str(p, ": not valid JSON (", e.what(), ")"));
+  const std::string tc = dir + "/tokenizer_config.json";
+  if (sfs::exists(tc)) {
+    const auto c = json_file::read(tc);
+    if (c.is_object() && c.contains("add_bos_token") && !c["add_bos_token"].is_null()) {
+      QF_CHECK_INPUT(c["add_bos_token"].is_boolean(), tc, ": 'add_bos_token': expected true or false, found ",
+                     c["add_bos_token"].dump());
+      return c["add_bos_token"].get<bool>();
     }
-  };
-  if (sfs::exists(dir + "/tokenizer_config.json")) {
-    auto c = read(dir + "/tokenizer_config.json");
-    if (c.is_object() && c.contains("add_bos_token") && c["add_bos_token"].is_boolean()) return c["add_bos_token"].get<bool>();
   }
   if (f.type == "sentencepiece") return true;
-  auto j = read(f.path);
-  if (!j.is_object() || !j.contains("post_processor") || !j["post_processor"].is_object()) return false;
-  auto pp = j["post_processor"];
-  if (pp.value("type", "") == "Sequence" && pp.contains("processors") && pp["processors"].is_array())
-    for (auto& x : pp["processors"])
-      if (x.is_object() && x.value("type", "") == "TemplateProcessing") pp = x;
-  if (pp.value("type", "") != "TemplateProcessing" || !pp.contains("single") || !pp["single"].is_array() ||
-      pp["single"].empty())
-    return false;
-  return pp["single"][0].is_object() && pp["single"][0].contains("SpecialToken");
+  const auto j = json_file::read(f.path);
+  // A "type" that is not a string: "<tokenizer.json>: 'post_processor.type': expected a string, found a number".
+  return json_file::interpret(f.path, [&] {
+    if (!j.is_object() || !j.contains("post_processor") || !j["post_processor"].is_object()) return false;
+    const nlohmann::json* pp = &j["post_processor"];
+    if (pp->value("type", "") == "Sequence" && pp->contains("processors") && (*pp)["processors"].is_array())
+      for (auto& x : (*pp)["processors"])
+        if (x.is_object() && x.value("type", "") == "TemplateProcessing") pp = &x;
+    if (pp->value("type", "") != "TemplateProcessing" || !pp->contains("single") || !(*pp)["single"].is_array() ||
+        (*pp)["single"].empty())
+      return false;
+    return (*pp)["single"][0].is_object() && (*pp)["single"][0].contains("SpecialToken");
+  });
 }
 
 }  // namespace

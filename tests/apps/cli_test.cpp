@@ -911,3 +911,48 @@ TEST_F(Cli, InvalidUtf8WithATokenizerJsonIsAClearError) {
   EXPECT_EQ(tr.rc, 1) << tr.out;
   EXPECT_NE(tr.out.find("bad.txt: not valid UTF-8 at byte offset 17"), std::string::npos) << tr.out;
 }
+
+// Issue 16: a JSON file the user supplies with a value of the wrong type is exit 1 with a message
+// naming the file, the key, what was expected and what was found, never nlohmann's raw
+// "[json.exception.type_error.302] type must be string, but is number".
+TEST_F(Cli, MistypedJsonInputsAreExitOneNamingFileAndKey) {
+  ASSERT_EQ(run("train " + cfg + " 'sample.prompts=[]'").rc, 0);
+  const std::string src = tmp.path + "/run";
+  auto expect_error = [&](const std::string& args, const std::string& want) {
+    auto r = run(args);
+    EXPECT_EQ(r.rc, 1) << args << "\n" << r.out;
+    EXPECT_NE(r.out.find(want), std::string::npos) << args << "\n" << r.out;
+    EXPECT_EQ(r.out.find("[json.exception"), std::string::npos) << args << "\n" << r.out;
+  };
+  // A JSONL record whose text field is a number.
+  std::ofstream(tmp.path + "/d.jsonl") << "{\"text\": \"ok\"}\n{\"text\": 5}\n";
+  expect_error("eval " + src + " --text " + tmp.path + "/d.jsonl",
+               tmp.path + "/d.jsonl:2: field 'text' must be a string, got a JSON number");
+  // trainer_state.json with a field of the wrong type (eval, inspect and quantize read it alike).
+  const std::string state = src + "/checkpoints/step_00000006/trainer_state.json";
+  const std::string good = read_text(state);
+  std::string bad = good;
+  ASSERT_NE(bad.find("\"step\": 6"), std::string::npos) << bad;
+  bad.replace(bad.find("\"step\": 6"), 9, "\"step\": \"6\"");
+  std::ofstream(state) << bad;
+  expect_error("eval " + src, state + ": 'step': expected a non-negative integer, found \"6\"");
+  expect_error("inspect " + src, state + ": 'step': expected a non-negative integer, found \"6\"");
+  std::ofstream(state) << good;
+  // adapter_config.json with peft_type a number.
+  qf::fs::ensure_dir(tmp.path + "/ad");
+  std::ofstream(tmp.path + "/ad/adapter_config.json") << R"({"peft_type": 1, "r": 4, "lora_alpha": 8})";
+  expect_error("train " + cfg + " run.out_dir=" + tmp.path + "/lora run.init_from=" + src + " peft.r=4 peft.init_adapter=" +
+                   tmp.path + "/ad trainer.max_steps=1 'sample.prompts=[]'",
+               tmp.path + "/ad/adapter_config.json: 'peft_type': expected a string, found a number");
+  // A Hugging Face dir: tokenizer_config.json's add_bos_token, config.json's hidden_act.
+  const std::string hf = tmp.path + "/hf";
+  ASSERT_EQ(run("export " + src + " --format hf --dtype fp32 --out " + hf).rc, 0);
+  std::ofstream(hf + "/tokenizer_config.json") << R"({"add_bos_token": "yes", "bos_token": "<s>"})";
+  expect_error("eval " + hf + " --text " + tmp.path + "/corpus.txt",
+               hf + "/tokenizer_config.json: 'add_bos_token': expected true or false, found \"yes\"");
+  std::string c = read_text(hf + "/config.json");
+  ASSERT_NE(c.find("\"hidden_act\": \"silu\""), std::string::npos) << c;
+  c.replace(c.find("\"hidden_act\": \"silu\""), 20, "\"hidden_act\": 3");
+  std::ofstream(hf + "/config.json") << c;
+  expect_error("inspect " + hf, hf + "/config.json: 'hidden_act': expected a string, found a number");
+}

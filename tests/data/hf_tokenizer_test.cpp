@@ -10,6 +10,7 @@
 #include <string>
 
 #include "core/error.h"
+#include "core/fs.h"
 #include "data/utf8.h"
 #include "tests/test_util.h"
 
@@ -114,18 +115,56 @@ TEST(HfTokenizerJson, MergesOfUnknownTokensAreRefusedNamingTheMerge) {
   EXPECT_TRUE(has(m, "model.merges[0] [\"b\",\"a\"]: token \"ba\" (the merged pair) is not in model.vocab")) << m;
 }
 
+// Issue 16: each names the file and the key, never nlohmann's raw "[json.exception.type_error.302]".
 TEST(HfTokenizerJson, WrongJsonTypesAreInputErrors) {
-  for (const char* bad : {R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": 5}})",
-                          R"({"model": {"type": "BPE", "vocab": {"a": 0}, "byte_fallback": "yes"}})",
-                          R"({"model": {"type": "BPE", "vocab": {"a": 0}}, "decoder": {"type": "Sequence"}})",
-                          R"({"model": {"type": "BPE", "vocab": {"a": 0}}, "pre_tokenizer": {"type": "Split"}})",
-                          R"({"model": {"type": "BPE", "vocab": {"a": 0}}, "decoder": {"type": "Strip", "content": ""}})",
-                          R"({"model": {"type": "BPE", "vocab": {"a": 0}}, "added_tokens": [{"content": "x"}]})"}) {
+  const std::vector<std::pair<const char*, const char*>> cases = {
+      {R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": 5}})", "model.merges must be a list"},
+      {R"({"model": {"type": "BPE", "vocab": {"a": 0}, "byte_fallback": "yes"}})",
+       "'model.byte_fallback': expected a boolean, found a string"},
+      {R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": [["a", 1]]}})",
+       "'model.merges[0][1]': expected a string, found a number"},
+      {R"({"model": {"type": "BPE", "vocab": {"a": 0}}, "decoder": {"type": "Sequence"}})",
+       "'decoder': missing key 'decoders'"},
+      {R"({"model": {"type": "BPE", "vocab": {"a": 0}}, "normalizer": "NFC"})",
+       "'normalizer': expected an object, found a string"},
+      {R"({"model": {"type": "BPE", "vocab": {"a": 0}}, "pre_tokenizer": {"type": "Split"}})", "pre_tokenizer Split"},
+      {R"({"model": {"type": "BPE", "vocab": {"a": 0}}, "decoder": {"type": "Strip", "content": ""}})", "decoder Strip"},
+      {R"({"model": {"type": "BPE", "vocab": {"a": 0}}, "added_tokens": [{"content": "x"}]})",
+       "added_tokens entries need 'id'"}};
+  for (const auto& [bad, want] : cases) {
     try {
       parse_hf_tokenizer(bad, "t/tokenizer.json");
       ADD_FAILURE() << "accepted: " << bad;
     } catch (const qf::InputError& e) {
-      EXPECT_TRUE(has(e.what(), "t/tokenizer.json: ")) << e.what();
+      EXPECT_TRUE(has(e.what(), std::string("t/tokenizer.json: ") + want)) << e.what();
+      EXPECT_FALSE(has(e.what(), "[json.exception")) << e.what();
+    }
+  }
+}
+
+// Issue 16: tokenizer_config.json's special tokens are token strings or {"content": ...} objects;
+// anything else is an InputError naming that file (not tokenizer.json) and the key.
+TEST(HfTokenizerJson, TokenizerConfigOfWrongTypesNamesThatFileAndKey) {
+  qf::testing::TmpDir tmp("qf_hf_tokcfg");
+  qf::fs::write_atomic(tmp / "tokenizer.json", byte_level().dump());
+  qf::fs::write_atomic(tmp / "tokenizer_config.json", R"({"bos_token": "<|endoftext|>", "eos_token": {"content": "<|endoftext|>"}})");
+  auto tok = qf::data::load_hf_tokenizer(tmp / "tokenizer.json");
+  EXPECT_EQ(tok->bos_id(), 256);
+  EXPECT_EQ(tok->eos_id(), 256);
+  for (const auto& [cfg, want] : std::vector<std::pair<const char*, const char*>>{
+           {R"({"bos_token": 1})",
+            R"(tokenizer_config.json: 'bos_token': expected a token string such as "<s>" or an object {"content": "<s>"}, found a number 1)"},
+           {R"({"eos_token": {"content": 5}})", R"(tokenizer_config.json: 'eos_token': expected a token string such as "<s>" or )"
+                                          R"(an object {"content": "<s>"}, found an object {"content":5})"},
+           {R"({"pad_token": "<pad>"})", "tokenizer_config.json: 'pad_token': special token '<pad>' is not in the vocabulary"},
+           {R"({"bos_token": "<|endoftext|>",})", "tokenizer_config.json: not valid JSON (line 1, column "}}) {
+    qf::fs::write_atomic(tmp / "tokenizer_config.json", cfg);
+    try {
+      qf::data::load_hf_tokenizer(tmp / "tokenizer.json");
+      ADD_FAILURE() << "accepted: " << cfg;
+    } catch (const qf::InputError& e) {
+      EXPECT_TRUE(has(e.what(), want)) << e.what();
+      EXPECT_FALSE(has(e.what(), "[json.exception")) << e.what();
     }
   }
 }

@@ -120,12 +120,13 @@ TEST(HfImport, InconsistentOrMistypedConfigIsAnErrorNamingTheKey) {
     } catch (const qf::InputError& e) {
       EXPECT_NE(std::string(e.what()).find(want), std::string::npos) << e.what();
       EXPECT_NE(std::string(e.what()).find("config.json"), std::string::npos) << e.what();
+      EXPECT_EQ(std::string(e.what()).find("[json.exception"), std::string::npos) << e.what();
     }
   };
   ASSERT_EQ(c.n_heads % 3, 1);  // 3 KV heads do not divide the tiny model's 4 query heads
   expect_error({{"num_key_value_heads", 3}}, "'num_key_value_heads' is 3, which does not divide num_attention_heads");
-  expect_error({{"hidden_act", 3}}, "wrong JSON type");
-  expect_error({{"rope_scaling", {{"rope_type", 7}}}}, "wrong JSON type");
+  expect_error({{"hidden_act", 3}}, "config.json: 'hidden_act': expected a string, found a number");
+  expect_error({{"rope_scaling", {{"rope_type", 7}}}}, "config.json: 'rope_scaling.rope_type': expected a string, found a number");
   // Found by fuzz_hf_config (undefined behaviour before): a float where an integer belongs, a size
   // whose multiples overflow int64, a scaling factor that is not positive.
   expect_error({{"rope_scaling", {{"rope_type", "llama3"}, {"original_max_position_embeddings", 1e300}}}},

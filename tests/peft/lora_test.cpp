@@ -9,6 +9,7 @@
 #include <fstream>
 
 #include "core/error.h"
+#include "core/fs.h"
 #include "models/transformer.h"
 #include "peft/adapter.h"
 #include "peft/lora.h"
@@ -191,4 +192,30 @@ TEST(Adapter, SaveLoadRoundTripAndShapeMismatchLeavesTheModelUntouched) {
   EXPECT_THROW(read_adapter_config(tmp / "adapter"), InputError);
   std::ofstream(tmp / "adapter/adapter_config.json") << "{not json";
   EXPECT_THROW(read_adapter_config(tmp / "adapter"), InputError);
+}
+
+// Issue 16: a key of the wrong JSON type in adapter_config.json is an InputError naming the file
+// and the key, what was expected and what was found (not nlohmann's "[json.exception...]" text).
+TEST(Adapter, MistypedAdapterConfigNamesFileAndKey) {
+  qf::testing::TmpDir tmp("qf_adapter_cfg");
+  const std::string dir = tmp / "adapter";
+  fs::ensure_dir(dir);
+  const std::string ok = R"("peft_type": "LORA", "r": 4, "lora_alpha": 8)";
+  for (const auto& [cfg, want] : std::vector<std::pair<std::string, std::string>>{
+           {R"({"peft_type": 1, "r": 4, "lora_alpha": 8})", "adapter_config.json: 'peft_type': expected a string, found a number"},
+           {"{" + ok + R"(, "use_dora": "no"})", "adapter_config.json: 'use_dora': expected a boolean, found a string"},
+           {"{" + ok + R"(, "modules_to_save": ["lm_head", 3]})",
+            "adapter_config.json: 'modules_to_save[1]': expected a string, found a number"},
+           {"{" + ok + R"(, "bias": null})", "adapter_config.json: 'bias': expected a string, found null"},
+           {R"({"peft_type": "LORA", "r": "4", "lora_alpha": 8})", "adapter_config.json: 'r' must be a positive integer"},
+           {"{" + ok + ",}", "adapter_config.json: not valid JSON (line 1, column "}}) {
+    fs::write_atomic(dir + "/adapter_config.json", cfg);
+    try {
+      read_adapter_config(dir);
+      ADD_FAILURE() << "accepted " << cfg;
+    } catch (const InputError& e) {
+      EXPECT_NE(std::string(e.what()).find(dir + "/" + want), std::string::npos) << e.what();
+      EXPECT_EQ(std::string(e.what()).find("[json.exception"), std::string::npos) << e.what();
+    }
+  }
 }

@@ -294,6 +294,38 @@ TEST(Checkpoint, DeadSaveTempDirsAreRemovedLiveOnesKept) {
   EXPECT_EQ(std::filesystem::path(resolve_checkpoint(tmp.path)).filename(), "step_00000001");
 }
 
+// Issue 16: trainer_state.json is checked where it is read: a known key of the wrong JSON type or
+// range is an InputError naming the file, the key, what was expected and what was found.
+TEST(Checkpoint, MistypedTrainerStateNamesFileAndKey) {
+  TmpDir tmp;
+  const std::string root = tmp.path + "/checkpoints";
+  CheckpointData d;
+  d.model.emplace_back("w", at::zeros({2}));
+  d.state = {{"step", 3}, {"sampler", {{"epoch", 0}, {"cursor", 1}}}, {"model_format", "fp"}, {"lora", false}};
+  const std::string dir = save_checkpoint(root, 3, d, 1);
+  const std::string path = dir + "/trainer_state.json";
+  EXPECT_EQ(load_checkpoint(dir, false).state["step"].get<int64_t>(), 3);
+  for (const auto& [state, want] : std::vector<std::pair<std::string, std::string>>{
+           {R"({"step": "3"})", "'step': expected a non-negative integer, found \"3\""},
+           {R"({"step": -1})", "'step': expected a non-negative integer, found -1"},
+           {R"({"sampler": {"epoch": 0, "cursor": 1.5}})", "'sampler.cursor': expected a non-negative integer, found 1.5"},
+           {R"({"sampler": [0, 1]})", "'sampler': expected an object, found [0,1]"},
+           {R"({"lora": "false"})", "'lora': expected true or false, found \"false\""},
+           {R"({"vocab_size": 0})", "'vocab_size': expected a positive integer, found 0"},
+           {R"({"model_format": "int4"})", "'model_format': expected fp, fake_quant or converted, found \"int4\""},
+           {R"([3])", "expected a JSON object (step, sampler, model_format, ...), found [3]"},
+           {R"({"step": 3)", "not valid JSON (line 1, column "}}) {
+    fs::write_atomic(path, state);
+    try {
+      load_checkpoint(dir, false);
+      ADD_FAILURE() << "accepted " << state;
+    } catch (const InputError& e) {
+      EXPECT_NE(std::string(e.what()).find(path + ": " + want), std::string::npos) << e.what();
+      EXPECT_EQ(std::string(e.what()).find("[json.exception"), std::string::npos) << e.what();
+    }
+  }
+}
+
 TEST(Checkpoint, ModelStateRoundTripAndShapeMismatchIsNamed) {
   models::ModelConfig c;
   c.vocab_size = 50;
