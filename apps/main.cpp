@@ -256,7 +256,7 @@ int cmd_quantize(const std::string& src, const std::vector<std::string>& overrid
     tok = data::load_or_train_tokenizer(cfg.tokenizer);
   } else {
     auto lr = trainer::load_run(src, overrides);
-    QF_CHECK_INPUT(lr.format == "fp", "quantize: ", lr.checkpoint, " holds a ", lr.format,
+    QF_CHECK_INPUT(lr.meta.format == trainer::ModelFormat::Fp && !lr.meta.lora, "quantize: ", lr.checkpoint, " holds a ", lr.format,
                    " model; PTQ starts from float weights (a pretraining or fine-tuning run, or a Hugging Face dir)");
     cfg = lr.cfg;
     trainer::set_threads(cfg.run.threads);
@@ -331,8 +331,6 @@ int cmd_quantize(const std::string& src, const std::vector<std::string>& overrid
   const std::string config_text = "# Made by: qforge quantize " + src + " --method " + a.method + " --quant " +
                                              a.quant + "\n# Re-create with: qforge train " + out +
                                              "/config.yaml (PTQ as quant.init, no training steps)\n" + cfg::dump(res);
-  trainer::CheckpointData d;
-  d.model = trainer::model_state(*model);
   nlohmann::json layers_j = nlohmann::json::array();
   for (auto& l : r.linears)
     layers_j.push_back({{"name", l.name}, {"spec", l.spec}, {"err_rtn", l.err_rtn}, {"err", l.err}, {"damp", l.damp}});
@@ -348,20 +346,16 @@ int cmd_quantize(const std::string& src, const std::vector<std::string>& overrid
                             {"val_loss", after.tokens ? after.loss : -1.0},
                             {"model_bytes", quant::model_bytes(*model)},
                             {"linears", layers_j}};
-  d.state = {{"step", 0},
-             {"model_format", "converted"},
-             {"model_family", model->cfg.family_name()},
-             {"vocab_size", model->cfg.vocab_size},
-             {"model_bytes", quant::model_bytes(*model)},
-             {"ptq", quant::method_name(method)}};
+  trainer::ModelMeta meta;
+  meta.format = trainer::ModelFormat::Converted;
+  meta.family = model->cfg.family_name();
+  meta.vocab_size = model->cfg.vocab_size;
+  meta.model_bytes = quant::model_bytes(*model);
   // Written in a temp dir beside `out` and renamed into place complete: a kill or a full disk leaves
   // no half run at `out` (and the next quantize removes the dead temp dir).
-  const auto dir = exporter::write_staged_dir(out, a.force, [&](const std::string& tmp) {
-    fs::write_atomic(tmp + "/config.yaml", config_text);
-    auto ck = trainer::save_checkpoint(tmp + "/checkpoints", 0, d, 1);
-    fs::write_atomic(tmp + "/ptq_summary.json", summary.dump(2) + "\n");
-    return out + ck.substr(tmp.size());
-  });
+  const auto dir = trainer::write_run_dir(out, a.force, config_text, *model, meta,
+                                          {{"step", 0}, {"ptq", quant::method_name(method)}},
+                                          {{"ptq_summary.json", summary.dump(2) + "\n"}});
   std::printf("quantized %s with %s to %s: %zu linears in %.1f s; mean relative output error %.4g (round-to-nearest %.4g)\n",
               src.c_str(), quant::method_name(method), a.quant.c_str(), r.linears.size(), r.seconds, r.mean_err(),
               r.mean_err_rtn());

@@ -123,6 +123,36 @@ static std::string step_name(int64_t step) {
   return b;
 }
 
+const cfg::Names<ModelFormat>& model_format_names() {
+  static const cfg::Names<ModelFormat> n{
+      {"fp", ModelFormat::Fp}, {"fake_quant", ModelFormat::FakeQuant}, {"converted", ModelFormat::Converted}};
+  return n;
+}
+
+void ModelMeta::write_to(nlohmann::json& state) const {
+  state["model_format"] = cfg::name_of(model_format_names(), format);
+  state["lora"] = lora;
+  if (!family.empty()) state["model_family"] = family;
+  if (vocab_size > 0) state["vocab_size"] = vocab_size;
+  if (model_bytes >= 0) state["model_bytes"] = model_bytes;
+}
+
+ModelMeta ModelMeta::read_from(const nlohmann::json& state) {
+  ModelMeta m;
+  const std::string f = state.value("model_format", std::string("fp"));
+  for (const auto& [n, v] : model_format_names())
+    if (n == f) m.format = v;
+  m.lora = state.value("lora", false);
+  m.family = state.value("model_family", std::string());
+  m.vocab_size = state.value("vocab_size", int64_t{0});
+  m.model_bytes = state.value("model_bytes", int64_t{-1});
+  return m;
+}
+
+std::string ModelMeta::describe() const {
+  return cfg::name_of(model_format_names(), format) + (lora ? "+lora" : "");
+}
+
 namespace {
 // trainer_state.json as written by save_checkpoint's callers: each known key, when present, has its
 // JSON type (and range), so every reader of CheckpointData::state may use .value() without meeting a
@@ -156,8 +186,14 @@ void check_state(const nlohmann::json& s, const std::string& path) {
     for (const char* k : {"epoch", "cursor"}) check(s["sampler"], "sampler.", k, Count);
   if (s.contains("model_format")) {
     const std::string f = s["model_format"].get<std::string>();
-    QF_CHECK_INPUT(f == "fp" || f == "fake_quant" || f == "converted", path, ": 'model_format': expected fp, fake_quant "
-                   "or converted, found \"", f, "\"");
+    const auto& all = model_format_names();
+    std::string names;  // "fp, fake_quant or converted"
+    bool known = false;
+    for (size_t i = 0; i < all.size(); ++i) {
+      names += (i == 0 ? "" : i + 1 == all.size() ? " or " : ", ") + all[i].first;
+      known = known || all[i].first == f;
+    }
+    QF_CHECK_INPUT(known, path, ": 'model_format': expected ", names, ", found \"", f, "\"");
   }
 }
 

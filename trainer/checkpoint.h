@@ -11,6 +11,8 @@
 #include <torch/optim/adamw.h>
 
 #include <nlohmann/json.hpp>
+
+#include "core/config.h"
 #include <functional>
 #include <string>
 #include <utility>
@@ -31,6 +33,24 @@ NamedTensors optimizer_state(const torch::nn::Module& m, torch::optim::AdamW& op
 // stepped); anything else throws InputError naming the file, the parameter and the shapes/counts.
 void load_optimizer_state(const torch::nn::Module& m, torch::optim::AdamW& opt, const NamedTensors& state,
                           const std::string& origin);
+
+// What kind of model a checkpoint holds (trainer_state.json's "model_format"): fp = plain weights;
+// fake_quant = QAT modules (scales, observers: rebuilt with the run's quant rules); converted =
+// packed integer / llama.cpp-block weights (quant::convert of those modules).
+enum class ModelFormat { Fp, FakeQuant, Converted };
+const cfg::Names<ModelFormat>& model_format_names();  // fp, fake_quant, converted
+// The model facts trainer_state.json records beside the training state; the one reader and writer
+// of those keys (model_format, lora, model_family, vocab_size, model_bytes).
+struct ModelMeta {
+  ModelFormat format = ModelFormat::Fp;
+  bool lora = false;          // LoRA wrappers (the run's peft section) around the base linears
+  std::string family;         // model.family
+  int64_t vocab_size = 0;     // embedding rows (0: unknown)
+  int64_t model_bytes = -1;   // bytes of weights as stored (-1: not recorded)
+  void write_to(nlohmann::json& state) const;
+  static ModelMeta read_from(const nlohmann::json& state);  // state passed load_checkpoint's checks
+  std::string describe() const;                             // "fp", "converted", "fake_quant+lora"
+};
 
 struct CheckpointData {
   NamedTensors model, optimizer, extra;  // extra: RNG states etc.

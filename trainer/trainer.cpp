@@ -550,7 +550,7 @@ TrainResult Trainer::train() {
                                                             : " (not exact: training fake-quantized W, not W + s*BA)")
                                    : "");
       if (!convert) {
-        res.merged = save_model_dir("merged", "fp");
+        res.merged = save_model_dir("merged", ModelFormat::Fp);
         if (ds_.val.size() > 0) res.val_merged = eval().loss;
       }
     }
@@ -617,11 +617,8 @@ std::string Trainer::save_checkpoint() {
              {"tokens_seen", tokens_seen_},
              {"last_val_loss", last_val_},
              {"sampler", {{"epoch", s.epoch}, {"cursor", s.cursor}}},
-             {"config_hash", cfg_.hash()},
-             {"model_format", cfg_.quant.enabled ? "fake_quant" : "fp"},
-             {"lora", cfg_.peft.enabled},
-             {"model_family", cfg_.model.family_name()},
-             {"vocab_size", cfg_.model.vocab_size}};
+             {"config_hash", cfg_.hash()}};
+  model_meta(cfg_.quant.enabled ? ModelFormat::FakeQuant : ModelFormat::Fp, cfg_.peft.enabled, false).write_to(d.state);
   auto dir = trainer::save_checkpoint(cfg_.run.out_dir + "/checkpoints", step_, d, cfg_.trainer.keep_last);
   log::info("saved checkpoint ", dir);
   barrier();
@@ -749,17 +746,24 @@ void Trainer::barrier() {
   if (pg_) collective(denv_, step_, "barrier", [&] { pg_->barrier()->wait(); });
 }
 
-std::string Trainer::save_model_dir(const std::string& sub, const std::string& format) {
+ModelMeta Trainer::model_meta(ModelFormat format, bool lora, bool with_bytes) const {
+  ModelMeta m;
+  m.format = format;
+  m.lora = lora;
+  m.family = cfg_.model.family_name();
+  m.vocab_size = cfg_.model.vocab_size;
+  if (with_bytes) m.model_bytes = quant::model_bytes(*model_);
+  return m;
+}
+
+std::string Trainer::save_model_dir(const std::string& sub, ModelFormat format) {
   CheckpointData d;
   d.model = model_state(*model_);
-  d.state = {{"step", step_},
-             {"model_format", format},
-             {"config_hash", cfg_.hash()},
-             {"model_family", cfg_.model.family_name()},
-             {"vocab_size", cfg_.model.vocab_size},
-             {"model_bytes", quant::model_bytes(*model_)}};
+  d.state = {{"step", step_}, {"config_hash", cfg_.hash()}};
+  const ModelMeta meta = model_meta(format, false, true);
+  meta.write_to(d.state);
   auto path = trainer::save_checkpoint(cfg_.run.out_dir + "/" + sub, step_, d, 1);
-  log::info("saved ", format, " model ", path, " (", quant::model_bytes(*model_), " bytes of weights)");
+  log::info("saved ", meta.describe(), " model ", path, " (", meta.model_bytes, " bytes of weights)");
   return path;
 }
 
@@ -771,7 +775,7 @@ std::string Trainer::save_converted() {
     quant::apply_packed(*model_, *ptq_);
     log::info("kept GPTQ's packed weights for ", ptq_->packed.size(), " linears");
   }
-  return save_model_dir("converted", "converted");
+  return save_model_dir("converted", ModelFormat::Converted);
 }
 
 void Trainer::cleanup() {
@@ -782,161 +786,6 @@ void Trainer::cleanup() {
 EvalResult Trainer::evaluate(const data::PackedSet& set, int64_t max_batches) {
   return evaluate_model(*model_, set, cfg_.trainer.batch_size, max_batches, device_,
                         cfg_.trainer.precision == Precision::BF16);
-}
-
-LoadedRun load_run(const std::string& path, const std::vector<std::string>& overrides) {
-  LoadedRun r;
-  std::string run_dir = path;
-  if (sfs::exists(path + "/model.safetensors")) {
-    // a step dir: <run>/checkpoints/step_N or <run>/converted/step_N
-    run_dir = sfs::path(path).parent_path().parent_path().string();
-  } else if (sfs::exists(path + "/latest") && sfs::exists(path + "/../config.yaml")) {
-    run_dir = sfs::path(path).parent_path().string();  // <run>/checkpoints or <run>/converted
-  }
-  QF_CHECK_INPUT(sfs::is_directory(run_dir), "'", path, "' is not a run directory (expected config.yaml and checkpoints/) "
-                 "nor a Hugging Face checkpoint dir (config.json + safetensors + tokenizer)");
-  QF_CHECK_INPUT(sfs::exists(run_dir + "/config.yaml"), "'", run_dir, "' has no config.yaml; is it a qforge run directory? "
-                 "(a Hugging Face checkpoint dir has a config.json)");
-  // The checkpoint provides the weights: the run's own init_from source need not exist any more.
-  std::vector<std::string> ov{"run.init_from=", "model.from="};
-  ov.insert(ov.end(), overrides.begin(), overrides.end());
-  r.cfg = load_run_config(run_dir + "/config.yaml", ov);
-  {
-    const auto own = cfg::load_yaml(run_dir + "/config.yaml", {});
-    auto get = [&](const char* sec, const char* key) {
-      if (!own.IsMap()) return std::string();
-      const YAML::Node m = own[sec];
-      if (!m.IsDefined() || !m.IsMap()) return std::string();
-      const YAML::Node n = m[key];
-      return n.IsDefined() && n.IsScalar() ? n.Scalar() : std::string();
-    };
-    r.model_from = get("model", "from");
-    r.init_from = get("run", "init_from");
-  }
-  r.checkpoint = resolve_checkpoint(path);
-  QF_CHECK_INPUT(!r.checkpoint.empty(), "'", path, "' holds no checkpoint (checkpoints/latest is missing)");
-  r.cfg.tokenizer.train.enabled = false;
-  r.tok = data::load_or_train_tokenizer(r.cfg.tokenizer);
-  if (r.cfg.model.vocab_size == 0) r.cfg.model.vocab_size = r.tok->vocab_size();
-  auto ck = load_checkpoint(r.checkpoint, false);
-  if (ck.state.contains("vocab_size")) r.cfg.model.vocab_size = ck.state["vocab_size"].get<int64_t>();
-  r.model = models::build_model(r.cfg.model);
-  const std::string format = ck.state.value("model_format", "fp");
-  r.format = format;
-  if (format != "fp") {
-    QF_CHECK_INPUT(r.cfg.quant.enabled, r.checkpoint, " holds a ", format, " model but the run config has no quant rules");
-    quant::prepare(*r.model, r.cfg.quant);
-    if (format == "converted") quant::convert(*r.model);
-  }
-  if (ck.state.value("lora", false)) {
-    QF_CHECK_INPUT(r.cfg.peft.enabled, r.checkpoint, " holds LoRA adapters but the run config has no peft section");
-    auto pc = r.cfg.peft;
-    pc.init_adapter.clear();  // the checkpoint holds the adapter weights
-    apply_peft(*r.model, pc, false);
-    r.format += "+lora";
-  }
-  // GPTQ act-order layers carry their column groups (g_idx) as an extra buffer.
-  for (auto& ns : models::linear_slots(*r.model)) {
-    auto ql = std::dynamic_pointer_cast<quant::QuantizedLinear>(ns.slot->get());
-    if (!ql) continue;
-    for (auto& [name, t] : ck.model)
-      if (name == ns.name + ".g_idx") ql->set_g_idx(t);
-  }
-  load_model_state(*r.model, ck.model, r.checkpoint + "/model.safetensors");
-  r.model->to(pick_device(r.cfg.trainer.device));
-  r.model->eval();
-  return r;
-}
-
-bool is_hf_dir(const std::string& path) { return sfs::exists(path + "/config.json"); }
-
-std::shared_ptr<models::CausalLM> load_hf_dir(const std::string& dir, const std::string& dtype, nlohmann::json* info,
-                                              bool populate) {
-  auto ck = models::read_hf_checkpoint(dir);
-  const bool bf16 = dtype == "bf16" || (dtype == "auto" && ck.torch_dtype == "bfloat16");
-  ck.config.dtype = bf16 ? models::DType::BF16 : models::DType::F32;
-  auto model = models::build_model(ck.config, /*init=*/false);
-  models::load_hf_weights(*model, ck, !log::quiet(), populate);
-  if (info)
-    *info = {{"source", "huggingface"}, {"architecture", ck.architecture}, {"checkpoint_dtype", ck.torch_dtype},
-             {"files", ck.files.size()}};
-  return model;
-}
-
-namespace {
-
-HfTokenizerFile hf_tokenizer_or_throw(const std::string& dir) {
-  auto f = hf_dir_tokenizer(dir);
-  QF_CHECK_INPUT(!f.path.empty(), "'", dir, "' has config.json but neither tokenizer.model (sentencepiece) nor "
-                 "tokenizer.json; a Hugging Face dir used as a model needs its tokenizer next to the weights");
-  return f;
-}
-
-// Whether transformers' tokenizer for `dir` starts a text with BOS: tokenizer_config.json's
-// add_bos_token, else LlamaTokenizer's default (true) for tokenizer.model, else whether
-// tokenizer.json's post-processor template begins with a special token.
-bool hf_adds_bos(const std::string& dir, const HfTokenizerFile& f) {
-  const std::string tc = dir + "/tokenizer_config.json";
-  if (sfs::exists(tc)) {
-    const auto c = json_file::read(tc);
-    if (c.is_object() && c.contains("add_bos_token") && !c["add_bos_token"].is_null()) {
-      QF_CHECK_INPUT(c["add_bos_token"].is_boolean(), tc, ": 'add_bos_token': expected true or false, found ",
-                     c["add_bos_token"].dump());
-      return c["add_bos_token"].get<bool>();
-    }
-  }
-  if (f.type == "sentencepiece") return true;
-  const auto j = json_file::read(f.path);
-  // A "type" that is not a string: "<tokenizer.json>: 'post_processor.type': expected a string, found a number".
-  return json_file::interpret(f.path, [&] {
-    if (!j.is_object() || !j.contains("post_processor") || !j["post_processor"].is_object()) return false;
-    const nlohmann::json* pp = &j["post_processor"];
-    if (pp->value("type", "") == "Sequence" && pp->contains("processors") && (*pp)["processors"].is_array())
-      for (auto& x : (*pp)["processors"])
-        if (x.is_object() && x.value("type", "") == "TemplateProcessing") pp = &x;
-    if (pp->value("type", "") != "TemplateProcessing" || !pp->contains("single") || !(*pp)["single"].is_array() ||
-        (*pp)["single"].empty())
-      return false;
-    return (*pp)["single"][0].is_object() && (*pp)["single"][0].contains("SpecialToken");
-  });
-}
-
-}  // namespace
-
-std::vector<std::string> hf_dir_overrides(const std::string& dir) {
-  const auto f = hf_tokenizer_or_throw(dir);
-  return {"model.from=" + dir, "run.init_from=", "tokenizer.train.enabled=false", "tokenizer.type=" + f.type,
-          "tokenizer.path=" + f.path};
-}
-
-LoadedRun load_model(const std::string& path, const std::vector<std::string>& overrides) {
-  if (!is_hf_dir(path)) return load_run(path, overrides);
-  QF_CHECK_INPUT(overrides.empty(), "key=value overrides apply to qforge runs, not to the Hugging Face dir ", path);
-  const auto f = hf_tokenizer_or_throw(path);
-  LoadedRun r;
-  r.hf_dir = true;
-  r.checkpoint = path;
-  r.format = "fp";
-  r.model_from = sfs::absolute(path).lexically_normal().string();
-  r.cfg.source = path + "/config.json";
-  r.cfg.run.name = sfs::path(path).lexically_normal().filename().string();
-  r.cfg.tokenizer.type = f.type == "sentencepiece" ? data::TokenizerConfig::Type::SentencePiece
-                                                   : data::TokenizerConfig::Type::HuggingFace;
-  r.cfg.tokenizer.path = f.path;
-  r.tok = data::load_or_train_tokenizer(r.cfg.tokenizer);
-  r.cfg.data.add_bos = r.tok->bos_id() >= 0 && hf_adds_bos(path, f);
-  r.model = load_hf_dir(path, "fp32");
-  r.cfg.model = r.model->cfg;
-  r.cfg.model.from = path;
-  r.model->to(pick_device(r.cfg.trainer.device));
-  r.model->eval();
-  return r;
-}
-
-std::string adapter_base_name(const std::string& model_from, const std::string& init_from, const std::string& run_name) {
-  if (!model_from.empty()) return sfs::absolute(model_from).lexically_normal().string();
-  if (!init_from.empty()) return init_from;
-  return "qforge:" + run_name;
 }
 
 }  // namespace qf::trainer

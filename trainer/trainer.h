@@ -20,6 +20,7 @@
 #include "trainer/checkpoint.h"
 #include "trainer/dist/reducer.h"
 #include "trainer/run_config.h"
+#include "trainer/run_dir.h"
 
 namespace torch::optim {
 class AdamW;
@@ -83,7 +84,8 @@ class Trainer {
   void restore(const std::string& ckpt_dir);
   std::string save_converted();
   // Writes the current model as <run>/<sub>/step_N with trainer_state model_format = format.
-  std::string save_model_dir(const std::string& sub, const std::string& format);
+  std::string save_model_dir(const std::string& sub, ModelFormat format);
+  ModelMeta model_meta(ModelFormat format, bool lora, bool with_bytes) const;
 
   RunConfig cfg_;
   RunDirLock run_lock_;  // rank 0: the one writer of run.out_dir
@@ -120,38 +122,6 @@ class Trainer {
   void sync_params();                        // ZeRO: each owner broadcasts its updated parameters
   NamedTensors gather_optimizer_state();     // ZeRO: the whole optimizer state, on rank 0
 };
-
-// Everything needed to use a finished run: its config snapshot, tokenizer and model weights.
-struct LoadedRun {
-  RunConfig cfg;
-  std::unique_ptr<data::Tokenizer> tok;
-  std::shared_ptr<models::CausalLM> model;
-  std::string checkpoint;  // the step dir, or the Hugging Face dir
-  std::string format;  // fp | fake_quant | converted (+lora)
-  bool hf_dir = false;  // loaded from a Hugging Face checkpoint dir (cfg holds defaults, no data sources)
-  // Where the run's weights started, as its config.yaml says (load_run clears these keys in cfg):
-  std::string model_from, init_from;
-};
-// `path` is a run directory (config.yaml + checkpoints/) or a checkpoint step directory inside one.
-LoadedRun load_run(const std::string& path, const std::vector<std::string>& overrides);
-
-// A Hugging Face checkpoint dir: config.json next to the safetensors (see models/hf.h).
-bool is_hf_dir(const std::string& path);
-// Its model; dtype auto = bf16 when stored in bf16, else fp32. populate=false leaves zero-copy
-// weights unread until used (one-pass exporters). `info` (optional) gets what was read.
-std::shared_ptr<models::CausalLM> load_hf_dir(const std::string& dir, const std::string& dtype,
-                                              nlohmann::json* info = nullptr, bool populate = true);
-// key=value overrides that point a recipe at a Hugging Face dir: model.from, the dir's tokenizer
-// (hf_dir_tokenizer), no run.init_from, no tokenizer training. InputError when it has no tokenizer.
-std::vector<std::string> hf_dir_overrides(const std::string& dir);
-// Every command that takes a model: a run (load_run) or a Hugging Face checkpoint dir with its
-// tokenizer (tokenizer.model or tokenizer.json; BOS added as its tokenizer_config.json says). An
-// HF dir's cfg is the defaults with the checkpoint's model and tokenizer and no data sources;
-// `overrides` apply to runs only (refused for an HF dir).
-LoadedRun load_model(const std::string& path, const std::vector<std::string>& overrides);
-// base_model_name_or_path of a run's PEFT adapter: model.from's absolute path (what
-// AutoPeftModelForCausalLM loads), else run.init_from, else "qforge:<run name>".
-std::string adapter_base_name(const std::string& model_from, const std::string& init_from, const std::string& run_name);
 
 // PTQ calibration set: `samples` sequences evenly spaced over `set`, input ids [samples, seq_len].
 // Throws ConfigError naming quant.calib.samples when `set` (from `origin`) is smaller.

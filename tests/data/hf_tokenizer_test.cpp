@@ -173,7 +173,7 @@ TEST(HfTokenizerJson, TokenizerConfigOfWrongTypesNamesThatFileAndKey) {
 // offset named, before PCRE2 sees it (it crashed the JIT matcher).
 TEST(HfTokenizerJson, InvalidUtf8IsRefusedWithTheByteOffset) {
   auto tok = parse_hf_tokenizer(byte_level().dump(), "t/tokenizer.json");
-  for (const std::string bad : {std::string("abc \xff def"), std::string("ab\xC3("), std::string("\xE2\x96"),
+  for (const std::string& bad : {std::string("abc \xff def"), std::string("ab\xC3("), std::string("\xE2\x96"),
                                 std::string("\xED\xA0\x80"), std::string("\xC0\xAF"), std::string("\xF4\x90\x80\x80")}) {
     try {
       tok->encode(bad);
