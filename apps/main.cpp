@@ -306,27 +306,7 @@ int cmd_quantize(const std::string& src, const std::vector<std::string>& overrid
   YAML::Node res = YAML::Clone(cfg.resolved);
   res["run"]["name"] = std::filesystem::path(out).filename().string();
   res["run"]["out_dir"] = out;
-  YAML::Node qn;
-  qn["enabled"] = true;
-  for (auto& [pat, preset] : rules) {
-    YAML::Node rule;
-    rule["pattern"] = pat;
-    rule["weight"]["preset"] = preset;
-    qn["rules"].push_back(rule);
-  }
-  qn["init"] = quant::method_name(method);
-  qn["calib"]["samples"] = a.samples;
-  qn["calib"]["batch_size"] = a.batch_size;
-  if (!q.init.calib.data.empty()) qn["calib"]["data"] = q.init.calib.data;
-  qn["gptq"]["damp"] = a.gptq.damp;
-  qn["gptq"]["block_size"] = a.gptq.block_size;
-  qn["gptq"]["act_order"] = a.gptq.act_order;
-  qn["gptq"]["static_groups"] = a.gptq.static_groups;
-  qn["gptq"]["true_sequential"] = a.gptq.true_sequential;
-  qn["awq"]["grid"] = a.awq.grid;
-  qn["awq"]["duo_scaling"] = a.awq.duo_scaling;
-  qn["awq"]["clip"] = a.awq.clip;
-  res["quant"] = qn;
+  res["quant"] = q.to_yaml();  // the rules, PTQ method and settings used, as `qforge train` reads them
   res["trainer"]["max_steps"] = 0;
   const std::string config_text = "# Made by: qforge quantize " + src + " --method " + a.method + " --quant " +
                                              a.quant + "\n# Re-create with: qforge train " + out +

@@ -106,14 +106,27 @@ at::Tensor lsq_fake_quant(const at::Tensor& x, const at::Tensor& scale, const at
   return LsqFn::apply(x, scale, at::zeros_like(scale.detach()), qmin, qmax, -block);  // -block: no offset gradient
 }
 
+const cfg::Names<ObserverType>& observer_type_names() {
+  static const cfg::Names<ObserverType> n{{"dynamic", ObserverType::Dynamic},
+                                          {"minmax", ObserverType::MinMax},
+                                          {"moving-average", ObserverType::MovingAverage},
+                                          {"mse", ObserverType::Mse},
+                                          {"percentile", ObserverType::Percentile}};
+  return n;
+}
+
+YAML::Node ObserverConfig::to_yaml() const {
+  YAML::Node n;
+  n["type"] = cfg::name_of(observer_type_names(), type);
+  n["averaging_constant"] = averaging_constant;
+  n["percentile"] = percentile;
+  n["freeze_after"] = freeze_after;
+  return n;
+}
+
 ObserverConfig ObserverConfig::from_config(cfg::Reader& r) {
   ObserverConfig o;
-  o.type = r.choice<ObserverType>("type", o.type,
-                                  {{"dynamic", ObserverType::Dynamic},
-                                   {"minmax", ObserverType::MinMax},
-                                   {"moving-average", ObserverType::MovingAverage},
-                                   {"mse", ObserverType::Mse},
-                                   {"percentile", ObserverType::Percentile}});
+  o.type = r.choice<ObserverType>("type", o.type, observer_type_names());
   o.averaging_constant = r.f64("averaging_constant", o.averaging_constant, 1e-6, 1.0);
   o.percentile = r.f64("percentile", o.percentile, 50.0, 100.0);
   o.freeze_after = r.i64("freeze_after", o.freeze_after, 0, 1LL << 40);

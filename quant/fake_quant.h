@@ -28,6 +28,7 @@ at::Tensor lsq_fake_quant(const at::Tensor& x, const at::Tensor& scale, const at
                           int64_t qmax, int64_t block);
 
 enum class ObserverType { Dynamic, MinMax, MovingAverage, Mse, Percentile };
+const cfg::Names<ObserverType>& observer_type_names();  // quant.observer.type
 
 struct ObserverConfig {
   ObserverType type = ObserverType::Dynamic;  // dynamic: qparams from the current tensor every forward
@@ -35,6 +36,7 @@ struct ObserverConfig {
   double percentile = 99.99;                   // percentile observer (of |x| per block)
   int64_t freeze_after = 0;                    // steps after which statistics stop updating (0 = never)
   static ObserverConfig from_config(cfg::Reader& r);
+  YAML::Node to_yaml() const;  // what from_config reads back as this
 };
 
 // Data parallel: each forward's observed activation statistics (min, max per block) are combined

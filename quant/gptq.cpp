@@ -25,6 +25,16 @@ GptqConfig GptqConfig::from_config(cfg::Reader& r) {
   return c;
 }
 
+YAML::Node GptqConfig::to_yaml() const {
+  YAML::Node n;
+  n["damp"] = damp;
+  n["block_size"] = block_size;
+  n["act_order"] = act_order;
+  n["static_groups"] = static_groups;
+  n["true_sequential"] = true_sequential;
+  return n;
+}
+
 std::string gptq_unsupported(const QuantSpec& s) {
   if (s.is_ggml())
     return ggml::is_simple(s.rule) ? ""

@@ -55,6 +55,25 @@ CalibConfig CalibConfig::from_config(cfg::Reader& r) {
   return c;
 }
 
+YAML::Node AwqConfig::to_yaml() const {
+  YAML::Node n;
+  n["grid"] = grid;
+  n["duo_scaling"] = duo_scaling;
+  n["clip"] = clip;
+  n["max_shrink"] = max_shrink;
+  n["tokens"] = tokens;
+  n["clip_tokens"] = clip_tokens;
+  return n;
+}
+
+YAML::Node CalibConfig::to_yaml() const {
+  YAML::Node n;
+  n["samples"] = samples;
+  n["batch_size"] = batch_size;
+  if (!data.empty()) n["data"] = data;
+  return n;
+}
+
 double PtqResult::mean_err_rtn() const {
   double s = 0;
   for (auto& l : linears) s += l.err_rtn;

@@ -22,6 +22,7 @@ struct GptqConfig {
   bool static_groups = false;
   bool true_sequential = true;  // within a layer, q/k/v -> o -> gate/up -> down, each seeing the quantized earlier ones
   static GptqConfig from_config(cfg::Reader& r);  // calls r.finish()
+  YAML::Node to_yaml() const;                     // what from_config reads back as this
 };
 
 enum class PtqMethod { None, Rtn, Gptq, Awq };
@@ -40,6 +41,7 @@ struct AwqConfig {
   int64_t tokens = 4096;      // calibration tokens used by the scale search (evenly strided)
   int64_t clip_tokens = 512;  // ... and by the clipping search
   static AwqConfig from_config(cfg::Reader& r);
+  YAML::Node to_yaml() const;
 };
 
 struct CalibConfig {
@@ -47,6 +49,7 @@ struct CalibConfig {
   int64_t batch_size = 8;     // sequences per layer forward
   std::string data;           // a recipe whose `data:` section supplies the text; "" = the run's own training split
   static CalibConfig from_config(cfg::Reader& r);
+  YAML::Node to_yaml() const;
 };
 
 // `quant.init` and its settings: PTQ applied to the float weights before QAT's prepare.

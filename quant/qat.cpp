@@ -64,6 +64,30 @@ QatConfig QatConfig::from_config(cfg::Reader& r) {
   return c;
 }
 
+YAML::Node QatConfig::to_yaml() const {
+  YAML::Node n;
+  n["enabled"] = enabled;
+  n["rules"] = YAML::Node(YAML::NodeType::Sequence);
+  for (const auto& rule : rules) {
+    YAML::Node r;
+    r["pattern"] = rule.pattern;
+    r["weight"] = rule.weight.to_yaml();
+    if (rule.activation) r["activation"] = rule.activation->to_yaml();
+    n["rules"].push_back(r);
+  }
+  if (embedding) n["embedding"] = embedding->to_yaml();
+  n["exclude"] = YAML::Node(YAML::NodeType::Sequence);
+  for (const auto& e : exclude) n["exclude"].push_back(e);
+  n["fake_quant_after_steps"] = fake_quant_after_steps;
+  n["observer"] = observer.to_yaml();
+  n["convert_at_end"] = convert_at_end;
+  n["init"] = method_name(init.method);
+  n["calib"] = init.calib.to_yaml();
+  n["gptq"] = init.gptq.to_yaml();
+  n["awq"] = init.awq.to_yaml();
+  return n;
+}
+
 // ---------------- FakeQuantLinear ----------------
 FakeQuantLinear::FakeQuantLinear(const models::LinearBase& dense, const QuantRule& rule, const ObserverConfig& obs)
     : LinearBase(dense.in_features, dense.out_features) {

@@ -38,6 +38,9 @@ struct QatConfig {
   bool convert_at_end = true;           // write <run>/converted/ after training
   PtqConfig init;                       // `init: rtn|gptq|awq` (+ calib/gptq/awq): PTQ before QAT starts
   static QatConfig from_config(cfg::Reader& r);  // calls r.finish()
+  // The `quant:` section that from_config reads back as this config (qforge quantize writes its
+  // output run's recipe with it; a test re-reads it and compares every resolved key).
+  YAML::Node to_yaml() const;
 };
 
 class FakeQuantLinear : public models::LinearBase {

@@ -146,6 +146,23 @@ QuantSpec QuantSpec::from_config(cfg::Reader& r, bool activation) {
   return s;
 }
 
+YAML::Node QuantSpec::to_yaml() const {
+  YAML::Node n;
+  if (!preset.empty()) {
+    n["preset"] = preset;
+    if (learn != Learn::None) n["learn"] = cfg::name_of(learn_names(), learn);
+    return n;
+  }
+  n["kind"] = cfg::name_of(kind_names(), kind);
+  n["bits"] = bits;
+  n["symmetric"] = symmetric;
+  n["granularity"] = cfg::name_of(granularity_names(), granularity);
+  n["group_size"] = group_size;
+  n["scale_dtype"] = cfg::name_of(scale_dtype_names(), scale_dtype);
+  n["learn"] = cfg::name_of(learn_names(), learn);
+  return n;
+}
+
 std::vector<std::string> fitting_presets(const QuantSpec& spec, int64_t width) {
   std::vector<std::string> out;
   auto fits = [&](const std::string& name) {

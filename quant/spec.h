@@ -56,6 +56,8 @@ struct QuantSpec {
   // Either {preset: name} or explicit fields {bits, symmetric, granularity, group_size, scale_dtype,
   // learn, kind}; records problems on r and calls r.finish().
   static QuantSpec from_config(cfg::Reader& r, bool activation);
+  // What from_config reads back as this spec: {preset[, learn]} or the explicit fields.
+  YAML::Node to_yaml() const;
 };
 
 // Widths a block does not divide, handled as llama-quantize does (tensor_type_fallback): a linear

@@ -14,6 +14,7 @@
 #include "quant/fake_quant.h"
 #include "quant/qat.h"
 #include "trainer/checkpoint.h"
+#include "tests/test_util.h"
 #include "tests/tiny_model.h"
 
 using namespace qf;
@@ -329,3 +330,42 @@ TEST(Cuda, GgmlDequantKernelMatchesCpu) {
 }
 
 }  // namespace
+
+// QatConfig::to_yaml is what from_config reads back (qforge quantize writes its output run's recipe
+// with it): every key of a rich quant section, defaults filled, resolves identically after a round
+// trip, so a key renamed on one side only fails here rather than in `qforge train OUT/config.yaml`.
+TEST(QatConfig, ToYamlReadsBackToTheSameResolvedSection) {
+  qf::testing::TmpDir tmp;
+  qf::testing::write_text(tmp.path + "/calib.yaml", "data: {sources: []}\n");
+  const std::string yaml = std::string(R"(quant:
+  enabled: true
+  rules:
+    - pattern: "model.layers.*.mlp.*"
+      weight: {preset: q4_k}
+    - pattern: "model.layers.*"
+      weight: {bits: 4, symmetric: false, granularity: per-group, group_size: 64, scale_dtype: fp16, learn: lsq+}
+      activation: {preset: int8-per-token}
+    - pattern: "*"
+      weight: {kind: fp8-e5m2, granularity: per-tensor}
+  embedding: {preset: q8_0}
+  exclude: [lm_head, model.norm]
+  fake_quant_after_steps: 7
+  observer: {type: percentile, averaging_constant: 0.05, percentile: 99.5, freeze_after: 11}
+  convert_at_end: false
+  init: awq
+  calib: {samples: 9, batch_size: 3, data: )") + tmp.path + R"(/calib.yaml}
+  gptq: {damp: 0.02, block_size: 64, act_order: true, static_groups: false, true_sequential: false}
+  awq: {grid: 10, duo_scaling: true, clip: false, max_shrink: 0.25, tokens: 1024, clip_tokens: 128}
+)";
+  YAML::Node first, second;
+  const auto c = qf::testing::parse_section<QatConfig>(yaml, "quant", &first);
+  YAML::Node doc;
+  doc["quant"] = c.to_yaml();
+  const auto again = qf::testing::parse_section<QatConfig>(YAML::Dump(doc), "quant", &second);
+  EXPECT_EQ(YAML::Dump(first), YAML::Dump(second));
+  EXPECT_EQ(YAML::Dump(c.to_yaml()), YAML::Dump(again.to_yaml()));
+  ASSERT_EQ(again.rules.size(), 3u);
+  EXPECT_EQ(again.rules[1].weight.learn, qf::quant::Learn::LsqPlus);
+  EXPECT_EQ(again.observer.type, qf::quant::ObserverType::Percentile);
+  EXPECT_EQ(again.init.method, qf::quant::PtqMethod::Awq);
+}
