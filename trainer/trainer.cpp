@@ -346,7 +346,6 @@ void Trainer::setup() {
   sampler_ = std::make_unique<data::Sampler>(ds_.train.size(), cfg_.trainer.batch_size,
                                              static_cast<uint64_t>(cfg_.data.seed), true,
                                              static_cast<int>(denv_.rank), static_cast<int>(denv_.world_size));
-  metrics_path_ = run.out_dir + "/metrics.jsonl";
 
   if (!resume_ck.empty()) restore(resume_ck);
   // Only now, with the model built and the checkpoint to resume from checked against it, is the run
@@ -354,9 +353,8 @@ void Trainer::setup() {
   if (is_rank0())
     fs::write_atomic(run.out_dir + "/config.yaml",
                      "# resolved config of run '" + run.name + "' (from " + cfg_.source + ")\n" + cfg::dump(cfg_.resolved));
-  if (resume_ck.empty() && is_rank0() && sfs::exists(metrics_path_))
-    sfs::remove(metrics_path_);  // a fresh run starts a fresh metrics file
-  if (is_rank0()) tb_ = std::make_unique<core::TensorBoardWriter>(run.out_dir + "/tb");
+  // A fresh run starts a fresh metrics file; a resumed one keeps the lines up to its checkpoint.
+  if (is_rank0()) metrics_.open(run.out_dir, resume_ck.empty() ? -1 : step_);
   int64_t n_train = 0;
   for (auto& p : model_->parameters()) n_train += p.requires_grad() ? p.numel() : 0;
   log::info("model: ", mc.family_name(), " ", model_->num_parameters(), " parameters (", n_train, " trainable), ",
@@ -396,32 +394,12 @@ void Trainer::restore(const std::string& ck) {
   if (d.state.value("config_hash", "") != cfg_.hash())
     log::warn("resuming from ", ck, " whose config differs from this run's (config hash ",
               d.state.value("config_hash", "?"), " vs ", cfg_.hash(), ")");
-  // Metrics after the checkpoint belong to a run that did not survive: drop them.
-  if (is_rank0() && sfs::exists(metrics_path_)) {
-    std::ifstream in(metrics_path_);
-    std::string line, kept;
-    while (std::getline(in, line)) {
-      try {
-        auto j = nlohmann::json::parse(line);
-        if (j.value("step", int64_t(0)) <= step_) kept += line + "\n";
-      } catch (...) {
-      }
-    }
-    fs::write_atomic(metrics_path_, kept);
-  }
   resumed_ = true;
   log::info("resumed from ", ck, " at step ", step_, " (epoch ", s.epoch, ", batch ", s.cursor, ")");
 }
 
 void Trainer::write_metrics(const nlohmann::json& j) {
-  if (!is_rank0()) return;
-  std::ofstream f(metrics_path_, std::ios::app);
-  f << j.dump() << "\n";
-  f.flush();
-  int64_t step = j.value("step", int64_t(0));
-  for (auto it = j.begin(); it != j.end(); ++it)
-    if (it.key() != "step" && it->is_number()) tb_->add_scalar(it.key(), it->get<double>(), step);
-  tb_->flush();
+  if (is_rank0()) metrics_.write(j);
 }
 
 double Trainer::train_step() {
@@ -779,8 +757,7 @@ std::string Trainer::save_converted() {
 }
 
 void Trainer::cleanup() {
-  if (tb_) tb_->flush();
-  tb_.reset();
+  metrics_.close();
 }
 
 EvalResult Trainer::evaluate(const data::PackedSet& set, int64_t max_batches) {

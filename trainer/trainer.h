@@ -20,6 +20,7 @@
 #include "trainer/checkpoint.h"
 #include "trainer/dist/reducer.h"
 #include "trainer/run_config.h"
+#include "trainer/metrics.h"
 #include "trainer/run_dir.h"
 
 namespace torch::optim {
@@ -94,7 +95,7 @@ class Trainer {
   std::shared_ptr<models::CausalLM> model_;
   std::unique_ptr<torch::optim::AdamW> opt_;
   std::unique_ptr<data::Sampler> sampler_;
-  std::unique_ptr<core::TensorBoardWriter> tb_;
+  MetricsLog metrics_;  // rank 0: metrics.jsonl + TensorBoard
   at::Device device_{at::kCPU};
   int64_t step_ = 0;
   int64_t tokens_seen_ = 0;
@@ -102,7 +103,6 @@ class Trainer {
   bool resumed_ = false;
   bool created_run_dir_ = false;  // rank 0: this run created run.out_dir (a failed one removes it if empty)
   bool finished_ = false;         // train() ran to the end
-  std::string metrics_path_;
   std::optional<quant::PtqResult> ptq_;  // quant.init: what PTQ produced (GPTQ's exact codes)
   dist::Env denv_;
   c10::intrusive_ptr<c10d::Backend> pg_;  // null unless WORLD_SIZE > 1

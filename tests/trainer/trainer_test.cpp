@@ -482,3 +482,33 @@ TEST(RunConfigPeft, InconsistentPeftSettingsAreConfigErrors) {
                 .find("needs dropout 0"),
             std::string::npos);
 }
+
+// The metrics component (trainer/metrics.h): resuming keeps the lines up to the checkpoint's step
+// byte for byte, drops an unfinished last line (a kill mid-write) and refuses a corrupt middle
+// line naming file and line; a write that cannot land is an error, not a lost line.
+TEST(MetricsLog, ResumeTruncationAndWriteFailuresAreReported) {
+  TmpDir tmp;
+  const std::string p = tmp.path + "/metrics.jsonl";
+  std::ofstream(p) << "{\"step\":1,\"loss\":3.5}\n{\"step\":2,\"loss\":3.25}\n{\"step\":3,\"loss\":3}\n{\"step\":4,\"lo";
+  MetricsLog::keep_until(p, 2);
+  EXPECT_EQ(qf::fs::read_file(p), "{\"step\":1,\"loss\":3.5}\n{\"step\":2,\"loss\":3.25}\n");
+  std::ofstream(p) << "{\"step\":1}\nnot json\n{\"step\":3}\n";
+  try {
+    MetricsLog::keep_until(p, 2);
+    ADD_FAILURE() << "a corrupt line was accepted";
+  } catch (const qf::InputError& e) {
+    EXPECT_NE(std::string(e.what()).find(p + ":2: not a metrics line"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(qf::fs::read_file(p), "{\"step\":1}\nnot json\n{\"step\":3}\n") << "nothing is rewritten on error";
+
+  const std::string run = tmp.path + "/run";
+  std::filesystem::create_directories(run);
+  MetricsLog m;
+  m.open(run, -1);
+  m.write({{"step", 1}, {"loss", 2.0}});
+  EXPECT_EQ(qf::fs::read_file(run + "/metrics.jsonl"), "{\"loss\":2.0,\"step\":1}\n");
+  qf::fs::remove_tree(run + "/metrics.jsonl");
+  std::filesystem::create_directories(run + "/metrics.jsonl");  // a directory where the file should be
+  EXPECT_THROW(m.write({{"step", 2}, {"loss", 1.0}}), qf::InputError);
+  m.close();
+}
