@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/config.h"
+#include "models/state.h"
 #include <functional>
 #include <string>
 #include <utility>
@@ -20,12 +21,9 @@
 
 namespace qf::trainer {
 
-using NamedTensors = std::vector<std::pair<std::string, at::Tensor>>;
-
-NamedTensors model_state(const torch::nn::Module& m);
-// Copies tensors into the module's parameters/buffers by name; every entry of the module must be
-// present with the same shape (error names the checkpoint file and tensor otherwise).
-void load_model_state(torch::nn::Module& m, const NamedTensors& state, const std::string& origin, bool strict = true);
+using models::NamedTensors;  // models/state.h
+using models::model_state;
+using models::load_model_state;
 
 NamedTensors optimizer_state(const torch::nn::Module& m, torch::optim::AdamW& opt);
 // Restores AdamW state for the parameters `opt` holds (a ZeRO rank: its share). Every entry of the

@@ -121,38 +121,6 @@ EvalResult evaluate_model(models::CausalLM& m, const data::PackedSet& set, int64
 
 Trainer::Trainer(RunConfig cfg) : cfg_(std::move(cfg)) {}
 
-at::Tensor calibration_tokens(const data::PackedSet& set, int64_t samples, const std::string& origin) {
-  if (set.size() < samples) {
-    throw ConfigError({str("quant.calib.samples: ", samples, " calibration sequences were requested but ", origin,
-                           " yields only ", set.size(), " sequences of ", set.size() ? set.tokens.size(1) - 1 : 0,
-                           " tokens; lower quant.calib.samples (qforge quantize --samples) or give more text")});
-  }
-  auto idx = at::div(at::arange(samples, at::kLong) * set.size(), samples, "floor");
-  auto rows = set.tokens.index_select(0, idx.to(set.tokens.device()));
-  return rows.slice(1, 0, rows.size(1) - 1).contiguous();
-}
-
-quant::PtqResult run_ptq_init(models::CausalLM& model, const RunConfig& cfg, const data::Tokenizer& tok,
-                              const data::PackedSet& own) {
-  const auto& init = cfg.quant.init;
-  at::Tensor tokens;
-  if (!init.calib.data.empty()) {
-    auto other = load_run_config(init.calib.data, {"run.init_from=", "model.from="});
-    auto ds = data::build_dataset(other.data, tok);
-    tokens = calibration_tokens(ds.train, init.calib.samples, "the data of " + init.calib.data);
-  } else {
-    tokens = calibration_tokens(own, init.calib.samples, "the run's training split");
-  }
-  auto q = cfg.quant;
-  for (auto& r : q.rules) r.weight.learn = quant::Learn::None;  // LSQ starts from the plain spec's result
-  log::info("PTQ ", quant::method_name(init.method), ": ", tokens.size(0), " calibration sequences x ", tokens.size(1),
-            " tokens", init.calib.data.empty() ? "" : " from " + init.calib.data);
-  auto r = quant::run_ptq(model, q, init, tokens, !log::quiet());
-  log::info("PTQ ", quant::method_name(init.method), " done in ", r.seconds, " s: mean relative output error ", r.mean_err(),
-            " (round-to-nearest ", r.mean_err_rtn(), ") over ", r.linears.size(), " linears");
-  return r;
-}
-
 peft::ApplyReport apply_peft(torch::nn::Module& model, const peft::LoraConfig& pc, bool verbose) {
   auto rep = peft::apply_lora(model, pc, "lm_head");
   if (!pc.init_adapter.empty()) {

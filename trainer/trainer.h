@@ -123,9 +123,6 @@ class Trainer {
   NamedTensors gather_optimizer_state();     // ZeRO: the whole optimizer state, on rank 0
 };
 
-// PTQ calibration set: `samples` sequences evenly spaced over `set`, input ids [samples, seq_len].
-// Throws ConfigError naming quant.calib.samples when `set` (from `origin`) is smaller.
-at::Tensor calibration_tokens(const data::PackedSet& set, int64_t samples, const std::string& origin);
 // Runs cfg.quant.init (rtn|gptq|awq) on the float `model`: calibration from quant.calib.data's
 // recipe (tokenized with `tok`) or else `own` (the run's training split). Learned (LSQ) rules
 // are calibrated as their plain affine spec; seed_learned_scales then starts them at GPTQ's scales.

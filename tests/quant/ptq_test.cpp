@@ -10,7 +10,7 @@
 #include "quant/gptq.h"
 #include "quant/ptq.h"
 #include "tests/tiny_model.h"
-#include "trainer/trainer.h"
+#include "data/calibration.h"
 
 using namespace qf;
 using namespace qf::quant;
@@ -144,9 +144,9 @@ TEST(Ptq, CalibrationSetTooSmallIsAConfigError) {
   data::PackedSet s;
   s.tokens = at::zeros({5, 17}, at::kLong);
   s.loss_mask = at::ones({5, 17}, at::kBool);
-  EXPECT_EQ(trainer::calibration_tokens(s, 5, "x").sizes(), (std::vector<int64_t>{5, 16}));
+  EXPECT_EQ(data::calibration_tokens(s, 5, "x").sizes(), (std::vector<int64_t>{5, 16}));
   try {
-    trainer::calibration_tokens(s, 6, "the run's training split");
+    data::calibration_tokens(s, 6, "the run's training split");
     FAIL();
   } catch (const ConfigError& e) {
     EXPECT_NE(std::string(e.what()).find("quant.calib.samples"), std::string::npos) << e.what();

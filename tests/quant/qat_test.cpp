@@ -13,7 +13,7 @@
 #include "quant/ggml_blocks.h"
 #include "quant/fake_quant.h"
 #include "quant/qat.h"
-#include "trainer/checkpoint.h"
+#include "models/state.h"
 #include "tests/test_util.h"
 #include "tests/tiny_model.h"
 
@@ -176,7 +176,7 @@ TEST(Convert, ConvertedCheckpointRoundTrips) {
   auto m = models::build_model(tiny());
   prepare(*m, qat("q4_0", "int8-per-token"));
   convert(*m);
-  auto state = trainer::model_state(*m);
+  auto state = models::model_state(*m);
   bool has_q = false;
   for (auto& [n, t] : state) has_q |= n == "model.layers.0.self_attn.q_proj.qweight";
   EXPECT_TRUE(has_q);
@@ -184,7 +184,7 @@ TEST(Convert, ConvertedCheckpointRoundTrips) {
   m2->init_weights(99);
   prepare(*m2, qat("q4_0", "int8-per-token"));
   convert(*m2);
-  trainer::load_model_state(*m2, state, "<mem>");
+  models::load_model_state(*m2, state, "<mem>");
   at::NoGradGuard ng;
   EXPECT_TRUE(at::equal(m->forward(ids()), m2->forward(ids())));
   // q4_0 packs 32 weights into 18 bytes: the converted model is much smaller than fp32.
@@ -219,7 +219,7 @@ TEST(Embedding, FakeQuantTableFeedsLookupAndTiedHeadAndConvertsExactly) {
     auto y_q = m->forward(x);
     EXPECT_LT(((y_q - y_fq).abs().max() / y_fq.abs().max()).item<double>(), 1e-5) << tied;
     // The converted checkpoint stores the packed table, not the float one.
-    auto state = trainer::model_state(*m);
+    auto state = models::model_state(*m);
     bool packed = false, fl = false;
     for (auto& [n, t] : state) packed |= n == "model.embed_tokens.qweight", fl |= n == "model.embed_tokens.weight";
     EXPECT_TRUE(packed);
@@ -227,7 +227,7 @@ TEST(Embedding, FakeQuantTableFeedsLookupAndTiedHeadAndConvertsExactly) {
     auto m2 = models::build_model(c);
     prepare(*m2, q);
     convert(*m2);
-    trainer::load_model_state(*m2, state, "<mem>");
+    models::load_model_state(*m2, state, "<mem>");
     EXPECT_TRUE(at::equal(m2->forward(x), y_q));
     EXPECT_LT(model_bytes(*m), model_bytes(*fp) / 3);
   }
