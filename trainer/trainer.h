@@ -87,6 +87,9 @@ class Trainer {
   // Writes the current model as <run>/<sub>/step_N with trainer_state model_format = format.
   std::string save_model_dir(const std::string& sub, ModelFormat format);
   ModelMeta model_meta(ModelFormat format, bool lora, bool with_bytes) const;
+  // Rank 0, after the last checkpoint (trainer/finalize.cpp): adapter, merged / converted models
+  // (evaluated with `eval`), train_summary.json; fills res's end-of-run fields.
+  void finalize(TrainResult& res, const std::function<EvalResult()>& eval);
 
   RunConfig cfg_;
   RunDirLock run_lock_;  // rank 0: the one writer of run.out_dir

@@ -1,0 +1,81 @@
+// The end of a run, on rank 0 once training and the last checkpoint are done: the PEFT adapter,
+// the merged and converted models (each evaluated), and train_summary.json.
+#include <sys/resource.h>
+
+#include "core/fs.h"
+#include "core/log.h"
+#include "peft/adapter.h"
+#include "quant/qat.h"
+#include "trainer/trainer.h"
+
+namespace qf::trainer {
+
+void Trainer::finalize(TrainResult& res, const std::function<EvalResult()>& eval) {
+  const bool convert = cfg_.quant.enabled && cfg_.quant.convert_at_end;
+  if (cfg_.peft.enabled) {
+    if (cfg_.peft.save_adapter) {
+      res.adapter = cfg_.run.out_dir + "/adapter";
+      peft::save_adapter(*model_, cfg_.peft, res.adapter,
+                         adapter_base_name(cfg_.model.from, cfg_.run.init_from, cfg_.run.name),
+                         cfg_.model.family == models::Family::Gpt2);
+      log::info("saved PEFT adapter ", res.adapter);
+    }
+    if (cfg_.peft.merge_at_end || convert) {
+      const int64_t n = peft::merge_lora(*model_);
+      log::info("merged ", n, " LoRA adapters into their base layers",
+                cfg_.quant.enabled ? (cfg_.peft.exact_merge ? " (exact: the fake quantizer saw these merged weights)"
+                                                            : " (not exact: training fake-quantized W, not W + s*BA)")
+                                   : "");
+      if (!convert) {
+        res.merged = save_model_dir("merged", ModelFormat::Fp);
+        if (ds_.val.size() > 0) res.val_merged = eval().loss;
+      }
+    }
+  }
+  if (convert) {
+    res.converted = save_converted();
+    if (ds_.val.size() > 0) {
+      auto e = eval();
+      res.val_converted = e.loss;
+      log::info("converted model: validation loss ", e.loss, ", perplexity ", e.ppl);
+    }
+  }
+  res.model_bytes = quant::model_bytes(*model_);
+  rusage ru{};
+  ::getrusage(RUSAGE_SELF, &ru);
+  res.peak_rss_bytes = static_cast<int64_t>(ru.ru_maxrss) * 1024;
+  nlohmann::json j = {{"steps", res.end_step},
+                      {"tokens_per_s", res.tokens_per_s},
+                      {"val_loss_before", res.val_before},
+                      {"val_loss_after", res.val_after},
+                      {"val_loss_converted", res.val_converted},
+                      {"val_loss_merged", res.val_merged},
+                      {"train_weight_bytes", res.train_weight_bytes},
+                      {"grad_bytes", res.grad_bytes},
+                      {"optimizer_bytes", res.optim_bytes},
+                      {"model_bytes", res.model_bytes},
+                      {"peak_rss_bytes", res.peak_rss_bytes},
+                      {"checkpoint", res.checkpoint},
+                      {"converted", res.converted},
+                      {"adapter", res.adapter},
+                      {"merged", res.merged}};
+  if (pg_) {
+    const auto st = reducer_ ? reducer_->stats() : dist::ReducerStats{};
+    const double n = static_cast<double>(std::max<int64_t>(1, st.steps));
+    j["data_parallel"] = {{"world_size", denv_.world_size},
+                          {"backend", pg_->getBackendName()},
+                          {"zero", zero_},
+                          {"overlap", cfg_.dist.overlap},
+                          {"buckets", reducer_ ? reducer_->buckets().size() : 0},
+                          {"collectives_per_step", static_cast<double>(st.collectives) / n},
+                          {"buckets_launched_in_backward_per_step", static_cast<double>(st.launched_in_backward) / n},
+                          {"gradient_bytes_per_step", static_cast<double>(st.bytes) / n},
+                          // time after backward spent finishing the gradient sync (not hidden by it)
+                          {"exposed_comm_s_per_step", st.exposed_s / n},
+                          {"step_s", res.tokens_per_s > 0 ? static_cast<double>(cfg_.trainer.batch_size * cfg_.trainer.grad_accum *
+                                                                                cfg_.data.seq_len * denv_.world_size) / res.tokens_per_s : 0.0}};
+  }
+  fs::write_atomic(cfg_.run.out_dir + "/train_summary.json", j.dump(2) + "\n");
+}
+
+}  // namespace qf::trainer
