@@ -1,0 +1,136 @@
+#include "trainer/quantize.h"
+
+#include <filesystem>
+#include <optional>
+
+#include "core/config.h"
+#include "core/error.h"
+#include "export/hf_export.h"
+#include "quant/ggml_mix.h"
+#include "quant/qat.h"
+#include "trainer/run_dir.h"
+
+namespace qf::trainer {
+
+QuantizeResult quantize_run(const std::string& src, const std::vector<std::string>& overrides, const QuantizeArgs& a) {
+  // Everything that can be wrong with the request fails here, before any weight is read.
+  const auto method = quant::parse_method(a.method);
+  QF_CHECK_INPUT(method != quant::PtqMethod::None, "quantize: --method must be rtn, gptq or awq");
+  const auto spec = quant::QuantSpec::preset_named(a.quant);
+  if (method == quant::PtqMethod::Gptq) {
+    auto why = quant::gptq_unsupported(spec);
+    if (!why.empty()) throw ConfigError({str("--method gptq --quant ", a.quant, ": ", why)});
+  }
+  QF_CHECK_INPUT((spec.kind != quant::Kind::Fp8E4M3 && spec.kind != quant::Kind::Fp8E5M2) || method != quant::PtqMethod::Awq,
+                 "--method awq --quant ", a.quant, ": AWQ searches integer grids; fp8 has no group scales to protect");
+  QF_CHECK_INPUT(a.quant != "int8-per-token", "--quant int8-per-token is an activation format; pick a weight format");
+  exporter::check_out(a.out, src, a.force);
+  exporter::check_out_dir(a.out, a.force);
+  const auto out = std::filesystem::absolute(a.out).lexically_normal().string();
+
+  RunConfig cfg;
+  std::shared_ptr<models::CausalLM> model;
+  std::unique_ptr<data::Tokenizer> tok;
+  if (is_hf_dir(src)) {
+    QF_CHECK_INPUT(!a.calib.empty(), "quantize: a Hugging Face model needs --calib RECIPE.yaml, whose data: section "
+                                     "supplies the calibration and held-out text (the tokenizer comes from ", src, ")");
+    auto ov = hf_dir_overrides(src);
+    ov.insert(ov.end(), overrides.begin(), overrides.end());
+    cfg = load_run_config(a.calib, ov);
+    set_threads(cfg.run.threads);
+    model = load_hf_dir(src, "fp32", nullptr);
+    tok = data::load_or_train_tokenizer(cfg.tokenizer);
+  } else {
+    auto lr = load_run(src, overrides);
+    QF_CHECK_INPUT(lr.meta.format == ModelFormat::Fp && !lr.meta.lora, "quantize: ", lr.checkpoint, " holds a ", lr.format,
+                   " model; PTQ starts from float weights (a pretraining or fine-tuning run, or a Hugging Face dir)");
+    cfg = lr.cfg;
+    set_threads(cfg.run.threads);
+    model = lr.model;
+    tok = std::move(lr.tok);
+    cfg.resolved["run"]["init_from"] = std::filesystem::absolute(lr.checkpoint).lexically_normal().string();
+  }
+  const std::string layers = model->cfg.family == models::Family::Gpt2 ? "transformer.h.*" : "model.layers.*";
+  auto& q = cfg.quant;
+  q.enabled = true;
+  // Linears whose width the format's group does not divide: --fallback's format, or an error naming them.
+  std::vector<std::pair<std::string, std::string>> rules;  // (pattern, preset)
+  std::vector<std::pair<std::string, int64_t>> widths;
+  for (auto& ns : models::linear_slots(model->layer(0))) widths.emplace_back(layers + "." + ns.name, ns.slot->get()->in_features);
+  std::optional<quant::QuantSpec> fb;
+  if (!a.fallback.empty()) fb = quant::QuantSpec::preset_named(a.fallback);
+  const auto misfit = quant::width_fallbacks(widths, spec, a.quant, a.fallback, fb ? &*fb : nullptr);
+  for (size_t i = 0; i < widths.size(); ++i)
+    if (misfit[i]) rules.emplace_back(widths[i].first, a.fallback);
+  rules.emplace_back(layers, a.quant);
+  q.rules.clear();
+  for (auto& [pat, preset] : rules) q.rules.push_back(quant::QuantRule{pat, quant::QuantSpec::preset_named(preset), std::nullopt});
+  q.embedding.reset();
+  q.init.method = method;
+  q.init.calib.samples = a.samples;
+  q.init.calib.batch_size = a.batch_size;
+  q.init.calib.data = is_hf_dir(src) ? "" : a.calib;
+  q.init.gptq = a.gptq;
+  q.init.awq = a.awq;
+  auto ds = data::build_dataset(cfg.data, *tok);
+  model->to(pick_device(cfg.trainer.device));
+  const auto dev = model->parameters().front().device();
+  const bool bf16 = cfg.trainer.precision == Precision::BF16;
+  EvalResult before, after;
+  if (!a.no_eval && ds.val.size() > 0)
+    before = evaluate_model(*model, ds.val, cfg.trainer.batch_size, 0, dev, bf16);
+
+  auto r = run_ptq_init(*model, cfg, *tok, ds.train);
+  quant::prepare(*model, q);
+  quant::convert(*model);
+  if (!r.packed.empty()) quant::apply_packed(*model, r);
+  if (!a.no_eval && ds.val.size() > 0)
+    after = evaluate_model(*model, ds.val, cfg.trainer.batch_size, 0, dev, bf16);
+
+  // The output is a run directory: its config.yaml re-creates it with `qforge train` (PTQ as
+  // quant.init, no training steps) and tells load_run how to rebuild the packed model.
+  YAML::Node res = YAML::Clone(cfg.resolved);
+  res["run"]["name"] = std::filesystem::path(out).filename().string();
+  res["run"]["out_dir"] = out;
+  res["quant"] = q.to_yaml();  // the rules, PTQ method and settings used, as `qforge train` reads them
+  res["trainer"]["max_steps"] = 0;
+  const std::string config_text = "# Made by: qforge quantize " + src + " --method " + a.method + " --quant " +
+                                             a.quant + "\n# Re-create with: qforge train " + out +
+                                             "/config.yaml (PTQ as quant.init, no training steps)\n" + cfg::dump(res);
+  nlohmann::json layers_j = nlohmann::json::array();
+  for (auto& l : r.linears)
+    layers_j.push_back({{"name", l.name}, {"spec", l.spec}, {"err_rtn", l.err_rtn}, {"err", l.err}, {"damp", l.damp}});
+  nlohmann::json summary = {{"method", quant::method_name(method)},
+                            {"quant", a.quant},
+                            {"source", src},
+                            {"calib_sequences", a.samples},
+                            {"calib_tokens", r.calib_tokens},
+                            {"seconds", r.seconds},
+                            {"mean_err", r.mean_err()},
+                            {"mean_err_rtn", r.mean_err_rtn()},
+                            {"val_loss_fp", before.tokens ? before.loss : -1.0},
+                            {"val_loss", after.tokens ? after.loss : -1.0},
+                            {"model_bytes", quant::model_bytes(*model)},
+                            {"linears", layers_j}};
+  ModelMeta meta;
+  meta.format = ModelFormat::Converted;
+  meta.family = model->cfg.family_name();
+  meta.vocab_size = model->cfg.vocab_size;
+  meta.model_bytes = quant::model_bytes(*model);
+  // Written in a temp dir beside `out` and renamed into place complete: a kill or a full disk leaves
+  // no half run at `out` (and the next quantize removes the dead temp dir).
+  const auto dir = write_run_dir(out, a.force, config_text, *model, meta,
+                                          {{"step", 0}, {"ptq", quant::method_name(method)}},
+                                          {{"ptq_summary.json", summary.dump(2) + "\n"}});
+  QuantizeResult out_res;
+  out_res.method = method;
+  out_res.ptq = std::move(r);
+  out_res.before = before;
+  out_res.after = after;
+  out_res.out = out;
+  out_res.checkpoint = dir;
+  out_res.model_bytes = meta.model_bytes;
+  return out_res;
+}
+
+}  // namespace qf::trainer
