@@ -313,79 +313,61 @@ struct CliArgs {
 };
 
 CLI::App* add_train(CLI::App& app, CliArgs& a) {
-  auto& print_config = a.print_config;
-  auto& train_args = a.train_args;
   auto* cmd = app.add_subcommand("train", "Train (pretrain / fine-tune) from a YAML recipe");
-  cmd->add_option("config_and_overrides", train_args,
+  cmd->add_option("config_and_overrides", a.train_args,
                     "[CONFIG.yaml] [key.path=value ...]: the YAML recipe (default: the embedded default, " +
                         std::string(kEmbeddedDefaultName) + ") then overrides, e.g. trainer.max_steps=50 model.n_layers=4");
-  cmd->add_flag("--print-config", print_config, "Print the resolved config (defaults filled in) and exit");
+  cmd->add_flag("--print-config", a.print_config, "Print the resolved config (defaults filled in) and exit");
   cmd->footer("Example: qforge train configs/tiny_pretrain.yaml trainer.max_steps=50");
   return cmd;
 }
 
 CLI::App* add_eval(CLI::App& app, CliArgs& a) {
-  auto& run = a.run;
-  auto& overrides = a.overrides;
-  auto& split = a.split;
-  auto& max_batches = a.max_batches;
-  auto& text = a.text;
-  auto& data_from = a.data_from;
-  auto& save_tokens = a.save_tokens;
   auto* cmd = app.add_subcommand("eval", "Perplexity of a trained run's latest checkpoint or of a Hugging Face checkpoint dir");
-  cmd->add_option("run", run,
+  cmd->add_option("run", a.run,
                    "Run directory, checkpoint directory, or Hugging Face checkpoint dir (config.json + safetensors + "
                    "tokenizer.json or tokenizer.model; needs --text or --data-from)")->required();
-  cmd->add_option("overrides", overrides, "key.path=value overrides of the run's config");
-  cmd->add_option("--split", split, "Dataset split of the run's data")->check(CLI::IsMember({"val", "train"}));
-  cmd->add_option("--max-batches", max_batches, "Evaluate at most this many batches (0 = all)");
-  cmd->add_option("--text", text, "Evaluate on this text/JSONL file or directory instead");
-  cmd->add_option("--data-from", data_from,
+  cmd->add_option("overrides", a.overrides, "key.path=value overrides of the run's config");
+  cmd->add_option("--split", a.split, "Dataset split of the run's data")->check(CLI::IsMember({"val", "train"}));
+  cmd->add_option("--max-batches", a.max_batches, "Evaluate at most this many batches (0 = all)");
+  cmd->add_option("--text", a.text, "Evaluate on this text/JSONL file or directory instead");
+  cmd->add_option("--data-from", a.data_from,
                    "Evaluate on the --split of this recipe's data section instead (e.g. a domain recipe's held-out text)");
-  cmd->add_option("--save-tokens", save_tokens,
+  cmd->add_option("--save-tokens", a.save_tokens,
                    "Also write the evaluated token windows (safetensors: tokens, loss_mask) for another runtime to score");
   return cmd;
 }
 
 CLI::App* add_export(CLI::App& app, CliArgs& a) {
-  auto& run = a.run;
-  auto& overrides = a.overrides;
-  auto& format = a.format;
-  auto& out = a.out;
-  auto& dtype = a.dtype;
-  auto& gguf_quant = a.gguf_quant;
-  auto& export_fallback = a.export_fallback;
-  auto& shard_mb = a.shard_mb;
-  auto& force = a.force;
   auto* cmd = app.add_subcommand("export", "Write a run's model in a runtime's format (hf: a Hugging Face checkpoint dir)");
-  cmd->add_option("run", run, "Run directory, checkpoint directory, or Hugging Face checkpoint dir (config.json + safetensors + tokenizer)")->required();
-  cmd->add_option("overrides", overrides, "key.path=value overrides of the run's config");
-  cmd->add_option("--format", format,
+  cmd->add_option("run", a.run, "Run directory, checkpoint directory, or Hugging Face checkpoint dir (config.json + safetensors + tokenizer)")->required();
+  cmd->add_option("overrides", a.overrides, "key.path=value overrides of the run's config");
+  cmd->add_option("--format", a.format,
                   "Output format: hf (a Hugging Face checkpoint dir), gguf (llama.cpp), gptq (transformers via "
                   "optimum/gptqmodel), compressed-tensors (transformers / vLLM) or peft (a LoRA run's adapters)")
       ->check(CLI::IsMember({"hf", "gguf", "gptq", "compressed-tensors", "peft"}))
       ->capture_default_str();
-  cmd->add_option("--out", out,
+  cmd->add_option("--out", a.out,
                   "Output directory (hf, gptq, compressed-tensors, peft; must not exist, or be empty) or .gguf file "
                   "(must not exist); never inside a run's checkpoints/ nor one of the source's own files")
       ->required();
-  cmd->add_flag("--force", force,
+  cmd->add_flag("--force", a.force,
                 "Replace an existing --out (only once the new output is complete); checkpoints and the source's "
                 "files are refused even so");
-  cmd->add_option("--quant", gguf_quant,
+  cmd->add_option("--quant", a.gguf_quant,
                   "gguf: llama.cpp type mixture for float weights, chosen per tensor as llama-quantize does: "
                   "f32|f16|q8_0|q4_0|q4_1|q5_0|q5_1|q4_k|q4_k_m|q6_k (packed QAT/PTQ layers keep their blocks); "
                   "gptq/compressed-tensors: the RTN spec for float linears, int4-g128 (default), int4-g32 or "
                   "int8-per-channel (QAT-converted layers keep their codes)")
       ->capture_default_str();
-  cmd->add_option("--fallback", export_fallback,
+  cmd->add_option("--fallback", a.export_fallback,
                   "For linears whose input width --quant's block/group does not divide (as llama-quantize falls "
                   "back): gguf: q8_0|q5_0|q5_1|q4_0|q4_1|f16|f32 instead of llama-quantize's own choice; "
                   "compressed-tensors: another preset (e.g. int4-g64) or f16 (kept in float); gptq: f16 (kept in float)");
-  cmd->add_option("--dtype", dtype, "Weight dtype of the written checkpoint")
+  cmd->add_option("--dtype", a.dtype, "Weight dtype of the written checkpoint")
       ->check(CLI::IsMember({"fp32", "bf16", "fp16"}))
       ->capture_default_str();
-  cmd->add_option("--shard-size-mb", shard_mb, "Split the safetensors above this many MB (with an index)")
+  cmd->add_option("--shard-size-mb", a.shard_mb, "Split the safetensors above this many MB (with an index)")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
   cmd->footer("Example: qforge export runs/demo/qlora_domain --format hf --out /tmp/hf_model --dtype bf16");
@@ -393,87 +375,75 @@ CLI::App* add_export(CLI::App& app, CliArgs& a) {
 }
 
 CLI::App* add_inspect(CLI::App& app, CliArgs& a) {
-  auto& run = a.run;
-  auto& inspect_dtype = a.inspect_dtype;
-  auto& inspect_forward = a.inspect_forward;
   auto* cmd = app.add_subcommand("inspect", "Load a Hugging Face checkpoint dir or a run and print what it holds (JSON)");
-  cmd->add_option("path", run, "Hugging Face checkpoint directory (config.json + safetensors) or run directory")->required();
-  cmd->add_option("--dtype", inspect_dtype, "Model dtype for a Hugging Face checkpoint (auto: bf16 if it is stored in bf16)")
+  cmd->add_option("path", a.run, "Hugging Face checkpoint directory (config.json + safetensors) or run directory")->required();
+  cmd->add_option("--dtype", a.inspect_dtype, "Model dtype for a Hugging Face checkpoint (auto: bf16 if it is stored in bf16)")
       ->check(CLI::IsMember({"auto", "fp32", "bf16"}))
       ->capture_default_str();
-  cmd->add_flag("--forward", inspect_forward, "Also run one forward pass over 8 tokens");
+  cmd->add_flag("--forward", a.inspect_forward, "Also run one forward pass over 8 tokens");
   return cmd;
 }
 
 CLI::App* add_generate(CLI::App& app, CliArgs& a) {
-  auto& run = a.run;
-  auto& overrides = a.overrides;
-  auto& s = a.s;
-  auto& prompt = a.prompt;
   auto* cmd = app.add_subcommand("generate", "Generate text from a trained run or a Hugging Face checkpoint dir (KV cache, temperature/top-k/top-p)");
-  cmd->add_option("run", run,
+  cmd->add_option("run", a.run,
                   "Run directory, checkpoint directory, or Hugging Face checkpoint dir (config.json + safetensors + "
                   "tokenizer.json or tokenizer.model)")->required();
-  cmd->add_option("overrides", overrides, "key.path=value overrides of the run's config");
-  cmd->add_option("-p,--prompt", prompt, "Prompt text")->required();
-  cmd->add_option("-n,--max-new-tokens", s.max_new_tokens,
+  cmd->add_option("overrides", a.overrides, "key.path=value overrides of the run's config");
+  cmd->add_option("-p,--prompt", a.prompt, "Prompt text")->required();
+  cmd->add_option("-n,--max-new-tokens", a.s.max_new_tokens,
                   "Tokens to generate (at most up to the model's context; stops early at EOS)")->capture_default_str();
-  cmd->add_option("-t,--temperature", s.temperature, "Sampling temperature; 0 = greedy")->capture_default_str();
-  cmd->add_option("--top-k", s.top_k, "Keep the k most likely tokens; 0 = off")->capture_default_str();
-  cmd->add_option("--top-p", s.top_p, "Nucleus sampling mass; 1 = off")->capture_default_str();
-  cmd->add_option("--seed", s.seed, "Sampling seed")->capture_default_str();
-  cmd->add_flag("!--ignore-eos", s.stop_at_eos, "Keep generating after the EOS token (it is still not printed)");
+  cmd->add_option("-t,--temperature", a.s.temperature, "Sampling temperature; 0 = greedy")->capture_default_str();
+  cmd->add_option("--top-k", a.s.top_k, "Keep the k most likely tokens; 0 = off")->capture_default_str();
+  cmd->add_option("--top-p", a.s.top_p, "Nucleus sampling mass; 1 = off")->capture_default_str();
+  cmd->add_option("--seed", a.s.seed, "Sampling seed")->capture_default_str();
+  cmd->add_flag("!--ignore-eos", a.s.stop_at_eos, "Keep generating after the EOS token (it is still not printed)");
   return cmd;
 }
 
 CLI::App* add_quantize(CLI::App& app, CliArgs& a) {
-  auto& run = a.run;
-  auto& overrides = a.overrides;
-  auto& qa = a.qa;
   auto* cmd = app.add_subcommand("quantize", "Post-training quantization (RTN, GPTQ, AWQ) of a float model into a converted run");
-  cmd->add_option("model", run, "qforge run / checkpoint directory, or Hugging Face checkpoint dir")->required();
-  cmd->add_option("overrides", overrides, "key.path=value overrides of the run's (or --calib recipe's) config");
-  cmd->add_option("--method", qa.method, "rtn | gptq | awq")->check(CLI::IsMember({"rtn", "gptq", "awq"}))->capture_default_str();
-  cmd->add_option("--quant", qa.quant,
+  cmd->add_option("model", a.run, "qforge run / checkpoint directory, or Hugging Face checkpoint dir")->required();
+  cmd->add_option("overrides", a.overrides, "key.path=value overrides of the run's (or --calib recipe's) config");
+  cmd->add_option("--method", a.qa.method, "rtn | gptq | awq")->check(CLI::IsMember({"rtn", "gptq", "awq"}))->capture_default_str();
+  cmd->add_option("--quant", a.qa.quant,
                  "Weight format for every decoder linear (a preset): q4_0 q4_1 q5_0 q5_1 q8_0 int4-g128 int4-g32 "
                  "int4-g128-asym int3-g128 int3-g128-asym int8-per-channel (awq/rtn also q4_k q6_k)")
       ->capture_default_str();
-  cmd->add_option("--fallback", qa.fallback,
+  cmd->add_option("--fallback", a.qa.fallback,
                  "Format for the linears whose input width --quant's group size does not divide (e.g. int4-g64)");
-  cmd->add_option("--calib", qa.calib,
+  cmd->add_option("--calib", a.qa.calib,
                  "Recipe whose data: section gives the calibration text (default: the run's own training text; "
                  "required for a Hugging Face dir, whose held-out split is then also scored)");
-  cmd->add_option("--samples", qa.samples, "Calibration sequences (of data.seq_len tokens)")->capture_default_str();
-  cmd->add_option("--batch-size", qa.batch_size, "Calibration sequences per layer forward")->capture_default_str();
-  cmd->add_option("--out", qa.out,
+  cmd->add_option("--samples", a.qa.samples, "Calibration sequences (of data.seq_len tokens)")->capture_default_str();
+  cmd->add_option("--batch-size", a.qa.batch_size, "Calibration sequences per layer forward")->capture_default_str();
+  cmd->add_option("--out", a.qa.out,
                  "Output run directory (must not exist, or be empty; never inside a run's checkpoints/ nor the source)")
       ->required();
-  cmd->add_flag("--force", qa.force, "Replace an existing --out (only once the new run dir is complete)");
-  cmd->add_option("--damp", qa.gptq.damp, "gptq: dampening, as a fraction of the mean Hessian diagonal")->capture_default_str();
-  cmd->add_flag("--act-order", qa.gptq.act_order,
+  cmd->add_flag("--force", a.qa.force, "Replace an existing --out (only once the new run dir is complete)");
+  cmd->add_option("--damp", a.qa.gptq.damp, "gptq: dampening, as a fraction of the mean Hessian diagonal")->capture_default_str();
+  cmd->add_flag("--act-order", a.qa.gptq.act_order,
                "gptq: quantize columns by decreasing Hessian diagonal (desc_act; int specs keep a g_idx, which only "
                "--format gptq exports; llama.cpp blocks use static groups)");
-  cmd->add_flag("--static-groups", qa.gptq.static_groups, "gptq: group scales from the original weights");
-  cmd->add_option("--block-size", qa.gptq.block_size, "gptq: lazy-batch width")->capture_default_str();
-  cmd->add_option("--grid", qa.awq.grid, "awq: scale grid points")->capture_default_str();
-  cmd->add_flag("!--no-clip", qa.awq.clip, "awq: skip the clipping search");
-  cmd->add_flag("--no-eval", qa.no_eval, "Skip the held-out perplexity before/after");
+  cmd->add_flag("--static-groups", a.qa.gptq.static_groups, "gptq: group scales from the original weights");
+  cmd->add_option("--block-size", a.qa.gptq.block_size, "gptq: lazy-batch width")->capture_default_str();
+  cmd->add_option("--grid", a.qa.awq.grid, "awq: scale grid points")->capture_default_str();
+  cmd->add_flag("!--no-clip", a.qa.awq.clip, "awq: skip the clipping search");
+  cmd->add_flag("--no-eval", a.qa.no_eval, "Skip the held-out perplexity before/after");
   cmd->footer("Example: qforge quantize runs/demo/ft_fp --method gptq --quant q4_0 --out runs/demo/gptq_q4_0\n"
              "Then: qforge eval runs/demo/gptq_q4_0 | qforge export runs/demo/gptq_q4_0 --format gguf --out m.gguf");
   return cmd;
 }
 
 CLI::App* add_launch(CLI::App& app, CliArgs& a) {
-  auto& lo = a.lo;
-  auto& launch_cmd = a.launch_cmd;
   auto* cmd = app.add_subcommand("launch", "Start N data-parallel ranks of a qforge command on this node (as torchrun does)");
-  cmd->add_option("--nproc-per-node", lo.nproc_per_node, "Processes on this node (one per GPU, or CPU ranks)")->capture_default_str();
-  cmd->add_option("--nnodes", lo.nnodes, "Nodes in the job")->capture_default_str();
-  cmd->add_option("--node-rank", lo.node_rank, "This node's index, 0..nnodes-1")->capture_default_str();
-  cmd->add_option("--master-addr", lo.master_addr, "Address of node 0, reachable from every node")->capture_default_str();
-  cmd->add_option("--master-port", lo.master_port, "Rendezvous port on node 0 (default: a free port when single-node)");
-  cmd->add_option("--grace", lo.grace_s, "Seconds between SIGTERM and SIGKILL for the others when a rank fails")->capture_default_str();
-  cmd->add_option("command", launch_cmd, "After --: the qforge command every rank runs, e.g. -- train recipe.yaml key=value");
+  cmd->add_option("--nproc-per-node", a.lo.nproc_per_node, "Processes on this node (one per GPU, or CPU ranks)")->capture_default_str();
+  cmd->add_option("--nnodes", a.lo.nnodes, "Nodes in the job")->capture_default_str();
+  cmd->add_option("--node-rank", a.lo.node_rank, "This node's index, 0..nnodes-1")->capture_default_str();
+  cmd->add_option("--master-addr", a.lo.master_addr, "Address of node 0, reachable from every node")->capture_default_str();
+  cmd->add_option("--master-port", a.lo.master_port, "Rendezvous port on node 0 (default: a free port when single-node)");
+  cmd->add_option("--grace", a.lo.grace_s, "Seconds between SIGTERM and SIGKILL for the others when a rank fails")->capture_default_str();
+  cmd->add_option("command", a.launch_cmd, "After --: the qforge command every rank runs, e.g. -- train recipe.yaml key=value");
   cmd->footer("Example: qforge launch --nproc-per-node 2 -- train configs/tiny_pretrain.yaml trainer.max_steps=50\n"
               "Multi-node (run on every node): qforge launch --nnodes 2 --node-rank $K --nproc-per-node 8 \\\n"
               "  --master-addr node0 --master-port 29500 -- train recipe.yaml");
