@@ -19,6 +19,7 @@
 #include "core/threads.h"
 #include "data/text_stream.h"
 #include "data/utf8.h"
+#include "models/arch.h"
 #include "models/generate.h"
 #include "quant/qat.h"
 #include "export/gguf_export.h"
@@ -182,7 +183,7 @@ int cmd_export(const std::string& run, const std::vector<std::string>& overrides
     QF_CHECK_INPUT(run_cfg && run_cfg->peft.enabled, "export: --format peft needs a LoRA/QLoRA run (peft: section); ",
                    run, " has no adapters");
     exporter::write_staged_dir(out, force, [&](const std::string& tmp) {
-      peft::save_adapter(*model, run_cfg->peft, tmp, base_name, run_cfg->model.family == models::Family::Gpt2);
+      peft::save_adapter(*model, run_cfg->peft, tmp, base_name, models::arch_spec(run_cfg->model.family).has_conv1d());
       return 0;
     });
     std::printf("exported %s to %s: PEFT LoRA adapter (adapter_model.safetensors + adapter_config.json) on %s\n",

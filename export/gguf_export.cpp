@@ -13,6 +13,7 @@
 #include "core/safetensors.h"
 #include "export/gguf_writer.h"
 #include "export/hf_export.h"
+#include "models/arch.h"
 #include "peft/lora.h"
 #include "quant/ggml_blocks.h"
 #include "quant/ggml_mix.h"
@@ -65,7 +66,8 @@ GgufExportResult export_gguf(models::CausalLM& model, const data::Tokenizer& tok
   QF_CHECK_INPUT(!std::filesystem::is_directory(out), "--out '", out,
                  "' is a directory; GGUF export writes one file (e.g. --out model.gguf)");
   const auto& c = model.cfg;
-  if (c.family != models::Family::Llama || c.qkv_bias)
+  const models::ArchSpec& arch = models::arch_spec(c.family);
+  if (arch.gguf_arch.empty() || c.qkv_bias)
     throw InputError("export: GGUF export covers the llama architecture (no qkv bias) so far; this model is " +
                      std::string(c.qkv_bias ? "qwen2-style (qkv bias)" : c.family_name()));
   if (c.rope_scaling != models::RopeScaling::None)
@@ -95,24 +97,25 @@ GgufExportResult export_gguf(models::CausalLM& model, const data::Tokenizer& tok
     log::info("export: the model holds packed llama.cpp blocks; they are written as they are and float tensors stay ",
               f16 ? "F16" : "F32", " (exact)");
   gguf::Writer w;
-  w.add_string("general.architecture", "llama");
+  const std::string& ga = arch.gguf_arch;
+  w.add_string("general.architecture", ga);
   w.add_string("general.name", name);
   w.add_u32("general.file_type", file_type);
   w.add_u32("general.quantization_version", 2);
-  w.add_u32("llama.vocab_size", static_cast<uint32_t>(c.vocab_size));
-  w.add_u32("llama.context_length", static_cast<uint32_t>(c.max_seq_len));
-  w.add_u32("llama.embedding_length", static_cast<uint32_t>(c.dim));
-  w.add_u32("llama.block_count", static_cast<uint32_t>(c.n_layers));
-  w.add_u32("llama.feed_forward_length", static_cast<uint32_t>(c.ffn()));
-  w.add_u32("llama.rope.dimension_count", static_cast<uint32_t>(c.hdim()));
-  w.add_u32("llama.attention.head_count", static_cast<uint32_t>(c.n_heads));
-  w.add_u32("llama.attention.head_count_kv", static_cast<uint32_t>(c.kv_heads()));
+  w.add_u32(ga + ".vocab_size", static_cast<uint32_t>(c.vocab_size));
+  w.add_u32(ga + ".context_length", static_cast<uint32_t>(c.max_seq_len));
+  w.add_u32(ga + ".embedding_length", static_cast<uint32_t>(c.dim));
+  w.add_u32(ga + ".block_count", static_cast<uint32_t>(c.n_layers));
+  w.add_u32(ga + ".feed_forward_length", static_cast<uint32_t>(c.ffn()));
+  w.add_u32(ga + ".rope.dimension_count", static_cast<uint32_t>(c.hdim()));
+  w.add_u32(ga + ".attention.head_count", static_cast<uint32_t>(c.n_heads));
+  w.add_u32(ga + ".attention.head_count_kv", static_cast<uint32_t>(c.kv_heads()));
   if (c.hdim() * c.n_heads != c.dim) {
-    w.add_u32("llama.attention.key_length", static_cast<uint32_t>(c.hdim()));
-    w.add_u32("llama.attention.value_length", static_cast<uint32_t>(c.hdim()));
+    w.add_u32(ga + ".attention.key_length", static_cast<uint32_t>(c.hdim()));
+    w.add_u32(ga + ".attention.value_length", static_cast<uint32_t>(c.hdim()));
   }
-  w.add_f32("llama.attention.layer_norm_rms_epsilon", static_cast<float>(c.norm_eps));
-  w.add_f32("llama.rope.freq_base", static_cast<float>(c.rope_theta));
+  w.add_f32(ga + ".attention.layer_norm_rms_epsilon", static_cast<float>(c.norm_eps));
+  w.add_f32(ga + ".rope.freq_base", static_cast<float>(c.rope_theta));
   // Tokenizer block (sentencepiece -> llama.cpp's "llama" vocabulary).
   std::vector<std::string> tokens;
   std::vector<float> scores;
@@ -232,20 +235,19 @@ GgufExportResult export_gguf(models::CausalLM& model, const data::Tokenizer& tok
   } else {
     add_float_2d("token_embd.weight", c.vocab_size, c.dim, [emb] { return emb->table(); }, TensorRole::TokenEmbd, 0, 0);
   }
+  // Per layer, the spec's tensors in its order: 1-D tensors (norms) as F32, linears as above.
   for (int64_t i = 0; i < c.n_layers; ++i) {
-    const std::string hf = "model.layers." + std::to_string(i) + ".", g = "blk." + std::to_string(i) + ".";
-    add_1d(g + "attn_norm.weight", param(hf + "input_layernorm.weight"));
-    linear(hf + "self_attn.q_proj", g + "attn_q.weight", TensorRole::AttnQ, i, c.n_heads);
-    linear(hf + "self_attn.k_proj", g + "attn_k.weight", TensorRole::AttnK, i, c.kv_heads());
-    linear(hf + "self_attn.v_proj", g + "attn_v.weight", TensorRole::AttnV, i, 0);
-    linear(hf + "self_attn.o_proj", g + "attn_output.weight", TensorRole::AttnOutput, i, 0);
-    add_1d(g + "ffn_norm.weight", param(hf + "post_attention_layernorm.weight"));
-    linear(hf + "mlp.gate_proj", g + "ffn_gate.weight", TensorRole::FfnGate, i, 0);
-    linear(hf + "mlp.up_proj", g + "ffn_up.weight", TensorRole::FfnUp, i, 0);
-    linear(hf + "mlp.down_proj", g + "ffn_down.weight", TensorRole::FfnDown, i, 0);
+    const std::string hf = arch.layer_prefix(i) + ".", g = "blk." + std::to_string(i) + ".";
+    for (auto& t : arch.layer_tensors) add_1d(g + t.gguf, param(hf + t.name));
+    for (auto& l : arch.linears) {
+      const int64_t heads = l.rope_rows == models::RopeRows::QueryHeads ? c.n_heads
+                            : l.rope_rows == models::RopeRows::KvHeads  ? c.kv_heads()
+                                                                        : 0;
+      linear(hf + l.name, g + l.gguf + ".weight", l.role, i, heads);
+    }
   }
-  add_1d("output_norm.weight", param("model.norm.weight"));
-  if (!c.tie_embeddings) linear("lm_head", "output.weight", TensorRole::Output, 0, 0);
+  add_1d("output_norm.weight", param(arch.final_norm + ".weight"));
+  if (!c.tie_embeddings) linear(arch.lm_head, "output.weight", TensorRole::Output, 0, 0);
   if (res.n_fallback)
     log::warn("export: ", res.n_fallback, " of ", w.n_tensors(), " tensor(s) required fallback quantization");
   res.n_tensors = static_cast<int64_t>(w.n_tensors());

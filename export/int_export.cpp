@@ -11,6 +11,7 @@
 #include "core/log.h"
 #include "core/safetensors.h"
 #include "export/hf_export.h"
+#include "models/arch.h"
 #include "models/hf.h"
 #include "peft/lora.h"
 #include "quant/affine.h"
@@ -62,9 +63,10 @@ IntExportResult export_int(models::CausalLM& model, const data::Tokenizer& tok, 
                            const std::string& quant_name, const std::string& fallback, bool force) {
   const auto& c = model.cfg;
   const char* fname = fmt == IntFormat::Gptq ? "gptq" : "compressed-tensors";
-  if (c.family != models::Family::Llama)
-    throw InputError(str("export: --format ", fname, " covers Llama-family models (Llama, Qwen2, Mistral); this model is ",
-                         c.family_name()));
+  const models::ArchSpec& arch = models::arch_spec(c.family);
+  if (arch.has_conv1d())
+    throw InputError(str("export: --format ", fname, " covers families with nn.Linear layers (Llama, Qwen2, Mistral); ",
+                         c.family_name(), " stores Conv1D weights, which GPTQ/compressed-tensors loaders do not pack"));
   const QuantSpec rtn = QuantSpec::preset_named(quant_name);
   check_spec("--quant " + quant_name, rtn);
   // --fallback: f16 keeps those linears in float (both formats can leave layers unquantized);
@@ -202,8 +204,10 @@ IntExportResult export_int(models::CausalLM& model, const data::Tokenizer& tok, 
            {"meta", {{"quantizer", {"qforge:0.1"}}}}};
       if (!float_layers.empty()) {
         // Float linears: GPTQ quantizes the block modules named here (by their name inside the block).
-        auto in_block = [](const std::string& n) {  // model.layers.3.mlp.down_proj -> mlp.down_proj
-          const auto p = n.find('.', n.find("layers.") + 7);
+        const std::string layers = arch.layers + ".";
+        auto in_block = [&](const std::string& n) {  // <layers>.3.<name in the block> -> <name in the block>
+          if (n.compare(0, layers.size(), layers) != 0) return n;
+          const auto p = n.find('.', layers.size());
           return p == std::string::npos ? n : n.substr(p + 1);
         };
         std::set<std::string> quantized, kept;

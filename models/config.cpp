@@ -1,6 +1,7 @@
 #include "models/config.h"
 
 #include "core/error.h"
+#include "models/arch.h"
 #include "models/hf.h"
 
 namespace qf::models {
@@ -35,7 +36,7 @@ ModelConfig ModelConfig::from_config(cfg::Reader& r) {
   rs.finish();
   c.norm_eps = r.f64("norm_eps", c.norm_eps, 1e-12, 1.0);
   c.qkv_bias = r.boolean("qkv_bias", c.qkv_bias);
-  c.tie_embeddings = r.boolean("tie_embeddings", c.family == Family::Gpt2 ? true : c.tie_embeddings);
+  c.tie_embeddings = r.boolean("tie_embeddings", arch_spec(c.family).tied_always ? true : c.tie_embeddings);
   c.dtype = r.choice<DType>("dtype", c.dtype, dtype_names());
   c.init_std = r.f64("init_std", c.init_std, 0.0, 10.0);
 
@@ -96,11 +97,13 @@ ModelConfig ModelConfig::from_config(cfg::Reader& r) {
                              std::to_string(c.kv_heads()));
   if (c.family == Family::Llama && c.hdim() % 2 != 0)
     r.fail("head_dim", "RoPE needs an even head dimension, got " + std::to_string(c.hdim()));
+  if (arch_spec(c.family).tied_always && !c.tie_embeddings)
+    r.fail("tie_embeddings", c.family_name() + " ties lm_head to the token embedding; must be true");
   if (c.family == Family::Gpt2) {
     if (c.kv_heads() != c.n_heads) r.fail("n_kv_heads", "gpt2 has no grouped-query attention; use 0 or n_heads");
     if (c.rope_scaling != RopeScaling::None) rs.fail("type", "gpt2 uses learned positions, not RoPE; use none");
     if (c.head_dim != 0 && c.head_dim * c.n_heads != c.dim) r.fail("head_dim", "gpt2 needs head_dim * n_heads == dim");
-    if (!c.tie_embeddings) r.fail("tie_embeddings", "gpt2 ties lm_head to wte; must be true");
+    
   }
   r.finish();
   return c;

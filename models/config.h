@@ -11,12 +11,10 @@ namespace qf::models {
 enum class Family { Llama, Gpt2 };
 enum class RopeScaling { None, Linear, Llama3 };
 enum class DType { F32, BF16 };
-// The recipe spellings: model.family, model.rope_scaling.type, model.dtype (inline: torch-free
-// readers such as models/hf_config use them without the model library).
-inline const cfg::Names<Family>& family_names() {
-  static const cfg::Names<Family> n{{"llama", Family::Llama}, {"gpt2", Family::Gpt2}};
-  return n;
-}
+// The recipe spellings: model.family (from the architecture specs, models/arch.cpp),
+// model.rope_scaling.type, model.dtype (inline: torch-free readers such as models/hf_config use them
+// without the model library).
+const cfg::Names<Family>& family_names();
 inline const cfg::Names<RopeScaling>& rope_scaling_names() {
   static const cfg::Names<RopeScaling> n{
       {"none", RopeScaling::None}, {"linear", RopeScaling::Linear}, {"llama3", RopeScaling::Llama3}};

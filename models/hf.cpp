@@ -16,6 +16,7 @@
 #include "core/progress.h"
 #include "core/strings.h"
 #include "core/safetensors.h"
+#include "models/arch.h"
 #include "models/hf_config.h"
 
 namespace qf::models {
@@ -24,17 +25,11 @@ namespace {
 namespace sfs = std::filesystem;
 using json = nlohmann::json;
 
-bool is_conv1d(const std::string& name) {
-  for (const char* s : {".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight"})
-    if (ends_with(name, s)) return true;
-  return false;
-}
-
 // Tensors a checkpoint may carry that the model has no use for.
-bool ignorable(const std::string& name, const ModelConfig& c) {
-  for (const char* s : {".rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias"})
+bool ignorable(const std::string& name, const ModelConfig& c, const ArchSpec& a) {
+  for (auto& s : a.ignored_suffixes)
     if (ends_with(name, s)) return true;
-  return c.tie_embeddings && name == "lm_head.weight";  // the tied copy some exporters keep
+  return c.tie_embeddings && !a.lm_head.empty() && name == a.lm_head + ".weight";  // the tied copy some exporters keep
 }
 
 }  // namespace
@@ -79,7 +74,7 @@ HfCheckpoint read_hf_checkpoint(const std::string& dir) {
 void load_hf_weights(CausalLM& model, const HfCheckpoint& ck, bool progress, bool populate) {
   std::map<std::string, at::Tensor> params;
   for (auto& p : model.named_parameters()) params[p.key()] = p.value();
-  const bool gpt2 = ck.config.family == Family::Gpt2;
+  const ArchSpec& arch = arch_spec(ck.config.family);
   // Pass 1: headers only (no tensor data is read), every check before any copy.
   std::map<std::string, std::string> found;  // param -> file
   std::vector<std::string> problems;
@@ -96,12 +91,12 @@ void load_hf_weights(CausalLM& model, const HfCheckpoint& ck, bool progress, boo
       }
       auto it = params.find(name);
       if (it == params.end()) {
-        if (!ignorable(name, ck.config))
+        if (!ignorable(name, ck.config, arch))
           problems.push_back(qf::str(path, ": unexpected tensor '", name, "' for ", ck.architecture, " (not loaded)"));
         continue;
       }
       auto want = it->second.sizes().vec();
-      if (gpt2 && is_conv1d(name)) std::swap(want[0], want[1]);
+      if (arch.is_conv1d_weight(name)) std::swap(want[0], want[1]);
       if (e.shape != want)
         problems.push_back(qf::str(path, ": tensor '", name, "' has shape ", at::IntArrayRef(e.shape),
                                    " but config.json implies ", at::IntArrayRef(want)));
@@ -132,7 +127,7 @@ void load_hf_weights(CausalLM& model, const HfCheckpoint& ck, bool progress, boo
     for (auto& [name, t] : file.tensors) {
       auto it = params.find(name);
       if (it == params.end()) continue;
-      const bool transpose = gpt2 && is_conv1d(name);
+      const bool transpose = arch.is_conv1d_weight(name);
       auto& p = it->second;
       if (!transpose && t.scalar_type() == p.scalar_type() && t.is_contiguous() && t.numel() > 0) {
         p.set_data(t);
@@ -148,41 +143,17 @@ void load_hf_weights(CausalLM& model, const HfCheckpoint& ck, bool progress, boo
 }
 
 nlohmann::json hf_config_json(const ModelConfig& c, const std::string& torch_dtype) {
-  if (c.family == Family::Gpt2)
-    return {{"architectures", {"GPT2LMHeadModel"}}, {"model_type", "gpt2"}, {"vocab_size", c.vocab_size},
-            {"n_embd", c.dim}, {"n_layer", c.n_layers}, {"n_head", c.n_heads}, {"n_inner", c.ffn()},
-            {"n_positions", c.max_seq_len}, {"layer_norm_epsilon", c.norm_eps}, {"activation_function", "gelu_new"},
-            {"tie_word_embeddings", true}, {"torch_dtype", torch_dtype}};
-  const bool qwen2 = c.qkv_bias;
-  json j = {{"architectures", {qwen2 ? "Qwen2ForCausalLM" : "LlamaForCausalLM"}},
-            {"model_type", qwen2 ? "qwen2" : "llama"},
-            {"vocab_size", c.vocab_size},
-            {"hidden_size", c.dim},
-            {"intermediate_size", c.ffn()},
-            {"num_hidden_layers", c.n_layers},
-            {"num_attention_heads", c.n_heads},
-            {"num_key_value_heads", c.kv_heads()},
-            {"max_position_embeddings", c.max_seq_len},
-            {"rope_theta", c.rope_theta},
-            {"rms_norm_eps", c.norm_eps},
+  const ArchSpec& a = arch_spec(c.family);
+  json j = {{"vocab_size", c.vocab_size},
+            {a.hf_keys.hidden, c.dim},
+            {a.hf_keys.layers, c.n_layers},
+            {a.hf_keys.heads, c.n_heads},
+            {a.hf_keys.ffn, c.ffn()},
+            {a.hf_keys.max_positions, c.max_seq_len},
+            {a.hf_keys.norm_eps, c.norm_eps},
             {"tie_word_embeddings", c.tie_embeddings},
-            {"hidden_act", "silu"},
-            {"torch_dtype", torch_dtype},
-            {"rope_scaling", nullptr}};
-  if (!qwen2) {
-    j["head_dim"] = c.hdim();
-    j["attention_bias"] = false;
-    j["mlp_bias"] = false;
-  } else {
-    QF_CHECK(c.hdim() * c.n_heads == c.dim, "Qwen2 export needs head_dim * n_heads == dim");
-  }
-  if (c.rope_scaling == RopeScaling::Linear) j["rope_scaling"] = {{"rope_type", "linear"}, {"factor", c.rope_factor}};
-  if (c.rope_scaling == RopeScaling::Llama3)
-    j["rope_scaling"] = {{"rope_type", "llama3"},
-                         {"factor", c.rope_factor},
-                         {"low_freq_factor", c.rope_low_freq_factor},
-                         {"high_freq_factor", c.rope_high_freq_factor},
-                         {"original_max_position_embeddings", c.rope_original_max_seq_len}};
+            {"torch_dtype", torch_dtype}};
+  a.write_hf(c, j);
   return j;
 }
 
@@ -193,7 +164,7 @@ void write_hf_weights(const ModelConfig& c, const std::vector<std::pair<std::str
   std::vector<std::vector<std::pair<std::string, at::Tensor>>> shards(1);
   int64_t bytes = 0, total = 0;
   for (auto& [name, t] : weights) {
-    auto w = (c.family == Family::Gpt2 && is_conv1d(name) ? t.t() : t).to(dtype).contiguous();
+    auto w = (arch_spec(c.family).is_conv1d_weight(name) ? t.t() : t).to(dtype).contiguous();
     const int64_t nb = w.numel() * w.element_size();
     if (bytes > 0 && bytes + nb > max_shard_bytes) {
       shards.emplace_back();

@@ -1,6 +1,6 @@
 // Swappable linear layers. Invariant: every projection in a qforge model is held through a
 // LinearSlot, so quant::prepare / peft::apply_lora can replace it (registered child AND the pointer
-// the parent's forward uses) by its Hugging Face name, e.g. "model.layers.0.self_attn.q_proj".
+// the parent's forward uses) by its Hugging Face name (the family's names: models/arch.h).
 // Weight layout is [out_features, in_features] (torch/HF Linear), bias optional.
 #pragma once
 #include <ATen/core/Tensor.h>

@@ -10,11 +10,24 @@
 
 #include "core/error.h"
 #include "core/strings.h"
+#include "models/arch.h"
 
 namespace qf::models {
 namespace {
 
 at::ScalarType model_dtype(const ModelConfig& c) { return c.dtype == DType::BF16 ? at::kBFloat16 : at::kFloat; }
+
+// Module names come from the family's architecture spec (models/arch.h), never spelled here.
+const ArchSpec& spec(const ModelConfig& c) { return arch_spec(c.family); }
+// A layer linear's path "<parent>.<leaf>" -> the parent module's / the leaf's name, by role.
+std::string parent_of(const ArchSpec& a, TensorRole r) { return split_last(a.linear(r).name).first; }
+std::string leaf_of(const ArchSpec& a, TensorRole r) { return split_last(a.linear(r).name).second; }
+std::string leaf(const std::string& path) { return split_last(path).second; }
+LinearSlot* find_slot(const std::string& n, std::initializer_list<LinearSlot*> slots) {
+  for (auto* s : slots)
+    if (s->name() == n) return s;
+  return nullptr;
+}
 
 // RMSNorm as in HF LlamaRMSNorm: normalise in fp32, cast back, then scale.
 class RMSNorm : public torch::nn::Module {
@@ -74,29 +87,24 @@ class LlamaAttention : public torch::nn::Module, public HasLinearSlots {
  public:
   explicit LlamaAttention(const ModelConfig& c) : c_(c) {
     int64_t hd = c.hdim();
-    q_proj = LinearSlot(this, "q_proj", std::make_shared<DenseLinear>(c.dim, c.n_heads * hd, c.qkv_bias));
-    k_proj = LinearSlot(this, "k_proj", std::make_shared<DenseLinear>(c.dim, c.kv_heads() * hd, c.qkv_bias));
-    v_proj = LinearSlot(this, "v_proj", std::make_shared<DenseLinear>(c.dim, c.kv_heads() * hd, c.qkv_bias));
-    o_proj = LinearSlot(this, "o_proj", std::make_shared<DenseLinear>(c.n_heads * hd, c.dim, false));
+    const ArchSpec& a = spec(c);
+    wq = LinearSlot(this, leaf_of(a, TensorRole::AttnQ), std::make_shared<DenseLinear>(c.dim, c.n_heads * hd, c.qkv_bias));
+    wk = LinearSlot(this, leaf_of(a, TensorRole::AttnK), std::make_shared<DenseLinear>(c.dim, c.kv_heads() * hd, c.qkv_bias));
+    wv = LinearSlot(this, leaf_of(a, TensorRole::AttnV), std::make_shared<DenseLinear>(c.dim, c.kv_heads() * hd, c.qkv_bias));
+    wo = LinearSlot(this, leaf_of(a, TensorRole::AttnOutput), std::make_shared<DenseLinear>(c.n_heads * hd, c.dim, false));
   }
   at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, KVCache* cache, int layer) {
     const int64_t B = x.size(0), T = x.size(1), hd = c_.hdim();
-    auto q = q_proj(x).view({B, T, c_.n_heads, hd}).transpose(1, 2);
-    auto k = k_proj(x).view({B, T, c_.kv_heads(), hd}).transpose(1, 2);
-    auto v = v_proj(x).view({B, T, c_.kv_heads(), hd}).transpose(1, 2);
+    auto q = wq(x).view({B, T, c_.n_heads, hd}).transpose(1, 2);
+    auto k = wk(x).view({B, T, c_.kv_heads(), hd}).transpose(1, 2);
+    auto v = wv(x).view({B, T, c_.kv_heads(), hd}).transpose(1, 2);
     q = apply_rope(q, cos, sin);
     k = apply_rope(k, cos, sin);
     auto y = attend(q, k, v, cache, layer, c_.n_heads / c_.kv_heads());
-    return o_proj(y.transpose(1, 2).reshape({B, T, c_.n_heads * hd}));
+    return wo(y.transpose(1, 2).reshape({B, T, c_.n_heads * hd}));
   }
-  LinearSlot* linear_slot(const std::string& n) override {
-    if (n == "q_proj") return &q_proj;
-    if (n == "k_proj") return &k_proj;
-    if (n == "v_proj") return &v_proj;
-    if (n == "o_proj") return &o_proj;
-    return nullptr;
-  }
-  LinearSlot q_proj, k_proj, v_proj, o_proj;
+  LinearSlot* linear_slot(const std::string& n) override { return find_slot(n, {&wq, &wk, &wv, &wo}); }
+  LinearSlot wq, wk, wv, wo;
 
  private:
   ModelConfig c_;
@@ -105,34 +113,31 @@ class LlamaAttention : public torch::nn::Module, public HasLinearSlots {
 class LlamaMLP : public torch::nn::Module, public HasLinearSlots {
  public:
   explicit LlamaMLP(const ModelConfig& c) {
-    gate_proj = LinearSlot(this, "gate_proj", std::make_shared<DenseLinear>(c.dim, c.ffn(), false));
-    up_proj = LinearSlot(this, "up_proj", std::make_shared<DenseLinear>(c.dim, c.ffn(), false));
-    down_proj = LinearSlot(this, "down_proj", std::make_shared<DenseLinear>(c.ffn(), c.dim, false));
+    const ArchSpec& a = spec(c);
+    w_gate = LinearSlot(this, leaf_of(a, TensorRole::FfnGate), std::make_shared<DenseLinear>(c.dim, c.ffn(), false));
+    w_up = LinearSlot(this, leaf_of(a, TensorRole::FfnUp), std::make_shared<DenseLinear>(c.dim, c.ffn(), false));
+    w_down = LinearSlot(this, leaf_of(a, TensorRole::FfnDown), std::make_shared<DenseLinear>(c.ffn(), c.dim, false));
   }
-  at::Tensor forward(const at::Tensor& x) { return down_proj(at::silu(gate_proj(x)) * up_proj(x)); }
-  LinearSlot* linear_slot(const std::string& n) override {
-    if (n == "gate_proj") return &gate_proj;
-    if (n == "up_proj") return &up_proj;
-    if (n == "down_proj") return &down_proj;
-    return nullptr;
-  }
-  LinearSlot gate_proj, up_proj, down_proj;
+  at::Tensor forward(const at::Tensor& x) { return w_down(at::silu(w_gate(x)) * w_up(x)); }
+  LinearSlot* linear_slot(const std::string& n) override { return find_slot(n, {&w_gate, &w_up, &w_down}); }
+  LinearSlot w_gate, w_up, w_down;
 };
 
 class LlamaLayer : public torch::nn::Module {
  public:
   explicit LlamaLayer(const ModelConfig& c) {
-    input_layernorm = register_module("input_layernorm", std::make_shared<RMSNorm>(c.dim, c.norm_eps));
-    self_attn = register_module("self_attn", std::make_shared<LlamaAttention>(c));
-    post_attention_layernorm = register_module("post_attention_layernorm", std::make_shared<RMSNorm>(c.dim, c.norm_eps));
-    mlp = register_module("mlp", std::make_shared<LlamaMLP>(c));
+    const ArchSpec& a = spec(c);
+    attn_norm = register_module(a.layer_module("attn_norm.weight"), std::make_shared<RMSNorm>(c.dim, c.norm_eps));
+    attn = register_module(parent_of(a, TensorRole::AttnQ), std::make_shared<LlamaAttention>(c));
+    ffn_norm = register_module(a.layer_module("ffn_norm.weight"), std::make_shared<RMSNorm>(c.dim, c.norm_eps));
+    mlp = register_module(parent_of(a, TensorRole::FfnGate), std::make_shared<LlamaMLP>(c));
   }
   at::Tensor forward(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, KVCache* cache, int layer) {
-    x = x + self_attn->forward(input_layernorm->forward(x), cos, sin, cache, layer);
-    return x + mlp->forward(post_attention_layernorm->forward(x));
+    x = x + attn->forward(attn_norm->forward(x), cos, sin, cache, layer);
+    return x + mlp->forward(ffn_norm->forward(x));
   }
-  std::shared_ptr<RMSNorm> input_layernorm, post_attention_layernorm;
-  std::shared_ptr<LlamaAttention> self_attn;
+  std::shared_ptr<RMSNorm> attn_norm, ffn_norm;
+  std::shared_ptr<LlamaAttention> attn;
   std::shared_ptr<LlamaMLP> mlp;
 };
 
@@ -140,14 +145,15 @@ class LlamaLayer : public torch::nn::Module {
 class LlamaBody : public torch::nn::Module {
  public:
   explicit LlamaBody(const ModelConfig& c) {
-    embed_tokens = EmbeddingSlot(this, "embed_tokens", std::make_shared<DenseEmbedding>(c.vocab_size, c.dim));
-    layers = register_module("layers", torch::nn::ModuleList());
+    const ArchSpec& a = spec(c);
+    embed_tokens = EmbeddingSlot(this, leaf(a.embed), std::make_shared<DenseEmbedding>(c.vocab_size, c.dim));
+    layers = register_module(leaf(a.layers), torch::nn::ModuleList());
     for (int64_t i = 0; i < c.n_layers; ++i) {
       auto l = std::make_shared<LlamaLayer>(c);
       layers->push_back(l);
       layer_ptrs.push_back(l);
     }
-    norm = register_module("norm", std::make_shared<RMSNorm>(c.dim, c.norm_eps));
+    norm = register_module(leaf(a.final_norm), std::make_shared<RMSNorm>(c.dim, c.norm_eps));
   }
   EmbeddingSlot embed_tokens;
   torch::nn::ModuleList layers{nullptr};
@@ -158,8 +164,8 @@ class LlamaBody : public torch::nn::Module {
 class LlamaForCausalLM : public CausalLM, public HasLinearSlots {
  public:
   explicit LlamaForCausalLM(const ModelConfig& c) : CausalLM(c) {
-    model = register_module("model", std::make_shared<LlamaBody>(c));
-    if (!c.tie_embeddings) lm_head = LinearSlot(this, "lm_head", std::make_shared<DenseLinear>(c.dim, c.vocab_size, false));
+    model = register_module(split_last(spec(c).layers).first, std::make_shared<LlamaBody>(c));
+    if (!c.tie_embeddings) lm_head = LinearSlot(this, spec(c).lm_head, std::make_shared<DenseLinear>(c.dim, c.vocab_size, false));
   }
   at::Tensor forward(const at::Tensor& ids, KVCache* cache) override {
     QF_CHECK(ids.dim() == 2, "input_ids must be [batch, seq], got ", ids.sizes());
@@ -175,15 +181,15 @@ class LlamaForCausalLM : public CausalLM, public HasLinearSlots {
     return lm_head(x);
   }
   EmbeddingSlot& token_embedding() override { return model->embed_tokens; }
-  std::string token_embedding_name() const override { return "model.embed_tokens"; }
+  std::string token_embedding_name() const override { return spec(cfg).embed; }
   at::Tensor embed(const at::Tensor& ids) override { return at::embedding(model->embed_tokens.get()->table(), ids); }
   at::Tensor layer_forward(int64_t i, const at::Tensor& x) override {
     auto [cos, sin] = rope_cos_sin(cfg, 0, x.size(1), x.options());
     return model->layer_ptrs.at(i)->forward(x, cos, sin, nullptr, static_cast<int>(i));
   }
   torch::nn::Module& layer(int64_t i) override { return *model->layer_ptrs.at(i); }
-  std::string layer_prefix(int64_t i) const override { return "model.layers." + std::to_string(i); }
-  LinearSlot* linear_slot(const std::string& n) override { return n == "lm_head" && lm_head.get() ? &lm_head : nullptr; }
+  std::string layer_prefix(int64_t i) const override { return spec(cfg).layer_prefix(i); }
+  LinearSlot* linear_slot(const std::string& n) override { return lm_head.get() ? find_slot(n, {&lm_head}) : nullptr; }
   std::shared_ptr<LlamaBody> model;
   LinearSlot lm_head;
 };
@@ -192,8 +198,9 @@ class LlamaForCausalLM : public CausalLM, public HasLinearSlots {
 class Gpt2Attention : public torch::nn::Module, public HasLinearSlots {
  public:
   explicit Gpt2Attention(const ModelConfig& c) : c_(c) {
-    c_attn = LinearSlot(this, "c_attn", std::make_shared<DenseLinear>(c.dim, 3 * c.dim, true));
-    c_proj = LinearSlot(this, "c_proj", std::make_shared<DenseLinear>(c.dim, c.dim, true));
+    const ArchSpec& a = spec(c);
+    c_attn = LinearSlot(this, leaf_of(a, TensorRole::AttnQkv), std::make_shared<DenseLinear>(c.dim, 3 * c.dim, true));
+    c_proj = LinearSlot(this, leaf_of(a, TensorRole::AttnOutput), std::make_shared<DenseLinear>(c.dim, c.dim, true));
   }
   at::Tensor forward(const at::Tensor& x, KVCache* cache, int layer) {
     const int64_t B = x.size(0), T = x.size(1), H = c_.n_heads, hd = c_.hdim();
@@ -204,11 +211,7 @@ class Gpt2Attention : public torch::nn::Module, public HasLinearSlots {
     auto y = attend(q, k, v, cache, layer, 1);
     return c_proj(y.transpose(1, 2).reshape({B, T, c_.dim}));
   }
-  LinearSlot* linear_slot(const std::string& n) override {
-    if (n == "c_attn") return &c_attn;
-    if (n == "c_proj") return &c_proj;
-    return nullptr;
-  }
+  LinearSlot* linear_slot(const std::string& n) override { return find_slot(n, {&c_attn, &c_proj}); }
   LinearSlot c_attn, c_proj;
 
  private:
@@ -218,25 +221,23 @@ class Gpt2Attention : public torch::nn::Module, public HasLinearSlots {
 class Gpt2MLP : public torch::nn::Module, public HasLinearSlots {
  public:
   explicit Gpt2MLP(const ModelConfig& c) {
-    c_fc = LinearSlot(this, "c_fc", std::make_shared<DenseLinear>(c.dim, c.ffn(), true));
-    c_proj = LinearSlot(this, "c_proj", std::make_shared<DenseLinear>(c.ffn(), c.dim, true));
+    const ArchSpec& a = spec(c);
+    c_fc = LinearSlot(this, leaf_of(a, TensorRole::FfnUp), std::make_shared<DenseLinear>(c.dim, c.ffn(), true));
+    c_proj = LinearSlot(this, leaf_of(a, TensorRole::FfnDown), std::make_shared<DenseLinear>(c.ffn(), c.dim, true));
   }
   at::Tensor forward(const at::Tensor& x) { return c_proj(at::gelu(c_fc(x), "tanh")); }
-  LinearSlot* linear_slot(const std::string& n) override {
-    if (n == "c_fc") return &c_fc;
-    if (n == "c_proj") return &c_proj;
-    return nullptr;
-  }
+  LinearSlot* linear_slot(const std::string& n) override { return find_slot(n, {&c_fc, &c_proj}); }
   LinearSlot c_fc, c_proj;
 };
 
 class Gpt2Block : public torch::nn::Module {
  public:
   explicit Gpt2Block(const ModelConfig& c) {
-    ln_1 = register_module("ln_1", std::make_shared<LayerNorm>(c.dim, c.norm_eps));
-    attn = register_module("attn", std::make_shared<Gpt2Attention>(c));
-    ln_2 = register_module("ln_2", std::make_shared<LayerNorm>(c.dim, c.norm_eps));
-    mlp = register_module("mlp", std::make_shared<Gpt2MLP>(c));
+    const ArchSpec& a = spec(c);
+    ln_1 = register_module(a.layer_module("attn_norm.weight"), std::make_shared<LayerNorm>(c.dim, c.norm_eps));
+    attn = register_module(parent_of(a, TensorRole::AttnQkv), std::make_shared<Gpt2Attention>(c));
+    ln_2 = register_module(a.layer_module("ffn_norm.weight"), std::make_shared<LayerNorm>(c.dim, c.norm_eps));
+    mlp = register_module(parent_of(a, TensorRole::FfnUp), std::make_shared<Gpt2MLP>(c));
   }
   at::Tensor forward(at::Tensor x, KVCache* cache, int layer) {
     x = x + attn->forward(ln_1->forward(x), cache, layer);
@@ -250,15 +251,16 @@ class Gpt2Block : public torch::nn::Module {
 class Gpt2Body : public torch::nn::Module {
  public:
   explicit Gpt2Body(const ModelConfig& c) {
-    wte = EmbeddingSlot(this, "wte", std::make_shared<DenseEmbedding>(c.vocab_size, c.dim));
-    wpe = register_module("wpe", torch::nn::Embedding(c.max_seq_len, c.dim));
-    h = register_module("h", torch::nn::ModuleList());
+    const ArchSpec& a = spec(c);
+    wte = EmbeddingSlot(this, leaf(a.embed), std::make_shared<DenseEmbedding>(c.vocab_size, c.dim));
+    wpe = register_module(leaf(a.positions), torch::nn::Embedding(c.max_seq_len, c.dim));
+    h = register_module(leaf(a.layers), torch::nn::ModuleList());
     for (int64_t i = 0; i < c.n_layers; ++i) {
       auto b = std::make_shared<Gpt2Block>(c);
       h->push_back(b);
       blocks.push_back(b);
     }
-    ln_f = register_module("ln_f", std::make_shared<LayerNorm>(c.dim, c.norm_eps));
+    ln_f = register_module(leaf(a.final_norm), std::make_shared<LayerNorm>(c.dim, c.norm_eps));
   }
   EmbeddingSlot wte;
   torch::nn::Embedding wpe{nullptr};
@@ -270,7 +272,7 @@ class Gpt2Body : public torch::nn::Module {
 class Gpt2LMHeadModel : public CausalLM {
  public:
   explicit Gpt2LMHeadModel(const ModelConfig& c) : CausalLM(c) {
-    transformer = register_module("transformer", std::make_shared<Gpt2Body>(c));
+    transformer = register_module(split_last(spec(c).layers).first, std::make_shared<Gpt2Body>(c));
   }
   at::Tensor forward(const at::Tensor& ids, KVCache* cache) override {
     QF_CHECK(ids.dim() == 2, "input_ids must be [batch, seq], got ", ids.sizes());
@@ -285,7 +287,7 @@ class Gpt2LMHeadModel : public CausalLM {
     return at::linear(x, table);
   }
   EmbeddingSlot& token_embedding() override { return transformer->wte; }
-  std::string token_embedding_name() const override { return "transformer.wte"; }
+  std::string token_embedding_name() const override { return spec(cfg).embed; }
   at::Tensor embed(const at::Tensor& ids) override {
     auto pos = at::arange(0, ids.size(1), ids.options());
     return at::embedding(transformer->wte.get()->table(), ids) + transformer->wpe->forward(pos).unsqueeze(0);
@@ -294,7 +296,7 @@ class Gpt2LMHeadModel : public CausalLM {
     return transformer->blocks.at(i)->forward(x, nullptr, static_cast<int>(i));
   }
   torch::nn::Module& layer(int64_t i) override { return *transformer->blocks.at(i); }
-  std::string layer_prefix(int64_t i) const override { return "transformer.h." + std::to_string(i); }
+  std::string layer_prefix(int64_t i) const override { return spec(cfg).layer_prefix(i); }
   std::shared_ptr<Gpt2Body> transformer;
 };
 
@@ -354,17 +356,17 @@ void CausalLM::init_weights(uint64_t seed) {
   at::NoGradGuard ng;
   auto gen = at::detail::createCPUGenerator(seed);
   const double proj_std = cfg.init_std / std::sqrt(2.0 * cfg.n_layers);
+  const ArchSpec& a = spec(cfg);
   for (auto& p : named_parameters()) {
     const std::string& n = p.key();
     at::Tensor t = p.value();
     auto tmp = at::empty(t.sizes(), at::kFloat);
-    if (n.find("norm") != std::string::npos || n.find("ln_") != std::string::npos) {
-      tmp.fill_(ends_with(n, ".bias") ? 0.0 : 1.0);
-    } else if (ends_with(n, ".bias")) {
-      tmp.zero_();
+    if (t.dim() == 1) {
+      tmp.fill_(ends_with(n, ".bias") ? 0.0 : 1.0);  // norms: weight 1, bias 0; linear biases 0
     } else {
       // GPT-2 scales residual projections by 1/sqrt(2 * n_layers), as HF's GPT2PreTrainedModel does.
-      bool resid = cfg.family == Family::Gpt2 && ends_with(n, "c_proj.weight");
+      const ArchLinear* l = a.layer_linear_of(n);
+      const bool resid = a.scaled_residual_init && l && l->residual;
       tmp.normal_(0.0, resid ? proj_std : cfg.init_std, gen);
     }
     t.copy_(tmp);

@@ -1,8 +1,8 @@
-// Decoder-only causal language models with Hugging Face module/parameter names:
-//   llama family: model.embed_tokens, model.layers.N.{input_layernorm, self_attn.{q,k,v,o}_proj,
-//                 post_attention_layernorm, mlp.{gate,up,down}_proj}, model.norm, lm_head (absent when tied)
-//   gpt2 family:  transformer.{wte, wpe, h.N.{ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj}, ln_f}
-//                 (HF's Conv1D stores [in, out]; qforge stores [out, in] and transposes at import/export)
+// Decoder-only causal language models with Hugging Face module/parameter names, which come from
+// each family's architecture spec (models/arch.h): llama (pre-RMSNorm, RoPE, gated SiLU MLP, GQA,
+// optional qkv bias) and gpt2 (pre-LayerNorm, learned positions, GELU MLP; HF's Conv1D stores
+// [in, out], qforge stores [out, in] and transposes at import/export). A test checks every built
+// model's parameter names against its spec.
 // Invariant: forward(ids, cache) over a prompt then token-by-token equals one full forward.
 #pragma once
 #include <ATen/core/Tensor.h>

@@ -162,7 +162,7 @@ AdapterInfo load_adapter(torch::nn::Module& model, const std::string& dir, doubl
   for (auto& [name, p] : pairs)
     QF_CHECK_INPUT(p.a.defined() && p.b.defined(), wpath, ": module '", name, "' has only one of lora_A / lora_B");
   QF_CHECK_INPUT(!pairs.empty(), wpath, ": no LoRA tensors (expected keys like ", kPrefix,
-                 "model.layers.0.self_attn.q_proj.lora_A.weight)");
+                 "<layer prefix>.<module>.lora_A.weight)");
 
   // Pass 2: apply.
   at::NoGradGuard ng;

@@ -23,7 +23,8 @@ struct AdapterInfo {
   std::vector<std::string> modules_to_save;  // fully saved modules
 };
 
-// `fan_in_fan_out` is true for GPT-2 (HF Conv1D base layers); adapters themselves are identical.
+// `fan_in_fan_out` is true for families whose HF base layers are Conv1D (GPT-2; ArchSpec::has_conv1d);
+// adapters themselves are identical.
 void save_adapter(torch::nn::Module& model, const LoraConfig& cfg, const std::string& dir,
                   const std::string& base_model_name, bool fan_in_fan_out);
 // Reads and checks adapter_config.json (LORA only; DoRA, rank/alpha patterns rejected).

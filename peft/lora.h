@@ -29,9 +29,9 @@ struct LoraConfig {
   double alpha = 16.0;
   double dropout = 0.0;
   bool rslora = false;
-  // PEFT matching: an entry equal to a module's full name or to its last components ("q_proj",
-  // "self_attn.q_proj"); globs ("model.layers.*.mlp.*") match full names; "all-linear" = every
-  // linear except the output layer.
+  // PEFT matching: an entry equal to a module's full name or to its last components (the leaf name,
+  // or "<parent>.<leaf>"); globs ("<layers>.*.mlp.*") match full names; "all-linear" = every linear
+  // except the output layer. Module names are the family's (models/arch.h).
   std::vector<std::string> target_modules{"all-linear"};
   std::vector<std::string> modules_to_save;  // trained fully (e.g. lm_head), saved in the adapter
   BaseFormat base = BaseFormat::Fp32;        // storage of the frozen base linears (not lm_head)

@@ -66,6 +66,10 @@ MixChoice mix_choice(const std::string& name, TensorRole role, int64_t layer, in
   } else if (name == "q4_k_m" && (role == TensorRole::AttnV || role == TensorRole::FfnDown) &&
              use_more_bits(layer, n_layers)) {
     r = Rule::GgmlQ6_K;
+  } else if (name == "q4_k_m" && role == TensorRole::AttnQkv) {
+    // llama-quant.cpp stores a fused attn_qkv as Q5_K under Q4_K_M.
+    throw InputError("q4_k_m stores a fused attn_qkv tensor as Q5_K, which qforge does not implement yet; use q4_k, "
+                     "q6_k, q8_0 or another 32-block type");
   }
   if (cols % ggml::block_size(r) != 0) {
     // tensor_type_fallback: K-quants fall back to a 32-block type, anything that still does not fit to F16.

@@ -7,17 +7,18 @@
 //    (i < n/8 || i >= 7n/8 || (i - n/8) % 3 == 2);
 //  - a width the chosen block does not divide falls back as llama.cpp does: Q4_K -> Q5_0,
 //    Q6_K -> Q8_0, and to F16 when even that (or a 32-block type) does not divide it.
-// The same function drives export and QAT's `quant.mix`, so QAT trains against the exact types.
+// Each weight's role comes from its family's architecture spec (models/arch.h).
 #pragma once
 #include <cstdint>
 #include <string>
 #include <vector>
 
+#include "models/arch.h"
 #include "quant/spec.h"
 
 namespace qf::quant {
 
-enum class TensorRole { TokenEmbd, Output, AttnQ, AttnK, AttnV, AttnOutput, FfnGate, FfnUp, FfnDown };
+using models::TensorRole;
 
 struct MixChoice {
   Rule rule = Rule::Affine;  // a llama.cpp block rule, or Affine = float (see f16)

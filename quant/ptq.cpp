@@ -12,6 +12,7 @@
 #include "core/error.h"
 #include "core/log.h"
 #include "core/progress.h"
+#include "models/arch.h"
 #include "quant/fake_quant.h"
 
 namespace qf::quant {
@@ -87,6 +88,8 @@ double PtqResult::mean_err() const {
 
 namespace {
 
+using models::TensorRole;
+
 // A forward hook: stands in a LinearSlot, accumulates sum x^T x (and optionally keeps the inputs),
 // and runs the wrapped linear.
 class CaptureLinear : public models::LinearBase {
@@ -122,29 +125,6 @@ struct LayerLinear {
   models::DenseLinear* dense;
 };
 
-// Linears quantized one group after another (true-sequential order within a layer).
-std::vector<std::vector<std::string>> sequential_groups(models::Family f) {
-  if (f == models::Family::Gpt2) return {{"attn.c_attn"}, {"attn.c_proj"}, {"mlp.c_fc"}, {"mlp.c_proj"}};
-  return {{"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"},
-          {"self_attn.o_proj"},
-          {"mlp.gate_proj", "mlp.up_proj"},
-          {"mlp.down_proj"}};
-}
-
-// AWQ's scalable pairs: `prev` (a norm, or a linear whose output rows feed `linears` directly).
-struct Fold {
-  std::string prev;
-  bool prev_is_norm;
-  std::vector<std::string> linears;
-};
-std::vector<Fold> awq_folds(models::Family f) {
-  if (f == models::Family::Gpt2) return {{"ln_1", true, {"attn.c_attn"}}, {"ln_2", true, {"mlp.c_fc"}}};
-  return {{"input_layernorm", true, {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}},
-          {"self_attn.v_proj", false, {"self_attn.o_proj"}},
-          {"post_attention_layernorm", true, {"mlp.gate_proj", "mlp.up_proj"}},
-          {"mlp.up_proj", false, {"mlp.down_proj"}}};
-}
-
 std::vector<LayerLinear> layer_linears(models::CausalLM& model, int64_t i, const QatConfig& q) {
   std::vector<LayerLinear> out;
   const auto prefix = model.layer_prefix(i) + ".";
@@ -176,6 +156,27 @@ at::Tensor linear_outputs(const at::Tensor& X, const std::vector<at::Tensor>& Ws
   std::vector<at::Tensor> outs;
   for (auto& W : Ws) outs.push_back(at::matmul(X, W.t()));
   return at::cat(outs, -1);
+}
+
+// The MLP's output as a function of its input linears' weights (gate, up or the single up), the
+// down projection fixed.
+Inspect mlp_output(const models::ArchSpec& arch, models::DenseLinear& first, models::DenseLinear& down) {
+  auto cpu = [](const at::Tensor& t) { return t.defined() ? t.detach().to(at::kCPU, at::kFloat) : at::Tensor(); };
+  auto Wd = cpu(down.weight), bd = cpu(down.bias), b0 = cpu(first.bias);
+  const bool gated = arch.gated_mlp;
+  const auto act = arch.mlp_act;
+  return [=](const at::Tensor& x, const std::vector<at::Tensor>& w) {
+    auto a = at::linear(x, w[0], b0);
+    a = act == models::Activation::Silu ? at::silu(a) : at::gelu(a, "tanh");
+    auto h = gated ? a * at::matmul(x, w[1].t()) : a;
+    return at::linear(h, Wd, bd);
+  };
+}
+
+// AutoAWQ does not clip the query/key projections (their errors are scaled by the softmax).
+bool skips_clip(const models::ArchSpec& arch, const std::string& rel) {
+  const auto* l = arch.linear(rel);
+  return l && (l->role == TensorRole::AttnQ || l->role == TensorRole::AttnK || l->role == TensorRole::AttnQkv);
 }
 
 // AWQ scale search for linears sharing input X [n, in]: minimises mean((inspect(X, Wq) - inspect(X, W))^2)
@@ -292,6 +293,7 @@ PtqResult run_ptq(models::CausalLM& model, const QatConfig& q, const PtqConfig& 
     return caps;
   };
 
+  const models::ArchSpec& arch = models::arch_spec(model.cfg.family);
   std::optional<core::ProgressBar> bar;
   if (progress) bar.emplace(std::string("ptq ") + method_name(p.method), model.cfg.n_layers, 0, "layer");
   for (int64_t i = 0; i < model.cfg.n_layers; ++i) {
@@ -300,7 +302,7 @@ PtqResult run_ptq(models::CausalLM& model, const QatConfig& q, const PtqConfig& 
     if (p.method == PtqMethod::Gptq) {
       std::vector<std::vector<LayerLinear*>> groups;
       if (p.gptq.true_sequential) {
-        for (auto& g : sequential_groups(model.cfg.family)) {
+        for (auto& g : arch.ptq_groups) {
           std::vector<LayerLinear*> gl;
           for (auto& rel : g)
             if (auto* l = find(lls, rel); l && l->rule) gl.push_back(l);
@@ -340,7 +342,7 @@ PtqResult run_ptq(models::CausalLM& model, const QatConfig& q, const PtqConfig& 
       caps.clear();
       if (p.method == PtqMethod::Awq) {
         auto params = model.layer(i).named_parameters();
-        for (auto& f : awq_folds(model.cfg.family)) {
+        for (auto& f : arch.awq_pairs) {
           std::vector<LayerLinear*> fl;
           for (auto& rel : f.linears)
             if (auto* l = find(lls, rel); l && l->rule) fl.push_back(l);
@@ -356,20 +358,10 @@ PtqResult run_ptq(models::CausalLM& model, const QatConfig& q, const PtqConfig& 
           std::vector<QuantSpec> specs;
           for (auto* l : fl) Ws.push_back(l->dense->weight.detach().to(at::kCPU, at::kFloat)), specs.push_back(l->rule->weight);
           auto Xs = strided_rows(X[fl[0]->rel], p.awq.tokens);
-          // Gate/up (c_fc) scales are judged on the MLP's output, as AutoAWQ inspects the MLP.
+          // The MLP's input linears are judged on the MLP's output, as AutoAWQ inspects the MLP.
           Inspect inspect = linear_outputs;
-          const bool llama_mlp = f.prev == "post_attention_layernorm", gpt2_mlp = f.prev == "ln_2";
-          auto* down = find(lls, llama_mlp ? "mlp.down_proj" : "mlp.c_proj");
-          if ((llama_mlp || gpt2_mlp) && down && down->dense) {
-            auto Wd = down->dense->weight.detach().to(at::kCPU, at::kFloat);
-            auto bd = down->dense->bias.defined() ? down->dense->bias.detach().to(at::kCPU, at::kFloat) : at::Tensor();
-            auto b0 = fl[0]->dense->bias.defined() ? fl[0]->dense->bias.detach().to(at::kCPU, at::kFloat) : at::Tensor();
-            inspect = [=](const at::Tensor& x, const std::vector<at::Tensor>& w) {
-              auto h = llama_mlp ? at::silu(at::matmul(x, w[0].t())) * at::matmul(x, w[1].t())
-                                 : at::gelu(at::linear(x, w[0], b0), "tanh");
-              return at::linear(h, Wd, bd);
-            };
-          }
+          auto* down = find(lls, arch.linear(TensorRole::FfnDown).name);
+          if (f.mlp_input && down && down->dense) inspect = mlp_output(arch, *fl[0]->dense, *down->dense);
           auto s = awq_scale(Xs, Ws, specs, p.awq, inspect);
           // Fold: prev's output channels / s, the linears' input columns * s (float model unchanged).
           if (f.prev_is_norm) {
@@ -392,7 +384,7 @@ PtqResult run_ptq(models::CausalLM& model, const QatConfig& q, const PtqConfig& 
         }
         if (p.awq.clip) {
           for (auto* l : sel) {
-            if (l->rel == "self_attn.q_proj" || l->rel == "self_attn.k_proj" || l->rel == "attn.c_attn") continue;
+            if (skips_clip(arch, l->rel)) continue;
             auto W = l->dense->weight.detach().to(at::kCPU, at::kFloat).clone();
             awq_clip(W, strided_rows(X[l->rel], p.awq.clip_tokens), l->rule->weight, p.awq);
             l->dense->weight.copy_(W.to(l->dense->weight.options()));

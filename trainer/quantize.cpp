@@ -6,6 +6,7 @@
 #include "core/config.h"
 #include "core/error.h"
 #include "export/hf_export.h"
+#include "models/arch.h"
 #include "quant/ggml_mix.h"
 #include "quant/qat.h"
 #include "trainer/run_dir.h"
@@ -50,7 +51,7 @@ QuantizeResult quantize_run(const std::string& src, const std::vector<std::strin
     tok = std::move(lr.tok);
     cfg.resolved["run"]["init_from"] = std::filesystem::absolute(lr.checkpoint).lexically_normal().string();
   }
-  const std::string layers = model->cfg.family == models::Family::Gpt2 ? "transformer.h.*" : "model.layers.*";
+  const std::string layers = models::arch_spec(model->cfg.family).layers + ".*";
   auto& q = cfg.quant;
   q.enabled = true;
   // Linears whose width the format's group does not divide: --fallback's format, or an error naming them.

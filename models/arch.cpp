@@ -1,0 +1,251 @@
+#include "models/arch.h"
+
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+#include "models/hf_config.h"
+
+namespace qf::models {
+namespace {
+
+using json = nlohmann::json;
+
+// ---------------- llama: Llama 1-3.x, Mistral (no sliding window), Qwen2 (qkv bias) ----------------
+
+void read_rope_scaling(const HfConfigReader& c, ModelConfig& m) {
+  if (!c.has("rope_scaling")) return;
+  const auto& rs = c.j["rope_scaling"];
+  if (!rs.is_object()) throw c.bad("rope_scaling", "must be an object such as {\"rope_type\": \"llama3\", ...}");
+  const HfConfigReader r = c.child("rope_scaling");
+  const std::string type = rs.value("rope_type", rs.value("type", std::string()));
+  if (type == "linear") {
+    m.rope_scaling = RopeScaling::Linear;
+    m.rope_factor = r.pos_f64_or("factor", 1.0);
+  } else if (type == "llama3") {
+    m.rope_scaling = RopeScaling::Llama3;
+    m.rope_factor = r.pos_f64_or("factor", 8.0);
+    m.rope_low_freq_factor = r.pos_f64_or("low_freq_factor", 1.0);
+    m.rope_high_freq_factor = r.pos_f64_or("high_freq_factor", 4.0);
+    m.rope_original_max_seq_len = r.i64_or("original_max_position_embeddings", 8192);
+  } else if (type != "default") {
+    throw c.bad("rope_scaling", "type '" + type + "' is not supported; expected linear or llama3");
+  }
+}
+
+void read_llama(const HfConfigReader& c, const std::string& arch, ModelConfig& m, std::vector<std::string>& notes) {
+  m.n_kv_heads = c.i64_or("num_key_value_heads", m.n_heads);
+  if (m.n_heads % m.n_kv_heads != 0)
+    throw c.bad("num_key_value_heads", str("is ", m.n_kv_heads, ", which does not divide num_attention_heads ", m.n_heads,
+                                           " (grouped-query attention shares each KV head among a whole number of "
+                                           "query heads)"));
+  m.head_dim = c.i64_or("head_dim", m.dim / m.n_heads);
+  m.ffn_dim = c.i64("intermediate_size");
+  m.rope_theta = c.f64_or("rope_theta", 10000.0);
+  m.tie_embeddings = c.bool_or("tie_word_embeddings", false);
+  m.qkv_bias = arch == "Qwen2ForCausalLM" ? true : c.bool_or("attention_bias", false);
+  if (c.bool_or("mlp_bias", false)) throw c.bad("mlp_bias", "true is not supported (Llama MLPs without bias only)");
+  const std::string act = c.string_or("hidden_act", "silu");
+  if (act != "silu") throw c.bad("hidden_act", "'" + act + "' is not supported; expected silu");
+  read_rope_scaling(c, m);
+  // Sliding-window attention (Mistral, Qwen2 with use_sliding_window) is not implemented: exact as
+  // long as sequences stay within the window.
+  const bool sw = arch == "MistralForCausalLM" ? c.has("sliding_window")
+                                               : c.bool_or("use_sliding_window", false) && c.has("sliding_window");
+  if (sw && c.j["sliding_window"].is_number_integer() && c.j["sliding_window"].get<int64_t>() < m.max_seq_len)
+    notes.push_back(qf::str("sliding_window ", c.j["sliding_window"].get<int64_t>(),
+                            " is not implemented: attention is full, which is exact for sequences up to that length"));
+}
+
+void write_llama(const ModelConfig& c, json& j) {
+  const bool qwen2 = c.qkv_bias;
+  j["architectures"] = {qwen2 ? "Qwen2ForCausalLM" : "LlamaForCausalLM"};
+  j["model_type"] = qwen2 ? "qwen2" : "llama";
+  j["num_key_value_heads"] = c.kv_heads();
+  j["rope_theta"] = c.rope_theta;
+  j["hidden_act"] = "silu";
+  if (!qwen2) {
+    j["head_dim"] = c.hdim();
+    j["attention_bias"] = false;
+    j["mlp_bias"] = false;
+  } else {
+    QF_CHECK(c.hdim() * c.n_heads == c.dim, "Qwen2 export needs head_dim * n_heads == dim");
+  }
+  j["rope_scaling"] = nullptr;
+  if (c.rope_scaling == RopeScaling::Linear) j["rope_scaling"] = {{"rope_type", "linear"}, {"factor", c.rope_factor}};
+  if (c.rope_scaling == RopeScaling::Llama3)
+    j["rope_scaling"] = {{"rope_type", "llama3"},
+                         {"factor", c.rope_factor},
+                         {"low_freq_factor", c.rope_low_freq_factor},
+                         {"high_freq_factor", c.rope_high_freq_factor},
+                         {"original_max_position_embeddings", c.rope_original_max_seq_len}};
+}
+
+ArchSpec llama_spec() {
+  ArchSpec a;
+  a.family = Family::Llama;
+  a.name = "llama";
+  a.hf_architectures = {"LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"};
+  a.hf_keys = {"hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings",
+               "rms_norm_eps"};
+  a.hf_default_max_positions = 2048;
+  a.hf_default_norm_eps = 1e-6;
+  a.read_hf = read_llama;
+  a.write_hf = write_llama;
+  a.embed = "model.embed_tokens";
+  a.layers = "model.layers";
+  a.linears = {{"self_attn.q_proj", TensorRole::AttnQ, "attn_q", RopeRows::QueryHeads},
+               {"self_attn.k_proj", TensorRole::AttnK, "attn_k", RopeRows::KvHeads},
+               {"self_attn.v_proj", TensorRole::AttnV, "attn_v"},
+               {"self_attn.o_proj", TensorRole::AttnOutput, "attn_output", RopeRows::None, false, true},
+               {"mlp.gate_proj", TensorRole::FfnGate, "ffn_gate"},
+               {"mlp.up_proj", TensorRole::FfnUp, "ffn_up"},
+               {"mlp.down_proj", TensorRole::FfnDown, "ffn_down", RopeRows::None, false, true}};
+  a.layer_tensors = {{"input_layernorm.weight", "attn_norm.weight"}, {"post_attention_layernorm.weight", "ffn_norm.weight"}};
+  a.final_norm = "model.norm";
+  a.lm_head = "lm_head";
+  a.ignored_suffixes = {".rotary_emb.inv_freq"};
+  a.ptq_groups = {{"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"},
+                  {"self_attn.o_proj"},
+                  {"mlp.gate_proj", "mlp.up_proj"},
+                  {"mlp.down_proj"}};
+  a.awq_pairs = {{"input_layernorm", true, {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}},
+                 {"self_attn.v_proj", false, {"self_attn.o_proj"}},
+                 {"post_attention_layernorm", true, {"mlp.gate_proj", "mlp.up_proj"}, true},
+                 {"mlp.up_proj", false, {"mlp.down_proj"}}};
+  a.mlp_act = Activation::Silu;
+  a.gated_mlp = true;
+  a.gguf_arch = "llama";
+  return a;
+}
+
+// ---------------- gpt2 ----------------
+
+void read_gpt2(const HfConfigReader& c, const std::string&, ModelConfig& m, std::vector<std::string>&) {
+  m.ffn_dim = c.i64_or("n_inner", 4 * m.dim);
+  m.tie_embeddings = true;
+  if (!c.bool_or("tie_word_embeddings", true)) throw c.bad("tie_word_embeddings", "false is not supported for GPT-2");
+  const std::string act = c.string_or("activation_function", "gelu_new");
+  if (act != "gelu_new" && act != "gelu_pytorch_tanh")
+    throw c.bad("activation_function", "'" + act + "' is not supported; expected gelu_new");
+  for (const char* k : {"scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"})
+    if (c.bool_or(k, false)) throw c.bad(k, "true is not supported");
+}
+
+void write_gpt2(const ModelConfig&, json& j) {
+  j["architectures"] = {"GPT2LMHeadModel"};
+  j["model_type"] = "gpt2";
+  j["activation_function"] = "gelu_new";
+}
+
+ArchSpec gpt2_spec() {
+  ArchSpec a;
+  a.family = Family::Gpt2;
+  a.name = "gpt2";
+  a.hf_architectures = {"GPT2LMHeadModel"};
+  a.hf_keys = {"n_embd", "n_layer", "n_head", "n_inner", "n_positions", "layer_norm_epsilon"};
+  a.hf_default_max_positions = 1024;
+  a.hf_default_norm_eps = 1e-5;
+  a.read_hf = read_gpt2;
+  a.write_hf = write_gpt2;
+  a.embed = "transformer.wte";
+  a.positions = "transformer.wpe";
+  a.layers = "transformer.h";
+  a.linears = {{"attn.c_attn", TensorRole::AttnQkv, "attn_qkv", RopeRows::None, true},
+               {"attn.c_proj", TensorRole::AttnOutput, "attn_output", RopeRows::None, true, true},
+               {"mlp.c_fc", TensorRole::FfnUp, "ffn_up", RopeRows::None, true},
+               {"mlp.c_proj", TensorRole::FfnDown, "ffn_down", RopeRows::None, true, true}};
+  a.layer_tensors = {{"ln_1.weight", "attn_norm.weight"},
+                     {"ln_1.bias", "attn_norm.bias"},
+                     {"ln_2.weight", "ffn_norm.weight"},
+                     {"ln_2.bias", "ffn_norm.bias"}};
+  a.final_norm = "transformer.ln_f";
+  a.lm_head = "lm_head";  // never built (tied); a checkpoint's tied copy is ignored
+  a.tied_always = true;
+  a.scaled_residual_init = true;
+  a.ignored_suffixes = {".attn.bias", ".attn.masked_bias"};
+  a.ptq_groups = {{"attn.c_attn"}, {"attn.c_proj"}, {"mlp.c_fc"}, {"mlp.c_proj"}};
+  a.awq_pairs = {{"ln_1", true, {"attn.c_attn"}}, {"ln_2", true, {"mlp.c_fc"}, true}};
+  a.mlp_act = Activation::GeluTanh;
+  a.gguf_arch = "";  // llama.cpp's gpt2 architecture is not written yet
+  return a;
+}
+
+}  // namespace
+
+const std::vector<const ArchSpec*>& arch_specs() {
+  static const ArchSpec llama = llama_spec(), gpt2 = gpt2_spec();
+  static const std::vector<const ArchSpec*> all{&llama, &gpt2};
+  return all;
+}
+
+const ArchSpec& arch_spec(Family f) {
+  for (auto* a : arch_specs())
+    if (a->family == f) return *a;
+  throw Error(str("no architecture spec for family #", static_cast<int>(f)));
+}
+
+const ArchSpec* arch_for_hf(const std::string& hf_architecture) {
+  for (auto* a : arch_specs())
+    for (auto& h : a->hf_architectures)
+      if (h == hf_architecture) return a;
+  return nullptr;
+}
+
+std::string hf_architectures_list() {
+  std::string s;
+  for (auto* a : arch_specs())
+    for (auto& h : a->hf_architectures) s += (s.empty() ? "" : ", ") + h;
+  return s;
+}
+
+const cfg::Names<Family>& family_names() {
+  static const cfg::Names<Family> n = [] {
+    cfg::Names<Family> v;
+    for (auto* a : arch_specs()) v.emplace_back(a->name, a->family);
+    return v;
+  }();
+  return n;
+}
+
+const ArchLinear* ArchSpec::linear(const std::string& n) const {
+  for (auto& l : linears)
+    if (l.name == n) return &l;
+  return nullptr;
+}
+
+const ArchLinear& ArchSpec::linear(TensorRole role) const {
+  for (auto& l : linears)
+    if (l.role == role) return l;
+  throw Error(str(name, " has no linear of role #", static_cast<int>(role)));
+}
+
+bool ArchSpec::has_conv1d() const {
+  for (auto& l : linears)
+    if (l.conv1d) return true;
+  return false;
+}
+
+std::string ArchSpec::layer_module(const std::string& gguf) const {
+  for (auto& t : layer_tensors)
+    if (t.gguf == gguf) return split_last(t.name).first;
+  throw Error(str(name, " has no per-layer tensor ", gguf));
+}
+
+const ArchLinear* ArchSpec::layer_linear_of(const std::string& n) const {
+  const std::string pre = layers + ".";
+  if (n.compare(0, pre.size(), pre) != 0) return nullptr;
+  const auto dot = n.find('.', pre.size());  // after the layer index
+  if (dot == std::string::npos) return nullptr;
+  const std::string rel = n.substr(dot + 1);
+  for (auto& l : linears)
+    if (rel == l.name + ".weight") return &l;
+  return nullptr;
+}
+
+std::pair<std::string, std::string> split_last(const std::string& path) {
+  const auto dot = path.rfind('.');
+  if (dot == std::string::npos) return {"", path};
+  return {path.substr(0, dot), path.substr(dot + 1)};
+}
+
+}  // namespace qf::models
