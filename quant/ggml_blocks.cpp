@@ -24,6 +24,7 @@
 #include <string>
 
 #include "core/error.h"
+#include "quant/cuda/dequant.h"
 #include "quant/ggml_types.h"
 
 // -Wpsabi: the lane vectors below only pass between internal (inlined) helpers, so the vector-ABI
@@ -667,6 +668,36 @@ at::Tensor fake_quant_aten(const at::Tensor& w, Rule r) {
   return out.reshape(w.sizes());
 }
 
+// The checks both dequantize paths make: uint8 [rows, bytes] blocks for rows of `cols` values.
+void check_blocks(const at::Tensor& blocks, const Format& f, int64_t cols) {
+  check_cols(f, cols, "dequantize");
+  QF_CHECK(blocks.defined() && blocks.dim() == 2 && blocks.scalar_type() == at::kByte,
+           "ggml ", f.name, " dequantize: expected uint8 [rows, bytes] blocks, got ",
+           blocks.defined() ? std::string(blocks.toString()) + " " + c10::str(blocks.sizes()) : "undefined");
+  const int64_t bytes_per_row = cols / f.block * f.bytes;
+  QF_CHECK(blocks.size(1) == bytes_per_row, "ggml ", f.name, " dequantize: ", cols, " columns need ",
+           bytes_per_row, " bytes per row, got ", blocks.size(1));
+}
+
+// ATen helpers of dequantize_aten over b = uint8 [n_blocks, bytes] (one block per row), on b's device.
+// The fp16 field at byte k (little endian, as get_u16) as float32 [n_blocks, 1].
+at::Tensor half_field(const at::Tensor& b, int64_t k) {
+  return b.slice(1, k, k + 2).contiguous().view(at::kHalf).to(at::kFloat);
+}
+// n int8 values from byte k as float32 [n_blocks, n].
+at::Tensor signed_bytes(const at::Tensor& b, int64_t k, int64_t n) {
+  return b.slice(1, k, k + n).contiguous().view(at::kChar).to(at::kFloat);
+}
+// 16 packed bytes -> uint8 [n_blocks, 32] codes: element j in the low nibble of byte j, j + 16 in its high one.
+at::Tensor nibbles_lo_hi(const at::Tensor& qs) { return at::cat({qs.bitwise_and(15), qs.bitwise_right_shift(4)}, 1); }
+// q5_0 / q5_1 codes as float32 [n_blocks, 32]: low nibbles from qs (byte qs_at), the fifth bit of
+// element e is bit e of the little-endian 32-bit qh (byte qh_at), i.e. bit e % 8 of qh byte e / 8.
+at::Tensor q5_codes(const at::Tensor& b, int64_t qh_at, int64_t qs_at) {
+  auto shifts = at::arange(8, b.options().dtype(at::kLong)).repeat({4}).to(at::kByte);
+  auto fifth = b.slice(1, qh_at, qh_at + 4).repeat_interleave(8, 1).bitwise_right_shift(shifts).bitwise_and(1);
+  return nibbles_lo_hi(b.slice(1, qs_at, qs_at + 16)).bitwise_or(fifth.bitwise_left_shift(4)).to(at::kFloat);
+}
+
 }  // namespace
 
 int64_t block_size(Rule r) { return format_of(r).block; }
@@ -687,14 +718,13 @@ at::Tensor quantize(const at::Tensor& w, Rule r) {
 
 at::Tensor dequantize(const at::Tensor& blocks, Rule r, int64_t cols) {
   const Format& f = format_of(r);
-  check_cols(f, cols, "dequantize");
-  QF_CHECK(blocks.defined() && blocks.dim() == 2 && blocks.scalar_type() == at::kByte,
-           "ggml ", f.name, " dequantize: expected uint8 [rows, bytes] blocks, got ",
-           blocks.defined() ? std::string(blocks.toString()) + " " + c10::str(blocks.sizes()) : "undefined");
-  const int64_t bytes_per_row = cols / f.block * f.bytes;
-  QF_CHECK(blocks.size(1) == bytes_per_row, "ggml ", f.name, " dequantize: ", cols, " columns need ",
-           bytes_per_row, " bytes per row, got ", blocks.size(1));
-  auto b = blocks.detach().to(at::kCPU).contiguous();
+  check_blocks(blocks, f, cols);
+  // The one CPU/GPU decision for this op: CPU -> the reference loop below; CUDA with a compiled
+  // kernel for the rule -> quant/cuda; any other device (CUDA in a build without nvcc, or a rule
+  // without a kernel) -> the same arithmetic as ATen ops on that device. All three agree bit for bit.
+  if (use_cuda_kernel(blocks) && cuda::has_ggml_kernel(r)) return cuda::dequantize_ggml(blocks, r, cols, at::kFloat);
+  if (!blocks.device().is_cpu()) return dequantize_aten(blocks, r, cols);
+  auto b = blocks.detach().contiguous();
   const int64_t rows = b.size(0);
   auto out = at::empty({rows, cols}, b.options().dtype(at::kFloat));
   const uint8_t* src = b.data_ptr<uint8_t>();
@@ -702,7 +732,56 @@ at::Tensor dequantize(const at::Tensor& blocks, Rule r, int64_t cols) {
   at::parallel_for(0, rows * (cols / f.block), f.grain, [&](int64_t s, int64_t e) {
     for (int64_t i = s; i < e; ++i) f.dequant(src + i * f.bytes, dst + i * f.block);
   });
-  return blocks.device().is_cpu() ? out : out.to(blocks.device());
+  return out;
+}
+
+at::Tensor dequantize_aten(const at::Tensor& blocks, Rule r, int64_t cols) {
+  const Format& f = format_of(r);
+  check_blocks(blocks, f, cols);
+  const int64_t rows = blocks.size(0);
+  auto b = blocks.detach().contiguous().reshape({rows * (cols / f.block), f.bytes});  // one block per row
+  at::Tensor x;  // float32 [n_blocks, block]
+  switch (r) {
+    case Rule::GgmlQ8_0: x = signed_bytes(b, 2, kQK).mul(half_field(b, 0)); break;
+    case Rule::GgmlQ4_0: x = nibbles_lo_hi(b.slice(1, 2, 18)).to(at::kFloat).sub(8).mul(half_field(b, 0)); break;
+    case Rule::GgmlQ4_1:
+      x = nibbles_lo_hi(b.slice(1, 4, 20)).to(at::kFloat).mul(half_field(b, 0)).add(half_field(b, 2));
+      break;
+    case Rule::GgmlQ5_0: x = q5_codes(b, 2, 6).sub(16).mul(half_field(b, 0)); break;
+    case Rule::GgmlQ5_1: x = q5_codes(b, 4, 8).mul(half_field(b, 0)).add(half_field(b, 2)); break;
+    case Rule::GgmlQ4_K: {
+      // 8 sub-blocks of 32: x = (d * sc) * q - dmin * m, with get_scale_min_k4's 6-bit sc and m.
+      auto sb = b.slice(1, 4, 16);
+      auto lo4 = sb.slice(1, 0, 4), mid4 = sb.slice(1, 4, 8), hi4 = sb.slice(1, 8, 12);
+      auto top2 = [](const at::Tensor& v) { return v.bitwise_right_shift(6).bitwise_left_shift(4); };
+      auto sc = at::cat({lo4.bitwise_and(63), hi4.bitwise_and(15).bitwise_or(top2(lo4))}, 1).to(at::kFloat);
+      auto m = at::cat({mid4.bitwise_and(63), hi4.bitwise_right_shift(4).bitwise_or(top2(mid4))}, 1).to(at::kFloat);
+      auto d1 = half_field(b, 0).mul(sc).unsqueeze(-1);
+      auto m1 = half_field(b, 2).mul(m).unsqueeze(-1);
+      // Each 32-byte run of qs holds sub-block 2c in its low nibbles and 2c+1 in its high ones.
+      auto qs = b.slice(1, 16, 144).reshape({-1, 4, 32});
+      auto q = at::stack({qs.bitwise_and(15), qs.bitwise_right_shift(4)}, 2).reshape({-1, 8, 32}).to(at::kFloat);
+      x = d1.mul(q).sub(m1).reshape({-1, kQKK});
+      break;
+    }
+    case Rule::GgmlQ6_K: {
+      // Two halves of 128; in each, quarter k of 32 takes its low 4 bits from ql (bytes 0..31 for
+      // even k, 32..63 for odd k; low nibble for k < 2) and its top 2 bits from qh >> 2k.
+      // 16 sub-blocks of 16: x = (d * sc) * (q - 32).
+      auto ql = b.slice(1, 0, 128).reshape({-1, 2, 64});
+      auto qh = b.slice(1, 128, 192).reshape({-1, 2, 32});
+      auto a = ql.slice(2, 0, 32), c = ql.slice(2, 32, 64);
+      auto low = at::stack({a.bitwise_and(15), c.bitwise_and(15), a.bitwise_right_shift(4), c.bitwise_right_shift(4)}, 2);
+      auto high = at::stack({qh.bitwise_and(3), qh.bitwise_right_shift(2).bitwise_and(3),
+                             qh.bitwise_right_shift(4).bitwise_and(3), qh.bitwise_right_shift(6)}, 2);
+      auto q = low.bitwise_or(high.bitwise_left_shift(4)).to(at::kFloat).sub(32).reshape({-1, 16, 16});
+      auto d_sc = half_field(b, 208).mul(signed_bytes(b, 192, 16)).unsqueeze(-1);
+      x = d_sc.mul(q).reshape({-1, kQKK});
+      break;
+    }
+    case Rule::Affine: TORCH_INTERNAL_ASSERT(false, "format_of accepted Rule::Affine");
+  }
+  return x.reshape({rows, cols});
 }
 
 at::Tensor fake_quant(const at::Tensor& w, Rule r) {

@@ -17,8 +17,14 @@ int64_t type_size(Rule r);   // bytes per block: 34, 18, 20, 22, 24, 144, 210
 // w: float32 [rows, cols], cols % block_size == 0 (throws qf::Error naming both numbers otherwise).
 // Returns uint8 [rows, cols / block_size * type_size]: ggml's row layout.
 at::Tensor quantize(const at::Tensor& w, Rule r);
-// blocks: uint8 [rows, n_blocks * type_size] -> float32 [rows, cols].
+// blocks: uint8 [rows, n_blocks * type_size] on any device -> float32 [rows, cols] on that device.
+// The one dispatch for this op: on the CPU the reference loop; on CUDA the quant/cuda kernel when
+// the build has it and the rule has one (q8_0/q4_0/q4_1); anywhere else dequantize_aten. All equal
+// bit for bit (tests/quant/dequant_dispatch_test.cpp).
 at::Tensor dequantize(const at::Tensor& blocks, Rule r, int64_t cols);
+// The portable path of dequantize: the reference's float32 operations, in its order, as ATen ops on
+// blocks' device (every rule). What a build without nvcc runs on a GPU.
+at::Tensor dequantize_aten(const at::Tensor& blocks, Rule r, int64_t cols);
 // The 32-element formats whose blocks are one scale (q8_0, q4_0, q5_0) or a scale and a minimum
 // (q4_1, q5_1) and per-element codes: what GPTQ can quantize column by column.
 bool is_simple(Rule r);

@@ -128,6 +128,12 @@ at::Tensor as_cpu_contiguous(const at::Tensor& t, const char* what) {
   return t.device().is_cpu() ? t.contiguous() : t.cpu().contiguous();
 }
 
+// nf4_dequantize's output dtypes (bitsandbytes' and the CUDA kernel's).
+void check_out_dtype(at::ScalarType dtype) {
+  if (dtype != at::kFloat && dtype != at::kBFloat16 && dtype != at::kHalf)
+    throw Error(str("nf4_dequantize: output dtype ", c10::toString(dtype), " is not fp32/bf16/fp16"));
+}
+
 }  // namespace
 
 const std::array<float, 256>& dynamic_map_signed() {
@@ -219,8 +225,17 @@ at::Tensor nf4_scales(const Nf4Tensor& t) {
 }
 
 at::Tensor nf4_dequantize(const Nf4Tensor& t, at::ScalarType dtype) {
+  QF_CHECK(t.packed.defined(), "nf4 packed: undefined tensor");
+  check_out_dtype(dtype);
+  // The one CPU/GPU decision for this op: CPU -> the reference loop below; CUDA with the kernels
+  // compiled -> quant/cuda; any other device (CUDA in a build without nvcc) -> nf4_dequantize_aten.
+  if (!t.packed.device().is_cpu()) {
+    if (!use_cuda_kernel(t.packed)) return nf4_dequantize_aten(t, dtype);
+    auto scales = nf4_scales(t).to(t.packed.device());
+    return cuda::dequantize_nf4(t.packed, scales, t.blocksize, 1, t.numel(), dtype).view(t.shape);
+  }
   auto scales = nf4_scales(t);
-  auto packed = as_cpu_contiguous(t.packed, "nf4 packed");
+  auto packed = t.packed.contiguous();
   const int64_t n = t.numel();
   QF_CHECK(packed.numel() == (n + 1) / 2, "nf4: ", packed.numel(), " packed bytes for ", n, " values");
   auto out = at::empty(t.shape, at::TensorOptions().dtype(dtype));
@@ -230,9 +245,24 @@ at::Tensor nf4_dequantize(const Nf4Tensor& t, at::ScalarType dtype) {
     case at::kFloat: dequantize_4bit(pk, sc, n, t.blocksize, out.data_ptr<float>()); break;
     case at::kBFloat16: dequantize_4bit(pk, sc, n, t.blocksize, out.data_ptr<c10::BFloat16>()); break;
     case at::kHalf: dequantize_4bit(pk, sc, n, t.blocksize, out.data_ptr<c10::Half>()); break;
-    default: throw Error(str("nf4_dequantize: output dtype ", c10::toString(dtype), " is not fp32/bf16/fp16"));
+    default: TORCH_INTERNAL_ASSERT(false, "check_out_dtype let ", c10::toString(dtype), " through");
   }
   return out;
+}
+
+at::Tensor nf4_dequantize_aten(const Nf4Tensor& t, at::ScalarType dtype) {
+  QF_CHECK(t.packed.defined(), "nf4 packed: undefined tensor");
+  check_out_dtype(dtype);
+  const auto dev = t.packed.device();
+  const int64_t n = t.numel();
+  auto packed = t.packed.reshape({-1});
+  QF_CHECK(packed.numel() == (n + 1) / 2, "nf4: ", packed.numel(), " packed bytes for ", n, " values");
+  // Element 2p in the high nibble of byte p, 2p + 1 in the low one; then code value * block scale in
+  // fp32 and one cast, as dequantize_4bit.
+  auto codes = at::stack({packed.bitwise_right_shift(4), packed.bitwise_and(15)}, 1).reshape({-1}).slice(0, 0, n);
+  auto table = at::from_blob(const_cast<float*>(kNf4Code.data()), {16}, at::kFloat).to(dev, at::kFloat, false, true);
+  auto scales = nf4_scales(t).to(dev).repeat_interleave(t.blocksize).slice(0, 0, n);
+  return table.index_select(0, codes.to(at::kLong)).mul(scales).to(dtype).reshape(t.shape);
 }
 
 Nf4Linear::Nf4Linear(models::LinearBase& dense, int64_t bs, bool dq)
@@ -262,13 +292,7 @@ Nf4Tensor Nf4Linear::state() const {
   return t;
 }
 
-at::Tensor Nf4Linear::materialize(at::ScalarType dtype) const {
-  if (weight.is_cuda()) {
-    auto scales = double_quant ? nf4_scales(state()).to(weight.device()) : absmax;
-    return cuda::dequantize_nf4(weight, scales, blocksize, out_features, in_features, dtype);
-  }
-  return nf4_dequantize(state(), dtype);
-}
+at::Tensor Nf4Linear::materialize(at::ScalarType dtype) const { return nf4_dequantize(state(), dtype); }
 
 void Nf4Linear::pretty_print(std::ostream& s) const {
   s << "qf::Nf4Linear(in=" << in_features << ", out=" << out_features << ", blocksize=" << blocksize

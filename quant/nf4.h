@@ -43,8 +43,14 @@ void check_nf4_blocksize(int64_t blocksize, const std::string& key);
 Nf4Tensor nf4_quantize(const at::Tensor& w, int64_t blocksize = 64, bool double_quant = true);
 // The fp32 per-block scales (dequantizing the nested statistics when double-quantized).
 at::Tensor nf4_scales(const Nf4Tensor& t);
-// Dequantized tensor of t.shape in `dtype` (computed in fp32, then cast, as bitsandbytes does).
+// Dequantized tensor of t.shape in `dtype` (fp32/bf16/fp16; computed in fp32, then cast, as
+// bitsandbytes does), on t.packed's device. The one dispatch for this op: on the CPU the reference
+// loop; on CUDA the quant/cuda kernel when the build has it; anywhere else nf4_dequantize_aten.
+// All equal bit for bit (tests/quant/dequant_dispatch_test.cpp).
 at::Tensor nf4_dequantize(const Nf4Tensor& t, at::ScalarType dtype = at::kFloat);
+// The portable path of nf4_dequantize: the same fp32 product and cast as ATen ops on t.packed's
+// device. What a build without nvcc runs on a GPU.
+at::Tensor nf4_dequantize_aten(const Nf4Tensor& t, at::ScalarType dtype = at::kFloat);
 
 // bitsandbytes' 8-bit blockwise quantization with the signed dynamic map (its CPU
 // quantize_blockwise, as used for the double quantization): per-block absmax, then the code its

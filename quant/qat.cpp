@@ -6,7 +6,6 @@
 #include <cstdio>
 
 #include "core/error.h"
-#include "quant/cuda/dequant.h"
 #include "models/transformer.h"
 #include "quant/ggml_blocks.h"
 
@@ -196,10 +195,7 @@ at::Tensor unpack_weight(const PackedStorage& p, const QuantSpec& spec, int64_t 
     return (t * s.unsqueeze(-1)).reshape({rows, cols});
   }
   if (spec.is_ggml()) {
-    if (p.qweight.is_cuda() &&
-        (spec.rule == Rule::GgmlQ8_0 || spec.rule == Rule::GgmlQ4_0 || spec.rule == Rule::GgmlQ4_1))
-      return cuda::dequantize_ggml(p.qweight, spec.rule, cols, at::kFloat);
-    return ggml::dequantize(p.qweight.cpu(), spec.rule, cols).to(p.qweight.device());
+    return ggml::dequantize(p.qweight, spec.rule, cols);  // on qweight's device (CUDA kernel or fallback)
   }
   auto codes = unpack_codes(p.qweight, spec, cols);
   auto s = p.scales.to(at::kFloat);

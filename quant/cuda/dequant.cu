@@ -1,4 +1,5 @@
-// One thread per output element; blocks are read straight from ggml's byte layout.
+// CUDA dequantization kernels (see dequant.h). One thread per output element for llama.cpp blocks,
+// read straight from ggml's byte layout; one thread per packed byte for NF4.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
@@ -6,6 +7,12 @@
 
 #include "core/error.h"
 #include "quant/cuda/dequant.h"
+
+namespace qf::quant {
+
+bool cuda_kernels_built() { return true; }
+
+}  // namespace qf::quant
 
 namespace qf::quant::cuda {
 namespace {
@@ -65,12 +72,10 @@ __global__ void dequant_kernel(const uint8_t* __restrict__ blocks, T* __restrict
 
 }  // namespace
 
-bool compiled_with_cuda() { return true; }
-
 at::Tensor dequantize_ggml(const at::Tensor& blocks, Rule rule, int64_t cols, at::ScalarType out_type) {
   QF_CHECK(blocks.is_cuda() && blocks.scalar_type() == at::kByte, "dequantize_ggml: expected uint8 CUDA blocks");
-  int r = rule == Rule::GgmlQ8_0 ? 0 : rule == Rule::GgmlQ4_0 ? 1 : rule == Rule::GgmlQ4_1 ? 2 : -1;
-  QF_CHECK(r >= 0, "dequantize_ggml: only q8_0, q4_0 and q4_1 have a CUDA kernel");
+  QF_CHECK(has_ggml_kernel(rule), "dequantize_ggml: only q8_0, q4_0 and q4_1 have a CUDA kernel");
+  const int r = rule == Rule::GgmlQ8_0 ? 0 : rule == Rule::GgmlQ4_0 ? 1 : 2;
   QF_CHECK(cols % 32 == 0, "dequantize_ggml: width ", cols, " is not a multiple of 32");
   const int type_size = r == 0 ? 34 : r == 1 ? 18 : 20;
   const int64_t rows = blocks.size(0);

@@ -87,7 +87,7 @@ TEST(Nf4Linear, ForwardAndInputGradientEqualDenseOnDequantizedWeightNoParameters
 }
 
 TEST(Cuda, Nf4DequantKernelMatchesCpuAndNf4LinearRunsOnGpu) {
-  if (!cuda::compiled_with_cuda()) GTEST_SKIP() << "built without the CUDA toolkit: no CUDA kernels to run";
+  if (!cuda_kernels_built()) GTEST_SKIP() << "built without the CUDA toolkit: no CUDA kernels to run";
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device: the NF4 CUDA kernel compiled but not run";
   auto g = at::detail::createCPUGenerator(12);
   auto w = at::randn({96, 320}, g);

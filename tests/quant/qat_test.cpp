@@ -315,7 +315,7 @@ TEST(FakeQuant, ObserversFreezeAndMatchConvert) {
 }
 
 TEST(Cuda, GgmlDequantKernelMatchesCpu) {
-  if (!cuda::compiled_with_cuda()) GTEST_SKIP() << "built without the CUDA toolkit: no CUDA kernels to run";
+  if (!cuda_kernels_built()) GTEST_SKIP() << "built without the CUDA toolkit: no CUDA kernels to run";
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device: CUDA quant kernels compiled but not run";
   auto g = at::detail::createCPUGenerator(11);
   auto w = at::randn({96, 256}, g);
