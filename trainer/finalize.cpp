@@ -6,6 +6,7 @@
 #include "core/log.h"
 #include "peft/adapter.h"
 #include "quant/qat.h"
+#include "trainer/data_parallel.h"
 #include "trainer/trainer.h"
 
 namespace qf::trainer {
@@ -59,23 +60,36 @@ void Trainer::finalize(TrainResult& res, const std::function<EvalResult()>& eval
                       {"converted", res.converted},
                       {"adapter", res.adapter},
                       {"merged", res.merged}};
-  if (pg_) {
-    const auto st = reducer_ ? reducer_->stats() : dist::ReducerStats{};
-    const double n = static_cast<double>(std::max<int64_t>(1, st.steps));
-    j["data_parallel"] = {{"world_size", denv_.world_size},
-                          {"backend", pg_->getBackendName()},
-                          {"zero", zero_},
-                          {"overlap", cfg_.dist.overlap},
-                          {"buckets", reducer_ ? reducer_->buckets().size() : 0},
-                          {"collectives_per_step", static_cast<double>(st.collectives) / n},
-                          {"buckets_launched_in_backward_per_step", static_cast<double>(st.launched_in_backward) / n},
-                          {"gradient_bytes_per_step", static_cast<double>(st.bytes) / n},
-                          // time after backward spent finishing the gradient sync (not hidden by it)
-                          {"exposed_comm_s_per_step", st.exposed_s / n},
-                          {"step_s", res.tokens_per_s > 0 ? static_cast<double>(cfg_.trainer.batch_size * cfg_.trainer.grad_accum *
-                                                                                cfg_.data.seq_len * denv_.world_size) / res.tokens_per_s : 0.0}};
+  if (dp_->active()) {
+    auto dp = dp_->summary();
+    dp["step_s"] = res.tokens_per_s > 0 ? static_cast<double>(cfg_.trainer.batch_size * cfg_.trainer.grad_accum *
+                                                              cfg_.data.seq_len * denv_.world_size) / res.tokens_per_s
+                                        : 0.0;
+    j["data_parallel"] = dp;
   }
   fs::write_atomic(cfg_.run.out_dir + "/train_summary.json", j.dump(2) + "\n");
+}
+
+std::string Trainer::save_model_dir(const std::string& sub, ModelFormat format) {
+  CheckpointData d;
+  d.model = model_state(*model_);
+  d.state = {{"step", step_}, {"config_hash", cfg_.hash()}};
+  const ModelMeta meta = model_meta(format, false, true);
+  meta.write_to(d.state);
+  auto path = trainer::save_checkpoint(cfg_.run.out_dir + "/" + sub, step_, d, 1);
+  log::info("saved ", meta.describe(), " model ", path, " (", meta.model_bytes, " bytes of weights)");
+  return path;
+}
+
+std::string Trainer::save_converted() {
+  const int64_t n = quant::convert(*model_);
+  log::info("converted ", n, " fake-quant modules to packed integer weights");
+  if (ptq_ && !ptq_->packed.empty() && step_ == 0 && !cfg_.peft.enabled) {
+    // No training happened: keep GPTQ's own codes and scales (re-rounding its output may differ).
+    quant::apply_packed(*model_, *ptq_);
+    log::info("kept GPTQ's packed weights for ", ptq_->packed.size(), " linears");
+  }
+  return save_model_dir("converted", ModelFormat::Converted);
 }
 
 }  // namespace qf::trainer

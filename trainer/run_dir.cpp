@@ -94,9 +94,9 @@ LoadedRun load_run(const std::string& path, const std::vector<std::string>& over
   if (r.cfg.model.vocab_size == 0) r.cfg.model.vocab_size = r.tok->vocab_size();
   auto ck = load_checkpoint(r.checkpoint, false);
   r.meta = ModelMeta::read_from(ck.state);
-  if (r.meta.vocab_size > 0) r.cfg.model.vocab_size = r.meta.vocab_size;
   r.format = r.meta.describe();
   r.model = rebuild_model(r.cfg, ck, r.checkpoint);
+  r.cfg.model = r.model->cfg;  // what it was built with: the checkpoint's vocab_size
   r.model->to(pick_device(r.cfg.trainer.device));
   r.model->eval();
   return r;

@@ -4,7 +4,8 @@
 // (ModelMeta: fp / fake_quant / converted, LoRA) is typed in checkpoint.h; rebuild_model is the one
 // place a model is rebuilt from (config, checkpoint), in the one valid order
 // build -> quant::prepare -> quant::convert -> LoRA -> g_idx -> weights, and load_run / load_model
-// (eval, generate, export, quantize, inspect) and train's run.init_from go through it.
+// (eval, generate, export, quantize, inspect) go through it. (train's run.init_from instead loads a
+// checkpoint's plain weights into the model it builds, before its own prepare and LoRA.)
 // write_run_dir writes a complete run dir (quantize's output) through the staged-rename path.
 #pragma once
 #include <memory>
@@ -21,6 +22,8 @@ namespace qf::trainer {
 
 // The model a checkpoint holds under the run config `cfg` (whose quant / peft sections describe
 // its modules): built, prepared, converted and LoRA-wrapped as ck.state says, then loaded.
+// The returned model's `cfg` is the ModelConfig it was built with: cfg.model with the vocab_size
+// the checkpoint records (its embedding rows), when it records one.
 // InputError when the checkpoint needs a section the config lacks.
 std::shared_ptr<models::CausalLM> rebuild_model(const RunConfig& cfg, const CheckpointData& ck,
                                                 const std::string& checkpoint_dir);

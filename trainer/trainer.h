@@ -16,9 +16,9 @@
 #include "models/transformer.h"
 #include "quant/ptq.h"
 #include "trainer/run_lock.h"
-#include "trainer/dist/backend.h"
 #include "trainer/checkpoint.h"
-#include "trainer/dist/reducer.h"
+#include "trainer/dist/env.h"
+#include "trainer/evaluate.h"
 #include "trainer/run_config.h"
 #include "trainer/metrics.h"
 #include "trainer/run_dir.h"
@@ -32,11 +32,7 @@ class TensorBoardWriter;
 
 namespace qf::trainer {
 
-struct EvalResult {
-  double loss = 0;  // mean cross-entropy (nats/token)
-  double ppl = 0;
-  int64_t tokens = 0;
-};
+class DataParallel;  // trainer/data_parallel.h
 
 struct TrainResult {
   std::vector<double> losses;  // one per optimizer step run in this process
@@ -80,6 +76,16 @@ class Trainer {
   bool is_rank0() const { return denv_.rank == 0; }
 
  private:
+  // setup's steps, in order (each its own concern; setup() reads as the list).
+  void init_distributed();   // launcher env, this rank's device, process group, threads per rank
+  void load_inputs();        // run-dir lock, tokenizer (model.vocab_size), dataset, crash recovery
+  void create_model();       // architecture + initial weights (seed, model.from, run.init_from)
+  void transform_model(bool ptq_init);  // quant.init, quant.prepare, peft, onto the device
+  void attach_data_parallel();  // rank 0's weights everywhere; trainable parameters to dp_
+  void build_optimizer();    // AdamW over this rank's parameters (ZeRO: its shard)
+  void write_run_files(bool resumed);  // config.yaml, metrics.jsonl (rank 0)
+  void log_setup() const;
+
   void write_metrics(const nlohmann::json& j);
   double train_step();
   void restore(const std::string& ckpt_dir);
@@ -107,23 +113,9 @@ class Trainer {
   bool created_run_dir_ = false;  // rank 0: this run created run.out_dir (a failed one removes it if empty)
   bool finished_ = false;         // train() ran to the end
   std::optional<quant::PtqResult> ptq_;  // quant.init: what PTQ produced (GPTQ's exact codes)
-  dist::Env denv_;
-  c10::intrusive_ptr<c10d::Backend> pg_;  // null unless WORLD_SIZE > 1
-  std::unique_ptr<dist::GradReducer> reducer_;  // bucketed gradient sync (data parallel only)
-  // ZeRO (dist.zero > 0 with WORLD_SIZE > 1): trainable_[i] is owned by rank owner_[i]; this rank's
-  // AdamW holds only its own parameters' state.
-  int64_t zero_ = 0;
-  std::vector<at::Tensor> trainable_;
-  std::vector<int> owner_;
-  bool owns(size_t i) const { return zero_ == 0 || owner_[i] == denv_.rank; }
-  void broadcast_model();
-  // Sums over the ranks in one all-reduce; `what` and `step` name it if a peer is gone.
-  std::vector<double> allreduce_sums(std::vector<double> v, const char* what, int64_t step);
-  double allreduce_sum(double v) { return allreduce_sums({v}, "all-reduce", step_ + 1)[0]; }
-  void barrier();
-  double clip_sharded_grads(double max_norm);  // ZeRO-2: the global norm from each rank's own gradients
-  void sync_params();                        // ZeRO: each owner broadcasts its updated parameters
-  NamedTensors gather_optimizer_state();     // ZeRO: the whole optimizer state, on rank 0
+  dist::Env denv_;  // the launcher's environment (rank 0 of 1 when not launched)
+  // Process group, gradient sync, ZeRO, observer sync; set by setup (a group only when launched).
+  std::unique_ptr<DataParallel> dp_;
 };
 
 // Runs cfg.quant.init (rtn|gptq|awq) on the float `model`: calibration from quant.calib.data's
@@ -138,15 +130,5 @@ peft::ApplyReport apply_peft(torch::nn::Module& model, const peft::LoraConfig& p
 at::Device pick_device(DeviceChoice d);
 // Intra-op CPU threads for run.threads (0 = every core).
 void set_threads(int64_t threads);
-// Mean next-token cross-entropy over a packed set (batches in order).
-// Data parallel (shard.world > 1): each global batch of batch_size * world sequences is split
-// across ranks and shard.sum adds (loss, tokens) over them, so every rank gets the number one
-// process with that global batch computes, in 1/world of the time.
-struct EvalShard {
-  int64_t rank = 0, world = 1;
-  std::function<void(double& loss_sum, double& tokens)> sum;
-};
-EvalResult evaluate_model(models::CausalLM& m, const data::PackedSet& set, int64_t batch_size, int64_t max_batches,
-                          at::Device dev, bool bf16, const EvalShard& shard = {});
 
 }  // namespace qf::trainer

@@ -1,0 +1,82 @@
+#include "trainer/evaluate.h"
+
+#include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace qf::trainer {
+
+namespace {
+
+// RAII bf16 autocast, mirroring torch.autocast's enter/exit (thread-local state).
+class AutocastGuard {
+ public:
+  AutocastGuard(bool on, at::DeviceType dev) : on_(on), dev_(dev) {
+    if (!on_) return;
+    prev_ = at::autocast::is_autocast_enabled(dev_);
+    prev_dtype_ = at::autocast::get_autocast_dtype(dev_);
+    at::autocast::set_autocast_enabled(dev_, true);
+    at::autocast::set_autocast_dtype(dev_, at::kBFloat16);
+    at::autocast::increment_nesting();
+  }
+  ~AutocastGuard() {
+    if (!on_) return;
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+    at::autocast::set_autocast_enabled(dev_, prev_);
+    at::autocast::set_autocast_dtype(dev_, prev_dtype_);
+  }
+
+ private:
+  bool on_, prev_ = false;
+  at::DeviceType dev_;
+  at::ScalarType prev_dtype_ = at::kBFloat16;
+};
+
+}  // namespace
+
+at::Tensor token_loss_sum(models::CausalLM& m, const data::Batch& b, at::Device dev, bool bf16) {
+  at::Tensor logits;
+  {
+    AutocastGuard ag(bf16, dev.type());
+    logits = m.forward(b.input_ids.to(dev));
+  }
+  const int64_t V = logits.size(-1);
+  return at::cross_entropy_loss(logits.reshape({-1, V}).to(at::kFloat), b.labels.to(dev).reshape({-1}), {},
+                                at::Reduction::Sum, -100);
+}
+
+EvalResult evaluate_model(models::CausalLM& m, const data::PackedSet& set, int64_t bs, int64_t max_batches,
+                          at::Device dev, bool bf16, const EvalShard& shard) {
+  EvalResult r;
+  if (set.size() == 0) return r;
+  at::NoGradGuard ng;
+  bool was = m.is_training();
+  m.eval();
+  // Sharded only when every rank gets sequences of the first batch (observers may sync on it).
+  const int64_t world = shard.world > 1 && set.size() >= shard.world ? shard.world : 1;
+  const int64_t gb = bs * world;
+  double sum = 0, tokens = 0;
+  int64_t nb = (set.size() + gb - 1) / gb;
+  if (max_batches > 0) nb = std::min(nb, max_batches);
+  for (int64_t i = 0; i < nb; ++i) {
+    const int64_t lo = i * gb, len = std::min(set.size(), lo + gb) - lo;
+    const int64_t r = world > 1 ? shard.rank : 0;
+    std::vector<int64_t> idx;
+    for (int64_t j = lo + r * len / world; j < lo + (r + 1) * len / world; ++j) idx.push_back(j);
+    if (idx.empty()) continue;
+    auto b = data::make_batch(set, idx);
+    sum += token_loss_sum(m, b, dev, bf16).item<double>();
+    tokens += static_cast<double>((b.labels != -100).sum().item<int64_t>());
+  }
+  if (world > 1) shard.sum(sum, tokens);
+  if (was) m.train();
+  r.tokens = static_cast<int64_t>(tokens);
+  r.loss = r.tokens ? sum / tokens : 0.0;
+  r.ppl = std::exp(r.loss);
+  return r;
+}
+
+}  // namespace qf::trainer

@@ -1,0 +1,36 @@
+// The loss of a causal LM on packed token batches: one batch's summed next-token cross-entropy
+// (forward under bf16 autocast when asked, loss in fp32, label -100 ignored) and the mean over a
+// packed set, optionally sharded over data-parallel ranks.
+// Invariant: sharded or not, evaluate_model returns what one process computes over the same batches.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <functional>
+
+#include "data/dataset.h"
+#include "models/transformer.h"
+
+namespace qf::trainer {
+
+struct EvalResult {
+  double loss = 0;  // mean cross-entropy (nats/token)
+  double ppl = 0;
+  int64_t tokens = 0;
+};
+
+// Sum over b's labelled tokens of the next-token cross-entropy (a scalar fp32 tensor, in the graph).
+at::Tensor token_loss_sum(models::CausalLM& m, const data::Batch& b, at::Device dev, bool bf16);
+
+// Mean next-token cross-entropy over a packed set (batches in order).
+// Data parallel (shard.world > 1): each global batch of batch_size * world sequences is split
+// across ranks and shard.sum adds (loss, tokens) over them, so every rank gets the number one
+// process with that global batch computes, in 1/world of the time.
+struct EvalShard {
+  int64_t rank = 0, world = 1;
+  std::function<void(double& loss_sum, double& tokens)> sum;
+};
+EvalResult evaluate_model(models::CausalLM& m, const data::PackedSet& set, int64_t batch_size, int64_t max_batches,
+                          at::Device dev, bool bf16, const EvalShard& shard = {});
+
+}  // namespace qf::trainer
