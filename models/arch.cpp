@@ -32,6 +32,32 @@ void read_rope_scaling(const HfConfigReader& c, ModelConfig& m) {
   }
 }
 
+// Sliding-window attention as transformers builds it: Mistral windows every layer; Qwen2/Qwen3 only
+// with use_sliding_window, in the layers `layer_types` marks "sliding_attention" (by default those
+// from max_window_layers on).
+void read_sliding_window(const HfConfigReader& c, const std::string& arch, ModelConfig& m, std::vector<std::string>&) {
+  const bool mistral = arch == "MistralForCausalLM";
+  if (!c.has("sliding_window") || (!mistral && !c.bool_or("use_sliding_window", false))) return;
+  m.sliding_window = c.i64("sliding_window");
+  if (mistral) return;
+  if (c.has("layer_types")) {
+    const auto& lt = c.j["layer_types"];
+    if (!lt.is_array() || static_cast<int64_t>(lt.size()) != m.n_layers)
+      throw c.bad("layer_types", str("must list one entry per layer (", m.n_layers, ")"));
+    for (int64_t i = 0; i < m.n_layers; ++i) {
+      const std::string t = lt[i].is_string() ? lt[i].get<std::string>() : "";
+      if (t == "sliding_attention") m.sliding_layers.push_back(i);
+      else if (t != "full_attention")
+        throw c.bad("layer_types", str("entry ", i, " must be \"sliding_attention\" or \"full_attention\""));
+    }
+  } else {
+    const int64_t first = c.has("max_window_layers") ? c.j["max_window_layers"].get<int64_t>() : 28;
+    for (int64_t i = std::max<int64_t>(0, first); i < m.n_layers; ++i) m.sliding_layers.push_back(i);
+  }
+  if (m.sliding_layers.empty()) m.sliding_window = 0;  // no layer uses it
+  else if (static_cast<int64_t>(m.sliding_layers.size()) == m.n_layers) m.sliding_layers.clear();  // every layer
+}
+
 void read_llama(const HfConfigReader& c, const std::string& arch, ModelConfig& m, std::vector<std::string>& notes) {
   m.n_kv_heads = c.i64_or("num_key_value_heads", m.n_heads);
   if (m.n_heads % m.n_kv_heads != 0)
@@ -47,29 +73,47 @@ void read_llama(const HfConfigReader& c, const std::string& arch, ModelConfig& m
   const std::string act = c.string_or("hidden_act", "silu");
   if (act != "silu") throw c.bad("hidden_act", "'" + act + "' is not supported; expected silu");
   read_rope_scaling(c, m);
-  // Sliding-window attention (Mistral, Qwen2 with use_sliding_window) is not implemented: exact as
-  // long as sequences stay within the window.
-  const bool sw = arch == "MistralForCausalLM" ? c.has("sliding_window")
-                                               : c.bool_or("use_sliding_window", false) && c.has("sliding_window");
-  if (sw && c.j["sliding_window"].is_number_integer() && c.j["sliding_window"].get<int64_t>() < m.max_seq_len)
-    notes.push_back(qf::str("sliding_window ", c.j["sliding_window"].get<int64_t>(),
-                            " is not implemented: attention is full, which is exact for sequences up to that length"));
+  read_sliding_window(c, arch, m, notes);
+}
+
+void write_rope_scaling(const ModelConfig& c, json& j);
+
+// Qwen2/Qwen3's sliding-window keys (layer_types says which layers).
+void write_qwen_window(const ModelConfig& c, json& j) {
+  j["use_sliding_window"] = c.sliding_window > 0;
+  j["sliding_window"] = c.sliding_window > 0 ? json(c.sliding_window) : json(nullptr);
+  j["max_window_layers"] = c.n_layers;
+  json types = json::array();
+  for (int64_t i = 0; i < c.n_layers; ++i) types.push_back(c.window(i) > 0 ? "sliding_attention" : "full_attention");
+  j["layer_types"] = types;
 }
 
 void write_llama(const ModelConfig& c, json& j) {
   const bool qwen2 = c.qkv_bias;
-  j["architectures"] = {qwen2 ? "Qwen2ForCausalLM" : "LlamaForCausalLM"};
-  j["model_type"] = qwen2 ? "qwen2" : "llama";
+  // Without qkv biases, a sliding window on every layer is Mistral's architecture.
+  const bool mistral = !qwen2 && c.sliding_window > 0;
+  QF_CHECK_INPUT(!mistral || c.sliding_layers.empty(), "HF export: a Llama-family model with a sliding window on some "
+                 "layers only has no transformers architecture without qkv biases (Mistral windows every layer)");
+  j["architectures"] = {qwen2 ? "Qwen2ForCausalLM" : mistral ? "MistralForCausalLM" : "LlamaForCausalLM"};
+  j["model_type"] = qwen2 ? "qwen2" : mistral ? "mistral" : "llama";
+  if (mistral) j["sliding_window"] = c.sliding_window;
+  if (qwen2) write_qwen_window(c, j);
   j["num_key_value_heads"] = c.kv_heads();
   j["rope_theta"] = c.rope_theta;
   j["hidden_act"] = "silu";
-  if (!qwen2) {
+  if (mistral) {
+    j["head_dim"] = c.hdim();
+  } else if (!qwen2) {
     j["head_dim"] = c.hdim();
     j["attention_bias"] = false;
     j["mlp_bias"] = false;
   } else {
     QF_CHECK(c.hdim() * c.n_heads == c.dim, "Qwen2 export needs head_dim * n_heads == dim");
   }
+  write_rope_scaling(c, j);
+}
+
+void write_rope_scaling(const ModelConfig& c, json& j) {
   j["rope_scaling"] = nullptr;
   if (c.rope_scaling == RopeScaling::Linear) j["rope_scaling"] = {{"rope_type", "linear"}, {"factor", c.rope_factor}};
   if (c.rope_scaling == RopeScaling::Llama3)
@@ -115,6 +159,43 @@ ArchSpec llama_spec() {
   a.mlp_act = Activation::Silu;
   a.gated_mlp = true;
   a.gguf_arch = "llama";
+  return a;
+}
+
+// ---------------- qwen3: the llama layout with q/k RMSNorms per head before RoPE ----------------
+
+void read_qwen3(const HfConfigReader& c, const std::string& arch, ModelConfig& m, std::vector<std::string>& notes) {
+  const bool has_head_dim = c.has("head_dim");
+  read_llama(c, arch, m, notes);
+  if (!has_head_dim) m.head_dim = 128;  // Qwen3Config's default
+  m.qk_norm = true;
+}
+
+void write_qwen3(const ModelConfig& c, json& j) {
+  j["architectures"] = {"Qwen3ForCausalLM"};
+  j["model_type"] = "qwen3";
+  j["num_key_value_heads"] = c.kv_heads();
+  j["head_dim"] = c.hdim();
+  j["rope_theta"] = c.rope_theta;
+  j["hidden_act"] = "silu";
+  j["attention_bias"] = c.qkv_bias;
+  write_qwen_window(c, j);
+  write_rope_scaling(c, j);
+}
+
+ArchSpec qwen3_spec() {
+  ArchSpec a = llama_spec();
+  a.family = Family::Qwen3;
+  a.name = "qwen3";
+  a.hf_architectures = {"Qwen3ForCausalLM"};
+  a.read_hf = read_qwen3;
+  a.write_hf = write_qwen3;
+  a.layer_tensors.push_back({"self_attn.q_norm.weight", "attn_q_norm.weight"});
+  a.layer_tensors.push_back({"self_attn.k_norm.weight", "attn_k_norm.weight"});
+  // llama.cpp's qwen3 uses NEOX (rotate-half) RoPE: Q/K rows are not permuted. Its GGUF needs the
+  // byte-level BPE tokenizer block, not written yet: export refuses.
+  for (auto& l : a.linears) l.rope_rows = RopeRows::None;
+  a.gguf_arch = "";
   return a;
 }
 
@@ -173,8 +254,8 @@ ArchSpec gpt2_spec() {
 }  // namespace
 
 const std::vector<const ArchSpec*>& arch_specs() {
-  static const ArchSpec llama = llama_spec(), gpt2 = gpt2_spec();
-  static const std::vector<const ArchSpec*> all{&llama, &gpt2};
+  static const ArchSpec llama = llama_spec(), qwen3 = qwen3_spec(), gpt2 = gpt2_spec();
+  static const std::vector<const ArchSpec*> all{&llama, &qwen3, &gpt2};
   return all;
 }
 

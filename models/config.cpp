@@ -36,6 +36,14 @@ ModelConfig ModelConfig::from_config(cfg::Reader& r) {
   rs.finish();
   c.norm_eps = r.f64("norm_eps", c.norm_eps, 1e-12, 1.0);
   c.qkv_bias = r.boolean("qkv_bias", c.qkv_bias);
+  c.qk_norm = r.boolean("qk_norm", c.family == Family::Qwen3);
+  c.sliding_window = r.i64("sliding_window", c.sliding_window, 0, 1 << 24);
+  for (double l : r.f64s("sliding_layers", {})) {
+    if (l != static_cast<double>(static_cast<int64_t>(l)) || l < 0 || l >= static_cast<double>(c.n_layers))
+      r.fail("sliding_layers", str("entries must be layer indices in [0, ", c.n_layers, "), got ", l));
+    else
+      c.sliding_layers.push_back(static_cast<int64_t>(l));
+  }
   c.tie_embeddings = r.boolean("tie_embeddings", arch_spec(c.family).tied_always ? true : c.tie_embeddings);
   c.dtype = r.choice<DType>("dtype", c.dtype, dtype_names());
   c.init_std = r.f64("init_std", c.init_std, 0.0, 10.0);
@@ -61,6 +69,8 @@ ModelConfig ModelConfig::from_config(cfg::Reader& r) {
       check("rope_theta", c.rope_theta, hf.rope_theta);
       check("norm_eps", c.norm_eps, hf.norm_eps);
       check("qkv_bias", c.qkv_bias, hf.qkv_bias);
+      check("qk_norm", c.qk_norm, hf.qk_norm);
+      check("sliding_window", c.sliding_window, hf.sliding_window);
       check("tie_embeddings", c.tie_embeddings, hf.tie_embeddings);
       const auto dtype = c.dtype;
       const auto from = c.from;
@@ -80,6 +90,9 @@ ModelConfig ModelConfig::from_config(cfg::Reader& r) {
       res["rope_theta"] = c.rope_theta;
       res["norm_eps"] = c.norm_eps;
       res["qkv_bias"] = c.qkv_bias;
+      res["qk_norm"] = c.qk_norm;
+      res["sliding_window"] = c.sliding_window;
+      res["sliding_layers"] = c.sliding_layers;
       res["tie_embeddings"] = c.tie_embeddings;
       res["rope_scaling"]["type"] = cfg::name_of(rope_scaling_names(), c.rope_scaling);
       res["rope_scaling"]["factor"] = c.rope_factor;
@@ -95,7 +108,10 @@ ModelConfig ModelConfig::from_config(cfg::Reader& r) {
   if (c.kv_heads() > c.n_heads || c.n_heads % c.kv_heads() != 0)
     r.fail("n_kv_heads", "n_heads " + std::to_string(c.n_heads) + " must be a multiple of n_kv_heads " +
                              std::to_string(c.kv_heads()));
-  if (c.family == Family::Llama && c.hdim() % 2 != 0)
+  if (c.family == Family::Qwen3 && !c.qk_norm) r.fail("qk_norm", "qwen3 normalizes q and k; must be true");
+  if (c.family == Family::Gpt2 && (c.qk_norm || c.sliding_window > 0))
+    r.fail(c.qk_norm ? "qk_norm" : "sliding_window", "gpt2 has neither q/k norms nor sliding-window attention");
+  if (c.family != Family::Gpt2 && c.hdim() % 2 != 0)
     r.fail("head_dim", "RoPE needs an even head dimension, got " + std::to_string(c.hdim()));
   if (arch_spec(c.family).tied_always && !c.tie_embeddings)
     r.fail("tie_embeddings", c.family_name() + " ties lm_head to the token embedding; must be true");

@@ -3,12 +3,13 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "core/config.h"
 
 namespace qf::models {
 
-enum class Family { Llama, Gpt2 };
+enum class Family { Llama, Qwen3, Gpt2 };
 enum class RopeScaling { None, Linear, Llama3 };
 enum class DType { F32, BF16 };
 // The recipe spellings: model.family (from the architecture specs, models/arch.cpp),
@@ -43,6 +44,9 @@ struct ModelConfig {
   int64_t rope_original_max_seq_len = 8192;
   double norm_eps = 1e-5;
   bool qkv_bias = false;        // Qwen2: true
+  bool qk_norm = false;         // Qwen3: RMSNorm over each head's q and k before RoPE
+  int64_t sliding_window = 0;   // > 0: local attention, query i sees keys (i - sliding_window, i] (Mistral, Qwen2)
+  std::vector<int64_t> sliding_layers;  // the layers that use it; empty = every layer
   bool tie_embeddings = false;
   DType dtype = DType::F32;
   double init_std = 0.02;
@@ -51,6 +55,14 @@ struct ModelConfig {
   int64_t kv_heads() const { return n_kv_heads > 0 ? n_kv_heads : n_heads; }
   int64_t hdim() const { return head_dim > 0 ? head_dim : dim / n_heads; }
   int64_t ffn() const;
+  // The attention window of layer i (0 = full causal attention).
+  int64_t window(int64_t layer) const {
+    if (sliding_window <= 0) return 0;
+    if (sliding_layers.empty()) return sliding_window;
+    for (auto l : sliding_layers)
+      if (l == layer) return sliding_window;
+    return 0;
+  }
   static ModelConfig from_config(cfg::Reader& r);  // validates; calls r.finish()
   std::string family_name() const { return cfg::name_of(family_names(), family); }
 };

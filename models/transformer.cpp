@@ -58,8 +58,9 @@ class LayerNorm : public torch::nn::Module {
   double eps_;
 };
 
-// Attention over q [B,H,T,D], k/v [B,Hkv,T,D], appending k/v to the cache when given.
-at::Tensor attend(at::Tensor q, at::Tensor k, at::Tensor v, KVCache* cache, int layer, int64_t n_rep) {
+// Attention over q [B,H,T,D], k/v [B,Hkv,T,D], appending k/v to the cache when given. window > 0:
+// query at absolute position p sees keys at positions (p - window, p] (transformers' sliding window).
+at::Tensor attend(at::Tensor q, at::Tensor k, at::Tensor v, KVCache* cache, int layer, int64_t n_rep, int64_t window = 0) {
   const int64_t T = q.size(2);
   int64_t past = 0;
   if (cache) {
@@ -74,12 +75,14 @@ at::Tensor attend(at::Tensor q, at::Tensor k, at::Tensor v, KVCache* cache, int 
     k = k.repeat_interleave(n_rep, 1);
     v = v.repeat_interleave(n_rep, 1);
   }
-  if (past == 0) return at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true);
-  if (T == 1) return at::scaled_dot_product_attention(q, k, v, {}, 0.0, false);
-  // Query i (absolute position past+i) sees keys j <= past+i.
+  const bool windowed = window > 0 && past + T > window;
+  if (past == 0 && !windowed) return at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true);
+  if (T == 1 && !windowed) return at::scaled_dot_product_attention(q, k, v, {}, 0.0, false);
+  // Query i (absolute position past+i) sees keys j <= past+i (and j > past+i-window).
   auto qi = at::arange(T, q.options().dtype(at::kLong)).unsqueeze(1) + past;
   auto kj = at::arange(past + T, q.options().dtype(at::kLong)).unsqueeze(0);
   auto mask = kj <= qi;
+  if (windowed) mask = mask & (kj > qi - window);
   return at::scaled_dot_product_attention(q, k, v, mask, 0.0, false);
 }
 
@@ -92,19 +95,28 @@ class LlamaAttention : public torch::nn::Module, public HasLinearSlots {
     wk = LinearSlot(this, leaf_of(a, TensorRole::AttnK), std::make_shared<DenseLinear>(c.dim, c.kv_heads() * hd, c.qkv_bias));
     wv = LinearSlot(this, leaf_of(a, TensorRole::AttnV), std::make_shared<DenseLinear>(c.dim, c.kv_heads() * hd, c.qkv_bias));
     wo = LinearSlot(this, leaf_of(a, TensorRole::AttnOutput), std::make_shared<DenseLinear>(c.n_heads * hd, c.dim, false));
+    if (c.qk_norm) {
+      q_norm = register_module(leaf(a.layer_module("attn_q_norm.weight")), std::make_shared<RMSNorm>(hd, c.norm_eps));
+      k_norm = register_module(leaf(a.layer_module("attn_k_norm.weight")), std::make_shared<RMSNorm>(hd, c.norm_eps));
+    }
   }
   at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, KVCache* cache, int layer) {
     const int64_t B = x.size(0), T = x.size(1), hd = c_.hdim();
-    auto q = wq(x).view({B, T, c_.n_heads, hd}).transpose(1, 2);
-    auto k = wk(x).view({B, T, c_.kv_heads(), hd}).transpose(1, 2);
+    auto q = wq(x).view({B, T, c_.n_heads, hd});
+    auto k = wk(x).view({B, T, c_.kv_heads(), hd});
+    if (q_norm) {
+      q = q_norm->forward(q);
+      k = k_norm->forward(k);
+    }
+    q = apply_rope(q.transpose(1, 2), cos, sin);
+    k = apply_rope(k.transpose(1, 2), cos, sin);
     auto v = wv(x).view({B, T, c_.kv_heads(), hd}).transpose(1, 2);
-    q = apply_rope(q, cos, sin);
-    k = apply_rope(k, cos, sin);
-    auto y = attend(q, k, v, cache, layer, c_.n_heads / c_.kv_heads());
+    auto y = attend(q, k, v, cache, layer, c_.n_heads / c_.kv_heads(), c_.window(layer));
     return wo(y.transpose(1, 2).reshape({B, T, c_.n_heads * hd}));
   }
   LinearSlot* linear_slot(const std::string& n) override { return find_slot(n, {&wq, &wk, &wv, &wo}); }
   LinearSlot wq, wk, wv, wo;
+  std::shared_ptr<RMSNorm> q_norm, k_norm;  // qk_norm only
 
  private:
   ModelConfig c_;
@@ -387,7 +399,7 @@ std::shared_ptr<CausalLM> build_model(const ModelConfig& c, bool init) {
   const auto saved = c10::get_default_dtype();
   if (!init) c10::set_default_dtype(c10::scalarTypeToTypeMeta(model_dtype(c)));
   try {
-    if (c.family == Family::Llama)
+    if (c.family == Family::Llama || c.family == Family::Qwen3)
       m = std::make_shared<LlamaForCausalLM>(c);
     else
       m = std::make_shared<Gpt2LMHeadModel>(c);

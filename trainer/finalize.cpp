@@ -9,6 +9,8 @@
 #include "trainer/data_parallel.h"
 #include "trainer/trainer.h"
 
+#include "models/arch.h"
+
 namespace qf::trainer {
 
 void Trainer::finalize(TrainResult& res, const std::function<EvalResult()>& eval) {
@@ -18,7 +20,7 @@ void Trainer::finalize(TrainResult& res, const std::function<EvalResult()>& eval
       res.adapter = cfg_.run.out_dir + "/adapter";
       peft::save_adapter(*model_, cfg_.peft, res.adapter,
                          adapter_base_name(cfg_.model.from, cfg_.run.init_from, cfg_.run.name),
-                         cfg_.model.family == models::Family::Gpt2);
+                         models::arch_spec(cfg_.model.family).has_conv1d());
       log::info("saved PEFT adapter ", res.adapter);
     }
     if (cfg_.peft.merge_at_end || convert) {

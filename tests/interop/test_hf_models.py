@@ -32,6 +32,16 @@ def _tiny(kind):
         return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common, tie_word_embeddings=True))
     if kind == "mistral":
         return transformers.MistralForCausalLM(transformers.MistralConfig(**common, sliding_window=None))
+    if kind == "qwen3":
+        return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common, head_dim=32, tie_word_embeddings=True))
+    if kind == "qwen3_sw":  # layer 1 windowed (layers from max_window_layers on), window shorter than the ids
+        return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+            **common, head_dim=16, use_sliding_window=True, sliding_window=6, max_window_layers=1))
+    if kind == "qwen2_sw":
+        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+            **common, use_sliding_window=True, sliding_window=5, max_window_layers=0))
+    if kind == "mistral_sw":
+        return transformers.MistralForCausalLM(transformers.MistralConfig(**common, sliding_window=6))
     if kind == "gpt2":
         return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=160, n_embd=64, n_layer=2, n_head=4,
                                                                     n_positions=128))
@@ -68,7 +78,9 @@ def _run(tmp_path, d, ids):
 
 @pytest.mark.parametrize("kind,dtype,shard", [
     ("llama", torch.float32, None), ("llama", torch.bfloat16, "60KB"), ("llama3_tied", torch.float32, None),
-    ("qwen2", torch.float16, None), ("mistral", torch.float32, "60KB"), ("gpt2", torch.float32, None)])
+    ("qwen2", torch.float16, None), ("mistral", torch.float32, "60KB"), ("gpt2", torch.float32, None),
+    ("qwen3", torch.bfloat16, None), ("qwen3_sw", torch.float32, None), ("qwen2_sw", torch.float32, None),
+    ("mistral_sw", torch.float32, None)])
 def test_hf_checkpoint_logits_and_greedy_tokens_match_transformers(tmp_path, kind, dtype, shard):
     d = _save(tmp_path, kind, dtype, shard)
     if shard:
