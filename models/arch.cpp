@@ -199,6 +199,118 @@ ArchSpec qwen3_spec() {
   return a;
 }
 
+// ---------------- gemma2 / gemma3 (text) ----------------
+// sqrt(hidden)-scaled embeddings, (1 + w) RMSNorms before and after attention and the MLP, GeGLU
+// (gelu-tanh), scores scaled by query_pre_attn_scalar^-1/2, soft-capping (Gemma 2), interleaved
+// sliding-window and global layers, q/k norms and a local RoPE base for windowed layers (Gemma 3).
+
+// A key whose absence means `def` and whose null means "off" (0).
+double f64_or_null(const HfConfigReader& c, const char* k, double def) {
+  if (c.j.contains(k) && c.j[k].is_null()) return 0.0;
+  return c.has(k) ? c.pos_f64_or(k, def) : def;
+}
+
+void read_gemma(const HfConfigReader& c, const std::string& arch, ModelConfig& m, std::vector<std::string>&) {
+  const bool g3 = arch == "Gemma3ForCausalLM";
+  m.n_kv_heads = c.i64_or("num_key_value_heads", m.n_heads);
+  if (m.n_heads % m.n_kv_heads != 0)
+    throw c.bad("num_key_value_heads", str("is ", m.n_kv_heads, ", which does not divide num_attention_heads ", m.n_heads));
+  m.head_dim = c.i64_or("head_dim", 256);
+  m.ffn_dim = c.i64("intermediate_size");
+  m.rope_theta = c.f64_or("rope_theta", g3 ? 1000000.0 : 10000.0);
+  m.tie_embeddings = c.bool_or("tie_word_embeddings", true);
+  if (c.bool_or("attention_bias", false)) throw c.bad("attention_bias", "true is not supported (Gemma has no biases)");
+  const char* act_key = c.has("hidden_activation") ? "hidden_activation" : "hidden_act";
+  const std::string act = c.string_or(act_key, "gelu_pytorch_tanh");
+  if (act != "gelu_pytorch_tanh") throw c.bad(act_key, "'" + act + "' is not supported; expected gelu_pytorch_tanh");
+  m.query_pre_attn_scalar = c.pos_f64_or("query_pre_attn_scalar", 256.0);
+  m.attn_softcap = f64_or_null(c, "attn_logit_softcapping", g3 ? 0.0 : 50.0);
+  m.final_softcap = f64_or_null(c, "final_logit_softcapping", g3 ? 0.0 : 30.0);
+  if (g3) {
+    m.qk_norm = true;
+    read_rope_scaling(c, m);
+    m.rope_local_theta = c.pos_f64_or("rope_local_base_freq", 10000.0);
+    if (c.bool_or("use_bidirectional_attention", false))
+      throw c.bad("use_bidirectional_attention", "true is not supported (causal language models only)");
+  } else if (c.has("rope_scaling")) {
+    throw c.bad("rope_scaling", "is not supported for Gemma 2");
+  }
+  // Windows: layer_types when given, else Gemma 2 alternates (even layers windowed) and Gemma 3
+  // windows all but every sliding_window_pattern-th layer.
+  if (!c.has("sliding_window") && c.j.contains("sliding_window")) return;  // null: no windows
+  const int64_t window = c.i64_or("sliding_window", 4096);
+  if (c.has("layer_types")) {
+    const auto& lt = c.j["layer_types"];
+    if (!lt.is_array() || static_cast<int64_t>(lt.size()) != m.n_layers)
+      throw c.bad("layer_types", str("must list one entry per layer (", m.n_layers, ")"));
+    for (int64_t i = 0; i < m.n_layers; ++i) {
+      const std::string t = lt[i].is_string() ? lt[i].get<std::string>() : "";
+      if (t == "sliding_attention") m.sliding_layers.push_back(i);
+      else if (t != "full_attention")
+        throw c.bad("layer_types", str("entry ", i, " must be \"sliding_attention\" or \"full_attention\""));
+    }
+  } else {
+    const int64_t pattern = g3 ? c.i64_or("sliding_window_pattern", 6) : 2;
+    for (int64_t i = 0; i < m.n_layers; ++i)
+      if ((i + 1) % pattern != 0) m.sliding_layers.push_back(i);
+  }
+  if (!m.sliding_layers.empty()) m.sliding_window = window;
+  if (static_cast<int64_t>(m.sliding_layers.size()) == m.n_layers) m.sliding_layers.clear();  // every layer
+}
+
+void write_gemma(const ModelConfig& c, json& j) {
+  const bool g3 = c.family == Family::Gemma3;
+  j["architectures"] = {g3 ? "Gemma3ForCausalLM" : "Gemma2ForCausalLM"};
+  j["model_type"] = g3 ? "gemma3_text" : "gemma2";
+  j["num_key_value_heads"] = c.kv_heads();
+  j["head_dim"] = c.hdim();
+  j["rope_theta"] = c.rope_theta;
+  j["hidden_activation"] = "gelu_pytorch_tanh";
+  j["attention_bias"] = false;
+  j["query_pre_attn_scalar"] = c.query_pre_attn_scalar > 0 ? c.query_pre_attn_scalar : static_cast<double>(c.hdim());
+  j["attn_logit_softcapping"] = c.attn_softcap > 0 ? json(c.attn_softcap) : json(nullptr);
+  j["final_logit_softcapping"] = c.final_softcap > 0 ? json(c.final_softcap) : json(nullptr);
+  j["sliding_window"] = c.sliding_window > 0 ? json(c.sliding_window) : json(nullptr);
+  json types = json::array();
+  for (int64_t i = 0; i < c.n_layers; ++i) types.push_back(c.window(i) > 0 ? "sliding_attention" : "full_attention");
+  j["layer_types"] = types;
+  if (g3) {
+    j["rope_local_base_freq"] = c.rope_local_theta > 0 ? c.rope_local_theta : c.rope_theta;
+    write_rope_scaling(c, j);
+  }
+}
+
+ArchSpec gemma_spec(bool g3) {
+  ArchSpec a = llama_spec();
+  a.family = g3 ? Family::Gemma3 : Family::Gemma2;
+  a.name = g3 ? "gemma3" : "gemma2";
+  a.hf_architectures = {g3 ? "Gemma3ForCausalLM" : "Gemma2ForCausalLM"};
+  a.hf_default_max_positions = g3 ? 131072 : 8192;
+  a.read_hf = read_gemma;
+  a.write_hf = write_gemma;
+  a.layer_tensors = {{"input_layernorm.weight", "attn_norm.weight"},
+                     {"post_attention_layernorm.weight", "post_attention_norm.weight"},
+                     {"pre_feedforward_layernorm.weight", "ffn_norm.weight"},
+                     {"post_feedforward_layernorm.weight", "post_ffw_norm.weight"}};
+  if (g3) {
+    a.layer_tensors.push_back({"self_attn.q_norm.weight", "attn_q_norm.weight"});
+    a.layer_tensors.push_back({"self_attn.k_norm.weight", "attn_k_norm.weight"});
+  }
+  a.awq_pairs = {{"input_layernorm", true, {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}},
+                 {"self_attn.v_proj", false, {"self_attn.o_proj"}},
+                 {"pre_feedforward_layernorm", true, {"mlp.gate_proj", "mlp.up_proj"}, true},
+                 {"mlp.up_proj", false, {"mlp.down_proj"}}};
+  a.mlp_act = Activation::GeluTanh;
+  a.gemma_norms = true;
+  a.sandwich_norms = true;
+  a.scale_embeddings = true;
+  // llama.cpp's gemma2/gemma3 use NEOX RoPE (no Q/K permutation) and store norms as 1 + w; their
+  // GGUF export is not written yet: export refuses.
+  for (auto& l : a.linears) l.rope_rows = RopeRows::None;
+  a.gguf_arch = "";
+  return a;
+}
+
 // ---------------- gpt2 ----------------
 
 void read_gpt2(const HfConfigReader& c, const std::string&, ModelConfig& m, std::vector<std::string>&) {
@@ -254,8 +366,9 @@ ArchSpec gpt2_spec() {
 }  // namespace
 
 const std::vector<const ArchSpec*>& arch_specs() {
-  static const ArchSpec llama = llama_spec(), qwen3 = qwen3_spec(), gpt2 = gpt2_spec();
-  static const std::vector<const ArchSpec*> all{&llama, &qwen3, &gpt2};
+  static const ArchSpec llama = llama_spec(), qwen3 = qwen3_spec(), gemma2 = gemma_spec(false),
+                        gemma3 = gemma_spec(true), gpt2 = gpt2_spec();
+  static const std::vector<const ArchSpec*> all{&llama, &qwen3, &gemma2, &gemma3, &gpt2};
   return all;
 }
 

@@ -87,6 +87,9 @@ struct ArchSpec {
   std::string lm_head;                         // absent when the embeddings are tied
   bool tied_always = false;                    // the family always ties lm_head to the embedding
   bool scaled_residual_init = false;           // residual linears init with std / sqrt(2 * n_layers) (GPT-2)
+  bool gemma_norms = false;                    // RMSNorm weight w scales by (1 + w), computed in fp32 (Gemma)
+  bool sandwich_norms = false;                 // norms after attention and MLP too (post_attention_norm, post_ffw_norm)
+  bool scale_embeddings = false;               // token embeddings times sqrt(hidden) (Gemma)
   std::vector<std::string> ignored_suffixes;   // checkpoint tensors the model has no use for
   std::vector<std::vector<std::string>> ptq_groups;
   std::vector<AwqPair> awq_pairs;

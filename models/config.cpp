@@ -36,7 +36,11 @@ ModelConfig ModelConfig::from_config(cfg::Reader& r) {
   rs.finish();
   c.norm_eps = r.f64("norm_eps", c.norm_eps, 1e-12, 1.0);
   c.qkv_bias = r.boolean("qkv_bias", c.qkv_bias);
-  c.qk_norm = r.boolean("qk_norm", c.family == Family::Qwen3);
+  c.qk_norm = r.boolean("qk_norm", c.family == Family::Qwen3 || c.family == Family::Gemma3);
+  c.rope_local_theta = r.f64("rope_local_theta", c.rope_local_theta, 0.0, 1e12);
+  c.query_pre_attn_scalar = r.f64("query_pre_attn_scalar", c.query_pre_attn_scalar, 0.0, 1e9);
+  c.attn_softcap = r.f64("attn_softcap", c.attn_softcap, 0.0, 1e9);
+  c.final_softcap = r.f64("final_softcap", c.final_softcap, 0.0, 1e9);
   c.sliding_window = r.i64("sliding_window", c.sliding_window, 0, 1 << 24);
   for (double l : r.f64s("sliding_layers", {})) {
     if (l != static_cast<double>(static_cast<int64_t>(l)) || l < 0 || l >= static_cast<double>(c.n_layers))
@@ -71,6 +75,10 @@ ModelConfig ModelConfig::from_config(cfg::Reader& r) {
       check("qkv_bias", c.qkv_bias, hf.qkv_bias);
       check("qk_norm", c.qk_norm, hf.qk_norm);
       check("sliding_window", c.sliding_window, hf.sliding_window);
+      check("rope_local_theta", c.rope_local_theta, hf.rope_local_theta);
+      check("query_pre_attn_scalar", c.query_pre_attn_scalar, hf.query_pre_attn_scalar);
+      check("attn_softcap", c.attn_softcap, hf.attn_softcap);
+      check("final_softcap", c.final_softcap, hf.final_softcap);
       check("tie_embeddings", c.tie_embeddings, hf.tie_embeddings);
       const auto dtype = c.dtype;
       const auto from = c.from;
@@ -93,6 +101,10 @@ ModelConfig ModelConfig::from_config(cfg::Reader& r) {
       res["qk_norm"] = c.qk_norm;
       res["sliding_window"] = c.sliding_window;
       res["sliding_layers"] = c.sliding_layers;
+      res["rope_local_theta"] = c.rope_local_theta;
+      res["query_pre_attn_scalar"] = c.query_pre_attn_scalar;
+      res["attn_softcap"] = c.attn_softcap;
+      res["final_softcap"] = c.final_softcap;
       res["tie_embeddings"] = c.tie_embeddings;
       res["rope_scaling"]["type"] = cfg::name_of(rope_scaling_names(), c.rope_scaling);
       res["rope_scaling"]["factor"] = c.rope_factor;
@@ -108,9 +120,13 @@ ModelConfig ModelConfig::from_config(cfg::Reader& r) {
   if (c.kv_heads() > c.n_heads || c.n_heads % c.kv_heads() != 0)
     r.fail("n_kv_heads", "n_heads " + std::to_string(c.n_heads) + " must be a multiple of n_kv_heads " +
                              std::to_string(c.kv_heads()));
-  if (c.family == Family::Qwen3 && !c.qk_norm) r.fail("qk_norm", "qwen3 normalizes q and k; must be true");
-  if (c.family == Family::Gpt2 && (c.qk_norm || c.sliding_window > 0))
-    r.fail(c.qk_norm ? "qk_norm" : "sliding_window", "gpt2 has neither q/k norms nor sliding-window attention");
+  if ((c.family == Family::Qwen3 || c.family == Family::Gemma3) && !c.qk_norm)
+    r.fail("qk_norm", c.family_name() + " normalizes q and k; must be true");
+  if (c.family == Family::Gpt2)
+    for (auto [key, set] : {std::pair<const char*, bool>{"qk_norm", c.qk_norm}, {"sliding_window", c.sliding_window > 0},
+                            {"rope_local_theta", c.rope_local_theta > 0}, {"query_pre_attn_scalar", c.query_pre_attn_scalar > 0},
+                            {"attn_softcap", c.attn_softcap > 0}, {"final_softcap", c.final_softcap > 0}})
+      if (set) r.fail(key, "is not part of the gpt2 architecture; leave it unset");
   if (c.family != Family::Gpt2 && c.hdim() % 2 != 0)
     r.fail("head_dim", "RoPE needs an even head dimension, got " + std::to_string(c.hdim()));
   if (arch_spec(c.family).tied_always && !c.tie_embeddings)

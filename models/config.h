@@ -9,7 +9,7 @@
 
 namespace qf::models {
 
-enum class Family { Llama, Qwen3, Gpt2 };
+enum class Family { Llama, Qwen3, Gemma2, Gemma3, Gpt2 };
 enum class RopeScaling { None, Linear, Llama3 };
 enum class DType { F32, BF16 };
 // The recipe spellings: model.family (from the architecture specs, models/arch.cpp),
@@ -47,6 +47,10 @@ struct ModelConfig {
   bool qk_norm = false;         // Qwen3: RMSNorm over each head's q and k before RoPE
   int64_t sliding_window = 0;   // > 0: local attention, query i sees keys (i - sliding_window, i] (Mistral, Qwen2)
   std::vector<int64_t> sliding_layers;  // the layers that use it; empty = every layer
+  double rope_local_theta = 0.0;  // > 0: windowed layers' RoPE base, without rope scaling (Gemma 3)
+  double query_pre_attn_scalar = 0.0;  // > 0: attention scores scale by its -1/2 power, not head_dim's (Gemma)
+  double attn_softcap = 0.0;    // > 0: scores -> cap * tanh(scores / cap) (Gemma 2)
+  double final_softcap = 0.0;   // > 0: logits -> cap * tanh(logits / cap) (Gemma 2)
   bool tie_embeddings = false;
   DType dtype = DType::F32;
   double init_std = 0.02;

@@ -30,18 +30,23 @@ LinearSlot* find_slot(const std::string& n, std::initializer_list<LinearSlot*> s
 }
 
 // RMSNorm as in HF LlamaRMSNorm: normalise in fp32, cast back, then scale.
+// gemma = true: Gemma's RMSNorm, whose stored weight w scales by (1 + w), all in fp32, then cast.
 class RMSNorm : public torch::nn::Module {
  public:
-  RMSNorm(int64_t dim, double eps) : eps_(eps) { weight = register_parameter("weight", at::ones({dim})); }
+  RMSNorm(int64_t dim, double eps, bool gemma = false) : eps_(eps), gemma_(gemma) {
+    weight = register_parameter("weight", gemma ? at::zeros({dim}) : at::ones({dim}));
+  }
   at::Tensor forward(const at::Tensor& x) {
     auto xf = x.to(at::kFloat);
     auto y = xf * at::rsqrt(xf.pow(2).mean(-1, true) + eps_);
+    if (gemma_) return (y * (1.0 + weight.to(at::kFloat))).to(x.scalar_type());
     return weight * y.to(x.scalar_type());
   }
   at::Tensor weight;
 
  private:
   double eps_;
+  bool gemma_;
 };
 
 class LayerNorm : public torch::nn::Module {
@@ -60,7 +65,27 @@ class LayerNorm : public torch::nn::Module {
 
 // Attention over q [B,H,T,D], k/v [B,Hkv,T,D], appending k/v to the cache when given. window > 0:
 // query at absolute position p sees keys at positions (p - window, p] (transformers' sliding window).
-at::Tensor attend(at::Tensor q, at::Tensor k, at::Tensor v, KVCache* cache, int layer, int64_t n_rep, int64_t window = 0) {
+// scale > 0 replaces 1/sqrt(head_dim); softcap > 0 caps the scores as softcap * tanh(s / softcap)
+// before the mask (Gemma 2), which needs the explicit softmax below instead of SDPA.
+struct AttnOpts {
+  int64_t n_rep = 1, window = 0;
+  double scale = 0.0, softcap = 0.0;
+};
+at::Tensor sdpa(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
+                bool causal, const AttnOpts& o) {
+  const std::optional<double> scale = o.scale > 0 ? std::optional<double>(o.scale) : std::nullopt;
+  if (o.softcap <= 0) return at::scaled_dot_product_attention(q, k, v, mask, 0.0, causal, scale);
+  auto s = at::matmul(q, k.transpose(-2, -1)) * (o.scale > 0 ? o.scale : 1.0 / std::sqrt(double(q.size(-1))));
+  s = at::tanh(s / o.softcap) * o.softcap;
+  at::Tensor allowed;
+  if (mask) allowed = *mask;
+  else if (causal) allowed = at::ones({q.size(-2), k.size(-2)}, q.options().dtype(at::kBool)).tril();
+  if (allowed.defined()) s = s.masked_fill(allowed.logical_not(), -std::numeric_limits<float>::infinity());
+  return at::matmul(at::softmax(s, -1, at::kFloat).to(q.scalar_type()), v);
+}
+
+at::Tensor attend(at::Tensor q, at::Tensor k, at::Tensor v, KVCache* cache, int layer, const AttnOpts& o) {
+  const int64_t n_rep = o.n_rep, window = o.window;
   const int64_t T = q.size(2);
   int64_t past = 0;
   if (cache) {
@@ -76,14 +101,14 @@ at::Tensor attend(at::Tensor q, at::Tensor k, at::Tensor v, KVCache* cache, int 
     v = v.repeat_interleave(n_rep, 1);
   }
   const bool windowed = window > 0 && past + T > window;
-  if (past == 0 && !windowed) return at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true);
-  if (T == 1 && !windowed) return at::scaled_dot_product_attention(q, k, v, {}, 0.0, false);
+  if (past == 0 && !windowed) return sdpa(q, k, v, std::nullopt, /*causal=*/true, o);
+  if (T == 1 && !windowed) return sdpa(q, k, v, std::nullopt, false, o);
   // Query i (absolute position past+i) sees keys j <= past+i (and j > past+i-window).
   auto qi = at::arange(T, q.options().dtype(at::kLong)).unsqueeze(1) + past;
   auto kj = at::arange(past + T, q.options().dtype(at::kLong)).unsqueeze(0);
   auto mask = kj <= qi;
   if (windowed) mask = mask & (kj > qi - window);
-  return at::scaled_dot_product_attention(q, k, v, mask, 0.0, false);
+  return sdpa(q, k, v, mask, false, o);
 }
 
 class LlamaAttention : public torch::nn::Module, public HasLinearSlots {
@@ -96,8 +121,8 @@ class LlamaAttention : public torch::nn::Module, public HasLinearSlots {
     wv = LinearSlot(this, leaf_of(a, TensorRole::AttnV), std::make_shared<DenseLinear>(c.dim, c.kv_heads() * hd, c.qkv_bias));
     wo = LinearSlot(this, leaf_of(a, TensorRole::AttnOutput), std::make_shared<DenseLinear>(c.n_heads * hd, c.dim, false));
     if (c.qk_norm) {
-      q_norm = register_module(leaf(a.layer_module("attn_q_norm.weight")), std::make_shared<RMSNorm>(hd, c.norm_eps));
-      k_norm = register_module(leaf(a.layer_module("attn_k_norm.weight")), std::make_shared<RMSNorm>(hd, c.norm_eps));
+      q_norm = register_module(leaf(a.layer_module("attn_q_norm.weight")), std::make_shared<RMSNorm>(hd, c.norm_eps, a.gemma_norms));
+      k_norm = register_module(leaf(a.layer_module("attn_k_norm.weight")), std::make_shared<RMSNorm>(hd, c.norm_eps, a.gemma_norms));
     }
   }
   at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, KVCache* cache, int layer) {
@@ -111,7 +136,12 @@ class LlamaAttention : public torch::nn::Module, public HasLinearSlots {
     q = apply_rope(q.transpose(1, 2), cos, sin);
     k = apply_rope(k.transpose(1, 2), cos, sin);
     auto v = wv(x).view({B, T, c_.kv_heads(), hd}).transpose(1, 2);
-    auto y = attend(q, k, v, cache, layer, c_.n_heads / c_.kv_heads(), c_.window(layer));
+    AttnOpts o;
+    o.n_rep = c_.n_heads / c_.kv_heads();
+    o.window = c_.window(layer);
+    o.scale = c_.query_pre_attn_scalar > 0 ? 1.0 / std::sqrt(c_.query_pre_attn_scalar) : 0.0;
+    o.softcap = c_.attn_softcap;
+    auto y = attend(q, k, v, cache, layer, o);
     return wo(y.transpose(1, 2).reshape({B, T, c_.n_heads * hd}));
   }
   LinearSlot* linear_slot(const std::string& n) override { return find_slot(n, {&wq, &wk, &wv, &wo}); }
@@ -124,31 +154,45 @@ class LlamaAttention : public torch::nn::Module, public HasLinearSlots {
 
 class LlamaMLP : public torch::nn::Module, public HasLinearSlots {
  public:
-  explicit LlamaMLP(const ModelConfig& c) {
+  explicit LlamaMLP(const ModelConfig& c) : act_(spec(c).mlp_act) {
     const ArchSpec& a = spec(c);
     w_gate = LinearSlot(this, leaf_of(a, TensorRole::FfnGate), std::make_shared<DenseLinear>(c.dim, c.ffn(), false));
     w_up = LinearSlot(this, leaf_of(a, TensorRole::FfnUp), std::make_shared<DenseLinear>(c.dim, c.ffn(), false));
     w_down = LinearSlot(this, leaf_of(a, TensorRole::FfnDown), std::make_shared<DenseLinear>(c.ffn(), c.dim, false));
   }
-  at::Tensor forward(const at::Tensor& x) { return w_down(at::silu(w_gate(x)) * w_up(x)); }
+  at::Tensor forward(const at::Tensor& x) {
+    auto g = w_gate(x);
+    return w_down((act_ == Activation::Silu ? at::silu(g) : at::gelu(g, "tanh")) * w_up(x));
+  }
   LinearSlot* linear_slot(const std::string& n) override { return find_slot(n, {&w_gate, &w_up, &w_down}); }
   LinearSlot w_gate, w_up, w_down;
+
+ private:
+  Activation act_;
 };
 
 class LlamaLayer : public torch::nn::Module {
  public:
   explicit LlamaLayer(const ModelConfig& c) {
     const ArchSpec& a = spec(c);
-    attn_norm = register_module(a.layer_module("attn_norm.weight"), std::make_shared<RMSNorm>(c.dim, c.norm_eps));
+    auto norm = [&](const char* gguf) {
+      return register_module(a.layer_module(gguf), std::make_shared<RMSNorm>(c.dim, c.norm_eps, a.gemma_norms));
+    };
+    attn_norm = norm("attn_norm.weight");
     attn = register_module(parent_of(a, TensorRole::AttnQ), std::make_shared<LlamaAttention>(c));
-    ffn_norm = register_module(a.layer_module("ffn_norm.weight"), std::make_shared<RMSNorm>(c.dim, c.norm_eps));
+    if (a.sandwich_norms) attn_post_norm = norm("post_attention_norm.weight");
+    ffn_norm = norm("ffn_norm.weight");
     mlp = register_module(parent_of(a, TensorRole::FfnGate), std::make_shared<LlamaMLP>(c));
+    if (a.sandwich_norms) ffn_post_norm = norm("post_ffw_norm.weight");
   }
+  // Pre-norm residual blocks; with sandwich norms (Gemma 2/3) each block's output is normed too.
   at::Tensor forward(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, KVCache* cache, int layer) {
-    x = x + attn->forward(attn_norm->forward(x), cos, sin, cache, layer);
-    return x + mlp->forward(ffn_norm->forward(x));
+    auto h = attn->forward(attn_norm->forward(x), cos, sin, cache, layer);
+    x = x + (attn_post_norm ? attn_post_norm->forward(h) : h);
+    h = mlp->forward(ffn_norm->forward(x));
+    return x + (ffn_post_norm ? ffn_post_norm->forward(h) : h);
   }
-  std::shared_ptr<RMSNorm> attn_norm, ffn_norm;
+  std::shared_ptr<RMSNorm> attn_norm, ffn_norm, attn_post_norm, ffn_post_norm;
   std::shared_ptr<LlamaAttention> attn;
   std::shared_ptr<LlamaMLP> mlp;
 };
@@ -165,7 +209,7 @@ class LlamaBody : public torch::nn::Module {
       layers->push_back(l);
       layer_ptrs.push_back(l);
     }
-    norm = register_module(leaf(a.final_norm), std::make_shared<RMSNorm>(c.dim, c.norm_eps));
+    norm = register_module(leaf(a.final_norm), std::make_shared<RMSNorm>(c.dim, c.norm_eps, a.gemma_norms));
   }
   EmbeddingSlot embed_tokens;
   torch::nn::ModuleList layers{nullptr};
@@ -184,21 +228,51 @@ class LlamaForCausalLM : public CausalLM, public HasLinearSlots {
     const int64_t T = ids.size(1), start = cache ? cache->length : 0;
     QF_CHECK(start + T <= cfg.max_seq_len, "sequence of ", start + T, " tokens exceeds model.max_seq_len ", cfg.max_seq_len);
     auto table = model->embed_tokens.get()->table();
-    auto x = at::embedding(table, ids);
-    auto [cos, sin] = rope_cos_sin(cfg, start, T, x.options());
-    for (size_t i = 0; i < model->layer_ptrs.size(); ++i) x = model->layer_ptrs[i]->forward(x, cos, sin, cache, (int)i);
+    auto x = embed_table(table, ids);
+    Rope rope(cfg, start, T, x.options());
+    for (size_t i = 0; i < model->layer_ptrs.size(); ++i) {
+      const auto& [cos, sin] = rope.of(static_cast<int64_t>(i));
+      x = model->layer_ptrs[i]->forward(x, cos, sin, cache, (int)i);
+    }
     x = model->norm->forward(x);
     if (cache) cache->length += T;
-    if (cfg.tie_embeddings) return at::linear(x, table);
-    return lm_head(x);
+    auto logits = cfg.tie_embeddings ? at::linear(x, table) : lm_head(x);
+    // Final logit soft-capping (Gemma 2).
+    if (cfg.final_softcap > 0) logits = at::tanh(logits / cfg.final_softcap) * cfg.final_softcap;
+    return logits;
   }
   EmbeddingSlot& token_embedding() override { return model->embed_tokens; }
   std::string token_embedding_name() const override { return spec(cfg).embed; }
-  at::Tensor embed(const at::Tensor& ids) override { return at::embedding(model->embed_tokens.get()->table(), ids); }
+  at::Tensor embed(const at::Tensor& ids) override { return embed_table(model->embed_tokens.get()->table(), ids); }
   at::Tensor layer_forward(int64_t i, const at::Tensor& x) override {
-    auto [cos, sin] = rope_cos_sin(cfg, 0, x.size(1), x.options());
+    Rope rope(cfg, 0, x.size(1), x.options());
+    const auto& [cos, sin] = rope.of(i);
     return model->layer_ptrs.at(i)->forward(x, cos, sin, nullptr, static_cast<int>(i));
   }
+  // Token embeddings, times sqrt(hidden) in the model dtype where the family scales them (Gemma).
+  at::Tensor embed_table(const at::Tensor& table, const at::Tensor& ids) const {
+    auto x = at::embedding(table, ids);
+    if (!spec(cfg).scale_embeddings) return x;
+    return x * at::scalar_tensor(std::sqrt(static_cast<double>(cfg.dim)), x.options().dtype(x.scalar_type()));
+  }
+  // cos/sin per layer: global layers use rope_theta (+ scaling); windowed layers use
+  // rope_local_theta without scaling where the family has one (Gemma 3).
+  struct Rope {
+    Rope(const ModelConfig& c, int64_t start, int64_t T, const at::TensorOptions& opts) : c_(c) {
+      global = rope_cos_sin(c, start, T, opts);
+      if (c.rope_local_theta > 0) {
+        ModelConfig lc = c;
+        lc.rope_theta = c.rope_local_theta;
+        lc.rope_scaling = RopeScaling::None;
+        local = rope_cos_sin(lc, start, T, opts);
+      }
+    }
+    const std::pair<at::Tensor, at::Tensor>& of(int64_t layer) const {
+      return c_.rope_local_theta > 0 && c_.window(layer) > 0 ? local : global;
+    }
+    const ModelConfig& c_;
+    std::pair<at::Tensor, at::Tensor> global, local;
+  };
   torch::nn::Module& layer(int64_t i) override { return *model->layer_ptrs.at(i); }
   std::string layer_prefix(int64_t i) const override { return spec(cfg).layer_prefix(i); }
   LinearSlot* linear_slot(const std::string& n) override { return lm_head.get() ? find_slot(n, {&lm_head}) : nullptr; }
@@ -220,7 +294,7 @@ class Gpt2Attention : public torch::nn::Module, public HasLinearSlots {
     auto q = qkv[0].view({B, T, H, hd}).transpose(1, 2);
     auto k = qkv[1].view({B, T, H, hd}).transpose(1, 2);
     auto v = qkv[2].view({B, T, H, hd}).transpose(1, 2);
-    auto y = attend(q, k, v, cache, layer, 1);
+    auto y = attend(q, k, v, cache, layer, AttnOpts{});
     return c_proj(y.transpose(1, 2).reshape({B, T, c_.dim}));
   }
   LinearSlot* linear_slot(const std::string& n) override { return find_slot(n, {&c_attn, &c_proj}); }
@@ -374,7 +448,8 @@ void CausalLM::init_weights(uint64_t seed) {
     at::Tensor t = p.value();
     auto tmp = at::empty(t.sizes(), at::kFloat);
     if (t.dim() == 1) {
-      tmp.fill_(ends_with(n, ".bias") ? 0.0 : 1.0);  // norms: weight 1, bias 0; linear biases 0
+      // norms: weight 1 (0 for Gemma's, which scale by 1 + w), bias 0; linear biases 0
+      tmp.fill_(ends_with(n, ".bias") || a.gemma_norms ? 0.0 : 1.0);
     } else {
       // GPT-2 scales residual projections by 1/sqrt(2 * n_layers), as HF's GPT2PreTrainedModel does.
       const ArchLinear* l = a.layer_linear_of(n);
@@ -399,7 +474,7 @@ std::shared_ptr<CausalLM> build_model(const ModelConfig& c, bool init) {
   const auto saved = c10::get_default_dtype();
   if (!init) c10::set_default_dtype(c10::scalarTypeToTypeMeta(model_dtype(c)));
   try {
-    if (c.family == Family::Llama || c.family == Family::Qwen3)
+    if (c.family != Family::Gpt2)
       m = std::make_shared<LlamaForCausalLM>(c);
     else
       m = std::make_shared<Gpt2LMHeadModel>(c);

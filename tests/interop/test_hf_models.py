@@ -42,6 +42,14 @@ def _tiny(kind):
             **common, use_sliding_window=True, sliding_window=5, max_window_layers=0))
     if kind == "mistral_sw":
         return transformers.MistralForCausalLM(transformers.MistralConfig(**common, sliding_window=6))
+    if kind == "gemma2":  # alternating windows (6 < the ids), both soft-caps, query_pre_attn_scalar != head_dim
+        return transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+            **common, head_dim=32, sliding_window=6, query_pre_attn_scalar=24, attn_logit_softcapping=0.2,
+            final_logit_softcapping=3.0))
+    if kind == "gemma3":  # local layers with their own RoPE base, global layer with linear rope scaling
+        return transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+            **common, head_dim=16, sliding_window=5, sliding_window_pattern=2, rope_theta=100000.0,
+            rope_local_base_freq=1000.0, rope_scaling={"rope_type": "linear", "factor": 4.0}))
     if kind == "gpt2":
         return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=160, n_embd=64, n_layer=2, n_head=4,
                                                                     n_positions=128))
@@ -80,7 +88,8 @@ def _run(tmp_path, d, ids):
     ("llama", torch.float32, None), ("llama", torch.bfloat16, "60KB"), ("llama3_tied", torch.float32, None),
     ("qwen2", torch.float16, None), ("mistral", torch.float32, "60KB"), ("gpt2", torch.float32, None),
     ("qwen3", torch.bfloat16, None), ("qwen3_sw", torch.float32, None), ("qwen2_sw", torch.float32, None),
-    ("mistral_sw", torch.float32, None)])
+    ("mistral_sw", torch.float32, None), ("gemma2", torch.float32, None), ("gemma2", torch.bfloat16, None),
+    ("gemma3", torch.float32, "60KB")])
 def test_hf_checkpoint_logits_and_greedy_tokens_match_transformers(tmp_path, kind, dtype, shard):
     d = _save(tmp_path, kind, dtype, shard)
     if shard:

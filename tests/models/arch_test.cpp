@@ -24,7 +24,7 @@ ModelConfig tiny(Family f, bool tied, bool bias) {
   c.max_seq_len = 32;
   c.tie_embeddings = tied;
   c.qkv_bias = bias;
-  c.qk_norm = f == Family::Qwen3;
+  c.qk_norm = f == Family::Qwen3 || f == Family::Gemma3;
   return c;
 }
 
