@@ -311,6 +311,94 @@ ArchSpec gemma_spec(bool g3) {
   return a;
 }
 
+// ---------------- phi3: Phi-3 / Phi-3.5 / Phi-4-mini ----------------
+// Fused qkv_proj ([q; k; v] rows) and gate_up_proj ([gate; up] rows), partial rotary, LongRoPE,
+// a sliding window on every layer when config.json gives one.
+
+std::vector<double> factor_list(const HfConfigReader& r, const char* k, int64_t n) {
+  if (!r.has(k) || !r.j[k].is_array()) throw r.bad(k, "must be a list of numbers");
+  std::vector<double> v;
+  for (auto& x : r.j[k]) {
+    if (!x.is_number() || !(x.get<double>() > 0)) throw r.bad(k, "must hold positive numbers");
+    v.push_back(x.get<double>());
+  }
+  if (static_cast<int64_t>(v.size()) != n)
+    throw r.bad(k, str("has ", v.size(), " entries; expected ", n, " (rotary dims / 2)"));
+  return v;
+}
+
+void read_phi3(const HfConfigReader& c, const std::string&, ModelConfig& m, std::vector<std::string>&) {
+  m.n_kv_heads = c.i64_or("num_key_value_heads", m.n_heads);
+  if (m.n_heads % m.n_kv_heads != 0)
+    throw c.bad("num_key_value_heads", str("is ", m.n_kv_heads, ", which does not divide num_attention_heads ", m.n_heads));
+  m.head_dim = c.i64_or("head_dim", m.dim / m.n_heads);
+  m.ffn_dim = c.i64("intermediate_size");
+  m.rope_theta = c.f64_or("rope_theta", 10000.0);
+  m.tie_embeddings = c.bool_or("tie_word_embeddings", false);
+  const std::string act = c.string_or("hidden_act", "silu");
+  if (act != "silu") throw c.bad("hidden_act", "'" + act + "' is not supported; expected silu");
+  m.partial_rotary = c.pos_f64_or("partial_rotary_factor", 1.0);
+  if (m.partial_rotary > 1.0) throw c.bad("partial_rotary_factor", "must be at most 1");
+  m.rope_original_max_seq_len = c.i64_or("original_max_position_embeddings", m.max_seq_len);
+  if (c.has("rope_scaling")) {
+    const auto& rs = c.j["rope_scaling"];
+    if (!rs.is_object()) throw c.bad("rope_scaling", "must be an object such as {\"type\": \"longrope\", ...}");
+    const std::string type = rs.value("rope_type", rs.value("type", std::string()));
+    if (type != "longrope" && type != "su")
+      throw c.bad("rope_scaling", "type '" + type + "' is not supported for Phi-3; expected longrope");
+    const HfConfigReader r = c.child("rope_scaling");
+    m.rope_scaling = RopeScaling::LongRope;
+    m.rope_short_factor = factor_list(r, "short_factor", m.rotary_dim() / 2);
+    m.rope_long_factor = factor_list(r, "long_factor", m.rotary_dim() / 2);
+    m.rope_attention_factor = r.has("attention_factor") ? r.pos_f64_or("attention_factor", 1.0) : 0.0;
+  }
+  if (c.has("sliding_window")) m.sliding_window = c.i64("sliding_window");
+}
+
+void write_phi3(const ModelConfig& c, json& j) {
+  j["architectures"] = {"Phi3ForCausalLM"};
+  j["model_type"] = "phi3";
+  j["num_key_value_heads"] = c.kv_heads();
+  j["rope_theta"] = c.rope_theta;
+  j["hidden_act"] = "silu";
+  j["partial_rotary_factor"] = c.partial_rotary;
+  QF_CHECK_INPUT(c.hdim() * c.n_heads == c.dim, "HF export: Phi-3 derives head_dim as hidden_size / heads; this model "
+                 "has head_dim ", c.hdim(), " with ", c.n_heads, " heads of a ", c.dim, " hidden size");
+  QF_CHECK_INPUT(c.sliding_layers.empty(), "HF export: Phi-3 windows every layer or none");
+  j["sliding_window"] = c.sliding_window > 0 ? json(c.sliding_window) : json(nullptr);
+  j["rope_scaling"] = nullptr;
+  if (c.rope_scaling == RopeScaling::LongRope) {
+    j["original_max_position_embeddings"] = c.rope_original_max_seq_len;
+    j["rope_scaling"] = {{"type", "longrope"}, {"short_factor", c.rope_short_factor}, {"long_factor", c.rope_long_factor}};
+    if (c.rope_attention_factor > 0) j["rope_scaling"]["attention_factor"] = c.rope_attention_factor;
+  } else {
+    QF_CHECK_INPUT(c.rope_scaling == RopeScaling::None, "HF export: Phi-3 takes longrope scaling only");
+  }
+}
+
+ArchSpec phi3_spec() {
+  ArchSpec a = llama_spec();
+  a.family = Family::Phi3;
+  a.name = "phi3";
+  a.hf_architectures = {"Phi3ForCausalLM"};
+  a.hf_default_max_positions = 4096;
+  a.hf_default_norm_eps = 1e-5;
+  a.read_hf = read_phi3;
+  a.write_hf = write_phi3;
+  a.linears = {{"self_attn.qkv_proj", TensorRole::AttnQkv, "attn_qkv"},
+               {"self_attn.o_proj", TensorRole::AttnOutput, "attn_output", RopeRows::None, false, true},
+               {"mlp.gate_up_proj", TensorRole::FfnUp, "ffn_up"},
+               {"mlp.down_proj", TensorRole::FfnDown, "ffn_down", RopeRows::None, false, true}};
+  a.ptq_groups = {{"self_attn.qkv_proj"}, {"self_attn.o_proj"}, {"mlp.gate_up_proj"}, {"mlp.down_proj"}};
+  // v's rows are inside qkv_proj and up's inside gate_up_proj: only the norms scale.
+  a.awq_pairs = {{"input_layernorm", true, {"self_attn.qkv_proj"}},
+                 {"post_attention_layernorm", true, {"mlp.gate_up_proj"}, true}};
+  a.fused_qkv = true;
+  a.fused_gate_up = true;
+  a.gguf_arch = "";  // llama.cpp's phi3: not written yet
+  return a;
+}
+
 // ---------------- gpt2 ----------------
 
 void read_gpt2(const HfConfigReader& c, const std::string&, ModelConfig& m, std::vector<std::string>&) {
@@ -367,8 +455,8 @@ ArchSpec gpt2_spec() {
 
 const std::vector<const ArchSpec*>& arch_specs() {
   static const ArchSpec llama = llama_spec(), qwen3 = qwen3_spec(), gemma2 = gemma_spec(false),
-                        gemma3 = gemma_spec(true), gpt2 = gpt2_spec();
-  static const std::vector<const ArchSpec*> all{&llama, &qwen3, &gemma2, &gemma3, &gpt2};
+                        gemma3 = gemma_spec(true), phi3 = phi3_spec(), gpt2 = gpt2_spec();
+  static const std::vector<const ArchSpec*> all{&llama, &qwen3, &gemma2, &gemma3, &phi3, &gpt2};
   return all;
 }
 

@@ -90,6 +90,8 @@ struct ArchSpec {
   bool gemma_norms = false;                    // RMSNorm weight w scales by (1 + w), computed in fp32 (Gemma)
   bool sandwich_norms = false;                 // norms after attention and MLP too (post_attention_norm, post_ffw_norm)
   bool scale_embeddings = false;               // token embeddings times sqrt(hidden) (Gemma)
+  bool fused_qkv = false;                      // one AttnQkv projection, rows [q; k; v] (Phi-3)
+  bool fused_gate_up = false;                  // the FfnUp projection holds rows [gate; up] (Phi-3)
   std::vector<std::string> ignored_suffixes;   // checkpoint tensors the model has no use for
   std::vector<std::vector<std::string>> ptq_groups;
   std::vector<AwqPair> awq_pairs;

@@ -31,11 +31,17 @@ ModelConfig ModelConfig::from_config(cfg::Reader& r) {
   c.rope_low_freq_factor = rs.f64("low_freq_factor", c.rope_low_freq_factor, 1e-6, 1e6);
   c.rope_high_freq_factor = rs.f64("high_freq_factor", c.rope_high_freq_factor, 1e-6, 1e6);
   c.rope_original_max_seq_len = rs.i64("original_max_seq_len", c.rope_original_max_seq_len, 1, 1 << 24);
+  c.rope_short_factor = rs.f64s("short_factor", {});
+  c.rope_long_factor = rs.f64s("long_factor", {});
+  c.rope_attention_factor = rs.f64("attention_factor", 0.0, 0.0, 1e6);
+  if (c.rope_scaling == RopeScaling::LongRope && c.rope_short_factor.empty())
+    rs.fail("short_factor", "longrope needs short_factor and long_factor lists (one per rotary frequency)");
   if (c.rope_scaling == RopeScaling::Llama3 && c.rope_high_freq_factor <= c.rope_low_freq_factor)
     rs.fail("high_freq_factor", "must be greater than low_freq_factor for llama3 scaling");
   rs.finish();
   c.norm_eps = r.f64("norm_eps", c.norm_eps, 1e-12, 1.0);
   c.qkv_bias = r.boolean("qkv_bias", c.qkv_bias);
+  c.partial_rotary = r.f64("partial_rotary", c.partial_rotary, 0.01, 1.0);
   c.qk_norm = r.boolean("qk_norm", c.family == Family::Qwen3 || c.family == Family::Gemma3);
   c.rope_local_theta = r.f64("rope_local_theta", c.rope_local_theta, 0.0, 1e12);
   c.query_pre_attn_scalar = r.f64("query_pre_attn_scalar", c.query_pre_attn_scalar, 0.0, 1e9);
@@ -111,6 +117,10 @@ ModelConfig ModelConfig::from_config(cfg::Reader& r) {
       res["rope_scaling"]["low_freq_factor"] = c.rope_low_freq_factor;
       res["rope_scaling"]["high_freq_factor"] = c.rope_high_freq_factor;
       res["rope_scaling"]["original_max_seq_len"] = c.rope_original_max_seq_len;
+      res["rope_scaling"]["short_factor"] = c.rope_short_factor;
+      res["rope_scaling"]["long_factor"] = c.rope_long_factor;
+      res["rope_scaling"]["attention_factor"] = c.rope_attention_factor;
+      res["partial_rotary"] = c.partial_rotary;
     } catch (const InputError& e) {
       r.fail("from", e.what());
     }
@@ -127,6 +137,13 @@ ModelConfig ModelConfig::from_config(cfg::Reader& r) {
                             {"rope_local_theta", c.rope_local_theta > 0}, {"query_pre_attn_scalar", c.query_pre_attn_scalar > 0},
                             {"attn_softcap", c.attn_softcap > 0}, {"final_softcap", c.final_softcap > 0}})
       if (set) r.fail(key, "is not part of the gpt2 architecture; leave it unset");
+  if (c.rope_scaling == RopeScaling::LongRope &&
+      (static_cast<int64_t>(c.rope_short_factor.size()) != c.rotary_dim() / 2 ||
+       c.rope_long_factor.size() != c.rope_short_factor.size()))
+    r.fail("rope_scaling", str("longrope short_factor and long_factor need ", c.rotary_dim() / 2,
+                               " entries each (rotary dims / 2), got ", c.rope_short_factor.size(), " and ",
+                               c.rope_long_factor.size()));
+  if (c.rotary_dim() % 2 != 0) r.fail("partial_rotary", str("gives an odd rotary dimension ", c.rotary_dim()));
   if (c.family != Family::Gpt2 && c.hdim() % 2 != 0)
     r.fail("head_dim", "RoPE needs an even head dimension, got " + std::to_string(c.hdim()));
   if (arch_spec(c.family).tied_always && !c.tie_embeddings)

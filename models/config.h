@@ -9,8 +9,8 @@
 
 namespace qf::models {
 
-enum class Family { Llama, Qwen3, Gemma2, Gemma3, Gpt2 };
-enum class RopeScaling { None, Linear, Llama3 };
+enum class Family { Llama, Qwen3, Gemma2, Gemma3, Phi3, Gpt2 };
+enum class RopeScaling { None, Linear, Llama3, LongRope };
 enum class DType { F32, BF16 };
 // The recipe spellings: model.family (from the architecture specs, models/arch.cpp),
 // model.rope_scaling.type, model.dtype (inline: torch-free readers such as models/hf_config use them
@@ -18,7 +18,8 @@ enum class DType { F32, BF16 };
 const cfg::Names<Family>& family_names();
 inline const cfg::Names<RopeScaling>& rope_scaling_names() {
   static const cfg::Names<RopeScaling> n{
-      {"none", RopeScaling::None}, {"linear", RopeScaling::Linear}, {"llama3", RopeScaling::Llama3}};
+      {"none", RopeScaling::None}, {"linear", RopeScaling::Linear}, {"llama3", RopeScaling::Llama3},
+      {"longrope", RopeScaling::LongRope}};
   return n;
 }
 inline const cfg::Names<DType>& dtype_names() {
@@ -42,6 +43,11 @@ struct ModelConfig {
   double rope_low_freq_factor = 1.0;
   double rope_high_freq_factor = 4.0;
   int64_t rope_original_max_seq_len = 8192;
+  // longrope (Phi-3): per-frequency divisors, short up to rope_original_max_seq_len positions, long
+  // beyond; cos/sin times rope_attention_factor (0 = sqrt(1 + ln(factor) / ln(original))).
+  std::vector<double> rope_short_factor, rope_long_factor;
+  double rope_attention_factor = 0.0;
+  double partial_rotary = 1.0;  // RoPE on the first partial_rotary * head_dim dims of each head (Phi-4-mini)
   double norm_eps = 1e-5;
   bool qkv_bias = false;        // Qwen2: true
   bool qk_norm = false;         // Qwen3: RMSNorm over each head's q and k before RoPE
@@ -58,6 +64,7 @@ struct ModelConfig {
 
   int64_t kv_heads() const { return n_kv_heads > 0 ? n_kv_heads : n_heads; }
   int64_t hdim() const { return head_dim > 0 ? head_dim : dim / n_heads; }
+  int64_t rotary_dim() const { return static_cast<int64_t>(static_cast<double>(hdim()) * partial_rotary); }
   int64_t ffn() const;
   // The attention window of layer i (0 = full causal attention).
   int64_t window(int64_t layer) const {

@@ -116,9 +116,14 @@ class LlamaAttention : public torch::nn::Module, public HasLinearSlots {
   explicit LlamaAttention(const ModelConfig& c) : c_(c) {
     int64_t hd = c.hdim();
     const ArchSpec& a = spec(c);
-    wq = LinearSlot(this, leaf_of(a, TensorRole::AttnQ), std::make_shared<DenseLinear>(c.dim, c.n_heads * hd, c.qkv_bias));
-    wk = LinearSlot(this, leaf_of(a, TensorRole::AttnK), std::make_shared<DenseLinear>(c.dim, c.kv_heads() * hd, c.qkv_bias));
-    wv = LinearSlot(this, leaf_of(a, TensorRole::AttnV), std::make_shared<DenseLinear>(c.dim, c.kv_heads() * hd, c.qkv_bias));
+    if (a.fused_qkv) {  // one projection, rows [q; k; v] (Phi-3's qkv_proj)
+      wqkv = LinearSlot(this, leaf_of(a, TensorRole::AttnQkv),
+                        std::make_shared<DenseLinear>(c.dim, (c.n_heads + 2 * c.kv_heads()) * hd, c.qkv_bias));
+    } else {
+      wq = LinearSlot(this, leaf_of(a, TensorRole::AttnQ), std::make_shared<DenseLinear>(c.dim, c.n_heads * hd, c.qkv_bias));
+      wk = LinearSlot(this, leaf_of(a, TensorRole::AttnK), std::make_shared<DenseLinear>(c.dim, c.kv_heads() * hd, c.qkv_bias));
+      wv = LinearSlot(this, leaf_of(a, TensorRole::AttnV), std::make_shared<DenseLinear>(c.dim, c.kv_heads() * hd, c.qkv_bias));
+    }
     wo = LinearSlot(this, leaf_of(a, TensorRole::AttnOutput), std::make_shared<DenseLinear>(c.n_heads * hd, c.dim, false));
     if (c.qk_norm) {
       q_norm = register_module(leaf(a.layer_module("attn_q_norm.weight")), std::make_shared<RMSNorm>(hd, c.norm_eps, a.gemma_norms));
@@ -127,15 +132,22 @@ class LlamaAttention : public torch::nn::Module, public HasLinearSlots {
   }
   at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, KVCache* cache, int layer) {
     const int64_t B = x.size(0), T = x.size(1), hd = c_.hdim();
-    auto q = wq(x).view({B, T, c_.n_heads, hd});
-    auto k = wk(x).view({B, T, c_.kv_heads(), hd});
+    at::Tensor q, k, v;
+    if (wqkv.get()) {
+      auto qkv = wqkv(x).split_with_sizes({c_.n_heads * hd, c_.kv_heads() * hd, c_.kv_heads() * hd}, -1);
+      q = qkv[0], k = qkv[1], v = qkv[2];
+    } else {
+      q = wq(x), k = wk(x), v = wv(x);
+    }
+    q = q.view({B, T, c_.n_heads, hd});
+    k = k.view({B, T, c_.kv_heads(), hd});
     if (q_norm) {
       q = q_norm->forward(q);
       k = k_norm->forward(k);
     }
     q = apply_rope(q.transpose(1, 2), cos, sin);
     k = apply_rope(k.transpose(1, 2), cos, sin);
-    auto v = wv(x).view({B, T, c_.kv_heads(), hd}).transpose(1, 2);
+    v = v.view({B, T, c_.kv_heads(), hd}).transpose(1, 2);
     AttnOpts o;
     o.n_rep = c_.n_heads / c_.kv_heads();
     o.window = c_.window(layer);
@@ -144,8 +156,8 @@ class LlamaAttention : public torch::nn::Module, public HasLinearSlots {
     auto y = attend(q, k, v, cache, layer, o);
     return wo(y.transpose(1, 2).reshape({B, T, c_.n_heads * hd}));
   }
-  LinearSlot* linear_slot(const std::string& n) override { return find_slot(n, {&wq, &wk, &wv, &wo}); }
-  LinearSlot wq, wk, wv, wo;
+  LinearSlot* linear_slot(const std::string& n) override { return find_slot(n, {&wq, &wk, &wv, &wqkv, &wo}); }
+  LinearSlot wq, wk, wv, wqkv, wo;
   std::shared_ptr<RMSNorm> q_norm, k_norm;  // qk_norm only
 
  private:
@@ -156,13 +168,23 @@ class LlamaMLP : public torch::nn::Module, public HasLinearSlots {
  public:
   explicit LlamaMLP(const ModelConfig& c) : act_(spec(c).mlp_act) {
     const ArchSpec& a = spec(c);
-    w_gate = LinearSlot(this, leaf_of(a, TensorRole::FfnGate), std::make_shared<DenseLinear>(c.dim, c.ffn(), false));
-    w_up = LinearSlot(this, leaf_of(a, TensorRole::FfnUp), std::make_shared<DenseLinear>(c.dim, c.ffn(), false));
+    if (a.fused_gate_up) {  // one projection, rows [gate; up] (Phi-3's gate_up_proj)
+      w_up = LinearSlot(this, leaf_of(a, TensorRole::FfnUp), std::make_shared<DenseLinear>(c.dim, 2 * c.ffn(), false));
+    } else {
+      w_gate = LinearSlot(this, leaf_of(a, TensorRole::FfnGate), std::make_shared<DenseLinear>(c.dim, c.ffn(), false));
+      w_up = LinearSlot(this, leaf_of(a, TensorRole::FfnUp), std::make_shared<DenseLinear>(c.dim, c.ffn(), false));
+    }
     w_down = LinearSlot(this, leaf_of(a, TensorRole::FfnDown), std::make_shared<DenseLinear>(c.ffn(), c.dim, false));
   }
   at::Tensor forward(const at::Tensor& x) {
-    auto g = w_gate(x);
-    return w_down((act_ == Activation::Silu ? at::silu(g) : at::gelu(g, "tanh")) * w_up(x));
+    at::Tensor g, u;
+    if (w_gate.get()) {
+      g = w_gate(x), u = w_up(x);
+    } else {
+      auto gu = w_up(x).chunk(2, -1);
+      g = gu[0], u = gu[1];
+    }
+    return w_down((act_ == Activation::Silu ? at::silu(g) : at::gelu(g, "tanh")) * u);
   }
   LinearSlot* linear_slot(const std::string& n) override { return find_slot(n, {&w_gate, &w_up, &w_down}); }
   LinearSlot w_gate, w_up, w_down;
@@ -179,10 +201,10 @@ class LlamaLayer : public torch::nn::Module {
       return register_module(a.layer_module(gguf), std::make_shared<RMSNorm>(c.dim, c.norm_eps, a.gemma_norms));
     };
     attn_norm = norm("attn_norm.weight");
-    attn = register_module(parent_of(a, TensorRole::AttnQ), std::make_shared<LlamaAttention>(c));
+    attn = register_module(parent_of(a, TensorRole::AttnOutput), std::make_shared<LlamaAttention>(c));
     if (a.sandwich_norms) attn_post_norm = norm("post_attention_norm.weight");
     ffn_norm = norm("ffn_norm.weight");
-    mlp = register_module(parent_of(a, TensorRole::FfnGate), std::make_shared<LlamaMLP>(c));
+    mlp = register_module(parent_of(a, TensorRole::FfnDown), std::make_shared<LlamaMLP>(c));
     if (a.sandwich_norms) ffn_post_norm = norm("post_ffw_norm.weight");
   }
   // Pre-norm residual blocks; with sandwich norms (Gemma 2/3) each block's output is normed too.
@@ -388,11 +410,17 @@ class Gpt2LMHeadModel : public CausalLM {
 
 }  // namespace
 
-at::Tensor rope_inv_freq(const ModelConfig& c) {
+at::Tensor rope_inv_freq(const ModelConfig& c, int64_t seq_len) {
   // float32 throughout, in the same order of operations as transformers' rope init functions,
   // so cos/sin tables agree bit-for-bit at large positions.
-  const int64_t D = c.hdim();
+  const int64_t D = c.rotary_dim();
   auto idx = at::arange(0, D, 2, at::kLong).to(at::kFloat) / static_cast<double>(D);
+  if (c.rope_scaling == RopeScaling::LongRope) {
+    const auto& f = seq_len > c.rope_original_max_seq_len ? c.rope_long_factor : c.rope_short_factor;
+    QF_CHECK(static_cast<int64_t>(f.size()) == D / 2, "longrope needs ", D / 2, " factors, has ", f.size());
+    auto ext = at::tensor(std::vector<float>(f.begin(), f.end()), at::kFloat);
+    return 1.0 / (ext * at::pow(c.rope_theta, idx));
+  }
   auto inv = 1.0 / at::pow(c.rope_theta, idx);
   if (c.rope_scaling == RopeScaling::Linear) {
     inv = inv / c.rope_factor;
@@ -410,16 +438,29 @@ at::Tensor rope_inv_freq(const ModelConfig& c) {
   return inv;
 }
 
+double rope_attention_scale(const ModelConfig& c) {
+  if (c.rope_scaling != RopeScaling::LongRope) return 1.0;
+  if (c.rope_attention_factor > 0) return c.rope_attention_factor;
+  const double factor = static_cast<double>(c.max_seq_len) / static_cast<double>(c.rope_original_max_seq_len);
+  if (factor <= 1.0) return 1.0;
+  return std::sqrt(1.0 + std::log(factor) / std::log(static_cast<double>(c.rope_original_max_seq_len)));
+}
+
 std::pair<at::Tensor, at::Tensor> rope_cos_sin(const ModelConfig& c, int64_t start, int64_t T,
                                                const at::TensorOptions& opts) {
-  auto inv = rope_inv_freq(c).to(opts.device());
+  auto inv = rope_inv_freq(c, start + T).to(opts.device());
   auto pos = at::arange(start, start + T, at::TensorOptions().dtype(at::kFloat).device(opts.device()));
   auto freqs = at::outer(pos, inv);
   auto emb = at::cat({freqs, freqs}, -1);
+  const double s = rope_attention_scale(c);
+  if (s != 1.0) return {(emb.cos() * s).to(opts.dtype()), (emb.sin() * s).to(opts.dtype())};
   return {emb.cos().to(opts.dtype()), emb.sin().to(opts.dtype())};
 }
 
 at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  const int64_t R = cos.size(-1);
+  if (R < x.size(-1))
+    return at::cat({apply_rope(x.narrow(-1, 0, R), cos, sin), x.narrow(-1, R, x.size(-1) - R)}, -1);
   const int64_t h = x.size(-1) / 2;
   auto x1 = x.narrow(-1, 0, h), x2 = x.narrow(-1, h, h);
   auto rot = at::cat({-x2, x1}, -1);

@@ -55,8 +55,11 @@ std::shared_ptr<CausalLM> build_model(const ModelConfig& cfg, bool init = true);
 // (HF layout: the two halves repeat), using cfg.rope_theta and cfg.rope_scaling.
 std::pair<at::Tensor, at::Tensor> rope_cos_sin(const ModelConfig& cfg, int64_t start, int64_t T,
                                                const at::TensorOptions& opts);
-at::Tensor rope_inv_freq(const ModelConfig& cfg);
-// x [B, H, T, D]; cos/sin [T, D]
+// seq_len: the positions the forward covers (start + T); longrope's factors depend on it.
+at::Tensor rope_inv_freq(const ModelConfig& cfg, int64_t seq_len = 0);
+// The factor cos/sin are multiplied by (longrope's attention factor; 1 otherwise).
+double rope_attention_scale(const ModelConfig& cfg);
+// x [B, H, T, D]; cos/sin [T, R] with R <= D: the first R dims rotate, the rest pass (partial rotary).
 at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 
 }  // namespace qf::models

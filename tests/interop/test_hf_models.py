@@ -50,6 +50,15 @@ def _tiny(kind):
         return transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
             **common, head_dim=16, sliding_window=5, sliding_window_pattern=2, rope_theta=100000.0,
             rope_local_base_freq=1000.0, rope_scaling={"rope_type": "linear", "factor": 4.0}))
+    if kind == "phi3":  # fused projections, window 6
+        return transformers.Phi3ForCausalLM(transformers.Phi3Config(**common, sliding_window=6, pad_token_id=0))
+    if kind.startswith("phi4_longrope"):  # partial rotary 0.75, longrope; the _long ids exceed the original 16 positions
+        rd = 12  # 16 * 0.75
+        return transformers.Phi3ForCausalLM(transformers.Phi3Config(
+            **{**common, "max_position_embeddings": 128}, partial_rotary_factor=0.75, tie_word_embeddings=True,
+            original_max_position_embeddings=16 if kind.endswith("_long") else 64, pad_token_id=0,
+            rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(rd // 2)],
+                          "long_factor": [2.0 + 0.5 * i for i in range(rd // 2)]}))
     if kind == "gpt2":
         return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=160, n_embd=64, n_layer=2, n_head=4,
                                                                     n_positions=128))
@@ -89,7 +98,8 @@ def _run(tmp_path, d, ids):
     ("qwen2", torch.float16, None), ("mistral", torch.float32, "60KB"), ("gpt2", torch.float32, None),
     ("qwen3", torch.bfloat16, None), ("qwen3_sw", torch.float32, None), ("qwen2_sw", torch.float32, None),
     ("mistral_sw", torch.float32, None), ("gemma2", torch.float32, None), ("gemma2", torch.bfloat16, None),
-    ("gemma3", torch.float32, "60KB")])
+    ("gemma3", torch.float32, "60KB"), ("phi3", torch.float32, None), ("phi4_longrope", torch.float32, None),
+    ("phi4_longrope_long", torch.bfloat16, None)])
 def test_hf_checkpoint_logits_and_greedy_tokens_match_transformers(tmp_path, kind, dtype, shard):
     d = _save(tmp_path, kind, dtype, shard)
     if shard:
