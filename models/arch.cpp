@@ -451,12 +451,81 @@ ArchSpec gpt2_spec() {
   return a;
 }
 
+// ---------------- opt ----------------
+
+void read_opt(const HfConfigReader& c, const std::string&, ModelConfig& m, std::vector<std::string>&) {
+  m.ffn_dim = c.i64("ffn_dim");
+  if (m.dim % m.n_heads != 0)
+    throw c.bad("num_attention_heads", str(m.n_heads, " does not divide hidden_size ", m.dim));
+  m.embed_proj_dim = c.i64_or("word_embed_proj_dim", m.dim);
+  if (m.embed_proj_dim == m.dim) m.embed_proj_dim = 0;
+  m.post_norm = !c.bool_or("do_layer_norm_before", true);
+  m.tie_embeddings = true;
+  if (!c.bool_or("tie_word_embeddings", true)) throw c.bad("tie_word_embeddings", "false is not supported for OPT");
+  const std::string act = c.string_or("activation_function", "relu");
+  if (act != "relu") throw c.bad("activation_function", "'" + act + "' is not supported; expected relu");
+  if (!c.bool_or("enable_bias", true)) throw c.bad("enable_bias", "false is not supported (OPT linears have biases)");
+  if (!c.bool_or("layer_norm_elementwise_affine", true))
+    throw c.bad("layer_norm_elementwise_affine", "false is not supported");
+  if (c.bool_or("_remove_final_layer_norm", false)) throw c.bad("_remove_final_layer_norm", "true is not supported");
+}
+
+void write_opt(const ModelConfig& c, json& j) {
+  j["architectures"] = {"OPTForCausalLM"};
+  j["model_type"] = "opt";
+  j["word_embed_proj_dim"] = c.embed_width();
+  j["do_layer_norm_before"] = !c.post_norm;
+  j["activation_function"] = "relu";
+  j["enable_bias"] = true;
+  j["layer_norm_elementwise_affine"] = true;
+}
+
+ArchSpec opt_spec() {
+  ArchSpec a;
+  a.family = Family::Opt;
+  a.name = "opt";
+  a.hf_architectures = {"OPTForCausalLM"};
+  a.hf_keys = {"hidden_size", "num_hidden_layers", "num_attention_heads", "ffn_dim", "max_position_embeddings",
+               "layer_norm_eps"};
+  a.hf_default_max_positions = 2048;
+  a.hf_default_norm_eps = 1e-5;
+  a.read_hf = read_opt;
+  a.write_hf = write_opt;
+  a.embed = "model.decoder.embed_tokens";
+  a.positions = "model.decoder.embed_positions";
+  a.layers = "model.decoder.layers";
+  a.optional_modules = {"model.decoder.project_in", "model.decoder.project_out"};
+  a.linears = {{"self_attn.q_proj", TensorRole::AttnQ, ""},
+               {"self_attn.k_proj", TensorRole::AttnK, ""},
+               {"self_attn.v_proj", TensorRole::AttnV, ""},
+               {"self_attn.out_proj", TensorRole::AttnOutput, "", RopeRows::None, false, true},
+               {"fc1", TensorRole::FfnUp, ""},
+               {"fc2", TensorRole::FfnDown, "", RopeRows::None, false, true}};
+  a.layer_tensors = {{"self_attn_layer_norm.weight", "attn_norm.weight"},
+                     {"self_attn_layer_norm.bias", "attn_norm.bias"},
+                     {"final_layer_norm.weight", "ffn_norm.weight"},
+                     {"final_layer_norm.bias", "ffn_norm.bias"}};
+  a.final_norm = "model.decoder.final_layer_norm";
+  a.lm_head = "lm_head";  // tied; a checkpoint's copy is ignored
+  a.tied_always = true;
+  a.ptq_groups = {{"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}, {"self_attn.out_proj"}, {"fc1"}, {"fc2"}};
+  // ReLU is positively homogeneous, so fc1's rows scale into fc2's columns (AutoAWQ's OPT pairs).
+  a.awq_pairs = {{"self_attn_layer_norm", true, {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"}},
+                 {"self_attn.v_proj", false, {"self_attn.out_proj"}},
+                 {"final_layer_norm", true, {"fc1"}, true},
+                 {"fc1", false, {"fc2"}}};
+  a.mlp_act = Activation::Relu;
+  a.gguf_arch = "";
+  a.gguf_missing = "llama.cpp has no OPT architecture";
+  return a;
+}
+
 }  // namespace
 
 const std::vector<const ArchSpec*>& arch_specs() {
   static const ArchSpec llama = llama_spec(), qwen3 = qwen3_spec(), gemma2 = gemma_spec(false),
-                        gemma3 = gemma_spec(true), phi3 = phi3_spec(), gpt2 = gpt2_spec();
-  static const std::vector<const ArchSpec*> all{&llama, &qwen3, &gemma2, &gemma3, &phi3, &gpt2};
+                        gemma3 = gemma_spec(true), phi3 = phi3_spec(), gpt2 = gpt2_spec(), opt = opt_spec();
+  static const std::vector<const ArchSpec*> all{&llama, &qwen3, &gemma2, &gemma3, &phi3, &gpt2, &opt};
   return all;
 }
 

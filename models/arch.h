@@ -52,7 +52,7 @@ struct AwqPair {
 };
 
 // The MLP's activation: act(up(x)), or act(gate(x)) * up(x) when gated.
-enum class Activation { Silu, GeluTanh };
+enum class Activation { Silu, GeluTanh, Relu };
 
 // config.json spellings of the hyper-parameters every family has.
 struct HfKeys {
@@ -85,6 +85,7 @@ struct ArchSpec {
   std::vector<ArchTensor> layer_tensors;       // per layer 1-D tensors
   std::string final_norm;                      // "model.norm" (its .weight, and .bias where it has one)
   std::string lm_head;                         // absent when the embeddings are tied
+  std::vector<std::string> optional_modules;   // float modules present only in some configs (OPT's project_in/out)
   bool tied_always = false;                    // the family always ties lm_head to the embedding
   bool scaled_residual_init = false;           // residual linears init with std / sqrt(2 * n_layers) (GPT-2)
   bool gemma_norms = false;                    // RMSNorm weight w scales by (1 + w), computed in fp32 (Gemma)
@@ -98,6 +99,7 @@ struct ArchSpec {
   Activation mlp_act = Activation::Silu;
   bool gated_mlp = false;                      // FfnGate exists: act(gate(x)) * up(x)
   std::string gguf_arch;                       // llama.cpp architecture ("" = none)
+  std::string gguf_missing = "its llama.cpp architecture is not written by qforge yet";  // why, when none
 
   std::string layer_prefix(int64_t i) const { return layers + "." + std::to_string(i); }
   const ArchLinear* linear(const std::string& name) const;  // nullptr when not a layer linear

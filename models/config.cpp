@@ -8,7 +8,7 @@ namespace qf::models {
 
 int64_t ModelConfig::ffn() const {
   if (ffn_dim > 0) return ffn_dim;
-  if (family == Family::Gpt2) return 4 * dim;
+  if (family == Family::Gpt2 || family == Family::Opt) return 4 * dim;
   int64_t h = (8 * dim) / 3;
   return (h + 63) / 64 * 64;
 }
@@ -41,6 +41,8 @@ ModelConfig ModelConfig::from_config(cfg::Reader& r) {
   rs.finish();
   c.norm_eps = r.f64("norm_eps", c.norm_eps, 1e-12, 1.0);
   c.qkv_bias = r.boolean("qkv_bias", c.qkv_bias);
+  c.embed_proj_dim = r.i64("embed_proj_dim", c.embed_proj_dim, 0, 1 << 16);
+  c.post_norm = r.boolean("post_norm", c.post_norm);
   c.partial_rotary = r.f64("partial_rotary", c.partial_rotary, 0.01, 1.0);
   c.qk_norm = r.boolean("qk_norm", c.family == Family::Qwen3 || c.family == Family::Gemma3);
   c.rope_local_theta = r.f64("rope_local_theta", c.rope_local_theta, 0.0, 1e12);
@@ -121,6 +123,8 @@ ModelConfig ModelConfig::from_config(cfg::Reader& r) {
       res["rope_scaling"]["long_factor"] = c.rope_long_factor;
       res["rope_scaling"]["attention_factor"] = c.rope_attention_factor;
       res["partial_rotary"] = c.partial_rotary;
+      res["embed_proj_dim"] = c.embed_proj_dim;
+      res["post_norm"] = c.post_norm;
     } catch (const InputError& e) {
       r.fail("from", e.what());
     }
@@ -132,11 +136,14 @@ ModelConfig ModelConfig::from_config(cfg::Reader& r) {
                              std::to_string(c.kv_heads()));
   if ((c.family == Family::Qwen3 || c.family == Family::Gemma3) && !c.qk_norm)
     r.fail("qk_norm", c.family_name() + " normalizes q and k; must be true");
-  if (c.family == Family::Gpt2)
+  const bool learned_positions = !arch_spec(c.family).positions.empty();  // gpt2, opt
+  if ((c.embed_proj_dim > 0 || c.post_norm) && c.family != Family::Opt)
+    r.fail(c.post_norm ? "post_norm" : "embed_proj_dim", "is OPT's; " + c.family_name() + " has no such option");
+  if (learned_positions)
     for (auto [key, set] : {std::pair<const char*, bool>{"qk_norm", c.qk_norm}, {"sliding_window", c.sliding_window > 0},
                             {"rope_local_theta", c.rope_local_theta > 0}, {"query_pre_attn_scalar", c.query_pre_attn_scalar > 0},
                             {"attn_softcap", c.attn_softcap > 0}, {"final_softcap", c.final_softcap > 0}})
-      if (set) r.fail(key, "is not part of the gpt2 architecture; leave it unset");
+      if (set) r.fail(key, "is not part of the " + c.family_name() + " architecture; leave it unset");
   if (c.rope_scaling == RopeScaling::LongRope &&
       (static_cast<int64_t>(c.rope_short_factor.size()) != c.rotary_dim() / 2 ||
        c.rope_long_factor.size() != c.rope_short_factor.size()))
@@ -144,14 +151,15 @@ ModelConfig ModelConfig::from_config(cfg::Reader& r) {
                                " entries each (rotary dims / 2), got ", c.rope_short_factor.size(), " and ",
                                c.rope_long_factor.size()));
   if (c.rotary_dim() % 2 != 0) r.fail("partial_rotary", str("gives an odd rotary dimension ", c.rotary_dim()));
-  if (c.family != Family::Gpt2 && c.hdim() % 2 != 0)
+  if (!learned_positions && c.hdim() % 2 != 0)
     r.fail("head_dim", "RoPE needs an even head dimension, got " + std::to_string(c.hdim()));
   if (arch_spec(c.family).tied_always && !c.tie_embeddings)
     r.fail("tie_embeddings", c.family_name() + " ties lm_head to the token embedding; must be true");
-  if (c.family == Family::Gpt2) {
-    if (c.kv_heads() != c.n_heads) r.fail("n_kv_heads", "gpt2 has no grouped-query attention; use 0 or n_heads");
-    if (c.rope_scaling != RopeScaling::None) rs.fail("type", "gpt2 uses learned positions, not RoPE; use none");
-    if (c.head_dim != 0 && c.head_dim * c.n_heads != c.dim) r.fail("head_dim", "gpt2 needs head_dim * n_heads == dim");
+  if (learned_positions) {
+    const std::string f = c.family_name();
+    if (c.kv_heads() != c.n_heads) r.fail("n_kv_heads", f + " has no grouped-query attention; use 0 or n_heads");
+    if (c.rope_scaling != RopeScaling::None) rs.fail("type", f + " uses learned positions, not RoPE; use none");
+    if (c.head_dim != 0 && c.head_dim * c.n_heads != c.dim) r.fail("head_dim", f + " needs head_dim * n_heads == dim");
     
   }
   r.finish();

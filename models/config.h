@@ -9,7 +9,7 @@
 
 namespace qf::models {
 
-enum class Family { Llama, Qwen3, Gemma2, Gemma3, Phi3, Gpt2 };
+enum class Family { Llama, Qwen3, Gemma2, Gemma3, Phi3, Gpt2, Opt };
 enum class RopeScaling { None, Linear, Llama3, LongRope };
 enum class DType { F32, BF16 };
 // The recipe spellings: model.family (from the architecture specs, models/arch.cpp),
@@ -58,12 +58,15 @@ struct ModelConfig {
   double attn_softcap = 0.0;    // > 0: scores -> cap * tanh(scores / cap) (Gemma 2)
   double final_softcap = 0.0;   // > 0: logits -> cap * tanh(logits / cap) (Gemma 2)
   bool tie_embeddings = false;
+  int64_t embed_proj_dim = 0;   // OPT's word_embed_proj_dim: embeddings this wide, project_in/out (0 = dim)
+  bool post_norm = false;       // OPT do_layer_norm_before = false: LayerNorm after each residual add
   DType dtype = DType::F32;
   double init_std = 0.02;
   std::string from;             // a Hugging Face checkpoint dir: architecture + weights come from it
 
   int64_t kv_heads() const { return n_kv_heads > 0 ? n_kv_heads : n_heads; }
   int64_t hdim() const { return head_dim > 0 ? head_dim : dim / n_heads; }
+  int64_t embed_width() const { return embed_proj_dim > 0 ? embed_proj_dim : dim; }
   int64_t rotary_dim() const { return static_cast<int64_t>(static_cast<double>(hdim()) * partial_rotary); }
   int64_t ffn() const;
   // The attention window of layer i (0 = full causal attention).

@@ -408,6 +408,125 @@ class Gpt2LMHeadModel : public CausalLM {
   std::shared_ptr<Gpt2Body> transformer;
 };
 
+// ---------------- OPT ----------------
+// Learned positions at offset 2, pre- (or post-, do_layer_norm_before = false) LayerNorm, ReLU MLP,
+// biases everywhere, optional project_in/project_out around the decoder when the embedding width
+// differs from the hidden size; lm_head tied to the embedding.
+class OptAttention : public torch::nn::Module, public HasLinearSlots {
+ public:
+  explicit OptAttention(const ModelConfig& c) : c_(c) {
+    const ArchSpec& a = spec(c);
+    for (auto [slot, role] : {std::pair{&wq, TensorRole::AttnQ}, {&wk, TensorRole::AttnK}, {&wv, TensorRole::AttnV},
+                              {&wo, TensorRole::AttnOutput}})
+      *slot = LinearSlot(this, leaf_of(a, role), std::make_shared<DenseLinear>(c.dim, c.dim, true));
+  }
+  at::Tensor forward(const at::Tensor& x, KVCache* cache, int layer) {
+    const int64_t B = x.size(0), T = x.size(1), H = c_.n_heads, hd = c_.hdim();
+    auto q = wq(x).view({B, T, H, hd}).transpose(1, 2);
+    auto k = wk(x).view({B, T, H, hd}).transpose(1, 2);
+    auto v = wv(x).view({B, T, H, hd}).transpose(1, 2);
+    auto y = attend(q, k, v, cache, layer, AttnOpts{});
+    return wo(y.transpose(1, 2).reshape({B, T, c_.dim}));
+  }
+  LinearSlot* linear_slot(const std::string& n) override { return find_slot(n, {&wq, &wk, &wv, &wo}); }
+  LinearSlot wq, wk, wv, wo;
+
+ private:
+  ModelConfig c_;
+};
+
+class OptLayer : public torch::nn::Module, public HasLinearSlots {
+ public:
+  explicit OptLayer(const ModelConfig& c) : post_norm_(c.post_norm) {
+    const ArchSpec& a = spec(c);
+    attn_norm = register_module(a.layer_module("attn_norm.weight"), std::make_shared<LayerNorm>(c.dim, c.norm_eps));
+    attn = register_module(parent_of(a, TensorRole::AttnOutput), std::make_shared<OptAttention>(c));
+    ffn_norm = register_module(a.layer_module("ffn_norm.weight"), std::make_shared<LayerNorm>(c.dim, c.norm_eps));
+    fc1 = LinearSlot(this, a.linear(TensorRole::FfnUp).name, std::make_shared<DenseLinear>(c.dim, c.ffn(), true));
+    fc2 = LinearSlot(this, a.linear(TensorRole::FfnDown).name, std::make_shared<DenseLinear>(c.ffn(), c.dim, true));
+  }
+  at::Tensor forward(at::Tensor x, KVCache* cache, int layer) {
+    if (post_norm_) {
+      x = attn_norm->forward(x + attn->forward(x, cache, layer));
+      return ffn_norm->forward(x + fc2(at::relu(fc1(x))));
+    }
+    x = x + attn->forward(attn_norm->forward(x), cache, layer);
+    return x + fc2(at::relu(fc1(ffn_norm->forward(x))));
+  }
+  LinearSlot* linear_slot(const std::string& n) override { return find_slot(n, {&fc1, &fc2}); }
+  std::shared_ptr<LayerNorm> attn_norm, ffn_norm;
+  std::shared_ptr<OptAttention> attn;
+  LinearSlot fc1, fc2;
+
+ private:
+  bool post_norm_;
+};
+
+class OptDecoder : public torch::nn::Module {
+ public:
+  explicit OptDecoder(const ModelConfig& c) {
+    const ArchSpec& a = spec(c);
+    const int64_t e = c.embed_width();
+    embed_tokens = EmbeddingSlot(this, leaf(a.embed), std::make_shared<DenseEmbedding>(c.vocab_size, e));
+    embed_positions = register_module(leaf(a.positions), torch::nn::Embedding(c.max_seq_len + 2, c.dim));
+    if (e != c.dim) {
+      project_in = register_module(leaf(a.optional_modules.at(0)), std::make_shared<DenseLinear>(e, c.dim, false));
+      project_out = register_module(leaf(a.optional_modules.at(1)), std::make_shared<DenseLinear>(c.dim, e, false));
+    }
+    layers = register_module(leaf(a.layers), torch::nn::ModuleList());
+    for (int64_t i = 0; i < c.n_layers; ++i) {
+      auto l = std::make_shared<OptLayer>(c);
+      layers->push_back(l);
+      layer_ptrs.push_back(l);
+    }
+    if (!c.post_norm) final_norm = register_module(leaf(a.final_norm), std::make_shared<LayerNorm>(c.dim, c.norm_eps));
+  }
+  EmbeddingSlot embed_tokens;
+  torch::nn::Embedding embed_positions{nullptr};
+  std::shared_ptr<DenseLinear> project_in, project_out;
+  torch::nn::ModuleList layers{nullptr};
+  std::vector<std::shared_ptr<OptLayer>> layer_ptrs;
+  std::shared_ptr<LayerNorm> final_norm;
+};
+
+class OptForCausalLM : public CausalLM {
+ public:
+  explicit OptForCausalLM(const ModelConfig& c) : CausalLM(c) {
+    // "model.decoder": two levels above the layers.
+    auto outer = split_last(split_last(spec(c).layers).first);
+    model = register_module(outer.first, std::make_shared<torch::nn::Module>());
+    decoder = model->register_module(outer.second, std::make_shared<OptDecoder>(c));
+  }
+  at::Tensor forward(const at::Tensor& ids, KVCache* cache) override {
+    QF_CHECK(ids.dim() == 2, "input_ids must be [batch, seq], got ", ids.sizes());
+    const int64_t T = ids.size(1), start = cache ? cache->length : 0;
+    QF_CHECK(start + T <= cfg.max_seq_len, "sequence of ", start + T, " tokens exceeds model.max_seq_len ", cfg.max_seq_len);
+    auto x = embed_at(ids, start);
+    for (size_t i = 0; i < decoder->layer_ptrs.size(); ++i) x = decoder->layer_ptrs[i]->forward(x, cache, (int)i);
+    if (cache) cache->length += T;
+    if (decoder->final_norm) x = decoder->final_norm->forward(x);
+    if (decoder->project_out) x = decoder->project_out->forward(x);
+    return at::linear(x, decoder->embed_tokens.get()->table());
+  }
+  // Token embeddings (projected in) plus the learned positions, which start at row 2.
+  at::Tensor embed_at(const at::Tensor& ids, int64_t start) {
+    auto x = at::embedding(decoder->embed_tokens.get()->table(), ids);
+    if (decoder->project_in) x = decoder->project_in->forward(x);
+    auto pos = at::arange(start + 2, start + 2 + ids.size(1), ids.options());
+    return x + decoder->embed_positions->forward(pos).unsqueeze(0);
+  }
+  EmbeddingSlot& token_embedding() override { return decoder->embed_tokens; }
+  std::string token_embedding_name() const override { return spec(cfg).embed; }
+  at::Tensor embed(const at::Tensor& ids) override { return embed_at(ids, 0); }
+  at::Tensor layer_forward(int64_t i, const at::Tensor& x) override {
+    return decoder->layer_ptrs.at(i)->forward(x, nullptr, static_cast<int>(i));
+  }
+  torch::nn::Module& layer(int64_t i) override { return *decoder->layer_ptrs.at(i); }
+  std::string layer_prefix(int64_t i) const override { return spec(cfg).layer_prefix(i); }
+  std::shared_ptr<torch::nn::Module> model;
+  std::shared_ptr<OptDecoder> decoder;
+};
+
 }  // namespace
 
 at::Tensor rope_inv_freq(const ModelConfig& c, int64_t seq_len) {
@@ -515,7 +634,9 @@ std::shared_ptr<CausalLM> build_model(const ModelConfig& c, bool init) {
   const auto saved = c10::get_default_dtype();
   if (!init) c10::set_default_dtype(c10::scalarTypeToTypeMeta(model_dtype(c)));
   try {
-    if (c.family != Family::Gpt2)
+    if (c.family == Family::Opt)
+      m = std::make_shared<OptForCausalLM>(c);
+    else if (c.family != Family::Gpt2)
       m = std::make_shared<LlamaForCausalLM>(c);
     else
       m = std::make_shared<Gpt2LMHeadModel>(c);

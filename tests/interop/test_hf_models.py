@@ -59,6 +59,14 @@ def _tiny(kind):
             original_max_position_embeddings=16 if kind.endswith("_long") else 64, pad_token_id=0,
             rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(rd // 2)],
                           "long_factor": [2.0 + 0.5 * i for i in range(rd // 2)]}))
+    if kind == "opt":  # the facebook/opt-125m layout (pre-LN)
+        return transformers.OPTForCausalLM(transformers.OPTConfig(
+            vocab_size=320, hidden_size=64, ffn_dim=176, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=128, word_embed_proj_dim=64))
+    if kind == "opt_350m":  # opt-350m's layout: post-LN, 32-wide embeddings projected in and out
+        return transformers.OPTForCausalLM(transformers.OPTConfig(
+            vocab_size=320, hidden_size=64, ffn_dim=176, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=128, word_embed_proj_dim=32, do_layer_norm_before=False))
     if kind == "gpt2":
         return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=160, n_embd=64, n_layer=2, n_head=4,
                                                                     n_positions=128))
@@ -99,7 +107,7 @@ def _run(tmp_path, d, ids):
     ("qwen3", torch.bfloat16, None), ("qwen3_sw", torch.float32, None), ("qwen2_sw", torch.float32, None),
     ("mistral_sw", torch.float32, None), ("gemma2", torch.float32, None), ("gemma2", torch.bfloat16, None),
     ("gemma3", torch.float32, "60KB"), ("phi3", torch.float32, None), ("phi4_longrope", torch.float32, None),
-    ("phi4_longrope_long", torch.bfloat16, None)])
+    ("phi4_longrope_long", torch.bfloat16, None), ("opt", torch.float16, None), ("opt_350m", torch.float32, None)])
 def test_hf_checkpoint_logits_and_greedy_tokens_match_transformers(tmp_path, kind, dtype, shard):
     d = _save(tmp_path, kind, dtype, shard)
     if shard:
