@@ -13,6 +13,7 @@
 #include "core/safetensors.h"
 #include "export/gguf_writer.h"
 #include "export/hf_export.h"
+#include "export/layer_view.h"
 #include "models/arch.h"
 #include "peft/lora.h"
 #include "quant/ggml_blocks.h"
@@ -57,16 +58,8 @@ std::string encode(const at::Tensor& w, Rule rule, bool f16) {
   return out;
 }
 
-}  // namespace
-
-GgufExportResult export_gguf(models::CausalLM& model, const data::Tokenizer& tok, const std::string& out,
-                             const std::string& quant_name, const std::string& name, bool progress,
-                             const std::string& fallback, bool force) {
-  check_out(out, "", force);
-  QF_CHECK_INPUT(!std::filesystem::is_directory(out), "--out '", out,
-                 "' is a directory; GGUF export writes one file (e.g. --out model.gguf)");
-  const auto& c = model.cfg;
-  const models::ArchSpec& arch = models::arch_spec(c.family);
+// What llama.cpp's "llama" loader needs that this exporter writes; anything else is refused before work.
+void check_exportable(const models::ModelConfig& c, const models::ArchSpec& arch, const data::Tokenizer& tok) {
   if (arch.gguf_arch.empty() || c.qkv_bias)
     throw InputError("export: GGUF export covers the llama architecture (no qkv bias) so far; this model is " +
                      std::string(c.qkv_bias ? "qwen2-style (qkv bias)" : c.family_name()));
@@ -75,29 +68,11 @@ GgufExportResult export_gguf(models::CausalLM& model, const data::Tokenizer& tok
   if (tok.kind() != "sentencepiece")
     throw InputError("export: GGUF's tokenizer block is written for sentencepiece vocabularies so far (this model's "
                      "tokenizer is " + tok.kind() + ")");
-  const uint32_t file_type = quant::mix_file_type(quant_name);  // throws listing the mixtures
-  if (!fallback.empty()) quant::mix_file_type(fallback);      // --fallback is a mixture name too
-  const bool f16 = quant_name == "f16";
-  at::NoGradGuard ng;
-  const int64_t merged = peft::merge_lora(model);
-  if (merged) log::info("export: merged ", merged, " LoRA adapters into their base layers");
-  // Fake-quant layers are packed first, exactly as convert does.
-  const int64_t converted = quant::convert(model);
-  if (converted) log::info("export: converted ", converted, " fake-quant layers to their packed weights");
+}
 
-  // A model with packed linears is exported exactly: what it holds in float stays float. A float
-  // model gets llama-quantize's types for --quant.
-  std::map<std::string, models::LinearSlot*> slots;
-  GgufExportResult res;
-  for (auto& ns : models::linear_slots(model)) {
-    slots[ns.name] = ns.slot;
-    res.exact |= dynamic_cast<quant::QuantizedLinear*>(ns.slot->get().get()) != nullptr;
-  }
-  if (res.exact)
-    log::info("export: the model holds packed llama.cpp blocks; they are written as they are and float tensors stay ",
-              f16 ? "F16" : "F32", " (exact)");
-  gguf::Writer w;
-  const std::string& ga = arch.gguf_arch;
+// general.* and the architecture's hyper-parameters (<arch>.*).
+void write_metadata(gguf::Writer& w, const models::ModelConfig& c, const std::string& ga, const std::string& name,
+                    uint32_t file_type) {
   w.add_string("general.architecture", ga);
   w.add_string("general.name", name);
   w.add_u32("general.file_type", file_type);
@@ -116,7 +91,11 @@ GgufExportResult export_gguf(models::CausalLM& model, const data::Tokenizer& tok
   }
   w.add_f32(ga + ".attention.layer_norm_rms_epsilon", static_cast<float>(c.norm_eps));
   w.add_f32(ga + ".rope.freq_base", static_cast<float>(c.rope_theta));
-  // Tokenizer block (sentencepiece -> llama.cpp's "llama" vocabulary).
+}
+
+// The tokenizer block: a sentencepiece vocabulary as llama.cpp's "llama" vocabulary, one entry per
+// embedding row (`rows` may exceed the tokenizer's pieces: padded with unused entries).
+void write_tokenizer(gguf::Writer& w, const data::Tokenizer& tok, int64_t rows) {
   std::vector<std::string> tokens;
   std::vector<float> scores;
   std::vector<int32_t> types;
@@ -128,8 +107,7 @@ GgufExportResult export_gguf(models::CausalLM& model, const data::Tokenizer& tok
     types.push_back(e.type);
     if (e.type == 2 && unk < 0) unk = i;
   }
-  // The model may have more rows than the tokenizer has pieces: llama.cpp needs one entry per row.
-  for (int64_t i = tok.vocab_size(); i < c.vocab_size; ++i) {
+  for (int64_t i = tok.vocab_size(); i < rows; ++i) {
     tokens.push_back("<qforge_pad_" + std::to_string(i) + ">");
     scores.push_back(0.f);
     types.push_back(5);
@@ -153,101 +131,184 @@ GgufExportResult export_gguf(models::CausalLM& model, const data::Tokenizer& tok
               norm.remove_extra_whitespaces ? ", extra whitespace removed" : "",
               ") and llama.cpp does not: its ids will differ from qforge's wherever that normalization changes the "
               "text (newlines, runs of spaces, NFKC forms)");
+}
 
-  // Each tensor is added with its type decided now and a producer that makes its bytes when the
-  // writer reaches it.
-  auto add = [&](const std::string& gname, const std::vector<int64_t>& dims, TensorType t, gguf::Writer::Producer make) {
-    res.rows.push_back(str(gname, "  ", gguf::type_name(t), "  [", dims.size() > 1 ? std::to_string(dims[0]) + ", " : "",
-                           dims.back(), "]"));
-    w.add_tensor(gname, dims, t, std::move(make));
-  };
-  // A float 2-D weight [rows, cols], materialised by `get` only when written (an NF4 or bf16 base
-  // dequantizes one layer at a time): the mixture's type (float model) or float (exact export).
-  auto add_float_2d = [&](const std::string& gname, int64_t rows, int64_t cols, std::function<at::Tensor()> get,
-                          TensorRole role, int64_t layer, int64_t permute_heads) {
-    quant::MixChoice ch;
-    ch.f16 = f16;
-    if (!res.exact) {
-      try {
-        ch = quant::mix_choice(quant_name, role, layer, c.n_layers, cols, c.tie_embeddings, fallback);
-      } catch (const InputError& e) {
-        throw InputError(str("export: ", gname, ": ", e.what()));
-      }
+// The tensor plan: every tensor is added to the writer with its type decided now and a producer
+// that makes its bytes when the writer reaches it. Linears and the embedding are read through
+// export/layer_view.h, so a LoRA / fake-quant layer is merged + converted inside its producer and
+// dropped once written.
+class TensorPlan {
+ public:
+  TensorPlan(gguf::Writer& w, models::CausalLM& model, const std::string& quant, const std::string& fallback,
+             GgufExportResult& res)
+      : w_(w), model_(model), c_(model.cfg), quant_(quant), fallback_(fallback), f16_(quant == "f16"), res_(res) {
+    for (auto& ns : models::linear_slots(model)) slots_[ns.name] = ns.slot;
+    for (auto& p : model.named_parameters()) params_[p.key()] = p.value();
+  }
+  void add_embedding();
+  // Per layer, the spec's tensors in its order: 1-D tensors (norms) as F32, linears as linear().
+  void add_layers(const models::ArchSpec& arch);
+  void add_output(const models::ArchSpec& arch);
+
+ private:
+  void add(const std::string& gname, const std::vector<int64_t>& dims, TensorType t, gguf::Writer::Producer make);
+  void add_float_2d(const std::string& gname, int64_t rows, int64_t cols, std::function<at::Tensor()> get,
+                    TensorRole role, int64_t layer, int64_t permute_heads);
+  void add_1d(const std::string& gname, const at::Tensor& p);
+  void linear(const std::string& hf, const std::string& gname, TensorRole role, int64_t layer, int64_t permute_heads);
+  const at::Tensor& param(const std::string& n) const;
+
+  gguf::Writer& w_;
+  models::CausalLM& model_;
+  const models::ModelConfig& c_;
+  const std::string quant_, fallback_;
+  const bool f16_;
+  GgufExportResult& res_;
+  std::map<std::string, models::LinearSlot*> slots_;
+  std::map<std::string, at::Tensor> params_;
+};
+
+void TensorPlan::add(const std::string& gname, const std::vector<int64_t>& dims, TensorType t,
+                     gguf::Writer::Producer make) {
+  res_.rows.push_back(str(gname, "  ", gguf::type_name(t), "  [", dims.size() > 1 ? std::to_string(dims[0]) + ", " : "",
+                          dims.back(), "]"));
+  w_.add_tensor(gname, dims, t, std::move(make));
+}
+
+// A float 2-D weight [rows, cols], materialised by `get` only when written (an NF4 or bf16 base
+// dequantizes one layer at a time): the mixture's type (float model) or float (exact export).
+void TensorPlan::add_float_2d(const std::string& gname, int64_t rows, int64_t cols, std::function<at::Tensor()> get,
+                              TensorRole role, int64_t layer, int64_t permute_heads) {
+  quant::MixChoice ch;
+  ch.f16 = f16_;
+  if (!res_.exact) {
+    try {
+      ch = quant::mix_choice(quant_, role, layer, c_.n_layers, cols, c_.tie_embeddings, fallback_);
+    } catch (const InputError& e) {
+      throw InputError(str("export: ", gname, ": ", e.what()));
     }
-    if (!ch.fallback.empty()) {
-      ++res.n_fallback;
-      log::warn("export: ", gname, " - ", ch.fallback);
-    }
-    const TensorType t = ch.rule != Rule::Affine ? type_of(ch.rule) : ch.f16 ? TensorType::F16 : TensorType::F32;
-    add(gname, {rows, cols}, t, [get = std::move(get), ch, permute_heads, &res] {
-      auto wt = get();
-      res.input_bytes += wt.numel() * wt.element_size();
-      auto bytes = encode(permute_heads ? permute_rows(wt, permute_heads) : wt, ch.rule, ch.f16);
-      st::drop_pages(wt);  // a mapped checkpoint's pages are not needed again
-      return bytes;
-    });
-  };
-  auto add_1d = [&](const std::string& gname, const at::Tensor& p) {
-    res.input_bytes += p.numel() * p.element_size();
-    add(gname, {p.numel()}, TensorType::F32, [p] {
+  }
+  if (!ch.fallback.empty()) {
+    ++res_.n_fallback;
+    log::warn("export: ", gname, " - ", ch.fallback);
+  }
+  const TensorType t = ch.rule != Rule::Affine ? type_of(ch.rule) : ch.f16 ? TensorType::F16 : TensorType::F32;
+  add(gname, {rows, cols}, t, [get = std::move(get), ch, permute_heads, &res = res_] {
+    auto wt = get();
+    res.input_bytes += wt.numel() * wt.element_size();
+    auto bytes = encode(permute_heads ? permute_rows(wt, permute_heads) : wt, ch.rule, ch.f16);
+    st::drop_pages(wt);  // a mapped checkpoint's pages are not needed again
+    return bytes;
+  });
+}
+
+void TensorPlan::add_1d(const std::string& gname, const at::Tensor& p) {
+  res_.input_bytes += p.numel() * p.element_size();
+  add(gname, {p.numel()}, TensorType::F32, [p] {
+    std::string s;
+    append(s, p.to(at::kFloat));
+    return s;
+  });
+}
+
+// A linear that converts to llama.cpp blocks (fake quant or QAT + LoRA with a llama.cpp preset, or
+// already packed) is written with those blocks; any other as a float weight (add_float_2d).
+void TensorPlan::linear(const std::string& hf, const std::string& gname, TensorRole role, int64_t layer,
+                        int64_t permute_heads) {
+  auto it = slots_.find(hf);
+  QF_CHECK(it != slots_.end(), "export: no layer ", hf);
+  auto mod = it->second->get();
+  if (const quant::QuantSpec* spec = converted_spec(*mod)) {
+    if (!spec->is_ggml())
+      throw InputError(str("export: ", hf, " is quantized as ", spec->describe(),
+                           ", which GGUF cannot hold; train with a llama.cpp preset (q8_0, q4_0, q4_1, q5_0, q5_1, "
+                           "q4_k, q6_k) or export with --format gptq / compressed-tensors"));
+    add(gname, {mod->out_features, mod->in_features}, type_of(spec->rule), [mod, permute_heads, &res = res_] {
+      auto ql = std::static_pointer_cast<quant::QuantizedLinear>(converted_linear(mod));
+      res.input_bytes += ql->qweight.numel();
       std::string s;
-      append(s, p.to(at::kFloat));
+      append(s, permute_heads ? permute_rows(ql->qweight, permute_heads) : ql->qweight);
       return s;
     });
-  };
-  auto linear = [&](const std::string& hf, const std::string& gname, TensorRole role, int64_t layer, int64_t permute_heads) {
-    auto it = slots.find(hf);
-    QF_CHECK(it != slots.end(), "export: no layer ", hf);
-    auto mod = it->second->get();
-    if (auto ql = std::dynamic_pointer_cast<quant::QuantizedLinear>(mod)) {
-      const auto& spec = ql->weight_spec();
-      if (!spec.is_ggml())
-        throw InputError(str("export: ", hf, " is quantized as ", spec.describe(),
-                             ", which GGUF cannot hold; train with a llama.cpp preset (q8_0, q4_0, q4_1, q5_0, q5_1, "
-                             "q4_k, q6_k) or export with --format gptq / compressed-tensors"));
-      res.input_bytes += ql->qweight.numel();
-      add(gname, {mod->out_features, mod->in_features}, type_of(spec.rule), [ql, permute_heads] {
-        std::string s;
-        append(s, permute_heads ? permute_rows(ql->qweight, permute_heads) : ql->qweight);
-        return s;
-      });
-      return;
-    }
-    add_float_2d(gname, mod->out_features, mod->in_features, [mod] { return mod->effective_weight(); }, role, layer,
-                 permute_heads);
-  };
-  std::map<std::string, at::Tensor> params;
-  for (auto& p : model.named_parameters()) params[p.key()] = p.value();
-  auto param = [&](const std::string& n) {
-    auto it = params.find(n);
-    QF_CHECK(it != params.end(), "export: no parameter ", n);
-    return it->second;
-  };
-  auto* emb = model.token_embedding().get().get();
-  if (auto* qe = dynamic_cast<quant::QuantizedEmbedding*>(emb); qe && qe->spec().is_ggml()) {
-    auto q = qe->qweight;
-    res.input_bytes += q.numel();
-    add("token_embd.weight", {c.vocab_size, c.dim}, type_of(qe->spec().rule), [q] {
+    return;
+  }
+  add_float_2d(gname, mod->out_features, mod->in_features, [mod] { return merged_weight(*mod); }, role, layer,
+               permute_heads);
+}
+
+const at::Tensor& TensorPlan::param(const std::string& n) const {
+  auto it = params_.find(n);
+  QF_CHECK(it != params_.end(), "export: no parameter ", n);
+  return it->second;
+}
+
+void TensorPlan::add_embedding() {
+  auto emb = model_.token_embedding().get();
+  const quant::QuantSpec* spec = nullptr;
+  if (auto* f = dynamic_cast<quant::FakeQuantEmbedding*>(emb.get())) spec = &f->weight_fq->spec();
+  if (auto* q = dynamic_cast<quant::QuantizedEmbedding*>(emb.get())) spec = &q->spec();
+  if (spec && spec->is_ggml()) {
+    add("token_embd.weight", {c_.vocab_size, c_.dim}, type_of(spec->rule), [emb, &res = res_] {
+      auto q = std::static_pointer_cast<quant::QuantizedEmbedding>(converted_embedding(emb))->qweight;
+      res.input_bytes += q.numel();
       std::string s;
       append(s, q);
       return s;
     });
   } else {
-    add_float_2d("token_embd.weight", c.vocab_size, c.dim, [emb] { return emb->table(); }, TensorRole::TokenEmbd, 0, 0);
+    add_float_2d("token_embd.weight", c_.vocab_size, c_.dim, [emb] { return converted_embedding(emb)->table(); },
+                 TensorRole::TokenEmbd, 0, 0);
   }
-  // Per layer, the spec's tensors in its order: 1-D tensors (norms) as F32, linears as above.
-  for (int64_t i = 0; i < c.n_layers; ++i) {
+}
+
+void TensorPlan::add_layers(const models::ArchSpec& arch) {
+  for (int64_t i = 0; i < c_.n_layers; ++i) {
     const std::string hf = arch.layer_prefix(i) + ".", g = "blk." + std::to_string(i) + ".";
     for (auto& t : arch.layer_tensors) add_1d(g + t.gguf, param(hf + t.name));
     for (auto& l : arch.linears) {
-      const int64_t heads = l.rope_rows == models::RopeRows::QueryHeads ? c.n_heads
-                            : l.rope_rows == models::RopeRows::KvHeads  ? c.kv_heads()
+      const int64_t heads = l.rope_rows == models::RopeRows::QueryHeads ? c_.n_heads
+                            : l.rope_rows == models::RopeRows::KvHeads  ? c_.kv_heads()
                                                                         : 0;
       linear(hf + l.name, g + l.gguf + ".weight", l.role, i, heads);
     }
   }
+}
+
+void TensorPlan::add_output(const models::ArchSpec& arch) {
   add_1d("output_norm.weight", param(arch.final_norm + ".weight"));
-  if (!c.tie_embeddings) linear(arch.lm_head, "output.weight", TensorRole::Output, 0, 0);
+  if (!c_.tie_embeddings) linear(arch.lm_head, "output.weight", TensorRole::Output, 0, 0);
+}
+
+}  // namespace
+
+GgufExportResult export_gguf(models::CausalLM& model, const data::Tokenizer& tok, const std::string& out,
+                             const std::string& quant_name, const std::string& name, bool progress,
+                             const std::string& fallback, bool force) {
+  check_out(out, "", force);
+  QF_CHECK_INPUT(!std::filesystem::is_directory(out), "--out '", out,
+                 "' is a directory; GGUF export writes one file (e.g. --out model.gguf)");
+  const auto& c = model.cfg;
+  const models::ArchSpec& arch = models::arch_spec(c.family);
+  check_exportable(c, arch, tok);
+  const uint32_t file_type = quant::mix_file_type(quant_name);  // throws listing the mixtures
+  if (!fallback.empty()) quant::mix_file_type(fallback);      // --fallback is a mixture name too
+  at::NoGradGuard ng;
+  const int64_t n_lora = static_cast<int64_t>(peft::lora_layers(model).size());
+  if (n_lora) log::info("export: merging ", n_lora, " LoRA adapters into their base layers as they are written");
+  // A model with packed (or fake-quant) linears is exported exactly: what it holds in float stays
+  // float. A float model gets llama-quantize's types for --quant.
+  GgufExportResult res;
+  for (auto& ns : models::linear_slots(model)) res.exact |= converted_spec(*ns.slot->get()) != nullptr;
+  if (res.exact)
+    log::info("export: the model holds packed llama.cpp blocks; they are written as they are and float tensors stay ",
+              quant_name == "f16" ? "F16" : "F32", " (exact)");
+  gguf::Writer w;
+  write_metadata(w, c, arch.gguf_arch, name, file_type);
+  write_tokenizer(w, tok, c.vocab_size);
+  TensorPlan plan(w, model, quant_name, fallback, res);
+  plan.add_embedding();
+  plan.add_layers(arch);
+  plan.add_output(arch);
   if (res.n_fallback)
     log::warn("export: ", res.n_fallback, " of ", w.n_tensors(), " tensor(s) required fallback quantization");
   res.n_tensors = static_cast<int64_t>(w.n_tensors());

@@ -15,6 +15,10 @@
 // copies of the model; the pages of a memory-mapped source checkpoint are released as each tensor
 // is done); the file is re-read and checked, and appears only complete (gguf::Writer: temp file + fsync
 // + rename). An existing `out` is refused unless `force`, a directory always (exporter::check_out).
+// The model is not changed: LoRA layers are merged and fake-quant layers packed one at a time as
+// their tensors are written (export/layer_view.h), giving the bytes merge_lora + convert would.
+// Inside: metadata (general.* + <arch>.*), the tokenizer block, then the tensor plan (each tensor's
+// type decided up front, its bytes made by a producer when the writer reaches it).
 #pragma once
 #include <string>
 #include <vector>

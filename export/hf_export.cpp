@@ -11,6 +11,7 @@
 #include "core/error.h"
 #include "core/fs.h"
 #include "core/log.h"
+#include "export/layer_view.h"
 #include "models/hf.h"
 #include "peft/lora.h"
 
@@ -18,7 +19,9 @@ namespace qf::exporter {
 namespace {
 namespace sfs = std::filesystem;
 
-// The model's weights as its forward pass uses them, under the dense model's HF names.
+// The model's weights as its forward pass uses them once LoRA is merged, under the dense model's HF
+// names: each linear's merged weight is computed into the dense copy one layer at a time
+// (export/layer_view.h), so `model` itself is not changed.
 std::vector<std::pair<std::string, at::Tensor>> dense_weights(models::CausalLM& model) {
   at::NoGradGuard ng;
   auto dense = models::build_model(model.cfg, /*init=*/false);
@@ -28,7 +31,7 @@ std::vector<std::pair<std::string, at::Tensor>> dense_weights(models::CausalLM& 
     auto it = src.find(ns.name);
     QF_CHECK(it != src.end(), "export: the model has no layer ", ns.name);
     auto* d = static_cast<models::DenseLinear*>(ns.slot->get().get());
-    d->weight.copy_(it->second->get()->effective_weight().to(at::kFloat));
+    d->weight.copy_(merged_weight(*it->second->get()).to(at::kFloat));
     if (d->bias.defined()) d->bias.copy_(it->second->get()->bias_or_undefined().to(at::kFloat));
   }
   static_cast<models::DenseEmbedding*>(dense->token_embedding().get().get())
@@ -175,8 +178,8 @@ void commit_dir(const std::string& tmp, const std::string& out) {
 HfExportResult export_hf(models::CausalLM& model, const data::Tokenizer& tok, const std::string& out,
                          at::ScalarType dtype, int64_t max_shard_bytes, bool force) {
   return write_staged_dir(out, force, [&](const std::string& tmp) {
-    const int64_t merged = peft::merge_lora(model);
-    if (merged > 0) log::info("export: merged ", merged, " LoRA adapters into their base layers");
+    const auto n_lora = peft::lora_layers(model).size();
+    if (n_lora > 0) log::info("export: writing ", n_lora, " LoRA adapters merged into their base layers");
     auto weights = dense_weights(model);
     models::write_hf_weights(model.cfg, weights, tmp, dtype, max_shard_bytes);
     copy_tokenizer(tok, tmp);

@@ -2,7 +2,8 @@
 // transformers.AutoModelForCausalLM.from_pretrained loads unchanged: config.json, safetensors
 // (sharded above a size, with model.safetensors.index.json), tokenizer files.
 // What is written is the model as it computes: LoRA adapters merged, fake-quant / converted / NF4
-// weights dequantized to the values the forward pass uses, in fp32, bf16 or fp16.
+// weights dequantized to the values the forward pass uses, in fp32, bf16 or fp16. The caller's
+// model is not changed (layers are merged one at a time into the copy being written: layer_view.h).
 // Invariants: built in a temp directory, re-read with models/hf (every tensor compared with what was
 // meant to be written) and only then renamed into place; an existing non-empty --out is refused
 // unless `force` (then replaced only once the new one is complete).
@@ -58,7 +59,8 @@ auto write_staged_dir(const std::string& out, bool force, F&& fill) {
 // tokenizer.model (+ a LlamaTokenizer config) or tokenizer.json, and tokenizer_config.json.
 void copy_tokenizer(const data::Tokenizer& tok, const std::string& dir);
 
-// `tok`: the run's tokenizer, written beside the weights (copy_tokenizer); `max_shard_bytes`: shards
+// `tok`: the run's tokenizer, written beside the weights (copy_tokenizer); `dtype`: the stored
+// precision (kFloat, kBFloat16 or kHalf); `max_shard_bytes`: shards
 // above this size get a model.safetensors.index.json; `force`: replace an existing --out (check_out).
 HfExportResult export_hf(models::CausalLM& model, const data::Tokenizer& tok, const std::string& out,
                          at::ScalarType dtype, int64_t max_shard_bytes, bool force = false);

@@ -11,6 +11,7 @@
 #include "core/log.h"
 #include "core/safetensors.h"
 #include "export/hf_export.h"
+#include "export/layer_view.h"
 #include "models/arch.h"
 #include "models/hf.h"
 #include "peft/lora.h"
@@ -57,6 +58,245 @@ at::Tensor unpack_cols(const at::Tensor& w, int bits) {
   return v.__rshift__(shifts).bitwise_and((1 << bits) - 1).reshape({w.size(0), -1});
 }
 
+// --quant and --fallback as integer schemes (every problem refused before any weight is read).
+struct Schemes {
+  QuantSpec rtn;                // --quant: float linears are RTN'd to it
+  std::optional<QuantSpec> fb;  // --fallback as a second integer scheme (compressed-tensors)
+  bool float_fallback = false;  // --fallback f16: those linears stay in float
+};
+
+Schemes resolve_schemes(IntFormat fmt, const std::string& quant_name, const std::string& fallback) {
+  Schemes s{QuantSpec::preset_named(quant_name)};
+  check_spec("--quant " + quant_name, s.rtn);
+  // --fallback: f16 keeps those linears in float (both formats can leave layers unquantized);
+  // compressed-tensors also takes a second integer scheme (its own config group).
+  s.float_fallback = fallback == "f16" || fallback == "float";
+  if (fallback.empty() || s.float_fallback) return s;
+  if (fmt == IntFormat::Gptq)
+    throw InputError(str("export: --format gptq --fallback ", fallback, ": transformers' GPTQ loader (optimum) holds one "
+                         "bits/group_size per file; use --fallback f16 (those linears stay in float) or "
+                         "--format compressed-tensors, which takes a second scheme"));
+  s.fb = QuantSpec::preset_named(fallback);
+  check_spec("--fallback " + fallback, *s.fb);
+  if (s.fb->bits != s.rtn.bits)
+    throw InputError(str("export: --fallback ", fallback, " has ", s.fb->bits, "-bit codes and --quant ", quant_name, " ",
+                         s.rtn.bits, "-bit; one file holds one code width (pick a ", s.rtn.bits, "-bit fallback or f16)"));
+  return s;
+}
+
+// Linears that convert to integer codes (QAT / PTQ) must hold a scheme these formats take; float
+// linears whose width --quant's group does not divide get the fallback, or one error names them.
+std::set<std::string> fallback_layers(models::CausalLM& model, const Schemes& s, const std::string& quant_name,
+                                      const std::string& fallback) {
+  std::vector<std::pair<std::string, int64_t>> widths;
+  for (auto& ns : models::linear_slots(model)) {
+    if (ns.name == "lm_head") continue;
+    if (const QuantSpec* spec = converted_spec(*ns.slot->get())) {
+      check_spec(ns.name, *spec);
+      continue;
+    }
+    widths.emplace_back(ns.name, ns.slot->get()->in_features);
+  }
+  std::set<std::string> out;
+  const auto misfit = quant::width_fallbacks(widths, s.rtn, quant_name, fallback, s.fb ? &*s.fb : nullptr);
+  for (size_t i = 0; i < widths.size(); ++i)
+    if (misfit[i]) out.insert(widths[i].first);
+  return out;
+}
+
+// The file being built: its tensors, what each packed layer must decode to, and the schemes used.
+struct IntFile {
+  IntFormat fmt;
+  const char* fname;
+  at::ScalarType ftype;                      // float tensors: the model's dtype
+  std::vector<std::pair<std::string, at::Tensor>> tensors;
+  std::map<std::string, at::Tensor> expect;  // dequantized weight per layer, to check the file
+  std::optional<QuantSpec> used;             // the main scheme (GPTQ: the only one)
+  std::optional<QuantSpec> second;           // compressed-tensors: --fallback's scheme (config group 1)
+  std::vector<std::string> second_layers, float_layers;
+  bool desc_act = false;                     // some layer carries a GPTQ act-order g_idx
+  IntExportResult res;
+};
+
+// A converted layer's own codes and scales (exact), or RTN of a float layer's weight to `spec`.
+IntWeights int_weights(IntFile& f, const std::string& name, models::LinearBase& mod, QuantSpec& spec) {
+  if (auto* ql = dynamic_cast<quant::QuantizedLinear*>(&mod)) {
+    spec = ql->weight_spec();
+    check_spec(name, spec);
+    IntWeights iw{ql->int_codes(), ql->scales.to(at::kFloat), ql->g_idx, spec.bits, spec.block(mod.in_features)};
+    if (iw.g_idx.defined() && f.fmt != IntFormat::Gptq)
+      throw InputError(str("export: ", name, " was quantized by GPTQ with act-order (a per-column group map, "
+                           "g_idx), which ", f.fname, " does not hold; use --format gptq, or quantize with "
+                           "--static-groups"));
+    f.desc_act |= iw.g_idx.defined();
+    ++f.res.n_exact;
+    return iw;
+  }
+  auto w = mod.effective_weight().to(at::kFloat);
+  auto qp = quant::choose_qparams(w, spec);
+  return {quant::quantize_affine(w, qp, spec), qp.scale.to(at::kFloat), at::Tensor(), spec.bits,
+          spec.block(mod.in_features)};
+}
+
+// One layer's tensors in the format's layout, and the weight the runtime will decode from them.
+void pack_layer(IntFile& f, const std::string& name, models::LinearBase& mod, const IntWeights& iw,
+                const QuantSpec& spec) {
+  const auto st = quant::scale_type(spec);
+  const int64_t in = mod.in_features, outf = mod.out_features, groups = in / iw.group;
+  QF_CHECK(in % (32 / iw.bits) == 0 && outf % (32 / iw.bits) == 0, "export: ", name, " [", outf, ", ", in,
+           "] does not pack into 32-bit words of ", iw.bits, "-bit codes");
+  const int64_t zero = int64_t{1} << (iw.bits - 1);
+  auto u = iw.codes.to(at::kLong) + zero;  // unsigned codes
+  auto scales = iw.scales.to(st);
+  auto& t = f.tensors;
+  if (f.fmt == IntFormat::Gptq) {
+    // qweight: words along the input, stored [in/pf, out]
+    t.emplace_back(name + ".qweight", pack_cols(u, iw.bits).t().contiguous());
+    t.emplace_back(name + ".qzeros", pack_cols(at::full({groups, outf}, zero - 1, at::kLong), iw.bits));
+    t.emplace_back(name + ".scales", scales.t().contiguous());
+    t.emplace_back(name + ".g_idx", iw.g_idx.defined() ? iw.g_idx.to(at::kInt).contiguous()
+                                                       : at::arange(in, at::kInt).div(iw.group, "floor").to(at::kInt));
+  } else if (iw.bits == 4) {
+    t.emplace_back(name + ".weight_packed", pack_cols(u, 4));
+    t.emplace_back(name + ".weight_scale", scales.contiguous());
+    t.emplace_back(name + ".weight_shape", at::tensor({outf, in}, at::kLong));
+  } else {
+    t.emplace_back(name + ".weight", iw.codes.to(at::kChar).contiguous());
+    t.emplace_back(name + ".weight_scale", scales.contiguous());
+  }
+  if (auto b = mod.bias_or_undefined(); b.defined()) t.emplace_back(name + ".bias", b.to(f.ftype).contiguous());
+  f.expect[name] = iw.codes.to(at::kFloat) * (iw.g_idx.defined() ? scales.to(at::kFloat).index_select(1, iw.g_idx.to(at::kLong))
+                                                                 : scales.to(at::kFloat).repeat_interleave(iw.group, 1));
+}
+
+// Every linear, read merged + converted one at a time (export/layer_view.h): lm_head and the float
+// fallbacks in float, the rest as integer codes under one scheme (plus compressed-tensors' second).
+void add_linears(IntFile& f, models::CausalLM& model, const Schemes& s, const std::set<std::string>& to_fallback) {
+  for (auto& ns : models::linear_slots(model)) {
+    auto mod = converted_linear(ns.slot->get());
+    const bool fall = to_fallback.count(ns.name) > 0;
+    if (ns.name == "lm_head" || (fall && s.float_fallback)) {
+      f.tensors.emplace_back(ns.name + ".weight", mod->effective_weight().to(f.ftype).contiguous());
+      if (ns.name != "lm_head") {
+        if (auto b = mod->bias_or_undefined(); b.defined()) f.tensors.emplace_back(ns.name + ".bias", b.to(f.ftype).contiguous());
+        f.float_layers.push_back(ns.name);
+        ++f.res.n_fallback;
+      }
+      continue;
+    }
+    QuantSpec spec = fall ? *s.fb : s.rtn;
+    const IntWeights iw = int_weights(f, ns.name, *mod, spec);
+    if (fall) {
+      f.second = spec;
+      f.second_layers.push_back(ns.name);
+      ++f.res.n_fallback;
+    } else {
+      if (f.used && (f.used->bits != spec.bits || f.used->block(mod->in_features) != spec.block(mod->in_features) ||
+                     f.used->granularity != spec.granularity))
+        throw InputError(str("export: ", ns.name, " is ", spec.describe(), " but earlier layers are ", f.used->describe(),
+                             "; one ", f.fname, " file holds one weight scheme"));
+      f.used = spec;
+    }
+    pack_layer(f, ns.name, *mod, iw, spec);
+    ++f.res.n_quantized;
+  }
+}
+
+// Everything that is not a linear: the embedding and the norms, in the model's dtype.
+void add_others(IntFile& f, models::CausalLM& model) {
+  const auto emb_name = model.token_embedding_name();
+  f.tensors.emplace_back(emb_name + ".weight",
+                         converted_embedding(model.token_embedding().get())->table().to(f.ftype).contiguous());
+  std::vector<std::string> slot_names;
+  for (auto& ns : models::linear_slots(model)) slot_names.push_back(ns.name);
+  for (auto& p : model.named_parameters()) {
+    const auto& k = p.key();
+    bool owned = k.rfind(emb_name + ".", 0) == 0;
+    for (auto& n : slot_names) owned |= k.rfind(n + ".", 0) == 0;
+    if (!owned) f.tensors.emplace_back(k, p.value().detach().to(f.ftype).contiguous());
+  }
+}
+
+// GPTQ's quantization_config (also quantize_config.json). Float linears: GPTQ quantizes the block
+// modules named in modules_in_block_to_quantize (by their name inside the block).
+nlohmann::json gptq_config(const IntFile& f, const models::ArchSpec& arch) {
+  const bool channel = f.used->granularity == quant::Granularity::PerChannel;
+  nlohmann::json q = {{"quant_method", "gptq"}, {"bits", f.used->bits}, {"group_size", channel ? -1 : f.used->group_size},
+                      {"desc_act", f.desc_act}, {"sym", true}, {"true_sequential", true}, {"damp_percent", 0.01},
+                      {"static_groups", false}, {"checkpoint_format", "gptq"}, {"lm_head", false},
+                      {"meta", {{"quantizer", {"qforge:0.1"}}}}};
+  if (f.float_layers.empty()) return q;
+  const std::string layers = arch.layers + ".";
+  auto in_block = [&](const std::string& n) {  // <layers>.3.<name in the block> -> <name in the block>
+    if (n.compare(0, layers.size(), layers) != 0) return n;
+    const auto p = n.find('.', layers.size());
+    return p == std::string::npos ? n : n.substr(p + 1);
+  };
+  std::set<std::string> quantized, kept;
+  for (auto& [n, w] : f.expect) quantized.insert(in_block(n));
+  for (auto& n : f.float_layers) kept.insert(in_block(n));
+  for (auto& n : kept)
+    if (quantized.count(n))
+      throw InputError(str("export: --fallback f16 keeps ", n, " in float in some layers but not in others; GPTQ "
+                           "files name the quantized modules per block"));
+  q["modules_in_block_to_quantize"] = {std::vector<std::string>(quantized.begin(), quantized.end())};
+  return q;
+}
+
+// compressed-tensors' quantization_config: group_0 targets Linear; --fallback's layers by exact
+// name in group_1 (compressed-tensors prefers a name match over "Linear"); lm_head and float
+// fallbacks ignored.
+nlohmann::json compressed_config(const IntFile& f) {
+  const bool channel = f.used->granularity == quant::Granularity::PerChannel;
+  const std::string fmt = f.used->bits == 4 ? "pack-quantized" : "int-quantized";
+  nlohmann::json wq = {{"num_bits", f.used->bits}, {"type", "int"}, {"symmetric", true},
+                       {"strategy", channel ? "channel" : "group"}, {"dynamic", false}, {"actorder", nullptr},
+                       {"observer", "minmax"}, {"observer_kwargs", nlohmann::json::object()},
+                       {"block_structure", nullptr}};
+  wq["group_size"] = channel ? nlohmann::json(nullptr) : nlohmann::json(f.used->group_size);
+  std::vector<std::string> ignore{"lm_head"};
+  ignore.insert(ignore.end(), f.float_layers.begin(), f.float_layers.end());
+  nlohmann::json q = {{"quant_method", "compressed-tensors"}, {"format", fmt},
+                      {"config_groups", {{"group_0", {{"targets", {"Linear"}}, {"weights", wq}, {"input_activations", nullptr},
+                                                      {"output_activations", nullptr}, {"format", fmt}}}}},
+                      {"ignore", ignore}, {"quantization_status", "compressed"}, {"kv_cache_scheme", nullptr},
+                      {"global_compression_ratio", nullptr}, {"sparsity_config", nlohmann::json::object()}};
+  if (f.second) {
+    const bool ch2 = f.second->granularity == quant::Granularity::PerChannel;
+    auto w2 = wq;
+    w2["strategy"] = ch2 ? "channel" : "group";
+    w2["group_size"] = ch2 ? nlohmann::json(nullptr) : nlohmann::json(f.second->group_size);
+    q["config_groups"]["group_1"] = {{"targets", f.second_layers}, {"weights", w2}, {"input_activations", nullptr},
+                                     {"output_activations", nullptr}, {"format", fmt}};
+  }
+  return q;
+}
+
+// Re-reads the written file and decodes every layer as the runtime does; it must give `expect` exactly.
+void check_decoded(const IntFile& f, const std::string& dir) {
+  auto back = st::load(dir + "/model.safetensors");
+  const int bits = f.used->bits;
+  const int64_t zero = int64_t{1} << (bits - 1);
+  for (auto& [name, want] : f.expect) {
+    at::Tensor got;
+    if (f.fmt == IntFormat::Gptq) {
+      auto uq = unpack_cols(back.get(name + ".qweight").t().contiguous(), bits);  // [out, in]
+      auto z = unpack_cols(back.get(name + ".qzeros"), bits) + 1;                // [groups, out]
+      auto g = back.get(name + ".g_idx").to(at::kLong);
+      auto s = back.get(name + ".scales").to(at::kFloat);                        // [groups, out]
+      got = (uq - z.index_select(0, g).t()).to(at::kFloat) * s.index_select(0, g).t();
+    } else if (bits == 4) {
+      auto uq = unpack_cols(back.get(name + ".weight_packed"), 4);
+      auto s = back.get(name + ".weight_scale").to(at::kFloat);
+      got = (uq - zero).to(at::kFloat) * s.repeat_interleave(want.size(1) / s.size(1), 1);
+    } else {
+      auto s = back.get(name + ".weight_scale").to(at::kFloat);
+      got = back.get(name + ".weight").to(at::kFloat) * s.repeat_interleave(want.size(1) / s.size(1), 1);
+    }
+    QF_CHECK(at::equal(got, want), "export: re-reading ", dir, " decodes '", name, "' differently from what was meant");
+  }
+}
+
 }  // namespace
 
 IntExportResult export_int(models::CausalLM& model, const data::Tokenizer& tok, const std::string& out, IntFormat fmt,
@@ -67,212 +307,34 @@ IntExportResult export_int(models::CausalLM& model, const data::Tokenizer& tok, 
   if (arch.has_conv1d())
     throw InputError(str("export: --format ", fname, " covers families with nn.Linear layers (Llama, Qwen2, Mistral); ",
                          c.family_name(), " stores Conv1D weights, which GPTQ/compressed-tensors loaders do not pack"));
-  const QuantSpec rtn = QuantSpec::preset_named(quant_name);
-  check_spec("--quant " + quant_name, rtn);
-  // --fallback: f16 keeps those linears in float (both formats can leave layers unquantized);
-  // compressed-tensors also takes a second integer scheme (its own config group).
-  const bool float_fallback = fallback == "f16" || fallback == "float";
-  std::optional<QuantSpec> fb;
-  if (!fallback.empty() && !float_fallback) {
-    if (fmt == IntFormat::Gptq)
-      throw InputError(str("export: --format gptq --fallback ", fallback, ": transformers' GPTQ loader (optimum) holds one "
-                           "bits/group_size per file; use --fallback f16 (those linears stay in float) or "
-                           "--format compressed-tensors, which takes a second scheme"));
-    fb = QuantSpec::preset_named(fallback);
-    check_spec("--fallback " + fallback, *fb);
-    if (fb->bits != rtn.bits)
-      throw InputError(str("export: --fallback ", fallback, " has ", fb->bits, "-bit codes and --quant ", quant_name, " ",
-                           rtn.bits, "-bit; one file holds one code width (pick a ", rtn.bits, "-bit fallback or f16)"));
-  }
+  const Schemes schemes = resolve_schemes(fmt, quant_name, fallback);
   at::NoGradGuard ng;
-  // LoRA folded in and fake quant converted first: the layers that hold trained codes are then
+  const auto n_lora = peft::lora_layers(model).size();
+  if (n_lora) log::info("export: merging ", n_lora, " LoRA adapters into their base layers as they are written");
+  // Layers are read as merge_lora + convert would leave them: those holding trained codes are
   // QuantizedLinear, and a scheme these formats cannot hold is named before any width problem.
-  const int64_t merged = peft::merge_lora(model);
-  if (merged) log::info("export: merged ", merged, " LoRA adapters into their base layers");
-  quant::convert(model);
-  // Float linears whose width --quant's group does not divide: the fallback, or one error naming them.
-  std::vector<std::pair<std::string, int64_t>> widths;
-  for (auto& ns : models::linear_slots(model)) {
-    if (ns.name == "lm_head") continue;
-    if (auto ql = std::dynamic_pointer_cast<quant::QuantizedLinear>(ns.slot->get())) {
-      check_spec(ns.name, ql->weight_spec());
-      continue;
-    }
-    widths.emplace_back(ns.name, ns.slot->get()->in_features);
-  }
-  std::set<std::string> to_fallback;
-  const auto misfit = quant::width_fallbacks(widths, rtn, quant_name, fallback, fb ? &*fb : nullptr);
-  for (size_t i = 0; i < widths.size(); ++i)
-    if (misfit[i]) to_fallback.insert(widths[i].first);
+  const auto to_fallback = fallback_layers(model, schemes, quant_name, fallback);
   return write_staged_dir(out, force, [&](const std::string& tmp) {
-    const at::ScalarType ftype = c.dtype == models::DType::BF16 ? at::kBFloat16 : at::kFloat;
-    IntExportResult res;
-    std::vector<std::pair<std::string, at::Tensor>> tensors;
-    std::map<std::string, at::Tensor> expect;  // dequantized weight per layer, to check the file
-    std::optional<QuantSpec> used;            // the main scheme (GPTQ: the only one)
-    std::optional<QuantSpec> second;          // compressed-tensors: --fallback's scheme (config group 1)
-    std::vector<std::string> second_layers, float_layers;
-    bool desc_act = false;                    // some layer carries a GPTQ act-order g_idx
-    std::vector<std::string> slot_names;
-    for (auto& ns : models::linear_slots(model)) {
-      slot_names.push_back(ns.name);
-      auto mod = ns.slot->get();
-      const bool fall = to_fallback.count(ns.name) > 0;
-      if (ns.name == "lm_head" || (fall && float_fallback)) {
-        tensors.emplace_back(ns.name + ".weight", mod->effective_weight().to(ftype).contiguous());
-        if (ns.name != "lm_head") {
-          if (auto b = mod->bias_or_undefined(); b.defined()) tensors.emplace_back(ns.name + ".bias", b.to(ftype).contiguous());
-          float_layers.push_back(ns.name);
-          ++res.n_fallback;
-        }
-        continue;
-      }
-      IntWeights iw;
-      QuantSpec spec = fall ? *fb : rtn;
-      if (auto ql = std::dynamic_pointer_cast<quant::QuantizedLinear>(mod)) {
-        spec = ql->weight_spec();
-        check_spec(ns.name, spec);
-        iw = {ql->int_codes(), ql->scales.to(at::kFloat), ql->g_idx, spec.bits, spec.block(mod->in_features)};
-        if (iw.g_idx.defined() && fmt != IntFormat::Gptq)
-          throw InputError(str("export: ", ns.name, " was quantized by GPTQ with act-order (a per-column group map, "
-                               "g_idx), which ", fname, " does not hold; use --format gptq, or quantize with "
-                               "--static-groups"));
-        desc_act |= iw.g_idx.defined();
-        ++res.n_exact;
-      } else {
-        auto w = mod->effective_weight().to(at::kFloat);
-        auto qp = quant::choose_qparams(w, spec);
-        iw = {quant::quantize_affine(w, qp, spec), qp.scale.to(at::kFloat), at::Tensor(), spec.bits,
-              spec.block(mod->in_features)};
-      }
-      if (fall) {
-        second = spec;
-        second_layers.push_back(ns.name);
-        ++res.n_fallback;
-      } else {
-        if (used && (used->bits != spec.bits || used->block(mod->in_features) != spec.block(mod->in_features) ||
-                     used->granularity != spec.granularity))
-          throw InputError(str("export: ", ns.name, " is ", spec.describe(), " but earlier layers are ", used->describe(),
-                               "; one ", fname, " file holds one weight scheme"));
-        used = spec;
-      }
-      const auto st = quant::scale_type(spec);
-      const int64_t in = mod->in_features, outf = mod->out_features, groups = in / iw.group;
-      QF_CHECK(in % (32 / iw.bits) == 0 && outf % (32 / iw.bits) == 0, "export: ", ns.name, " [", outf, ", ", in,
-               "] does not pack into 32-bit words of ", iw.bits, "-bit codes");
-      const int64_t zero = int64_t{1} << (iw.bits - 1);
-      auto u = iw.codes.to(at::kLong) + zero;  // unsigned codes
-      auto scales = iw.scales.to(st);
-      if (fmt == IntFormat::Gptq) {
-        // qweight: words along the input, stored [in/pf, out]
-        tensors.emplace_back(ns.name + ".qweight", pack_cols(u, iw.bits).t().contiguous());
-        tensors.emplace_back(ns.name + ".qzeros", pack_cols(at::full({groups, outf}, zero - 1, at::kLong), iw.bits));
-        tensors.emplace_back(ns.name + ".scales", scales.t().contiguous());
-        tensors.emplace_back(ns.name + ".g_idx", iw.g_idx.defined() ? iw.g_idx.to(at::kInt).contiguous()
-                                                                     : at::arange(in, at::kInt).div(iw.group, "floor").to(at::kInt));
-      } else if (iw.bits == 4) {
-        tensors.emplace_back(ns.name + ".weight_packed", pack_cols(u, 4));
-        tensors.emplace_back(ns.name + ".weight_scale", scales.contiguous());
-        tensors.emplace_back(ns.name + ".weight_shape", at::tensor({outf, in}, at::kLong));
-      } else {
-        tensors.emplace_back(ns.name + ".weight", iw.codes.to(at::kChar).contiguous());
-        tensors.emplace_back(ns.name + ".weight_scale", scales.contiguous());
-      }
-      if (auto b = mod->bias_or_undefined(); b.defined()) tensors.emplace_back(ns.name + ".bias", b.to(ftype).contiguous());
-      expect[ns.name] = iw.codes.to(at::kFloat) * (iw.g_idx.defined() ? scales.to(at::kFloat).index_select(1, iw.g_idx.to(at::kLong))
-                                                                      : scales.to(at::kFloat).repeat_interleave(iw.group, 1));
-      ++res.n_quantized;
-    }
-    // Everything that is not a linear: the embedding and the norms, in the model's dtype.
-    const auto emb_name = model.token_embedding_name();
-    tensors.emplace_back(emb_name + ".weight", model.token_embedding().get()->table().to(ftype).contiguous());
-    for (auto& p : model.named_parameters()) {
-      const auto& k = p.key();
-      bool owned = k.rfind(emb_name + ".", 0) == 0;
-      for (auto& n : slot_names) owned |= k.rfind(n + ".", 0) == 0;
-      if (!owned) tensors.emplace_back(k, p.value().detach().to(ftype).contiguous());
-    }
-    QF_CHECK(used.has_value(), "export: the model has no linear layer to quantize");
-    const bool channel = used->granularity == quant::Granularity::PerChannel;
-    const std::string tdtype = ftype == at::kBFloat16 ? "bfloat16" : "float32";
-    auto cfg = models::hf_config_json(c, tdtype);
+    IntFile f{fmt, fname, c.dtype == models::DType::BF16 ? at::kBFloat16 : at::kFloat};
+    add_linears(f, model, schemes, to_fallback);
+    add_others(f, model);
+    QF_CHECK(f.used.has_value(), "export: the model has no linear layer to quantize");
+    auto cfg = models::hf_config_json(c, f.ftype == at::kBFloat16 ? "bfloat16" : "float32");
     nlohmann::json q;
     if (fmt == IntFormat::Gptq) {
-      q = {{"quant_method", "gptq"}, {"bits", used->bits}, {"group_size", channel ? -1 : used->group_size},
-           {"desc_act", desc_act}, {"sym", true}, {"true_sequential", true}, {"damp_percent", 0.01},
-           {"static_groups", false}, {"checkpoint_format", "gptq"}, {"lm_head", false},
-           {"meta", {{"quantizer", {"qforge:0.1"}}}}};
-      if (!float_layers.empty()) {
-        // Float linears: GPTQ quantizes the block modules named here (by their name inside the block).
-        const std::string layers = arch.layers + ".";
-        auto in_block = [&](const std::string& n) {  // <layers>.3.<name in the block> -> <name in the block>
-          if (n.compare(0, layers.size(), layers) != 0) return n;
-          const auto p = n.find('.', layers.size());
-          return p == std::string::npos ? n : n.substr(p + 1);
-        };
-        std::set<std::string> quantized, kept;
-        for (auto& [n, w] : expect) quantized.insert(in_block(n));
-        for (auto& n : float_layers) kept.insert(in_block(n));
-        for (auto& n : kept)
-          if (quantized.count(n))
-            throw InputError(str("export: --fallback f16 keeps ", n, " in float in some layers but not in others; GPTQ "
-                                 "files name the quantized modules per block"));
-        q["modules_in_block_to_quantize"] = {std::vector<std::string>(quantized.begin(), quantized.end())};
-      }
+      q = gptq_config(f, arch);
       fs::write_atomic(tmp + "/quantize_config.json", q.dump(2) + "\n");
     } else {
-      const std::string f = used->bits == 4 ? "pack-quantized" : "int-quantized";
-      nlohmann::json wq = {{"num_bits", used->bits}, {"type", "int"}, {"symmetric", true},
-                           {"strategy", channel ? "channel" : "group"}, {"dynamic", false}, {"actorder", nullptr},
-                           {"observer", "minmax"}, {"observer_kwargs", nlohmann::json::object()},
-                           {"block_structure", nullptr}};
-      wq["group_size"] = channel ? nlohmann::json(nullptr) : nlohmann::json(used->group_size);
-      std::vector<std::string> ignore{"lm_head"};
-      ignore.insert(ignore.end(), float_layers.begin(), float_layers.end());
-      q = {{"quant_method", "compressed-tensors"}, {"format", f},
-           {"config_groups", {{"group_0", {{"targets", {"Linear"}}, {"weights", wq}, {"input_activations", nullptr},
-                                           {"output_activations", nullptr}, {"format", f}}}}},
-           {"ignore", ignore}, {"quantization_status", "compressed"}, {"kv_cache_scheme", nullptr},
-           {"global_compression_ratio", nullptr}, {"sparsity_config", nlohmann::json::object()}};
-      if (second) {
-        // --fallback's layers by exact name (compressed-tensors prefers a name match over "Linear").
-        const bool ch2 = second->granularity == quant::Granularity::PerChannel;
-        auto w2 = wq;
-        w2["strategy"] = ch2 ? "channel" : "group";
-        w2["group_size"] = ch2 ? nlohmann::json(nullptr) : nlohmann::json(second->group_size);
-        q["config_groups"]["group_1"] = {{"targets", second_layers}, {"weights", w2}, {"input_activations", nullptr},
-                                         {"output_activations", nullptr}, {"format", f}};
-      }
+      q = compressed_config(f);
     }
     cfg["quantization_config"] = q;
     fs::write_atomic(tmp + "/config.json", cfg.dump(2) + "\n");
-    st::save(tmp + "/model.safetensors", tensors, {{"format", "pt"}});
+    st::save(tmp + "/model.safetensors", f.tensors, {{"format", "pt"}});
     copy_tokenizer(tok, tmp);
-    // Re-read the file and decode every layer as the runtime does; it must give `expect` exactly.
-    auto back = st::load(tmp + "/model.safetensors");
-    for (auto& [name, want] : expect) {
-      at::Tensor got;
-      const int bits = used->bits;
-      const int64_t zero = int64_t{1} << (bits - 1);
-      if (fmt == IntFormat::Gptq) {
-        auto uq = unpack_cols(back.get(name + ".qweight").t().contiguous(), bits);  // [out, in]
-        auto z = unpack_cols(back.get(name + ".qzeros"), bits) + 1;                // [groups, out]
-        auto g = back.get(name + ".g_idx").to(at::kLong);
-        auto s = back.get(name + ".scales").to(at::kFloat);                        // [groups, out]
-        got = (uq - z.index_select(0, g).t()).to(at::kFloat) * s.index_select(0, g).t();
-      } else if (bits == 4) {
-        auto uq = unpack_cols(back.get(name + ".weight_packed"), 4);
-        auto s = back.get(name + ".weight_scale").to(at::kFloat);
-        got = (uq - zero).to(at::kFloat) * s.repeat_interleave(want.size(1) / s.size(1), 1);
-      } else {
-        auto s = back.get(name + ".weight_scale").to(at::kFloat);
-        got = back.get(name + ".weight").to(at::kFloat) * s.repeat_interleave(want.size(1) / s.size(1), 1);
-      }
-      QF_CHECK(at::equal(got, want), "export: re-reading ", tmp, " decodes '", name, "' differently from what was meant");
-    }
-    res.bytes = static_cast<int64_t>(std::filesystem::file_size(tmp + "/model.safetensors"));
-    res.dir = out;
-    return res;
+    check_decoded(f, tmp);
+    f.res.bytes = static_cast<int64_t>(std::filesystem::file_size(tmp + "/model.safetensors"));
+    f.res.dir = out;
+    return f.res;
   });
 }
 

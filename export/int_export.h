@@ -15,7 +15,10 @@
 // dtype; scales in the spec's scale dtype).
 // Invariants: built in a temp dir, each packed layer decoded back (C++ reference of the runtime's
 // dequant) and compared with what was meant before the rename; a non-empty --out is refused
-// unless `force` (export/hf_export.h check_out).
+// unless `force` (export/hf_export.h check_out). The model is not changed: each linear is read as
+// merge_lora + convert would leave it, one at a time (export/layer_view.h).
+// Inside: schemes (--quant / --fallback) and width fallbacks checked first, then per linear the
+// integer weights and their packing, the quantization_config JSON per format, the decode-back check.
 #pragma once
 #include <string>
 

@@ -106,16 +106,22 @@ at::Tensor LoraLinear::effective_weight() {
   return base->effective_weight().to(at::kFloat) + delta();
 }
 
+at::Tensor LoraLinear::merged_weight() {
+  at::NoGradGuard ng;
+  if (auto* fq = dynamic_cast<quant::FakeQuantLinear*>(base.get())) return (fq->weight + delta()).to(fq->weight.scalar_type());
+  return base->effective_weight().to(at::kFloat) + delta();
+}
+
 std::shared_ptr<models::LinearBase> LoraLinear::merged() {
   at::NoGradGuard ng;
   if (auto fq = std::dynamic_pointer_cast<quant::FakeQuantLinear>(base)) {
     // The quantizer (and its observer / learned state) is kept: convert() then packs exactly what
     // the exact-merge forward fake-quantized.
-    fq->weight.copy_(fq->weight + delta());
+    fq->weight.copy_(merged_weight());
     return fq;
   }
   auto d = std::make_shared<models::DenseLinear>(in_features, out_features, base->bias_or_undefined().defined());
-  d->weight.copy_(base->effective_weight().to(at::kFloat) + delta());
+  d->weight.copy_(merged_weight());
   if (d->bias.defined()) d->bias.copy_(base->bias_or_undefined());
   return d;
 }

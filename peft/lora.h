@@ -63,8 +63,12 @@ class LoraLinear : public models::LinearBase {
   // Initialises A (kaiming-uniform, a = sqrt(5)) and B (zeros) from `gen`'s stream.
   void reset_parameters();
   // The module that replaces this one after merging: the base with W + s*BA (fake-quant bases keep
-  // their quantizer; dense/frozen bases become a DenseLinear in fp32).
+  // their quantizer and take the new weight in place; dense/frozen bases become a new DenseLinear in fp32).
   std::shared_ptr<models::LinearBase> merged();
+  // The weight merged() gives the merged layer, computed without changing anything: W + s*BA in W's
+  // dtype for a fake-quant base (for its quantizer to fake-quantize or pack), otherwise the base's
+  // effective weight + s*BA in fp32. Exporters read merged layers through it (export/layer_view.h).
+  at::Tensor merged_weight();
   std::shared_ptr<models::LinearBase> base;
   std::shared_ptr<LoraFactor> lora_A, lora_B;
   const int64_t r;

@@ -239,12 +239,12 @@ at::Tensor QuantizedLinear::int_codes() const {
   return unpack_codes(qweight.cpu(), wspec_, in_features);
 }
 
-std::shared_ptr<QuantizedLinear> QuantizedLinear::from_fake_quant(FakeQuantLinear& f) {
+std::shared_ptr<QuantizedLinear> QuantizedLinear::from_fake_quant(FakeQuantLinear& f, const at::Tensor& weight) {
   std::optional<QuantSpec> aspec;
   if (f.act_fq) aspec = f.act_fq->spec();
   auto q = std::make_shared<QuantizedLinear>(f.in_features, f.out_features, f.bias.defined(), f.weight_fq->spec(), aspec);
   PackedStorage p{q->qweight, q->scales, q->zeros};
-  pack_weight(p, f.weight, *f.weight_fq);
+  pack_weight(p, weight.defined() ? weight : f.weight, *f.weight_fq);
   at::NoGradGuard ng;
   if (f.bias.defined()) q->bias.copy_(f.bias.detach());
   if (f.act_fq) q->act_fq_ = q->register_module("activation_fake_quant", f.act_fq);
@@ -288,6 +288,13 @@ QuantizedEmbedding::QuantizedEmbedding(int64_t num, int64_t dim, QuantSpec spec)
     : EmbeddingBase(num, dim), spec_(std::move(spec)) {
   auto p = register_packed(*this, num, dim, spec_);
   qweight = p.qweight, scales = p.scales, zeros = p.zeros;
+}
+
+std::shared_ptr<QuantizedEmbedding> QuantizedEmbedding::from_fake_quant(FakeQuantEmbedding& f) {
+  auto q = std::make_shared<QuantizedEmbedding>(f.num_embeddings, f.embedding_dim, f.weight_fq->spec());
+  PackedStorage p{q->qweight, q->scales, q->zeros};
+  pack_weight(p, f.weight, *f.weight_fq);
+  return q;
 }
 
 at::Tensor QuantizedEmbedding::table() { return unpack_weight(PackedStorage{qweight, scales, zeros}, spec_, num_embeddings, embedding_dim); }
@@ -369,10 +376,7 @@ int64_t convert(torch::nn::Module& model) {
   if (auto* lm = dynamic_cast<models::CausalLM*>(&model)) {
     auto& slot = lm->token_embedding();
     if (auto f = std::dynamic_pointer_cast<FakeQuantEmbedding>(slot.get())) {
-      auto q = std::make_shared<QuantizedEmbedding>(f->num_embeddings, f->embedding_dim, f->weight_fq->spec());
-      PackedStorage p{q->qweight, q->scales, q->zeros};
-      pack_weight(p, f->weight, *f->weight_fq);
-      slot.replace(q);
+      slot.replace(QuantizedEmbedding::from_fake_quant(*f));
       ++n;
     }
   }

@@ -64,7 +64,9 @@ class FakeQuantLinear : public models::LinearBase {
 class QuantizedLinear : public models::LinearBase {
  public:
   QuantizedLinear(int64_t in, int64_t out, bool bias, QuantSpec wspec, std::optional<QuantSpec> aspec);
-  static std::shared_ptr<QuantizedLinear> from_fake_quant(FakeQuantLinear& fq);
+  // What convert() puts in fq's place, packing `weight` (default fq.weight; LoRA's merged W + s*BA)
+  // with fq's quantizer. fq is not changed, so exporters use it to convert one layer at a time.
+  static std::shared_ptr<QuantizedLinear> from_fake_quant(FakeQuantLinear& fq, const at::Tensor& weight = {});
   at::Tensor forward(const at::Tensor& x) override;
   at::Tensor effective_weight() override;  // dequantized weight (float32)
   at::Tensor bias_or_undefined() override { return bias; }
@@ -115,6 +117,8 @@ class FakeQuantEmbedding : public models::EmbeddingBase {
 class QuantizedEmbedding : public models::EmbeddingBase {
  public:
   QuantizedEmbedding(int64_t num, int64_t dim, QuantSpec spec);
+  // What convert() puts in f's place (f is not changed).
+  static std::shared_ptr<QuantizedEmbedding> from_fake_quant(FakeQuantEmbedding& f);
   at::Tensor table() override;
   int64_t packed_bytes() const;
   const QuantSpec& spec() const { return spec_; }

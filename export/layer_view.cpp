@@ -1,0 +1,46 @@
+#include "export/layer_view.h"
+
+#include <ATen/ATen.h>
+
+#include "peft/lora.h"
+
+namespace qf::exporter {
+
+std::shared_ptr<models::LinearBase> converted_linear(const std::shared_ptr<models::LinearBase>& m) {
+  at::NoGradGuard ng;
+  if (auto l = std::dynamic_pointer_cast<peft::LoraLinear>(m)) {
+    if (auto* fq = dynamic_cast<quant::FakeQuantLinear*>(l->base.get()))
+      return quant::QuantizedLinear::from_fake_quant(*fq, l->merged_weight());
+    return l->merged();  // a new DenseLinear; the LoRA layer and its base are left alone
+  }
+  if (auto* fq = dynamic_cast<quant::FakeQuantLinear*>(m.get())) return quant::QuantizedLinear::from_fake_quant(*fq);
+  return m;
+}
+
+const quant::QuantSpec* converted_spec(const models::LinearBase& m) {
+  const models::LinearBase* base = &m;
+  if (auto* l = dynamic_cast<const peft::LoraLinear*>(&m)) {
+    if (!dynamic_cast<const quant::FakeQuantLinear*>(l->base.get())) return nullptr;  // merges to a DenseLinear
+    base = l->base.get();
+  }
+  if (auto* fq = dynamic_cast<const quant::FakeQuantLinear*>(base)) return &fq->weight_fq->spec();
+  if (auto* ql = dynamic_cast<const quant::QuantizedLinear*>(base)) return &ql->weight_spec();
+  return nullptr;
+}
+
+at::Tensor merged_weight(models::LinearBase& m) {
+  at::NoGradGuard ng;
+  if (auto* l = dynamic_cast<peft::LoraLinear*>(&m)) {
+    if (auto* fq = dynamic_cast<quant::FakeQuantLinear*>(l->base.get())) return fq->weight_fq->forward(l->merged_weight());
+    return l->merged_weight();
+  }
+  return m.effective_weight();
+}
+
+std::shared_ptr<models::EmbeddingBase> converted_embedding(const std::shared_ptr<models::EmbeddingBase>& e) {
+  at::NoGradGuard ng;
+  if (auto* f = dynamic_cast<quant::FakeQuantEmbedding*>(e.get())) return quant::QuantizedEmbedding::from_fake_quant(*f);
+  return e;
+}
+
+}  // namespace qf::exporter

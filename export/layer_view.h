@@ -1,0 +1,29 @@
+// The model as the exporters write it, one layer at a time: what peft::merge_lora and (for the
+// packed layouts) quant::convert would leave in a slot, built for that layer alone without replacing
+// or changing anything in the model. An export therefore leaves the caller's model as it was
+// (modules, parameters, buffers) and costs at most one layer's converted copy of extra memory; its
+// bytes are those of exporting the merged + converted model.
+#pragma once
+#include <memory>
+
+#include "models/linear.h"
+#include "quant/qat.h"
+
+namespace qf::exporter {
+
+// merge_lora + convert for one linear:
+//  - a LoRA layer on a fake-quant base: a QuantizedLinear packed from W + s*BA by the base's
+//    quantizer (LoraLinear::merged_weight, QuantizedLinear::from_fake_quant);
+//  - a LoRA layer on any other base: the DenseLinear merge_lora makes (LoraLinear::merged());
+//  - a fake-quant layer: its QuantizedLinear (QuantizedLinear::from_fake_quant);
+//  - anything else (float, NF4, already converted): `m` itself.
+std::shared_ptr<models::LinearBase> converted_linear(const std::shared_ptr<models::LinearBase>& m);
+// The spec converted_linear(m) is packed in (nullptr: it stays float), without packing anything.
+const quant::QuantSpec* converted_spec(const models::LinearBase& m);
+// merge_lora alone (the HF layout): the float weight [out, in] the merged layer computes with
+// (its effective_weight(): fake-quant bases fake-quantize W + s*BA).
+at::Tensor merged_weight(models::LinearBase& m);
+// convert for the token embedding: a FakeQuantEmbedding's QuantizedEmbedding, otherwise `e` itself.
+std::shared_ptr<models::EmbeddingBase> converted_embedding(const std::shared_ptr<models::EmbeddingBase>& e);
+
+}  // namespace qf::exporter
