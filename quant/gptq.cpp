@@ -166,6 +166,42 @@ class GgmlColumns : public ColumnQuantizer {
   std::vector<at::Tensor> d_, id_, min_;
 };
 
+// The upper Cholesky factor of (H + damp * mean(diag H) I)^-1, escalating the dampening x10 (up to
+// four times, logged) while H + damp is not positive definite. Returns the factor and the damp used.
+std::pair<at::Tensor, double> inverse_hessian_factor(const at::Tensor& H, double damp, const std::string& name) {
+  const double mean_diag = H.diagonal().mean().item<double>();
+  for (int attempt = 0;; ++attempt) {
+    auto Hd = H.clone();
+    Hd.diagonal().add_(damp * mean_diag);
+    auto [L, info] = at::linalg_cholesky_ex(Hd);
+    if (info.item<int64_t>() == 0) {
+      auto [U, info2] = at::linalg_cholesky_ex(at::cholesky_inverse(L), /*upper=*/true);
+      if (info2.item<int64_t>() == 0 && at::isfinite(U).all().item<bool>()) return {U, damp};
+    }
+    QF_CHECK(attempt < 4, "gptq: the Hessian of ", name, " is not positive definite even with dampening ", damp,
+             " x its mean diagonal (", mean_diag, "); the layer's calibration inputs are degenerate (constant, or fewer "
+             "distinct tokens than its ", H.size(0), " inputs): use more calibration samples or a larger gptq.damp");
+    log::warn("gptq: ", name, ": H + ", damp, " x mean(diag) is not positive definite; retrying with dampening ", damp * 10);
+    damp *= 10;
+  }
+}
+
+// QAT's starting weights (QuantizedWeight::latent): the original weights w0 moved just inside the
+// rounding bin of GPTQ's choice Q (`step`: each element's grid step).
+at::Tensor latent_weights(const at::Tensor& w0, const at::Tensor& Q, const at::Tensor& step, const QuantSpec& spec) {
+  const int64_t rows = w0.size(0), cols = w0.size(1);
+  auto latent = Q + at::max(at::min(w0 - Q, 0.499 * step), -0.499 * step);
+  // Fake quant recomputes each block's grid from its extremes (max |w|, or min and max): those
+  // elements keep their original values, so the grid stays the one rounding the original weights
+  // finds (GPTQ's, with static groups); everything else lies between them.
+  const int64_t blk = spec.block(cols);
+  auto wb = w0.reshape({rows, cols / blk, blk}), lb = latent.view({rows, cols / blk, blk});
+  // spec.symmetric holds for the ggml presets too: q8_0/q4_0/q5_0 are scale-only, q4_1/q5_1 carry a min.
+  auto pin = spec.symmetric ? wb.abs() == wb.abs().amax(-1, true) : (wb == wb.amax(-1, true)) | (wb == wb.amin(-1, true));
+  lb.copy_(at::where(pin, wb, lb));
+  return latent;
+}
+
 }  // namespace
 
 double output_error(const at::Tensor& W, const at::Tensor& Wq, const at::Tensor& H) {
@@ -218,27 +254,7 @@ QuantizedWeight gptq_quantize(const at::Tensor& W0, const at::Tensor& H0, const 
   }
   const auto order = std::vector<int64_t>(perm.data_ptr<int64_t>(), perm.data_ptr<int64_t>() + cols);
 
-  // Cholesky of H + damp*mean(diag) I, escalating the dampening when H is not positive definite.
-  const double mean_diag = H.diagonal().mean().item<double>();
-  double damp = cfg.damp;
-  at::Tensor U;
-  for (int attempt = 0;; ++attempt) {
-    auto Hd = H.clone();
-    Hd.diagonal().add_(damp * mean_diag);
-    auto [L, info] = at::linalg_cholesky_ex(Hd);
-    if (info.item<int64_t>() == 0) {
-      auto [Uu, info2] = at::linalg_cholesky_ex(at::cholesky_inverse(L), /*upper=*/true);
-      if (info2.item<int64_t>() == 0 && at::isfinite(Uu).all().item<bool>()) {
-        U = Uu;
-        break;
-      }
-    }
-    QF_CHECK(attempt < 4, "gptq: the Hessian of ", name, " is not positive definite even with dampening ", damp,
-             " x its mean diagonal (", mean_diag, "); the layer's calibration inputs are degenerate (constant, or fewer "
-             "distinct tokens than its ", cols, " inputs): use more calibration samples or a larger gptq.damp");
-    log::warn("gptq: ", name, ": H + ", damp, " x mean(diag) is not positive definite; retrying with dampening ", damp * 10);
-    damp *= 10;
-  }
+  const auto [U, damp] = inverse_hessian_factor(H, cfg.damp, name);
 
   auto Q = at::zeros_like(W);
   auto codes = at::zeros({rows, cols}, at::kInt);
@@ -283,20 +299,7 @@ QuantizedWeight gptq_quantize(const at::Tensor& W0, const at::Tensor& H0, const 
   out.weight = Q;
   out.packed = cq->pack(codes);
   if (with_g_idx) out.packed.g_idx = g_idx;
-  auto step = cq->steps().index_select(1, g_idx.to(at::kLong));
-  auto w0 = W0.detach().to(at::kCPU, at::kFloat);
-  auto latent = Q + at::max(at::min(w0 - Q, 0.499 * step), -0.499 * step);
-  // Fake quant recomputes each block's grid from its extremes (max |w|, or min and max): those
-  // elements keep their original values, so the grid stays the one rounding the original weights
-  // finds (GPTQ's, with static groups); everything else lies between them.
-  {
-    const int64_t blk = spec.block(cols);
-    auto wb = w0.reshape({rows, cols / blk, blk}), lb = latent.view({rows, cols / blk, blk});
-    // spec.symmetric holds for the ggml presets too: q8_0/q4_0/q5_0 are scale-only, q4_1/q5_1 carry a min.
-    auto pin = spec.symmetric ? wb.abs() == wb.abs().amax(-1, true) : (wb == wb.amax(-1, true)) | (wb == wb.amin(-1, true));
-    lb.copy_(at::where(pin, wb, lb));
-  }
-  out.latent = latent;
+  out.latent = latent_weights(W0.detach().to(at::kCPU, at::kFloat), Q, cq->steps().index_select(1, g_idx.to(at::kLong)), spec);
   out.damp = damp;
   // The packed form must dequantize to exactly what GPTQ chose (what the next layer was fed).
   QF_CHECK(at::equal(unpack_weight(out.packed, spec, rows, cols), Q), "gptq: internal error: packed weights of ", name,

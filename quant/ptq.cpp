@@ -158,18 +158,24 @@ at::Tensor linear_outputs(const at::Tensor& X, const std::vector<at::Tensor>& Ws
   return at::cat(outs, -1);
 }
 
-// The MLP's output as a function of its input linears' weights (gate, up or the single up), the
-// down projection fixed.
+// The MLP's output as a function of its input linears' weights (gate and up, a fused [gate; up],
+// or the single up), the down projection fixed.
 Inspect mlp_output(const models::ArchSpec& arch, models::DenseLinear& first, models::DenseLinear& down) {
   auto cpu = [](const at::Tensor& t) { return t.defined() ? t.detach().to(at::kCPU, at::kFloat) : at::Tensor(); };
   auto Wd = cpu(down.weight), bd = cpu(down.bias), b0 = cpu(first.bias);
-  const bool gated = arch.gated_mlp;
+  const bool gated = arch.gated_mlp, fused = arch.fused_gate_up;
   const auto act = arch.mlp_act;
   return [=](const at::Tensor& x, const std::vector<at::Tensor>& w) {
     auto a = at::linear(x, w[0], b0);
-    a = act == models::Activation::Silu ? at::silu(a) : at::gelu(a, "tanh");
-    auto h = gated ? a * at::matmul(x, w[1].t()) : a;
-    return at::linear(h, Wd, bd);
+    at::Tensor up;
+    if (gated && fused) {
+      auto gu = a.chunk(2, -1);
+      a = gu[0], up = gu[1];
+    } else if (gated) {
+      up = at::matmul(x, w[1].t());
+    }
+    a = act == models::Activation::Silu ? at::silu(a) : act == models::Activation::Relu ? at::relu(a) : at::gelu(a, "tanh");
+    return at::linear(up.defined() ? a * up : a, Wd, bd);
   };
 }
 
@@ -234,6 +240,234 @@ void awq_clip(at::Tensor& W, const at::Tensor& X, const QuantSpec& spec, const A
   }
 }
 
+// The layer-by-layer calibration driver every method shares: the calibration set's hidden states
+// entering the current layer (one layer's activations alive at a time), capture hooks swapped
+// into that layer's linears, and the step to the next layer.
+class LayerDriver {
+ public:
+  LayerDriver(models::CausalLM& model, const at::Tensor& tokens, int64_t batch_size) : model_(model) {
+    const auto dev = model.parameters().front().device();
+    for (auto& chunk : tokens.split(batch_size)) hs_.push_back(model.embed(chunk.to(dev)));
+  }
+  // Swaps capture hooks into `ls`, runs layer i over the hidden states, restores the linears.
+  std::vector<std::shared_ptr<CaptureLinear>> capture(int64_t i, const std::vector<LayerLinear*>& ls, bool keep) {
+    std::vector<std::shared_ptr<CaptureLinear>> caps;
+    for (auto* l : ls) {
+      caps.push_back(std::make_shared<CaptureLinear>(l->slot->get(), keep));
+      l->slot->replace(caps.back());
+    }
+    for (auto& h : hs_) model_.layer_forward(i, h);
+    for (size_t k = 0; k < ls.size(); ++k) ls[k]->slot->replace(caps[k]->inner());
+    return caps;
+  }
+  // Layer i's outputs, with its new weights, become the next layer's inputs.
+  void advance(int64_t i) {
+    for (auto& h : hs_) h = model_.layer_forward(i, h);
+  }
+
+ private:
+  models::CausalLM& model_;
+  std::vector<at::Tensor> hs_;
+};
+
+// One PTQ method, applied by run_ptq to one decoder layer at a time.
+class LayerMethod {
+ public:
+  virtual ~LayerMethod() = default;
+  // Rewrites layer i's selected linears (`lls`, rule set), capturing their inputs through `d`, and
+  // reports each one into `res`.
+  virtual void quantize_layer(LayerDriver& d, int64_t i, std::vector<LayerLinear>& lls, PtqResult& res) = 0;
+  // After the driver has advanced past the layer.
+  virtual void after_layer() {}
+};
+
+// What one capture pass over a layer's selected linears gives RTN and AWQ, by relative name: the
+// Hessian, the original weight and (AWQ) the inputs.
+struct LayerCalib {
+  std::vector<LayerLinear*> sel;
+  std::map<std::string, at::Tensor> H, X, W0;
+};
+
+LayerCalib calibrate(LayerDriver& d, int64_t i, std::vector<LayerLinear>& lls, bool keep_inputs) {
+  LayerCalib c;
+  for (auto& l : lls)
+    if (l.rule) c.sel.push_back(&l);
+  auto caps = d.capture(i, c.sel, keep_inputs);
+  for (size_t k = 0; k < c.sel.size(); ++k) {
+    const auto& rel = c.sel[k]->rel;
+    c.H[rel] = caps[k]->hessian();
+    c.W0[rel] = c.sel[k]->dense->weight.detach().to(at::kCPU, at::kFloat).clone();
+    if (keep_inputs) c.X[rel] = caps[k]->inputs();
+  }
+  return c;
+}
+
+// rtn: the weights are left for convert to round; each layer's RTN error is reported.
+class RtnMethod : public LayerMethod {
+ public:
+  void quantize_layer(LayerDriver& d, int64_t i, std::vector<LayerLinear>& lls, PtqResult& res) override {
+    auto c = calibrate(d, i, lls, false);
+    for (auto* l : c.sel) {
+      const auto& spec = l->rule->weight;
+      const auto& w0 = c.W0[l->rel];
+      const double rtn = output_error(w0, fake_quant_values(w0, spec), c.H[l->rel]);
+      res.linears.push_back({l->full, spec.describe(), rtn, rtn, 0.0});
+    }
+  }
+};
+
+// gptq: per sequential group (the spec's ptq_groups with true_sequential, else all at once), the
+// group's inputs are captured with the earlier groups already quantized, then each linear is
+// quantized by gptq_quantize; its weight becomes GPTQ's dequantized values for the rest of the
+// layer's pass and the packed codes are kept. After the pass the float weights become latent
+// weights inside GPTQ's bins (what QAT starts from; convert + apply_packed restore the exact codes).
+class GptqMethod : public LayerMethod {
+ public:
+  GptqMethod(const models::ArchSpec& arch, const GptqConfig& cfg) : arch_(arch), cfg_(cfg) {}
+  void quantize_layer(LayerDriver& d, int64_t i, std::vector<LayerLinear>& lls, PtqResult& res) override {
+    for (auto& gl : groups(lls)) {
+      auto caps = d.capture(i, gl, false);
+      for (size_t k = 0; k < gl.size(); ++k) quantize_one(*gl[k], caps[k]->hessian(), res);
+    }
+  }
+  void after_layer() override {
+    for (auto& [dense, w] : latent_) dense->weight.copy_(w.to(dense->weight.options()));
+    latent_.clear();
+  }
+
+ private:
+  std::vector<std::vector<LayerLinear*>> groups(std::vector<LayerLinear>& lls) const {
+    std::vector<std::vector<LayerLinear*>> out;
+    if (cfg_.true_sequential) {
+      for (auto& g : arch_.ptq_groups) {
+        std::vector<LayerLinear*> gl;
+        for (auto& rel : g)
+          if (auto* l = find(lls, rel); l && l->rule) gl.push_back(l);
+        if (!gl.empty()) out.push_back(gl);
+      }
+    } else {
+      out.emplace_back();
+      for (auto& l : lls)
+        if (l.rule) out.back().push_back(&l);
+    }
+    return out;
+  }
+  void quantize_one(LayerLinear& l, const at::Tensor& H, PtqResult& res) {
+    auto W = l.dense->weight.detach().to(at::kCPU, at::kFloat);
+    auto qw = gptq_quantize(W, H, l.rule->weight, cfg_, l.full);
+    res.linears.push_back({l.full, l.rule->weight.describe(), output_error(W, fake_quant_values(W, l.rule->weight), H),
+                           output_error(W, qw.weight, H), qw.damp});
+    l.dense->weight.copy_(qw.weight.to(l.dense->weight.options()));
+    res.packed[l.full] = qw.packed;
+    latent_.emplace_back(l.dense, qw.latent);
+  }
+  const models::ArchSpec& arch_;
+  const GptqConfig& cfg_;
+  std::vector<std::pair<models::DenseLinear*, at::Tensor>> latent_;  // weights after the layer's pass
+};
+
+// awq: per scaling pair of the spec (a norm or linear -> the linears it feeds), scales s searched
+// on the linears' inputs and folded (prev's output channels / s, the linears' input columns * s:
+// the float model is unchanged); then the per-group clipping search; weights stay float for
+// convert's RTN. The error is reported in the original input and output spaces.
+class AwqMethod : public LayerMethod {
+ public:
+  AwqMethod(const models::ArchSpec& arch, const AwqConfig& cfg, models::CausalLM& model)
+      : arch_(arch), cfg_(cfg), model_(model) {}
+  void quantize_layer(LayerDriver& d, int64_t i, std::vector<LayerLinear>& lls, PtqResult& res) override {
+    auto c = calibrate(d, i, lls, true);
+    colscale_.clear();
+    rowscale_.clear();
+    auto params = model_.layer(i).named_parameters();
+    for (auto& f : arch_.awq_pairs) scale_pair(f, lls, params, c);
+    if (cfg_.clip) clip(c);
+    report(c, res);
+  }
+
+ private:
+  void scale_pair(const models::AwqPair& f, std::vector<LayerLinear>& lls,
+                  torch::OrderedDict<std::string, at::Tensor>& params, LayerCalib& c) {
+    std::vector<LayerLinear*> fl;
+    for (auto& rel : f.linears)
+      if (auto* l = find(lls, rel); l && l->rule) fl.push_back(l);
+    if (fl.size() != f.linears.size()) return;  // a partly quantized group keeps its scales
+    const int64_t in = fl[0]->dense->in_features;
+    LayerLinear* pl = nullptr;
+    if (f.prev_is_norm) {
+      if (!params.contains(f.prev + ".weight")) return;
+      if (model_.cfg.post_norm) return;  // a post-LN norm feeds the next block, not these linears
+    } else {
+      pl = find(lls, f.prev);
+      if (!pl || !pl->dense || pl->dense->out_features != in) return;  // e.g. GQA: v_proj rows != o_proj inputs
+    }
+    std::vector<at::Tensor> Ws;
+    std::vector<QuantSpec> specs;
+    for (auto* l : fl) Ws.push_back(l->dense->weight.detach().to(at::kCPU, at::kFloat)), specs.push_back(l->rule->weight);
+    auto Xs = strided_rows(c.X[fl[0]->rel], cfg_.tokens);
+    // The MLP's input linears are judged on the MLP's output, as AutoAWQ inspects the MLP.
+    Inspect inspect = linear_outputs;
+    auto* down = find(lls, arch_.linear(TensorRole::FfnDown).name);
+    if (f.mlp_input && down && down->dense) inspect = mlp_output(arch_, *fl[0]->dense, *down->dense);
+    auto s = awq_scale(Xs, Ws, specs, cfg_, inspect);
+    // Fold: prev's output channels / s, the linears' input columns * s (float model unchanged).
+    if (f.prev_is_norm) {
+      for (auto* suffix : {".weight", ".bias"})
+        if (params.contains(f.prev + suffix)) {
+          auto& t = params[f.prev + suffix];
+          // Gemma's norms scale by (1 + w): w' = (1 + w) / s - 1 (AutoAWQ's GemmaRMSNorm fold).
+          const bool offset = false;
+          if (offset) t.add_(1.0);
+          t.div_(s.to(t.options()));
+          if (offset) t.sub_(1.0);
+        }
+    } else {
+      pl->dense->weight.div_(s.unsqueeze(1).to(pl->dense->weight.options()));
+      if (pl->dense->bias.defined()) pl->dense->bias.div_(s.to(pl->dense->bias.options()));
+      rowscale_[pl->rel] = rowscale_.count(pl->rel) ? rowscale_[pl->rel] * s : s;
+    }
+    for (auto* l : fl) {
+      l->dense->weight.mul_(s.unsqueeze(0).to(l->dense->weight.options()));
+      c.X[l->rel] = c.X[l->rel] / s.unsqueeze(0);
+      colscale_[l->rel] = colscale_.count(l->rel) ? colscale_[l->rel] * s : s;
+    }
+  }
+  void clip(LayerCalib& c) {
+    for (auto* l : c.sel) {
+      if (skips_clip(arch_, l->rel)) continue;
+      auto W = l->dense->weight.detach().to(at::kCPU, at::kFloat).clone();
+      awq_clip(W, strided_rows(c.X[l->rel], cfg_.clip_tokens), l->rule->weight, cfg_);
+      l->dense->weight.copy_(W.to(l->dense->weight.options()));
+    }
+  }
+  void report(LayerCalib& c, PtqResult& res) {
+    for (auto* l : c.sel) {
+      const auto& spec = l->rule->weight;
+      const auto& w0 = c.W0[l->rel];
+      const double rtn = output_error(w0, fake_quant_values(w0, spec), c.H[l->rel]);
+      // The quantized weight in the original input and output spaces: fq(W') / s_in * s_out.
+      auto wq = fake_quant_values(l->dense->weight.detach().to(at::kCPU, at::kFloat), spec);
+      if (colscale_.count(l->rel)) wq = wq / colscale_[l->rel].unsqueeze(0);
+      if (rowscale_.count(l->rel)) wq = wq * rowscale_[l->rel].unsqueeze(1);
+      res.linears.push_back({l->full, spec.describe(), rtn, output_error(w0, wq, c.H[l->rel]), 0.0});
+    }
+  }
+  const models::ArchSpec& arch_;
+  const AwqConfig& cfg_;
+  models::CausalLM& model_;
+  std::map<std::string, at::Tensor> colscale_, rowscale_;  // this layer's folded scales per linear
+};
+
+std::unique_ptr<LayerMethod> make_method(const PtqConfig& p, const models::ArchSpec& arch, models::CausalLM& model) {
+  switch (p.method) {
+    case PtqMethod::Rtn: return std::make_unique<RtnMethod>();
+    case PtqMethod::Gptq: return std::make_unique<GptqMethod>(arch, p.gptq);
+    case PtqMethod::Awq: return std::make_unique<AwqMethod>(arch, p.awq, model);
+    case PtqMethod::None: break;
+  }
+  QF_CHECK(false, "run_ptq: no method");
+  return nullptr;
+}
+
 }  // namespace
 
 void check_ptq(models::CausalLM& model, const QatConfig& q, PtqMethod method) {
@@ -271,146 +505,19 @@ PtqResult run_ptq(models::CausalLM& model, const QatConfig& q, const PtqConfig& 
   at::NoGradGuard no_grad;
   const bool was_training = model.is_training();
   model.eval();
-  const auto dev = model.parameters().front().device();
   PtqResult res;
   res.method = p.method;
   res.calib_tokens = tokens.numel();
-
-  std::vector<at::Tensor> hs;
-  for (auto& chunk : tokens.split(p.calib.batch_size)) hs.push_back(model.embed(chunk.to(dev)));
-  auto run_layer = [&](int64_t i) {
-    for (auto& h : hs) model.layer_forward(i, h);
-  };
-  // Swaps capture hooks into the given linears, runs the layer, restores them.
-  auto capture = [&](int64_t i, std::vector<LayerLinear*> ls, bool keep) {
-    std::vector<std::shared_ptr<CaptureLinear>> caps;
-    for (auto* l : ls) {
-      caps.push_back(std::make_shared<CaptureLinear>(l->slot->get(), keep));
-      l->slot->replace(caps.back());
-    }
-    run_layer(i);
-    for (size_t k = 0; k < ls.size(); ++k) ls[k]->slot->replace(caps[k]->inner());
-    return caps;
-  };
-
   const models::ArchSpec& arch = models::arch_spec(model.cfg.family);
+  auto method = make_method(p, arch, model);
+  LayerDriver driver(model, tokens, p.calib.batch_size);
   std::optional<core::ProgressBar> bar;
   if (progress) bar.emplace(std::string("ptq ") + method_name(p.method), model.cfg.n_layers, 0, "layer");
   for (int64_t i = 0; i < model.cfg.n_layers; ++i) {
     auto lls = layer_linears(model, i, q);
-    std::vector<std::pair<models::DenseLinear*, at::Tensor>> latent;  // GPTQ: weights after the layer's pass
-    if (p.method == PtqMethod::Gptq) {
-      std::vector<std::vector<LayerLinear*>> groups;
-      if (p.gptq.true_sequential) {
-        for (auto& g : arch.ptq_groups) {
-          std::vector<LayerLinear*> gl;
-          for (auto& rel : g)
-            if (auto* l = find(lls, rel); l && l->rule) gl.push_back(l);
-          if (!gl.empty()) groups.push_back(gl);
-        }
-      } else {
-        groups.emplace_back();
-        for (auto& l : lls)
-          if (l.rule) groups.back().push_back(&l);
-      }
-      for (auto& gl : groups) {
-        auto caps = capture(i, gl, false);
-        for (size_t k = 0; k < gl.size(); ++k) {
-          auto* l = gl[k];
-          auto H = caps[k]->hessian();
-          auto W = l->dense->weight.detach().to(at::kCPU, at::kFloat);
-          auto qw = gptq_quantize(W, H, l->rule->weight, p.gptq, l->full);
-          res.linears.push_back({l->full, l->rule->weight.describe(),
-                                 output_error(W, fake_quant_values(W, l->rule->weight), H), output_error(W, qw.weight, H),
-                                 qw.damp});
-          l->dense->weight.copy_(qw.weight.to(l->dense->weight.options()));
-          res.packed[l->full] = qw.packed;
-          latent.emplace_back(l->dense, qw.latent);
-        }
-      }
-    } else {
-      std::vector<LayerLinear*> sel;
-      for (auto& l : lls)
-        if (l.rule) sel.push_back(&l);
-      auto caps = capture(i, sel, p.method == PtqMethod::Awq);
-      std::map<std::string, at::Tensor> H, X, W0, colscale, rowscale;
-      for (size_t k = 0; k < sel.size(); ++k) {
-        H[sel[k]->rel] = caps[k]->hessian();
-        W0[sel[k]->rel] = sel[k]->dense->weight.detach().to(at::kCPU, at::kFloat).clone();
-        if (p.method == PtqMethod::Awq) X[sel[k]->rel] = caps[k]->inputs();
-      }
-      caps.clear();
-      if (p.method == PtqMethod::Awq) {
-        auto params = model.layer(i).named_parameters();
-        for (auto& f : arch.awq_pairs) {
-          std::vector<LayerLinear*> fl;
-          for (auto& rel : f.linears)
-            if (auto* l = find(lls, rel); l && l->rule) fl.push_back(l);
-          if (fl.size() != f.linears.size()) continue;  // a partly quantized group keeps its scales
-          const int64_t in = fl[0]->dense->in_features;
-          if (f.prev_is_norm) {
-            if (!params.contains(f.prev + ".weight")) continue;
-          } else {
-            auto* pl = find(lls, f.prev);
-            if (!pl || !pl->dense || pl->dense->out_features != in) continue;  // e.g. GQA: v_proj rows != o_proj inputs
-          }
-          std::vector<at::Tensor> Ws;
-          std::vector<QuantSpec> specs;
-          for (auto* l : fl) Ws.push_back(l->dense->weight.detach().to(at::kCPU, at::kFloat)), specs.push_back(l->rule->weight);
-          auto Xs = strided_rows(X[fl[0]->rel], p.awq.tokens);
-          // The MLP's input linears are judged on the MLP's output, as AutoAWQ inspects the MLP.
-          Inspect inspect = linear_outputs;
-          auto* down = find(lls, arch.linear(TensorRole::FfnDown).name);
-          if (f.mlp_input && down && down->dense) inspect = mlp_output(arch, *fl[0]->dense, *down->dense);
-          auto s = awq_scale(Xs, Ws, specs, p.awq, inspect);
-          // Fold: prev's output channels / s, the linears' input columns * s (float model unchanged).
-          if (f.prev_is_norm) {
-            for (auto* suffix : {".weight", ".bias"})
-              if (params.contains(f.prev + suffix)) {
-                auto& t = params[f.prev + suffix];
-                t.div_(s.to(t.options()));
-              }
-          } else {
-            auto* pl = find(lls, f.prev);
-            pl->dense->weight.div_(s.unsqueeze(1).to(pl->dense->weight.options()));
-            if (pl->dense->bias.defined()) pl->dense->bias.div_(s.to(pl->dense->bias.options()));
-            rowscale[pl->rel] = rowscale.count(pl->rel) ? rowscale[pl->rel] * s : s;
-          }
-          for (auto* l : fl) {
-            l->dense->weight.mul_(s.unsqueeze(0).to(l->dense->weight.options()));
-            X[l->rel] = X[l->rel] / s.unsqueeze(0);
-            colscale[l->rel] = colscale.count(l->rel) ? colscale[l->rel] * s : s;
-          }
-        }
-        if (p.awq.clip) {
-          for (auto* l : sel) {
-            if (skips_clip(arch, l->rel)) continue;
-            auto W = l->dense->weight.detach().to(at::kCPU, at::kFloat).clone();
-            awq_clip(W, strided_rows(X[l->rel], p.awq.clip_tokens), l->rule->weight, p.awq);
-            l->dense->weight.copy_(W.to(l->dense->weight.options()));
-          }
-        }
-      }
-      for (auto* l : sel) {
-        const auto& spec = l->rule->weight;
-        auto w0 = W0[l->rel];
-        auto rtn = output_error(w0, fake_quant_values(w0, spec), H[l->rel]);
-        double err = rtn;
-        if (p.method == PtqMethod::Awq) {
-          // The quantized weight in the original input and output spaces: fq(W') / s_in * s_out.
-          auto wq = fake_quant_values(l->dense->weight.detach().to(at::kCPU, at::kFloat), spec);
-          if (colscale.count(l->rel)) wq = wq / colscale[l->rel].unsqueeze(0);
-          if (rowscale.count(l->rel)) wq = wq * rowscale[l->rel].unsqueeze(1);
-          err = output_error(w0, wq, H[l->rel]);
-        }
-        res.linears.push_back({l->full, spec.describe(), rtn, err, 0.0});
-      }
-    }
-    // The next layer's inputs: this layer's outputs with its new weights.
-    for (auto& h : hs) h = model.layer_forward(i, h);
-    // GPTQ: the float weights become latent weights inside GPTQ's bins (what QAT starts from;
-    // convert + apply_packed restore GPTQ's exact codes).
-    for (auto& [dense, w] : latent) dense->weight.copy_(w.to(dense->weight.options()));
+    method->quantize_layer(driver, i, lls, res);
+    driver.advance(i);
+    method->after_layer();
     if (bar) bar->update(i + 1, str("rel. error ", res.mean_err(), " (rtn ", res.mean_err_rtn(), ")"));
   }
   if (bar) bar->finish();

@@ -5,7 +5,9 @@
 // are embedded once; for each decoder layer, capture modules swapped into its LinearSlots collect
 // the inputs of its linears while the layer runs over the calibration hidden states; the layer's
 // weights are then rewritten; the layer is run again and its outputs become the next layer's
-// inputs. Only one layer's activations (plus the hidden states) are alive at a time.
+// inputs. Only one layer's activations (plus the hidden states) are alive at a time. In ptq.cpp a
+// LayerDriver holds the hidden states and the capture pass; one LayerMethod per method (RtnMethod,
+// GptqMethod, AwqMethod) rewrites a layer through it.
 //  - rtn:  weights unchanged (convert rounds them); the per-layer error is reported.
 //  - gptq: weights become GPTQ's dequantized values, and the exact packed codes are kept for
 //          convert (apply_packed); later layers see the quantized layer's outputs.
