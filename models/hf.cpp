@@ -152,7 +152,12 @@ nlohmann::json hf_config_json(const ModelConfig& c, const std::string& torch_dty
             {a.hf_keys.max_positions, c.max_seq_len},
             {a.hf_keys.norm_eps, c.norm_eps},
             {"tie_word_embeddings", c.tie_embeddings},
-            {"torch_dtype", torch_dtype}};
+            {"torch_dtype", torch_dtype},
+            // Families' config classes default these to their own vocabularies' ids (Phi-3: 32000),
+            // which may not exist here; the exporter fills them from the tokenizer.
+            {"bos_token_id", nullptr},
+            {"eos_token_id", nullptr},
+            {"pad_token_id", nullptr}};
   a.write_hf(c, j);
   return j;
 }

@@ -21,7 +21,10 @@ struct FrozenMatmulFn : public torch::autograd::Function<FrozenMatmulFn> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const FrozenLinear* m) {
     ctx->saved_data["m"] = reinterpret_cast<int64_t>(m);
     auto b = m->bias.defined() ? m->bias.to(x.scalar_type()) : at::Tensor();
-    return at::linear(x, m->materialize(x.scalar_type()), b);
+    auto y = at::linear(x, m->materialize(x.scalar_type()), b);
+    // With a bias, linear of a 3-D input returns a view of its 2-D addmm; a custom Function's output
+    // must not be a view (LoRA adds to it in place), so it gets its own storage.
+    return y.is_view() ? y.clone() : y;
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx, torch::autograd::variable_list g) {
     const auto* m = reinterpret_cast<const FrozenLinear*>(ctx->saved_data["m"].toInt());

@@ -415,7 +415,7 @@ class AwqMethod : public LayerMethod {
         if (params.contains(f.prev + suffix)) {
           auto& t = params[f.prev + suffix];
           // Gemma's norms scale by (1 + w): w' = (1 + w) / s - 1 (AutoAWQ's GemmaRMSNorm fold).
-          const bool offset = false;
+          const bool offset = arch_.gemma_norms && std::string(suffix) == ".weight";
           if (offset) t.add_(1.0);
           t.div_(s.to(t.options()));
           if (offset) t.sub_(1.0);

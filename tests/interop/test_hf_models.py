@@ -68,7 +68,7 @@ def _tiny(kind):
             vocab_size=320, hidden_size=64, ffn_dim=176, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=128, word_embed_proj_dim=32, do_layer_norm_before=False))
     if kind == "gpt2":
-        return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=160, n_embd=64, n_layer=2, n_head=4,
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=320, n_embd=64, n_layer=2, n_head=4,
                                                                     n_positions=128))
     raise ValueError(kind)
 
