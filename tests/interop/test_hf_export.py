@@ -23,6 +23,10 @@ def runs(tmp_path_factory):
     train(cfg, f"run.out_dir={d}/qlora", f"run.init_from={d}/base", "peft.r=4", "peft.base=nf4", "trainer.max_steps=6")
     train(cfg, f"run.out_dir={d}/gpt2", "model.family=gpt2", "model.n_kv_heads=0", "model.ffn_dim=0")
     train(cfg, f"run.out_dir={d}/qwen2", "model.qkv_bias=true")
+    # Families and sliding windows (window 8 < the 32-token training sequences and the test's 16 + 8 tokens).
+    train(cfg, f"run.out_dir={d}/qwen3", "model.family=qwen3", "model.head_dim=32")
+    train(cfg, f"run.out_dir={d}/mistral_sw", "model.sliding_window=8")
+    train(cfg, f"run.out_dir={d}/qwen2_sw", "model.qkv_bias=true", "model.sliding_window=8", "model.sliding_layers=[1]")
     return d
 
 
@@ -39,7 +43,9 @@ def _qforge_logits(tmp_path, d, ids):
 
 
 @pytest.mark.parametrize("run,arch", [("base", "LlamaForCausalLM"), ("qlora", "LlamaForCausalLM"),
-                                      ("gpt2", "GPT2LMHeadModel"), ("qwen2", "Qwen2ForCausalLM")])
+                                      ("gpt2", "GPT2LMHeadModel"), ("qwen2", "Qwen2ForCausalLM"),
+                                      ("qwen3", "Qwen3ForCausalLM"), ("mistral_sw", "MistralForCausalLM"),
+                                      ("qwen2_sw", "Qwen2ForCausalLM")])
 def test_exported_checkpoint_loads_in_transformers_with_qforge_logits(tmp_path, runs, run, arch):
     out = tmp_path / "hf"
     r = _export(runs / run, out, "--dtype", "fp32")
