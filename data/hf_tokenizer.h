@@ -1,14 +1,21 @@
-// Hugging Face `tokenizer.json` tokenizers (the `tokenizers` library's format), for BPE models:
-//  - byte-level BPE (GPT-2, Llama-3, Qwen2): ByteLevel pre-tokenizer with the GPT-2 regex, or a
-//    Sequence of Split(Regex, Isolated) + ByteLevel(use_regex false); PCRE2 (UTF + UCP) runs the
-//    patterns; ignore_merges (Llama-3) honoured;
-//  - SentencePiece-style BPE (Llama-2, Mistral exports): normalizer Prepend("▁") + Replace(" " ->
-//    "▁") or a Metaspace pre-tokenizer; byte fallback to <0xXX> tokens; the matching decoders;
-//  - added tokens (special or not) split out of the text before the model runs.
-// Unsupported pieces (WordPiece/Unigram/WordLevel models, NFKC or other normalizers, other
-// pre-tokenizers) are refused at load with the component named.
+// Hugging Face `tokenizer.json` tokenizers (the `tokenizers` library's format), for BPE models, in
+// the layouts of GPT-2/OPT, Llama 3.x, Qwen2/2.5/3, Llama 2/TinyLlama/Mistral/Phi-3 and Gemma 2/3:
+//  - normalizers: NFC (Qwen), Prepend and Replace with a String pattern (sentencepiece conversions),
+//    in Sequences;
+//  - pre-tokenizers: ByteLevel (GPT-2 regex or none), Split with a Regex or String pattern, any
+//    delimiter behaviour, inverted or not (Llama 3/Qwen patterns, Gemma's " " merged with previous),
+//    Metaspace (prepend_scheme always/first/never, split or not); PCRE2 (UTF + UCP) runs regexes;
+//  - BPE with ignore_merges, byte fallback to <0xXX> tokens, unk_token and fuse_unk;
+//  - added tokens cut out of the text first (leftmost-longest), with their single_word, lstrip,
+//    rstrip and normalized flags as `tokenizers` applies them;
+//  - decoders ByteLevel, Replace, ByteFallback, Fuse, Strip, Metaspace, as `tokenizers` decodes any
+//    ids (byte sequences that are not UTF-8 become U+FFFD).
+// Unsupported pieces (WordPiece/Unigram/WordLevel models, NFKC, Replace with a Regex and other
+// normalizers, other pre-tokenizers and decoders) are refused at load with the component named.
 // Invariant: encode() gives the ids `tokenizers.Tokenizer.encode(text, add_special_tokens=False)`
-// gives (tests/interop/test_hf_tokenizers.py); decode(encode(s)) == s for text the vocabulary covers.
+// gives and decode() the text `Tokenizer.decode(ids, skip_special_tokens=False)` gives
+// (tests/interop/test_hf_tokenizers.py); decode(encode(s)) == s (byte-level: s normalized) for text
+// the vocabulary covers.
 #pragma once
 #include <memory>
 #include <string>
@@ -17,8 +24,10 @@
 
 namespace qf::data {
 
-// `path`: a tokenizer.json file or a directory holding one (tokenizer_config.json next to it, when
-// present, names the BOS/EOS/PAD tokens).
+// `path`: a tokenizer.json file or a directory holding one. BOS/EOS/PAD are found as transformers'
+// AutoTokenizer finds them in that directory: tokenizer_config.json's bos_token/eos_token/pad_token,
+// else special_tokens_map.json's, else the defaults of the tokenizer class (tokenizer_config.json's
+// tokenizer_class, else the one config.json's model_type maps to: GPT-2's own files name none).
 // Throws InputError naming the file (and the token, id or merge) on a malformed one: ids must be
 // integers in [0, 2^31), unique and dense; merges must name tokens of model.vocab, as `tokenizers`
 // requires. encode() throws InputError on text that is not valid UTF-8 (data/utf8.h).

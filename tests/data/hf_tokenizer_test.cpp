@@ -127,7 +127,14 @@ TEST(HfTokenizerJson, WrongJsonTypesAreInputErrors) {
        "'decoder': missing key 'decoders'"},
       {R"({"model": {"type": "BPE", "vocab": {"a": 0}}, "normalizer": "NFC"})",
        "'normalizer': expected an object, found a string"},
-      {R"({"model": {"type": "BPE", "vocab": {"a": 0}}, "pre_tokenizer": {"type": "Split"}})", "pre_tokenizer Split"},
+      {R"({"model": {"type": "BPE", "vocab": {"a": 0}}, "pre_tokenizer": {"type": "Split"}})",
+       "'pre_tokenizer': missing key 'pattern'"},
+      {R"({"model": {"type": "BPE", "vocab": {"a": 0}}, "pre_tokenizer": {"type": "Split", "pattern": {"String": " "},)"
+       R"( "behavior": "Around"}})",
+       "pre_tokenizer Split: 'behavior' 'Around' is not one of Removed, Isolated, MergedWithPrevious, MergedWithNext, "
+       "Contiguous"},
+      {R"({"model": {"type": "BPE", "vocab": {"a": 0}}, "pre_tokenizer": {"type": "Metaspace", "prepend_scheme": "x"}})",
+       "pre_tokenizer Metaspace: prepend_scheme 'x' is not one of always, first, never"},
       {R"({"model": {"type": "BPE", "vocab": {"a": 0}}, "decoder": {"type": "Strip", "content": ""}})", "decoder Strip"},
       {R"({"model": {"type": "BPE", "vocab": {"a": 0}}, "added_tokens": [{"content": "x"}]})",
        "added_tokens entries need 'id'"}};

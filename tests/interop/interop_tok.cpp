@@ -1,6 +1,8 @@
 // interop_tok TOKENIZER IN.json OUT.json: loads a Hugging Face tokenizer.json (data/hf_tokenizer.h),
-// or a sentencepiece .model file (data/tokenizer.h), and, for the list of strings in IN.json, writes
-// {"ids": [[...]...], "decoded": [...], "bos": id, "eos": id} to OUT.json for
+// or a sentencepiece .model file (data/tokenizer.h). IN.json is a list of strings, or an object
+// {"texts": [strings], "ids": [[ids]...]}. For the strings it writes
+// {"ids": [[...]...], "decoded": [...], "bos": id, "eos": id, "pad": id, "vocab_size": n} to OUT.json
+// (decoded: decode(encode(text))), plus "decoded_ids": [decode(ids)...] for the given id lists, for
 // tests/interop/test_hf_tokenizers.py and test_gguf_tokenizer.py. Exit 1 with the error otherwise.
 #include <fstream>
 #include <iostream>
@@ -21,12 +23,18 @@ int main(int argc, char** argv) {
     const bool spm = path.size() > 6 && path.compare(path.size() - 6, 6, ".model") == 0;
     auto tok = spm ? qf::data::load_sentencepiece(path) : qf::data::load_hf_tokenizer(path);
     auto in = nlohmann::json::parse(qf::fs::read_file(argv[2]));
+    const nlohmann::json texts = in.is_array() ? in : in.value("texts", nlohmann::json::array());
     nlohmann::json out = {{"ids", nlohmann::json::array()}, {"decoded", nlohmann::json::array()},
-                          {"bos", tok->bos_id()}, {"eos", tok->eos_id()}, {"vocab_size", tok->vocab_size()}};
-    for (auto& s : in) {
+                          {"bos", tok->bos_id()}, {"eos", tok->eos_id()}, {"pad", tok->pad_id()},
+                          {"vocab_size", tok->vocab_size()}};
+    for (auto& s : texts) {
       auto ids = tok->encode(s.get<std::string>());
       out["ids"].push_back(ids);
       out["decoded"].push_back(tok->decode(ids));
+    }
+    if (in.is_object() && in.contains("ids")) {
+      out["decoded_ids"] = nlohmann::json::array();
+      for (auto& ids : in["ids"]) out["decoded_ids"].push_back(tok->decode(ids.get<std::vector<int32_t>>()));
     }
     qf::fs::write_atomic(argv[3], out.dump());
   } catch (const std::exception& e) {
