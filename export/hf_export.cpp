@@ -181,7 +181,11 @@ HfExportResult export_hf(models::CausalLM& model, const data::Tokenizer& tok, co
     const auto n_lora = peft::lora_layers(model).size();
     if (n_lora > 0) log::info("export: writing ", n_lora, " LoRA adapters merged into their base layers");
     auto weights = dense_weights(model);
-    models::write_hf_weights(model.cfg, weights, tmp, dtype, max_shard_bytes);
+    // The tokenizer's special ids (the family's config class would otherwise default to its own vocabulary's).
+    auto id = [](int64_t i) { return i >= 0 ? nlohmann::json(i) : nlohmann::json(nullptr); };
+    const nlohmann::json special = {{"bos_token_id", id(tok.bos_id())}, {"eos_token_id", id(tok.eos_id())},
+                                    {"pad_token_id", id(tok.pad_id())}};
+    models::write_hf_weights(model.cfg, weights, tmp, dtype, max_shard_bytes, special);
     copy_tokenizer(tok, tmp);
     // Re-read what was written and compare with what was meant, before reporting success.
     auto ck = models::read_hf_checkpoint(tmp);

@@ -163,9 +163,12 @@ nlohmann::json hf_config_json(const ModelConfig& c, const std::string& torch_dty
 }
 
 void write_hf_weights(const ModelConfig& c, const std::vector<std::pair<std::string, at::Tensor>>& weights,
-                      const std::string& dir, at::ScalarType dtype, int64_t max_shard_bytes) {
+                      const std::string& dir, at::ScalarType dtype, int64_t max_shard_bytes,
+                      const nlohmann::json& config_extra) {
   const std::string tname = dtype == at::kBFloat16 ? "bfloat16" : dtype == at::kHalf ? "float16" : "float32";
-  fs::write_atomic(dir + "/config.json", hf_config_json(c, tname).dump(2) + "\n");
+  json config = hf_config_json(c, tname);
+  config.update(config_extra);
+  fs::write_atomic(dir + "/config.json", config.dump(2) + "\n");
   std::vector<std::vector<std::pair<std::string, at::Tensor>>> shards(1);
   int64_t bytes = 0, total = 0;
   for (auto& [name, t] : weights) {

@@ -44,7 +44,9 @@ nlohmann::json hf_config_json(const ModelConfig& c, const std::string& torch_dty
 // Writes config.json + model.safetensors (or model-0000i-of-0000n.safetensors + index above
 // `max_shard_bytes`) into `dir` (which must exist), in `dtype` (float32/bfloat16/float16), HF names
 // and layouts (GPT-2 Conv1D transposed back). `weights` are the model's float weights by name.
+// `config_extra` keys are merged into config.json (e.g. the tokenizer's bos/eos/pad ids).
 void write_hf_weights(const ModelConfig& c, const std::vector<std::pair<std::string, at::Tensor>>& weights,
-                      const std::string& dir, at::ScalarType dtype, int64_t max_shard_bytes);
+                      const std::string& dir, at::ScalarType dtype, int64_t max_shard_bytes,
+                      const nlohmann::json& config_extra = nlohmann::json::object());
 
 }  // namespace qf::models
