@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <set>
+#include <tuple>
 
 #include "models/arch.h"
 #include "models/hf.h"
@@ -135,6 +136,67 @@ TEST(Arch, UnknownArchitectureIsRefusedNamingTheSupportedOnes) {
     EXPECT_NE(m.find("FooForCausalLM"), std::string::npos) << m;
     EXPECT_NE(m.find(hf_architectures_list()), std::string::npos) << m;
   }
+}
+
+}  // namespace
+
+namespace {
+
+// A config.json of `arch` with the common keys and `extra`.
+std::string hf_json(const std::string& arch, const std::string& extra) {
+  return R"({"architectures": [")" + arch +
+         R"("], "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "intermediate_size": 48, "ffn_dim": 48)" + (extra.empty() ? "" : ", " + extra) + "}";
+}
+
+TEST(Arch, UnsupportedFamilyOptionsAreRefusedNamingTheKey) {
+  const std::vector<std::tuple<std::string, std::string, std::string>> cases = {
+      {"Gemma3ForCausalLM", R"("use_bidirectional_attention": true)", "use_bidirectional_attention"},
+      {"Gemma2ForCausalLM", R"("hidden_activation": "relu")", "hidden_activation"},
+      {"Gemma2ForCausalLM", R"("rope_scaling": {"rope_type": "linear", "factor": 2.0})", "rope_scaling"},
+      {"Phi3ForCausalLM", R"("rope_scaling": {"type": "yarn", "factor": 2.0})", "rope_scaling"},
+      {"Phi3ForCausalLM", R"("rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]})",
+       "short_factor"},
+      {"OPTForCausalLM", R"("enable_bias": false)", "enable_bias"},
+      {"OPTForCausalLM", R"("activation_function": "gelu")", "activation_function"},
+      {"Qwen3ForCausalLM", R"("rope_scaling": {"rope_type": "yarn", "factor": 4.0})", "rope_scaling"},
+      {"Qwen2ForCausalLM", R"("use_sliding_window": true, "sliding_window": 8, "layer_types": ["x", "y"])", "layer_types"},
+      {"LlamaForCausalLM", R"("mlp_bias": true)", "mlp_bias"},
+  };
+  for (auto& [arch, extra, key] : cases) {
+    try {
+      parse_hf_config(hf_json(arch, extra), "m/config.json");
+      ADD_FAILURE() << arch << " with " << extra << " was accepted";
+    } catch (const qf::InputError& e) {
+      const std::string m = e.what();
+      EXPECT_NE(m.find("m/config.json"), std::string::npos) << m;
+      EXPECT_NE(m.find(key), std::string::npos) << arch << ": " << m;
+    }
+  }
+}
+
+TEST(Arch, FamilyWindowsAndOptionsReadAsTransformersBuildsThem) {
+  auto g2 = parse_hf_config(hf_json("Gemma2ForCausalLM", R"("sliding_window": 16)"), "c.json").config;
+  EXPECT_EQ(g2.family, Family::Gemma2);
+  EXPECT_EQ(g2.sliding_window, 16);
+  EXPECT_EQ(g2.sliding_layers, std::vector<int64_t>{0});  // even layers windowed
+  EXPECT_DOUBLE_EQ(g2.attn_softcap, 50.0);                 // Gemma2Config's defaults
+  EXPECT_DOUBLE_EQ(g2.final_softcap, 30.0);
+  EXPECT_EQ(g2.hdim(), 256);
+  auto g3 = parse_hf_config(hf_json("Gemma3ForCausalLM", R"("num_hidden_layers": 7, "head_dim": 8)"), "c.json").config;
+  EXPECT_EQ(g3.sliding_layers, (std::vector<int64_t>{0, 1, 2, 3, 4, 6}));  // every 6th layer is global
+  EXPECT_DOUBLE_EQ(g3.attn_softcap, 0.0);
+  EXPECT_DOUBLE_EQ(g3.rope_local_theta, 10000.0);
+  EXPECT_TRUE(g3.qk_norm);
+  auto q2 = parse_hf_config(hf_json("Qwen2ForCausalLM", R"("use_sliding_window": false, "sliding_window": 8)"), "c.json").config;
+  EXPECT_EQ(q2.sliding_window, 0);  // use_sliding_window false: full attention
+  auto m = parse_hf_config(hf_json("MistralForCausalLM", R"("sliding_window": null)"), "c.json").config;
+  EXPECT_EQ(m.sliding_window, 0);
+  auto opt = parse_hf_config(hf_json("OPTForCausalLM", R"("word_embed_proj_dim": 16, "do_layer_norm_before": false)"), "c.json").config;
+  EXPECT_EQ(opt.family, Family::Opt);
+  EXPECT_EQ(opt.embed_width(), 16);
+  EXPECT_TRUE(opt.post_norm);
+  EXPECT_EQ(opt.ffn(), 48);
 }
 
 }  // namespace
