@@ -3,9 +3,11 @@
 #include <ATen/ATen.h>
 
 #include <filesystem>
+#include <fstream>
 #include <functional>
 #include <map>
 #include <memory>
+#include <nlohmann/json.hpp>
 
 #include "core/error.h"
 #include "core/log.h"
@@ -58,16 +60,30 @@ std::string encode(const at::Tensor& w, Rule rule, bool f16) {
   return out;
 }
 
-// What llama.cpp's "llama" loader needs that this exporter writes; anything else is refused before work.
-void check_exportable(const models::ModelConfig& c, const models::ArchSpec& arch, const data::Tokenizer& tok) {
-  if (arch.gguf_arch.empty() || c.qkv_bias)
-    throw InputError("export: GGUF export covers the llama architecture (no qkv bias) so far; this model is " +
-                     std::string(c.qkv_bias ? "qwen2-style (qkv bias)" : c.family_name()));
+// llama.cpp's architecture for this model, or an InputError naming what llama.cpp cannot represent.
+// Q/K rows are permuted (rotate-half -> interleaved) only for "llama"; the others use NEOX RoPE.
+std::string gguf_arch_of(const models::ModelConfig& c, const models::ArchSpec& arch, const data::Tokenizer& tok) {
+  if (arch.gguf_arch.empty())
+    throw InputError("export: GGUF export of a " + std::string(c.family_name()) + " model is refused: " +
+                     arch.gguf_missing);
+  std::string ga = arch.gguf_arch;
+  if (ga == "llama" && c.qkv_bias) ga = "qwen2";  // the llama family with q/k/v biases is Qwen2's layout
+  const bool windowed = c.sliding_window > 0 && c.sliding_window < c.max_seq_len;
+  if (windowed && (ga == "llama" || ga == "qwen2" || ga == "qwen3"))
+    throw InputError("export: this model attends within a sliding window of " + std::to_string(c.sliding_window) +
+                     " tokens, and llama.cpp's " + ga + " architecture ignores sliding windows (it would attend to "
+                     "the whole context); GGUF export is refused");
   if (c.rope_scaling != models::RopeScaling::None)
-    throw InputError("export: GGUF export of rope scaling (linear/llama3) is not implemented yet");
-  if (tok.kind() != "sentencepiece")
-    throw InputError("export: GGUF's tokenizer block is written for sentencepiece vocabularies so far (this model's "
-                     "tokenizer is " + tok.kind() + ")");
+    throw InputError("export: GGUF export of rope scaling (linear/llama3/longrope) for llama.cpp's " + ga +
+                     " architecture is not written yet");
+  if (c.qk_norm && ga != "qwen3")
+    throw InputError("export: per-head q/k norms are not part of llama.cpp's " + ga + " architecture");
+  if (c.partial_rotary != 1.0)
+    throw InputError("export: partial rotary embeddings are not written for llama.cpp's " + ga + " architecture yet");
+  if (tok.kind() != "sentencepiece" && tok.kind() != "huggingface-bpe")
+    throw InputError("export: GGUF's tokenizer block is written for sentencepiece and byte-level BPE tokenizer.json "
+                     "vocabularies (this model's tokenizer is " + tok.kind() + ")");
+  return ga;
 }
 
 // general.* and the architecture's hyper-parameters (<arch>.*).
@@ -95,7 +111,7 @@ void write_metadata(gguf::Writer& w, const models::ModelConfig& c, const std::st
 
 // The tokenizer block: a sentencepiece vocabulary as llama.cpp's "llama" vocabulary, one entry per
 // embedding row (`rows` may exceed the tokenizer's pieces: padded with unused entries).
-void write_tokenizer(gguf::Writer& w, const data::Tokenizer& tok, int64_t rows) {
+void write_sp_tokenizer(gguf::Writer& w, const data::Tokenizer& tok, int64_t rows) {
   std::vector<std::string> tokens;
   std::vector<float> scores;
   std::vector<int32_t> types;
@@ -133,6 +149,124 @@ void write_tokenizer(gguf::Writer& w, const data::Tokenizer& tok, int64_t rows) 
               "text (newlines, runs of spaces, NFKC forms)");
 }
 
+// ---- byte-level BPE (a Hugging Face tokenizer.json) as llama.cpp's "gpt2" vocabulary ----
+
+[[noreturn]] void bad_tok(const std::string& file, const std::string& key, const std::string& why) {
+  throw InputError("export: " + file + ": " + key + " " + why);
+}
+
+// The pre-tokenizer regexes of the byte-level BPE tokenizers llama.cpp names (tokenizer.ggml.pre):
+// Llama 3's (digits in runs of up to three) and Qwen2's (single digits).
+const char* kLlama3Split =
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|"
+    "\\s+(?!\\S)|\\s+";
+const char* kQwen2Split =
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|"
+    "\\s+(?!\\S)|\\s+";
+
+// tokenizer.ggml.pre for a tokenizer.json pre_tokenizer: ByteLevel with its own (GPT-2) regex is
+// "gpt-2"; Split(Llama 3 / Qwen2 regex) then ByteLevel without regex is "llama-bpe" / "qwen2".
+// Anything else would split text differently in llama.cpp: refused, naming it.
+std::string bpe_pre(const nlohmann::json& pre, const std::string& file) {
+  auto byte_level = [&](const nlohmann::json& p, bool regex) {
+    if (!p.is_object() || p.value("type", "") != "ByteLevel") return false;
+    if (p.value("add_prefix_space", false))
+      bad_tok(file, "pre_tokenizer.add_prefix_space", "is true; llama.cpp's gpt2 vocabulary adds no prefix space");
+    return p.value("use_regex", true) == regex;
+  };
+  if (byte_level(pre, true)) return "gpt-2";
+  if (pre.is_object() && pre.value("type", "") == "Sequence" && pre.contains("pretokenizers") &&
+      pre["pretokenizers"].is_array() && pre["pretokenizers"].size() == 2) {
+    const auto& split = pre["pretokenizers"][0];
+    if (split.value("type", "") == "Split" && split.contains("pattern") && split["pattern"].is_object() &&
+        split["pattern"].contains("Regex") && byte_level(pre["pretokenizers"][1], false)) {
+      const std::string re = split["pattern"]["Regex"].get<std::string>();
+      if (re == kLlama3Split) return "llama-bpe";
+      if (re == kQwen2Split) return "qwen2";
+      bad_tok(file, "pre_tokenizer.pretokenizers[0].pattern.Regex",
+              "is '" + re + "', a split llama.cpp has no pre-tokenizer for (it knows Llama 3's and Qwen2's)");
+    }
+  }
+  bad_tok(file, "pre_tokenizer", "is " + pre.dump() + "; llama.cpp's byte-level BPE pre-tokenizers are ByteLevel "
+          "(gpt-2) and Split(Llama 3 / Qwen2 regex) + ByteLevel");
+}
+
+// True when the post-processor puts a special token before the text (Llama 3's <|begin_of_text|>).
+bool bpe_adds_bos(const nlohmann::json& post) {
+  if (!post.is_object()) return false;
+  if (post.value("type", "") == "Sequence" && post.contains("processors"))
+    for (auto& p : post["processors"])
+      if (bpe_adds_bos(p)) return true;
+  if (post.value("type", "") != "TemplateProcessing" || !post.contains("single") || post["single"].empty()) return false;
+  return post["single"][0].contains("SpecialToken");
+}
+
+void write_bpe_tokenizer(gguf::Writer& w, const data::Tokenizer& tok, int64_t rows) {
+  std::filesystem::path file = tok.path();
+  if (std::filesystem::is_directory(file)) file /= "tokenizer.json";
+  const std::string f = file.string();
+  std::ifstream in(file);
+  if (!in) throw InputError("export: cannot read " + f + " for GGUF's tokenizer block");
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(in);
+  } catch (const nlohmann::json::exception& e) {
+    throw InputError("export: " + f + " is not valid JSON: " + e.what());
+  }
+  if (!j.contains("model") || !j["model"].is_object()) bad_tok(f, "model", "is missing");
+  const auto& m = j["model"];
+  if (m.value("type", "BPE") != "BPE") bad_tok(f, "model.type", "is '" + m.value("type", "") + "', not BPE");
+  if (!m.contains("vocab") || !m["vocab"].is_object()) bad_tok(f, "model.vocab", "is missing or not an object");
+  if (m.value("byte_fallback", false))
+    bad_tok(f, "model.byte_fallback", "is true: a sentencepiece-style BPE, not byte-level (llama.cpp's gpt2)");
+  const std::string pre = bpe_pre(j.value("pre_tokenizer", nlohmann::json()), f);
+  std::vector<std::string> tokens(static_cast<size_t>(rows));
+  std::vector<int32_t> types(static_cast<size_t>(rows), 0);
+  auto put = [&](int64_t id, const std::string& piece, int32_t type, const char* key) {
+    if (id < 0 || id >= rows)
+      bad_tok(f, key, "has id " + std::to_string(id) + " for '" + piece + "', outside the model's " +
+                          std::to_string(rows) + " embedding rows");
+    tokens[id] = piece;
+    types[id] = type;
+  };
+  for (auto& [piece, id] : m["vocab"].items()) put(id.get<int64_t>(), piece, 1, "model.vocab");
+  // Added tokens: special ones are control tokens (matched only when parsing specials), others user-defined.
+  if (j.contains("added_tokens"))
+    for (auto& a : j["added_tokens"])
+      put(a.at("id").get<int64_t>(), a.at("content").get<std::string>(), a.value("special", false) ? 3 : 4,
+          "added_tokens");
+  for (int64_t i = 0; i < rows; ++i)
+    if (!types[i]) {  // an embedding row no token uses
+      tokens[i] = "[PAD" + std::to_string(i) + "]";
+      types[i] = 5;
+    }
+  std::vector<std::string> merges;
+  if (m.contains("merges"))
+    for (auto& mg : m["merges"]) {
+      if (mg.is_string()) merges.push_back(mg.get<std::string>());
+      else if (mg.is_array() && mg.size() == 2) merges.push_back(mg[0].get<std::string>() + " " + mg[1].get<std::string>());
+      else bad_tok(f, "model.merges", "holds " + mg.dump() + ", neither \"a b\" nor [a, b]");
+    }
+  if (j.contains("normalizer") && !j["normalizer"].is_null())
+    log::warn("export: ", f, " normalizes text (", j["normalizer"].value("type", "?"),
+              ") and llama.cpp's gpt2 vocabulary does not: ids differ wherever that changes the text");
+  w.add_string("tokenizer.ggml.model", "gpt2");
+  w.add_string("tokenizer.ggml.pre", pre);
+  w.add_strings("tokenizer.ggml.tokens", tokens);
+  w.add_i32s("tokenizer.ggml.token_type", types);
+  w.add_strings("tokenizer.ggml.merges", merges);
+  if (tok.bos_id() >= 0) w.add_u32("tokenizer.ggml.bos_token_id", static_cast<uint32_t>(tok.bos_id()));
+  if (tok.eos_id() >= 0) w.add_u32("tokenizer.ggml.eos_token_id", static_cast<uint32_t>(tok.eos_id()));
+  if (tok.pad_id() >= 0) w.add_u32("tokenizer.ggml.padding_token_id", static_cast<uint32_t>(tok.pad_id()));
+  w.add_bool("tokenizer.ggml.add_bos_token", bpe_adds_bos(j.value("post_processor", nlohmann::json())));
+  w.add_bool("tokenizer.ggml.add_eos_token", false);
+}
+
+void write_tokenizer(gguf::Writer& w, const data::Tokenizer& tok, int64_t rows) {
+  if (tok.kind() == "sentencepiece") write_sp_tokenizer(w, tok, rows);
+  else write_bpe_tokenizer(w, tok, rows);
+}
+
 // The tensor plan: every tensor is added to the writer with its type decided now and a producer
 // that makes its bytes when the writer reaches it. Linears and the embedding are read through
 // export/layer_view.h, so a LoRA / fake-quant layer is merged + converted inside its producer and
@@ -140,13 +274,15 @@ void write_tokenizer(gguf::Writer& w, const data::Tokenizer& tok, int64_t rows) 
 class TensorPlan {
  public:
   TensorPlan(gguf::Writer& w, models::CausalLM& model, const std::string& quant, const std::string& fallback,
-             GgufExportResult& res)
-      : w_(w), model_(model), c_(model.cfg), quant_(quant), fallback_(fallback), f16_(quant == "f16"), res_(res) {
+             GgufExportResult& res, const std::string& gguf_arch)
+      : w_(w), model_(model), c_(model.cfg), quant_(quant), fallback_(fallback), f16_(quant == "f16"), res_(res),
+        permute_(gguf_arch == "llama"), norm_plus_one_(models::arch_spec(model.cfg.family).gemma_norms) {
     for (auto& ns : models::linear_slots(model)) slots_[ns.name] = ns.slot;
     for (auto& p : model.named_parameters()) params_[p.key()] = p.value();
   }
   void add_embedding();
-  // Per layer, the spec's tensors in its order: 1-D tensors (norms) as F32, linears as linear().
+  // Per layer, the spec's tensors in its order: 1-D tensors (norms) as F32, linears as linear(),
+  // each followed by its bias (F32) where it has one.
   void add_layers(const models::ArchSpec& arch);
   void add_output(const models::ArchSpec& arch);
 
@@ -154,7 +290,8 @@ class TensorPlan {
   void add(const std::string& gname, const std::vector<int64_t>& dims, TensorType t, gguf::Writer::Producer make);
   void add_float_2d(const std::string& gname, int64_t rows, int64_t cols, std::function<at::Tensor()> get,
                     TensorRole role, int64_t layer, int64_t permute_heads);
-  void add_1d(const std::string& gname, const at::Tensor& p);
+  // A norm's weight or a bias as F32; Gemma's norms as 1 + w (llama.cpp's gemma norms multiply by w).
+  void add_1d(const std::string& gname, const at::Tensor& p, bool norm = false);
   void linear(const std::string& hf, const std::string& gname, TensorRole role, int64_t layer, int64_t permute_heads);
   const at::Tensor& param(const std::string& n) const;
 
@@ -164,6 +301,8 @@ class TensorPlan {
   const std::string quant_, fallback_;
   const bool f16_;
   GgufExportResult& res_;
+  const bool permute_;        // "llama" only: Q/K rows to llama.cpp's interleaved RoPE layout
+  const bool norm_plus_one_;  // Gemma: norm weights written as 1 + w
   std::map<std::string, models::LinearSlot*> slots_;
   std::map<std::string, at::Tensor> params_;
 };
@@ -202,11 +341,11 @@ void TensorPlan::add_float_2d(const std::string& gname, int64_t rows, int64_t co
   });
 }
 
-void TensorPlan::add_1d(const std::string& gname, const at::Tensor& p) {
+void TensorPlan::add_1d(const std::string& gname, const at::Tensor& p, bool norm) {
   res_.input_bytes += p.numel() * p.element_size();
-  add(gname, {p.numel()}, TensorType::F32, [p] {
+  add(gname, {p.numel()}, TensorType::F32, [p, plus_one = norm && norm_plus_one_] {
     std::string s;
-    append(s, p.to(at::kFloat));
+    append(s, plus_one ? p.to(at::kFloat) + 1.0f : p.to(at::kFloat));
     return s;
   });
 }
@@ -264,18 +403,25 @@ void TensorPlan::add_embedding() {
 void TensorPlan::add_layers(const models::ArchSpec& arch) {
   for (int64_t i = 0; i < c_.n_layers; ++i) {
     const std::string hf = arch.layer_prefix(i) + ".", g = "blk." + std::to_string(i) + ".";
-    for (auto& t : arch.layer_tensors) add_1d(g + t.gguf, param(hf + t.name));
+    for (auto& t : arch.layer_tensors) add_1d(g + t.gguf, param(hf + t.name), true);
     for (auto& l : arch.linears) {
-      const int64_t heads = l.rope_rows == models::RopeRows::QueryHeads ? c_.n_heads
-                            : l.rope_rows == models::RopeRows::KvHeads  ? c_.kv_heads()
-                                                                        : 0;
+      const int64_t heads = !permute_                                   ? 0
+                            : l.rope_rows == models::RopeRows::QueryHeads ? c_.n_heads
+                            : l.rope_rows == models::RopeRows::KvHeads    ? c_.kv_heads()
+                                                                          : 0;
       linear(hf + l.name, g + l.gguf + ".weight", l.role, i, heads);
+      auto it = slots_.find(hf + l.name);
+      if (it == slots_.end()) continue;  // linear() has thrown
+      if (at::Tensor b = it->second->get()->bias_or_undefined(); b.defined()) {
+        QF_CHECK(!heads, "export: a Q/K bias would need the RoPE row permutation");
+        add_1d(g + l.gguf + ".bias", b);
+      }
     }
   }
 }
 
 void TensorPlan::add_output(const models::ArchSpec& arch) {
-  add_1d("output_norm.weight", param(arch.final_norm + ".weight"));
+  add_1d("output_norm.weight", param(arch.final_norm + ".weight"), true);
   if (!c_.tie_embeddings) linear(arch.lm_head, "output.weight", TensorRole::Output, 0, 0);
 }
 
@@ -289,7 +435,7 @@ GgufExportResult export_gguf(models::CausalLM& model, const data::Tokenizer& tok
                  "' is a directory; GGUF export writes one file (e.g. --out model.gguf)");
   const auto& c = model.cfg;
   const models::ArchSpec& arch = models::arch_spec(c.family);
-  check_exportable(c, arch, tok);
+  const std::string ga = gguf_arch_of(c, arch, tok);
   const uint32_t file_type = quant::mix_file_type(quant_name);  // throws listing the mixtures
   if (!fallback.empty()) quant::mix_file_type(fallback);      // --fallback is a mixture name too
   at::NoGradGuard ng;
@@ -303,9 +449,9 @@ GgufExportResult export_gguf(models::CausalLM& model, const data::Tokenizer& tok
     log::info("export: the model holds packed llama.cpp blocks; they are written as they are and float tensors stay ",
               quant_name == "f16" ? "F16" : "F32", " (exact)");
   gguf::Writer w;
-  write_metadata(w, c, arch.gguf_arch, name, file_type);
+  write_metadata(w, c, ga, name, file_type);
   write_tokenizer(w, tok, c.vocab_size);
-  TensorPlan plan(w, model, quant_name, fallback, res);
+  TensorPlan plan(w, model, quant_name, fallback, res, ga);
   plan.add_embedding();
   plan.add_layers(arch);
   plan.add_output(arch);

@@ -192,10 +192,9 @@ ArchSpec qwen3_spec() {
   a.write_hf = write_qwen3;
   a.layer_tensors.push_back({"self_attn.q_norm.weight", "attn_q_norm.weight"});
   a.layer_tensors.push_back({"self_attn.k_norm.weight", "attn_k_norm.weight"});
-  // llama.cpp's qwen3 uses NEOX (rotate-half) RoPE: Q/K rows are not permuted. Its GGUF needs the
-  // byte-level BPE tokenizer block, not written yet: export refuses.
+  // llama.cpp's qwen3 uses NEOX (rotate-half) RoPE: Q/K rows are not permuted.
   for (auto& l : a.linears) l.rope_rows = RopeRows::None;
-  a.gguf_arch = "";
+  a.gguf_arch = "qwen3";
   return a;
 }
 

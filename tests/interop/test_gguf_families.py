@@ -1,0 +1,136 @@
+"""`qforge export --format gguf` per family, run by llama.cpp itself (llama-cpp-python): a tiny
+random transformers checkpoint with a byte-level BPE tokenizer.json beside it is exported to the
+family's own llama.cpp architecture (qwen2, qwen3, ...); llama.cpp loads the file, its logits on
+fixed ids match transformers' on the same checkpoint within the format's tolerance, and its
+tokenization of tricky strings equals the tokenizers library's. What llama.cpp cannot represent
+(a sliding window its architecture ignores, OPT) is refused with the reason and no file."""
+import json
+import subprocess
+
+import gguf  # a missing peer fails here, loudly
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from test_hf_models import _save
+from tiny_runs import QFORGE, kjv_corpus
+
+# max |llama.cpp - transformers| over the logit scale. F32: summation order only. F16 / Q8_0
+# weights (and llama.cpp's Q8_0 activations inside quantized matmuls): rounding of the weights.
+TOLS = {"f32": 1e-4, "f16": 5e-3, "q8_0": 3e-2}
+STRINGS = ["Hello world", "  leading spaces and\ttabs\n\nnewlines", "digits 1234567 and 3.14159",
+           "it's what they'll do; I'd've", "UPPER lower MiXeD", "<|bos|> literal special", "héllo wörld ünïcode 日本語"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return kjv_corpus(tmp_path_factory.mktemp("corpus") / "kjv.txt", 1500)
+
+
+def _checkpoint(tmp_path, kind, corpus, pre=None):
+    """The family's tiny checkpoint with a byte-level BPE tokenizer.json; pre: a Split regex put
+    before ByteLevel (Llama 3's / Qwen2's pre-tokenizer) instead of ByteLevel's own."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    d = _save(tmp_path, kind)
+    tok = Tokenizer(models.BPE())
+    if pre is None:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(pre), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train([str(corpus)], trainers.BpeTrainer(vocab_size=150, special_tokens=["<|bos|>", "<|eos|>"],
+                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                 show_progress=False))
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|bos|>", "eos_token": "<|eos|>"}))
+    return d, tok
+
+
+def _export(d, out, quant, check=True):
+    r = subprocess.run([QFORGE, "-q", "export", str(d), "--format", "gguf", "--quant", quant, "--out", str(out)],
+                       capture_output=True, text=True)
+    if check:
+        assert r.returncode == 0, r.stderr
+    return r
+
+
+def _llama(path):
+    import llama_cpp  # built from its sdist by scripts/setup.sh; a missing peer fails here, loudly
+    return llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, n_threads=2, verbose=False,
+                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+
+
+def _transformers_logits(d, ids):
+    m = transformers.AutoModelForCausalLM.from_pretrained(d, torch_dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        return m(torch.tensor([ids])).logits[0].numpy()
+
+
+def _check_family(tmp_path, kind, corpus, quant, want_arch, pre=None, want_pre="gpt-2"):
+    d, tok = _checkpoint(tmp_path, kind, corpus, pre)
+    out = tmp_path / f"{kind}.{quant}.gguf"
+    _export(d, out, quant)
+    g = gguf.GGUFReader(str(out))
+    assert g.fields["general.architecture"].contents() == want_arch
+    assert g.fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert g.fields["tokenizer.ggml.pre"].contents() == want_pre
+    llm = _llama(out)
+    for s in STRINGS:  # splits, merges and added specials as in the tokenizers library
+        assert llm.tokenize(s.encode(), add_bos=False, special=True) == tok.encode(s).ids, s
+    ids = [(i * 37 + 5) % 150 for i in range(20)]  # longer than the test windows
+    llm.reset()
+    llm.eval(ids)
+    got = np.array(llm.scores[: llm.n_tokens], dtype=np.float32)
+    want = _transformers_logits(d, ids)
+    scale = max(1.0, float(np.abs(want).max()))
+    err = float(np.abs(got - want).max())
+    print(f"\nGGUF {kind} {quant}: max|diff| {err:.3g} scale {scale:.3g} rel {err / scale:.3g}")
+    assert err <= TOLS[quant] * scale, f"{kind} {quant}: max |llama.cpp - transformers| = {err} (scale {scale})"
+    return g
+
+
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+               r"\s+(?!\S)|\s+")
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+                r"\s+(?!\S)|\s+")
+
+
+@pytest.mark.parametrize("quant", ["f32", "f16", "q8_0"])
+def test_qwen2_gguf_runs_in_llama_cpp(tmp_path, corpus, quant):
+    g = _check_family(tmp_path, "qwen2", corpus, quant, "qwen2", QWEN2_SPLIT, "qwen2")
+    names = {t.name for t in g.tensors}
+    assert {"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"} <= names
+    assert "output.weight" not in names  # tied
+
+
+@pytest.mark.parametrize("quant", ["f32", "q8_0"])
+def test_qwen3_gguf_runs_in_llama_cpp(tmp_path, corpus, quant):
+    g = _check_family(tmp_path, "qwen3", corpus, quant, "qwen3")
+    assert g.fields["qwen3.attention.key_length"].contents() == 32  # head_dim 32 * 4 heads != 64
+    assert {"blk.1.attn_q_norm.weight", "blk.1.attn_k_norm.weight"} <= {t.name for t in g.tensors}
+
+
+def test_llama_with_llama3_pre_tokenizer(tmp_path, corpus):
+    _check_family(tmp_path, "llama", corpus, "f32", "llama", LLAMA3_SPLIT, "llama-bpe")
+
+
+@pytest.mark.parametrize("kind,why", [
+    ("qwen2_sw", "llama.cpp's qwen2 architecture ignores sliding windows"),
+    ("mistral_sw", "llama.cpp's llama architecture ignores sliding windows"),
+    ("qwen3_sw", "llama.cpp's qwen3 architecture ignores sliding windows"),
+    ("opt", "llama.cpp has no OPT architecture")])
+def test_gguf_export_refuses_what_llama_cpp_cannot_represent(tmp_path, corpus, kind, why):
+    d, _ = _checkpoint(tmp_path, kind, corpus)
+    out = tmp_path / "x.gguf"
+    r = _export(d, out, "f16", check=False)
+    assert r.returncode == 1 and why in r.stderr, r.stderr
+    assert not out.exists()
+
+
+def test_gguf_export_refuses_a_pre_tokenizer_llama_cpp_lacks(tmp_path, corpus):
+    d, _ = _checkpoint(tmp_path, "qwen2", corpus, r"\p{N}+|[^\p{N}]+")
+    r = _export(d, tmp_path / "x.gguf", "f16", check=False)
+    assert r.returncode == 1 and "tokenizer.json" in r.stderr and "pre-tokenizer" in r.stderr, r.stderr
