@@ -60,6 +60,42 @@ std::string encode(const at::Tensor& w, Rule rule, bool f16) {
   return out;
 }
 
+// What llama.cpp's gemma2/gemma3 fix that a checkpoint may set otherwise: the attention scale is
+// 1/sqrt(head_dim) (1/sqrt(hidden/heads) for its 27B shapes: 46 gemma2 / 62 gemma3 layers); the
+// windowed layers are every other one from layer 0 (gemma2) or five of each six (gemma3); gemma3's
+// windowed layers use RoPE base 10000 unscaled and it has no attention soft-capping; the output
+// projection is always the token embedding.
+void check_gemma(const models::ModelConfig& c, const std::string& ga) {
+  const bool g3 = ga == "gemma3";
+  const int64_t big = g3 ? 62 : 46;
+  const double scalar = c.n_layers == big ? static_cast<double>(c.dim / c.n_heads) : static_cast<double>(c.hdim());
+  const double want = c.query_pre_attn_scalar > 0 ? c.query_pre_attn_scalar : static_cast<double>(c.hdim());
+  if (want != scalar)
+    throw InputError(str("export: query_pre_attn_scalar ", want, " is not what llama.cpp's ", ga, " uses for a ",
+                         c.n_layers, "-layer model (", scalar, ": it has no key for it); GGUF export is refused"));
+  if (!c.tie_embeddings)
+    throw InputError("export: llama.cpp's " + ga + " always uses the token embedding as the output projection; this "
+                     "model has its own lm_head, GGUF export is refused");
+  const int64_t period = g3 ? 6 : 2;
+  if (c.sliding_window > 0)
+    for (int64_t i = 0; i < c.n_layers; ++i)
+      if ((c.window(i) > 0) != (i % period < period - 1))
+        throw InputError(str("export: llama.cpp's ", ga, " puts sliding windows on ", g3 ? "five of each six layers" :
+                             "every other layer", " from layer 0; this model's layer ", i, " is ",
+                             c.window(i) > 0 ? "windowed" : "global", ", GGUF export is refused"));
+  if (g3) {
+    const double local = c.rope_local_theta > 0 ? c.rope_local_theta : c.rope_theta;
+    if (c.sliding_window > 0 && local != 10000.0)
+      throw InputError(str("export: llama.cpp's gemma3 fixes the windowed layers' RoPE base at 10000; this model's "
+                           "is ", local, " (rope_local_base_freq), GGUF export is refused"));
+    if (c.attn_softcap > 0) throw InputError("export: llama.cpp's gemma3 has no attention logit soft-capping");
+    if (c.rope_scaling != models::RopeScaling::None && c.rope_scaling != models::RopeScaling::Linear)
+      throw InputError("export: llama.cpp's gemma3 takes linear rope scaling only");
+  } else if (c.rope_scaling != models::RopeScaling::None) {
+    throw InputError("export: GGUF export of rope scaling for llama.cpp's gemma2 is not written");
+  }
+}
+
 // llama.cpp's architecture for this model, or an InputError naming what llama.cpp cannot represent.
 // Q/K rows are permuted (rotate-half -> interleaved) only for "llama"; the others use NEOX RoPE.
 std::string gguf_arch_of(const models::ModelConfig& c, const models::ArchSpec& arch, const data::Tokenizer& tok) {
@@ -73,10 +109,15 @@ std::string gguf_arch_of(const models::ModelConfig& c, const models::ArchSpec& a
     throw InputError("export: this model attends within a sliding window of " + std::to_string(c.sliding_window) +
                      " tokens, and llama.cpp's " + ga + " architecture ignores sliding windows (it would attend to "
                      "the whole context); GGUF export is refused");
-  if (c.rope_scaling != models::RopeScaling::None)
+  if (ga == "gemma2" || ga == "gemma3") check_gemma(c, ga);
+  else if (c.rope_scaling != models::RopeScaling::None)
     throw InputError("export: GGUF export of rope scaling (linear/llama3/longrope) for llama.cpp's " + ga +
                      " architecture is not written yet");
-  if (c.qk_norm && ga != "qwen3")
+  if (c.attn_softcap > 0 && ga != "gemma2")
+    throw InputError("export: attention logit soft-capping is not part of llama.cpp's " + ga + " architecture");
+  if (c.final_softcap > 0 && ga != "gemma2" && ga != "gemma3")
+    throw InputError("export: final logit soft-capping is not part of llama.cpp's " + ga + " architecture");
+  if (c.qk_norm && ga != "qwen3" && ga != "gemma3")
     throw InputError("export: per-head q/k norms are not part of llama.cpp's " + ga + " architecture");
   if (c.partial_rotary != 1.0)
     throw InputError("export: partial rotary embeddings are not written for llama.cpp's " + ga + " architecture yet");
@@ -107,6 +148,23 @@ void write_metadata(gguf::Writer& w, const models::ModelConfig& c, const std::st
   }
   w.add_f32(ga + ".attention.layer_norm_rms_epsilon", static_cast<float>(c.norm_eps));
   w.add_f32(ga + ".rope.freq_base", static_cast<float>(c.rope_theta));
+  if (ga == "gemma2" || ga == "gemma3") {
+    // A window of the whole context is no window: llama.cpp's gemma loaders want the key.
+    w.add_u32(ga + ".attention.sliding_window",
+              static_cast<uint32_t>(c.sliding_window > 0 ? c.sliding_window : c.max_seq_len));
+    if (c.rope_scaling == models::RopeScaling::Linear) {
+      w.add_string(ga + ".rope.scaling.type", "linear");
+      w.add_f32(ga + ".rope.scaling.factor", static_cast<float>(c.rope_factor));
+    }
+  }
+  if (ga == "gemma2") {
+    // llama.cpp's gemma2 always soft-caps (50 / 30 when the keys are absent); a cap of 1e6 leaves
+    // scores and logits of any realistic size unchanged in float32 (tanh(x/1e6)*1e6 - x ~ x^3/3e12).
+    w.add_f32(ga + ".attn_logit_softcapping", static_cast<float>(c.attn_softcap > 0 ? c.attn_softcap : 1e6));
+    w.add_f32(ga + ".final_logit_softcapping", static_cast<float>(c.final_softcap > 0 ? c.final_softcap : 1e6));
+  } else if (c.final_softcap > 0) {
+    w.add_f32(ga + ".final_logit_softcapping", static_cast<float>(c.final_softcap));
+  }
 }
 
 // The tokenizer block: a sentencepiece vocabulary as llama.cpp's "llama" vocabulary, one entry per

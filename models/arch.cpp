@@ -303,10 +303,9 @@ ArchSpec gemma_spec(bool g3) {
   a.gemma_norms = true;
   a.sandwich_norms = true;
   a.scale_embeddings = true;
-  // llama.cpp's gemma2/gemma3 use NEOX RoPE (no Q/K permutation) and store norms as 1 + w; their
-  // GGUF export is not written yet: export refuses.
+  // llama.cpp's gemma2/gemma3 use NEOX RoPE (no Q/K permutation); GGUF norms hold 1 + w.
   for (auto& l : a.linears) l.rope_rows = RopeRows::None;
-  a.gguf_arch = "";
+  a.gguf_arch = g3 ? "gemma3" : "gemma2";
   return a;
 }
 
