@@ -8,7 +8,6 @@
 #include <cctype>
 #include <cstdio>
 #include <filesystem>
-#include <functional>
 #include <iterator>
 #include <nlohmann/json.hpp>
 #include <queue>
@@ -547,6 +546,25 @@ struct DecStep {
   bool prepend = true;
 };
 
+constexpr int kMaxSequenceDepth = 16;  // nested Sequences (normalizer, pre_tokenizer, decoder)
+
+// A JSON string quoted as in the file, for messages.
+std::string json_quoted(const std::string& t) { return json(t).dump(); }
+
+// An empty list standing in for an absent one (merges, added_tokens), so that a present one is
+// used by reference: references keep each value's key path for errors.
+const json& no_items() {
+  static const json kNone = json::array();
+  return kNone;
+}
+
+// A Replace step's String pattern, or nullptr when it has none (or a Regex one).
+const json* string_pattern(const json& n) {
+  if (!n.contains("pattern")) return nullptr;
+  const json& p = n.at("pattern");
+  return p.is_object() && p.contains("String") ? &p.at("String") : nullptr;
+}
+
 class HfTokenizer final : public Tokenizer {
  public:
   // `raw`: the tokenizer.json text; `path`: the file named in messages; `read_config`: look for
@@ -567,7 +585,23 @@ class HfTokenizer final : public Tokenizer {
   std::string path() const override { return path_; }
 
  private:
+  using IdOwners = std::unordered_map<int32_t, std::string>;  // id -> token
+  // parse() and, in the order it runs them, its steps; bad, id_of, sequence_items, prepend_scheme
+  // and split_step are helpers of those.
   void parse(const std::string& raw, bool read_config);
+  InputError bad(const std::string& why) const;  // "<path>: <why>"
+  int32_t id_of(const json& v, const std::string& where, const std::string& token) const;
+  void read_model_vocab(const json& m, IdOwners& owner);
+  void read_merges(const json& m);
+  void read_added_tokens(const json& j, IdOwners& owner);
+  void index_ids(const IdOwners& owner);
+  const json& sequence_items(const json& n, const char* key, int depth) const;
+  std::string prepend_scheme(const json& n, const char* where) const;
+  void add_normalizer(const json& n, int depth);
+  void add_pre_tokenizer(const json& n, int depth);
+  PreStep split_step(const json& n) const;
+  void add_decoder(const json& n, int depth);
+  void build_added_matchers();
   void read_special_tokens();
   std::string normalize(const std::string& s) const;
   void pre_tokenize_and_bpe(const std::string& text, bool origin, std::vector<int32_t>& out) const;
@@ -596,29 +630,50 @@ HfTokenizer::HfTokenizer(const std::string& raw, const std::string& path, bool r
   json_file::interpret(path_, [&] { parse(raw, read_config); });
 }
 
+// The tokenizer.json text, in steps (a malformed file is reported by the first step that meets it):
+// the model (vocabulary and options, merges), the added tokens, the id table, then the normalizer,
+// pre-tokenizer and decoder; last the added-token matchers and, from the files next to it, BOS/EOS/PAD.
 void HfTokenizer::parse(const std::string& raw, bool read_config) {
   const json j = json_file::parse(raw, path_);
-  auto bad = [&](const std::string& why) { return InputError(str(path_, ": ", why)); };
-  auto quoted = [](const std::string& t) { return json(t).dump(); };
-  // Ids are what `tokenizers` stores them as (u32), limited to int32: [0, 2^31).
-  auto id_of = [&](const json& v, const std::string& where, const std::string& token) -> int32_t {
-    const bool ok = v.is_number_unsigned() ? v.get<uint64_t>() <= INT32_MAX
-                                          : v.is_number_integer() && v.get<int64_t>() >= 0 && v.get<int64_t>() <= INT32_MAX;
-    if (!ok)
-      throw bad(str(where, ": token ", quoted(token), " has id ", v.dump(), "; ids must be integers in [0, 2^31)"));
-    return static_cast<int32_t>(v.is_number_unsigned() ? v.get<uint64_t>() : v.get<int64_t>());
-  };
   if (!j.is_object() || !j.contains("model") || !j["model"].is_object()) throw bad("no 'model' object; not a tokenizer.json");
-  const auto& m = j["model"];
+  const json& m = j["model"];
+  IdOwners owner;  // id -> token, to refuse two tokens with one id
+  read_model_vocab(m, owner);
+  read_merges(m);
+  read_added_tokens(j, owner);
+  index_ids(owner);
+  // unk_token may name an added token: looked up once both are in vocab_.
+  if (m.contains("unk_token") && m["unk_token"].is_string()) {
+    auto it = vocab_.find(m["unk_token"].get<std::string>());
+    if (it != vocab_.end()) unk_ = it->second;
+  }
+  if (j.contains("normalizer")) add_normalizer(j["normalizer"], 0);
+  if (j.contains("pre_tokenizer")) add_pre_tokenizer(j["pre_tokenizer"], 0);
+  if (j.contains("decoder")) add_decoder(j["decoder"], 0);
+  build_added_matchers();
+  if (read_config) read_special_tokens();
+}
+
+InputError HfTokenizer::bad(const std::string& why) const { return InputError(str(path_, ": ", why)); }
+
+// Ids are what `tokenizers` stores them as (u32), limited to int32: [0, 2^31).
+int32_t HfTokenizer::id_of(const json& v, const std::string& where, const std::string& token) const {
+  const bool ok = v.is_number_unsigned() ? v.get<uint64_t>() <= INT32_MAX
+                                        : v.is_number_integer() && v.get<int64_t>() >= 0 && v.get<int64_t>() <= INT32_MAX;
+  if (!ok) throw bad(str(where, ": token ", json_quoted(token), " has id ", v.dump(), "; ids must be integers in [0, 2^31)"));
+  return static_cast<int32_t>(v.is_number_unsigned() ? v.get<uint64_t>() : v.get<int64_t>());
+}
+
+// model: its type, model.vocab (ids unique, recorded in `owner`) and BPE options.
+void HfTokenizer::read_model_vocab(const json& m, IdOwners& owner) {
   const std::string type = m.value("type", std::string("BPE"));
   if (type != "BPE") throw bad("model type '" + type + "' is not supported; qforge reads BPE tokenizer.json files");
   if (!m.contains("vocab") || !m["vocab"].is_object()) throw bad("model.vocab must be an object {token: id}");
-  std::unordered_map<int32_t, std::string> owner;  // id -> token, to refuse two tokens with one id
   for (auto it = m["vocab"].begin(); it != m["vocab"].end(); ++it) {
     const int32_t id = id_of(*it, "model.vocab", it.key());
     auto [o, fresh] = owner.emplace(id, it.key());
     if (!fresh)
-      throw bad(str("model.vocab: tokens ", quoted(o->second), " and ", quoted(it.key()), " both have id ", id,
+      throw bad(str("model.vocab: tokens ", json_quoted(o->second), " and ", json_quoted(it.key()), " both have id ", id,
                     "; ids must be unique"));
     vocab_[it.key()] = id;
   }
@@ -631,9 +686,12 @@ void HfTokenizer::parse(const std::string& raw, bool read_config) {
   byte_fallback_ = m.value("byte_fallback", false);
   ignore_merges_ = m.value("ignore_merges", false);
   fuse_unk_ = m.value("fuse_unk", false);
+}
+
+// model.merges, "a b" or [a, b], ranked in file order.
+void HfTokenizer::read_merges(const json& m) {
   int32_t rank = 0;
-  static const json kNone = json::array();  // (references keep each value's key path for errors)
-  const json& merges = m.contains("merges") ? m["merges"] : kNone;
+  const json& merges = m.contains("merges") ? m["merges"] : no_items();
   if (!merges.is_array()) throw bad("model.merges must be a list");
   for (auto& mg : merges) {
     std::string a, b;
@@ -653,12 +711,16 @@ void HfTokenizer::parse(const std::string& raw, bool read_config) {
     for (const std::string* t : std::initializer_list<const std::string*>{&a, &b, nullptr}) {
       const std::string tok = t ? *t : a + b;
       if (!vocab_.count(tok))
-        throw bad(str("model.merges[", rank, "] ", mg.dump(), ": token ", quoted(tok),
+        throw bad(str("model.merges[", rank, "] ", mg.dump(), ": token ", json_quoted(tok),
                       t ? "" : " (the merged pair)", " is not in model.vocab"));
     }
     merge_rank_.emplace(a + '\0' + b, rank++);
   }
-  const json& added = j.contains("added_tokens") ? j["added_tokens"] : kNone;
+}
+
+// added_tokens: each with its flags; an id model.vocab (or an earlier entry) gives another token is refused.
+void HfTokenizer::read_added_tokens(const json& j, IdOwners& owner) {
+  const json& added = j.contains("added_tokens") ? j["added_tokens"] : no_items();
   if (!added.is_array()) throw bad("added_tokens must be a list");
   for (auto& a : added) {
     if (!a.is_object() || !a.contains("content") || !a["content"].is_string() || a["content"].get<std::string>().empty() ||
@@ -676,153 +738,157 @@ void HfTokenizer::parse(const std::string& raw, bool read_config) {
     t.single_word = a.value("single_word", false);
     auto v = vocab_.find(t.content);
     if (v != vocab_.end() && v->second != t.id)
-      throw bad(str("added_tokens: token ", quoted(t.content), " has id ", t.id, " but model.vocab gives it id ", v->second));
+      throw bad(str("added_tokens: token ", json_quoted(t.content), " has id ", t.id, " but model.vocab gives it id ",
+                    v->second));
     auto [o, fresh] = owner.emplace(t.id, t.content);
     if (!fresh && o->second != t.content)
-      throw bad(str("added_tokens: token ", quoted(t.content), " has id ", t.id, ", which is already token ",
-                    quoted(o->second), "; ids must be unique"));
+      throw bad(str("added_tokens: token ", json_quoted(t.content), " has id ", t.id, ", which is already token ",
+                    json_quoted(o->second), "; ids must be unique"));
     vocab_[t.content] = t.id;
     added_.push_back(t);
   }
-  // Ids index a table of max_id + 1 rows. `tokenizers` accepts holes (rows no text maps to; they
-  // decode to nothing), but one id of 2^31-1 alone would ask for 2^31 rows: holes may be at most as
-  // many as the tokens themselves, plus 1024.
+}
+
+// Ids index a table of max_id + 1 rows. `tokenizers` accepts holes (rows no text maps to; they
+// decode to nothing), but one id of 2^31-1 alone would ask for 2^31 rows: holes may be at most as
+// many as the tokens themselves, plus 1024.
+void HfTokenizer::index_ids(const IdOwners& owner) {
   const int64_t n_tokens = static_cast<int64_t>(owner.size());
   int64_t max_id = -1;
   std::string max_tok;
   for (auto& [id, t] : owner)
     if (id > max_id) max_id = id, max_tok = t;
   if (max_id + 1 > 2 * n_tokens + 1024)
-    throw bad(str("token ", quoted(max_tok), " has id ", max_id, " but there are only ", n_tokens,
+    throw bad(str("token ", json_quoted(max_tok), " has id ", max_id, " but there are only ", n_tokens,
                   " tokens; ids this sparse (", max_id + 1 - n_tokens, " unused below the largest) are not a "
                   "vocabulary qforge can index"));
   const int64_t n_ids = max_id + 1;
   id_to_token_.assign(static_cast<size_t>(n_ids), std::string());
   for (auto& [t, id] : vocab_) id_to_token_[id] = t;
-  if (m.contains("unk_token") && m["unk_token"].is_string()) {
-    auto it = vocab_.find(m["unk_token"].get<std::string>());
-    if (it != vocab_.end()) unk_ = it->second;
+}
+
+// A Sequence's list of steps (`key`), at nesting `depth`.
+const json& HfTokenizer::sequence_items(const json& n, const char* key, int depth) const {
+  if (depth > kMaxSequenceDepth) throw bad(str("Sequences nested deeper than ", kMaxSequenceDepth));
+  const json& v = n.at(key);
+  if (!v.is_array()) throw bad(str("Sequence.", key, " must be a list"));
+  return v;
+}
+
+// A Metaspace pre-tokenizer's or decoder's prepend_scheme (older files: add_prefix_space).
+std::string HfTokenizer::prepend_scheme(const json& n, const char* where) const {
+  const std::string s = n.value("prepend_scheme", n.value("add_prefix_space", true) ? std::string("always") : "never");
+  if (s != "always" && s != "first" && s != "never")
+    throw bad(str(where, " Metaspace: prepend_scheme '", s, "' is not one of always, first, never"));
+  return s;
+}
+
+// normalizer: appended to norm_, Sequences flattened.
+void HfTokenizer::add_normalizer(const json& n, int depth) {
+  if (n.is_null()) return;
+  const std::string t = n.value("type", std::string());
+  if (t == "Sequence") {
+    for (auto& x : sequence_items(n, "normalizers", depth)) add_normalizer(x, depth + 1);
+  } else if (t == "Prepend") {
+    norm_.push_back({NormStep::Prepend, n.value("prepend", std::string()), ""});
+  } else if (t == "Replace" && string_pattern(n)) {
+    norm_.push_back({NormStep::Replace, string_pattern(n)->get<std::string>(), n.value("content", std::string())});
+  } else if (t == "NFC") {
+    norm_.push_back({NormStep::Nfc, "", ""});
+  } else {
+    throw bad("normalizer '" + t + "' is not supported (supported: Sequence, Prepend, Replace with a String pattern, NFC)");
   }
+}
 
-  constexpr int kMaxDepth = 16;  // nested Sequences
-  auto items = [&](const json& n, const char* key, int depth) -> const json& {
-    if (depth > kMaxDepth) throw bad(str("Sequences nested deeper than ", kMaxDepth));
-    const json& v = n.at(key);
-    if (!v.is_array()) throw bad(str("Sequence.", key, " must be a list"));
-    return v;
-  };
-  auto string_pattern = [&](const json& n) -> const json* {
-    if (!n.contains("pattern")) return nullptr;
-    const json& p = n.at("pattern");
-    return p.is_object() && p.contains("String") ? &p.at("String") : nullptr;
-  };
-  auto prepend_scheme = [&](const json& n, const char* where) {
-    const std::string s = n.value("prepend_scheme", n.value("add_prefix_space", true) ? std::string("always") : "never");
-    if (s != "always" && s != "first" && s != "never")
-      throw bad(str(where, " Metaspace: prepend_scheme '", s, "' is not one of always, first, never"));
-    return s;
-  };
-  // normalizer
-  std::function<void(const json&, int)> add_norm = [&](const json& n, int depth) {
-    if (n.is_null()) return;
-    const std::string t = n.value("type", std::string());
-    if (t == "Sequence") {
-      for (auto& x : items(n, "normalizers", depth)) add_norm(x, depth + 1);
-    } else if (t == "Prepend") {
-      norm_.push_back({NormStep::Prepend, n.value("prepend", std::string()), ""});
-    } else if (t == "Replace" && string_pattern(n)) {
-      norm_.push_back({NormStep::Replace, string_pattern(n)->get<std::string>(), n.value("content", std::string())});
-    } else if (t == "NFC") {
-      norm_.push_back({NormStep::Nfc, "", ""});
-    } else {
-      throw bad("normalizer '" + t + "' is not supported (supported: Sequence, Prepend, Replace with a String pattern, NFC)");
-    }
-  };
-  if (j.contains("normalizer")) add_norm(j["normalizer"], 0);
-  // pre-tokenizer
-  std::function<void(const json&, int)> add_pre = [&](const json& n, int depth) {
-    if (n.is_null()) return;
-    const std::string t = n.value("type", std::string());
-    if (t == "Sequence") {
-      for (auto& x : items(n, "pretokenizers", depth)) add_pre(x, depth + 1);
-    } else if (t == "ByteLevel") {
-      PreStep s{PreStep::ByteLevel};
-      s.add_prefix_space = n.value("add_prefix_space", false);
-      if (n.value("use_regex", true)) s.pattern.re = std::make_shared<Regex>(kGpt2Pattern, path_);
-      pre_.push_back(s);
-    } else if (t == "Split") {
-      PreStep s{PreStep::Split};
-      const json& pat = n.at("pattern");
-      if (pat.is_object() && pat.contains("Regex")) {
-        const std::string rx = pat.at("Regex").get<std::string>();
-        if (rx.empty()) throw bad("pre_tokenizer Split: 'pattern.Regex' is empty");
-        s.pattern.re = std::make_shared<Regex>(rx, path_);
-      } else if (pat.is_object() && pat.contains("String")) {
-        s.pattern.literal = pat.at("String").get<std::string>();
-        if (s.pattern.literal.empty()) throw bad("pre_tokenizer Split: 'pattern.String' is empty");
-      } else {
-        throw bad("pre_tokenizer Split: 'pattern' must be {\"String\": ...} or {\"Regex\": ...}, got " + pat.dump());
-      }
-      const std::string b = n.at("behavior").get<std::string>();
-      static const std::pair<const char*, Behavior> kBehaviors[] = {
-          {"Removed", Behavior::Removed}, {"Isolated", Behavior::Isolated},
-          {"MergedWithPrevious", Behavior::MergedWithPrevious}, {"MergedWithNext", Behavior::MergedWithNext},
-          {"Contiguous", Behavior::Contiguous}};
-      auto it = std::find_if(std::begin(kBehaviors), std::end(kBehaviors), [&](auto& kb) { return b == kb.first; });
-      if (it == std::end(kBehaviors))
-        throw bad("pre_tokenizer Split: 'behavior' '" + b +
-                  "' is not one of Removed, Isolated, MergedWithPrevious, MergedWithNext, Contiguous");
-      s.behavior = it->second;
-      s.invert = n.value("invert", false);
-      pre_.push_back(s);
-    } else if (t == "Metaspace") {
-      PreStep s{PreStep::Metaspace};
-      if (n.value("replacement", kMeta) != kMeta) throw bad("Metaspace with a replacement other than U+2581");
-      s.prepend_scheme = prepend_scheme(n, "pre_tokenizer");
-      s.split = n.value("split", true);
-      s.pattern.literal = kMeta;
-      pre_.push_back(s);
-    } else {
-      throw bad("pre_tokenizer '" + t + "' is not supported (supported: ByteLevel, Split, Metaspace, Sequence)");
-    }
-  };
-  if (j.contains("pre_tokenizer")) add_pre(j["pre_tokenizer"], 0);
-  // decoder
-  std::function<void(const json&, int)> add_dec = [&](const json& n, int depth) {
-    if (n.is_null()) return;
-    const std::string t = n.value("type", std::string());
-    if (t == "Sequence") {
-      for (auto& x : items(n, "decoders", depth)) add_dec(x, depth + 1);
-    } else if (t == "ByteLevel") {
-      dec_.push_back({DecStep::ByteLevel});
-    } else if (t == "Replace" && string_pattern(n)) {
-      dec_.push_back({DecStep::Replace, string_pattern(n)->get<std::string>(), n.value("content", std::string())});
-    } else if (t == "ByteFallback") {
-      dec_.push_back({DecStep::ByteFallback});
-    } else if (t == "Fuse") {
-      dec_.push_back({DecStep::Fuse});
-    } else if (t == "Strip") {
-      DecStep s{DecStep::Strip, n.value("content", std::string(" "))};
-      s.start = n.value("start", int64_t{0});
-      s.stop = n.value("stop", int64_t{0});
-      // `tokenizers` holds content as one char and start/stop as counts.
-      if (s.a.empty() || s.a.size() != char_len(s.a, 0) || s.start < 0 || s.stop < 0)
-        throw bad(str("decoder Strip needs one character as content and start/stop >= 0, got ", n.dump()));
-      dec_.push_back(s);
-    } else if (t == "Metaspace") {
-      DecStep s{DecStep::Metaspace};
-      if (n.value("replacement", kMeta) != kMeta) throw bad("Metaspace with a replacement other than U+2581");
-      s.prepend = prepend_scheme(n, "decoder") != "never";
-      dec_.push_back(s);
-    } else {
-      throw bad("decoder '" + t + "' is not supported");
-    }
-  };
-  if (j.contains("decoder")) add_dec(j["decoder"], 0);
+// pre_tokenizer: appended to pre_, Sequences flattened.
+void HfTokenizer::add_pre_tokenizer(const json& n, int depth) {
+  if (n.is_null()) return;
+  const std::string t = n.value("type", std::string());
+  if (t == "Sequence") {
+    for (auto& x : sequence_items(n, "pretokenizers", depth)) add_pre_tokenizer(x, depth + 1);
+  } else if (t == "ByteLevel") {
+    PreStep s{PreStep::ByteLevel};
+    s.add_prefix_space = n.value("add_prefix_space", false);
+    if (n.value("use_regex", true)) s.pattern.re = std::make_shared<Regex>(kGpt2Pattern, path_);
+    pre_.push_back(s);
+  } else if (t == "Split") {
+    pre_.push_back(split_step(n));
+  } else if (t == "Metaspace") {
+    PreStep s{PreStep::Metaspace};
+    if (n.value("replacement", kMeta) != kMeta) throw bad("Metaspace with a replacement other than U+2581");
+    s.prepend_scheme = prepend_scheme(n, "pre_tokenizer");
+    s.split = n.value("split", true);
+    s.pattern.literal = kMeta;
+    pre_.push_back(s);
+  } else {
+    throw bad("pre_tokenizer '" + t + "' is not supported (supported: ByteLevel, Split, Metaspace, Sequence)");
+  }
+}
 
-  // Added tokens are found in the text before it is normalized, or, those with normalized = true,
-  // in each normalized piece between those, as their content normalized (`tokenizers`'
-  // AddedVocabulary: special tokens first, then the others, in file order).
+// A Split pre-tokenizer: a String or Regex pattern, a delimiter behaviour, inverted or not.
+PreStep HfTokenizer::split_step(const json& n) const {
+  PreStep s{PreStep::Split};
+  const json& pat = n.at("pattern");
+  if (pat.is_object() && pat.contains("Regex")) {
+    const std::string rx = pat.at("Regex").get<std::string>();
+    if (rx.empty()) throw bad("pre_tokenizer Split: 'pattern.Regex' is empty");
+    s.pattern.re = std::make_shared<Regex>(rx, path_);
+  } else if (pat.is_object() && pat.contains("String")) {
+    s.pattern.literal = pat.at("String").get<std::string>();
+    if (s.pattern.literal.empty()) throw bad("pre_tokenizer Split: 'pattern.String' is empty");
+  } else {
+    throw bad("pre_tokenizer Split: 'pattern' must be {\"String\": ...} or {\"Regex\": ...}, got " + pat.dump());
+  }
+  const std::string b = n.at("behavior").get<std::string>();
+  static const std::pair<const char*, Behavior> kBehaviors[] = {
+      {"Removed", Behavior::Removed}, {"Isolated", Behavior::Isolated},
+      {"MergedWithPrevious", Behavior::MergedWithPrevious}, {"MergedWithNext", Behavior::MergedWithNext},
+      {"Contiguous", Behavior::Contiguous}};
+  auto it = std::find_if(std::begin(kBehaviors), std::end(kBehaviors), [&](auto& kb) { return b == kb.first; });
+  if (it == std::end(kBehaviors))
+    throw bad("pre_tokenizer Split: 'behavior' '" + b +
+              "' is not one of Removed, Isolated, MergedWithPrevious, MergedWithNext, Contiguous");
+  s.behavior = it->second;
+  s.invert = n.value("invert", false);
+  return s;
+}
+
+// decoder: appended to dec_, Sequences flattened.
+void HfTokenizer::add_decoder(const json& n, int depth) {
+  if (n.is_null()) return;
+  const std::string t = n.value("type", std::string());
+  if (t == "Sequence") {
+    for (auto& x : sequence_items(n, "decoders", depth)) add_decoder(x, depth + 1);
+  } else if (t == "ByteLevel") {
+    dec_.push_back({DecStep::ByteLevel});
+  } else if (t == "Replace" && string_pattern(n)) {
+    dec_.push_back({DecStep::Replace, string_pattern(n)->get<std::string>(), n.value("content", std::string())});
+  } else if (t == "ByteFallback") {
+    dec_.push_back({DecStep::ByteFallback});
+  } else if (t == "Fuse") {
+    dec_.push_back({DecStep::Fuse});
+  } else if (t == "Strip") {
+    DecStep s{DecStep::Strip, n.value("content", std::string(" "))};
+    s.start = n.value("start", int64_t{0});
+    s.stop = n.value("stop", int64_t{0});
+    // `tokenizers` holds content as one char and start/stop as counts.
+    if (s.a.empty() || s.a.size() != char_len(s.a, 0) || s.start < 0 || s.stop < 0)
+      throw bad(str("decoder Strip needs one character as content and start/stop >= 0, got ", n.dump()));
+    dec_.push_back(s);
+  } else if (t == "Metaspace") {
+    DecStep s{DecStep::Metaspace};
+    if (n.value("replacement", kMeta) != kMeta) throw bad("Metaspace with a replacement other than U+2581");
+    s.prepend = prepend_scheme(n, "decoder") != "never";
+    dec_.push_back(s);
+  } else {
+    throw bad("decoder '" + t + "' is not supported");
+  }
+}
+
+// Added tokens are found in the text before it is normalized, or, those with normalized = true,
+// in each normalized piece between those, as their content normalized (`tokenizers`'
+// AddedVocabulary: special tokens first, then the others, in file order). Needs norm_ read.
+void HfTokenizer::build_added_matchers() {
   std::vector<size_t> order(added_.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = i;
   std::stable_partition(order.begin(), order.end(), [&](size_t i) { return added_[i].special; });
@@ -832,7 +898,6 @@ void HfTokenizer::parse(const std::string& raw, bool read_config) {
     else
       raw_added_.add(added_[i].content, i);
   }
-  if (read_config) read_special_tokens();
 }
 
 // transformers' tokenizer classes for the families qforge reads, with the special tokens each
