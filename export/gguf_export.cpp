@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -105,12 +106,14 @@ std::string gguf_arch_of(const models::ModelConfig& c, const models::ArchSpec& a
   std::string ga = arch.gguf_arch;
   if (ga == "llama" && c.qkv_bias) ga = "qwen2";  // the llama family with q/k/v biases is Qwen2's layout
   const bool windowed = c.sliding_window > 0 && c.sliding_window < c.max_seq_len;
-  if (windowed && (ga == "llama" || ga == "qwen2" || ga == "qwen3"))
+  if (windowed && (ga == "llama" || ga == "qwen2" || ga == "qwen3" || ga == "phi3"))
     throw InputError("export: this model attends within a sliding window of " + std::to_string(c.sliding_window) +
                      " tokens, and llama.cpp's " + ga + " architecture ignores sliding windows (it would attend to "
                      "the whole context); GGUF export is refused");
   if (ga == "gemma2" || ga == "gemma3") check_gemma(c, ga);
-  else if (c.rope_scaling != models::RopeScaling::None)
+  else if (ga == "phi3" && c.rope_scaling == models::RopeScaling::LongRope) {
+    // llama.cpp's phi3 takes LongRoPE's factors as rope_factors_long/short tensors
+  } else if (c.rope_scaling != models::RopeScaling::None)
     throw InputError("export: GGUF export of rope scaling (linear/llama3/longrope) for llama.cpp's " + ga +
                      " architecture is not written yet");
   if (c.attn_softcap > 0 && ga != "gemma2")
@@ -119,7 +122,7 @@ std::string gguf_arch_of(const models::ModelConfig& c, const models::ArchSpec& a
     throw InputError("export: final logit soft-capping is not part of llama.cpp's " + ga + " architecture");
   if (c.qk_norm && ga != "qwen3" && ga != "gemma3")
     throw InputError("export: per-head q/k norms are not part of llama.cpp's " + ga + " architecture");
-  if (c.partial_rotary != 1.0)
+  if (c.partial_rotary != 1.0 && ga != "phi3")
     throw InputError("export: partial rotary embeddings are not written for llama.cpp's " + ga + " architecture yet");
   if (tok.kind() != "sentencepiece" && tok.kind() != "huggingface-bpe")
     throw InputError("export: GGUF's tokenizer block is written for sentencepiece and byte-level BPE tokenizer.json "
@@ -139,7 +142,7 @@ void write_metadata(gguf::Writer& w, const models::ModelConfig& c, const std::st
   w.add_u32(ga + ".embedding_length", static_cast<uint32_t>(c.dim));
   w.add_u32(ga + ".block_count", static_cast<uint32_t>(c.n_layers));
   w.add_u32(ga + ".feed_forward_length", static_cast<uint32_t>(c.ffn()));
-  w.add_u32(ga + ".rope.dimension_count", static_cast<uint32_t>(c.hdim()));
+  w.add_u32(ga + ".rope.dimension_count", static_cast<uint32_t>(c.rotary_dim()));
   w.add_u32(ga + ".attention.head_count", static_cast<uint32_t>(c.n_heads));
   w.add_u32(ga + ".attention.head_count_kv", static_cast<uint32_t>(c.kv_heads()));
   if (c.hdim() * c.n_heads != c.dim) {
@@ -156,6 +159,17 @@ void write_metadata(gguf::Writer& w, const models::ModelConfig& c, const std::st
       w.add_string(ga + ".rope.scaling.type", "linear");
       w.add_f32(ga + ".rope.scaling.factor", static_cast<float>(c.rope_factor));
     }
+  }
+  if (c.rope_scaling == models::RopeScaling::LongRope) {
+    // llama.cpp picks the long factors when its context exceeds the original one, and scales
+    // cos/sin by attn_factor: transformers' attention_factor, by default sqrt(1 + ln(s) / ln(orig))
+    // for s = context / original context (1 when s <= 1).
+    const double s = static_cast<double>(c.max_seq_len) / static_cast<double>(c.rope_original_max_seq_len);
+    const double attn = c.rope_attention_factor > 0 ? c.rope_attention_factor
+                        : s > 1.0 ? std::sqrt(1.0 + std::log(s) / std::log(static_cast<double>(c.rope_original_max_seq_len)))
+                                  : 1.0;
+    w.add_u32(ga + ".rope.scaling.original_context_length", static_cast<uint32_t>(c.rope_original_max_seq_len));
+    w.add_f32(ga + ".rope.scaling.attn_factor", static_cast<float>(attn));
   }
   if (ga == "gemma2") {
     // llama.cpp's gemma2 always soft-caps (50 / 30 when the keys are absent); a cap of 1e6 leaves
@@ -481,6 +495,13 @@ void TensorPlan::add_layers(const models::ArchSpec& arch) {
 void TensorPlan::add_output(const models::ArchSpec& arch) {
   add_1d("output_norm.weight", param(arch.final_norm + ".weight"), true);
   if (!c_.tie_embeddings) linear(arch.lm_head, "output.weight", TensorRole::Output, 0, 0);
+  if (c_.rope_scaling == models::RopeScaling::LongRope) {
+    for (auto [gname, f] : {std::pair{"rope_factors_long.weight", &c_.rope_long_factor},
+                            std::pair{"rope_factors_short.weight", &c_.rope_short_factor}}) {
+      std::vector<float> v(f->begin(), f->end());
+      add_1d(gname, at::tensor(v));
+    }
+  }
 }
 
 }  // namespace

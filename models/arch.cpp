@@ -393,7 +393,7 @@ ArchSpec phi3_spec() {
                  {"post_attention_layernorm", true, {"mlp.gate_up_proj"}, true}};
   a.fused_qkv = true;
   a.fused_gate_up = true;
-  a.gguf_arch = "";  // llama.cpp's phi3: not written yet
+  a.gguf_arch = "phi3";
   return a;
 }
 

@@ -45,6 +45,9 @@ GGUF_KINDS = {
         **{**COMMON, "num_hidden_layers": 6}, head_dim=16, sliding_window=5, sliding_window_pattern=6,
         query_pre_attn_scalar=16, rope_theta=100000.0, rope_local_base_freq=10000.0,
         rope_scaling={"rope_type": "linear", "factor": 4.0})),
+    # (not named "phi3...": llama.cpp looks up Phi-3's "<|end|>" token when general.name says phi3)
+    "phimini_nowin": lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(**COMMON, sliding_window=None,
+                                                                            pad_token_id=0)),
 }
 
 
@@ -74,7 +77,8 @@ def _checkpoint(tmp_path, kind, corpus, pre=None):
             pre_tokenizers.Split(Regex(pre), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
-    tok.train([str(corpus)], trainers.BpeTrainer(vocab_size=150, special_tokens=["<|bos|>", "<|eos|>"],
+    # 310 tokens: the 256 byte symbols, 2 specials and ~50 merges (the model has 320 rows)
+    tok.train([str(corpus)], trainers.BpeTrainer(vocab_size=310, special_tokens=["<|bos|>", "<|eos|>"],
                                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                                  show_progress=False))
     tok.save(str(d / "tokenizer.json"))
@@ -96,8 +100,15 @@ def _llama(path):
                            type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
 
 
-def _transformers_logits(d, ids):
-    m = transformers.AutoModelForCausalLM.from_pretrained(d, torch_dtype=torch.float32, attn_implementation="eager").eval()
+def _transformers_logits(d, ids, n_ctx):
+    cfg = transformers.AutoConfig.from_pretrained(d)
+    rs = getattr(cfg, "rope_scaling", None) or {}
+    if rs.get("type", rs.get("rope_type")) == "longrope" and n_ctx > cfg.original_max_position_embeddings:
+        # llama.cpp picks LongRoPE's factor set by its context size (rounded up to 256 here), not by
+        # the sequence's length as transformers does: compare with transformers on the long factors
+        rs["short_factor"] = rs["long_factor"]
+    m = transformers.AutoModelForCausalLM.from_pretrained(d, config=cfg, dtype=torch.float32,
+                                                          attn_implementation="eager").eval()
     with torch.no_grad():
         return m(torch.tensor([ids])).logits[0].numpy()
 
@@ -110,14 +121,15 @@ def _check_family(tmp_path, kind, corpus, quant, want_arch, pre=None, want_pre="
     assert g.fields["general.architecture"].contents() == want_arch
     assert g.fields["tokenizer.ggml.model"].contents() == "gpt2"
     assert g.fields["tokenizer.ggml.pre"].contents() == want_pre
+    assert len(g.fields["tokenizer.ggml.merges"].contents()) > 40
     llm = _llama(out)
     for s in STRINGS:  # splits, merges and added specials as in the tokenizers library
         assert llm.tokenize(s.encode(), add_bos=False, special=True) == tok.encode(s).ids, s
-    ids = [(i * 37 + 5) % 150 for i in range(20)]  # longer than the test windows
+    ids = [(i * 37 + 5) % 310 for i in range(20)]  # longer than the test windows
     llm.reset()
     llm.eval(ids)
     got = np.array(llm.scores[: llm.n_tokens], dtype=np.float32)
-    want = _transformers_logits(d, ids)
+    want = _transformers_logits(d, ids, llm.n_ctx())
     scale = max(1.0, float(np.abs(want).max()))
     err = float(np.abs(got - want).max())
     print(f"\nGGUF {kind} {quant}: max|diff| {err:.3g} scale {scale:.3g} rel {err / scale:.3g}")
@@ -159,6 +171,18 @@ def test_gemma_gguf_runs_in_llama_cpp(tmp_path, corpus, kind, arch, quant):
         assert g.fields["gemma3.rope.scaling.factor"].contents() == 4.0
 
 
+@pytest.mark.parametrize("kind,quant", [("phimini_nowin", "f32"), ("phimini_nowin", "q8_0"), ("phi4_longrope", "f32"),
+                                        ("phi4_longrope", "f16"), ("phi4_longrope_long", "f32")])
+def test_phi3_gguf_runs_in_llama_cpp(tmp_path, corpus, kind, quant):
+    g = _check_family(tmp_path, kind, corpus, quant, "phi3")
+    names = {t.name for t in g.tensors}
+    assert {"blk.0.attn_qkv.weight", "blk.0.ffn_up.weight"} <= names and "blk.0.ffn_gate.weight" not in names
+    if kind.startswith("phi4_longrope"):  # partial rotary 0.75 of head_dim 16, LongRoPE factors as tensors
+        assert g.fields["phi3.rope.dimension_count"].contents() == 12
+        assert g.fields["phi3.rope.scaling.original_context_length"].contents() == (16 if kind.endswith("_long") else 64)
+        assert {"rope_factors_long.weight", "rope_factors_short.weight"} <= names
+
+
 def test_llama_with_llama3_pre_tokenizer(tmp_path, corpus):
     _check_family(tmp_path, "llama", corpus, "f32", "llama", LLAMA3_SPLIT, "llama-bpe")
 
@@ -168,6 +192,7 @@ def test_llama_with_llama3_pre_tokenizer(tmp_path, corpus):
     ("mistral_sw", "llama.cpp's llama architecture ignores sliding windows"),
     ("qwen3_sw", "llama.cpp's qwen3 architecture ignores sliding windows"),
     ("opt", "llama.cpp has no OPT architecture"),
+    ("phi3", "llama.cpp's phi3 architecture ignores sliding windows"),
     ("gemma2", "query_pre_attn_scalar 24 is not what llama.cpp's gemma2 uses"),
     ("gemma3", "query_pre_attn_scalar 256 is not what llama.cpp's gemma3 uses")])
 def test_gguf_export_refuses_what_llama_cpp_cannot_represent(tmp_path, corpus, kind, why):
