@@ -142,6 +142,11 @@ void write_metadata(gguf::Writer& w, const models::ModelConfig& c, const std::st
   w.add_u32(ga + ".embedding_length", static_cast<uint32_t>(c.dim));
   w.add_u32(ga + ".block_count", static_cast<uint32_t>(c.n_layers));
   w.add_u32(ga + ".feed_forward_length", static_cast<uint32_t>(c.ffn()));
+  if (ga == "gpt2") {  // learned positions, LayerNorm
+    w.add_u32(ga + ".attention.head_count", static_cast<uint32_t>(c.n_heads));
+    w.add_f32(ga + ".attention.layer_norm_epsilon", static_cast<float>(c.norm_eps));
+    return;
+  }
   w.add_u32(ga + ".rope.dimension_count", static_cast<uint32_t>(c.rotary_dim()));
   w.add_u32(ga + ".attention.head_count", static_cast<uint32_t>(c.n_heads));
   w.add_u32(ga + ".attention.head_count_kv", static_cast<uint32_t>(c.kv_heads()));
@@ -353,6 +358,7 @@ class TensorPlan {
     for (auto& p : model.named_parameters()) params_[p.key()] = p.value();
   }
   void add_embedding();
+  void add_positions(const models::ArchSpec& arch);  // a learned position table (GPT-2), F32
   // Per layer, the spec's tensors in its order: 1-D tensors (norms) as F32, linears as linear(),
   // each followed by its bias (F32) where it has one.
   void add_layers(const models::ArchSpec& arch);
@@ -472,6 +478,17 @@ void TensorPlan::add_embedding() {
   }
 }
 
+void TensorPlan::add_positions(const models::ArchSpec& arch) {
+  if (arch.positions.empty()) return;
+  const at::Tensor& p = param(arch.positions + ".weight");
+  res_.input_bytes += p.numel() * p.element_size();
+  add("position_embd.weight", {p.size(0), p.size(1)}, TensorType::F32, [p] {
+    std::string s;
+    append(s, p.to(at::kFloat));
+    return s;
+  });
+}
+
 void TensorPlan::add_layers(const models::ArchSpec& arch) {
   for (int64_t i = 0; i < c_.n_layers; ++i) {
     const std::string hf = arch.layer_prefix(i) + ".", g = "blk." + std::to_string(i) + ".";
@@ -494,6 +511,7 @@ void TensorPlan::add_layers(const models::ArchSpec& arch) {
 
 void TensorPlan::add_output(const models::ArchSpec& arch) {
   add_1d("output_norm.weight", param(arch.final_norm + ".weight"), true);
+  if (params_.count(arch.final_norm + ".bias")) add_1d("output_norm.bias", param(arch.final_norm + ".bias"));
   if (!c_.tie_embeddings) linear(arch.lm_head, "output.weight", TensorRole::Output, 0, 0);
   if (c_.rope_scaling == models::RopeScaling::LongRope) {
     for (auto [gname, f] : {std::pair{"rope_factors_long.weight", &c_.rope_long_factor},
@@ -532,6 +550,7 @@ GgufExportResult export_gguf(models::CausalLM& model, const data::Tokenizer& tok
   write_tokenizer(w, tok, c.vocab_size);
   TensorPlan plan(w, model, quant_name, fallback, res, ga);
   plan.add_embedding();
+  plan.add_positions(arch);
   plan.add_layers(arch);
   plan.add_output(arch);
   if (res.n_fallback)

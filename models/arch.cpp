@@ -445,7 +445,7 @@ ArchSpec gpt2_spec() {
   a.ptq_groups = {{"attn.c_attn"}, {"attn.c_proj"}, {"mlp.c_fc"}, {"mlp.c_proj"}};
   a.awq_pairs = {{"ln_1", true, {"attn.c_attn"}}, {"ln_2", true, {"mlp.c_fc"}, true}};
   a.mlp_act = Activation::GeluTanh;
-  a.gguf_arch = "";  // llama.cpp's gpt2 architecture is not written yet
+  a.gguf_arch = "gpt2";
   return a;
 }
 

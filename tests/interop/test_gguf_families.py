@@ -21,7 +21,7 @@ from tiny_runs import QFORGE, kjv_corpus
 TOLS = {"f32": 1e-4, "f16": 5e-3, "q8_0": 3e-2}
 # GELU families (Gemma, GPT-2): ggml's CPU GELU goes through a table over fp16 inputs (GGML_GELU_FP16),
 # which we take to be why their F32 files agree
-# to about 1e-3 only (measured 2.4e-4 gemma2, 4.3e-4 gemma3).
+# to about 1e-3 only (measured 3.1e-4 gemma2, 4.8e-4 gemma3, 2.0e-4 gpt2).
 GELU_F32_TOL = 1e-3
 STRINGS = ["Hello world", "  leading spaces and\ttabs\n\nnewlines", "digits 1234567 and 3.14159",
            "it's what they'll do; I'd've", "UPPER lower MiXeD", "<|bos|> literal special", "héllo wörld ünïcode 日本語"]
@@ -181,6 +181,14 @@ def test_phi3_gguf_runs_in_llama_cpp(tmp_path, corpus, kind, quant):
         assert g.fields["phi3.rope.dimension_count"].contents() == 12
         assert g.fields["phi3.rope.scaling.original_context_length"].contents() == (16 if kind.endswith("_long") else 64)
         assert {"rope_factors_long.weight", "rope_factors_short.weight"} <= names
+
+
+@pytest.mark.parametrize("quant", ["f32", "f16", "q8_0"])
+def test_gpt2_gguf_runs_in_llama_cpp(tmp_path, corpus, quant):
+    g = _check_family(tmp_path, "gpt2", corpus, quant, "gpt2", gelu=True)
+    names = {t.name for t in g.tensors}
+    assert {"position_embd.weight", "blk.0.attn_qkv.bias", "blk.0.ffn_down.bias", "output_norm.bias"} <= names
+    assert "gpt2.attention.layer_norm_epsilon" in g.fields and "output.weight" not in names
 
 
 def test_llama_with_llama3_pre_tokenizer(tmp_path, corpus):
