@@ -215,3 +215,42 @@ def test_gguf_export_refuses_a_pre_tokenizer_llama_cpp_lacks(tmp_path, corpus):
     d, _ = _checkpoint(tmp_path, "qwen2", corpus, r"\p{N}+|[^\p{N}]+")
     r = _export(d, tmp_path / "x.gguf", "f16", check=False)
     assert r.returncode == 1 and "tokenizer.json" in r.stderr and "pre-tokenizer" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("kind,arch,layers", [  # (ffn widths of 176 fit no q4_0 block: attention only there)
+    ("qwen3", "qwen3", "model.layers.*.self_attn.*"), ("gemma2_cpp", "gemma2", "model.layers.*.self_attn.*"),
+    ("phimini_nowin", "phi3", "model.layers.*.self_attn.*"), ("gpt2", "gpt2", "transformer.h.*")])
+def test_qat_q4_0_blocks_run_in_llama_cpp(tmp_path, corpus, kind, arch, layers):
+    """A QAT run against llama.cpp's q4_0 (converted at the end) keeps its trained blocks in the GGUF;
+    llama.cpp's logits match transformers' on the run's dequantized HF export within 2e-2 of the logit
+    scale (llama.cpp also quantizes the activations to Q8_0 inside its q4_0 matmuls; measured 9.3e-3
+    qwen3, 3.2e-3 gemma2, 6e-4 phi3, 5e-4 gpt2)."""
+    d, _ = _checkpoint(tmp_path, kind, corpus)
+    cfg = tmp_path / "qat.yaml"
+    cfg.write_text(f"""
+run: {{name: qat, out_dir: {tmp_path}/qat, threads: 2, seed: 1}}
+model: {{from: {d}}}
+tokenizer: {{type: huggingface, path: {d}}}
+data: {{sources: [{{path: {corpus}, split: line}}], seq_len: 24, val_fraction: 0.05, cache_dir: {tmp_path}/cache}}
+quant: {{rules: [{{pattern: "{layers}", weight: {{preset: q4_0}}}}], fake_quant_after_steps: 0}}
+trainer: {{max_steps: 4, batch_size: 4, eval_every: 0, eval_batches: 1, log_every: 1, optim: {{lr: 0.01}},
+          schedule: {{warmup_steps: 1}}}}
+""")
+    subprocess.run([QFORGE, "-q", "train", str(cfg)], check=True, capture_output=True)
+    run = tmp_path / "qat" / "converted"
+    out = tmp_path / "m.gguf"
+    _export(run, out, "q4_0")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors}
+    assert types["blk.0.attn_output.weight"] == "Q4_0", types
+    hf = tmp_path / "hf"
+    subprocess.run([QFORGE, "-q", "export", str(run), "--format", "hf", "--dtype", "fp32", "--out", str(hf)],
+                   check=True, capture_output=True)
+    llm = _llama(out)
+    ids = [(i * 37 + 5) % 310 for i in range(20)]
+    llm.eval(ids)
+    got = np.array(llm.scores[: llm.n_tokens], dtype=np.float32)
+    want = _transformers_logits(hf, ids, llm.n_ctx())
+    scale = max(1.0, float(np.abs(want).max()))
+    err = float(np.abs(got - want).max())
+    print(f"\nGGUF {kind} QAT q4_0: max|diff| {err:.3g} scale {scale:.3g} rel {err / scale:.3g}")
+    assert err <= 2e-2 * scale, f"{kind} QAT q4_0: max |llama.cpp - transformers| = {err} (scale {scale})"
