@@ -113,6 +113,8 @@ std::string gguf_arch_of(const models::ModelConfig& c, const models::ArchSpec& a
   if (ga == "gemma2" || ga == "gemma3") check_gemma(c, ga);
   else if (ga == "phi3" && c.rope_scaling == models::RopeScaling::LongRope) {
     // llama.cpp's phi3 takes LongRoPE's factors as rope_factors_long/short tensors
+  } else if (ga == "llama" && c.rope_scaling == models::RopeScaling::Llama3) {
+    // llama.cpp's llama takes Llama 3's per-frequency divisors as a rope_freqs tensor
   } else if (c.rope_scaling != models::RopeScaling::None)
     throw InputError("export: GGUF export of rope scaling (linear/llama3/longrope) for llama.cpp's " + ga +
                      " architecture is not written yet");
@@ -344,6 +346,30 @@ void write_tokenizer(gguf::Writer& w, const data::Tokenizer& tok, int64_t rows) 
   else write_bpe_tokenizer(w, tok, rows);
 }
 
+// Llama 3's rope scaling as the divisor of each RoPE frequency (llama.cpp's rope_freqs): frequencies
+// whose wavelength is under original_context / high_freq_factor are kept (1), those over
+// original_context / low_freq_factor are divided by `factor`, and the band between is interpolated
+// between the two (transformers' rope_type "llama3").
+at::Tensor llama3_divisors(const models::ModelConfig& c) {
+  const int64_t rd = c.rotary_dim();
+  const double orig = static_cast<double>(c.rope_original_max_seq_len);
+  const double low_wavelen = orig / c.rope_low_freq_factor, high_wavelen = orig / c.rope_high_freq_factor;
+  std::vector<float> d;
+  for (int64_t i = 0; i < rd / 2; ++i) {
+    const double freq = std::pow(c.rope_theta, -2.0 * static_cast<double>(i) / static_cast<double>(rd));
+    const double wavelen = 2.0 * M_PI / freq;
+    double scaled = freq;
+    if (wavelen > low_wavelen) {
+      scaled = freq / c.rope_factor;
+    } else if (wavelen >= high_wavelen) {
+      const double smooth = (orig / wavelen - c.rope_low_freq_factor) / (c.rope_high_freq_factor - c.rope_low_freq_factor);
+      scaled = (1.0 - smooth) * freq / c.rope_factor + smooth * freq;
+    }
+    d.push_back(static_cast<float>(freq / scaled));
+  }
+  return at::tensor(d);
+}
+
 // The tensor plan: every tensor is added to the writer with its type decided now and a producer
 // that makes its bytes when the writer reaches it. Linears and the embedding are read through
 // export/layer_view.h, so a LoRA / fake-quant layer is merged + converted inside its producer and
@@ -513,6 +539,7 @@ void TensorPlan::add_output(const models::ArchSpec& arch) {
   add_1d("output_norm.weight", param(arch.final_norm + ".weight"), true);
   if (params_.count(arch.final_norm + ".bias")) add_1d("output_norm.bias", param(arch.final_norm + ".bias"));
   if (!c_.tie_embeddings) linear(arch.lm_head, "output.weight", TensorRole::Output, 0, 0);
+  if (c_.rope_scaling == models::RopeScaling::Llama3) add_1d("rope_freqs.weight", llama3_divisors(c_));
   if (c_.rope_scaling == models::RopeScaling::LongRope) {
     for (auto [gname, f] : {std::pair{"rope_factors_long.weight", &c_.rope_long_factor},
                             std::pair{"rope_factors_short.weight", &c_.rope_short_factor}}) {

@@ -191,8 +191,11 @@ def test_gpt2_gguf_runs_in_llama_cpp(tmp_path, corpus, quant):
     assert "gpt2.attention.layer_norm_epsilon" in g.fields and "output.weight" not in names
 
 
-def test_llama_with_llama3_pre_tokenizer(tmp_path, corpus):
-    _check_family(tmp_path, "llama", corpus, "f32", "llama", LLAMA3_SPLIT, "llama-bpe")
+@pytest.mark.parametrize("kind,quant", [("llama", "f32"), ("llama3_tied", "f32"), ("llama3_tied", "q8_0")])
+def test_llama3_gguf_runs_in_llama_cpp(tmp_path, corpus, kind, quant):
+    """Llama 3's pre-tokenizer (llama-bpe) and its rope scaling (llama3_tied: as a rope_freqs tensor)."""
+    g = _check_family(tmp_path, kind, corpus, quant, "llama", LLAMA3_SPLIT, "llama-bpe")
+    assert ("rope_freqs.weight" in {t.name for t in g.tensors}) == (kind == "llama3_tied")
 
 
 @pytest.mark.parametrize("kind,why", [
