@@ -85,8 +85,13 @@ void check_gemma(const models::ModelConfig& c, const std::string& ga) {
                              "every other layer", " from layer 0; this model's layer ", i, " is ",
                              c.window(i) > 0 ? "windowed" : "global", ", GGUF export is refused"));
   if (g3) {
+    // Without a window, qforge's layers are all global while llama.cpp's gemma3 still gives five of
+    // each six the local RoPE base.
+    if (c.sliding_window <= 0)
+      throw InputError("export: llama.cpp's gemma3 expects its local (sliding-window) layers; this model has no "
+                       "sliding window, GGUF export is refused");
     const double local = c.rope_local_theta > 0 ? c.rope_local_theta : c.rope_theta;
-    if (c.sliding_window > 0 && local != 10000.0)
+    if (local != 10000.0)
       throw InputError(str("export: llama.cpp's gemma3 fixes the windowed layers' RoPE base at 10000; this model's "
                            "is ", local, " (rope_local_base_freq), GGUF export is refused"));
     if (c.attn_softcap > 0) throw InputError("export: llama.cpp's gemma3 has no attention logit soft-capping");

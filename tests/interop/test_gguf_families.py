@@ -46,6 +46,9 @@ GGUF_KINDS = {
         query_pre_attn_scalar=16, rope_theta=100000.0, rope_local_base_freq=10000.0,
         rope_scaling={"rope_type": "linear", "factor": 4.0})),
     # (not named "phi3...": llama.cpp looks up Phi-3's "<|end|>" token when general.name says phi3)
+    "gemma3_cap": lambda: transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+        **{**COMMON, "num_hidden_layers": 6}, head_dim=16, sliding_window=5, sliding_window_pattern=6,
+        query_pre_attn_scalar=16, rope_local_base_freq=10000.0, final_logit_softcapping=0.5)),
     "phimini_nowin": lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(**COMMON, sliding_window=None,
                                                                             pad_token_id=0)),
 }
@@ -160,14 +163,15 @@ def test_qwen3_gguf_runs_in_llama_cpp(tmp_path, corpus, quant):
 
 
 @pytest.mark.parametrize("kind,arch,quant", [("gemma2_cpp", "gemma2", "f32"), ("gemma2_cpp", "gemma2", "q8_0"),
-                                             ("gemma3_cpp", "gemma3", "f32"), ("gemma3_cpp", "gemma3", "f16")])
+                                             ("gemma3_cpp", "gemma3", "f32"), ("gemma3_cpp", "gemma3", "f16"),
+                                             ("gemma3_cap", "gemma3", "f32")])
 def test_gemma_gguf_runs_in_llama_cpp(tmp_path, corpus, kind, arch, quant):
     g = _check_family(tmp_path, kind, corpus, quant, arch, gelu=True)
     assert g.fields[f"{arch}.attention.sliding_window"].contents() == (6 if arch == "gemma2" else 5)
     if arch == "gemma2":  # head_dim 32 * 4 heads != 64
         assert g.fields["gemma2.attention.key_length"].contents() == 32
         assert g.fields["gemma2.attn_logit_softcapping"].contents() == 2.0
-    else:
+    elif kind == "gemma3_cpp":
         assert g.fields["gemma3.rope.scaling.factor"].contents() == 4.0
 
 
