@@ -384,7 +384,7 @@ class TensorPlan {
   TensorPlan(gguf::Writer& w, models::CausalLM& model, const std::string& quant, const std::string& fallback,
              GgufExportResult& res, const std::string& gguf_arch)
       : w_(w), model_(model), c_(model.cfg), quant_(quant), fallback_(fallback), f16_(quant == "f16"), res_(res),
-        permute_(gguf_arch == "llama"), norm_plus_one_(models::arch_spec(model.cfg.family).gemma_norms) {
+        ga_(gguf_arch), permute_(gguf_arch == "llama"), norm_plus_one_(models::arch_spec(model.cfg.family).gemma_norms) {
     for (auto& ns : models::linear_slots(model)) slots_[ns.name] = ns.slot;
     for (auto& p : model.named_parameters()) params_[p.key()] = p.value();
   }
@@ -410,6 +410,7 @@ class TensorPlan {
   const std::string quant_, fallback_;
   const bool f16_;
   GgufExportResult& res_;
+  const std::string ga_;      // llama.cpp's architecture
   const bool permute_;        // "llama" only: Q/K rows to llama.cpp's interleaved RoPE layout
   const bool norm_plus_one_;  // Gemma: norm weights written as 1 + w
   std::map<std::string, models::LinearSlot*> slots_;
@@ -534,6 +535,9 @@ void TensorPlan::add_layers(const models::ArchSpec& arch) {
       if (it == slots_.end()) continue;  // linear() has thrown
       if (at::Tensor b = it->second->get()->bias_or_undefined(); b.defined()) {
         QF_CHECK(!heads, "export: a Q/K bias would need the RoPE row permutation");
+        if (ga_ == "qwen2" && l.role == TensorRole::AttnOutput)
+          throw InputError("export: " + hf + l.name + " has a bias, which llama.cpp's qwen2 architecture does not "
+                           "load; GGUF export is refused");
         add_1d(g + l.gguf + ".bias", b);
       }
     }
