@@ -45,11 +45,11 @@ def corpus(tmp_path_factory):
     return kjv_corpus(tmp_path_factory.mktemp("corpus") / "kjv.txt", 1500)
 
 
-def _checkpoint(tmp_path, kind, corpus, outliers=False):
+def _checkpoint(tmp_path, kind, corpus, outliers=False, ffn=176):
     """The family's tiny checkpoint with a 150-piece byte-level BPE tokenizer.json beside it. outliers:
     every norm scales 4 channels up 10x, so AWQ finds salient input channels (as in real models)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    d = _save(tmp_path, kind)
+    d = _save(tmp_path, kind, ffn=ffn)
     if outliers:
         m = transformers.AutoModelForCausalLM.from_pretrained(d, torch_dtype=torch.float32)
         with torch.no_grad():

@@ -18,8 +18,8 @@ TOL = 1e-4
 N_NEW = 12
 
 
-def _tiny(kind):
-    common = dict(vocab_size=320, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+def _tiny(kind, ffn=176):
+    common = dict(vocab_size=320, hidden_size=64, intermediate_size=ffn, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=128)
     if kind == "llama":
         return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, rope_theta=10000.0))
@@ -61,7 +61,7 @@ def _tiny(kind):
                           "long_factor": [2.0 + 0.5 * i for i in range(rd // 2)]}))
     if kind == "opt":  # the facebook/opt-125m layout (pre-LN)
         return transformers.OPTForCausalLM(transformers.OPTConfig(
-            vocab_size=320, hidden_size=64, ffn_dim=176, num_hidden_layers=2, num_attention_heads=4,
+            vocab_size=320, hidden_size=64, ffn_dim=ffn, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=128, word_embed_proj_dim=64))
     if kind == "opt_350m":  # opt-350m's layout: post-LN, 32-wide embeddings projected in and out
         return transformers.OPTForCausalLM(transformers.OPTConfig(
@@ -73,9 +73,9 @@ def _tiny(kind):
     raise ValueError(kind)
 
 
-def _save(tmp_path, kind, dtype=torch.float32, shard=None):
+def _save(tmp_path, kind, dtype=torch.float32, shard=None, ffn=176):
     torch.manual_seed(0)
-    m = _tiny(kind).eval()
+    m = _tiny(kind, ffn).eval()
     with torch.no_grad():  # larger-than-init weights so differences would show
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.02)
