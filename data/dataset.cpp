@@ -26,6 +26,19 @@
 
 namespace qf::data {
 
+const cfg::Names<SourceConfig::Format>& source_format_names() {
+  static const cfg::Names<SourceConfig::Format> n{
+      {"auto", SourceConfig::Format::Auto}, {"text", SourceConfig::Format::Text}, {"jsonl", SourceConfig::Format::Jsonl}};
+  return n;
+}
+
+const cfg::Names<SourceConfig::Split>& source_split_names() {
+  static const cfg::Names<SourceConfig::Split> n{{"file", SourceConfig::Split::File},
+                                                 {"blank_line", SourceConfig::Split::BlankLine},
+                                                 {"line", SourceConfig::Split::Line}};
+  return n;
+}
+
 namespace stdfs = std::filesystem;
 
 // ---------------------------------------------------------------------------------------------
@@ -43,12 +56,10 @@ DataConfig DataConfig::from_config(cfg::Reader& r) {
     SourceConfig sc;
     sc.path = s.path("path", "", /*must_exist=*/true);
     if (sc.path.empty()) s.fail("path", "required: a file or a directory");
-    sc.format = s.choice<SourceConfig::Format>(
-        "format", sc.format,
-        {{"auto", SourceConfig::Format::Auto}, {"text", SourceConfig::Format::Text}, {"jsonl", SourceConfig::Format::Jsonl}});
+    sc.format = s.choice<SourceConfig::Format>("format", sc.format, source_format_names());
     sc.pattern = s.str("pattern", sc.pattern);
     if (sc.pattern.empty()) s.fail("pattern", "must not be empty (use '*' for every file)");
-    sc.split = s.choice<std::string>("split", sc.split, {{"file", "file"}, {"blank_line", "blank_line"}, {"line", "line"}});
+    sc.split = s.choice<SourceConfig::Split>("split", sc.split, source_split_names());
     sc.text_field = s.str("text_field", sc.text_field);
     sc.prompt_field = s.str("prompt_field", sc.prompt_field);
     sc.response_field = s.str("response_field", sc.response_field);
@@ -76,14 +87,6 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 // Files
 
-const char* format_name(SourceConfig::Format f) {
-  switch (f) {
-    case SourceConfig::Format::Auto: return "auto";
-    case SourceConfig::Format::Text: return "text";
-    case SourceConfig::Format::Jsonl: return "jsonl";
-  }
-  return "?";
-}
 
 bool is_jsonl(const SourceConfig& src, const std::string& file) {
   if (src.format != SourceConfig::Format::Auto) return src.format == SourceConfig::Format::Jsonl;
@@ -147,9 +150,9 @@ void read_text(const SourceConfig& src, const std::string& bytes, std::vector<Do
   auto push = [&](std::string t) {
     if (docs.size() < limit && !blank(t)) docs.push_back(Doc{"", std::move(t), false});
   };
-  if (src.split == "file") {
+  if (src.split == SourceConfig::Split::File) {
     push(bytes);
-  } else if (src.split == "line") {
+  } else if (src.split == SourceConfig::Split::Line) {
     for (auto& l : split_lines(bytes)) push(std::move(l));
   } else {  // blank_line
     std::string para;
@@ -313,9 +316,9 @@ std::string cache_key(const DataConfig& cfg, const Tokenizer& tok,
     const auto& s = cfg.sources[i];
     add("source");
     add(s.path);
-    add(format_name(s.format));
+    add(cfg::name_of(source_format_names(), s.format));
     add(s.pattern);
-    add(s.split);
+    add(cfg::name_of(source_split_names(), s.split));
     add(s.text_field);
     add(s.prompt_field);
     add(s.response_field);

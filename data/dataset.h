@@ -15,18 +15,23 @@ namespace qf::data {
 
 struct SourceConfig {
   enum class Format { Auto, Text, Jsonl };
+  enum class Split { File, BlankLine, Line };
   std::string path;           // a file or a directory (recursed, sorted by path for determinism)
   Format format = Format::Auto;  // auto: .jsonl/.json-lines -> Jsonl, everything else -> Text
   std::string pattern = "*";  // glob on file names when path is a directory, e.g. "*.rst.txt"
-  // Text: how a file is cut into documents. "file": one document per file; "blank_line":
-  // paragraphs separated by blank lines; "line": one document per non-empty line.
-  std::string split = "file";
+  // Text: how a file is cut into documents. file: one document per file; blank_line: paragraphs
+  // separated by blank lines; line: one document per non-empty line.
+  Split split = Split::File;
   // Jsonl: field names. A record with `prompt_field` and `response_field` is an instruction
   // example (loss masked on the prompt); otherwise `text_field` is used.
   std::string text_field = "text";
   std::string prompt_field = "prompt";
   std::string response_field = "response";
 };
+
+// The recipe spellings of data.sources[].format / .split (also the token cache key's).
+const cfg::Names<SourceConfig::Format>& source_format_names();
+const cfg::Names<SourceConfig::Split>& source_split_names();
 
 struct DataConfig {
   std::vector<SourceConfig> sources;

@@ -142,7 +142,7 @@ TEST(Packing, WindowsOfSeqLenPlusOneDropPartialAndSplitFromTheEnd) {
   }
   write(d / "c.txt", text);
   auto cfg = config_for(d / "c.txt", 8, 0.2);
-  cfg.sources[0].split = "line";
+  cfg.sources[0].split = SourceConfig::Split::Line;
   ByteTokenizer tok;
   Dataset ds = build_dataset(cfg, tok);
   EXPECT_EQ(ds.n_documents, 7);
@@ -257,7 +257,7 @@ TEST(Reading, TextSplitModes) {
   ByteTokenizer tok;
   auto cfg = config_for(d / "c.txt", 8, 0.0);
   EXPECT_EQ(build_dataset(cfg, tok).n_documents, 1);
-  cfg.sources[0].split = "blank_line";
+  cfg.sources[0].split = SourceConfig::Split::BlankLine;
   Ref ref;
   ref.text("para one\nstill one");
   ref.text("para two");
@@ -265,7 +265,7 @@ TEST(Reading, TextSplitModes) {
   Dataset ds = build_dataset(cfg, tok);
   EXPECT_EQ(ds.n_documents, 3);
   expect_packed(ds, ref, 8);
-  cfg.sources[0].split = "line";
+  cfg.sources[0].split = SourceConfig::Split::Line;
   EXPECT_EQ(build_dataset(cfg, tok).n_documents, 4);
   cfg.max_documents = 2;
   EXPECT_EQ(build_dataset(cfg, tok).n_documents, 2);
@@ -381,7 +381,7 @@ TEST(Cache, HitReturnsIdenticalTensorsAndInvalidatesOnChange) {
   write(d / "i.jsonl", "{\"prompt\": \"question\", \"response\": \"answer\"}\n");
   ByteTokenizer tok;
   DataConfig cfg = config_for(d / "c.txt", 16, 0.1, d / "cache");
-  cfg.sources[0].split = "line";
+  cfg.sources[0].split = SourceConfig::Split::Line;
   SourceConfig s2;
   s2.path = d / "i.jsonl";
   cfg.sources.insert(cfg.sources.begin(), s2);  // first, so its masked prompt lands in train window 0
@@ -483,7 +483,7 @@ TEST(DataConfig, ReadsAllKeysAndFillsDefaults) {
   EXPECT_EQ(c.sources[0].response_field, "a");
   EXPECT_EQ(c.sources[1].format, SourceConfig::Format::Auto);
   EXPECT_EQ(c.sources[1].pattern, "*.rst.txt");
-  EXPECT_EQ(c.sources[1].split, "blank_line");
+  EXPECT_EQ(c.sources[1].split, SourceConfig::Split::BlankLine);
   EXPECT_EQ(c.seq_len, 128);
   EXPECT_DOUBLE_EQ(c.val_fraction, 0.1);
   EXPECT_EQ(c.max_documents, 10);

@@ -203,7 +203,7 @@ TEST_F(SentencePieceTest, DatasetOnARealModel) {
   DataConfig dc;
   SourceConfig src;
   src.path = d / "c.txt";
-  src.split = "line";
+  src.split = qf::data::SourceConfig::Split::Line;
   dc.sources = {src};
   dc.seq_len = 16;
   dc.val_fraction = 0.1;
