@@ -4,7 +4,7 @@ window, Gemma 2, Gemma 3, Phi-3 with LongRoPE, OPT, GPT-2) and a byte-level BPE 
   - LoRA (fp32 base) trains (the loss falls), `export --format peft` loads in peft over transformers'
     own model of the checkpoint and gives the logits of qforge's merged `export --format hf`, which
     transformers loads as the family's own architecture;
-  - QLoRA (NF4 base) trains and `qforge eval` scores the run;
+  - a full fine-tune and QLoRA (NF4 base) train and `qforge eval` scores the run;
   - QAT (int4, group 16) trains, converts at the end, and the converted run evaluates and exports;
   - GPTQ and AWQ (`qforge quantize`, the family's sequential groups and scaling pairs) each end with a
     held-out perplexity no worse than 1.5x the float model's and a run that `qforge generate` samples.
@@ -120,11 +120,14 @@ trainer: {max_steps: 12, batch_size: 4, eval_every: 0, eval_batches: 1, log_ever
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
-def test_qlora_and_qat_train_convert_and_evaluate(tmp_path, kind, corpus):
+def test_full_qlora_and_qat_train_convert_and_evaluate(tmp_path, kind, corpus):
     _, layers = FAMILIES[kind]
     d = _checkpoint(tmp_path, kind, corpus)
     common = """trainer: {max_steps: 10, batch_size: 4, eval_every: 0, eval_batches: 1, log_every: 1, optim: {lr: 0.01},
           schedule: {warmup_steps: 1}}"""
+    _qforge("train", _recipe(tmp_path, "full", d, corpus, common))  # a full fine-tune: every weight trains
+    losses = _losses(tmp_path / "full")
+    assert sum(losses[-3:]) < sum(losses[:3]), f"{kind} full fine-tune: loss did not fall: {losses}"
     _qforge("train", _recipe(tmp_path, "qlora", d, corpus, "peft: {r: 4, base: nf4}\n" + common))
     losses = _losses(tmp_path / "qlora")
     assert sum(losses[-3:]) < sum(losses[:3]), f"{kind} QLoRA: loss did not fall: {losses}"
