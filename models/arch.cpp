@@ -32,6 +32,28 @@ void read_rope_scaling(const HfConfigReader& c, ModelConfig& m) {
   }
 }
 
+// num_key_value_heads (default: num_attention_heads), which must divide the query heads.
+void read_kv_heads(const HfConfigReader& c, ModelConfig& m) {
+  m.n_kv_heads = c.i64_or("num_key_value_heads", m.n_heads);
+  if (m.n_heads % m.n_kv_heads != 0)
+    throw c.bad("num_key_value_heads", str("is ", m.n_kv_heads, ", which does not divide num_attention_heads ", m.n_heads,
+                                           " (grouped-query attention shares each KV head among a whole number of "
+                                           "query heads)"));
+}
+
+// transformers' per-layer attention kinds: the "sliding_attention" layers become sliding_layers.
+void read_layer_types(const HfConfigReader& c, ModelConfig& m) {
+  const auto& lt = c.j["layer_types"];
+  if (!lt.is_array() || static_cast<int64_t>(lt.size()) != m.n_layers)
+    throw c.bad("layer_types", str("must list one entry per layer (", m.n_layers, ")"));
+  for (int64_t i = 0; i < m.n_layers; ++i) {
+    const std::string t = lt[i].is_string() ? lt[i].get<std::string>() : "";
+    if (t == "sliding_attention") m.sliding_layers.push_back(i);
+    else if (t != "full_attention")
+      throw c.bad("layer_types", str("entry ", i, " must be \"sliding_attention\" or \"full_attention\""));
+  }
+}
+
 // Sliding-window attention as transformers builds it: Mistral windows every layer; Qwen2/Qwen3 only
 // with use_sliding_window, in the layers `layer_types` marks "sliding_attention" (by default those
 // from max_window_layers on).
@@ -41,15 +63,7 @@ void read_sliding_window(const HfConfigReader& c, const std::string& arch, Model
   m.sliding_window = c.i64("sliding_window");
   if (mistral) return;
   if (c.has("layer_types")) {
-    const auto& lt = c.j["layer_types"];
-    if (!lt.is_array() || static_cast<int64_t>(lt.size()) != m.n_layers)
-      throw c.bad("layer_types", str("must list one entry per layer (", m.n_layers, ")"));
-    for (int64_t i = 0; i < m.n_layers; ++i) {
-      const std::string t = lt[i].is_string() ? lt[i].get<std::string>() : "";
-      if (t == "sliding_attention") m.sliding_layers.push_back(i);
-      else if (t != "full_attention")
-        throw c.bad("layer_types", str("entry ", i, " must be \"sliding_attention\" or \"full_attention\""));
-    }
+    read_layer_types(c, m);
   } else {
     const int64_t first = c.has("max_window_layers") ? c.j["max_window_layers"].get<int64_t>() : 28;
     for (int64_t i = std::max<int64_t>(0, first); i < m.n_layers; ++i) m.sliding_layers.push_back(i);
@@ -59,11 +73,7 @@ void read_sliding_window(const HfConfigReader& c, const std::string& arch, Model
 }
 
 void read_llama(const HfConfigReader& c, const std::string& arch, ModelConfig& m, std::vector<std::string>& notes) {
-  m.n_kv_heads = c.i64_or("num_key_value_heads", m.n_heads);
-  if (m.n_heads % m.n_kv_heads != 0)
-    throw c.bad("num_key_value_heads", str("is ", m.n_kv_heads, ", which does not divide num_attention_heads ", m.n_heads,
-                                           " (grouped-query attention shares each KV head among a whole number of "
-                                           "query heads)"));
+  read_kv_heads(c, m);
   m.head_dim = c.i64_or("head_dim", m.dim / m.n_heads);
   m.ffn_dim = c.i64("intermediate_size");
   m.rope_theta = c.f64_or("rope_theta", 10000.0);
@@ -211,9 +221,7 @@ double f64_or_null(const HfConfigReader& c, const char* k, double def) {
 
 void read_gemma(const HfConfigReader& c, const std::string& arch, ModelConfig& m, std::vector<std::string>&) {
   const bool g3 = arch == "Gemma3ForCausalLM";
-  m.n_kv_heads = c.i64_or("num_key_value_heads", m.n_heads);
-  if (m.n_heads % m.n_kv_heads != 0)
-    throw c.bad("num_key_value_heads", str("is ", m.n_kv_heads, ", which does not divide num_attention_heads ", m.n_heads));
+  read_kv_heads(c, m);
   m.head_dim = c.i64_or("head_dim", 256);
   m.ffn_dim = c.i64("intermediate_size");
   m.rope_theta = c.f64_or("rope_theta", g3 ? 1000000.0 : 10000.0);
@@ -239,15 +247,7 @@ void read_gemma(const HfConfigReader& c, const std::string& arch, ModelConfig& m
   if (!c.has("sliding_window") && c.j.contains("sliding_window")) return;  // null: no windows
   const int64_t window = c.i64_or("sliding_window", 4096);
   if (c.has("layer_types")) {
-    const auto& lt = c.j["layer_types"];
-    if (!lt.is_array() || static_cast<int64_t>(lt.size()) != m.n_layers)
-      throw c.bad("layer_types", str("must list one entry per layer (", m.n_layers, ")"));
-    for (int64_t i = 0; i < m.n_layers; ++i) {
-      const std::string t = lt[i].is_string() ? lt[i].get<std::string>() : "";
-      if (t == "sliding_attention") m.sliding_layers.push_back(i);
-      else if (t != "full_attention")
-        throw c.bad("layer_types", str("entry ", i, " must be \"sliding_attention\" or \"full_attention\""));
-    }
+    read_layer_types(c, m);
   } else {
     const int64_t pattern = g3 ? c.i64_or("sliding_window_pattern", 6) : 2;
     for (int64_t i = 0; i < m.n_layers; ++i)
@@ -326,9 +326,7 @@ std::vector<double> factor_list(const HfConfigReader& r, const char* k, int64_t 
 }
 
 void read_phi3(const HfConfigReader& c, const std::string&, ModelConfig& m, std::vector<std::string>&) {
-  m.n_kv_heads = c.i64_or("num_key_value_heads", m.n_heads);
-  if (m.n_heads % m.n_kv_heads != 0)
-    throw c.bad("num_key_value_heads", str("is ", m.n_kv_heads, ", which does not divide num_attention_heads ", m.n_heads));
+  read_kv_heads(c, m);
   m.head_dim = c.i64_or("head_dim", m.dim / m.n_heads);
   m.ffn_dim = c.i64("intermediate_size");
   m.rope_theta = c.f64_or("rope_theta", 10000.0);
