@@ -4,6 +4,9 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include <map>
+
+#include "models/arch.h"
 #include "models/transformer.h"
 #include "quant/fake_quant.h"
 #include "quant/ggml_blocks.h"
@@ -298,4 +301,47 @@ TEST(Gptq, ActOrderWithoutStaticGroupsKeepsAColumnGroupMap) {
   ql->set_g_idx(qw.packed.g_idx);
   EXPECT_TRUE(at::equal(ql->effective_weight(), qw.weight));
   EXPECT_EQ(ql->packed_bytes(), 64 * 64 + 64 * 4 * 4 + 128 * 4);
+}
+
+// Every family's AWQ pairs fold into what feeds them (Gemma's norms as 1 + w, OPT's fc1 through
+// ReLU, Phi-3's fused projections) without changing the float model, and the folds are not all
+// trivial (some scale moved a weight), so a wrong fold would show.
+TEST(Awq, FoldingKeepsTheFloatModelOfEveryFamily) {
+  for (const auto* a : models::arch_specs()) {
+    auto c = qf::testing::tiny_llama(64, 32, 0.1);
+    c.family = a->family;
+    c.n_kv_heads = a->positions.empty() ? 2 : 0;
+    c.qk_norm = a->family == models::Family::Qwen3 || a->family == models::Family::Gemma3;
+    c.tie_embeddings = a->tied_always;
+    if (a->family == models::Family::Gemma2 || a->family == models::Family::Gemma3) {
+      c.sliding_window = 8;
+      c.sliding_layers = {0};
+    }
+    auto m = models::build_model(c);
+    {
+      at::NoGradGuard ng;  // salient input channels, as trained models have: 4 norm channels x 4
+      for (auto& p : m->named_parameters())
+        if (p.value().dim() == 1 && p.key().size() > 7 && p.key().compare(p.key().size() - 7, 7, ".weight") == 0)
+          p.value().narrow(0, 0, 4).add_(3.0);
+    }
+    auto ids = calib(4);
+    at::NoGradGuard ng;
+    auto before = m->forward(ids);
+    std::map<std::string, at::Tensor> w0;
+    for (auto& p : m->named_parameters()) w0[p.key()] = p.value().clone();
+    PtqConfig p;
+    p.method = PtqMethod::Awq;
+    p.awq.clip = false;
+    p.calib.batch_size = 4;
+    QatConfig q;
+    q.enabled = true;
+    q.rules = {QuantRule{a->layers + ".*", spec_of("int4-g32"), std::nullopt}};
+    run_ptq(*m, q, p, calib(16), false);
+    auto after = m->forward(ids);
+    double moved = 0;
+    for (auto& p : m->named_parameters()) moved = std::max(moved, (p.value() - w0[p.key()]).abs().max().item<double>());
+    EXPECT_GT(moved, 1e-3) << a->name << ": every AWQ scale stayed 1; the test would not see a wrong fold";
+    EXPECT_TRUE(at::allclose(before, after, 1e-4, 1e-4))
+        << a->name << ": folding changed the float model, max diff " << (before - after).abs().max().item<double>();
+  }
 }
