@@ -175,17 +175,18 @@ void commit_dir(const std::string& tmp, const std::string& out) {
   fs::rename_atomic(tmp, out);
 }
 
+nlohmann::json hf_special_token_ids(const data::Tokenizer& tok) {
+  auto id = [](int64_t i) { return i >= 0 ? nlohmann::json(i) : nlohmann::json(nullptr); };
+  return {{"bos_token_id", id(tok.bos_id())}, {"eos_token_id", id(tok.eos_id())}, {"pad_token_id", id(tok.pad_id())}};
+}
+
 HfExportResult export_hf(models::CausalLM& model, const data::Tokenizer& tok, const std::string& out,
                          at::ScalarType dtype, int64_t max_shard_bytes, bool force) {
   return write_staged_dir(out, force, [&](const std::string& tmp) {
     const auto n_lora = peft::lora_layers(model).size();
     if (n_lora > 0) log::info("export: writing ", n_lora, " LoRA adapters merged into their base layers");
     auto weights = dense_weights(model);
-    // The tokenizer's special ids (the family's config class would otherwise default to its own vocabulary's).
-    auto id = [](int64_t i) { return i >= 0 ? nlohmann::json(i) : nlohmann::json(nullptr); };
-    const nlohmann::json special = {{"bos_token_id", id(tok.bos_id())}, {"eos_token_id", id(tok.eos_id())},
-                                    {"pad_token_id", id(tok.pad_id())}};
-    models::write_hf_weights(model.cfg, weights, tmp, dtype, max_shard_bytes, special);
+    models::write_hf_weights(model.cfg, weights, tmp, dtype, max_shard_bytes, hf_special_token_ids(tok));
     copy_tokenizer(tok, tmp);
     // Re-read what was written and compare with what was meant, before reporting success.
     auto ck = models::read_hf_checkpoint(tmp);

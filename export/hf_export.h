@@ -10,6 +10,7 @@
 #pragma once
 #include <ATen/core/ScalarType.h>
 
+#include <nlohmann/json.hpp>
 #include <string>
 
 #include "core/fault.h"
@@ -58,6 +59,9 @@ auto write_staged_dir(const std::string& out, bool force, F&& fill) {
 }
 // tokenizer.model (+ a LlamaTokenizer config) or tokenizer.json, and tokenizer_config.json.
 void copy_tokenizer(const data::Tokenizer& tok, const std::string& dir);
+// config.json's bos/eos/pad_token_id from the tokenizer (null where it has none); without them a
+// family's config class defaults to its own vocabulary's ids (Phi-3: 32000).
+nlohmann::json hf_special_token_ids(const data::Tokenizer& tok);
 
 // `tok`: the run's tokenizer, written beside the weights (copy_tokenizer); `dtype`: the stored
 // precision (kFloat, kBFloat16 or kHalf); `max_shard_bytes`: shards

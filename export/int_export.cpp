@@ -320,6 +320,7 @@ IntExportResult export_int(models::CausalLM& model, const data::Tokenizer& tok, 
     add_others(f, model);
     QF_CHECK(f.used.has_value(), "export: the model has no linear layer to quantize");
     auto cfg = models::hf_config_json(c, f.ftype == at::kBFloat16 ? "bfloat16" : "float32");
+    cfg.update(hf_special_token_ids(tok));
     nlohmann::json q;
     if (fmt == IntFormat::Gptq) {
       q = gptq_config(f, arch);
