@@ -71,7 +71,8 @@ HfCheckpoint read_hf_checkpoint(const std::string& dir) {
   return ck;
 }
 
-void load_hf_weights(CausalLM& model, const HfCheckpoint& ck, bool progress, bool populate) {
+void load_hf_weights(CausalLM& model, const HfCheckpoint& ck, bool progress, bool populate,
+                     const LinearStreamer* streamer) {
   std::map<std::string, at::Tensor> params;
   for (auto& p : model.named_parameters()) params[p.key()] = p.value();
   const ArchSpec& arch = arch_spec(ck.config.family);
@@ -114,6 +115,13 @@ void load_hf_weights(CausalLM& model, const HfCheckpoint& ck, bool progress, boo
     if (problems.size() > 20) msg += str("\n  ... and ", problems.size() - 20, " more");
     throw InputError(msg);
   }
+  // Linears a streamer builds itself: their weights skip the dense parameter (never touched, so its
+  // pages are never faulted in) and are read in pass 3.
+  std::map<std::string, LinearSlot*> streamed;  // weight name -> slot
+  if (streamer)
+    for (auto& ns : linear_slots(model))
+      if (std::dynamic_pointer_cast<DenseLinear>(ns.slot->get()) && streamer->claims(ns.name))
+        streamed[ns.name + ".weight"] = ns.slot;
   // Pass 2, one shard mapped at a time. A tensor whose dtype and layout already match the parameter
   // becomes the parameter's storage (zero-copy: the page cache backs it, copy-on-write); others are
   // converted into the parameter and their source pages are dropped right away, so peak memory
@@ -122,11 +130,13 @@ void load_hf_weights(CausalLM& model, const HfCheckpoint& ck, bool progress, boo
   std::unique_ptr<core::ProgressBar> bar;
   if (progress) bar = std::make_unique<core::ProgressBar>("load", static_cast<int64_t>(params.size()), 0, "tensor");
   int64_t done = 0;
+  // A streaming load never populates: MADV_POPULATE_READ would make a whole shard resident at once.
+  const bool populate_files = populate && streamed.empty();
   for (auto& f : ck.files) {
-    auto file = st::load(ck.dir + "/" + f, populate);
+    auto file = st::load(ck.dir + "/" + f, populate_files);
     for (auto& [name, t] : file.tensors) {
       auto it = params.find(name);
-      if (it == params.end()) continue;
+      if (it == params.end() || streamed.count(name)) continue;
       const bool transpose = arch.is_conv1d_weight(name);
       auto& p = it->second;
       if (!transpose && t.scalar_type() == p.scalar_type() && t.is_contiguous() && t.numel() > 0) {
@@ -135,6 +145,34 @@ void load_hf_weights(CausalLM& model, const HfCheckpoint& ck, bool progress, boo
         p.copy_(transpose ? t.t() : t);
         st::drop_pages(t);
       }
+      if (bar) bar->update(++done);
+    }
+  }
+  // Pass 3 (streamer only): each claimed linear is built from its weight as the dense layer would
+  // have held it (converted to the model dtype / transposed like p.copy_ above, else the mapped tensor
+  // itself), installed, and the weight's pages are dropped before the next is read.
+  for (auto& f : streamed.empty() ? std::vector<std::string>{} : ck.files) {
+    auto file = st::load(ck.dir + "/" + f, /*populate=*/false);
+    for (auto& [name, t] : file.tensors) {
+      auto s = streamed.find(name);
+      if (s == streamed.end()) continue;
+      LinearSlot& slot = *s->second;
+      const std::string lin = name.substr(0, name.size() - 7);  // minus ".weight"
+      auto& dense = static_cast<DenseLinear&>(*slot.get());
+      const bool transpose = arch.is_conv1d_weight(name);
+      at::Tensor w = t;
+      if (transpose || t.scalar_type() != dense.weight.scalar_type() || !t.is_contiguous() || t.numel() == 0)
+        w = (transpose ? t.t() : t).to(dense.weight.scalar_type()).contiguous();
+      auto m = streamer->build(lin, w, dense.bias);
+      TORCH_INTERNAL_ASSERT(m && m->in_features == dense.in_features && m->out_features == dense.out_features,
+                            "LinearStreamer built a module of the wrong shape for ", lin);
+      bool keeps_file = false;  // a module adopting the mapped tensor (bf16 into bf16) keeps its pages
+      for (auto& b : m->buffers()) keeps_file |= b.defined() && b.numel() > 0 && b.is_alias_of(t);
+      for (auto& b : m->parameters()) keeps_file |= b.defined() && b.numel() > 0 && b.is_alias_of(t);
+      slot.replace(std::move(m));
+      params.erase(name);  // the dense weight (never faulted in) goes with the dense layer
+      w = at::Tensor();
+      if (!keeps_file) st::drop_pages(t);
       if (bar) bar->update(++done);
     }
   }

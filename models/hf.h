@@ -6,10 +6,15 @@
 //    (every shard named by the index exists) before any weight is read; errors name the file and key;
 //  - load_hf_weights checks every tensor's presence, shape and dtype class against the model first
 //    and only then copies (memory-mapped shards, one at a time), so a bad checkpoint loads nothing;
-//  - GPT-2's Conv1D weights ([in, out] in the file) are transposed to qforge's [out, in] layout.
+//  - GPT-2's Conv1D weights ([in, out] in the file) are transposed to qforge's [out, in] layout;
+//  - with a LinearStreamer, the linears it claims are built from their tensors one at a time while
+//    the shards stream past (the source pages dropped right after), so a low-bit base never exists
+//    in full precision as a whole: the module it builds equals the one built from the fully loaded
+//    dense layer (same weight values, in the model dtype, same bias).
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <memory>
@@ -31,10 +36,26 @@ struct HfCheckpoint {
   std::vector<std::string> notes;                  // things the user should know (e.g. sliding window)
 };
 
+// Builds some linears of the model straight from their checkpoint tensors while loading (QLoRA's NF4
+// base: peft::frozen_base_streamer). `claims(name)` picks linear slots by full name (only dense
+// ones are offered); `build(name, weight, bias)` gets the weight exactly as the dense layer would
+// have held it ([out, in], in the model's dtype; a view of the file mapping when nothing had to be
+// converted: read it, do not keep a reference unless that is the point) and the layer's loaded bias
+// (undefined if none), and returns the module to install in the slot.
+struct LinearStreamer {
+  std::function<bool(const std::string& name)> claims;
+  std::function<std::shared_ptr<LinearBase>(const std::string& name, const at::Tensor& weight, const at::Tensor& bias)>
+      build;
+};
+
 HfCheckpoint read_hf_checkpoint(const std::string& dir);
 // Copies the checkpoint's weights into `model` (built from ckpt.config), converting dtypes.
 // populate=false: zero-copy tensors stay unread until used (st::load), for one-pass streaming readers.
-void load_hf_weights(CausalLM& model, const HfCheckpoint& ckpt, bool progress = true, bool populate = true);
+// streamer: the claimed linears are built by it instead (see LinearStreamer), after every other
+// tensor has loaded (so their biases are in place), one tensor resident at a time; shards are
+// then never populated up front whatever `populate` says. Validation is unchanged (all of it first).
+void load_hf_weights(CausalLM& model, const HfCheckpoint& ckpt, bool progress = true, bool populate = true,
+                     const LinearStreamer* streamer = nullptr);
 // read + build + load.
 std::shared_ptr<CausalLM> load_hf_model(const std::string& dir, bool progress = true);
 

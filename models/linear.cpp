@@ -42,9 +42,12 @@ at::Tensor FrozenLinear::forward(const at::Tensor& x) {
   return FrozenMatmulFn::apply(x, this);
 }
 
-HalfLinear::HalfLinear(LinearBase& dense, at::ScalarType storage) : FrozenLinear(dense.in_features, dense.out_features) {
-  weight = register_buffer("weight", dense.effective_weight().detach().to(storage));
-  auto b = dense.bias_or_undefined();
+HalfLinear::HalfLinear(LinearBase& dense, at::ScalarType storage)
+    : HalfLinear(dense.effective_weight(), dense.bias_or_undefined(), storage) {}
+
+HalfLinear::HalfLinear(const at::Tensor& w, const at::Tensor& b, at::ScalarType storage)
+    : FrozenLinear(w.size(1), w.size(0)) {
+  weight = register_buffer("weight", w.detach().to(storage));
   if (b.defined()) bias = register_buffer("bias", b.detach().clone());
 }
 

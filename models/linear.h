@@ -51,6 +51,9 @@ class FrozenLinear : public LinearBase {
 class HalfLinear : public FrozenLinear {
  public:
   HalfLinear(LinearBase& dense, at::ScalarType storage);
+  // From a [out, in] weight and an optional bias (what a streaming load hands over): the same module
+  // as from a dense layer holding them. A weight already in `storage` is kept, not copied.
+  HalfLinear(const at::Tensor& weight, const at::Tensor& bias, at::ScalarType storage);
   at::Tensor materialize(at::ScalarType dtype) const override { return weight.to(dtype); }
   void pretty_print(std::ostream& s) const override;
   at::Tensor weight;

@@ -172,8 +172,12 @@ std::string ApplyReport::summary() const {
   return s.str();
 }
 
-ApplyReport apply_lora(torch::nn::Module& model, const LoraConfig& cfg, const std::string& output_layer) {
-  auto slots = models::linear_slots(model);
+namespace {
+
+// Every check apply_lora makes, on the model as it is (nothing changes); throws ConfigError with all
+// problems. Returns, per linear slot, whether it gets an adapter.
+std::vector<bool> validate(const std::vector<models::NamedSlot>& slots, torch::nn::Module& model, const LoraConfig& cfg,
+                           const std::string& output_layer) {
   std::vector<std::string> problems;
   std::map<std::string, int> hits;
   std::vector<bool> wrap(slots.size(), false);
@@ -201,30 +205,78 @@ ApplyReport apply_lora(torch::nn::Module& model, const LoraConfig& cfg, const st
     problems.push_back(str("peft.target_modules: '", t, "' matches no linear layer; layers are named like ", names,
                            slots.size() > 12 ? ", ..." : ""));
   }
-  std::set<std::string> to_save(cfg.modules_to_save.begin(), cfg.modules_to_save.end());
   std::set<std::string> found_save;
   for (auto& p : model.named_parameters())
-    for (auto& m : to_save)
+    for (auto& m : cfg.modules_to_save)
       if (p.key().rfind(m + ".", 0) == 0) found_save.insert(m);
-  for (auto& m : to_save)
+  for (auto& m : cfg.modules_to_save)
     if (!found_save.count(m))
       problems.push_back(str("peft.modules_to_save: '", m, "' names no module with parameters"));
   if (!problems.empty()) throw ConfigError(problems);
+  return wrap;
+}
+
+// Whether the linear `name` gets its frozen base re-stored in cfg.base (not the output layer, not a
+// module trained fully; fake-quant layers are refused by validate()).
+bool restores_base(const LoraConfig& cfg, const std::string& name, const std::string& output_layer) {
+  if (cfg.base == BaseFormat::Fp32 || name == output_layer) return false;
+  for (auto& m : cfg.modules_to_save)
+    if (m == name) return false;
+  return true;
+}
+
+// `base` already holds its weight in cfg.base's format (built while streaming the checkpoint in).
+bool stored_as(const models::LinearBase& base, const LoraConfig& cfg) {
+  if (cfg.base == BaseFormat::Nf4) {
+    auto* n = dynamic_cast<const quant::Nf4Linear*>(&base);
+    return n && n->blocksize == cfg.nf4_blocksize && n->double_quant == cfg.nf4_double_quant;
+  }
+  if (cfg.base == BaseFormat::Bf16) {
+    auto* h = dynamic_cast<const models::HalfLinear*>(&base);
+    return h && h->weight.scalar_type() == at::kBFloat16;
+  }
+  return false;
+}
+
+}  // namespace
+
+void check_lora(torch::nn::Module& model, const LoraConfig& cfg, const std::string& output_layer) {
+  validate(models::linear_slots(model), model, cfg, output_layer);
+}
+
+std::shared_ptr<models::LinearBase> frozen_base(const LoraConfig& cfg, const at::Tensor& weight, const at::Tensor& bias) {
+  switch (cfg.base) {
+    case BaseFormat::Nf4: return std::make_shared<quant::Nf4Linear>(weight, bias, cfg.nf4_blocksize, cfg.nf4_double_quant);
+    case BaseFormat::Bf16: return std::make_shared<models::HalfLinear>(weight, bias, at::kBFloat16);
+    case BaseFormat::Fp32: break;
+  }
+  throw Error("peft: frozen_base needs peft.base nf4 or bf16");
+}
+
+models::LinearStreamer frozen_base_streamer(torch::nn::Module& model, const LoraConfig& cfg,
+                                            const std::string& output_layer) {
+  QF_CHECK(cfg.base != BaseFormat::Fp32, "peft: a frozen-base streamer needs peft.base nf4 or bf16");
+  check_lora(model, cfg, output_layer);
+  models::LinearStreamer s;
+  s.claims = [cfg, output_layer](const std::string& name) { return restores_base(cfg, name, output_layer); };
+  s.build = [cfg](const std::string&, const at::Tensor& w, const at::Tensor& b) { return frozen_base(cfg, w, b); };
+  return s;
+}
+
+ApplyReport apply_lora(torch::nn::Module& model, const LoraConfig& cfg, const std::string& output_layer) {
+  auto slots = models::linear_slots(model);
+  const std::vector<bool> wrap = validate(slots, model, cfg, output_layer);
+  std::set<std::string> to_save(cfg.modules_to_save.begin(), cfg.modules_to_save.end());
 
   ApplyReport rep;
   for (auto& p : model.parameters()) p.set_requires_grad(false);
   for (size_t i = 0; i < slots.size(); ++i) {
     auto base = slots[i].slot->get();
-    const bool is_output = slots[i].name == output_layer;
     const bool fq = std::dynamic_pointer_cast<quant::FakeQuantLinear>(base) != nullptr;
-    if (!is_output && !fq && !to_save.count(slots[i].name)) {
-      if (cfg.base == BaseFormat::Nf4) {
-        base = std::make_shared<quant::Nf4Linear>(*base, cfg.nf4_blocksize, cfg.nf4_double_quant);
-        ++rep.n_frozen_converted;
-      } else if (cfg.base == BaseFormat::Bf16) {
-        base = std::make_shared<models::HalfLinear>(*base, at::kBFloat16);
-        ++rep.n_frozen_converted;
-      }
+    if (!fq && restores_base(cfg, slots[i].name, output_layer)) {
+      // A base the streaming load already built in this format is kept as it is (frozen_base_streamer).
+      if (!stored_as(*base, cfg)) base = frozen_base(cfg, base->effective_weight(), base->bias_or_undefined());
+      ++rep.n_frozen_converted;
     }
     if (wrap[i]) {
       base = std::make_shared<LoraLinear>(base, cfg.r, cfg.scaling(), cfg.dropout, cfg.exact_merge && fq);

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "core/config.h"
+#include "models/hf.h"
 #include "models/linear.h"
 
 namespace qf::peft {
@@ -85,8 +86,21 @@ struct ApplyReport {
 
 // Converts the base (cfg.base) and wraps the targets. Throws ConfigError naming the problem (no
 // target matched, with the available names; r larger than a layer's width; exact_merge on a
-// non-fake-quant layer) before changing anything.
+// non-fake-quant layer) before changing anything. A base already stored in cfg.base's format (the
+// same NF4 block size / double quant, or bf16), as frozen_base_streamer builds them, is kept as is.
 ApplyReport apply_lora(torch::nn::Module& model, const LoraConfig& cfg, const std::string& output_layer);
+// apply_lora's checks alone (throws the same ConfigError; changes nothing).
+void check_lora(torch::nn::Module& model, const LoraConfig& cfg, const std::string& output_layer);
+// The frozen base apply_lora stores a linear as (cfg.base nf4 or bf16) from its [out, in] weight and bias.
+std::shared_ptr<models::LinearBase> frozen_base(const LoraConfig& cfg, const at::Tensor& weight, const at::Tensor& bias);
+// QLoRA's streaming load: models::load_hf_weights with this streamer builds every linear apply_lora
+// would re-store (all but the output layer and modules_to_save) straight from its checkpoint tensor,
+// so the full-precision base never exists as a whole; apply_lora then keeps them, and the model is
+// bit for bit the one load-then-apply_lora gives. Runs check_lora first (on the model before loading:
+// the names and widths are the same), so a config apply_lora would refuse fails before any weight is
+// read. Needs cfg.base nf4 or bf16.
+models::LinearStreamer frozen_base_streamer(torch::nn::Module& model, const LoraConfig& cfg,
+                                            const std::string& output_layer);
 // Replaces every LoraLinear by its merged base; returns the number merged.
 int64_t merge_lora(torch::nn::Module& model);
 // Every LoraLinear under `model`: (full name, module).

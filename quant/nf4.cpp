@@ -266,8 +266,12 @@ at::Tensor nf4_dequantize_aten(const Nf4Tensor& t, at::ScalarType dtype) {
 }
 
 Nf4Linear::Nf4Linear(models::LinearBase& dense, int64_t bs, bool dq)
-    : FrozenLinear(dense.in_features, dense.out_features), blocksize(bs), double_quant(dq) {
-  auto w = dense.effective_weight().detach();
+    : Nf4Linear(dense.effective_weight(), dense.bias_or_undefined(), bs, dq) {}
+
+Nf4Linear::Nf4Linear(const at::Tensor& weight_in, const at::Tensor& b, int64_t bs, bool dq)
+    : FrozenLinear(weight_in.size(1), weight_in.size(0)), blocksize(bs), double_quant(dq) {
+  QF_CHECK(weight_in.dim() == 2, "Nf4Linear: weight must be [out, in], got ", weight_in.sizes());
+  auto w = weight_in.detach();
   auto t = nf4_quantize(w, blocksize, double_quant);
   const auto dev = w.device();
   weight = register_buffer("weight", t.packed.to(dev));
@@ -276,7 +280,6 @@ Nf4Linear::Nf4Linear(models::LinearBase& dense, int64_t bs, bool dq)
     nested_absmax = register_buffer("nested_absmax", t.nested_absmax.to(dev));
     offset = register_buffer("offset", at::full({1}, t.offset, at::kFloat).to(dev));
   }
-  auto b = dense.bias_or_undefined();
   if (b.defined()) bias = register_buffer("bias", b.detach().clone());
 }
 

@@ -64,6 +64,9 @@ void quantize_blockwise8(const float* x, int64_t n, int64_t blocksize, uint8_t* 
 class Nf4Linear : public models::FrozenLinear {
  public:
   Nf4Linear(models::LinearBase& dense, int64_t blocksize, bool double_quant);
+  // From a [out, in] weight (any float dtype, any device) and an optional bias: the same module as
+  // from a dense layer holding them (QLoRA's streaming load quantizes straight from the file mapping).
+  Nf4Linear(const at::Tensor& weight, const at::Tensor& bias, int64_t blocksize, bool double_quant);
   at::Tensor materialize(at::ScalarType dtype) const override;  // dequantized [out, in]
   void pretty_print(std::ostream& s) const override;
   Nf4Tensor state() const;  // a view of the buffers as an Nf4Tensor

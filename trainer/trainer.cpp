@@ -16,6 +16,7 @@
 #include "core/threads.h"
 #include "models/hf.h"
 #include "peft/adapter.h"
+#include "peft/lora.h"
 #include "quant/qat.h"
 #include "trainer/checkpoint.h"
 #include "trainer/data_parallel.h"
@@ -163,7 +164,18 @@ void Trainer::create_model() {
   model_ = models::build_model(mc, /*init=*/mc.from.empty());
   if (mc.from.empty()) model_->init_weights(static_cast<uint64_t>(run.seed));
   if (!mc.from.empty()) {
-    models::load_hf_weights(*model_, models::read_hf_checkpoint(mc.from));
+    const auto ck = models::read_hf_checkpoint(mc.from);
+    // QLoRA (peft.base nf4 / bf16): the frozen base linears are built tensor by tensor while the
+    // checkpoint streams in, so the full-precision model is never resident as a whole; apply_peft
+    // keeps them. Not under quant rules (the bases may fake-quantize) nor run.init_from (its weights
+    // replace the dense ones next).
+    const auto& pc = cfg_.peft;
+    if (pc.enabled && pc.base != peft::BaseFormat::Fp32 && !cfg_.quant.enabled && run.init_from.empty()) {
+      const auto streamer = peft::frozen_base_streamer(*model_, pc, "lm_head");
+      models::load_hf_weights(*model_, ck, true, /*populate=*/false, &streamer);
+    } else {
+      models::load_hf_weights(*model_, ck);
+    }
     log::info("loaded Hugging Face checkpoint ", mc.from);
   }
   if (!run.init_from.empty()) {
