@@ -11,6 +11,7 @@
 #include "core/error.h"
 #include "core/strings.h"
 #include "models/arch.h"
+#include "models/checkpoint.h"
 
 namespace qf::models {
 namespace {
@@ -245,23 +246,33 @@ class LlamaForCausalLM : public CausalLM, public HasLinearSlots {
     model = register_module(split_last(spec(c).layers).first, std::make_shared<LlamaBody>(c));
     if (!c.tie_embeddings) lm_head = LinearSlot(this, spec(c).lm_head, std::make_shared<DenseLinear>(c.dim, c.vocab_size, false));
   }
-  at::Tensor forward(const at::Tensor& ids, KVCache* cache) override {
+  at::Tensor hidden(const at::Tensor& ids, KVCache* cache) override {
     QF_CHECK(ids.dim() == 2, "input_ids must be [batch, seq], got ", ids.sizes());
     const int64_t T = ids.size(1), start = cache ? cache->length : 0;
     QF_CHECK(start + T <= cfg.max_seq_len, "sequence of ", start + T, " tokens exceeds model.max_seq_len ", cfg.max_seq_len);
-    auto table = model->embed_tokens.get()->table();
-    auto x = embed_table(table, ids);
+    auto x = embed_table(model->embed_tokens.get()->table(), ids);
     Rope rope(cfg, start, T, x.options());
     for (size_t i = 0; i < model->layer_ptrs.size(); ++i) {
-      const auto& [cos, sin] = rope.of(static_cast<int64_t>(i));
-      x = model->layer_ptrs[i]->forward(x, cos, sin, cache, (int)i);
+      // Captured by value: a checkpointed layer calls this again in backward, after hidden() returned.
+      const auto& cs = rope.of(static_cast<int64_t>(i));
+      auto blk = model->layer_ptrs[i];
+      x = run_layer(static_cast<int64_t>(i), *blk, x, cache != nullptr,
+                    [blk, cos = cs.first, sin = cs.second, cache, i](const at::Tensor& xi) {
+                      return blk->forward(xi, cos, sin, cache, static_cast<int>(i));
+                    });
     }
     x = model->norm->forward(x);
     if (cache) cache->length += T;
-    auto logits = cfg.tie_embeddings ? at::linear(x, table) : lm_head(x);
+    return x;
+  }
+  at::Tensor logits(const at::Tensor& h) override {
+    auto y = cfg.tie_embeddings ? at::linear(h, model->embed_tokens.get()->table()) : lm_head(h);
     // Final logit soft-capping (Gemma 2).
-    if (cfg.final_softcap > 0) logits = at::tanh(logits / cfg.final_softcap) * cfg.final_softcap;
-    return logits;
+    if (cfg.final_softcap > 0) y = at::tanh(y / cfg.final_softcap) * cfg.final_softcap;
+    return y;
+  }
+  torch::nn::Module& head_module() override {
+    return cfg.tie_embeddings ? static_cast<torch::nn::Module&>(*model->embed_tokens.get()) : *lm_head.get();
   }
   EmbeddingSlot& token_embedding() override { return model->embed_tokens; }
   std::string token_embedding_name() const override { return spec(cfg).embed; }
@@ -382,18 +393,23 @@ class Gpt2LMHeadModel : public CausalLM {
   explicit Gpt2LMHeadModel(const ModelConfig& c) : CausalLM(c) {
     transformer = register_module(split_last(spec(c).layers).first, std::make_shared<Gpt2Body>(c));
   }
-  at::Tensor forward(const at::Tensor& ids, KVCache* cache) override {
+  at::Tensor hidden(const at::Tensor& ids, KVCache* cache) override {
     QF_CHECK(ids.dim() == 2, "input_ids must be [batch, seq], got ", ids.sizes());
     const int64_t T = ids.size(1), start = cache ? cache->length : 0;
     QF_CHECK(start + T <= cfg.max_seq_len, "sequence of ", start + T, " tokens exceeds model.max_seq_len ", cfg.max_seq_len);
     auto pos = at::arange(start, start + T, ids.options());
-    auto table = transformer->wte.get()->table();
-    auto x = at::embedding(table, ids) + transformer->wpe->forward(pos).unsqueeze(0);
-    for (size_t i = 0; i < transformer->blocks.size(); ++i) x = transformer->blocks[i]->forward(x, cache, (int)i);
+    auto x = at::embedding(transformer->wte.get()->table(), ids) + transformer->wpe->forward(pos).unsqueeze(0);
+    for (size_t i = 0; i < transformer->blocks.size(); ++i) {
+      auto blk = transformer->blocks[i];  // by value: see LlamaForCausalLM::hidden
+      x = run_layer(static_cast<int64_t>(i), *blk, x, cache != nullptr,
+                    [blk, cache, i](const at::Tensor& xi) { return blk->forward(xi, cache, static_cast<int>(i)); });
+    }
     x = transformer->ln_f->forward(x);
     if (cache) cache->length += T;
-    return at::linear(x, table);
+    return x;
   }
+  at::Tensor logits(const at::Tensor& h) override { return at::linear(h, transformer->wte.get()->table()); }
+  torch::nn::Module& head_module() override { return *transformer->wte.get(); }
   EmbeddingSlot& token_embedding() override { return transformer->wte; }
   std::string token_embedding_name() const override { return spec(cfg).embed; }
   at::Tensor embed(const at::Tensor& ids) override {
@@ -497,17 +513,23 @@ class OptForCausalLM : public CausalLM {
     model = register_module(outer.first, std::make_shared<torch::nn::Module>());
     decoder = model->register_module(outer.second, std::make_shared<OptDecoder>(c));
   }
-  at::Tensor forward(const at::Tensor& ids, KVCache* cache) override {
+  at::Tensor hidden(const at::Tensor& ids, KVCache* cache) override {
     QF_CHECK(ids.dim() == 2, "input_ids must be [batch, seq], got ", ids.sizes());
     const int64_t T = ids.size(1), start = cache ? cache->length : 0;
     QF_CHECK(start + T <= cfg.max_seq_len, "sequence of ", start + T, " tokens exceeds model.max_seq_len ", cfg.max_seq_len);
     auto x = embed_at(ids, start);
-    for (size_t i = 0; i < decoder->layer_ptrs.size(); ++i) x = decoder->layer_ptrs[i]->forward(x, cache, (int)i);
+    for (size_t i = 0; i < decoder->layer_ptrs.size(); ++i) {
+      auto blk = decoder->layer_ptrs[i];  // by value: see LlamaForCausalLM::hidden
+      x = run_layer(static_cast<int64_t>(i), *blk, x, cache != nullptr,
+                    [blk, cache, i](const at::Tensor& xi) { return blk->forward(xi, cache, static_cast<int>(i)); });
+    }
     if (cache) cache->length += T;
     if (decoder->final_norm) x = decoder->final_norm->forward(x);
     if (decoder->project_out) x = decoder->project_out->forward(x);
-    return at::linear(x, decoder->embed_tokens.get()->table());
+    return x;
   }
+  at::Tensor logits(const at::Tensor& h) override { return at::linear(h, decoder->embed_tokens.get()->table()); }
+  torch::nn::Module& head_module() override { return *decoder->embed_tokens.get(); }
   // Token embeddings (projected in) plus the learned positions, which start at row 2.
   at::Tensor embed_at(const at::Tensor& ids, int64_t start) {
     auto x = at::embedding(decoder->embed_tokens.get()->table(), ids);
@@ -528,6 +550,13 @@ class OptForCausalLM : public CausalLM {
 };
 
 }  // namespace
+
+at::Tensor CausalLM::run_layer(int64_t i, torch::nn::Module& mod, const at::Tensor& x, bool cached,
+                               const std::function<at::Tensor(const at::Tensor&)>& fn) {
+  if (checkpoint_every <= 0 || cached || !is_training() || !at::GradMode::is_enabled() || i % checkpoint_every != 0)
+    return fn(x);
+  return checkpoint(fn, x, mod.parameters());
+}
 
 at::Tensor rope_inv_freq(const ModelConfig& c, int64_t seq_len) {
   // float32 throughout, in the same order of operations as transformers' rope init functions,

@@ -8,6 +8,7 @@
 #include <ATen/core/Tensor.h>
 #include <torch/nn/module.h>
 
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -27,8 +28,25 @@ class CausalLM : public torch::nn::Module {
  public:
   explicit CausalLM(ModelConfig c) : cfg(std::move(c)) {}
   // input_ids [B, T] int64 -> logits [B, T, vocab] (in the model dtype). With a cache, positions
-  // continue from cache->length and the cache is extended.
-  virtual at::Tensor forward(const at::Tensor& input_ids, KVCache* cache = nullptr) = 0;
+  // continue from cache->length and the cache is extended. forward == logits(hidden(...)).
+  at::Tensor forward(const at::Tensor& input_ids, KVCache* cache = nullptr) { return logits(hidden(input_ids, cache)); }
+  // The hidden state the output layer reads ([B, T, dim], after the final norm), and the output
+  // layer on any [..., dim] rows (a chunked loss calls it on slices): logits(h) needs no position.
+  virtual at::Tensor hidden(const at::Tensor& input_ids, KVCache* cache = nullptr) = 0;
+  virtual at::Tensor logits(const at::Tensor& h) = 0;
+  // The module whose parameters logits() reads (lm_head, or the token embedding when tied).
+  virtual torch::nn::Module& head_module() = 0;
+  // Activation checkpointing: in training with grad enabled and no cache, every layer i with
+  // i % checkpoint_every == 0 keeps only its input and recomputes in backward (0 = off).
+  int64_t checkpoint_every = 0;
+
+ protected:
+  // fn(x), layer i's forward: checkpointed (models/checkpoint.h) over the layer's trainable
+  // parameters when checkpoint_every asks for it and the call is a training forward without cache.
+  at::Tensor run_layer(int64_t i, torch::nn::Module& mod, const at::Tensor& x, bool cached,
+                       const std::function<at::Tensor(const at::Tensor&)>& fn);
+
+ public:
   KVCache make_cache(int64_t batch, int64_t capacity) const;
   // Re-initialise parameters (normal(0, init_std) for linears/embeddings, ones/zeros for norms).
   void init_weights(uint64_t seed);

@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "models/checkpoint.h"
 #include "quant/ggml_blocks.h"
 
 namespace qf::quant {
@@ -173,6 +174,8 @@ static QParams qparams_from_minmax(const at::Tensor& mn, const at::Tensor& mx, c
 
 void FakeQuantizer::observe(const at::Tensor& x) {
   if (frozen_ || obs_.type == ObserverType::Dynamic || spec_.is_ggml()) return;
+  // A checkpointed layer's recompute sees the same input again: the first forward observed it.
+  if (models::recomputing() && obs_min.defined()) return;
   at::NoGradGuard ng;
   auto shp = blocks_of(x, spec_);
   auto xb = x.detach().to(at::kFloat).reshape({shp[0], shp[1], shp[2]});

@@ -7,6 +7,8 @@
 #include <cmath>
 #include <vector>
 
+#include "models/checkpoint.h"
+
 namespace qf::trainer {
 
 namespace {
@@ -37,15 +39,53 @@ class AutocastGuard {
 
 }  // namespace
 
-at::Tensor token_loss_sum(models::CausalLM& m, const data::Batch& b, at::Device dev, bool bf16) {
-  at::Tensor logits;
+int64_t loss_chunk_rows(int64_t setting, int64_t vocab) {
+  if (setting >= 0) return setting;
+  return std::max<int64_t>(64, (int64_t{1} << 25) / std::max<int64_t>(1, vocab));
+}
+
+at::Tensor token_loss_sum(models::CausalLM& m, const data::Batch& b, at::Device dev, bool bf16, int64_t chunk_tokens) {
+  auto ids = b.input_ids.to(dev);
+  auto labels = b.labels.to(dev).reshape({-1});
+  const int64_t N = labels.numel(), chunk = loss_chunk_rows(chunk_tokens, m.cfg.vocab_size);
+  // The loss of rows [.., dim] of hidden states against their labels: the output layer under the
+  // forward's autocast, the cross-entropy in fp32 outside it.
+  auto rows_loss = [&m, bf16, dev](const at::Tensor& h, const at::Tensor& lab) {
+    at::Tensor logits;
+    {
+      AutocastGuard ag(bf16, dev.type());
+      logits = m.logits(h);
+    }
+    const int64_t V = logits.size(-1);
+    return at::cross_entropy_loss(logits.reshape({-1, V}).to(at::kFloat), lab, {}, at::Reduction::Sum, -100);
+  };
+  at::Tensor h;
   {
     AutocastGuard ag(bf16, dev.type());
-    logits = m.forward(b.input_ids.to(dev));
+    h = m.hidden(ids);
   }
-  const int64_t V = logits.size(-1);
-  return at::cross_entropy_loss(logits.reshape({-1, V}).to(at::kFloat), b.labels.to(dev).reshape({-1}), {},
-                                at::Reduction::Sum, -100);
+  h = h.reshape({N, h.size(-1)});
+  if (chunk == 0 || chunk >= N) return rows_loss(h, labels);
+  // Chunked: at most `chunk` rows of logits exist at a time. In a training forward each chunk is
+  // checkpointed over the output layer's trainable parameters, so backward recomputes one chunk's
+  // logits at a time instead of keeping them all.
+  std::vector<at::Tensor> head_params;
+  for (auto& p : m.head_module().parameters())
+    if (p.requires_grad()) head_params.push_back(p);
+  const bool grad = at::GradMode::is_enabled() && (h.requires_grad() || !head_params.empty());
+  auto labelled = (labels != -100).to(at::kLong).cumsum(0).cpu();  // labelled rows before each end
+  const int64_t* cum = labelled.data_ptr<int64_t>();
+  at::Tensor total;
+  for (int64_t s = 0; s < N; s += chunk) {
+    const int64_t e = std::min(N, s + chunk);
+    if (cum[e - 1] == (s > 0 ? cum[s - 1] : 0)) continue;  // no labelled row: adds nothing
+    auto lab = labels.slice(0, s, e);
+    auto hc = h.slice(0, s, e);
+    auto l = grad ? models::checkpoint([rows_loss, lab](const at::Tensor& x) { return rows_loss(x, lab); }, hc, head_params)
+                  : rows_loss(hc, lab);
+    total = total.defined() ? total + l : l;
+  }
+  return total.defined() ? total : rows_loss(h.slice(0, 0, 0), labels.slice(0, 0, 0));
 }
 
 EvalResult evaluate_model(models::CausalLM& m, const data::PackedSet& set, int64_t bs, int64_t max_batches,
@@ -68,7 +108,7 @@ EvalResult evaluate_model(models::CausalLM& m, const data::PackedSet& set, int64
     for (int64_t j = lo + r * len / world; j < lo + (r + 1) * len / world; ++j) idx.push_back(j);
     if (idx.empty()) continue;
     auto b = data::make_batch(set, idx);
-    sum += token_loss_sum(m, b, dev, bf16).item<double>();
+    sum += token_loss_sum(m, b, dev, bf16, -1).item<double>();
     tokens += static_cast<double>((b.labels != -100).sum().item<int64_t>());
   }
   if (world > 1) shard.sum(sum, tokens);

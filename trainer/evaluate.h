@@ -20,7 +20,14 @@ struct EvalResult {
 };
 
 // Sum over b's labelled tokens of the next-token cross-entropy (a scalar fp32 tensor, in the graph).
-at::Tensor token_loss_sum(models::CausalLM& m, const data::Batch& b, at::Device dev, bool bf16);
+// chunk_tokens (trainer.loss_chunk_tokens): rows of logits computed at a time; 0 = all at once,
+// -1 = auto (loss_chunk_rows). Chunked, the [tokens, vocab] logits and their gradient never exist
+// whole: a training forward checkpoints each chunk (models/checkpoint.h). Equal to the unchunked
+// sum up to fp32 summation order.
+at::Tensor token_loss_sum(models::CausalLM& m, const data::Batch& b, at::Device dev, bool bf16, int64_t chunk_tokens);
+// The chunk size for a setting: itself when >= 0, else about 2^25 logits per chunk (128 MiB fp32),
+// at least 64 rows.
+int64_t loss_chunk_rows(int64_t setting, int64_t vocab);
 
 // Mean next-token cross-entropy over a packed set (batches in order).
 // Data parallel (shard.world > 1): each global batch of batch_size * world sequences is split

@@ -263,7 +263,12 @@ TEST_F(Cli, DataParallelTwoRanksFollowOneRank) {
       {"zero-1", " dist.zero=1"},
       {"zero-2 accum buckets clip", " dist.zero=2 trainer.grad_accum=2 dist.bucket_mb=0.01 dist.first_bucket_mb=0.001 trainer.grad_clip=0.05"},
       {"buckets after backward", " dist.overlap=false dist.bucket_mb=0.02 dist.first_bucket_mb=0.002 trainer.grad_accum=2"},
-      {"bf16 autocast", " trainer.precision=bf16"}};
+      {"bf16 autocast", " trainer.precision=bf16"},
+      // Recomputed layers and chunked-loss chunks (the tied embedding is read by the lookup and by
+      // every chunk) hand each parameter's gradient to the hooks once per backward.
+      {"activation checkpointing + chunked loss",
+       " trainer.activation_checkpointing=true trainer.loss_chunk_tokens=24 dist.bucket_mb=0.02"},
+      {"qlora + activation checkpointing", " peft.r=4 peft.base=nf4 trainer.activation_checkpointing=true"}};
   int k = 0;
   double plain_bytes = 0;
   for (auto& [name, extra] : variants) {

@@ -465,6 +465,45 @@ TEST_F(TrainerTest, QatLoraExactMergeConvertsToTheTrainedModel) {
   EXPECT_NEAR(r.val_converted, r.val_after, 1e-5 * r.val_after);
 }
 
+// Activation checkpointing and the chunked loss change memory, not the run: the loss curve of
+// every training mode equals the plain run's. LoRA dropout checks that the recompute draws the same
+// mask (RNG), the moving-average observer that the recompute does not observe twice, the learned
+// scales (LSQ) and accumulation that parameter gradients arrive once per backward.
+TEST_F(TrainerTest, ActivationCheckpointingAndChunkedLossKeepTheLossCurve) {
+  const std::vector<std::pair<std::string, std::vector<std::string>>> modes{
+      {"full", {}},
+      {"lora+dropout", {"peft.r=4", "peft.dropout=0.2", "trainer.optim.lr=0.01"}},
+      {"qlora", {"peft.r=4", "peft.base=nf4", "trainer.optim.lr=0.01", "trainer.grad_accum=2", "trainer.batch_size=4"}},
+      {"qat lsq + observed activations",
+       {"quant.rules=[{pattern: 'model.layers.*', weight: {bits: 4, granularity: per-group, group_size: 16, learn: lsq}, "
+        "activation: {bits: 8, granularity: per-tensor}}]",
+        "quant.observer.type=moving-average", "quant.convert_at_end=false"}},
+      {"qat+lora", {"peft.r=4", "quant.rules=[{pattern: 'model.layers.*', weight: {preset: int4-g32}}]",
+                    "quant.convert_at_end=false"}},
+      {"gpt2 bf16", {"model.family=gpt2", "model.n_kv_heads=0", "trainer.precision=bf16"}},
+  };
+  int n = 0;
+  for (auto& [name, extra] : modes) {
+    auto run = [&, &extra = extra](std::vector<std::string> more) {
+      more.insert(more.end(), extra.begin(), extra.end());
+      more.push_back("run.out_dir=" + tmp.path + "/r" + std::to_string(n++));
+      more.push_back("trainer.max_steps=4");
+      return run_losses(make_cfg(tmp.path, more));
+    };
+    auto plain = run({"trainer.loss_chunk_tokens=0"});
+    auto ckpt = run({"trainer.activation_checkpointing=true", "trainer.loss_chunk_tokens=48"});
+    auto every2 = run({"trainer.activation_checkpointing=true", "trainer.activation_checkpointing_every=2"});
+    ASSERT_EQ(plain.size(), 4u) << name;
+    ASSERT_EQ(ckpt.size(), 4u) << name;
+    ASSERT_EQ(every2.size(), 4u) << name;
+    const double tol = name.find("bf16") != std::string::npos ? 1e-4 : 2e-6;
+    for (size_t i = 0; i < plain.size(); ++i) {
+      EXPECT_NEAR(ckpt[i], plain[i], tol * plain[i]) << name << ", step " << i + 1 << " (every layer, chunked loss)";
+      EXPECT_NEAR(every2[i], plain[i], tol * plain[i]) << name << ", step " << i + 1 << " (every 2nd layer)";
+    }
+  }
+}
+
 TEST(RunConfigPeft, InconsistentPeftSettingsAreConfigErrors) {
   auto parse = [](const std::string& extra) {
     return qf::testing::config_error_of([&] {
