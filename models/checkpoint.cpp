@@ -8,6 +8,8 @@
 
 #include <optional>
 
+#include "core/error.h"
+
 namespace qf::models {
 namespace {
 
@@ -125,7 +127,32 @@ struct CheckpointFn : torch::autograd::Function<CheckpointFn> {
   }
 };
 
+struct EagerGradFn : torch::autograd::Function<EagerGradFn> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const SegmentFn& fn) {
+    auto xd = x.detach().requires_grad_(true);
+    at::Tensor y, g;
+    {
+      at::AutoGradMode grad(true);
+      y = fn(xd);
+      QF_CHECK(y.numel() == 1, "scalar_with_eager_grad: fn returned ", y.sizes(), ", expected a scalar");
+      g = y.requires_grad() ? torch::autograd::grad({y}, {xd}, {}, false, false, true)[0] : at::Tensor();
+    }
+    ctx->save_for_backward({g.defined() ? g : at::zeros_like(x)});
+    return y.detach();
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_out) {
+    auto g = ctx->get_saved_variables()[0];
+    return {grad_out[0].defined() ? g * grad_out[0].to(g.scalar_type()) : at::Tensor(), at::Tensor()};
+  }
+};
+
 }  // namespace
+
+at::Tensor scalar_with_eager_grad(SegmentFn fn, const at::Tensor& x) {
+  if (!x.requires_grad() || !at::GradMode::is_enabled()) return fn(x);
+  return EagerGradFn::apply(x, fn);
+}
 
 bool recomputing() { return t_recomputing; }
 

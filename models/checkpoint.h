@@ -22,6 +22,12 @@ using SegmentFn = std::function<at::Tensor(const at::Tensor&)>;
 // fn must be a pure function of x, `params` and tensors that need no gradient (captured).
 at::Tensor checkpoint(SegmentFn fn, const at::Tensor& x, const std::vector<at::Tensor>& params);
 
+// For a scalar-valued fn that reads no trainable tensor but x: computes fn(x) and its gradient
+// d fn / dx in one pass (forward), keeping only that gradient [x's shape] for backward, which
+// scales it by the incoming gradient. Memory as checkpoint(), without the recompute (a chunked
+// loss over a frozen output layer: QLoRA, LoRA).
+at::Tensor scalar_with_eager_grad(SegmentFn fn, const at::Tensor& x);
+
 // True while a checkpointed segment is being recomputed in backward (this thread).
 bool recomputing();
 

@@ -68,7 +68,8 @@ at::Tensor token_loss_sum(models::CausalLM& m, const data::Batch& b, at::Device 
   if (chunk == 0 || chunk >= N) return rows_loss(h, labels);
   // Chunked: at most `chunk` rows of logits exist at a time. In a training forward each chunk is
   // checkpointed over the output layer's trainable parameters, so backward recomputes one chunk's
-  // logits at a time instead of keeping them all.
+  // logits at a time instead of keeping them all; over a frozen output layer the chunk's gradient
+  // is computed in the forward instead (no recompute).
   std::vector<at::Tensor> head_params;
   for (auto& p : m.head_module().parameters())
     if (p.requires_grad()) head_params.push_back(p);
@@ -81,8 +82,9 @@ at::Tensor token_loss_sum(models::CausalLM& m, const data::Batch& b, at::Device 
     if (cum[e - 1] == (s > 0 ? cum[s - 1] : 0)) continue;  // no labelled row: adds nothing
     auto lab = labels.slice(0, s, e);
     auto hc = h.slice(0, s, e);
-    auto l = grad ? models::checkpoint([rows_loss, lab](const at::Tensor& x) { return rows_loss(x, lab); }, hc, head_params)
-                  : rows_loss(hc, lab);
+    auto fn = [rows_loss, lab](const at::Tensor& x) { return rows_loss(x, lab); };
+    // A frozen output layer (LoRA, QLoRA): the chunk's gradient is taken right away, no recompute.
+    auto l = !grad ? fn(hc) : head_params.empty() ? models::scalar_with_eager_grad(fn, hc) : models::checkpoint(fn, hc, head_params);
     total = total.defined() ? total + l : l;
   }
   return total.defined() ? total : rows_loss(h.slice(0, 0, 0), labels.slice(0, 0, 0));
