@@ -160,9 +160,13 @@ void load_hf_weights(CausalLM& model, const HfCheckpoint& ck, bool progress, boo
       const std::string lin = name.substr(0, name.size() - 7);  // minus ".weight"
       auto& dense = static_cast<DenseLinear&>(*slot.get());
       const bool transpose = arch.is_conv1d_weight(name);
-      at::Tensor w = t;
-      if (transpose || t.scalar_type() != dense.weight.scalar_type() || !t.is_contiguous() || t.numel() == 0)
-        w = (transpose ? t.t() : t).to(dense.weight.scalar_type()).contiguous();
+      // Widening bf16/fp16 to an fp32 model is exact: the builder reads the file's values directly
+      // rather than through a full-precision copy (which would also fragment the heap, tensor after tensor).
+      const auto pd = dense.weight.scalar_type();
+      const bool widen = pd == at::kFloat && (t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf);
+      at::Tensor w = transpose ? t.t() : t;
+      const auto want = widen ? t.scalar_type() : pd;
+      if (w.scalar_type() != want || !w.is_contiguous()) w = w.to(want).contiguous();
       auto m = streamer->build(lin, w, dense.bias);
       TORCH_INTERNAL_ASSERT(m && m->in_features == dense.in_features && m->out_features == dense.out_features,
                             "LinearStreamer built a module of the wrong shape for ", lin);

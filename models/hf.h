@@ -38,10 +38,11 @@ struct HfCheckpoint {
 
 // Builds some linears of the model straight from their checkpoint tensors while loading (QLoRA's NF4
 // base: peft::frozen_base_streamer). `claims(name)` picks linear slots by full name (only dense
-// ones are offered); `build(name, weight, bias)` gets the weight exactly as the dense layer would
-// have held it ([out, in], in the model's dtype; a view of the file mapping when nothing had to be
-// converted: read it, do not keep a reference unless that is the point) and the layer's loaded bias
-// (undefined if none), and returns the module to install in the slot.
+// ones are offered); `build(name, weight, bias)` gets the weight with exactly the values the dense
+// layer would have held ([out, in], in the model's dtype, or still bf16/fp16 where the model is fp32,
+// widening being exact; a view of the file mapping when nothing had to be converted: read it, do not
+// keep a reference unless that is the point) and the layer's loaded bias (undefined if none), and
+// returns the module to install in the slot.
 struct LinearStreamer {
   std::function<bool(const std::string& name)> claims;
   std::function<std::shared_ptr<LinearBase>(const std::string& name, const at::Tensor& weight, const at::Tensor& bias)>

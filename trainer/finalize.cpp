@@ -2,6 +2,9 @@
 // the merged and converted models (each evaluated), and train_summary.json.
 #include <sys/resource.h>
 
+#include <fstream>
+#include <string>
+
 #include "core/fs.h"
 #include "core/log.h"
 #include "peft/adapter.h"
@@ -12,6 +15,19 @@
 #include "models/arch.h"
 
 namespace qf::trainer {
+
+// VmHWM, not getrusage's ru_maxrss: Linux carries the peak of the image exec replaced into
+// ru_maxrss, so a child that Python's subprocess vfork()s and exec()s starts with the whole Python
+// parent's peak (1 GB after building a checkpoint), and qforge's own OMP re-exec (core/threads) adds
+// its pre-exec image. ru_maxrss only without /proc.
+int64_t peak_rss_bytes() {
+  std::ifstream f("/proc/self/status");
+  for (std::string line; std::getline(f, line);)
+    if (line.rfind("VmHWM:", 0) == 0) return std::stoll(line.substr(6)) * 1024;  // "VmHWM:  123 kB"
+  rusage ru{};
+  ::getrusage(RUSAGE_SELF, &ru);
+  return static_cast<int64_t>(ru.ru_maxrss) * 1024;
+}
 
 void Trainer::finalize(TrainResult& res, const std::function<EvalResult()>& eval) {
   const bool convert = cfg_.quant.enabled && cfg_.quant.convert_at_end;
@@ -44,9 +60,7 @@ void Trainer::finalize(TrainResult& res, const std::function<EvalResult()>& eval
     }
   }
   res.model_bytes = quant::model_bytes(*model_);
-  rusage ru{};
-  ::getrusage(RUSAGE_SELF, &ru);
-  res.peak_rss_bytes = static_cast<int64_t>(ru.ru_maxrss) * 1024;
+  res.peak_rss_bytes = peak_rss_bytes();
   nlohmann::json j = {{"steps", res.end_step},
                       {"tokens_per_s", res.tokens_per_s},
                       {"val_loss_before", res.val_before},
@@ -58,6 +72,7 @@ void Trainer::finalize(TrainResult& res, const std::function<EvalResult()>& eval
                       {"optimizer_bytes", res.optim_bytes},
                       {"model_bytes", res.model_bytes},
                       {"peak_rss_bytes", res.peak_rss_bytes},
+                      {"setup_peak_rss_bytes", setup_peak_rss_},
                       {"checkpoint", res.checkpoint},
                       {"converted", res.converted},
                       {"adapter", res.adapter},

@@ -202,6 +202,7 @@ void Trainer::transform_model(bool ptq_init) {
   if (cfg_.peft.enabled) apply_peft(*model_, cfg_.peft, true);
   model_->to(device_);
   model_->train();
+  setup_peak_rss_ = peak_rss_bytes();  // the load's peak (QLoRA: NF4 model + one tensor)
 }
 
 void Trainer::attach_data_parallel() {

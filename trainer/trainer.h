@@ -113,6 +113,7 @@ class Trainer {
   bool created_run_dir_ = false;  // rank 0: this run created run.out_dir (a failed one removes it if empty)
   bool finished_ = false;         // train() ran to the end
   std::optional<quant::PtqResult> ptq_;  // quant.init: what PTQ produced (GPTQ's exact codes)
+  int64_t setup_peak_rss_ = 0;  // peak RSS once the model is loaded and transformed (train_summary.json)
   dist::Env denv_;  // the launcher's environment (rank 0 of 1 when not launched)
   // Process group, gradient sync, ZeRO, observer sync; set by setup (a group only when launched).
   std::unique_ptr<DataParallel> dp_;
@@ -130,5 +131,7 @@ peft::ApplyReport apply_peft(torch::nn::Module& model, const peft::LoraConfig& p
 at::Device pick_device(DeviceChoice d);
 // Intra-op CPU threads for run.threads (0 = every core).
 void set_threads(int64_t threads);
+// This process image's peak resident set so far (VmHWM; ru_maxrss without /proc), in bytes.
+int64_t peak_rss_bytes();
 
 }  // namespace qf::trainer
