@@ -39,6 +39,13 @@ QuantizeResult quantize_run(const std::string& src, const std::vector<std::strin
     ov.insert(ov.end(), overrides.begin(), overrides.end());
     cfg = load_run_config(a.calib, ov);
     set_threads(cfg.run.threads);
+    // Memory (issue 19 item 3, not streamed yet): the whole model is held in fp32 here (a bf16
+    // checkpoint: 2x its bytes, anonymous; fp32: its mapped pages), because the "before" evaluation
+    // and every method's calibration pass (RTN's per-layer error report too) run the float model;
+    // peak = fp32 model + the packed model built by convert + calibration hidden states. RTN without
+    // the error report and --no-eval could build each QuantizedLinear straight from the mapping with
+    // a models::LinearStreamer (as QLoRA's load does, peft::frozen_base_streamer); GPTQ/AWQ would need
+    // the LayerDriver to materialise each layer's weights from the mapping just before its turn.
     model = load_hf_dir(src, "fp32", nullptr);
     tok = data::load_or_train_tokenizer(cfg.tokenizer);
   } else {
