@@ -18,11 +18,17 @@
 #include "core/json_file.h"
 #include "core/log.h"
 #include "core/safetensors.h"
+#include "trainer/adamw8bit.h"
+#include "trainer/trainer_config.h"
 
 namespace qf::trainer {
 namespace sfs = std::filesystem;
 
-NamedTensors optimizer_state(const torch::nn::Module& m, torch::optim::AdamW& opt) {
+NamedTensors optimizer_state(const torch::nn::Module& m, torch::optim::Optimizer& optimizer) {
+  if (auto* a8 = dynamic_cast<AdamW8bit*>(&optimizer)) return adamw8bit_state(m, *a8);
+  auto* adamw = dynamic_cast<torch::optim::AdamW*>(&optimizer);
+  TORCH_INTERNAL_ASSERT(adamw, "optimizer_state: neither AdamW nor AdamW8bit");
+  auto& opt = *adamw;
   NamedTensors out;
   auto& st = opt.state();
   for (auto& p : m.named_parameters()) {
@@ -36,8 +42,37 @@ NamedTensors optimizer_state(const torch::nn::Module& m, torch::optim::AdamW& op
   return out;
 }
 
-void load_optimizer_state(const torch::nn::Module& m, torch::optim::AdamW& opt, const NamedTensors& state,
+void load_optimizer_state(const torch::nn::Module& m, torch::optim::Optimizer& optimizer, const NamedTensors& state,
                           const std::string& origin) {
+  // Which optimizer wrote the file (its entry names), against the one this run uses.
+  auto* a8 = dynamic_cast<AdamW8bit*>(&optimizer);
+  bool file_adamw = false, file_8bit = false;
+  for (auto& [k, t] : state) {
+    file_adamw = file_adamw || k.rfind("exp_avg/", 0) == 0 || k.rfind("exp_avg_sq/", 0) == 0;
+    file_8bit = file_8bit || k.rfind("state1/", 0) == 0 || k.rfind("state2/", 0) == 0 || k.rfind("absmax1/", 0) == 0 ||
+                k.rfind("absmax2/", 0) == 0;
+  }
+  if ((a8 && file_adamw) || (!a8 && file_8bit)) {
+    const std::string file = cfg::name_of(optim_names(), a8 ? OptimName::AdamW : OptimName::AdamW8bit);
+    const std::string run = cfg::name_of(optim_names(), a8 ? OptimName::AdamW8bit : OptimName::AdamW);
+    throw InputError(str(origin, ": holds ", file, " optimizer state (trainer.optim.name: ", file,
+                         ") but this run's trainer.optim.name is ", run, ". Set trainer.optim.name: ", file,
+                         " to resume with that optimizer, or delete ", origin,
+                         " to start ", run, " from zero moments (weights, step and data position still resume)"));
+  }
+  if (a8) {
+    size_t n_params = 0, n_train = 0;
+    for (auto& [k, t] : state) n_params += k.rfind("step/", 0) == 0;
+    for (auto& p : m.named_parameters()) n_train += p.value().requires_grad();
+    load_adamw8bit_state(m, *a8, state, origin,
+                         str(" (the file holds 8-bit AdamW state for ", n_params, " parameter", n_params == 1 ? "" : "s",
+                             ", the model trains ", n_train, "): it belongs to another model or run. Resume the run it "
+                             "belongs to, or delete ", origin, " to restart the optimizer from zero moments with these weights"));
+    return;
+  }
+  auto* adamw = dynamic_cast<torch::optim::AdamW*>(&optimizer);
+  TORCH_INTERNAL_ASSERT(adamw, "load_optimizer_state: neither AdamW nor AdamW8bit");
+  auto& opt = *adamw;
   std::map<std::string, at::Tensor> by;
   for (auto& [n, t] : state) by[n] = t;
   // The file must be this model's: every entry AdamW state of one of its trainable parameters, in its

@@ -25,11 +25,15 @@ using models::NamedTensors;  // models/state.h
 using models::model_state;
 using models::load_model_state;
 
-NamedTensors optimizer_state(const torch::nn::Module& m, torch::optim::AdamW& opt);
-// Restores AdamW state for the parameters `opt` holds (a ZeRO rank: its share). Every entry of the
+// The optimizer's state by parameter name: torch::optim::AdamW as exp_avg/, exp_avg_sq/, step/<name>;
+// AdamW8bit (trainer/adamw8bit.h) as state1/, state2/, absmax1/, absmax2/, step/<name>.
+NamedTensors optimizer_state(const torch::nn::Module& m, torch::optim::Optimizer& opt);
+// Restores that state for the parameters `opt` holds (a ZeRO rank: its share). Every entry of the
 // file must be state of a trainable parameter of `m` in its shape (parameters without state never
 // stepped); anything else throws InputError naming the file, the parameter and the shapes/counts.
-void load_optimizer_state(const torch::nn::Module& m, torch::optim::AdamW& opt, const NamedTensors& state,
+// State of the other optimizer (AdamW vs AdamW8bit) throws InputError naming the file, both
+// trainer.optim.name values, and the ways out (switch back, or delete the file).
+void load_optimizer_state(const torch::nn::Module& m, torch::optim::Optimizer& opt, const NamedTensors& state,
                           const std::string& origin);
 
 // What kind of model a checkpoint holds (trainer_state.json's "model_format"): fp = plain weights;

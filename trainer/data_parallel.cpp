@@ -171,10 +171,11 @@ void DataParallel::sync_params(int64_t step) {
   }
 }
 
-models::NamedTensors DataParallel::gather_optimizer_state(const torch::nn::Module& model, torch::optim::AdamW& opt,
+models::NamedTensors DataParallel::gather_optimizer_state(const torch::nn::Module& model, torch::optim::Optimizer& opt,
                                                           int64_t step) {
   auto local = optimizer_state(model, opt);
   if (zero_ == 0) return local;
+  QF_CHECK(dynamic_cast<torch::optim::AdamW*>(&opt), "DataParallel::gather_optimizer_state: ZeRO shards AdamW state only");
   // Each parameter's AdamW state goes from its owner to rank 0 (a flag first: a parameter that
   // never received a gradient has none).
   std::map<std::string, at::Tensor> by(local.begin(), local.end());

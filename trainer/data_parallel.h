@@ -73,8 +73,10 @@ class DataParallel {
   void sync_params(int64_t step);
   // The AdamW state of `model`'s trainable parameters (the ones attached, in that order), as one
   // process holds it, on rank 0: under ZeRO each owner sends its share there (other ranks get
-  // nothing), so a checkpoint saved by N ranks resumes on any M.
-  models::NamedTensors gather_optimizer_state(const torch::nn::Module& model, torch::optim::AdamW& opt, int64_t step);
+  // nothing), so a checkpoint saved by N ranks resumes on any M. ZeRO shards torch's AdamW only
+  // (trainer.optim.name adamw8bit refuses dist.zero > 0 at config time).
+  models::NamedTensors gather_optimizer_state(const torch::nn::Module& model, torch::optim::Optimizer& opt,
+                                              int64_t step);
 
   // Element-wise sums over the ranks in one all-reduce; `what` and `step` name it if a peer is gone.
   std::vector<double> allreduce_sums(std::vector<double> v, const char* what, int64_t step);

@@ -90,10 +90,8 @@ RunConfig parse_run_config(const YAML::Node& given, const std::string& source) {
     c.sample_prompts = r.strings("prompts", {});
     c.sample = models::SamplingConfig::from_config(r);
   }
-  {
-    auto r = top.child("dist");
-    c.dist = DistConfig::from_config(r);
-  }
+  auto dsr = top.child("dist");
+  c.dist = DistConfig::from_config(dsr);
   // Cross-component consistency.
   if (c.data.seq_len > c.model.max_seq_len)
     dr.fail("seq_len", std::to_string(c.data.seq_len) + " exceeds model.max_seq_len " +
@@ -103,6 +101,11 @@ RunConfig parse_run_config(const YAML::Node& given, const std::string& source) {
   if (c.peft.enabled && c.quant.enabled && c.peft.base != peft::BaseFormat::Fp32)
     pr.fail("base", std::string(peft::base_format_name(c.peft.base)) +
                         " storage cannot be combined with quant rules (QAT + LoRA trains on an fp32 fake-quant base)");
+  // ZeRO gathers and shards AdamW's fp32 moments; AdamW8bit's blockwise codes are not sharded.
+  if (c.dist.zero > 0 && c.trainer.optim.name == OptimName::AdamW8bit)
+    dsr.fail("zero", std::to_string(c.dist.zero) +
+                         " shards AdamW state, which trainer.optim.name: adamw8bit does not support; use dist.zero: 0 "
+                         "(8-bit state is already ~4x smaller) or trainer.optim.name: adamw");
   top.finish();
   problems.throw_if_any();
   return c;

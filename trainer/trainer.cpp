@@ -18,6 +18,7 @@
 #include "peft/adapter.h"
 #include "peft/lora.h"
 #include "quant/qat.h"
+#include "trainer/adamw8bit.h"
 #include "trainer/checkpoint.h"
 #include "trainer/data_parallel.h"
 
@@ -214,8 +215,8 @@ void Trainer::attach_data_parallel() {
 }
 
 void Trainer::build_optimizer() {
-  // AdamW, decoupled weight decay on matrices only (no decay on norms and biases). Under ZeRO each
-  // rank's AdamW holds only the parameters it owns.
+  // AdamW (torch's, or bitsandbytes' 8-bit AdamW8bit), decoupled weight decay on matrices only (no
+  // decay on norms and biases). Under ZeRO each rank's AdamW holds only the parameters it owns.
   std::vector<at::Tensor> decay, no_decay;
   for (auto& p : dp_->owned()) (p.dim() >= 2 ? decay : no_decay).push_back(p);
   const auto& o = cfg_.trainer.optim;
@@ -223,7 +224,10 @@ void Trainer::build_optimizer() {
   std::vector<torch::optim::OptimizerParamGroup> groups;
   groups.emplace_back(decay, std::make_unique<torch::optim::AdamWOptions>(base.weight_decay(o.weight_decay)));
   groups.emplace_back(no_decay, std::make_unique<torch::optim::AdamWOptions>(base.weight_decay(0.0)));
-  opt_ = std::make_unique<torch::optim::AdamW>(std::move(groups), base);
+  if (o.name == OptimName::AdamW8bit)
+    opt_ = std::make_unique<AdamW8bit>(std::move(groups), base);
+  else
+    opt_ = std::make_unique<torch::optim::AdamW>(std::move(groups), base);
 }
 
 void Trainer::write_run_files(bool resumed) {

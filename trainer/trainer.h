@@ -24,7 +24,7 @@
 #include "trainer/run_dir.h"
 
 namespace torch::optim {
-class AdamW;
+class Optimizer;
 }
 namespace qf::core {
 class TensorBoardWriter;
@@ -82,7 +82,7 @@ class Trainer {
   void create_model();       // architecture + initial weights (seed, model.from, run.init_from)
   void transform_model(bool ptq_init);  // quant.init, quant.prepare, peft, onto the device
   void attach_data_parallel();  // rank 0's weights everywhere; trainable parameters to dp_
-  void build_optimizer();    // AdamW over this rank's parameters (ZeRO: its shard)
+  void build_optimizer();    // AdamW / AdamW8bit over this rank's parameters (ZeRO: its shard)
   void write_run_files(bool resumed);  // config.yaml, metrics.jsonl (rank 0)
   void log_setup() const;
 
@@ -102,7 +102,7 @@ class Trainer {
   std::unique_ptr<data::Tokenizer> tok_;
   data::Dataset ds_;
   std::shared_ptr<models::CausalLM> model_;
-  std::unique_ptr<torch::optim::AdamW> opt_;
+  std::unique_ptr<torch::optim::Optimizer> opt_;  // AdamW or AdamW8bit (trainer.optim.name)
   std::unique_ptr<data::Sampler> sampler_;
   MetricsLog metrics_;  // rank 0: metrics.jsonl + TensorBoard
   at::Device device_{at::kCPU};

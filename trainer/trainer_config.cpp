@@ -4,8 +4,14 @@
 
 namespace qf::trainer {
 
+const cfg::Names<OptimName>& optim_names() {
+  static const cfg::Names<OptimName> n{{"adamw", OptimName::AdamW}, {"adamw8bit", OptimName::AdamW8bit}};
+  return n;
+}
+
 OptimConfig OptimConfig::from_config(cfg::Reader& r) {
   OptimConfig o;
+  o.name = r.choice<OptimName>("name", o.name, optim_names());
   o.lr = r.f64("lr", o.lr, 0.0, 10.0);
   o.betas = r.f64s("betas", o.betas);
   if (o.betas.size() != 2 || o.betas[0] < 0 || o.betas[0] >= 1 || o.betas[1] < 0 || o.betas[1] >= 1)

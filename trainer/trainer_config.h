@@ -13,8 +13,14 @@ enum class Schedule { Cosine, Linear, Constant };
 enum class Precision { F32, BF16 };  // bf16 = autocast to bfloat16 over fp32 master weights
 enum class DeviceChoice { Auto, Cpu, Cuda };
 enum class Resume { Auto, Never };
+// adamw: torch's AdamW (fp32 moments, 8 bytes per trainable element); adamw8bit: bitsandbytes'
+// AdamW8bit (trainer/adamw8bit.h: 8-bit blockwise moments, ~2.03 bytes per element of a parameter
+// with >= 4096 elements).
+enum class OptimName { AdamW, AdamW8bit };
+const cfg::Names<OptimName>& optim_names();  // adamw, adamw8bit
 
 struct OptimConfig {
+  OptimName name = OptimName::AdamW;
   double lr = 3e-4;
   std::vector<double> betas{0.9, 0.95};
   double eps = 1e-8;

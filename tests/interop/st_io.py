@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 _DT = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL",
-       torch.int64: "I64", torch.int8: "I8"}
+       torch.int64: "I64", torch.int8: "I8", torch.float64: "F64"}
 _TD = {v: k for k, v in _DT.items()}
 
 
