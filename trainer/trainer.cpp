@@ -21,6 +21,7 @@
 #include "trainer/adamw8bit.h"
 #include "trainer/checkpoint.h"
 #include "trainer/data_parallel.h"
+#include "trainer/memory_estimate.h"
 
 namespace qf::trainer {
 namespace sfs = std::filesystem;
@@ -111,6 +112,7 @@ void Trainer::setup() {
   transform_model(/*ptq_init=*/resume_ck.empty());
   attach_data_parallel();
   build_optimizer();
+  check_memory();
   sampler_ = std::make_unique<data::Sampler>(ds_.train.size(), cfg_.trainer.batch_size,
                                              static_cast<uint64_t>(cfg_.data.seed), true,
                                              static_cast<int>(denv_.rank), static_cast<int>(denv_.world_size));
@@ -204,6 +206,8 @@ void Trainer::transform_model(bool ptq_init) {
   model_->to(device_);
   model_->train();
   setup_peak_rss_ = peak_rss_bytes();  // the load's peak (QLoRA: NF4 model + one tensor)
+  const auto& t = cfg_.trainer;
+  model_->checkpoint_every = t.activation_checkpointing ? t.activation_checkpointing_every : 0;
 }
 
 void Trainer::attach_data_parallel() {
@@ -228,6 +232,46 @@ void Trainer::build_optimizer() {
     opt_ = std::make_unique<AdamW8bit>(std::move(groups), base);
   else
     opt_ = std::make_unique<torch::optim::AdamW>(std::move(groups), base);
+}
+
+void Trainer::check_memory() const {
+  const auto& t = cfg_.trainer;
+  MemoryInputs in;
+  in.model = model_->cfg;
+  in.batch = t.batch_size;
+  in.seq = cfg_.data.seq_len;
+  in.bf16 = t.precision == Precision::BF16;
+  in.checkpoint_every = model_->checkpoint_every;
+  in.loss_chunk_rows = loss_chunk_rows(t.loss_chunk_tokens, model_->cfg.vocab_size);
+  double optim = 0;
+  for (auto& p : dp_->owned()) {
+    // AdamW8bit keeps tensors of >= 4096 elements in 8-bit blocks of 256 (two moments + fp32 absmax).
+    const bool q8 = t.optim.name == OptimName::AdamW8bit && p.numel() >= 4096;
+    optim += static_cast<double>(p.numel()) * (q8 ? 2.0 + 8.0 / 256.0 : 8.0);
+  }
+  for (auto& p : model_->parameters()) in.trainable += p.requires_grad() ? p.numel() : 0;
+  in.optim_bytes_per_element = in.trainable > 0 ? optim / static_cast<double>(in.trainable) : 8.0;
+  if (cfg_.peft.enabled) {
+    in.lora_r = cfg_.peft.r;
+    in.frozen_linears = true;
+  }
+  const auto e = estimate_training_memory(in);
+  log::info("memory estimate for training: ", gib(e.total()), " on top of the loaded model (", e.describe(), ")");
+  if (!t.memory_check || !device_.is_cpu()) return;
+  const int64_t avail = available_host_bytes();
+  if (e.total() <= avail) return;
+  std::string fix;
+  if (in.checkpoint_every != 1) {
+    auto ck = in;
+    ck.checkpoint_every = 1;
+    fix += str("set trainer.activation_checkpointing: true (estimate then ", gib(estimate_training_memory(ck).total()), "); ");
+  }
+  if (in.loss_chunk_rows == 0) fix += "set trainer.loss_chunk_tokens: -1 (chunked loss); ";
+  if (t.optim.name == OptimName::AdamW && in.trainable > (int64_t{1} << 24)) fix += "set trainer.optim.name: adamw8bit; ";
+  throw ConfigError({str("trainer: training needs an estimated ", gib(e.total()), " on top of the loaded model (",
+                         e.describe(), " at batch ", in.batch, " x seq ", in.seq, ") but this host has ", gib(avail),
+                         " available. ", fix, "or lower data.seq_len (", in.seq, ") / trainer.batch_size (", in.batch,
+                         "). trainer.memory_check: false skips this check")});
 }
 
 void Trainer::write_run_files(bool resumed) {
@@ -310,7 +354,7 @@ double Trainer::train_step() {
   for (size_t a = 0; a < micro.size(); ++a) {
     dp_->begin_backward(a + 1 == micro.size());  // no sync on accumulation micro-steps
     // Normalise by the tokens of the whole optimizer step, so k x (B/k) == B exactly in expectation.
-    auto loss = token_loss_sum(*model_, micro[a], device_, bf16) / std::max(1.0, n_step);
+    auto loss = token_loss_sum(*model_, micro[a], device_, bf16, t.loss_chunk_tokens) / std::max(1.0, n_step);
     double v = loss.item<double>();
     if (!std::isfinite(v))
       throw DivergedError(str("non-finite loss (", v, ") at step ", step_ + 1, ", micro-batch ", a,

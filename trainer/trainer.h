@@ -85,6 +85,7 @@ class Trainer {
   void build_optimizer();    // AdamW / AdamW8bit over this rank's parameters (ZeRO: its shard)
   void write_run_files(bool resumed);  // config.yaml, metrics.jsonl (rank 0)
   void log_setup() const;
+  void check_memory() const;  // the training memory estimate vs what the host has (trainer/memory_estimate.h)
 
   void write_metrics(const nlohmann::json& j);
   double train_step();

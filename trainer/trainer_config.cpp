@@ -58,6 +58,10 @@ TrainerConfig TrainerConfig::from_config(cfg::Reader& r) {
   t.keep_last = r.i64("keep_last", t.keep_last, 1, 1000);
   t.log_every = r.i64("log_every", t.log_every, 1, 1LL << 40);
   t.resume = r.choice<Resume>("resume", t.resume, {{"auto", Resume::Auto}, {"never", Resume::Never}});
+  t.activation_checkpointing = r.boolean("activation_checkpointing", t.activation_checkpointing);
+  t.activation_checkpointing_every = r.i64("activation_checkpointing_every", t.activation_checkpointing_every, 1, 1 << 20);
+  t.loss_chunk_tokens = r.i64("loss_chunk_tokens", t.loss_chunk_tokens, -1, 1LL << 40);
+  t.memory_check = r.boolean("memory_check", t.memory_check);
   auto o = r.child("optim");
   t.optim = OptimConfig::from_config(o);
   auto s = r.child("schedule");

@@ -54,6 +54,13 @@ struct TrainerConfig {
   int64_t keep_last = 2;     // checkpoints kept
   int64_t log_every = 10;
   Resume resume = Resume::Auto;  // auto: continue from out_dir/checkpoints/latest when present
+  // Memory: recompute each checkpointed decoder layer in backward instead of keeping its
+  // activations (every `every`-th layer: 1 = all); the loss computes logits this many tokens at a
+  // time (0 = all at once, -1 = auto, about 2^25 logits per chunk).
+  bool activation_checkpointing = false;
+  int64_t activation_checkpointing_every = 1;
+  int64_t loss_chunk_tokens = -1;
+  bool memory_check = true;  // refuse a run whose estimated training memory exceeds the host's (CPU)
   OptimConfig optim;
   ScheduleConfig schedule;
   static TrainerConfig from_config(cfg::Reader& r);

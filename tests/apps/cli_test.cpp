@@ -961,3 +961,24 @@ TEST_F(Cli, MistypedJsonInputsAreExitOneNamingFileAndKey) {
   std::ofstream(hf + "/config.json") << c;
   expect_error("inspect " + hf, hf + "/config.json: 'hidden_act': expected a string, found a number");
 }
+
+// A batch that cannot fit is refused before the first step with the estimate and what to change;
+// the run dir is left as it was (nothing but a failed setup happened). QFORGE_HOST_MEMORY_BYTES
+// stands in for a smaller machine.
+TEST_F(Cli, TrainingThatCannotFitIsRefusedWithTheEstimateAndTheSettingToChange) {
+  const std::string big = " model.dim=256 model.n_layers=16 model.n_heads=4 model.ffn_dim=1024 model.max_seq_len=512 data.seq_len=512"
+                          " trainer.batch_size=8 trainer.loss_chunk_tokens=0";
+  auto r = run_sh("QFORGE_HOST_MEMORY_BYTES=1500000000 " + std::string(QFORGE_BINARY) + " train " + cfg + big);
+  EXPECT_EQ(r.rc, 2) << r.out;
+  for (const char* s : {"training needs an estimated", "1.40 GiB available", "batch 8 x seq 512",
+                        "set trainer.activation_checkpointing: true (estimate then", "trainer.loss_chunk_tokens: -1",
+                        "data.seq_len (512)", "trainer.batch_size (8)", "trainer.memory_check: false"})
+    EXPECT_NE(r.out.find(s), std::string::npos) << s << "\n" << r.out;
+  EXPECT_FALSE(std::filesystem::exists(tmp.path + "/run/checkpoints")) << r.out;
+  // What the error suggests makes it fit; memory_check: false lets the original run start.
+  auto ok = run_sh("QFORGE_HOST_MEMORY_BYTES=1500000000 " + std::string(QFORGE_BINARY) + " train " + cfg + big +
+                   " trainer.activation_checkpointing=true trainer.loss_chunk_tokens=-1 trainer.max_steps=1"
+                   " trainer.eval_batches=1 'sample.prompts=[]'");
+  EXPECT_EQ(ok.rc, 0) << ok.out;
+  EXPECT_NE(ok.out.find("memory estimate for training"), std::string::npos) << ok.out;
+}
