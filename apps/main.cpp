@@ -457,11 +457,18 @@ int main(int argc, char** argv) {
   // Idle OpenMP workers sleep instead of spin-waiting, so a core shared with another process slows
   // a step in proportion, not 16x (bench/README.md "Threads under load"); OMP_WAIT_POLICY overrides.
   threads::ensure_passive_wait(argv);
-  // Keep multi-MB activation/gradient buffers in the heap instead of returning them to the OS after
-  // every step (glibc's defaults mmap/munmap them: ~40k page faults per training step on the demo
-  // model). Measured ~13% faster steps for ~25% more peak RSS (bench/README.md).
-  mallopt(M_MMAP_THRESHOLD, 256 << 20);
-  mallopt(M_TRIM_THRESHOLD, 1 << 30);
+  // Buffers under 4 MiB stay in the heap instead of being returned to the OS after every step
+  // (glibc's defaults mmap/munmap them: ~40k page faults per training step on the demo model; ~13%
+  // faster steps there, bench/README.md). Larger ones are mmapped and returned when freed: keeping
+  // them in the heap (the old 256 MiB threshold) fragmented it, and peak RSS of a checkpointed
+  // training step was 2x its live memory (1685 vs 859 MiB, README "Memory"). QFORGE_MMAP_THRESHOLD_MB
+  // overrides (0 = glibc's dynamic default).
+  int mmap_mb = 4;
+  if (const char* h = std::getenv("QFORGE_MMAP_THRESHOLD_MB")) mmap_mb = std::atoi(h);
+  if (mmap_mb > 0) {
+    mallopt(M_MMAP_THRESHOLD, mmap_mb << 20);
+    mallopt(M_TRIM_THRESHOLD, 1 << 30);
+  }
   CLI::App app{"qforge: train language models that survive low-bit deployment (QAT, QLoRA, export)"};
   app.require_subcommand(1);
   bool quiet = false;
