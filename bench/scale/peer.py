@@ -26,7 +26,8 @@ PEFT keeps the LoRA A/B in fp32 (autocast_adapter_dtype) over the bf16 base.
 
 Reported (one JSON object on stdout): load_peak_rss_mib (ru_maxrss right after get_peft_model and
 the optimizer's construction: load + quantize + wrap), step_peak_rss_mib (ru_maxrss at the end =
-the whole process' peak), per-step seconds (time.perf_counter around the whole step),
+the whole process' peak; ru_maxrss and VmRSS count the memory-mapped checkpoint's resident pages
+too, so peak_rss_anon_mib, the polled peak of RssAnon, is reported beside them), per-step seconds (time.perf_counter around the whole step),
 step_s_median over the steps after the first, losses, parameter counts, the NF4 model's bytes
 (get_memory_footprint), versions and threads (torch.set_num_threads, default 2), the 1-min load
 average at start and end (the machine is shared), and the process' user+sys CPU over the loop.
@@ -57,18 +58,34 @@ def rss_mib():
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
+def status_mib(key, pid="self"):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError):
+        pass
+    return 0.0
+
+
+ANON_PEAK = {"mib": 0.0}
+
+
 def start_rss_guard(cap_mib, seq):
-    """A shared machine: leave before the kernel's OOM killer picks a process of someone else."""
+    """Tracks the peak anonymous RSS (RssAnon: what cannot be reclaimed; VmRSS also counts the
+    memory-mapped checkpoint's pages) and, with a cap, exits before the kernel's OOM killer picks a
+    process of someone else on this shared machine."""
     import threading
 
     def watch():
-        peak = 0.0
         while True:
-            r = rss_mib()
-            peak = max(peak, r)
-            if r > cap_mib:
+            r = status_mib("RssAnon")
+            ANON_PEAK["mib"] = max(ANON_PEAK["mib"], r)
+            if cap_mib > 0 and r > cap_mib:
                 print(json.dumps({"impl": "transformers+peft+bitsandbytes (CPU)", "seq_len": seq,
-                                  "killed_over_cap": True, "cap_mib": cap_mib, "rss_mib_at_kill": r,
+                                  "killed_over_cap": True, "cap_mib": cap_mib, "rss_anon_mib_at_kill": r,
+                                  "vm_hwm_mib_at_kill": status_mib("VmHWM"),
                                   "step_peak_rss_mib": None, "load_peak_rss_mib": None}), flush=True)
                 os._exit(3)
             time.sleep(0.01)
@@ -91,10 +108,9 @@ def main():
     ap.add_argument("--upcast-fp32", action="store_true", help="prepare_model_for_kbit_training (see docstring)")
     ap.add_argument("--no-checkpointing", action="store_true")
     ap.add_argument("--kill-above-mib", type=float, default=0,
-                    help="exit with code 3 (JSON with killed_over_cap) when RSS passes this; 0 = no cap")
+                    help="exit with code 3 (JSON with killed_over_cap) when RssAnon passes this; 0 = no cap")
     a = ap.parse_args()
-    if a.kill_above_mib > 0:
-        start_rss_guard(a.kill_above_mib, a.seq)
+    start_rss_guard(a.kill_above_mib, a.seq)
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     load_avg0 = os.getloadavg()[0]
@@ -143,6 +159,8 @@ def main():
     opt = torch.optim.AdamW(trainable, lr=a.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     load_s = time.perf_counter() - tl
     load_peak = maxrss_mib()
+    load_peak_anon = ANON_PEAK["mib"]
+    load_rss_file = status_mib("RssFile")
     rss_after_load = rss_mib()
     base = model.get_base_model()
     is_gc = bool(getattr(base, "is_gradient_checkpointing", False))
@@ -200,6 +218,9 @@ def main():
         "maxrss_after_from_pretrained_mib": maxrss_after_from_pretrained,
         "rss_after_load_mib": rss_after_load,
         "load_peak_rss_mib": load_peak,
+        "load_peak_rss_anon_mib": load_peak_anon,  # polled every 10 ms
+        "rss_file_after_load_mib": load_rss_file,  # mapped checkpoint pages still resident
+        "peak_rss_anon_mib": ANON_PEAK["mib"],
         "step_peak_rss_mib": maxrss_mib() if steps else None,
         "from_pretrained_s": t_from_pretrained,
         "load_s": load_s,

@@ -13,7 +13,8 @@ ru_maxrss from wait4 when it exits, which is what GNU time reports):
 Time: each step's metrics line (trainer.log_every=1) is timestamped when it appears (as
 bench/step_clock.py does); step k's time = t(k) - t(k-1), step 1's from the "data:" line;
 step_s_median = the median over steps 2..N. Also the 1-min load average at start and end, the
-process' user+sys CPU, its exit code, and the last lines of its log on failure.
+process' user+sys CPU, the polled peak of RssAnon (VmHWM and ru_maxrss also count the resident pages
+of the memory-mapped checkpoint), its exit code, and the last lines of its log on failure.
 """
 import argparse
 import json
@@ -42,7 +43,7 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--log", default=None)
     ap.add_argument("--poll", type=float, default=0.005)
-    ap.add_argument("--kill-above-mib", type=float, default=0, help="SIGKILL the process when its RSS passes this")
+    ap.add_argument("--kill-above-mib", type=float, default=0, help="SIGKILL the process when its RssAnon passes this")
     ap.add_argument("cmd", nargs=argparse.REMAINDER)
     a = ap.parse_args()
     cmd = a.cmd[1:] if a.cmd and a.cmd[0] == "--" else a.cmd
@@ -98,8 +99,10 @@ def main():
     buf = b""
     ru = None
     killed = None
+    anon_peak = 0
     while True:
-        rss = status_kb(p.pid, "VmRSS")
+        rss = status_kb(p.pid, "RssAnon")  # VmRSS also counts the mapped checkpoint's (reclaimable) pages
+        anon_peak = max(anon_peak, rss or 0)
         if a.kill_above_mib > 0 and rss and rss / 1024 > a.kill_above_mib and killed is None:
             killed = rss / 1024
             p.kill()
@@ -156,6 +159,7 @@ def main():
         "load_s": marks["data_line"][0] if "data_line" in marks else None,
         "step_peak_rss_mib": steps[ks[-1]][1] / 1024 if ks else None,
         "process_peak_rss_mib": ru.ru_maxrss / 1024 if ru else None,
+        "peak_rss_anon_mib": anon_peak / 1024,
         "step_hwm_mib": {k: steps[k][1] / 1024 for k in ks},
         "steps": len(ks),
         "step_s": [round(x, 4) for x in step_s],

@@ -170,6 +170,7 @@ def report(recs, out_path, ckpt_dir):
         if r["part"] == "qlora":
             d = res["qlora"].setdefault(r["impl"], {}).setdefault(str(r["seq"]), {"runs": []})
             d["runs"].append({k: x.get(k) for k in ("load_peak_rss_mib", "step_peak_rss_mib", "process_peak_rss_mib",
+                                                    "peak_rss_anon_mib", "load_peak_rss_anon_mib",
                                                     "step_s_median", "step_s", "loadavg_1m", "killed_over_cap", "rc")}
                              | {"part": r["part"], "rep": r["rep"], "peak_through_step2_mib": peak_through(x)})
     for impl, bys in res["qlora"].items():
@@ -197,6 +198,7 @@ def report(recs, out_path, ckpt_dir):
     for r in recs:
         x = r["raw"]
         keep = {k: x.get(k) for k in ("load_peak_rss_mib", "step_peak_rss_mib", "process_peak_rss_mib", "step_s",
+                                      "peak_rss_anon_mib", "load_peak_rss_anon_mib", "rss_file_after_load_mib",
                                       "loadavg_1m", "killed_over_cap", "rss_mib_at_kill", "rc", "load_s",
                                       "model_footprint_bytes")}
         if r["part"] == "8b":
