@@ -38,15 +38,17 @@ const std::array<float, 16> kNf4Code = {
 
 namespace {
 
-// create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8), computed with the same
-// libtorch ops (fp32 linspace, fp32 means, fp32 scaling by a power of ten) and then sorted.
-std::array<float, 256> build_dynamic_map() {
+// create_dynamic_map(signed, max_exponent_bits=7, total_bits=8) with bitsandbytes' own fp32 steps:
+// for exponent i = 0..6, the midpoints of an fp32 linspace(0.1, 1) of 2^i + 1 (signed) or
+// 2^(i+1) + 1 (unsigned) points, times 10^(i-6) in fp32 (and negated when signed); then 0 and 1; sorted.
+std::array<float, 256> build_dynamic_map(bool is_signed) {
   std::vector<float> data;
   for (int i = 0; i < 7; ++i) {
-    auto b = at::linspace(0.1, 1.0, (int64_t{1} << i) + 1, at::kFloat);
+    auto b = at::linspace(0.1, 1.0, (int64_t{1} << (is_signed ? i : i + 1)) + 1, at::kFloat);
     auto means = (b.slice(0, 0, -1) + b.slice(0, 1)) / 2.0;
     const double scale = std::pow(10.0, -6 + i);
     for (double sign : {1.0, -1.0}) {
+      if (sign < 0 && !is_signed) continue;
       auto v = (means * (sign * scale)).contiguous();
       data.insert(data.end(), v.data_ptr<float>(), v.data_ptr<float>() + v.numel());
     }
@@ -150,7 +152,12 @@ void check_out_dtype(at::ScalarType dtype) {
 }  // namespace
 
 const std::array<float, 256>& dynamic_map_signed() {
-  static const std::array<float, 256> map = build_dynamic_map();
+  static const std::array<float, 256> map = build_dynamic_map(true);
+  return map;
+}
+
+const std::array<float, 256>& dynamic_map_unsigned() {
+  static const std::array<float, 256> map = build_dynamic_map(false);
   return map;
 }
 

@@ -22,6 +22,8 @@ namespace qf::quant {
 extern const std::array<float, 16> kNf4Code;
 // bitsandbytes create_dynamic_map(signed=True): 256 sorted fp32 values in [-0.993, 1].
 const std::array<float, 256>& dynamic_map_signed();
+// create_dynamic_map(signed=False): 256 sorted fp32 values in [0, 1] (8-bit optimizers' second moment).
+const std::array<float, 256>& dynamic_map_unsigned();
 
 struct Nf4Tensor {
   at::Tensor packed;         // uint8 [ceil(numel/2)]

@@ -11,35 +11,11 @@
 #include <tuple>
 
 #include "core/error.h"
+#include "quant/nf4.h"
 
 namespace qf::trainer {
 
 namespace {
-
-// create_dynamic_map(signed, max_exponent_bits=7, total_bits=8) with bitsandbytes' own fp32 steps:
-// for exponent i = 0..6, the midpoints of an fp32 linspace(0.1, 1) of 2^i + 1 (signed) or
-// 2^(i+1) + 1 (unsigned) points, times 10^(i-6) in fp32 (and negated when signed); then 0 and 1; sorted.
-std::array<float, 256> build_dynamic_map(bool is_signed) {
-  std::vector<float> v;
-  for (int i = 0; i < 7; ++i) {
-    const int64_t points = (int64_t{1} << (is_signed ? i : i + 1)) + 1;
-    const auto b = at::linspace(0.1, 1.0, points, at::kFloat);
-    const auto mid = (b.slice(0, 0, -1) + b.slice(0, 1)) / 2.0;
-    const double scale = std::pow(10.0, i - 6);
-    for (double sign : {1.0, -1.0}) {
-      if (sign < 0 && !is_signed) continue;
-      const auto s = (mid * (sign * scale)).contiguous();
-      v.insert(v.end(), s.data_ptr<float>(), s.data_ptr<float>() + s.numel());
-    }
-  }
-  v.push_back(0.0f);
-  v.push_back(1.0f);
-  TORCH_INTERNAL_ASSERT(v.size() == 256, "dynamic map with ", v.size(), " entries");
-  std::sort(v.begin(), v.end());
-  std::array<float, 256> out{};
-  std::copy(v.begin(), v.end(), out.begin());
-  return out;
-}
 
 constexpr int64_t kGrid = 65536;
 
@@ -85,7 +61,7 @@ int64_t n_blocks(int64_t n) { return (n + kAdam8BlockSize - 1) / kAdam8BlockSize
 }  // namespace
 
 const std::array<float, 256>& dynamic_map(bool is_signed) {
-  static const std::array<float, 256> s = build_dynamic_map(true), u = build_dynamic_map(false);
+  static const std::array<float, 256> s = quant::dynamic_map_signed(), u = quant::dynamic_map_unsigned();
   return is_signed ? s : u;
 }
 
