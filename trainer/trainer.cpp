@@ -245,9 +245,9 @@ void Trainer::check_memory() const {
   in.loss_chunk_rows = loss_chunk_rows(t.loss_chunk_tokens, model_->cfg.vocab_size);
   double optim = 0;
   for (auto& p : dp_->owned()) {
-    // AdamW8bit keeps tensors of >= 4096 elements in 8-bit blocks of 256 (two moments + fp32 absmax).
-    const bool q8 = t.optim.name == OptimName::AdamW8bit && p.numel() >= 4096;
-    optim += static_cast<double>(p.numel()) * (q8 ? 2.0 + 8.0 / 256.0 : 8.0);
+    // AdamW8bit keeps large tensors in 8-bit blocks (two moments + an fp32 absmax each per block).
+    const bool q8 = t.optim.name == OptimName::AdamW8bit && p.numel() >= kAdam8MinSize;
+    optim += static_cast<double>(p.numel()) * (q8 ? 2.0 + 8.0 / static_cast<double>(kAdam8BlockSize) : 8.0);
   }
   for (auto& p : model_->parameters()) in.trainable += p.requires_grad() ? p.numel() : 0;
   in.optim_bytes_per_element = in.trainable > 0 ? optim / static_cast<double>(in.trainable) : 8.0;
