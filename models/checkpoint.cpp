@@ -82,7 +82,8 @@ struct RecomputeFlag {
 };
 
 struct CheckpointFn : torch::autograd::Function<CheckpointFn> {
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, at::TensorList params,
+  // `params` (== seg->params) are inputs only so that autograd routes their gradients through this node.
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, at::TensorList /*params*/,
                             c10::intrusive_ptr<Segment> seg) {
     seg->cpu_rng = at::detail::getDefaultCPUGenerator().get_state();
     if (x.is_cuda()) {
@@ -93,7 +94,6 @@ struct CheckpointFn : torch::autograd::Function<CheckpointFn> {
     seg->autocast = at::autocast::is_autocast_enabled(seg->autocast_dev);
     seg->autocast_dtype = at::autocast::get_autocast_dtype(seg->autocast_dev);
     ctx->save_for_backward({x});
-    ctx->saved_data["n_params"] = static_cast<int64_t>(params.size());
     ctx->saved_data["segment"] = c10::IValue::make_capsule(seg);
     return seg->fn(x);  // grad mode is off here: no activation is kept
   }
@@ -101,7 +101,7 @@ struct CheckpointFn : torch::autograd::Function<CheckpointFn> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_out) {
     auto seg = c10::static_intrusive_pointer_cast<Segment>(ctx->saved_data["segment"].toCapsule());
-    const auto n_params = ctx->saved_data["n_params"].toInt();
+    const auto n_params = static_cast<int64_t>(seg->params.size());  // the forward's `params` list
     auto x = ctx->get_saved_variables()[0];
     auto xd = x.detach().requires_grad_(x.requires_grad());
     at::Tensor y;
