@@ -31,6 +31,7 @@
 #include "trainer/checkpoint.h"
 #include "trainer/dist/launch.h"
 #include "trainer/quantize.h"
+#include "trainer/tasks.h"
 #include "trainer/trainer.h"
 
 using namespace qf;
@@ -100,11 +101,22 @@ int cmd_train(const std::string& file, const std::vector<std::string>& overrides
   return 0;
 }
 
+// eval --task: a benchmark task scored as lm-evaluation-harness scores it (trainer/tasks.h).
+int cmd_eval_task(const std::string& run, const std::vector<std::string>& overrides, const trainer::tasks::Options& o) {
+  trainer::tasks::check_options(o);  // a bad task file is named before any model is read
+  auto lr = trainer::load_model(run, overrides);
+  trainer::set_threads(lr.cfg.run.threads);
+  const trainer::tasks::Encoder enc{lr.tok.get(), lr.cfg.data.add_bos};
+  auto r = trainer::tasks::run(*lr.model, enc, lr.model->cfg.max_seq_len, lr.cfg.trainer.batch_size, o);
+  std::printf("checkpoint %s (%s model)\n%s", lr.checkpoint.c_str(), lr.format.c_str(), trainer::tasks::summary(r).c_str());
+  return 0;
+}
+
 int cmd_eval(const std::string& run, const std::vector<std::string>& overrides, const std::string& split,
              int64_t max_batches, const std::string& text, const std::string& data_from, const std::string& save_tokens) {
   QF_CHECK_INPUT(!is_hf_dir(run) || !text.empty() || !data_from.empty(), "eval: ", run,
                  " is a Hugging Face checkpoint dir, which names no data; give --text FILE|DIR (all of it is "
-                 "scored) or --data-from RECIPE.yaml (its data: section's --split)");
+                 "scored), --data-from RECIPE.yaml (its data: section's --split) or --task FILE|NAME");
   auto lr = trainer::load_model(run, overrides);
   trainer::set_threads(lr.cfg.run.threads);
   auto dcfg = lr.cfg.data;
@@ -300,6 +312,7 @@ struct CliArgs {
   bool print_config = false;
   std::vector<std::string> train_args;
   std::string run, split = "val", text, data_from, save_tokens;
+  trainer::tasks::Options task;
   int64_t max_batches = 0;
   std::string format = "hf", out, dtype = "bf16", gguf_quant = "f16", export_fallback;
   double shard_mb = 5000;
@@ -324,18 +337,32 @@ CLI::App* add_train(CLI::App& app, CliArgs& a) {
 }
 
 CLI::App* add_eval(CLI::App& app, CliArgs& a) {
-  auto* cmd = app.add_subcommand("eval", "Perplexity of a trained run's latest checkpoint or of a Hugging Face checkpoint dir");
+  auto* cmd = app.add_subcommand("eval", "Perplexity, or a benchmark task's scores (--task), of a trained run's latest "
+                                         "checkpoint or of a Hugging Face checkpoint dir");
   cmd->add_option("run", a.run,
                    "Run directory, checkpoint directory, or Hugging Face checkpoint dir (config.json + safetensors + "
-                   "tokenizer.json or tokenizer.model; needs --text or --data-from)")->required();
+                   "tokenizer.json or tokenizer.model; needs --text, --data-from or --task)")->required();
   cmd->add_option("overrides", a.overrides, "key.path=value overrides of the run's config");
   cmd->add_option("--split", a.split, "Dataset split of the run's data")->check(CLI::IsMember({"val", "train"}));
   cmd->add_option("--max-batches", a.max_batches, "Evaluate at most this many batches (0 = all)");
   cmd->add_option("--text", a.text, "Evaluate on this text/JSONL file or directory instead");
   cmd->add_option("--data-from", a.data_from,
                    "Evaluate on the --split of this recipe's data section instead (e.g. a domain recipe's held-out text)");
-  cmd->add_option("--save-tokens", a.save_tokens,
+  auto* save = cmd->add_option("--save-tokens", a.save_tokens,
                    "Also write the evaluated token windows (safetensors: tokens, loss_mask) for another runtime to score");
+  // Benchmark tasks (README "Benchmark tasks"): lm-evaluation-harness's log-likelihood scoring.
+  cmd->add_option("--task", a.task.task,
+                  "Score a benchmark task instead of perplexity: a JSONL file of documents ({query, choices, gold}: "
+                  "cloze multiple choice; {question, choices, answer[, subject]}: MMLU; {text}: word/byte perplexity), "
+                  "or NAME for NAME.jsonl in $QFORGE_TASKS or ./tasks")
+      ->excludes(cmd->get_option("--text"))->excludes(cmd->get_option("--data-from"))->excludes(save)
+      ->excludes(cmd->get_option("--split"))->excludes(cmd->get_option("--max-batches"));
+  cmd->add_option("--num-fewshot", a.task.num_fewshot, "--task: examples before each question (the first N)")->capture_default_str();
+  cmd->add_option("--fewshot-from", a.task.fewshot_from,
+                  "--task: file (or NAME) the examples come from (default: the task itself, without the question's own document)");
+  cmd->add_option("--limit", a.task.limit, "--task: score the first N documents only (0 = all)")->capture_default_str();
+  cmd->add_option("--samples-out", a.task.samples_out, "--task: write per-document log-likelihoods and predictions (JSONL)");
+  cmd->footer("Example: qforge eval runs/demo/qat_int3 --task cloze.jsonl --samples-out cloze_samples.jsonl");
   return cmd;
 }
 
@@ -499,6 +526,7 @@ int main(int argc, char** argv) {
       if (cmd.size() == 1) cmd.clear();
       return trainer::dist::launch(a.lo, cmd);
     }
+    if (*eval && !a.task.task.empty()) return cmd_eval_task(a.run, a.overrides, a.task);
     if (*eval) return cmd_eval(a.run, a.overrides, a.split, a.max_batches, a.text, a.data_from, a.save_tokens);
     if (*gen) return cmd_generate(a.run, a.overrides, a.prompt, a.s);
     if (*insp) return cmd_inspect(a.run, a.inspect_dtype, a.inspect_forward);
