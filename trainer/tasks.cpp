@@ -329,6 +329,10 @@ std::vector<Request> rolling_windows(const std::vector<int64_t>& tl, int64_t pre
 
 // ---- scoring ----
 
+namespace {
+constexpr int64_t kBatchTokens = 16384;  // tokens per forward beyond a single row
+}  // namespace
+
 std::vector<LogLik> loglikelihood(models::CausalLM& m, const std::vector<Request>& reqs, int64_t max_len,
                                   int64_t batch) {
   QF_CHECK(batch >= 1, "loglikelihood: batch ", batch);
@@ -357,10 +361,13 @@ std::vector<LogLik> loglikelihood(models::CausalLM& m, const std::vector<Request
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(),
                    [&](size_t a, size_t b) { return items[a].inp.size() > items[b].inp.size(); });
-  for (size_t s = 0; s < order.size(); s += batch) {
-    const size_t e = std::min(order.size(), s + static_cast<size_t>(batch));
-    const auto B = static_cast<int64_t>(e - s);
+  for (size_t s = 0, e = 0; s < order.size(); s = e) {
+    // Longest first: the batch's first input sets its width T; at most `batch` rows and, beyond one
+    // row, at most kBatchTokens tokens (long rolling windows of a big model run a few at a time).
     const auto T = static_cast<int64_t>(items[order[s]].inp.size());
+    const int64_t rows_cap = std::max<int64_t>(1, std::min<int64_t>(batch, kBatchTokens / std::max<int64_t>(T, 1)));
+    e = std::min(order.size(), s + static_cast<size_t>(rows_cap));
+    const auto B = static_cast<int64_t>(e - s);
     std::vector<int64_t> ids(B * T, 0), rows, targets;
     for (int64_t b = 0; b < B; ++b) {
       const auto& it = items[order[s + b]];

@@ -96,7 +96,8 @@ struct LogLik {
 };
 // HFLM._loglikelihood_tokens: input (ctx + cont)[-(max_len + 1):][:-1], log_softmax in fp32 over
 // the logits of the continuation's positions. Requests are run longest first in right-padded
-// batches of `batch` (padding after a sequence never reaches its positions in a causal model).
+// batches of at most `batch` rows and 16384 tokens (padding after a sequence never reaches its
+// positions in a causal model).
 std::vector<LogLik> loglikelihood(models::CausalLM& m, const std::vector<Request>& reqs, int64_t max_len,
                                   int64_t batch);
 

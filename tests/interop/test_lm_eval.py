@@ -1,8 +1,9 @@
 """`qforge eval --task` against EleutherAI's lm-evaluation-harness itself (lm-eval 0.4.13, its HF
 backend `hf` on CPU, fp32), on local task YAMLs over the same JSONL files:
 - a HellaSwag-shaped cloze task made by scripts/make_cloze_task.py from held-out KJV text, plus
-  hand-made documents whose choices differ in characters vs bytes (acc_norm vs acc_bytes), whose
-  query ends in whitespace (_encode_pair's move) or is empty (the prefix token);
+  hand-made documents whose choices differ in characters vs bytes so that acc_norm (characters)
+  and acc_bytes (bytes) disagree, whose query ends in whitespace (_encode_pair's move) or is empty
+  (the prefix token);
 - the same task 1-shot from itself (first_n, the eval document left out);
 - an MMLU-shaped task (MMLU's template and description, 2-shot from a dev file, first_n), whose
   prompts exceed the model's context (left truncation);
@@ -70,6 +71,12 @@ def tasks(tmp_path_factory):
          "gold": 0},
         {"query": "", "choices": ["In the beginning", "xyzzy plugh", "the the the"], "gold": 0},
     ]
+    # A non-ASCII choice (few characters, many bytes) against unlikely ASCII: the per-character and
+    # per-byte normalisations pick different choices here (acc_norm != acc_bytes), on both models.
+    odd = ["~^", "`{@", "#$%^", "~`^{@", "zq~^", "@#", "{`~", "^%$#@"]
+    for i, v in enumerate(_kjv_lines(30500, 30508)):
+        docs.append({"query": " ".join(v.split()[:6]), "choices": [["日本語です", "ÆØÅñé", "☃☃", "日本"][i % 4], odd[i]],
+                     "gold": 1})
     _write_jsonl(cloze, docs)
 
     # MMLU-shaped: which word comes next in a verse.
@@ -184,6 +191,11 @@ def test_scores_match_lm_eval(tasks, model, tmp_path):
     run_dir, hf_dir = model
     names = sorted(files)
     ref = _lm_eval(hf_dir, task_dir, names)
+
+    def docs_of(name):  # each document's choices as lm-eval scores them (doc_to_choice)
+        docs = [json.loads(l) for l in files[name][0].read_text(encoding="utf-8").splitlines()]
+        return [["A", "B", "C", "D"] if "question" in d else d["choices"] for d in docs]
+
     report = []
     for name in names:
         jsonl, extra = files[name]
@@ -191,7 +203,7 @@ def test_scores_match_lm_eval(tasks, model, tmp_path):
         want = ref["results"][name]
         ref_samples = sorted(ref["samples"][name], key=lambda s: s["doc_id"])
         assert len(samples) == len(ref_samples) == got["docs"]
-        diffs, raw = [], []
+        diffs, raw, margins = [], [], []
         if name == "qf_rolling":
             for s, r in zip(samples, ref_samples):
                 ll = r["filtered_resps"][0]
@@ -208,30 +220,31 @@ def test_scores_match_lm_eval(tasks, model, tmp_path):
                 assert len(lls) == len(s["loglikelihoods"])
                 diffs += [abs(a - b) for a, b in zip(s["loglikelihoods"], lls)]
                 assert s["is_greedy"] == greedy, (name, s["doc"])
+                # No near-tie in the fixture: a prediction could flip on agreement within TOL alone.
+                lens = [(len(c), len(c.encode("utf-8"))) for c in docs_of(name)[s["doc"]]]
+                for score in (lls, [x / n for x, (n, _) in zip(lls, lens)], [x / b for x, (_, b) in zip(lls, lens)]):
+                    top = sorted(score, reverse=True)
+                    margins.append(top[0] - top[1])
                 assert s["acc"] == r["acc"] and s["acc_norm"] == r["acc_norm"], (name, s["doc"])
                 if "acc_bytes" in r:
                     assert s["acc_bytes"] == r["acc_bytes"], (name, s["doc"])
+            if name == "qf_cloze":  # lm-eval's acc_norm divides by characters, acc_bytes by bytes: not conflated
+                assert any(r["acc_norm"] != r["acc_bytes"] for r in ref_samples), "no document tells them apart"
             for k in ("acc", "acc_norm") + (("acc_bytes",) if name != "qf_mmlu" else ()):
                 assert got[k] == pytest.approx(want[f"{k},none"], abs=1e-12), (name, k)
             for k in ("acc", "acc_norm"):
                 assert got[f"{k}_stderr"] == pytest.approx(want[f"{k}_stderr,none"], rel=1e-9), (name, k)
         assert max(diffs) <= TOL, (name, max(diffs))
+        assert not margins or min(margins) > 10 * TOL, (name, min(margins))
         report.append(f"{name}: {len(diffs)} log-likelihoods, max |qforge - lm-eval| = {max(raw or diffs):.3g}"
-                      + (f" (per window {max(diffs):.3g})" if raw else ""))
+                      + (f" (per window {max(diffs):.3g})" if raw else f", smallest top-2 margin {min(margins):.3g}"))
+        report[-1] += "; " + ", ".join(f"{k} {v:.4g}" for k, v in got.items() if isinstance(v, float))
     print("\n" + "\n".join(report))
     if run_dir is not None:  # the run dir itself scores as its HF export does
         got, samples = _qforge(run_dir, files["qf_rolling"][0], [], tmp_path / "run.samples.jsonl")
         _, hf_samples = _qforge(hf_dir, files["qf_rolling"][0], [], tmp_path / "hf.samples.jsonl")
         for a, b in zip(samples, hf_samples):
             assert a["loglikelihood"] == pytest.approx(b["loglikelihood"], abs=1e-4)
-
-
-def test_acc_norm_is_not_acc_bytes(tasks):
-    """The hand-made documents are where characters and bytes disagree: lm-eval's acc_norm divides by
-    len(choice) (code points), its acc_bytes by UTF-8 bytes; both are reproduced, not conflated."""
-    _, files = tasks
-    docs = [json.loads(l) for l in files["qf_cloze"][0].read_text(encoding="utf-8").splitlines()]
-    assert any(len(c) != len(c.encode("utf-8")) for d in docs for c in d["choices"])
 
 
 def test_cloze_generator_is_deterministic_and_truthful(tmp_path):
