@@ -458,6 +458,9 @@ CLI::App* add_quantize(CLI::App& app, CliArgs& a) {
   cmd->add_option("--grid", a.qa.awq.grid, "awq: scale grid points")->capture_default_str();
   cmd->add_flag("!--no-clip", a.qa.awq.clip, "awq: skip the clipping search");
   cmd->add_flag("--no-eval", a.qa.no_eval, "Skip the held-out perplexity before/after");
+  cmd->add_flag("--no-stream", a.qa.no_stream,
+                "A Hugging Face dir: load the whole float model first instead of one decoder layer at a time "
+                "(same result, about the fp32 model's size more memory)");
   cmd->footer("Example: qforge quantize runs/demo/ft_fp --method gptq --quant q4_0 --out runs/demo/gptq_q4_0\n"
              "Then: qforge eval runs/demo/gptq_q4_0 | qforge export runs/demo/gptq_q4_0 --format gguf --out m.gguf");
   return cmd;

@@ -166,7 +166,7 @@ void load_hf_weights(CausalLM& model, const HfCheckpoint& ck, bool progress, boo
       const bool widen = pd == at::kFloat && (t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf);
       at::Tensor w = transpose ? t.t() : t;
       const auto want = widen ? t.scalar_type() : pd;
-      if (w.scalar_type() != want || !w.is_contiguous()) w = w.to(want).contiguous();
+      if (!streamer->mapped && (w.scalar_type() != want || !w.is_contiguous())) w = w.to(want).contiguous();
       auto m = streamer->build(lin, w, dense.bias);
       TORCH_INTERNAL_ASSERT(m && m->in_features == dense.in_features && m->out_features == dense.out_features,
                             "LinearStreamer built a module of the wrong shape for ", lin);
@@ -176,7 +176,7 @@ void load_hf_weights(CausalLM& model, const HfCheckpoint& ck, bool progress, boo
       slot.replace(std::move(m));
       params.erase(name);  // the dense weight (never faulted in) goes with the dense layer
       w = at::Tensor();
-      if (!keeps_file) st::drop_pages(t);
+      if (!keeps_file && !streamer->mapped) st::drop_pages(t);
       if (bar) bar->update(++done);
     }
   }

@@ -43,10 +43,14 @@ struct HfCheckpoint {
 // widening being exact; a view of the file mapping when nothing had to be converted: read it, do not
 // keep a reference unless that is the point) and the layer's loaded bias (undefined if none), and
 // returns the module to install in the slot.
+// mapped = true: `build` gets the file's tensor itself instead, unconverted (the file's dtype; GPT-2's
+// Conv1D weight as a transposed view of it), for a builder that defers the read (DeferredLinear);
+// its pages are then left to the module.
 struct LinearStreamer {
   std::function<bool(const std::string& name)> claims;
   std::function<std::shared_ptr<LinearBase>(const std::string& name, const at::Tensor& weight, const at::Tensor& bias)>
       build;
+  bool mapped = false;
 };
 
 HfCheckpoint read_hf_checkpoint(const std::string& dir);

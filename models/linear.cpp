@@ -5,6 +5,7 @@
 #include <torch/nn/init.h>
 
 #include "core/error.h"
+#include "core/safetensors.h"
 
 namespace qf::models {
 
@@ -49,6 +50,33 @@ HalfLinear::HalfLinear(const at::Tensor& w, const at::Tensor& b, at::ScalarType 
     : FrozenLinear(w.size(1), w.size(0)) {
   weight = register_buffer("weight", w.detach().to(storage));
   if (b.defined()) bias = register_buffer("bias", b.detach().clone());
+}
+
+DeferredLinear::DeferredLinear(const at::Tensor& src, const at::Tensor& b) : LinearBase(src.size(1), src.size(0)), source(src) {
+  if (b.defined()) bias = register_parameter("bias", b, /*requires_grad=*/false);
+}
+
+at::Tensor DeferredLinear::forward(const at::Tensor&) {
+  QF_CHECK(false, "DeferredLinear: the weight of this ", out_features, "x", in_features,
+           " linear has not been loaded from its checkpoint yet (load() it first)");
+  return {};
+}
+
+at::Tensor DeferredLinear::effective_weight() { return source.to(at::kFloat); }
+
+std::shared_ptr<DenseLinear> DeferredLinear::load(at::ScalarType dtype, at::Device device) const {
+  at::NoGradGuard ng;
+  auto d = std::make_shared<DenseLinear>(in_features, out_features, bias.defined());
+  // A copy in any case (never the mapped pages themselves, which are dropped next).
+  d->weight.set_data(source.to(device, dtype, /*non_blocking=*/false, /*copy=*/true).contiguous());
+  if (bias.defined()) d->bias.set_data(bias.detach().to(device, dtype));
+  st::drop_pages(source);
+  return d;
+}
+
+void DeferredLinear::pretty_print(std::ostream& s) const {
+  s << "DeferredLinear(in=" << in_features << ", out=" << out_features << ", file dtype "
+    << c10::toString(source.scalar_type()) << (bias.defined() ? ", bias" : "") << ")";
 }
 
 void HalfLinear::pretty_print(std::ostream& s) const {

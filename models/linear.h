@@ -59,6 +59,23 @@ class HalfLinear : public FrozenLinear {
   at::Tensor weight;
 };
 
+// A dense linear whose weight is still the checkpoint's tensor: a view of the memory-mapped file in
+// the file's dtype (GPT-2's Conv1D as a transposed view), not read yet. Streaming PTQ (`qforge
+// quantize` of a Hugging Face dir) installs these so no more than one decoder layer's float weights
+// are ever resident: load() builds the DenseLinear a whole load would have held (the same values:
+// widening bf16/fp16 is exact) and drops the source pages it read. Forward refuses (load first).
+class DeferredLinear : public LinearBase {
+ public:
+  DeferredLinear(const at::Tensor& source, const at::Tensor& bias);
+  at::Tensor forward(const at::Tensor& x) override;
+  at::Tensor effective_weight() override;
+  at::Tensor bias_or_undefined() override { return bias; }
+  std::shared_ptr<DenseLinear> load(at::ScalarType dtype, at::Device device) const;
+  void pretty_print(std::ostream& s) const override;
+  at::Tensor source;  // [out, in], not a registered tensor (to() and state dicts do not see it)
+  at::Tensor bias;    // a parameter, loaded with the rest of the model
+};
+
 // A named handle a parent module holds and calls; replace() swaps the registered child too.
 class LinearSlot {
  public:

@@ -282,6 +282,7 @@ class LlamaForCausalLM : public CausalLM, public HasLinearSlots {
     const auto& [cos, sin] = rope.of(i);
     return model->layer_ptrs.at(i)->forward(x, cos, sin, nullptr, static_cast<int>(i));
   }
+  at::Tensor head_input(const at::Tensor& x) override { return model->norm->forward(x); }
   // Token embeddings, times sqrt(hidden) in the model dtype where the family scales them (Gemma).
   at::Tensor embed_table(const at::Tensor& table, const at::Tensor& ids) const {
     auto x = at::embedding(table, ids);
@@ -419,6 +420,7 @@ class Gpt2LMHeadModel : public CausalLM {
   at::Tensor layer_forward(int64_t i, const at::Tensor& x) override {
     return transformer->blocks.at(i)->forward(x, nullptr, static_cast<int>(i));
   }
+  at::Tensor head_input(const at::Tensor& x) override { return transformer->ln_f->forward(x); }
   torch::nn::Module& layer(int64_t i) override { return *transformer->blocks.at(i); }
   std::string layer_prefix(int64_t i) const override { return spec(cfg).layer_prefix(i); }
   std::shared_ptr<Gpt2Body> transformer;
@@ -542,6 +544,10 @@ class OptForCausalLM : public CausalLM {
   at::Tensor embed(const at::Tensor& ids) override { return embed_at(ids, 0); }
   at::Tensor layer_forward(int64_t i, const at::Tensor& x) override {
     return decoder->layer_ptrs.at(i)->forward(x, nullptr, static_cast<int>(i));
+  }
+  at::Tensor head_input(const at::Tensor& x) override {
+    auto y = decoder->final_norm ? decoder->final_norm->forward(x) : x;
+    return decoder->project_out ? decoder->project_out->forward(y) : y;
   }
   torch::nn::Module& layer(int64_t i) override { return *decoder->layer_ptrs.at(i); }
   std::string layer_prefix(int64_t i) const override { return spec(cfg).layer_prefix(i); }

@@ -60,6 +60,9 @@ class CausalLM : public torch::nn::Module {
   // forward(ids) == head(layer_forward(n-1, ... layer_forward(0, embed(ids)))).
   virtual at::Tensor embed(const at::Tensor& input_ids) = 0;
   virtual at::Tensor layer_forward(int64_t i, const at::Tensor& x) = 0;
+  // What the last layer's output becomes before the output layer (the final norm; OPT's
+  // project_out): hidden(ids) == head_input(layer_forward(n-1, ... layer_forward(0, embed(ids)))).
+  virtual at::Tensor head_input(const at::Tensor& x) = 0;
   virtual torch::nn::Module& layer(int64_t i) = 0;
   virtual std::string layer_prefix(int64_t i) const = 0;
   const ModelConfig cfg;

@@ -288,6 +288,8 @@ struct LayerCalib {
   std::map<std::string, at::Tensor> H, X, W0;
 };
 
+// keep_inputs (AWQ, which rewrites the weights next): the inputs, and W0 as a copy; without it W0 is
+// the weight itself (RTN leaves it as it is), one float layer less at the peak.
 LayerCalib calibrate(LayerDriver& d, int64_t i, std::vector<LayerLinear>& lls, bool keep_inputs) {
   LayerCalib c;
   for (auto& l : lls)
@@ -296,7 +298,8 @@ LayerCalib calibrate(LayerDriver& d, int64_t i, std::vector<LayerLinear>& lls, b
   for (size_t k = 0; k < c.sel.size(); ++k) {
     const auto& rel = c.sel[k]->rel;
     c.H[rel] = caps[k]->hessian();
-    c.W0[rel] = c.sel[k]->dense->weight.detach().to(at::kCPU, at::kFloat).clone();
+    auto w = c.sel[k]->dense->weight.detach().to(at::kCPU, at::kFloat);
+    c.W0[rel] = keep_inputs && w.is_alias_of(c.sel[k]->dense->weight) ? w.clone() : w;
     if (keep_inputs) c.X[rel] = caps[k]->inputs();
   }
   return c;
@@ -477,7 +480,7 @@ void check_ptq(models::CausalLM& model, const QatConfig& q, PtqMethod method) {
     for (auto& l : layer_linears(model, i, q)) {
       if (!l.rule) continue;
       ++selected;
-      if (!l.dense)
+      if (!l.dense && !dynamic_cast<models::DeferredLinear*>(l.slot->get().get()))
         problems.push_back(str(l.full, ": PTQ needs float weights, but this layer is already a ",
                                l.slot->get()->name(), " (quantize the float model, not a QAT or converted one)"));
       if (method == PtqMethod::Gptq) {
@@ -496,7 +499,7 @@ void check_ptq(models::CausalLM& model, const QatConfig& q, PtqMethod method) {
 }
 
 PtqResult run_ptq(models::CausalLM& model, const QatConfig& q, const PtqConfig& p, const at::Tensor& tokens,
-                  bool progress) {
+                  bool progress, const PtqLayerHooks& hooks) {
   QF_CHECK(p.method != PtqMethod::None, "run_ptq: no method");
   QF_CHECK(tokens.dim() == 2 && tokens.size(0) > 0, "run_ptq: calibration tokens must be [samples, seq_len], got ",
            tokens.sizes());
@@ -514,10 +517,12 @@ PtqResult run_ptq(models::CausalLM& model, const QatConfig& q, const PtqConfig& 
   std::optional<core::ProgressBar> bar;
   if (progress) bar.emplace(std::string("ptq ") + method_name(p.method), model.cfg.n_layers, 0, "layer");
   for (int64_t i = 0; i < model.cfg.n_layers; ++i) {
+    if (hooks.before) hooks.before(i);
     auto lls = layer_linears(model, i, q);
     method->quantize_layer(driver, i, lls, res);
     driver.advance(i);
     method->after_layer();
+    if (hooks.after) hooks.after(i, res);
     if (bar) bar->update(i + 1, str("rel. error ", res.mean_err(), " (rtn ", res.mean_err_rtn(), ")"));
   }
   if (bar) bar->finish();
@@ -526,20 +531,43 @@ PtqResult run_ptq(models::CausalLM& model, const QatConfig& q, const PtqConfig& 
   return res;
 }
 
-void apply_packed(torch::nn::Module& model, const PtqResult& r) {
+namespace {
+// GPTQ's exact codes into linear `name`'s converted module.
+void apply_packed_one(const std::string& name, models::LinearBase& m, const PackedStorage& p) {
   at::NoGradGuard ng;
+  auto* ql = dynamic_cast<QuantizedLinear*>(&m);
+  QF_CHECK(ql, "apply_packed: ", name, " was quantized by GPTQ but is not a converted QuantizedLinear");
+  QF_CHECK(p.qweight.sizes() == ql->qweight.sizes(), "apply_packed: ", name, " packed shape ", p.qweight.sizes(), " != ",
+           ql->qweight.sizes());
+  ql->qweight.copy_(p.qweight);
+  if (p.scales.defined()) ql->scales.copy_(p.scales), ql->zeros.copy_(p.zeros);
+  if (p.g_idx.defined()) ql->set_g_idx(p.g_idx);
+}
+}  // namespace
+
+int64_t convert_layer(models::CausalLM& model, int64_t i, const QatConfig& q, PtqResult& r) {
+  int64_t n = 0;
+  for (auto& l : layer_linears(model, i, q)) {
+    if (!l.rule || !l.dense) continue;
+    // What prepare puts in the slot, then what convert puts in its place.
+    auto fq = std::make_shared<FakeQuantLinear>(*l.dense, *l.rule, q.observer);
+    auto ql = QuantizedLinear::from_fake_quant(*fq);
+    if (auto it = r.packed.find(l.full); it != r.packed.end()) {
+      apply_packed_one(l.full, *ql, it->second);
+      r.packed.erase(it);
+    }
+    l.slot->replace(ql);
+    ++n;
+  }
+  return n;
+}
+
+void apply_packed(torch::nn::Module& model, const PtqResult& r) {
   int64_t n = 0;
   for (auto& ns : models::linear_slots(model)) {
     auto it = r.packed.find(ns.name);
     if (it == r.packed.end()) continue;
-    auto ql = std::dynamic_pointer_cast<QuantizedLinear>(ns.slot->get());
-    QF_CHECK(ql, "apply_packed: ", ns.name, " was quantized by GPTQ but is not a converted QuantizedLinear");
-    const auto& p = it->second;
-    QF_CHECK(p.qweight.sizes() == ql->qweight.sizes(), "apply_packed: ", ns.name, " packed shape ", p.qweight.sizes(),
-             " != ", ql->qweight.sizes());
-    ql->qweight.copy_(p.qweight);
-    if (p.scales.defined()) ql->scales.copy_(p.scales), ql->zeros.copy_(p.zeros);
-    if (p.g_idx.defined()) ql->set_g_idx(p.g_idx);
+    apply_packed_one(ns.name, *ns.slot->get(), it->second);
     ++n;
   }
   QF_CHECK(n == static_cast<int64_t>(r.packed.size()), "apply_packed: ", r.packed.size() - n,

@@ -19,6 +19,7 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -51,9 +52,22 @@ struct PtqResult {
 // Checks before any work: every selected linear is float and its spec supports the method.
 // Throws ConfigError naming each offending module.
 void check_ptq(models::CausalLM& model, const QatConfig& q, PtqMethod method);
-// tokens: int64 [samples, seq_len] calibration token ids. The model must hold float linears.
+// Streaming PTQ (a model that is never resident whole): called around each decoder layer i.
+// before(i): before the layer is calibrated (its DeferredLinears must be loaded by then);
+// after(i): once the layer's weights are final and the calibration states have moved past it
+// (convert_layer then leaves only the packed layer).
+struct PtqLayerHooks {
+  std::function<void(int64_t)> before;
+  std::function<void(int64_t, PtqResult&)> after;
+};
+// tokens: int64 [samples, seq_len] calibration token ids. The model must hold float linears
+// (models::DeferredLinear counts as float: hooks.before loads it).
 PtqResult run_ptq(models::CausalLM& model, const QatConfig& q, const PtqConfig& p, const at::Tensor& tokens,
-                  bool progress);
+                  bool progress, const PtqLayerHooks& hooks = {});
+// quant::prepare + convert + apply_packed for decoder layer i alone (the same modules, bit for bit),
+// right after run_ptq's after(i): every selected float linear of the layer becomes its
+// QuantizedLinear; the packed codes used are removed from r.packed. Returns the number converted.
+int64_t convert_layer(models::CausalLM& model, int64_t i, const QatConfig& q, PtqResult& r);
 // After quant::convert: writes GPTQ's exact packed weights into the QuantizedLinears.
 void apply_packed(torch::nn::Module& model, const PtqResult& r);
 // After quant::prepare of a GPTQ-initialised model: learned (LSQ) scales start at GPTQ's scales,

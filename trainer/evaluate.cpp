@@ -46,7 +46,17 @@ int64_t loss_chunk_rows(int64_t setting, int64_t vocab) {
 
 at::Tensor token_loss_sum(models::CausalLM& m, const data::Batch& b, at::Device dev, bool bf16, int64_t chunk_tokens) {
   auto ids = b.input_ids.to(dev);
-  auto labels = b.labels.to(dev).reshape({-1});
+  at::Tensor h;
+  {
+    AutocastGuard ag(bf16, dev.type());
+    h = m.hidden(ids);
+  }
+  return hidden_loss_sum(m, h, b.labels, dev, bf16, chunk_tokens);
+}
+
+at::Tensor hidden_loss_sum(models::CausalLM& m, at::Tensor h, const at::Tensor& batch_labels, at::Device dev, bool bf16,
+                           int64_t chunk_tokens) {
+  auto labels = batch_labels.to(dev).reshape({-1});
   const int64_t N = labels.numel(), chunk = loss_chunk_rows(chunk_tokens, m.cfg.vocab_size);
   // The loss of rows [.., dim] of hidden states against their labels: the output layer under the
   // forward's autocast, the cross-entropy in fp32 outside it.
@@ -59,11 +69,6 @@ at::Tensor token_loss_sum(models::CausalLM& m, const data::Batch& b, at::Device 
     const int64_t V = logits.size(-1);
     return at::cross_entropy_loss(logits.reshape({-1, V}).to(at::kFloat), lab, {}, at::Reduction::Sum, -100);
   };
-  at::Tensor h;
-  {
-    AutocastGuard ag(bf16, dev.type());
-    h = m.hidden(ids);
-  }
   h = h.reshape({N, h.size(-1)});
   if (chunk == 0 || chunk >= N) return rows_loss(h, labels);
   // Chunked: at most `chunk` rows of logits exist at a time. In a training forward each chunk is
@@ -115,6 +120,56 @@ EvalResult evaluate_model(models::CausalLM& m, const data::PackedSet& set, int64
   }
   if (world > 1) shard.sum(sum, tokens);
   if (was) m.train();
+  r.tokens = static_cast<int64_t>(tokens);
+  r.loss = r.tokens ? sum / tokens : 0.0;
+  r.ppl = std::exp(r.loss);
+  return r;
+}
+
+}  // namespace qf::trainer
+
+namespace qf::trainer {
+
+LayerwiseEval::LayerwiseEval(models::CausalLM& m, const data::PackedSet& set, int64_t bs, at::Device dev, bool bf16)
+    : m_(m), dev_(dev), bf16_(bf16) {
+  at::NoGradGuard ng;
+  for (int64_t lo = 0; lo < set.size(); lo += bs) {
+    std::vector<int64_t> idx;
+    for (int64_t j = lo; j < std::min(set.size(), lo + bs); ++j) idx.push_back(j);
+    auto b = data::make_batch(set, idx);
+    labels_.push_back(b.labels);
+    AutocastGuard ag(bf16_, dev_.type());
+    h_.push_back(m_.embed(b.input_ids.to(dev_)));
+  }
+}
+
+void LayerwiseEval::advance(int64_t i) {
+  at::NoGradGuard ng;
+  AutocastGuard ag(bf16_, dev_.type());
+  for (auto& h : h_) h = m_.layer_forward(i, h);
+}
+
+int64_t LayerwiseEval::bytes() const {
+  int64_t n = 0;
+  for (auto& h : h_) n += h.numel() * h.element_size();
+  return n;
+}
+
+EvalResult LayerwiseEval::finish() {
+  at::NoGradGuard ng;
+  double sum = 0, tokens = 0;
+  for (size_t k = 0; k < h_.size(); ++k) {
+    at::Tensor h;
+    {
+      AutocastGuard ag(bf16_, dev_.type());
+      h = m_.head_input(h_[k]);
+    }
+    h_[k] = at::Tensor();
+    sum += hidden_loss_sum(m_, h, labels_[k], dev_, bf16_, -1).item<double>();
+    tokens += static_cast<double>((labels_[k] != -100).sum().item<int64_t>());
+  }
+  h_.clear();
+  EvalResult r;
   r.tokens = static_cast<int64_t>(tokens);
   r.loss = r.tokens ? sum / tokens : 0.0;
   r.ppl = std::exp(r.loss);

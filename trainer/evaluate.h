@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <vector>
 
 #include "data/dataset.h"
 #include "models/transformer.h"
@@ -25,6 +26,10 @@ struct EvalResult {
 // whole: a training forward checkpoints each chunk (models/checkpoint.h). Equal to the unchunked
 // sum up to fp32 summation order.
 at::Tensor token_loss_sum(models::CausalLM& m, const data::Batch& b, at::Device dev, bool bf16, int64_t chunk_tokens);
+// The same sum from the hidden state the output layer reads (m.hidden's result, [B, T, dim]) and the
+// batch's labels [B, T]: token_loss_sum == hidden_loss_sum(m, m.hidden(ids), labels, ...).
+at::Tensor hidden_loss_sum(models::CausalLM& m, at::Tensor h, const at::Tensor& labels, at::Device dev, bool bf16,
+                           int64_t chunk_tokens);
 // The chunk size for a setting: itself when >= 0, else about 2^25 logits per chunk (128 MiB fp32),
 // at least 64 rows.
 int64_t loss_chunk_rows(int64_t setting, int64_t vocab);
@@ -39,5 +44,23 @@ struct EvalShard {
 };
 EvalResult evaluate_model(models::CausalLM& m, const data::PackedSet& set, int64_t batch_size, int64_t max_batches,
                           at::Device dev, bool bf16, const EvalShard& shard = {});
+
+// evaluate_model's result (same batches, bit for bit) for a model run one decoder layer at a time, as
+// streaming PTQ loads it: the constructor embeds every batch of the set, advance(i) runs layer i
+// over all of them (call it for i = 0..n-1 while layer i holds the weights to evaluate), finish()
+// applies the final norm and the output layer. Holds the whole set's hidden states meanwhile (bytes()).
+class LayerwiseEval {
+ public:
+  LayerwiseEval(models::CausalLM& m, const data::PackedSet& set, int64_t batch_size, at::Device dev, bool bf16);
+  void advance(int64_t i);
+  EvalResult finish();
+  int64_t bytes() const;
+
+ private:
+  models::CausalLM& m_;
+  at::Device dev_;
+  bool bf16_;
+  std::vector<at::Tensor> h_, labels_;
+};
 
 }  // namespace qf::trainer

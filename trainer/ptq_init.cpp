@@ -8,7 +8,7 @@ namespace qf::trainer {
 using data::calibration_tokens;
 
 quant::PtqResult run_ptq_init(models::CausalLM& model, const RunConfig& cfg, const data::Tokenizer& tok,
-                              const data::PackedSet& own) {
+                              const data::PackedSet& own, const quant::PtqLayerHooks& hooks) {
   const auto& init = cfg.quant.init;
   at::Tensor tokens;
   if (!init.calib.data.empty()) {
@@ -22,7 +22,7 @@ quant::PtqResult run_ptq_init(models::CausalLM& model, const RunConfig& cfg, con
   for (auto& r : q.rules) r.weight.learn = quant::Learn::None;  // LSQ starts from the plain spec's result
   log::info("PTQ ", quant::method_name(init.method), ": ", tokens.size(0), " calibration sequences x ", tokens.size(1),
             " tokens", init.calib.data.empty() ? "" : " from " + init.calib.data);
-  auto r = quant::run_ptq(model, q, init, tokens, !log::quiet());
+  auto r = quant::run_ptq(model, q, init, tokens, !log::quiet(), hooks);
   log::info("PTQ ", quant::method_name(init.method), " done in ", r.seconds, " s: mean relative output error ", r.mean_err(),
             " (round-to-nearest ", r.mean_err_rtn(), ") over ", r.linears.size(), " linears");
   return r;

@@ -9,6 +9,8 @@
 #include "models/arch.h"
 #include "quant/ggml_mix.h"
 #include "quant/qat.h"
+#include "models/hf.h"
+#include "trainer/evaluate.h"
 #include "trainer/run_dir.h"
 
 namespace qf::trainer {
@@ -32,6 +34,12 @@ QuantizeResult quantize_run(const std::string& src, const std::vector<std::strin
   RunConfig cfg;
   std::shared_ptr<models::CausalLM> model;
   std::unique_ptr<data::Tokenizer> tok;
+  // A Hugging Face dir streams (unless --no-stream): its decoder layers' linears stay in the mapped
+  // files (models::DeferredLinear) and PTQ loads, calibrates and converts one layer at a time
+  // (quant::PtqLayerHooks), so the float model is never resident whole: peak = the packed model +
+  // the float embeddings/head/norms + one float layer + the calibration (and held-out) hidden states.
+  // Same bytes as the whole-model path (test_families' streamed == --no-stream check).
+  const bool stream = is_hf_dir(src) && !a.no_stream;
   if (is_hf_dir(src)) {
     QF_CHECK_INPUT(!a.calib.empty(), "quantize: a Hugging Face model needs --calib RECIPE.yaml, whose data: section "
                                      "supplies the calibration and held-out text (the tokenizer comes from ", src, ")");
@@ -39,14 +47,17 @@ QuantizeResult quantize_run(const std::string& src, const std::vector<std::strin
     ov.insert(ov.end(), overrides.begin(), overrides.end());
     cfg = load_run_config(a.calib, ov);
     set_threads(cfg.run.threads);
-    // Memory (issue 19 item 3, not streamed yet): the whole model is held in fp32 here (a bf16
-    // checkpoint: 2x its bytes, anonymous; fp32: its mapped pages), because the "before" evaluation
-    // and every method's calibration pass (RTN's per-layer error report too) run the float model;
-    // peak = fp32 model + the packed model built by convert + calibration hidden states. RTN without
-    // the error report and --no-eval could build each QuantizedLinear straight from the mapping with
-    // a models::LinearStreamer (as QLoRA's load does, peft::frozen_base_streamer); GPTQ/AWQ would need
-    // the LayerDriver to materialise each layer's weights from the mapping just before its turn.
-    model = load_hf_dir(src, "fp32", nullptr);
+    models::LinearStreamer deferred;
+    if (stream) {
+      const std::string pre = models::arch_spec(models::read_hf_checkpoint(src).config.family).layers + ".";
+      deferred.mapped = true;
+      deferred.claims = [pre](const std::string& name) { return name.rfind(pre, 0) == 0; };
+      deferred.build = [](const std::string&, const at::Tensor& w, const at::Tensor& b) {
+        return std::make_shared<models::DeferredLinear>(w, b);
+      };
+    }
+    // --no-stream: the whole model in fp32 (a bf16 checkpoint: 2x its bytes) before anything runs.
+    model = load_hf_dir(src, "fp32", nullptr, /*populate=*/!stream, stream ? &deferred : nullptr);
     tok = data::load_or_train_tokenizer(cfg.tokenizer);
   } else {
     auto lr = load_run(src, overrides);
@@ -85,13 +96,31 @@ QuantizeResult quantize_run(const std::string& src, const std::vector<std::strin
   const auto dev = model->parameters().front().device();
   const bool bf16 = cfg.trainer.precision == Precision::BF16;
   EvalResult before, after;
-  if (!a.no_eval && ds.val.size() > 0)
-    before = evaluate_model(*model, ds.val, cfg.trainer.batch_size, 0, dev, bf16);
+  const bool eval = !a.no_eval && ds.val.size() > 0;
+  std::unique_ptr<LayerwiseEval> layerwise;  // streaming: the float model's held-out loss, layer by layer
+  if (eval && stream) layerwise = std::make_unique<LayerwiseEval>(*model, ds.val, cfg.trainer.batch_size, dev, bf16);
+  else if (eval) before = evaluate_model(*model, ds.val, cfg.trainer.batch_size, 0, dev, bf16);
 
-  auto r = run_ptq_init(*model, cfg, *tok, ds.train);
-  quant::prepare(*model, q);
-  quant::convert(*model);
-  if (!r.packed.empty()) quant::apply_packed(*model, r);
+  quant::PtqLayerHooks hooks;
+  if (stream) {
+    const auto dtype = model->parameters().front().scalar_type();
+    hooks.before = [&, dtype](int64_t i) {  // layer i's float weights in, and the held-out states through them
+      for (auto& ns : models::linear_slots(model->layer(i)))
+        if (auto d = std::dynamic_pointer_cast<models::DeferredLinear>(ns.slot->get())) ns.slot->replace(d->load(dtype, dev));
+      if (layerwise) layerwise->advance(i);
+    };
+    hooks.after = [&](int64_t i, quant::PtqResult& res) { quant::convert_layer(*model, i, q, res); };
+  }
+  auto r = run_ptq_init(*model, cfg, *tok, ds.train, hooks);
+  if (stream) {
+    QF_CHECK(r.packed.empty(), "quantize: ", r.packed.size(), " GPTQ layers were not converted with their layer");
+    if (layerwise) before = layerwise->finish();
+    layerwise.reset();
+  } else {
+    quant::prepare(*model, q);
+    quant::convert(*model);
+    if (!r.packed.empty()) quant::apply_packed(*model, r);
+  }
   if (!a.no_eval && ds.val.size() > 0)
     after = evaluate_model(*model, ds.val, cfg.trainer.batch_size, 0, dev, bf16);
 
@@ -119,6 +148,8 @@ QuantizeResult quantize_run(const std::string& src, const std::vector<std::strin
                             {"val_loss_fp", before.tokens ? before.loss : -1.0},
                             {"val_loss", after.tokens ? after.loss : -1.0},
                             {"model_bytes", quant::model_bytes(*model)},
+                            {"streamed", stream},
+                            {"peak_rss_bytes", peak_rss_bytes()},
                             {"linears", layers_j}};
   ModelMeta meta;
   meta.format = ModelFormat::Converted;

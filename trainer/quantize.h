@@ -17,6 +17,7 @@ struct QuantizeArgs {
   quant::GptqConfig gptq;
   quant::AwqConfig awq;
   bool no_eval = false, force = false;
+  bool no_stream = false;  // a Hugging Face dir: load the whole float model first (same result, more memory)
 };
 
 struct QuantizeResult {

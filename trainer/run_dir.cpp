@@ -105,12 +105,12 @@ LoadedRun load_run(const std::string& path, const std::vector<std::string>& over
 bool is_hf_dir(const std::string& path) { return sfs::exists(path + "/config.json"); }
 
 std::shared_ptr<models::CausalLM> load_hf_dir(const std::string& dir, const std::string& dtype, nlohmann::json* info,
-                                              bool populate) {
+                                              bool populate, const models::LinearStreamer* streamer) {
   auto ck = models::read_hf_checkpoint(dir);
   const bool bf16 = dtype == "bf16" || (dtype == "auto" && ck.torch_dtype == "bfloat16");
   ck.config.dtype = bf16 ? models::DType::BF16 : models::DType::F32;
   auto model = models::build_model(ck.config, /*init=*/false);
-  models::load_hf_weights(*model, ck, !log::quiet(), populate);
+  models::load_hf_weights(*model, ck, !log::quiet(), populate, streamer);
   if (info)
     *info = {{"source", "huggingface"}, {"architecture", ck.architecture}, {"checkpoint_dtype", ck.torch_dtype},
              {"files", ck.files.size()}};

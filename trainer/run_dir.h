@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "data/tokenizer.h"
+#include "models/hf.h"
 #include "models/transformer.h"
 #include "trainer/checkpoint.h"
 #include "trainer/run_config.h"
@@ -54,9 +55,11 @@ LoadedRun load_run(const std::string& path, const std::vector<std::string>& over
 // A Hugging Face checkpoint dir: config.json next to the safetensors (see models/hf.h).
 bool is_hf_dir(const std::string& path);
 // Its model; dtype auto = bf16 when stored in bf16, else fp32. populate=false leaves zero-copy
-// weights unread until used (one-pass exporters). `info` (optional) gets what was read.
+// weights unread until used (one-pass exporters). `info` (optional) gets what was read. `streamer`:
+// the linears it claims are built by it (models::load_hf_weights).
 std::shared_ptr<models::CausalLM> load_hf_dir(const std::string& dir, const std::string& dtype,
-                                              nlohmann::json* info = nullptr, bool populate = true);
+                                              nlohmann::json* info = nullptr, bool populate = true,
+                                              const models::LinearStreamer* streamer = nullptr);
 // key=value overrides that point a recipe at a Hugging Face dir: model.from, the dir's tokenizer
 // (hf_dir_tokenizer), no run.init_from, no tokenizer training. InputError when it has no tokenizer.
 std::vector<std::string> hf_dir_overrides(const std::string& dir);

@@ -123,8 +123,9 @@ class Trainer {
 // Runs cfg.quant.init (rtn|gptq|awq) on the float `model`: calibration from quant.calib.data's
 // recipe (tokenized with `tok`) or else `own` (the run's training split). Learned (LSQ) rules
 // are calibrated as their plain affine spec; seed_learned_scales then starts them at GPTQ's scales.
+// `hooks`: quant::run_ptq's per-layer calls (streaming quantize).
 quant::PtqResult run_ptq_init(models::CausalLM& model, const RunConfig& cfg, const data::Tokenizer& tok,
-                              const data::PackedSet& own);
+                              const data::PackedSet& own, const quant::PtqLayerHooks& hooks = {});
 
 // Applies the `peft:` section to a model (after quant::prepare): LoRA wrappers, frozen base storage,
 // optional PEFT adapter to start from. verbose logs the parameter report.

@@ -181,3 +181,46 @@ def test_awq_scaling_pairs_keep_the_float_function(tmp_path, kind, corpus):
         _, q = _logits(tmp_path / f"{method}_hf", ids)
         dev[method] = (q - fp).abs().max().item()
     assert 0 < dev["awq"] <= 1.5 * dev["rtn"], f"{kind}: max logit deviation from float: {dev}"
+
+
+def _step_tensors(run):
+    from safetensors.torch import load_file
+    [f] = (run / "checkpoints").glob("*/model.safetensors")
+    return load_file(str(f))
+
+
+# Every family from its fp32 checkpoint, and bf16 checkpoints (widened to fp32 as each layer loads;
+# GPT-2's Conv1D weights as transposed views of the mapping).
+STREAM_CASES = [(k, "fp32") for k in FAMILIES] + [("llama3_tied", "bf16"), ("gpt2", "bf16")]
+
+
+@pytest.mark.parametrize("kind,dtype", STREAM_CASES)
+def test_streamed_quantize_equals_the_whole_model_path(tmp_path, kind, dtype, corpus):
+    """`qforge quantize` of a Hugging Face dir loads, calibrates and converts one decoder layer at a time
+    straight from the mapped checkpoint (the float model is never resident whole); --no-stream loads the
+    whole float model first. Both must write the same packed model and report the same held-out losses
+    (the float one computed layer by layer while streaming) and per-layer errors, for RTN, GPTQ and AWQ."""
+    d = _checkpoint(tmp_path, kind, corpus, outliers=True)
+    if dtype == "bf16":
+        m = transformers.AutoModelForCausalLM.from_pretrained(d, torch_dtype=torch.bfloat16)
+        m.save_pretrained(d, safe_serialization=True)
+        from safetensors import safe_open
+        with safe_open(str(d / "model.safetensors"), "pt") as f:
+            assert all(f.get_slice(n).get_dtype() == "BF16" for n in f.keys())
+    calib = _recipe(tmp_path, "calib", d, corpus, "")
+    for method in ["rtn", "gptq", "awq"]:
+        runs = {}
+        for mode, extra in [("stream", []), ("whole", ["--no-stream"])]:
+            out = tmp_path / f"{method}_{mode}"
+            _qforge("quantize", d, "--method", method, "--quant", "int4-g32", "--fallback", "int8-per-channel",
+                    "--calib", calib, "--samples", "8", *extra, "--out", out)
+            runs[mode] = (json.loads((out / "ptq_summary.json").read_text()), _step_tensors(out))
+        (s, ts), (w, tw) = runs["stream"], runs["whole"]
+        assert s["streamed"] is True and w["streamed"] is False
+        for key in ["val_loss_fp", "val_loss", "mean_err", "mean_err_rtn", "model_bytes"]:
+            assert s[key] == w[key], f"{kind} {dtype} {method}: {key} streamed {s[key]} != whole {w[key]}"
+        assert s["val_loss_fp"] > 0 and s["val_loss"] > 0
+        assert sorted(ts) == sorted(tw), f"{kind} {method}: tensor names differ"
+        for name in ts:
+            assert ts[name].dtype == tw[name].dtype and torch.equal(ts[name], tw[name]), f"{kind} {dtype} {method}: {name}"
+        assert any(n.endswith(".qweight") for n in ts), "the run holds packed layers"
