@@ -23,6 +23,7 @@
 #include "models/generate.h"
 #include "quant/qat.h"
 #include "export/gguf_export.h"
+#include "export/awq_export.h"
 #include "export/hf_export.h"
 #include "export/int_export.h"
 #include "models/hf.h"
@@ -164,8 +165,9 @@ int cmd_export(const std::string& run, const std::vector<std::string>& overrides
   // The output is checked before any weight is read: an existing one (unless --force), and always
   // anything inside a checkpoint dir or belonging to the source.
   exporter::check_out(out, run, force);
-  QF_CHECK_INPUT(fallback.empty() || format == "gguf" || format == "gptq" || format == "compressed-tensors",
-                 "export: --fallback applies to --format gguf, gptq and compressed-tensors (quantized layouts)");
+  QF_CHECK_INPUT(fallback.empty() || format == "gguf" || format == "gptq" || format == "compressed-tensors" ||
+                     format == "awq",
+                 "export: --fallback applies to --format gguf, gptq, compressed-tensors and awq (quantized layouts)");
   const auto t0 = std::chrono::steady_clock::now();
   std::shared_ptr<models::CausalLM> model;
   std::shared_ptr<data::Tokenizer> tok;
@@ -210,6 +212,15 @@ int cmd_export(const std::string& run, const std::vector<std::string>& overrides
                 what.c_str(), r.dir.c_str(), format.c_str(), (long long)r.n_quantized, (long long)r.n_exact,
                 (quant == "f16" ? "int4-g128" : quant).c_str(), r.bytes / 1e6,
                 r.n_fallback ? str("; ", r.n_fallback, " linears in --fallback ", fallback).c_str() : "");
+    return 0;
+  }
+  if (format == "awq") {
+    const std::string q = quant == "f16" ? "int4-g128" : quant;
+    auto r = exporter::export_awq(*model, *tok, out, q, fallback, force);
+    std::printf("exported %s to %s: awq (GEMM, group %lld), %lld quantized linears (%lld with their trained codes, the "
+                "rest RTN %s), %.2f MB, re-read and decoded%s\n",
+                what.c_str(), r.dir.c_str(), (long long)r.group_size, (long long)r.n_quantized, (long long)r.n_exact,
+                q.c_str(), r.bytes / 1e6, r.n_fallback ? str("; ", r.n_fallback, " linears kept in float").c_str() : "");
     return 0;
   }
   if (format == "gguf") {
@@ -372,11 +383,12 @@ CLI::App* add_export(CLI::App& app, CliArgs& a) {
   cmd->add_option("overrides", a.overrides, "key.path=value overrides of the run's config");
   cmd->add_option("--format", a.format,
                   "Output format: hf (a Hugging Face checkpoint dir), gguf (llama.cpp), gptq (transformers via "
-                  "optimum/gptqmodel), compressed-tensors (transformers / vLLM) or peft (a LoRA run's adapters)")
-      ->check(CLI::IsMember({"hf", "gguf", "gptq", "compressed-tensors", "peft"}))
+                  "optimum/gptqmodel), compressed-tensors (transformers / vLLM), awq (AutoAWQ GEMM: transformers / vLLM) "
+                  "or peft (a LoRA run's adapters)")
+      ->check(CLI::IsMember({"hf", "gguf", "gptq", "compressed-tensors", "awq", "peft"}))
       ->capture_default_str();
   cmd->add_option("--out", a.out,
-                  "Output directory (hf, gptq, compressed-tensors, peft; must not exist, or be empty) or .gguf file "
+                  "Output directory (hf, gptq, compressed-tensors, awq, peft; must not exist, or be empty) or .gguf file "
                   "(must not exist); never inside a run's checkpoints/ nor one of the source's own files")
       ->required();
   cmd->add_flag("--force", a.force,
@@ -386,12 +398,13 @@ CLI::App* add_export(CLI::App& app, CliArgs& a) {
                   "gguf: llama.cpp type mixture for float weights, chosen per tensor as llama-quantize does: "
                   "f32|f16|q8_0|q4_0|q4_1|q5_0|q5_1|q4_k|q4_k_m|q6_k (packed QAT/PTQ layers keep their blocks); "
                   "gptq/compressed-tensors: the RTN spec for float linears, int4-g128 (default), int4-g32 or "
-                  "int8-per-channel (QAT-converted layers keep their codes)")
+                  "int8-per-channel (QAT-converted layers keep their codes); awq: an int4 per-group preset, int4-g128 "
+                  "(default), int4-g64 or int4-g32 (QAT/PTQ-converted int4 layers keep their codes and fp16 scales)")
       ->capture_default_str();
   cmd->add_option("--fallback", a.export_fallback,
                   "For linears whose input width --quant's block/group does not divide (as llama-quantize falls "
                   "back): gguf: q8_0|q5_0|q5_1|q4_0|q4_1|f16|f32 instead of llama-quantize's own choice; "
-                  "compressed-tensors: another preset (e.g. int4-g64) or f16 (kept in float); gptq: f16 (kept in float)");
+                  "compressed-tensors: another preset (e.g. int4-g64) or f16 (kept in float); gptq, awq: f16 (kept in float)");
   cmd->add_option("--dtype", a.dtype, "Weight dtype of the written checkpoint")
       ->check(CLI::IsMember({"fp32", "bf16", "fp16"}))
       ->capture_default_str();

@@ -1,0 +1,40 @@
+// `qforge export --format awq`: a Llama/Qwen2-family model with int4 weights in AutoAWQ's GEMM
+// layout, the one transformers (AwqConfig version "gemm", autoawq's WQLinear_GEMM) and vLLM
+// (quantization "awq") load:
+//  - per linear qweight int32 [in, out/8]: the unsigned codes of 8 output columns per word, column
+//    8c + AWQ_ORDER[i] in bits 4i, AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7] (AutoAWQ WQLinear_GEMM.from_linear);
+//    qzeros int32 [groups, out/8] packed the same way; scales fp16 [groups, out]; bias fp16;
+//    the runtime's weight is (q - z) * s (AutoAWQ packing_utils.dequantize_gemm).
+//  - config.json quantization_config {quant_method "awq", version "gemm", bits 4, group_size,
+//    zero_point true, modules_to_not_convert [lm_head + float layers]}, and AutoAWQ's quant_config.json.
+// Weights: a QuantizedLinear with an int4 integer-zero-point spec (QAT / PTQ-converted, e.g.
+// int4-g128, int4-g32: symmetric codes q in [-8, 7] are written as q + 8 with zero point 8) keeps its
+// own codes and fp16 scales, so the runtime's weight is qforge's exactly; a float linear is RTN'd to
+// --quant's grouping (default int4-g128) with fp16 scales (the ones the file holds). Refused, naming the layer and the formats that hold it: torchao-style
+// asymmetric specs (a float-domain zero point, not an integer in [0, 15]), NF4 / FP8 / llama.cpp
+// blocks / LSQ / int8 / int3, GPTQ act-order (g_idx), scales that fp16 cannot hold exactly, and
+// output widths not a multiple of 8. Embeddings, norms and lm_head are written in the model's dtype.
+// Invariants (as export/int_export.h): built in a staged dir, every packed layer re-read and decoded
+// with AutoAWQ's unpack + reverse order and compared bit for bit with what was meant before the
+// rename; the model is not changed (each linear read through export/layer_view.h).
+#pragma once
+#include <string>
+
+#include "data/tokenizer.h"
+#include "models/transformer.h"
+
+namespace qf::exporter {
+
+struct AwqExportResult {
+  std::string dir;
+  int64_t n_quantized = 0, n_exact = 0, n_fallback = 0, bytes = 0;
+  int64_t group_size = 0;  // the file's one group size (in_features for per-channel)
+};
+
+// `quant`: the RTN scheme for float linears (an int4 symmetric preset: int4-g128, int4-g32, ...).
+// `fallback`: "" (a width --quant's group does not divide is an error naming the layers) or "f16"
+// (those linears stay in float, listed in modules_to_not_convert).
+AwqExportResult export_awq(models::CausalLM& model, const data::Tokenizer& tok, const std::string& out,
+                           const std::string& quant, const std::string& fallback = "", bool force = false);
+
+}  // namespace qf::exporter

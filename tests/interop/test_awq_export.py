@@ -1,0 +1,224 @@
+"""`qforge export --format awq` (AutoAWQ's GEMM layout) loaded by transformers 4.57.1 itself, whose AWQ
+integration builds autoawq's WQLinear_GEMM modules (autoawq 0.2.9, requirements.txt); a missing peer
+fails at import, loudly.
+
+Two readers of the same files:
+- an independent decoder written here from AutoAWQ's documented unpack (awq/utils/packing_utils.py:
+  unpack_awq + reverse_awq_order, AWQ_REVERSE_ORDER [0, 4, 1, 5, 2, 6, 3, 7], w = (q - z) * s) must
+  give qforge's converted weights bit for bit (float32);
+- transformers.AutoModelForCausalLM.from_pretrained on CPU: every WQLinear_GEMM's weight by autoawq's
+  own dequantize_gemm equals qforge's weight rounded to fp16 (the kernel's arithmetic), and the logits
+  match qforge's own forward of the same converted model within fp16 activation rounding.
+
+What this CPU machine needs around the peer (each one undone nowhere else, none touching the
+layout or the arithmetic):
+1. autoawq 0.2.9 (its last release; the project is archived) imports
+   transformers.activations.PytorchGELUTanh, which transformers 4.57 renamed GELUTanh: aliased.
+2. transformers' AwqQuantizer.validate_environment rewrites version "gemm" to "ipex" when there is no
+   CUDA/XPU device; the IPEX path needs intel-extension-for-pytorch, whose last release (2.8.0)
+   refuses torch 2.11 at import ("needs to work with PyTorch 2.8.*"). The rewrite is undone, so the
+   checkpoint's own version ("gemm", WQLinear_GEMM) is what loads.
+3. autoawq takes its Triton kernels whenever `import triton` works (torch's wheel installs triton);
+   those need a GPU, so on CPU its own naive path (dequantize_gemm + matmul) is selected.
+4. With dtype=float32 transformers casts WQLinear_GEMM's fp16 scales to fp32 and autoawq's matmul then
+   mixes fp16 and fp32: the fp32 load puts the module's declared fp16 back (exact: they were fp16 in the
+   file). The default load (dtype None -> fp16, as transformers picks for AWQ) needs nothing.
+vLLM is not installable beside the pinned torch 2.11 on this CPU machine; it reads the same
+quantization_config keys (bits, group_size, zero_point, modules_to_not_convert) and tensors.
+"""
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+import torch  # noqa: E402
+import transformers  # noqa: E402
+import transformers.activations as _act  # noqa: E402
+
+if not hasattr(_act, "PytorchGELUTanh"):  # (1)
+    _act.PytorchGELUTanh = _act.GELUTanh
+import awq  # noqa: E402,F401  - the peer, loudly
+import awq.modules.linear.gemm as awq_gemm  # noqa: E402
+from awq.utils.packing_utils import dequantize_gemm  # noqa: E402
+from transformers.quantizers.quantizer_awq import AwqQuantizer  # noqa: E402
+
+from st_io import interop_tool, read_safetensors, write_safetensors  # noqa: E402
+from tiny_runs import QFORGE, tiny_recipe, train  # noqa: E402
+
+assert awq.__version__ == "0.2.9", awq.__version__
+assert transformers.__version__ == "4.57.1", transformers.__version__
+
+_validate = AwqQuantizer.validate_environment
+
+
+def _keep_checkpoint_version(self, *args, **kwargs):  # (2)
+    version = self.quantization_config.version
+    _validate(self, *args, **kwargs)
+    self.quantization_config.version = version
+
+
+AwqQuantizer.validate_environment = _keep_checkpoint_version
+if not torch.cuda.is_available():  # (3)
+    awq_gemm.TRITON_AVAILABLE = False
+
+F16_RULE = "{bits: 4, symmetric: true, granularity: per-group, group_size: 32, scale_dtype: fp16}"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("awqx")
+    cfg = tiny_recipe(d, "fp", tie=False, max_steps=10)
+    train(cfg)
+    for name, weight in (("qat_f16", F16_RULE), ("qat_g32", "{preset: int4-g32}"),
+                         ("qat_asym", "{bits: 4, symmetric: false, granularity: per-group, group_size: 32}")):
+        rules = "[{pattern: 'model.layers.*', weight: %s}]" % weight
+        train(cfg, f"run.out_dir={d}/{name}", f"run.init_from={d}/fp", f"quant.rules={rules}", "trainer.max_steps=4")
+    # AWQ PTQ (scaling pairs folded, clipping searched) to int4 groups of 16 with fp16 scales
+    r = subprocess.run([QFORGE, "-q", "quantize", str(d / "fp"), "--method", "awq", "--quant", "int4-g16", "--samples", "16",
+                        "--no-eval", "--out", str(d / "awq_ptq")], capture_output=True, text=True,
+                       env=dict(os.environ, OMP_NUM_THREADS="2"))
+    assert r.returncode == 0, r.stderr
+    return d
+
+
+def _export(src, fmt, out, *extra):
+    return subprocess.run([QFORGE, "-q", "export", str(src), "--format", fmt, "--out", str(out), *extra],
+                          capture_output=True, text=True)
+
+
+IDS = [1, 45, 7, 99, 3, 250, 18, 64, 5, 300, 12, 77]
+
+
+def _qforge_ref(tmp_path, run):
+    """qforge's own forward of `run` (build/interop/interop_hf on its fp32 HF export) and the HF dir."""
+    hf = tmp_path / "hf_ref"
+    r = _export(run, "hf", hf, "--dtype", "fp32")
+    assert r.returncode == 0, r.stderr
+    write_safetensors(tmp_path / "ids.safetensors", {"ids": np.array([IDS], dtype=np.int64)})
+    subprocess.run([interop_tool("interop_hf"), str(hf), str(tmp_path / "ids.safetensors"), str(tmp_path / "o.safetensors"),
+                    "1"], check=True, capture_output=True)
+    return read_safetensors(tmp_path / "o.safetensors")["logits"][0].numpy(), read_safetensors(hf / "model.safetensors")
+
+
+def _load(path, dtype):
+    m = transformers.AutoModelForCausalLM.from_pretrained(str(path), device_map="cpu", dtype=dtype).eval()
+    if dtype == torch.float32:  # (4)
+        for mod in m.modules():
+            if isinstance(mod, awq_gemm.WQLinear_GEMM):
+                mod.scales = mod.scales.half()
+                if mod.bias is not None:
+                    mod.bias = mod.bias.half()
+    with torch.no_grad():
+        logits = m(torch.tensor([IDS])).logits[0].float().numpy()
+    return m, logits
+
+
+AWQ_REVERSE_ORDER = [0, 4, 1, 5, 2, 6, 3, 7]
+
+
+def _decode(qweight, qzeros, scales):
+    """AutoAWQ's unpack written independently in numpy: 8 nibbles per int32, low first, reordered by
+    AWQ_REVERSE_ORDER; (q - z) * s per group, in float32. Returns the [out, in] weight."""
+    def unpack(w):
+        u = w.numpy().astype(np.int64) & 0xFFFFFFFF
+        nib = (u[:, :, None] >> (4 * np.arange(8))) & 15  # [rows, words, 8] by nibble
+        return nib[:, :, AWQ_REVERSE_ORDER].reshape(w.shape[0], -1)
+    q, z = unpack(qweight), unpack(qzeros)
+    s = scales.float().numpy()
+    group = q.shape[0] // s.shape[0]
+    return ((q - np.repeat(z, group, 0)).astype(np.float32) * np.repeat(s, group, 0)).T
+
+
+def _check_file_and_peer(out, ref_tensors, group):
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg == {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": group, "zero_point": True,
+                   "backend": "autoawq", "modules_to_not_convert": cfg["modules_to_not_convert"]}, cfg
+    st = read_safetensors(out / "model.safetensors")
+    packed = sorted(k[:-len(".qweight")] for k in st if k.endswith(".qweight"))
+    assert len(packed) == 14, packed  # 2 layers x (q, k, v, o, gate, up, down)
+    for name in packed:
+        qw, qz, s = st[name + ".qweight"], st[name + ".qzeros"], st[name + ".scales"]
+        want = ref_tensors[name + ".weight"].numpy()
+        out_f, in_f = want.shape
+        assert qw.dtype == torch.int32 and tuple(qw.shape) == (in_f, out_f // 8), (name, qw.shape)
+        assert qz.dtype == torch.int32 and tuple(qz.shape) == (in_f // group, out_f // 8), (name, qz.shape)
+        assert s.dtype == torch.float16 and tuple(s.shape) == (in_f // group, out_f), (name, s.shape)
+        np.testing.assert_array_equal(_decode(qw, qz, s), want, err_msg=name)
+    return packed
+
+
+@pytest.mark.parametrize("run,group", [("qat_f16/converted", 32), ("awq_ptq", 16)])
+def test_converted_int4_codes_load_in_transformers(tmp_path, runs, run, group):
+    out = tmp_path / "awq"
+    r = _export(runs / run, "awq", out)
+    assert r.returncode == 0, r.stderr
+    assert f"group {group}), 14 quantized linears (14 with their trained codes" in r.stdout, r.stdout
+    ours, ref = _qforge_ref(tmp_path, runs / run)
+    packed = _check_file_and_peer(out, ref, group)
+    scale = max(1.0, float(np.abs(ours).max()))
+    for dtype, tol in ((torch.float32, 4e-3), (None, 8e-3)):
+        m, logits = _load(out, dtype)
+        mods = dict(m.named_modules())
+        for name in packed:
+            mod = mods[name]
+            assert type(mod) is awq_gemm.WQLinear_GEMM and mod.group_size == group, (name, type(mod))
+            w = dequantize_gemm(mod.qweight, mod.qzeros, mod.scales, 4, mod.group_size)  # the peer's own, [in, out] fp16
+            assert w.dtype == torch.float16
+            assert torch.equal(w.t(), ref[name + ".weight"].half()), name
+        assert type(m.lm_head) is torch.nn.Linear
+        err = float(np.abs(logits - ours).max())
+        print(f"\nAWQ_EXPORT {run} dtype {dtype}: max|transformers - qforge| {err:.3g} (logit scale {scale:.3g})")
+        assert err <= tol * scale, err
+
+
+def test_float_model_rtn_export_loads(tmp_path, runs):
+    out = tmp_path / "awq"
+    r = _export(runs / "fp", "awq", out, "--quant", "int4-g32")  # the preset's fp32 scales become fp16 here
+    assert r.returncode == 0, r.stderr
+    assert "14 quantized linears (0 with their trained codes" in r.stdout, r.stdout
+    _, logits = _load(out, torch.float32)
+    ours, _ = _qforge_ref(tmp_path, runs / "fp")
+    rel = float(np.abs(logits - ours).max()) / float(np.abs(ours).max())
+    print(f"\nAWQ_EXPORT RTN int4-g32: max rel diff to the float model {rel:.3g}")
+    assert 0 < rel < 0.25, rel
+
+
+def test_width_fallback_keeps_float_layers(tmp_path, runs):
+    """ffn 160: int4-g64 fits every linear but down_proj. Without --fallback the error names it and
+    what fits; with --fallback f16 those stay nn.Linear (modules_to_not_convert) and the rest load as AWQ."""
+    out = tmp_path / "awq"
+    r = _export(runs / "fp", "awq", out, "--quant", "int4-g64")
+    assert r.returncode == 2 and "model.layers.0.mlp.down_proj (160 inputs: int4-g32, int4-g16, int4-g8 fit)" in r.stderr, r.stderr
+    assert not out.exists()
+    r = _export(runs / "fp", "awq", out, "--quant", "int4-g64", "--fallback", "f16")
+    assert r.returncode == 0, r.stderr
+    skip = json.loads((out / "config.json").read_text())["quantization_config"]["modules_to_not_convert"]
+    assert skip == ["lm_head", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"], skip
+    m, logits = _load(out, torch.float32)
+    assert type(m.model.layers[1].mlp.down_proj) is torch.nn.Linear
+    assert type(m.model.layers[1].mlp.up_proj) is awq_gemm.WQLinear_GEMM and m.model.layers[1].mlp.up_proj.group_size == 64
+    ours, _ = _qforge_ref(tmp_path, runs / "fp")
+    rel = float(np.abs(logits - ours).max()) / float(np.abs(ours).max())
+    print(f"\nAWQ_EXPORT fallback f16: max rel diff to the float model {rel:.3g}")
+    assert 0 < rel < 0.25, rel
+
+
+@pytest.mark.parametrize("src,extra,needles", [
+    ("qat_asym/converted", [], ["model.layers.0.self_attn.q_proj is int4 asym", "float-domain zero point",
+                                "--format gguf", "int4-g128"]),
+    ("qat_g32/converted", [], ["model.layers.0.self_attn.q_proj has scales fp16 cannot hold exactly", "scale_dtype: fp16",
+                               "--format gptq"]),
+    ("fp", ["--quant", "int8-per-channel"], ["--quant int8-per-channel is int8", "4-bit codes only"]),
+    ("fp", ["--quant", "q4_0"], ["--quant q4_0", "not llama.cpp blocks"]),
+    ("fp", ["--quant", "int4-g32", "--fallback", "int4-g16"], ["--fallback f16"]),
+])
+def test_unrepresentable_layers_are_refused(tmp_path, runs, src, extra, needles):
+    out = tmp_path / "x"
+    r = _export(runs / src, "awq", out, *extra)
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    for n in needles:
+        assert n in r.stderr, (n, r.stderr)
+    assert not out.exists() and not any(p.name.startswith("x.tmp") for p in tmp_path.iterdir())
