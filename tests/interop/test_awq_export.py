@@ -8,7 +8,9 @@ Two readers of the same files:
   give qforge's converted weights bit for bit (float32);
 - transformers.AutoModelForCausalLM.from_pretrained on CPU: every WQLinear_GEMM's weight by autoawq's
   own dequantize_gemm equals qforge's weight rounded to fp16 (the kernel's arithmetic), and the logits
-  match qforge's own forward of the same converted model within fp16 activation rounding.
+  match qforge's own forward of the same converted model within fp16 activation rounding: a QAT
+  run and an AWQ PTQ run of the tiny Llama, and an AWQ PTQ run of each nn.Linear family's tiny
+  transformers checkpoint (GPT-2's Conv1D refused).
 
 What this CPU machine needs around the peer (each one undone nowhere else, none touching the
 layout or the arithmetic):
@@ -46,7 +48,7 @@ from awq.utils.packing_utils import dequantize_gemm  # noqa: E402
 from transformers.quantizers.quantizer_awq import AwqQuantizer  # noqa: E402
 
 from st_io import interop_tool, read_safetensors, write_safetensors  # noqa: E402
-from tiny_runs import QFORGE, tiny_recipe, train  # noqa: E402
+from tiny_runs import QFORGE, kjv_corpus, tiny_recipe, train  # noqa: E402
 
 assert awq.__version__ == "0.2.9", awq.__version__
 assert transformers.__version__ == "4.57.1", transformers.__version__
@@ -103,8 +105,9 @@ def _qforge_ref(tmp_path, run):
     return read_safetensors(tmp_path / "o.safetensors")["logits"][0].numpy(), read_safetensors(hf / "model.safetensors")
 
 
-def _load(path, dtype):
-    m = transformers.AutoModelForCausalLM.from_pretrained(str(path), device_map="cpu", dtype=dtype).eval()
+def _load(path, dtype, ids=None):
+    m = transformers.AutoModelForCausalLM.from_pretrained(str(path), device_map="cpu", dtype=dtype,
+                                                         attn_implementation="eager").eval()
     if dtype == torch.float32:  # (4)
         for mod in m.modules():
             if isinstance(mod, awq_gemm.WQLinear_GEMM):
@@ -112,7 +115,9 @@ def _load(path, dtype):
                 if mod.bias is not None:
                     mod.bias = mod.bias.half()
     with torch.no_grad():
-        logits = m(torch.tensor([IDS])).logits[0].float().numpy()
+        logits = m(torch.tensor([IDS]) if ids is None else ids).logits.float().numpy()
+    if ids is None:
+        logits = logits[0]
     return m, logits
 
 
@@ -222,3 +227,57 @@ def test_unrepresentable_layers_are_refused(tmp_path, runs, src, extra, needles)
     for n in needles:
         assert n in r.stderr, (n, r.stderr)
     assert not out.exists() and not any(p.name.startswith("x.tmp") for p in tmp_path.iterdir())
+
+
+FAMILY_KINDS = ["llama3_tied", "qwen2_sw", "qwen3", "mistral_sw", "gemma2", "gemma3", "phi4_longrope", "opt"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return kjv_corpus(tmp_path_factory.mktemp("corpus") / "kjv.txt", 1500)
+
+
+@pytest.mark.parametrize("kind", FAMILY_KINDS)
+def test_awq_ptq_of_every_family_loads(tmp_path, kind, corpus):
+    """An AWQ PTQ run (int4 groups of 16, the family's scaling pairs) of each nn.Linear family's tiny
+    transformers checkpoint (Qwen2's qkv biases go out in fp16, as AutoAWQ stores them) loads in
+    transformers as WQLinear_GEMM with autoawq's weights == qforge's in fp16 and the logits within
+    the kernel's fp16 rounding; GPT-2's Conv1D layers are refused."""
+    from test_families import _checkpoint, _recipe
+    d = _checkpoint(tmp_path, kind, corpus, ffn=192)
+    calib = _recipe(tmp_path, "calib", d, corpus, "")
+    r = subprocess.run([QFORGE, "-q", "quantize", str(d), "--method", "awq", "--quant", "int4-g16", "--calib", str(calib),
+                        "--samples", "16", "--no-eval", "--out", str(tmp_path / "q")], capture_output=True, text=True,
+                       env=dict(os.environ, OMP_NUM_THREADS="2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "awq"
+    r = _export(tmp_path / "q", "awq", out)
+    assert r.returncode == 0, f"{kind}: {r.stderr[-3000:]}"
+    hf = tmp_path / "hf_ref"
+    assert _export(tmp_path / "q", "hf", hf, "--dtype", "fp32").returncode == 0
+    ref = read_safetensors(hf / "model.safetensors")
+    ids = (torch.arange(2 * 12).reshape(2, 12) * 29 + 3) % 150
+    write_safetensors(tmp_path / "ids.safetensors", {"ids": ids.numpy()})
+    subprocess.run([interop_tool("interop_hf"), str(hf), str(tmp_path / "ids.safetensors"), str(tmp_path / "o.safetensors"),
+                    "1"], check=True, capture_output=True)
+    want = read_safetensors(tmp_path / "o.safetensors")["logits"].numpy()
+    m, logits = _load(out, torch.float32, ids)
+    n = 0
+    for name, mod in m.named_modules():
+        if isinstance(mod, awq_gemm.WQLinear_GEMM):
+            w = dequantize_gemm(mod.qweight, mod.qzeros, mod.scales, 4, mod.group_size)
+            assert torch.equal(w.t(), ref[name + ".weight"].half()), f"{kind}: {name}"
+            n += 1
+    assert n > 0 and n == sum(1 for k in read_safetensors(out / "model.safetensors") if k.endswith(".qweight")), (kind, n)
+    scale = max(1.0, float(np.abs(want).max()))
+    err = float(np.abs(logits - want).max())
+    print(f"\nAWQ_EXPORT family {kind}: {n} WQLinear_GEMM, max|transformers - qforge| {err:.3g} (logit scale {scale:.3g})")
+    assert err <= 4e-3 * scale, f"{kind}: max |diff| {err}"
+
+
+def test_conv1d_families_are_refused(tmp_path, corpus):
+    from test_families import _checkpoint
+    d = _checkpoint(tmp_path, "gpt2", corpus)
+    r = _export(d, "awq", tmp_path / "g")
+    assert r.returncode == 1 and "Conv1D" in r.stderr and "--format awq" in r.stderr, r.stderr
+    assert not (tmp_path / "g").exists()
