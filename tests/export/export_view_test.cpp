@@ -1,4 +1,4 @@
-// Exporters leave the caller's model as it was: GGUF, GPTQ, compressed-tensors and HF exports of
+// Exporters leave the caller's model as it was: GGUF, GPTQ, compressed-tensors, AWQ and HF exports of
 // QAT, QAT + LoRA (exact-merge and plain) and float + LoRA models change no parameter, buffer or
 // module type, a second export gives the same bytes, and the bytes equal what exporting the model
 // after peft::merge_lora + quant::convert (the old mutate-then-export path) gives.
@@ -12,6 +12,7 @@
 #include <typeinfo>
 
 #include "data/tokenizer.h"
+#include "export/awq_export.h"
 #include "export/gguf_export.h"
 #include "export/hf_export.h"
 #include "export/int_export.h"
@@ -135,9 +136,10 @@ std::map<std::string, std::string> contents(const std::string& out) {
   return r;
 }
 
-enum class Format { Gguf, Gptq, Compressed, Hf };
+enum class Format { Gguf, Gptq, Compressed, Awq, Hf };
 const char* format_name(Format f) {
-  return f == Format::Gguf ? "gguf" : f == Format::Gptq ? "gptq" : f == Format::Compressed ? "compressed-tensors" : "hf";
+  return f == Format::Gguf ? "gguf" : f == Format::Gptq ? "gptq" : f == Format::Compressed ? "compressed-tensors"
+         : f == Format::Awq ? "awq" : "hf";
 }
 
 void export_as(Format f, models::CausalLM& m, const data::Tokenizer& tok, const std::string& out, const std::string& quant) {
@@ -145,6 +147,7 @@ void export_as(Format f, models::CausalLM& m, const data::Tokenizer& tok, const 
     case Format::Gguf: exporter::export_gguf(m, tok, out, quant, "tiny", /*progress=*/false); break;
     case Format::Gptq: exporter::export_int(m, tok, out, exporter::IntFormat::Gptq, quant); break;
     case Format::Compressed: exporter::export_int(m, tok, out, exporter::IntFormat::CompressedTensors, quant); break;
+    case Format::Awq: exporter::export_awq(m, tok, out, quant); break;
     case Format::Hf: exporter::export_hf(m, tok, out, at::kFloat, int64_t{1} << 40); break;
   }
 }
@@ -196,6 +199,7 @@ const std::vector<Format> kInt{Format::Gptq, Format::Compressed, Format::Hf};
 TEST(ExportView, QatModelIsUnchangedAndExportsAsConverted) {
   check({"q4_0 qat + q8_0 embedding", "q4_0", "model.layers.*", Lora::None, true, kGguf});
   check({"int4-g32 qat", "int4-g32", "model.layers.*", Lora::None, false, kInt});
+  check({"int4-g16 qat (fp16 scales)", "int4-g16", "model.layers.*", Lora::None, false, {Format::Awq}, "f32", "int4-g16"});
 }
 
 TEST(ExportView, QatLoraModelIsUnchangedAndExportsAsMergedThenConverted) {
@@ -204,11 +208,13 @@ TEST(ExportView, QatLoraModelIsUnchangedAndExportsAsMergedThenConverted) {
     check({l == Lora::Exact ? "q4_0 + exact lora" : "q4_0 + lora", "q4_0", "model.layers.*.mlp.*", l, false, kGguf});
     check({l == Lora::Exact ? "int8 + exact lora" : "int8 + lora", "int8-per-channel", "model.layers.*.mlp.*", l,
            false, kInt, "f32", "int8-per-channel"});
+    check({l == Lora::Exact ? "int4-g16 + exact lora" : "int4-g16 + lora", "int4-g16", "model.layers.*.mlp.*", l,
+           false, {Format::Awq}, "f32", "int4-g16"});
   }
 }
 
 TEST(ExportView, FloatLoraModelIsUnchangedAndExportsAsMerged) {
-  check({"float + lora", "", "", Lora::Plain, false, {Format::Gguf, Format::Gptq, Format::Compressed, Format::Hf},
+  check({"float + lora", "", "", Lora::Plain, false, {Format::Gguf, Format::Gptq, Format::Compressed, Format::Awq, Format::Hf},
          "q8_0", "int4-g32"});
 }
 
