@@ -711,7 +711,7 @@ TEST_F(Cli, ExportNeverOverwritesCheckpointsAndRefusesExistingOutputs) {
   qf::testing::write_text(hf + ".tmp" + dead + "/config.json", "{");
   ASSERT_EQ(run("export " + src + " --format hf --out " + hf).rc, 0);
   EXPECT_FALSE(sfs::exists(hf + ".tmp" + dead));
-  for (std::string fmt : {"hf", "gptq", "compressed-tensors"})
+  for (std::string fmt : {"hf", "gptq", "compressed-tensors", "awq"})
     EXPECT_EQ(run("export " + src + " --format " + fmt + " --out " + hf).rc, 1) << fmt;
   EXPECT_EQ(run("export " + src + " --format gptq --quant int4-g32 --out " + hf + " --force").rc, 0);
   EXPECT_TRUE(sfs::exists(hf + "/quantize_config.json"));
@@ -834,6 +834,8 @@ TEST_F(Cli, ExportKilledAtEveryPointLeavesTheOldOutputOrNothing) {
        {"file_synced:config.json", "export_staged", "export_old_aside", "export_committed"}},
       {"gptq", "--quant int4-g32", outs + "/gq", {"file_synced:config.json", "export_staged", "export_old_aside"}},
       {"compressed-tensors", "--quant int4-g32", outs + "/ct", {"export_staged", "export_old_aside", "export_committed"}},
+      {"awq", "--quant int4-g32", outs + "/aw", {"file_synced:quant_config.json", "export_staged", "export_old_aside",
+                                                  "export_committed"}},
   };
   for (const auto& c : cases) {
     const std::string cmd = "export " + src + " --format " + c.format + " " + c.extra + " --out " + c.out;
