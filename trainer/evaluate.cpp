@@ -130,10 +130,11 @@ EvalResult evaluate_model(models::CausalLM& m, const data::PackedSet& set, int64
 
 namespace qf::trainer {
 
-LayerwiseEval::LayerwiseEval(models::CausalLM& m, const data::PackedSet& set, int64_t bs, at::Device dev, bool bf16)
+LayerwiseEval::LayerwiseEval(models::CausalLM& m, const data::PackedSet& set, int64_t bs, at::Device dev, bool bf16,
+                             int64_t max_batches)
     : m_(m), dev_(dev), bf16_(bf16) {
   at::NoGradGuard ng;
-  for (int64_t lo = 0; lo < set.size(); lo += bs) {
+  for (int64_t lo = 0; lo < set.size() && (max_batches <= 0 || lo < max_batches * bs); lo += bs) {
     std::vector<int64_t> idx;
     for (int64_t j = lo; j < std::min(set.size(), lo + bs); ++j) idx.push_back(j);
     auto b = data::make_batch(set, idx);

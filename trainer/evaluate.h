@@ -49,9 +49,11 @@ EvalResult evaluate_model(models::CausalLM& m, const data::PackedSet& set, int64
 // streaming PTQ loads it: the constructor embeds every batch of the set, advance(i) runs layer i
 // over all of them (call it for i = 0..n-1 while layer i holds the weights to evaluate), finish()
 // applies the final norm and the output layer. Holds the whole set's hidden states meanwhile (bytes()).
+// max_batches > 0: only the first ones (evaluate_model's max_batches).
 class LayerwiseEval {
  public:
-  LayerwiseEval(models::CausalLM& m, const data::PackedSet& set, int64_t batch_size, at::Device dev, bool bf16);
+  LayerwiseEval(models::CausalLM& m, const data::PackedSet& set, int64_t batch_size, at::Device dev, bool bf16,
+                int64_t max_batches = 0);
   void advance(int64_t i);
   EvalResult finish();
   int64_t bytes() const;

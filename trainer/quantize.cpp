@@ -10,7 +10,9 @@
 #include "quant/ggml_mix.h"
 #include "quant/qat.h"
 #include "models/hf.h"
+#include "core/log.h"
 #include "trainer/evaluate.h"
+#include "trainer/memory_estimate.h"
 #include "trainer/run_dir.h"
 
 namespace qf::trainer {
@@ -98,8 +100,25 @@ QuantizeResult quantize_run(const std::string& src, const std::vector<std::strin
   EvalResult before, after;
   const bool eval = !a.no_eval && ds.val.size() > 0;
   std::unique_ptr<LayerwiseEval> layerwise;  // streaming: the float model's held-out loss, layer by layer
-  if (eval && stream) layerwise = std::make_unique<LayerwiseEval>(*model, ds.val, cfg.trainer.batch_size, dev, bf16);
-  else if (eval) before = evaluate_model(*model, ds.val, cfg.trainer.batch_size, 0, dev, bf16);
+  // Streaming holds the hidden states of every held-out sequence at once (fp32 [seq_len, dim] each):
+  // at most min(2 GiB, a quarter of the available memory) of them; a bigger held-out split is
+  // evaluated on its first batches that fit, before and after alike (logged, and in ptq_summary.json).
+  const int64_t bs = cfg.trainer.batch_size;
+  int64_t eval_batches = 0;  // 0: all
+  if (eval && stream) {
+    const int64_t per_seq = std::max<int64_t>(1, cfg.data.seq_len * model->cfg.dim * 4);
+    const int64_t budget = std::min<int64_t>(int64_t{2} << 30, available_host_bytes() / 4);
+    const int64_t fit = std::max<int64_t>(1, budget / per_seq / bs);  // batches
+    if (ds.val.size() > fit * bs) {
+      eval_batches = fit;
+      log::warn("quantize: the held-out split has ", ds.val.size(), " sequences; streaming evaluates the first ",
+                fit * bs, " (", fit, " batches: their hidden states are held across the layer pass), before and after "
+                "alike. --no-stream evaluates all of them");
+    }
+    layerwise = std::make_unique<LayerwiseEval>(*model, ds.val, bs, dev, bf16, eval_batches);
+  } else if (eval) {
+    before = evaluate_model(*model, ds.val, bs, 0, dev, bf16);
+  }
 
   quant::PtqLayerHooks hooks;
   if (stream) {
@@ -121,8 +140,7 @@ QuantizeResult quantize_run(const std::string& src, const std::vector<std::strin
     quant::convert(*model);
     if (!r.packed.empty()) quant::apply_packed(*model, r);
   }
-  if (!a.no_eval && ds.val.size() > 0)
-    after = evaluate_model(*model, ds.val, cfg.trainer.batch_size, 0, dev, bf16);
+  if (eval) after = evaluate_model(*model, ds.val, bs, eval_batches, dev, bf16);
 
   // The output is a run directory: its config.yaml re-creates it with `qforge train` (PTQ as
   // quant.init, no training steps) and tells load_run how to rebuild the packed model.
@@ -149,6 +167,7 @@ QuantizeResult quantize_run(const std::string& src, const std::vector<std::strin
                             {"val_loss", after.tokens ? after.loss : -1.0},
                             {"model_bytes", quant::model_bytes(*model)},
                             {"streamed", stream},
+                            {"eval_sequences", eval ? std::min(ds.val.size(), eval_batches > 0 ? eval_batches * bs : ds.val.size()) : 0},
                             {"peak_rss_bytes", peak_rss_bytes()},
                             {"linears", layers_j}};
   ModelMeta meta;

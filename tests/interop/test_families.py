@@ -224,3 +224,24 @@ def test_streamed_quantize_equals_the_whole_model_path(tmp_path, kind, dtype, co
         for name in ts:
             assert ts[name].dtype == tw[name].dtype and torch.equal(ts[name], tw[name]), f"{kind} {dtype} {method}: {name}"
         assert any(n.endswith(".qweight") for n in ts), "the run holds packed layers"
+
+
+def test_streamed_quantize_caps_the_held_out_states(tmp_path, corpus):
+    """Streaming holds every held-out sequence's hidden state across the layer pass, so it evaluates at
+    most min(2 GiB, a quarter of the available memory) of them: with QFORGE_HOST_MEMORY_BYTES set to 4x two
+    batches' worth, the first two batches are evaluated (before and after alike), the log says so, and
+    the quantized loss equals `qforge eval --max-batches 2` of the written run."""
+    d = _checkpoint(tmp_path, "llama3_tied", corpus)
+    calib = _recipe(tmp_path, "calib", d, corpus, "trainer: {batch_size: 4}")
+    hidden = json.loads((d / "config.json").read_text())["hidden_size"]
+    per_batch = 4 * 24 * hidden * 4  # batch 4 x seq 24 x hidden fp32
+    r = subprocess.run([QFORGE, "quantize", d, "--method", "rtn", "--quant", "int4-g32", "--fallback", "int8-per-channel",
+                        "--calib", calib, "--samples", "8", "--out", tmp_path / "q"], capture_output=True, text=True,
+                       env={"OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin",
+                            "QFORGE_HOST_MEMORY_BYTES": str(4 * 2 * per_batch + 1000)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "streaming evaluates the first 8 (2 batches" in r.stderr, r.stderr[-3000:]
+    s = json.loads((tmp_path / "q" / "ptq_summary.json").read_text())
+    assert s["streamed"] and s["eval_sequences"] == 8 and s["val_loss_fp"] > 0, s
+    e = json.loads(_qforge("eval", tmp_path / "q", "--max-batches", "2").stdout.strip().splitlines()[-1])
+    assert abs(e["loss"] - s["val_loss"]) <= 1e-6 * abs(e["loss"]), (e, s["val_loss"])
