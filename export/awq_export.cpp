@@ -168,17 +168,7 @@ void add_linears(AwqFile& f, models::CausalLM& model, const QuantSpec& rtn, cons
 
 // The embedding and every parameter outside the linears (norms), in the model's dtype.
 void add_others(AwqFile& f, models::CausalLM& model) {
-  const auto emb_name = model.token_embedding_name();
-  f.tensors.emplace_back(emb_name + ".weight",
-                         converted_embedding(model.token_embedding().get())->table().to(f.ftype).contiguous());
-  std::vector<std::string> slot_names;
-  for (auto& ns : models::linear_slots(model)) slot_names.push_back(ns.name);
-  for (auto& p : model.named_parameters()) {
-    const auto& k = p.key();
-    bool owned = k.rfind(emb_name + ".", 0) == 0;
-    for (auto& n : slot_names) owned |= k.rfind(n + ".", 0) == 0;
-    if (!owned) f.tensors.emplace_back(k, p.value().detach().to(f.ftype).contiguous());
-  }
+  for (auto& t : non_linear_tensors(model, f.ftype)) f.tensors.push_back(std::move(t));
 }
 
 // Re-reads the file and decodes every packed layer as AutoAWQ's dequantize_gemm does ((q - z) * s,

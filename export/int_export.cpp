@@ -204,17 +204,7 @@ void add_linears(IntFile& f, models::CausalLM& model, const Schemes& s, const st
 
 // Everything that is not a linear: the embedding and the norms, in the model's dtype.
 void add_others(IntFile& f, models::CausalLM& model) {
-  const auto emb_name = model.token_embedding_name();
-  f.tensors.emplace_back(emb_name + ".weight",
-                         converted_embedding(model.token_embedding().get())->table().to(f.ftype).contiguous());
-  std::vector<std::string> slot_names;
-  for (auto& ns : models::linear_slots(model)) slot_names.push_back(ns.name);
-  for (auto& p : model.named_parameters()) {
-    const auto& k = p.key();
-    bool owned = k.rfind(emb_name + ".", 0) == 0;
-    for (auto& n : slot_names) owned |= k.rfind(n + ".", 0) == 0;
-    if (!owned) f.tensors.emplace_back(k, p.value().detach().to(f.ftype).contiguous());
-  }
+  for (auto& t : non_linear_tensors(model, f.ftype)) f.tensors.push_back(std::move(t));
 }
 
 // GPTQ's quantization_config (also quantize_config.json). Float linears: GPTQ quantizes the block

@@ -43,4 +43,19 @@ std::shared_ptr<models::EmbeddingBase> converted_embedding(const std::shared_ptr
   return e;
 }
 
+std::vector<std::pair<std::string, at::Tensor>> non_linear_tensors(models::CausalLM& model, at::ScalarType dtype) {
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  const auto emb_name = model.token_embedding_name();
+  out.emplace_back(emb_name + ".weight", converted_embedding(model.token_embedding().get())->table().to(dtype).contiguous());
+  std::vector<std::string> slot_names;
+  for (auto& ns : models::linear_slots(model)) slot_names.push_back(ns.name);
+  for (auto& p : model.named_parameters()) {
+    const auto& k = p.key();
+    bool owned = k.rfind(emb_name + ".", 0) == 0;
+    for (auto& n : slot_names) owned |= k.rfind(n + ".", 0) == 0;
+    if (!owned) out.emplace_back(k, p.value().detach().to(dtype).contiguous());
+  }
+  return out;
+}
+
 }  // namespace qf::exporter

@@ -5,8 +5,12 @@
 // bytes are those of exporting the merged + converted model.
 #pragma once
 #include <memory>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "models/linear.h"
+#include "models/transformer.h"
 #include "quant/qat.h"
 
 namespace qf::exporter {
@@ -25,5 +29,8 @@ const quant::QuantSpec* converted_spec(const models::LinearBase& m);
 at::Tensor merged_weight(models::LinearBase& m);
 // convert for the token embedding: a FakeQuantEmbedding's QuantizedEmbedding, otherwise `e` itself.
 std::shared_ptr<models::EmbeddingBase> converted_embedding(const std::shared_ptr<models::EmbeddingBase>& e);
+// Every tensor of `model` that is not a linear's, by HF name, in `dtype`: the (converted) token
+// embedding table, then the norms and other parameters (what the int / AWQ exporters write as they are).
+std::vector<std::pair<std::string, at::Tensor>> non_linear_tensors(models::CausalLM& model, at::ScalarType dtype);
 
 }  // namespace qf::exporter
