@@ -206,15 +206,7 @@ AwqExportResult export_awq(models::CausalLM& model, const data::Tokenizer& tok, 
   const auto n_lora = peft::lora_layers(model).size();
   if (n_lora) log::info("export: merging ", n_lora, " LoRA adapters into their base layers as they are written");
   // Every converted layer's scheme is checked (naming the layer) before any width problem or weight.
-  std::vector<std::pair<std::string, int64_t>> widths;
-  for (auto& ns : models::linear_slots(model)) {
-    if (ns.name == "lm_head") continue;
-    if (const QuantSpec* spec = converted_spec(*ns.slot->get())) {
-      check_spec(ns.name, *spec);
-      continue;
-    }
-    widths.emplace_back(ns.name, ns.slot->get()->in_features);
-  }
+  const auto widths = float_linear_widths(model, check_spec);
   std::set<std::string> to_float;
   const auto misfit = quant::width_fallbacks(widths, rtn, quant_name, float_fallback ? fallback : "", nullptr);
   for (size_t i = 0; i < widths.size(); ++i)

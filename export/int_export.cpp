@@ -88,15 +88,7 @@ Schemes resolve_schemes(IntFormat fmt, const std::string& quant_name, const std:
 // linears whose width --quant's group does not divide get the fallback, or one error names them.
 std::set<std::string> fallback_layers(models::CausalLM& model, const Schemes& s, const std::string& quant_name,
                                       const std::string& fallback) {
-  std::vector<std::pair<std::string, int64_t>> widths;
-  for (auto& ns : models::linear_slots(model)) {
-    if (ns.name == "lm_head") continue;
-    if (const QuantSpec* spec = converted_spec(*ns.slot->get())) {
-      check_spec(ns.name, *spec);
-      continue;
-    }
-    widths.emplace_back(ns.name, ns.slot->get()->in_features);
-  }
+  const auto widths = float_linear_widths(model, check_spec);
   std::set<std::string> out;
   const auto misfit = quant::width_fallbacks(widths, s.rtn, quant_name, fallback, s.fb ? &*s.fb : nullptr);
   for (size_t i = 0; i < widths.size(); ++i)

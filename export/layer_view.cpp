@@ -43,6 +43,20 @@ std::shared_ptr<models::EmbeddingBase> converted_embedding(const std::shared_ptr
   return e;
 }
 
+std::vector<std::pair<std::string, int64_t>> float_linear_widths(
+    models::CausalLM& model, const std::function<void(const std::string&, const quant::QuantSpec&)>& check) {
+  std::vector<std::pair<std::string, int64_t>> widths;
+  for (auto& ns : models::linear_slots(model)) {
+    if (ns.name == "lm_head") continue;
+    if (const quant::QuantSpec* spec = converted_spec(*ns.slot->get())) {
+      check(ns.name, *spec);
+      continue;
+    }
+    widths.emplace_back(ns.name, ns.slot->get()->in_features);
+  }
+  return widths;
+}
+
 std::vector<std::pair<std::string, at::Tensor>> non_linear_tensors(models::CausalLM& model, at::ScalarType dtype) {
   std::vector<std::pair<std::string, at::Tensor>> out;
   const auto emb_name = model.token_embedding_name();

@@ -4,6 +4,7 @@
 // (modules, parameters, buffers) and costs at most one layer's converted copy of extra memory; its
 // bytes are those of exporting the merged + converted model.
 #pragma once
+#include <functional>
 #include <memory>
 #include <string>
 #include <utility>
@@ -32,5 +33,9 @@ std::shared_ptr<models::EmbeddingBase> converted_embedding(const std::shared_ptr
 // Every tensor of `model` that is not a linear's, by HF name, in `dtype`: the (converted) token
 // embedding table, then the norms and other parameters (what the int / AWQ exporters write as they are).
 std::vector<std::pair<std::string, at::Tensor>> non_linear_tensors(models::CausalLM& model, at::ScalarType dtype);
+// The linears (lm_head aside) that stay float after convert, with their input widths (for
+// quant::width_fallbacks); every converted one's spec goes to `check` (which throws naming it) first.
+std::vector<std::pair<std::string, int64_t>> float_linear_widths(
+    models::CausalLM& model, const std::function<void(const std::string&, const quant::QuantSpec&)>& check);
 
 }  // namespace qf::exporter
