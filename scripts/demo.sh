@@ -34,31 +34,43 @@ $Q train configs/tiny_ptq_int3.yaml run.out_dir=$OUT/ptq_int3 run.init_from=$OUT
 echo; echo "   ... and GPTQ to int3 g32 of the same control (qforge quantize; 128 calibration windows of the training text)"
 $Q quantize $OUT/ft_fp --method gptq --quant int3-g32 --out $OUT/gptq_int3
 
+echo; echo "   ... and AWQ to int3 g32 of the same control (activation-aware scales folded into the norms)"
+$Q quantize $OUT/ft_fp --method awq --quant int3-g32 --out $OUT/awq_int3
+
 echo; echo "== [4/10] quantization-aware training against int3 g32 (configs/tiny_qat_int3.yaml) =="
 $Q train configs/tiny_qat_int3.yaml run.out_dir=$OUT/qat_int3 run.init_from=$OUT/pretrain
 
-echo; echo "== [5/10] held-out perplexity of each model (qforge eval) =="
+echo; echo "== [5/10] held-out perplexity and cloze accuracy of each model (qforge eval, qforge eval --task) =="
+# A HellaSwag-shaped task from the held-out 2% of the KJV (the same tail the recipes hold out):
+# 600 verses cut in two, the true continuation among 3 distractor spans of other verses; scored by
+# log-likelihood as lm-evaluation-harness scores HellaSwag (acc, acc_norm).
+.venv/bin/python scripts/make_cloze_task.py data/corpora/kjv.txt --tail 0.02 --n 600 --out $OUT/cloze.jsonl
 row() {  # label, run-or-checkpoint dir
-  local j ppl bytes
+  local j t ppl bytes acc se
   j=$($Q -q eval "$2" | grep '^{')
-  ppl=$(sed -E 's/.*"ppl": ([0-9.]+).*/\1/' <<<"$j")
-  bytes=$(sed -E 's/.*"model_bytes": ([0-9]+).*/\1/' <<<"$j")
-  printf "| %-34s | %10.3f | %12s |\n" "$1" "$ppl" "$bytes"
-  echo "$1,$ppl,$bytes" >> "$OUT/summary.csv"
+  t=$($Q -q eval "$2" --task $OUT/cloze.jsonl | grep '^{')
+  ppl=$(sed -E 's/.*"ppl": ?([0-9.]+).*/\1/' <<<"$j")
+  bytes=$(sed -E 's/.*"model_bytes": ?([0-9]+).*/\1/' <<<"$j")
+  acc=$(sed -E 's/.*"acc": ?([0-9.]+).*/\1/' <<<"$t")
+  se=$(sed -E 's/.*"acc_stderr": ?([0-9.eE-]+).*/\1/' <<<"$t")
+  printf "| %-34s | %10.3f | %14s | %12s |\n" "$1" "$ppl" "$(awk -v a="$acc" -v s="$se" 'BEGIN{printf "%.1f%% ± %.1f", 100*a, 100*s}')" "$bytes"
+  echo "$1,$ppl,$acc,$se,$bytes" >> "$OUT/summary.csv"
 }
-echo "model,heldout_ppl,weight_bytes" > "$OUT/summary.csv"
+echo "model,heldout_ppl,cloze_acc,cloze_acc_stderr,weight_bytes" > "$OUT/summary.csv"
 {
-  printf "| %-34s | %10s | %12s |\n" "model (held-out KJV text)" "perplexity" "weight bytes"
-  printf "|%s|%s|%s|\n" "------------------------------------" "------------" "--------------"
+  printf "| %-34s | %10s | %14s | %12s |\n" "model (held-out KJV text)" "perplexity" "cloze acc" "weight bytes"
+  printf "|%s|%s|%s|%s|\n" "------------------------------------" "------------" "----------------" "--------------"
   row "FP32 pretrained (1000 steps)" $OUT/pretrain
   row "FP32 control (+300 steps)" $OUT/ft_fp
   row "PTQ: RTN int3 g32 of the control" $OUT/ptq_int3/converted
   row "PTQ: GPTQ int3 g32 of the control" $OUT/gptq_int3
+  row "PTQ: AWQ int3 g32 of the control" $OUT/awq_int3
   row "QAT int3 g32 (+300 steps; converted)" $OUT/qat_int3/converted
 } | tee "$OUT/summary.md"
-awk -F, 'NR==3{fp=$2} NR==4{rtn=$2} NR==5{gptq=$2} NR==6{qat=$2} END{
+echo "cloze acc: $OUT/cloze.jsonl (600 held-out verses, 4 choices, chance 25%), ± one standard error" | tee -a "$OUT/summary.md"
+awk -F, 'NR==3{fp=$2} NR==4{rtn=$2} NR==5{gptq=$2} NR==6{awq=$2} NR==7{qat=$2} END{
   printf "RTN int3 g32 opens a perplexity gap of %.3f over the FP control; ", rtn-fp;
-  if (rtn > fp) printf "GPTQ closes %.1f%% of it, QAT recovers %.1f%% ((rtn - x) / (rtn - control))\n", 100*(rtn-gptq)/(rtn-fp), 100*(rtn-qat)/(rtn-fp);
+  if (rtn > fp) printf "GPTQ closes %.1f%% of it, AWQ %.1f%%, QAT recovers %.1f%% ((rtn - x) / (rtn - control))\n", 100*(rtn-gptq)/(rtn-fp), 100*(rtn-awq)/(rtn-fp), 100*(rtn-qat)/(rtn-fp);
   else printf "there is no gap to recover\n" }' "$OUT/summary.csv" | tee -a "$OUT/summary.md"
 
 echo "measured on: $CPU" | tee -a "$OUT/summary.md"
