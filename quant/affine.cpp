@@ -54,6 +54,24 @@
 // computes no mask, and _fake_quantize_affine_cachemask tests the value *after* clamping (always
 // true); the interop test recomputes the pre-clamp value from torchao's own qparams instead.
 //
+// INTEGER zero point (Rule::IntZeroPoint, presets int<b>-g<G>-zp; not torchao): AutoAWQ's rule
+// (awq/quantize/quantizer.py pseudo_quantize_tensor, zero_point=True), the one its GEMM format, GPTQ
+// sym=false and ONNX Runtime's MatMulNBits store. Per block, in float32:
+//   scale32 = max(amax - amin, 1e-5) / (2^b - 1);  s = scale32 rounded to the scale dtype (fp16 for
+//   the presets); z = clamp(-round(amin / s), 0, 2^b - 1);  q = clamp(round(x / s) + z, 0, 2^b - 1);
+//   x' = (q - z) * s, all with round half to even (torch.round).
+// Order of operations: z and q are computed with the ROUNDED (shipped) scale s, so (q, z, s) as
+// stored reproduce x' exactly. AutoAWQ instead runs the whole rule in the model dtype (its
+// _apply_quant casts the linear to fp16: max - min, / 15, amin / s and x / s each round to fp16),
+// then WQLinear_GEMM.from_linear re-derives the codes as round((x' + z*s) / s); for a weight whose
+// group extremes make (amax - amin) / (2^b-1) an fp16 value both give the same s, z and q (checked
+// live in tests/interop/test_awq_export.py); otherwise s can differ by one fp16 ulp and a code by one
+// where x / s lies within fp16 rounding of a .5 boundary. GPTQ's find_params (sym=false) differs only
+// at the edges: it widens the range to include 0 (xmin <= 0 <= xmax) and maps an all-zero block to
+// [-1, 1]; AutoAWQ (and qforge) do not, so an all-positive block gets z = 0 and its values above
+// 15 * s clip, and an all-equal block gets s = 1e-5 / 15 (x' = 0 for zeros, else +-(2^b-1) * s).
+// The STE mask is true where round(x / s) + z lies in [0, 2^b - 1].
+//
 // FP8 == torchao Float8FakeQuantizer (PerChannel/PerToken -> PerRow(), PerTensor -> PerTensor):
 // scale = amax(|x|) / finfo.max in x's dtype, cast to float32; q = clamp(x_f32 / scale, +-max)
 // cast to float8; x' = q_f32 * scale, cast to x's dtype. Extensions (torchao's config rejects
@@ -71,7 +89,7 @@
 namespace qf::quant {
 namespace {
 
-enum class Domain { Int, Float };
+enum class Domain { Int, Float, IntZero };
 
 at::ScalarType to_scalar_type(ScaleDType d) {
   switch (d) {
@@ -92,6 +110,7 @@ double smallest_normal(at::ScalarType t) {
 }
 
 Domain domain_of(const QuantSpec& s) {
+  if (s.int_zero_point()) return Domain::IntZero;
   return (!s.symmetric && s.granularity != Granularity::PerToken) ? Domain::Float : Domain::Int;
 }
 
@@ -114,7 +133,7 @@ double mid_point(const QuantSpec& s) { return static_cast<double>(s.qmax() + s.q
 struct Prepared {
   std::array<int64_t, 3> b;
   at::Tensor scale;  // [rows, n_blocks, 1] in the scale dtype
-  at::Tensor zp;     // [rows, n_blocks, 1]: int32 (INT domain) or the scale dtype (FLOAT domain)
+  at::Tensor zp;     // [rows, n_blocks, 1]: int32 (INT domain), the scale dtype (FLOAT) or float32 integers (IntZero)
   Domain domain;
 };
 
@@ -130,7 +149,8 @@ Prepared prepare(const at::Tensor& x, const QParams& qp, const QuantSpec& s, con
   const auto sdt = to_scalar_type(s.scale_dtype);
   p.scale = qp.scale.to(x.device(), sdt).reshape({p.b[0], p.b[1], 1});
   // IntxFakeQuantizer: zero_point.to(zero_point_precision): int32 (INT) / the scale dtype (FLOAT).
-  p.zp = qp.zero_point.to(x.device(), p.domain == Domain::Int ? at::kInt : sdt).reshape({p.b[0], p.b[1], 1});
+  const auto zdt = p.domain == Domain::Int ? at::kInt : p.domain == Domain::IntZero ? at::kFloat : sdt;
+  p.zp = qp.zero_point.to(x.device(), zdt).reshape({p.b[0], p.b[1], 1});
   return p;
 }
 
@@ -139,7 +159,10 @@ Prepared prepare(const at::Tensor& x, const QParams& qp, const QuantSpec& s, con
 std::pair<at::Tensor, at::Tensor> quant_core(const at::Tensor& x, const Prepared& p, const QuantSpec& s) {
   auto xv = x.reshape({p.b[0], p.b[1], p.b[2]});
   at::Tensor pre;
-  if (p.domain == Domain::Int) {
+  if (p.domain == Domain::IntZero) {
+    // round(x / s) + z in float32 (the scale is already a value of its dtype)
+    pre = at::round(xv.to(at::kFloat) / p.scale.to(at::kFloat)) + p.zp;
+  } else if (p.domain == Domain::Int) {
     // torch.clamp(_Round.apply(input * (1.0 / scale)) + zero_point, quant_min, quant_max);
     // Python's 1.0 / t is t.reciprocal() * 1.0 (torch/_tensor.py __rdiv__), an exact identity.
     auto inv = p.scale.reciprocal();
@@ -164,6 +187,12 @@ std::pair<at::Tensor, at::Tensor> quant_core(const at::Tensor& x, const Prepared
 // torchao _dequantize_affine_no_dtype_check (INT) / _dequantize_affine_tinygemm_no_dtype_check (FLOAT).
 at::Tensor dequant_core(const at::Tensor& q, const Prepared& p, const QuantSpec& s, at::ScalarType out) {
   auto qv = q.reshape({p.b[0], p.b[1], p.b[2]});
+  if (p.domain == Domain::IntZero) {
+    // (q - z) * s in float32: q - z is a small integer, so the product is the exact one a runtime's
+    // fp32 dequant computes (q and z enter as exact float32 integers).
+    auto dq = (qv.to(at::kFloat) - p.zp) * p.scale.to(at::kFloat);
+    return dq.to(out);
+  }
   if (p.domain == Domain::Int) {
     auto dq = qv.to(out, /*non_blocking=*/false, /*copy=*/true);
     dq = dq - p.zp.to(out);
@@ -209,7 +238,14 @@ QParams choose_qparams(const at::Tensor& x, const QuantSpec& spec) {
   auto min_val = at::amin(xv, {-1});
   auto max_val = at::amax(xv, {-1});
   at::Tensor scale, zp;
-  if (spec.symmetric) {
+  if (spec.int_zero_point()) {
+    // AutoAWQ pseudo_quantize_tensor (zero_point=True), in float32, then z from the rounded scale.
+    QF_CHECK(!spec.symmetric, "choose_qparams: an integer zero point needs an asymmetric spec, got ", spec.describe());
+    auto mn = min_val.to(at::kFloat), mx = max_val.to(at::kFloat);
+    scale = at::clamp(mx - mn, at::Scalar(1e-5), c10::nullopt) / qmax;
+    scale = scale.to(sdt).to(at::kFloat);
+    zp = at::clamp(-at::round(mn / scale), qmin, qmax) + 0.0;  // + 0.0: -0 (from -round(0)) -> +0
+  } else if (spec.symmetric) {
     // get_group_qparams_symmetric -> choose_qparams_affine(SYMMETRIC), eps = smallest_normal(x.dtype)
     auto min_neg = at::minimum(min_val, at::zeros_like(min_val));
     auto max_pos = at::maximum(max_val, at::zeros_like(max_val));

@@ -16,8 +16,9 @@ namespace qf::quant {
 
 // Scales and zero points for x viewed as [rows, n_blocks, block] along its last dimension.
 // scale: float32 (already rounded through spec.scale_dtype), shape [rows, n_blocks]; zero_point:
-// same shape; 0 for symmetric, an integer for per-token, and torchao's FLOAT-domain zero point
-// (min + scale * 2^(b-1), rounded through the scale dtype) for asymmetric weights
+// same shape; 0 for symmetric, an integer for per-token and for Rule::IntZeroPoint (AutoAWQ's /
+// GPTQ's z in [0, 2^b-1], weight = (q - z) * scale), and torchao's FLOAT-domain zero point
+// (min + scale * 2^(b-1), rounded through the scale dtype) for other asymmetric weights
 // (see quant/affine.cpp for the exact formulas). For per-token specs, rows = all leading
 // dims flattened and n_blocks = 1. For per-tensor: [1, 1].
 struct QParams {

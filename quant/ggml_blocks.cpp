@@ -582,7 +582,8 @@ const Format& format_of(Rule r) {
     case Rule::GgmlQ5_1: return q5_1;
     case Rule::GgmlQ4_K: return q4_K;
     case Rule::GgmlQ6_K: return q6_K;
-    case Rule::Affine: break;
+    case Rule::Affine:
+    case Rule::IntZeroPoint: break;
   }
   (void)traits(r);  // throws, naming the block formats
   throw Error("unreachable");
@@ -779,7 +780,8 @@ at::Tensor dequantize_aten(const at::Tensor& blocks, Rule r, int64_t cols) {
       x = d_sc.mul(q).reshape({-1, kQKK});
       break;
     }
-    case Rule::Affine: TORCH_INTERNAL_ASSERT(false, "format_of accepted Rule::Affine");
+    case Rule::Affine:
+    case Rule::IntZeroPoint: TORCH_INTERNAL_ASSERT(false, "format_of accepted a non-block rule");
   }
   return x.reshape({rows, cols});
 }

@@ -221,8 +221,12 @@ int64_t packed_storage_bytes(const PackedStorage& p, const QuantSpec& spec) {
   int64_t b = p.qweight.numel();
   if (p.scales.defined()) b += p.scales.numel() * p.scales.element_size();
   // Asymmetric weights keep a float zero point (torchao's FLOAT domain) or a float LSQ+ offset,
-  // stored at the scale's precision.
-  if (p.zeros.defined() && (!spec.symmetric || spec.learn == Learn::LsqPlus)) b += p.zeros.numel() * p.scales.element_size();
+  // stored at the scale's precision; an integer zero point (Rule::IntZeroPoint) costs `bits` bits,
+  // as AutoAWQ's / GPTQ's packed qzeros hold it.
+  if (p.zeros.defined() && spec.int_zero_point())
+    b += (p.zeros.numel() * spec.bits + 7) / 8;
+  else if (p.zeros.defined() && (!spec.symmetric || spec.learn == Learn::LsqPlus))
+    b += p.zeros.numel() * p.scales.element_size();
   return b;
 }
 

@@ -59,7 +59,8 @@ class FakeQuantLinear : public models::LinearBase {
 };
 
 // Packed weights as convert() stores them: ggml rules keep llama.cpp's block bytes; affine specs
-// keep int codes (int4 two per byte, low nibble first) plus fp scales and zero points;
+// keep int codes (int4 two per byte, low nibble first) plus fp scales and zero points (integer-
+// zero-point specs: z in [0, 2^b-1] held as float32 integers in `zeros`);
 // learned specs (LSQ/LSQ+) dequantize as q * s + offset with the float offset in `zeros`.
 class QuantizedLinear : public models::LinearBase {
  public:

@@ -21,12 +21,14 @@ int64_t QuantSpec::block(int64_t width) const {
 }
 
 double QuantSpec::bits_per_weight(int64_t width) const {
-  if (rule != Rule::Affine) {
+  if (is_ggml()) {
     const auto& t = ggml::traits(rule);
     return static_cast<double>(t.bytes) * 8 / static_cast<double>(t.block);
   }
   double vbits = kind == Kind::Int ? bits : kind == Kind::Nf4 ? 4 : 8;
   double sbits = scale_dtype == ScaleDType::F32 ? 32 : 16;
+  // Asymmetric blocks also store a zero point: `bits` bits (the integer one of Rule::IntZeroPoint,
+  // packed as AutoAWQ's / GPTQ's qzeros; torchao's float one is counted at the same cost).
   double per_block = sbits + (symmetric ? 0 : (kind == Kind::Int ? bits : 0));
   int64_t b = granularity == Granularity::PerTensor ? (int64_t)1 << 40 : block(width);
   return vbits + per_block / static_cast<double>(std::max<int64_t>(1, b));
@@ -47,6 +49,10 @@ const cfg::Names<ScaleDType>& scale_dtype_names() {
   static const cfg::Names<ScaleDType> n{{"fp32", ScaleDType::F32}, {"fp16", ScaleDType::F16}, {"bf16", ScaleDType::BF16}};
   return n;
 }
+const cfg::Names<Rule>& zero_point_names() {
+  static const cfg::Names<Rule> n{{"float", Rule::Affine}, {"int", Rule::IntZeroPoint}};
+  return n;
+}
 const cfg::Names<Learn>& learn_names() {
   static const cfg::Names<Learn> n{{"none", Learn::None}, {"lsq", Learn::Lsq}, {"lsq+", Learn::LsqPlus}};
   return n;
@@ -55,7 +61,7 @@ const cfg::Names<Learn>& learn_names() {
 std::string QuantSpec::describe() const {
   if (!preset.empty() && is_ggml()) return preset + " (llama.cpp block format)";
   std::string s = kind == Kind::Fp8E4M3 ? "fp8-e4m3" : kind == Kind::Fp8E5M2 ? "fp8-e5m2" : kind == Kind::Nf4 ? "nf4" : "int" + std::to_string(bits);
-  if (kind == Kind::Int) s += symmetric ? " sym" : " asym";
+  if (kind == Kind::Int) s += symmetric ? " sym" : int_zero_point() ? " asym int-zero-point" : " asym";
   s += " " + cfg::name_of(granularity_names(), granularity);
   if (granularity == Granularity::PerGroup) s += "(" + std::to_string(group_size) + ")";
   s += " " + cfg::name_of(scale_dtype_names(), scale_dtype) + "-scale";
@@ -66,7 +72,7 @@ std::string QuantSpec::describe() const {
 
 const std::vector<std::string>& QuantSpec::preset_names() {
   static const std::vector<std::string> n{"q8_0",  "q4_0",      "q4_1", "q5_0", "q5_1", "q4_k",           "q6_k",          "int4-g128-asym",
-                                          "int4-g32", "int4-g128", "int3-g128", "int3-g128-asym", "int8-per-channel", "int8-per-token", "fp8-e4m3", "fp8-e5m2"};
+                                          "int4-g32", "int4-g128", "int3-g128", "int3-g128-asym", "int4-g128-zp", "int4-g32-zp", "int3-g128-zp", "int8-per-channel", "int8-per-token", "fp8-e4m3", "fp8-e5m2"};
   return n;
 }
 
@@ -94,16 +100,21 @@ QuantSpec QuantSpec::preset_named(const std::string& name) {
     s.kind = name == "fp8-e4m3" ? Kind::Fp8E4M3 : Kind::Fp8E5M2;
     s.bits = 8, s.granularity = Granularity::PerChannel;
   } else if (int b = 0, g = 0, used = 0; std::sscanf(name.c_str(), "int%d-g%d%n", &b, &g, &used) == 2 && b >= 2 &&
-             b <= 8 && g >= 2 && (name.c_str()[used] == 0 || std::string(name.c_str() + used) == "-asym")) {
-    // int<bits>-g<group>[-asym] (int4-g128, int4-g128-asym, int3-g128, ...): symmetric (or
-    // asymmetric) per-group with fp16 scales.
-    s.bits = b, s.symmetric = name.c_str()[used] == 0, s.granularity = Granularity::PerGroup, s.group_size = g;
+             b <= 8 && g >= 2 &&
+             (name.c_str()[used] == 0 || std::string(name.c_str() + used) == "-asym" ||
+              std::string(name.c_str() + used) == "-zp")) {
+    // int<bits>-g<group>[-asym|-zp] (int4-g128, int4-g128-asym, int4-g128-zp, int3-g128, ...):
+    // symmetric, asymmetric with torchao's float zero point (-asym) or asymmetric with an integer
+    // zero point (-zp: AutoAWQ GEMM / GPTQ sym=false), per-group with fp16 scales.
+    const std::string suffix = name.c_str() + used;
+    s.bits = b, s.symmetric = suffix.empty(), s.granularity = Granularity::PerGroup, s.group_size = g;
+    if (suffix == "-zp") s.rule = Rule::IntZeroPoint;
     s.scale_dtype = ScaleDType::F16;
   } else {
     std::string all;
     for (auto& n : preset_names()) all += (all.empty() ? "" : "|") + n;
     throw ConfigError({"unknown quantization preset '" + name + "'; expected one of " + all +
-                       " or int<bits>-g<group>[-asym] (e.g. int4-g64)"});
+                       " or int<bits>-g<group>[-asym|-zp] (e.g. int4-g64, int4-g64-zp)"});
   }
   return s;
 }
@@ -121,6 +132,10 @@ QuantSpec QuantSpec::from_config(cfg::Reader& r, bool activation) {
     if (s.is_ggml() && s.learn != Learn::None)
       r.fail("learn", "llama.cpp block presets compute their scales from the weights (so the exported file equals the "
                       "trained model); learned scales need an affine spec such as int4-g32");
+    if (s.int_zero_point() && s.learn != Learn::None)
+      r.fail("learn", "integer-zero-point presets (-zp) compute their scale and zero point from the weights (so the "
+                      "exported AWQ/GPTQ file equals the trained model); learned scales need an affine spec such as "
+                      "int4-g32 (lsq) or int4-g128-asym (lsq+)");
     r.finish();
     return s;
   }
@@ -132,6 +147,13 @@ QuantSpec QuantSpec::from_config(cfg::Reader& r, bool activation) {
   s.group_size = r.i64("group_size", s.granularity == Granularity::PerGroup ? 32 : 0, 0, 1 << 20);
   s.scale_dtype = r.choice<ScaleDType>("scale_dtype", ScaleDType::F32, scale_dtype_names());
   s.learn = r.choice<Learn>("learn", Learn::None, learn_names());
+  s.rule = r.choice<Rule>("zero_point", Rule::Affine, zero_point_names());
+  if (s.int_zero_point() && (s.kind != Kind::Int || s.symmetric || activation ||
+                             (s.granularity != Granularity::PerGroup && s.granularity != Granularity::PerChannel)))
+    r.fail("zero_point", "an integer zero point is for asymmetric (symmetric: false) integer weights, per-group or "
+                         "per-channel (e.g. preset int4-g128-zp)");
+  if (s.int_zero_point() && s.learn != Learn::None)
+    r.fail("learn", "an integer zero point is computed from the weights; learned scales use zero_point: float");
   if (s.granularity == Granularity::PerGroup && s.group_size <= 0) r.fail("group_size", "per-group needs group_size > 0");
   if (s.granularity != Granularity::PerGroup && s.group_size != 0)
     r.fail("group_size", "only meaningful with granularity: per-group");
@@ -160,6 +182,7 @@ YAML::Node QuantSpec::to_yaml() const {
   n["group_size"] = group_size;
   n["scale_dtype"] = cfg::name_of(scale_dtype_names(), scale_dtype);
   n["learn"] = cfg::name_of(learn_names(), learn);
+  if (int_zero_point()) n["zero_point"] = cfg::name_of(zero_point_names(), rule);
   return n;
 }
 
@@ -176,7 +199,7 @@ std::vector<std::string> fitting_presets(const QuantSpec& spec, int64_t width) {
   }
   if (spec.kind == Kind::Int && spec.granularity == Granularity::PerGroup) {
     for (int64_t g = spec.group_size / 2; g >= 8; g /= 2) {
-      const auto n = str("int", spec.bits, "-g", g, spec.symmetric ? "" : "-asym");
+      const auto n = str("int", spec.bits, "-g", g, spec.symmetric ? "" : spec.int_zero_point() ? "-zp" : "-asym");
       if (fits(n)) out.push_back(n);
     }
   }

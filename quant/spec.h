@@ -17,8 +17,13 @@ enum class Kind { Int, Fp8E4M3, Fp8E5M2, Nf4 };
 enum class Granularity { PerTensor, PerChannel, PerGroup, PerToken };
 enum class ScaleDType { F32, F16, BF16 };
 // How values are mapped to integers. Affine = torchao's fake quantizer (round half to even,
-// x * (1/scale)). The Ggml* rules are llama.cpp's reference quantizers, block by block.
-enum class Rule { Affine, GgmlQ8_0, GgmlQ4_0, GgmlQ4_1, GgmlQ5_0, GgmlQ5_1, GgmlQ4_K, GgmlQ6_K };
+// x * (1/scale)). IntZeroPoint = AutoAWQ's / GPTQ's asymmetric rule with an INTEGER zero point z in
+// [0, 2^b-1] per block (weight = (q - z) * s; quant/affine.h has the formulas); presets
+// int<b>-g<G>-zp. The Ggml* rules are llama.cpp's reference quantizers, block by block.
+enum class Rule { Affine, IntZeroPoint, GgmlQ8_0, GgmlQ4_0, GgmlQ4_1, GgmlQ5_0, GgmlQ5_1, GgmlQ4_K, GgmlQ6_K };
+// The recipe spelling of an integer spec's zero point (quant.*.zero_point): float = torchao's
+// float-domain zero point (Rule::Affine), int = an integer one (Rule::IntZeroPoint).
+const cfg::Names<Rule>& zero_point_names();
 // Learned quantization parameters: none (observer / dynamic), LSQ (scale), LSQ+ (scale + offset).
 enum class Learn { None, Lsq, LsqPlus };
 // The recipe spellings (quant.*.kind / granularity / scale_dtype / learn).
@@ -47,14 +52,16 @@ struct QuantSpec {
   // Storage cost per weight including scales/zeros (e.g. q4_0: 4.5, q8_0: 8.5).
   double bits_per_weight(int64_t width) const;
   std::string describe() const;
-  bool is_ggml() const { return rule != Rule::Affine; }
+  bool is_ggml() const { return rule != Rule::Affine && rule != Rule::IntZeroPoint; }
+  bool int_zero_point() const { return rule == Rule::IntZeroPoint; }
 
   // Named presets, bit-exact with their runtimes: q8_0 q4_0 q4_1 q5_0 q5_1 q4_k q6_k int4-g128-asym
-  // int4-g32 int8-per-channel int8-per-token (activations) fp8-e4m3 fp8-e5m2; throws listing them.
+  // int4-g128-zp int4-g32-zp (AutoAWQ GEMM / GPTQ asym) int4-g32 int8-per-channel int8-per-token
+  // (activations) fp8-e4m3 fp8-e5m2, and int<b>-g<G>[-asym|-zp]; throws listing them.
   static QuantSpec preset_named(const std::string& name);
   static const std::vector<std::string>& preset_names();
   // Either {preset: name} or explicit fields {bits, symmetric, granularity, group_size, scale_dtype,
-  // learn, kind}; records problems on r and calls r.finish().
+  // learn, kind, zero_point (float|int, asymmetric weights only)}; records problems on r and calls r.finish().
   static QuantSpec from_config(cfg::Reader& r, bool activation);
   // What from_config reads back as this spec: {preset[, learn]} or the explicit fields.
   YAML::Node to_yaml() const;

@@ -28,6 +28,12 @@ QuantSpec int_spec(int bits, bool sym, Granularity g, int64_t group = 0, ScaleDT
   return s;
 }
 
+QuantSpec int_zero(int bits, Granularity g, int64_t group, ScaleDType sd) {
+  auto s = int_spec(bits, false, g, group, sd);
+  s.rule = Rule::IntZeroPoint;
+  return s;
+}
+
 // Bit-for-bit equality (distinguishes -0.0 from +0.0 and compares NaN payloads).
 bool same_bits(const at::Tensor& a, const at::Tensor& b) {
   if (a.scalar_type() != b.scalar_type() || a.sizes() != b.sizes()) return false;
@@ -55,6 +61,10 @@ std::vector<Case> cases() {
   return {
       {"int4-g32", QuantSpec::preset_named("int4-g32"), {8, 128}},
       {"int4-g128-asym", QuantSpec::preset_named("int4-g128-asym"), {4, 256}},
+      {"int4-g128-zp", QuantSpec::preset_named("int4-g128-zp"), {4, 256}},
+      {"int3-g16-zp", QuantSpec::preset_named("int3-g16-zp"), {8, 64}},
+      {"int8-g32-zp-f32", int_zero(8, Granularity::PerGroup, 32, ScaleDType::F32), {6, 64}},
+      {"int4-per-channel-zp", int_zero(4, Granularity::PerChannel, 0, ScaleDType::F16), {7, 34}},
       {"int8-per-channel", QuantSpec::preset_named("int8-per-channel"), {16, 48}},
       {"int8-per-token", QuantSpec::preset_named("int8-per-token"), {2, 5, 64}},
       {"int4-per-channel", int_spec(4, true, Granularity::PerChannel), {7, 33}},
@@ -138,7 +148,7 @@ TEST(Affine, PerTensorEqualsOneGroupOfMinMaxPairs) {
 // ------------------------------------------------------------------------------------------------
 TEST(Affine, PerGroupBlocksUseOnlyTheirOwnElements) {
   for (auto spec : {QuantSpec::preset_named("int4-g32"), QuantSpec::preset_named("int4-g128-asym"),
-                    int_spec(8, true, Granularity::PerGroup, 64)}) {
+                    QuantSpec::preset_named("int4-g32-zp"), int_spec(8, true, Granularity::PerGroup, 64)}) {
     SCOPED_TRACE(spec.describe());
     const int64_t g = spec.group_size, rows = 3, nb = 4;
     at::manual_seed(3);
@@ -212,6 +222,85 @@ TEST(Affine, HandComputedInt4AsymmetricFloatZeroPoint) {
   EXPECT_TRUE(same_bits(y, f32({-1.5f, 6.0f, 0.0f, 2.0f}, {1, 4})));
 }
 
+// int4 with an INTEGER zero point (AutoAWQ's rule, preset int<b>-g<G>-zp: fp16 scales), group 4, by
+// hand: s = max(max - min, 1e-5) / 15 rounded to fp16; z = clamp(-round(min / s), 0, 15);
+// q = clamp(round(x / s) + z, 0, 15); x' = (q - z) * s.
+TEST(Affine, HandComputedInt4IntegerZeroPoint) {
+  auto spec = QuantSpec::preset_named("int4-g4-zp");
+  ASSERT_TRUE(spec.int_zero_point());
+  EXPECT_FALSE(spec.is_ggml());
+  EXPECT_EQ(spec.qmin(), 0);
+  EXPECT_EQ(spec.qmax(), 15);
+  EXPECT_EQ(spec.scale_dtype, ScaleDType::F16);
+  const float tiny = std::ldexp(11.0f, -24);  // fp16(1e-5 / 15) = 6.6667e-7 -> 11 * 2^-24 (subnormal)
+  auto x = f32({-1.5f, 0.0f, 2.25f, 6.0f,    // mixed: s = 7.5/15 = 0.5, z = -round(-3) = 3
+                1.0f, 2.0f, 3.0f, 8.5f,      // all positive: s = 0.5, z = -round(2) -> clamped to 0
+                0.25f, 0.25f, 0.25f, 0.25f,  // all equal: s = tiny, z = -round(381300.4) -> 0
+                -0.25f, -0.25f, -0.25f, -0.25f,  // all equal, negative: z = round(381300.4) -> 15
+                0.0f, 0.0f, 0.0f, 0.0f},     // all zero: s = tiny, z = 0
+               {1, 20});
+  auto qp = choose_qparams(x, spec);
+  EXPECT_TRUE(same_bits(qp.scale, f32({0.5f, 0.5f, tiny, tiny, tiny}, {1, 5})));
+  EXPECT_TRUE(same_bits(qp.zero_point, f32({3.f, 0.f, 0.f, 15.f, 0.f}, {1, 5})));
+  // mixed: x / s = -3, 0, 4.5 (-> 4, half to even), 12; + 3 -> 0, 3, 7, 15
+  // all positive: 2, 4, 6, 17 -> clamped to 15 (outside: mask false; AutoAWQ clips it too)
+  // all equal 0.25: round(381300.4) = 381300 -> 15; -0.25: -381300 + 15 -> 0; zeros: 0
+  auto q = quantize_affine(x, qp, spec);
+  EXPECT_TRUE(at::equal(q, at::tensor(std::vector<int>{0, 3, 7, 15, 2, 4, 6, 15, 15, 15, 15, 15, 0, 0, 0, 0, 0, 0, 0, 0},
+                                      at::kInt).reshape({1, 20})));
+  auto [y, mask] = fake_quant_affine(x, qp, spec);
+  const float top = 15 * tiny;
+  EXPECT_TRUE(same_bits(y, f32({-1.5f, 0.0f, 2.0f, 6.0f, 1.0f, 2.0f, 3.0f, 7.5f, top, top, top, top, -top, -top, -top, -top,
+                                0.f, 0.f, 0.f, 0.f},
+                               {1, 20})));
+  EXPECT_TRUE(at::equal(mask, at::tensor(std::vector<uint8_t>{1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1})
+                                  .to(at::kBool)
+                                  .reshape({1, 20})));
+  EXPECT_TRUE(same_bits(dequantize_affine(q, qp, spec, at::kFloat), y));
+}
+
+// The zero point and the codes use the fp16-ROUNDED scale (what is shipped), not the float32 one:
+// here (max - min) / 15 = 0.1 is not an fp16 value (fp16(0.1) = 0.0999755859375), and
+// -min / s32 = 2.49999996 (-> 2) while -min / s16 = 2.50061 -> 3.
+TEST(Affine, IntegerZeroPointUsesTheRoundedScale) {
+  auto spec = QuantSpec::preset_named("int4-g4-zp");
+  auto x = f32({-0.25f, 0.0f, 0.5f, 1.25f}, {1, 4});
+  auto qp = choose_qparams(x, spec);
+  const float s16 = at::scalar_tensor(0.1, at::kHalf).item<float>();
+  EXPECT_EQ(qp.scale.item<float>(), s16);
+  EXPECT_EQ(qp.zero_point.item<float>(), 3.0f);
+  auto q = quantize_affine(x, qp, spec);
+  // x / s16 = -2.5006 (-> -3), 0, 5.0012 (-> 5), 12.503 (-> 13); + 3 = 0, 3, 8, 16 -> clamped to 15
+  EXPECT_TRUE(at::equal(q, at::tensor(std::vector<int>{0, 3, 8, 15}, at::kInt).reshape({1, 4})));
+  auto y = fake_quant_affine(x, qp, spec).first;
+  EXPECT_TRUE(same_bits(y, (f32({-3.f, 0.f, 5.f, 12.f}, {1, 4}) * s16)));
+}
+
+TEST(Spec, IntegerZeroPointPresets) {
+  for (const char* n : {"int4-g128-zp", "int4-g32-zp", "int3-g128-zp"}) {
+    const auto& names = QuantSpec::preset_names();
+    EXPECT_NE(std::find(names.begin(), names.end(), n), names.end()) << n;
+  }
+  auto s = QuantSpec::preset_named("int4-g128-zp");
+  EXPECT_EQ(s.bits, 4);
+  EXPECT_FALSE(s.symmetric);
+  EXPECT_EQ(s.granularity, Granularity::PerGroup);
+  EXPECT_EQ(s.group_size, 128);
+  EXPECT_EQ(s.rule, Rule::IntZeroPoint);
+  EXPECT_EQ(s.describe(), "int4 asym int-zero-point per-group(128) fp16-scale");
+  // 4 bits + (16-bit scale + 4-bit zero point) per 128 weights
+  EXPECT_DOUBLE_EQ(s.bits_per_weight(4096), 4.0 + 20.0 / 128.0);
+  EXPECT_EQ(QuantSpec::preset_named("int4-g128-asym").rule, Rule::Affine);
+  auto g = QuantSpec::preset_named("int5-g64-zp");
+  EXPECT_EQ(g.bits, 5);
+  EXPECT_EQ(g.group_size, 64);
+  EXPECT_TRUE(g.int_zero_point());
+  EXPECT_THROW(QuantSpec::preset_named("int4-g128-zpx"), qf::ConfigError);
+  // fitting presets keep the zero-point kind
+  auto fit = fitting_presets(s, 96);
+  EXPECT_NE(std::find(fit.begin(), fit.end(), "int4-g32-zp"), fit.end());
+}
+
 // int8 asymmetric per-token (integer zero point): scale = (max(x,0) - min(x,0)) / 255;
 // zero_point = 0 - round(min / scale) = round(63.75) = 64.
 TEST(Affine, HandComputedPerTokenAsymmetric) {
@@ -256,7 +345,8 @@ TEST(Affine, MaskIsThePreClampRangeTest) {
 // arithmetic promotes to the (float32) scale dtype, and the result is returned as bf16.
 TEST(Affine, Bf16InputFollowsTorchaoAndReturnsBf16) {
   for (const auto& c : cases()) {
-    if (c.spec.scale_dtype != ScaleDType::F32) continue;
+    // integer zero points are not torchao's: their qparams are computed in float32 for every input dtype
+    if (c.spec.scale_dtype != ScaleDType::F32 || c.spec.int_zero_point()) continue;
     SCOPED_TRACE(c.name);
     at::manual_seed(11);
     auto x = (at::randn(c.shape) * 0.7).to(at::kBFloat16);

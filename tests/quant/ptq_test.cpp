@@ -72,7 +72,8 @@ TEST_P(GptqIdentity, EqualsRoundToNearestBitForBit) {
 
 INSTANTIATE_TEST_SUITE_P(Formats, GptqIdentity,
                          ::testing::Values("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "int4-g32", "int4-g128",
-                                           "int4-g128-asym", "int3-g128", "int3-g128-asym", "int8-per-channel"),
+                                           "int4-g128-asym", "int4-g128-zp", "int4-g32-zp", "int3-g128", "int3-g128-asym",
+                                           "int3-g128-zp", "int8-per-channel"),
                          [](const auto& i) {
                            std::string n = i.param;
                            for (auto& c : n)
@@ -85,7 +86,7 @@ TEST(Gptq, BeatsRoundToNearestOnCorrelatedInputs) {
   auto H = at::matmul(X.t(), X) * (2.0 / 2048);
   at::manual_seed(11);
   auto W = at::randn({64, 128}) * 0.05;
-  for (const char* name : {"q4_0", "int4-g32", "int3-g128-asym", "int8-per-channel"}) {
+  for (const char* name : {"q4_0", "int4-g32", "int3-g128-asym", "int4-g32-zp", "int8-per-channel"}) {
     const auto spec = spec_of(name);
     const double rtn = output_error(W, fake_quant_values(W, spec), H);
     for (bool act_order : {false, true}) {

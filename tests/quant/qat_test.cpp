@@ -114,7 +114,7 @@ class ConvertParity : public ::testing::TestWithParam<std::pair<std::string, std
 TEST_P(ConvertParity, ConvertedEqualsFakeQuant) {
   auto [wp, ap] = GetParam();
   auto c = tiny();
-  if (wp == "int4-g128-asym") c.dim = 128, c.ffn_dim = 256;  // groups of 128 need 128-wide inputs
+  if (wp == "int4-g128-asym" || wp == "int4-g128-zp") c.dim = 128, c.ffn_dim = 256;  // groups of 128 need 128-wide inputs
   auto m = models::build_model(c);
   auto rep = prepare(*m, qat(wp, ap));
   EXPECT_EQ(rep.n_swapped, 2 * 7);
@@ -137,6 +137,8 @@ TEST_P(ConvertParity, ConvertedEqualsFakeQuant) {
 INSTANTIATE_TEST_SUITE_P(Presets, ConvertParity,
                          ::testing::Values(std::make_pair("q4_0", ""), std::make_pair("q8_0", ""), std::make_pair("q4_1", ""),
                                            std::make_pair("int4-g32", ""), std::make_pair("int4-g128-asym", ""),
+                                           std::make_pair("int4-g128-zp", ""), std::make_pair("int4-g32-zp", ""),
+                                           std::make_pair("int3-g32-zp", "int8-per-token"),
                                            std::make_pair("int8-per-channel", ""), std::make_pair("int4-g32", "int8-per-token"),
                                            std::make_pair("fp8-e4m3", ""), std::make_pair("fp8-e5m2", "")),
                          [](const auto& i) {
@@ -190,6 +192,85 @@ TEST(Convert, ConvertedCheckpointRoundTrips) {
   // q4_0 packs 32 weights into 18 bytes: the converted model is much smaller than fp32.
   auto fp = models::build_model(tiny());
   EXPECT_LT(model_bytes(*m), model_bytes(*fp) / 2);
+}
+
+// Integer-zero-point weights (AutoAWQ / GPTQ asym): convert stores codes in [0, 15], fp16 scales and
+// integer zero points; a converted checkpoint loads back bit for bit, and the packed bytes count
+// the zero points at 4 bits.
+TEST(Convert, IntegerZeroPointCheckpointRoundTrips) {
+  auto m = models::build_model(tiny());
+  prepare(*m, qat("int4-g32-zp"));
+  at::NoGradGuard ng;
+  auto y_fq = m->forward(ids());
+  convert(*m);
+  auto y_q = m->forward(ids());
+  EXPECT_LT(((y_q - y_fq).abs().max() / y_fq.abs().max()).item<double>(), 1e-5);
+  bool seen = false;
+  for (auto& ns : models::linear_slots(*m)) {
+    auto q = std::dynamic_pointer_cast<QuantizedLinear>(ns.slot->get());
+    if (!q) continue;
+    seen = true;
+    EXPECT_EQ(q->scales.scalar_type(), at::kHalf);
+    auto z = q->zeros;
+    EXPECT_TRUE(at::equal(z, at::round(z))) << ns.name;
+    EXPECT_GE(z.min().item<float>(), 0.f);
+    EXPECT_LE(z.max().item<float>(), 15.f);
+    auto codes = q->int_codes();
+    EXPECT_GE(codes.min().item<int>(), 0);
+    EXPECT_LE(codes.max().item<int>(), 15);
+    // (q - z) * s, by hand
+    auto s = q->scales.to(at::kFloat).repeat_interleave(32, 1), zz = z.repeat_interleave(32, 1);
+    EXPECT_TRUE(at::equal((codes.to(at::kFloat) - zz) * s, q->effective_weight())) << ns.name;
+    const int64_t n = q->in_features * q->out_features, groups = n / 32;
+    EXPECT_EQ(q->packed_bytes(), n / 2 + groups * 2 + groups / 2 + (q->bias.defined() ? q->bias.numel() * 4 : 0));
+  }
+  EXPECT_TRUE(seen);
+  auto state = models::model_state(*m);
+  auto m2 = models::build_model(tiny());
+  m2->init_weights(99);
+  prepare(*m2, qat("int4-g32-zp"));
+  convert(*m2);
+  models::load_model_state(*m2, state, "<mem>");
+  EXPECT_TRUE(at::equal(m->forward(ids()), m2->forward(ids())));
+}
+
+// The preset and the explicit spelling (zero_point: int) read back from to_yaml unchanged; an
+// integer zero point on a symmetric spec, or with learned scales, is refused naming the key.
+TEST(QatConfig, IntegerZeroPointSpecsRoundTripAndAreValidated) {
+  const std::string yaml = R"(quant:
+  enabled: true
+  rules:
+    - pattern: "model.layers.*.mlp.*"
+      weight: {preset: int4-g128-zp}
+    - pattern: "model.layers.*"
+      weight: {bits: 3, symmetric: false, granularity: per-group, group_size: 64, scale_dtype: fp16, zero_point: int}
+)";
+  YAML::Node first, second;
+  const auto c = qf::testing::parse_section<QatConfig>(yaml, "quant", &first);
+  ASSERT_EQ(c.rules.size(), 2u);
+  EXPECT_EQ(c.rules[0].weight.rule, Rule::IntZeroPoint);
+  EXPECT_EQ(c.rules[1].weight.rule, Rule::IntZeroPoint);
+  EXPECT_EQ(c.rules[1].weight.bits, 3);
+  YAML::Node doc;
+  doc["quant"] = c.to_yaml();
+  const auto again = qf::testing::parse_section<QatConfig>(YAML::Dump(doc), "quant", &second);
+  EXPECT_EQ(YAML::Dump(first), YAML::Dump(second));
+  EXPECT_EQ(again.rules[0].weight.preset, "int4-g128-zp");
+  EXPECT_EQ(again.rules[1].weight.rule, Rule::IntZeroPoint);
+  EXPECT_EQ(again.rules[1].weight.describe(), c.rules[1].weight.describe());
+  auto expect_error = [](const std::string& y, const std::string& needle) {
+    try {
+      qf::testing::parse_section<QatConfig>(y, "quant");
+      ADD_FAILURE() << "accepted: " << y;
+    } catch (const qf::ConfigError& e) {
+      std::string all;
+      for (auto& p : e.problems) all += p + "\n";
+      EXPECT_NE(all.find(needle), std::string::npos) << all;
+    }
+  };
+  expect_error("quant: {rules: [{weight: {bits: 4, symmetric: true, zero_point: int}}]}", "zero_point");
+  expect_error("quant: {rules: [{weight: {preset: int4-g32-zp, learn: lsq}}]}", "learn");
+  expect_error("quant: {rules: [{weight: {bits: 4, symmetric: false, zero_point: integer}}]}", "float");
 }
 
 TEST(Embedding, FakeQuantTableFeedsLookupAndTiedHeadAndConvertsExactly) {
