@@ -26,6 +26,7 @@
 #include "export/awq_export.h"
 #include "export/hf_export.h"
 #include "export/int_export.h"
+#include "export/onnx_export.h"
 #include "models/hf.h"
 #include "peft/adapter.h"
 #include "quant/ptq.h"
@@ -166,8 +167,8 @@ int cmd_export(const std::string& run, const std::vector<std::string>& overrides
   // anything inside a checkpoint dir or belonging to the source.
   exporter::check_out(out, run, force);
   QF_CHECK_INPUT(fallback.empty() || format == "gguf" || format == "gptq" || format == "compressed-tensors" ||
-                     format == "awq",
-                 "export: --fallback applies to --format gguf, gptq, compressed-tensors and awq (quantized layouts)");
+                     format == "awq" || format == "onnx",
+                 "export: --fallback applies to --format gguf, gptq, compressed-tensors, awq and onnx (quantized layouts)");
   const auto t0 = std::chrono::steady_clock::now();
   std::shared_ptr<models::CausalLM> model;
   std::shared_ptr<data::Tokenizer> tok;
@@ -223,6 +224,16 @@ int cmd_export(const std::string& run, const std::vector<std::string>& overrides
                 q.c_str(), r.bytes / 1e6, r.n_fallback ? str("; ", r.n_fallback, " linears kept in float").c_str() : "");
     return 0;
   }
+  if (format == "onnx") {
+    auto r = exporter::export_onnx(*model, *tok, out, dtype.empty() ? "fp32" : dtype, fallback, force);
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    std::printf("exported %s to %s: ONNX (opset 21, KV cache, Optimum's input/output names), %lld nodes, %lld "
+                "MatMulNBits + %lld QDQ + %lld float linears%s, %.2f MB in %.2f s\n",
+                what.c_str(), r.dir.c_str(), (long long)r.n_nodes, (long long)r.n_matmul_nbits, (long long)r.n_qdq,
+                (long long)r.n_float, r.n_fallback ? str(" (", r.n_fallback, " by --fallback ", fallback, ")").c_str() : "",
+                r.bytes / 1e6, s);
+    return 0;
+  }
   if (format == "gguf") {
     auto r = exporter::export_gguf(*model, *tok, out, quant, name, !log::quiet(), fallback, force);
     for (auto& row : r.rows) log::info("  ", row);
@@ -233,11 +244,11 @@ int cmd_export(const std::string& run, const std::vector<std::string>& overrides
                 r.n_fallback ? str(", ", r.n_fallback, " shape fallbacks").c_str() : "", s);
     return 0;
   }
-  const auto t = dtype == "bf16" ? at::kBFloat16 : dtype == "fp16" ? at::kHalf : at::kFloat;
+  const auto t = dtype == "fp32" ? at::kFloat : dtype == "fp16" ? at::kHalf : at::kBFloat16;
   auto r = exporter::export_hf(*model, *tok, out, t, static_cast<int64_t>(shard_mb * 1e6), force);
   std::printf("exported %s to %s: %lld tensors, %.2f MB in %lld file%s (%s), re-read and verified\n", what.c_str(),
               r.dir.c_str(), (long long)r.n_tensors, r.bytes / 1e6, (long long)r.n_shards, r.n_shards > 1 ? "s" : "",
-              dtype.c_str());
+              dtype.empty() ? "bf16" : dtype.c_str());
   return 0;
 }
 
@@ -325,7 +336,7 @@ struct CliArgs {
   std::string run, split = "val", text, data_from, save_tokens;
   trainer::tasks::Options task;
   int64_t max_batches = 0;
-  std::string format = "hf", out, dtype = "bf16", gguf_quant = "f16", export_fallback;
+  std::string format = "hf", out, dtype, gguf_quant = "f16", export_fallback;
   double shard_mb = 5000;
   bool force = false;
   std::string inspect_dtype = "auto";
@@ -383,12 +394,12 @@ CLI::App* add_export(CLI::App& app, CliArgs& a) {
   cmd->add_option("overrides", a.overrides, "key.path=value overrides of the run's config");
   cmd->add_option("--format", a.format,
                   "Output format: hf (a Hugging Face checkpoint dir), gguf (llama.cpp), gptq (transformers via "
-                  "optimum/gptqmodel), compressed-tensors (transformers / vLLM), awq (AutoAWQ GEMM: transformers / vLLM) "
-                  "or peft (a LoRA run's adapters)")
-      ->check(CLI::IsMember({"hf", "gguf", "gptq", "compressed-tensors", "awq", "peft"}))
+                  "optimum/gptqmodel), compressed-tensors (transformers / vLLM), awq (AutoAWQ GEMM: transformers / vLLM), "
+                  "onnx (onnxruntime / Optimum's ORTModelForCausalLM, with a KV cache) or peft (a LoRA run's adapters)")
+      ->check(CLI::IsMember({"hf", "gguf", "gptq", "compressed-tensors", "awq", "onnx", "peft"}))
       ->capture_default_str();
   cmd->add_option("--out", a.out,
-                  "Output directory (hf, gptq, compressed-tensors, awq, peft; must not exist, or be empty) or .gguf file "
+                  "Output directory (hf, gptq, compressed-tensors, awq, onnx, peft; must not exist, or be empty) or .gguf file "
                   "(must not exist); never inside a run's checkpoints/ nor one of the source's own files")
       ->required();
   cmd->add_flag("--force", a.force,
@@ -399,15 +410,17 @@ CLI::App* add_export(CLI::App& app, CliArgs& a) {
                   "f32|f16|q8_0|q4_0|q4_1|q5_0|q5_1|q4_k|q4_k_m|q6_k (packed QAT/PTQ layers keep their blocks); "
                   "gptq/compressed-tensors: the RTN spec for float linears, int4-g128 (default), int4-g32 or "
                   "int8-per-channel (QAT-converted layers keep their codes); awq: an int4 per-group preset, int4-g128 "
-                  "(default), int4-g64 or int4-g32 (QAT/PTQ-converted int4 layers keep their codes and fp16 scales)")
+                  "(default), int4-g64, int4-g32, or with AutoAWQ's own integer zero points int4-g128-zp / "
+                  "int4-g32-zp (QAT/PTQ-converted int4 layers keep their codes, zero points and fp16 scales)")
       ->capture_default_str();
   cmd->add_option("--fallback", a.export_fallback,
                   "For linears whose input width --quant's block/group does not divide (as llama-quantize falls "
                   "back): gguf: q8_0|q5_0|q5_1|q4_0|q4_1|f16|f32 instead of llama-quantize's own choice; "
-                  "compressed-tensors: another preset (e.g. int4-g64) or f16 (kept in float); gptq, awq: f16 (kept in float)");
-  cmd->add_option("--dtype", a.dtype, "Weight dtype of the written checkpoint")
-      ->check(CLI::IsMember({"fp32", "bf16", "fp16"}))
-      ->capture_default_str();
+                  "compressed-tensors: another preset (e.g. int4-g64) or f16 (kept in float); gptq, awq: f16 (kept in float); "
+                  "onnx: f32|f16 for layers ONNX has no operator for (NF4, FP8, llama.cpp blocks, ...), dequantized");
+  cmd->add_option("--dtype", a.dtype,
+                  "Float weight dtype: hf: bf16 (default), fp16 or fp32; onnx: fp32 (default) or fp16 (stored, computed in fp32)")
+      ->check(CLI::IsMember({"fp32", "bf16", "fp16"}));
   cmd->add_option("--shard-size-mb", a.shard_mb, "Split the safetensors above this many MB (with an index)")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
@@ -449,7 +462,8 @@ CLI::App* add_quantize(CLI::App& app, CliArgs& a) {
   cmd->add_option("--method", a.qa.method, "rtn | gptq | awq")->check(CLI::IsMember({"rtn", "gptq", "awq"}))->capture_default_str();
   cmd->add_option("--quant", a.qa.quant,
                  "Weight format for every decoder linear (a preset): q4_0 q4_1 q5_0 q5_1 q8_0 int4-g128 int4-g32 "
-                 "int4-g128-asym int3-g128 int3-g128-asym int8-per-channel (awq/rtn also q4_k q6_k)")
+                 "int4-g128-asym int4-g128-zp int4-g32-zp int3-g128 int3-g128-asym int3-g128-zp int8-per-channel (awq/rtn also "
+                 "q4_k q6_k); int<b>-g<G>[-asym|-zp] in general")
       ->capture_default_str();
   cmd->add_option("--fallback", a.qa.fallback,
                  "Format for the linears whose input width --quant's group size does not divide (e.g. int4-g64)");
