@@ -31,27 +31,30 @@ constexpr std::array<int64_t, 8> kOrder{0, 2, 4, 6, 1, 3, 5, 7};
 constexpr std::array<int64_t, 8> kReverse{0, 4, 1, 5, 2, 6, 3, 7};
 constexpr int kBits = 4;
 constexpr int64_t kZero = 8;  // a symmetric code q in [-8, 7] is stored as q + 8 with zero point 8
+// (integer-zero-point specs, Rule::IntZeroPoint, store their own codes in [0, 15] and zero points)
 
 // What holds each kind of layer, for the refusals.
 const char* kOtherFormats =
     "export it with --format gguf (llama.cpp presets, incl. q4_1's float offset), --format hf (float), or "
-    "--format gptq / compressed-tensors (symmetric int4/int8)";
+    "--format gptq / compressed-tensors (int4/int8, symmetric or with integer zero points)";
 
 // AWQ GEMM holds 4-bit integer codes with integer zero points, per group, fp16 scales.
 void check_spec(const std::string& layer, const QuantSpec& s) {
   auto refuse = [&](const std::string& why) {
     throw InputError(str("export: ", layer, " is ", s.describe(), "; --format awq (AutoAWQ GEMM) holds ", why,
-                         ". Formats that hold it: int4 integer-zero-point per-group specs (int4-g128, int4-g64, "
-                         "int4-g32) for awq; otherwise ", kOtherFormats));
+                         ". Formats that hold it: int4 per-group specs with an integer zero point (int4-g128-zp, "
+                         "int4-g32-zp: AutoAWQ's own rule) or symmetric ones (int4-g128, int4-g64, int4-g32) for awq; "
+                         "otherwise ", kOtherFormats));
   };
   if (s.kind != quant::Kind::Int) refuse("4-bit integer codes, not NF4 / FP8 code tables");
   if (s.is_ggml()) refuse("integer codes with per-group fp16 scales and packed integer zero points, not llama.cpp blocks");
   if (s.bits != kBits) refuse("4-bit codes only (its WQLinear_GEMM packs 8 per int32)");
   if (s.learn != quant::Learn::None) refuse("(q - z) * s with an integer z, not LSQ's learned float offset");
   if (s.granularity != quant::Granularity::PerGroup) refuse("per-group scales (group_size), not per-channel / per-tensor");
-  if (!s.symmetric)
+  if (!s.symmetric && !s.int_zero_point())
     refuse("an integer zero point z in [0, 15] per group, and this torchao-style asymmetric spec keeps a "
-           "float-domain zero point (min + s * 8) that no integer z reproduces");
+           "float-domain zero point (min + s * 8) that no integer z reproduces; quantize/train with int4-g128-zp "
+           "(or int4-g<G>-zp) for AutoAWQ's asymmetric integer zero points");
 }
 
 // (u [rows, cols], 8 columns per word) -> int32 [rows, cols/8] in AutoAWQ's nibble order.
@@ -81,10 +84,20 @@ struct AwqFile {
   AwqExportResult res;
 };
 
-// Codes int32 [out, in] in [-8, 7] and float32 scales [out, groups]: a converted layer's own, or
-// RTN of a float layer's weight to `rtn`.
-std::pair<at::Tensor, at::Tensor> int_weights(AwqFile& f, const std::string& name, models::LinearBase& mod,
-                                              const QuantSpec& rtn, int64_t& group) {
+// One layer as the file holds it: unsigned codes int64 [out, in] and integer zero points int64
+// [out, groups], both in [0, 15], and float32 scales [out, groups]; weight = (u - z) * s.
+struct AwqWeights {
+  at::Tensor u, z, s;
+};
+// Symmetric codes q in [-8, 7] -> q + 8 with zero point 8; integer-zero-point codes as they are.
+AwqWeights as_unsigned(const QuantSpec& spec, const at::Tensor& codes, const at::Tensor& zeros, const at::Tensor& scales) {
+  if (spec.int_zero_point()) return {codes.to(at::kLong), zeros.to(at::kLong), scales};
+  return {codes.to(at::kLong) + kZero, at::full(scales.sizes(), kZero, at::kLong), scales};
+}
+
+// A converted layer's own codes, zero points and scales, or RTN of a float layer's weight to `rtn`.
+AwqWeights int_weights(AwqFile& f, const std::string& name, models::LinearBase& mod, const QuantSpec& rtn,
+                       int64_t& group) {
   if (auto* ql = dynamic_cast<quant::QuantizedLinear*>(&mod)) {
     const QuantSpec& spec = ql->weight_spec();
     check_spec(name, spec);
@@ -105,12 +118,13 @@ std::pair<at::Tensor, at::Tensor> int_weights(AwqFile& f, const std::string& nam
                            "granularity: per-group, group_size: 32, scale_dtype: fp16}), or export with --format "
                            "gptq / compressed-tensors, which keep the spec's scale dtype"));
     }
-    // The runtime's weight (q + 8 - 8) * s must be the one qforge computes with.
-    auto w = codes.to(at::kFloat) * scales.repeat_interleave(group, 1);
+    // The runtime's weight (u - z) * s must be the one qforge computes with.
+    auto aw = as_unsigned(spec, codes, ql->zeros, scales);
+    auto w = (aw.u - aw.z.repeat_interleave(group, 1)).to(at::kFloat) * scales.repeat_interleave(group, 1);
     QF_CHECK(at::equal(w, ql->effective_weight()), "export: ", name,
-             ": codes * scales differ from the layer's dequantized weight (", spec.describe(), ")");
+             ": (codes - zeros) * scales differ from the layer's dequantized weight (", spec.describe(), ")");
     ++f.res.n_exact;
-    return {codes, scales};
+    return aw;
   }
   // RTN with the scales the file holds (fp16, whatever --quant's preset keeps), so the codes are
   // chosen against the scale the runtime multiplies by.
@@ -121,24 +135,24 @@ std::pair<at::Tensor, at::Tensor> int_weights(AwqFile& f, const std::string& nam
   auto qp = quant::choose_qparams(w, spec);
   auto scales = qp.scale.to(at::kFloat);
   QF_CHECK(at::equal(scales.to(at::kHalf).to(at::kFloat), scales), "export: ", name, ": RTN scales are not fp16 values");
-  return {quant::quantize_affine(w, qp, spec), scales};
+  return as_unsigned(spec, quant::quantize_affine(w, qp, spec), qp.zero_point, scales);
 }
 
-void pack_layer(AwqFile& f, const std::string& name, models::LinearBase& mod, const at::Tensor& codes,
-                const at::Tensor& scales, int64_t group) {
+void pack_layer(AwqFile& f, const std::string& name, models::LinearBase& mod, const AwqWeights& aw, int64_t group) {
   const int64_t in = mod.in_features, outf = mod.out_features;
   if (outf % 8 != 0)
     throw InputError(str("export: ", name, " has ", outf, " outputs; AWQ GEMM packs 8 output columns per int32 word "
                          "(a multiple of 8 is needed); ", kOtherFormats));
   QF_CHECK(in % group == 0, "export: ", name, ": group ", group, " does not divide its ", in, " inputs");
-  auto u = codes.to(at::kLong) + kZero;  // [out, in] in [0, 15]
-  QF_CHECK(u.min().item<int64_t>() >= 0 && u.max().item<int64_t>() <= 15, "export: ", name, ": codes outside [-8, 7]");
-  const int64_t groups = in / group;
-  f.tensors.emplace_back(name + ".qweight", pack_awq(u.t().contiguous()));                              // [in, out/8]
-  f.tensors.emplace_back(name + ".qzeros", pack_awq(at::full({groups, outf}, kZero, at::kLong)));      // [groups, out/8]
-  f.tensors.emplace_back(name + ".scales", scales.t().contiguous().to(at::kHalf));                     // [groups, out]
+  const auto& [u, z, scales] = aw;  // [out, in], [out, groups] in [0, 15]; [out, groups]
+  QF_CHECK(u.min().item<int64_t>() >= 0 && u.max().item<int64_t>() <= 15, "export: ", name, ": codes outside [0, 15]");
+  QF_CHECK(z.min().item<int64_t>() >= 0 && z.max().item<int64_t>() <= 15, "export: ", name, ": zero points outside [0, 15]");
+  QF_CHECK(z.size(1) == in / group, "export: ", name, ": ", z.size(1), " zero points per row for ", in / group, " groups");
+  f.tensors.emplace_back(name + ".qweight", pack_awq(u.t().contiguous()));          // [in, out/8]
+  f.tensors.emplace_back(name + ".qzeros", pack_awq(z.t().contiguous()));           // [groups, out/8]
+  f.tensors.emplace_back(name + ".scales", scales.t().contiguous().to(at::kHalf));  // [groups, out]
   if (auto b = mod.bias_or_undefined(); b.defined()) f.tensors.emplace_back(name + ".bias", b.to(at::kHalf).contiguous());
-  f.expect[name] = codes.to(at::kFloat) * scales.repeat_interleave(group, 1);
+  f.expect[name] = (u - z.repeat_interleave(group, 1)).to(at::kFloat) * scales.repeat_interleave(group, 1);
 }
 
 // Every linear, merged + converted one at a time: lm_head and the --fallback f16 layers in float.
@@ -155,13 +169,13 @@ void add_linears(AwqFile& f, models::CausalLM& model, const QuantSpec& rtn, cons
       continue;
     }
     int64_t group = 0;
-    auto [codes, scales] = int_weights(f, ns.name, *mod, rtn, group);
+    const auto aw = int_weights(f, ns.name, *mod, rtn, group);
     if (f.group && f.group != group)
       throw InputError(str("export: ", ns.name, " has groups of ", group, " but earlier layers of ", f.group,
                            "; an AWQ config holds one group_size (re-export with --quant int4-g", f.group,
                            " for float layers, or --format compressed-tensors, which takes a second scheme)"));
     f.group = group;
-    pack_layer(f, ns.name, *mod, codes, scales, group);
+    pack_layer(f, ns.name, *mod, aw, group);
     ++f.res.n_quantized;
   }
 }

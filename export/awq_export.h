@@ -7,11 +7,14 @@
 //    the runtime's weight is (q - z) * s (AutoAWQ packing_utils.dequantize_gemm).
 //  - config.json quantization_config {quant_method "awq", version "gemm", bits 4, group_size,
 //    zero_point true, modules_to_not_convert [lm_head + float layers]}, and AutoAWQ's quant_config.json.
-// Weights: a QuantizedLinear with an int4 integer-zero-point spec (QAT / PTQ-converted, e.g.
-// int4-g128, int4-g32: symmetric codes q in [-8, 7] are written as q + 8 with zero point 8) keeps its
-// own codes and fp16 scales, so the runtime's weight is qforge's exactly; a float linear is RTN'd to
-// --quant's grouping (default int4-g128) with fp16 scales (the ones the file holds). Refused, naming the layer and the formats that hold it: torchao-style
-// asymmetric specs (a float-domain zero point, not an integer in [0, 15]), NF4 / FP8 / llama.cpp
+// Weights: a QuantizedLinear with an int4 per-group spec that has an integer zero point (QAT /
+// PTQ-converted) keeps its own codes, zero points and fp16 scales, so the runtime's weight is
+// qforge's exactly: AutoAWQ's own asymmetric rule (int4-g128-zp, int4-g32-zp, int4-g<G>-zp: codes
+// and zero points in [0, 15] written as they are), or symmetric (int4-g128, int4-g32: codes q in
+// [-8, 7] written as q + 8 with zero point 8). A float linear is RTN'd to --quant (default
+// int4-g128; int4-g128-zp gives AutoAWQ's codes) with fp16 scales (the ones the file holds).
+// Refused, naming the layer and the formats that hold it: torchao-style asymmetric specs
+// (-asym: a float-domain zero point, not an integer in [0, 15]), NF4 / FP8 / llama.cpp
 // blocks / LSQ / int8 / int3, GPTQ act-order (g_idx), scales that fp16 cannot hold exactly, and
 // output widths not a multiple of 8. Embeddings, norms and lm_head are written in the model's dtype.
 // Invariants (as export/int_export.h): built in a staged dir, every packed layer re-read and decoded
@@ -31,7 +34,8 @@ struct AwqExportResult {
   int64_t group_size = 0;  // the file's one group size (in_features for per-channel)
 };
 
-// `quant`: the RTN scheme for float linears (an int4 symmetric preset: int4-g128, int4-g32, ...).
+// `quant`: the RTN scheme for float linears (an int4 per-group preset: int4-g128, int4-g32, ...,
+// or with integer zero points int4-g128-zp, int4-g32-zp, ...).
 // `fallback`: "" (a width --quant's group does not divide is an error naming the layers) or "f16"
 // (those linears stay in float, listed in modules_to_not_convert).
 AwqExportResult export_awq(models::CausalLM& model, const data::Tokenizer& tok, const std::string& out,

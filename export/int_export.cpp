@@ -23,23 +23,34 @@ namespace {
 
 using quant::QuantSpec;
 
-// One linear's integer weights: codes int32 [out, in] in [-2^(b-1), 2^(b-1)-1], scales float [out, groups].
+// One linear's integer weights: codes int32 [out, in] in [-2^(b-1), 2^(b-1)-1] (symmetric) or in
+// [0, 2^b-1] with integer zero points `zeros` [out, groups] (Rule::IntZeroPoint), scales float [out, groups].
 struct IntWeights {
   at::Tensor codes, scales;
+  at::Tensor zeros;  // integer zero points (undefined: symmetric)
   at::Tensor g_idx;  // GPTQ act-order column groups (undefined: contiguous)
   int bits;
   int64_t group;  // elements per scale along the input (== in for per-channel)
 };
 
 void check_spec(const std::string& layer, const QuantSpec& s) {
-  if (s.kind != quant::Kind::Int || s.is_ggml() || !s.symmetric || s.learn != quant::Learn::None ||
-      (s.bits != 4 && s.bits != 8) ||
+  if (s.kind != quant::Kind::Int || s.is_ggml() || (!s.symmetric && !s.int_zero_point()) ||
+      s.learn != quant::Learn::None || (s.bits != 4 && s.bits != 8) ||
       (s.granularity != quant::Granularity::PerGroup && s.granularity != quant::Granularity::PerChannel))
     throw InputError(str("export: ", layer, " is ", s.describe(),
-                         "; GPTQ / compressed-tensors hold symmetric int4/int8 per-group or per-channel weights "
-                         "(e.g. int4-g128, int4-g32, int8-per-channel). torchao's asymmetric specs keep a "
-                         "float-domain zero point these formats cannot represent; export those with --format gguf "
-                         "(llama.cpp presets) or hf"));
+                         "; GPTQ / compressed-tensors hold int4/int8 per-group or per-channel weights, symmetric "
+                         "(e.g. int4-g128, int4-g32, int8-per-channel) or asymmetric with an integer zero point "
+                         "(int4-g128-zp, int4-g32-zp). torchao's asymmetric specs (-asym) keep a float-domain zero "
+                         "point these formats cannot represent; quantize/train with int4-g128-zp instead, or export "
+                         "those with --format gguf (llama.cpp presets) or hf"));
+}
+
+// compressed-tensors packs asymmetric zero points for 4-bit codes (pack-quantized); its 8-bit
+// int-quantized layout is written here for symmetric codes only.
+void check_format(const std::string& layer, const QuantSpec& s, IntFormat fmt) {
+  if (fmt == IntFormat::CompressedTensors && s.int_zero_point() && s.bits != 4)
+    throw InputError(str("export: ", layer, " is ", s.describe(), "; --format compressed-tensors is written with "
+                         "integer zero points for 4-bit codes (pack-quantized) only; use --format gptq, or int4-g<G>-zp"));
 }
 
 // (u packed b bits at a time along dim 1, element k of each word at bits b*k) -> int32 words.
@@ -68,6 +79,7 @@ struct Schemes {
 Schemes resolve_schemes(IntFormat fmt, const std::string& quant_name, const std::string& fallback) {
   Schemes s{QuantSpec::preset_named(quant_name)};
   check_spec("--quant " + quant_name, s.rtn);
+  check_format("--quant " + quant_name, s.rtn, fmt);
   // --fallback: f16 keeps those linears in float (both formats can leave layers unquantized);
   // compressed-tensors also takes a second integer scheme (its own config group).
   s.float_fallback = fallback == "f16" || fallback == "float";
@@ -78,6 +90,7 @@ Schemes resolve_schemes(IntFormat fmt, const std::string& quant_name, const std:
                          "--format compressed-tensors, which takes a second scheme"));
   s.fb = QuantSpec::preset_named(fallback);
   check_spec("--fallback " + fallback, *s.fb);
+  check_format("--fallback " + fallback, *s.fb, fmt);
   if (s.fb->bits != s.rtn.bits)
     throw InputError(str("export: --fallback ", fallback, " has ", s.fb->bits, "-bit codes and --quant ", quant_name, " ",
                          s.rtn.bits, "-bit; one file holds one code width (pick a ", s.rtn.bits, "-bit fallback or f16)"));
@@ -115,7 +128,9 @@ IntWeights int_weights(IntFile& f, const std::string& name, models::LinearBase& 
   if (auto* ql = dynamic_cast<quant::QuantizedLinear*>(&mod)) {
     spec = ql->weight_spec();
     check_spec(name, spec);
-    IntWeights iw{ql->int_codes(), ql->scales.to(at::kFloat), ql->g_idx, spec.bits, spec.block(mod.in_features)};
+    check_format(name, spec, f.fmt);
+    IntWeights iw{ql->int_codes(), ql->scales.to(at::kFloat), spec.int_zero_point() ? ql->zeros.to(at::kLong) : at::Tensor(),
+                  ql->g_idx, spec.bits, spec.block(mod.in_features)};
     if (iw.g_idx.defined() && f.fmt != IntFormat::Gptq)
       throw InputError(str("export: ", name, " was quantized by GPTQ with act-order (a per-column group map, "
                            "g_idx), which ", f.fname, " does not hold; use --format gptq, or quantize with "
@@ -126,7 +141,8 @@ IntWeights int_weights(IntFile& f, const std::string& name, models::LinearBase& 
   }
   auto w = mod.effective_weight().to(at::kFloat);
   auto qp = quant::choose_qparams(w, spec);
-  return {quant::quantize_affine(w, qp, spec), qp.scale.to(at::kFloat), at::Tensor(), spec.bits,
+  return {quant::quantize_affine(w, qp, spec), qp.scale.to(at::kFloat),
+          spec.int_zero_point() ? qp.zero_point.to(at::kLong) : at::Tensor(), at::Tensor(), spec.bits,
           spec.block(mod.in_features)};
 }
 
@@ -138,27 +154,41 @@ void pack_layer(IntFile& f, const std::string& name, models::LinearBase& mod, co
   QF_CHECK(in % (32 / iw.bits) == 0 && outf % (32 / iw.bits) == 0, "export: ", name, " [", outf, ", ", in,
            "] does not pack into 32-bit words of ", iw.bits, "-bit codes");
   const int64_t zero = int64_t{1} << (iw.bits - 1);
-  auto u = iw.codes.to(at::kLong) + zero;  // unsigned codes
+  // unsigned codes and zero points [out, groups]: symmetric q + 2^(b-1) with zero point 2^(b-1);
+  // integer-zero-point codes and zero points as they are
+  const bool zp = iw.zeros.defined();
+  auto u = zp ? iw.codes.to(at::kLong) : iw.codes.to(at::kLong) + zero;
+  auto z = zp ? iw.zeros.to(at::kLong) : at::full({outf, groups}, zero, at::kLong);
+  QF_CHECK(u.min().item<int64_t>() >= 0 && u.max().item<int64_t>() < 2 * zero && z.min().item<int64_t>() >= 0 &&
+               z.max().item<int64_t>() < 2 * zero,
+           "export: ", name, ": codes or zero points outside [0, ", 2 * zero - 1, "]");
   auto scales = iw.scales.to(st);
   auto& t = f.tensors;
   if (f.fmt == IntFormat::Gptq) {
-    // qweight: words along the input, stored [in/pf, out]
+    // qweight: words along the input, stored [in/pf, out]; qzeros [groups, out/pf]: v1 ("gptq")
+    // holds zero - 1 (symmetric), v2 ("gptq_v2", integer zero points, where z = 0 must survive) z.
     t.emplace_back(name + ".qweight", pack_cols(u, iw.bits).t().contiguous());
-    t.emplace_back(name + ".qzeros", pack_cols(at::full({groups, outf}, zero - 1, at::kLong), iw.bits));
+    t.emplace_back(name + ".qzeros", pack_cols(z.t().contiguous() - (zp ? 0 : 1), iw.bits));
     t.emplace_back(name + ".scales", scales.t().contiguous());
     t.emplace_back(name + ".g_idx", iw.g_idx.defined() ? iw.g_idx.to(at::kInt).contiguous()
                                                        : at::arange(in, at::kInt).div(iw.group, "floor").to(at::kInt));
   } else if (iw.bits == 4) {
+    // signed codes q - 8 packed with compressed-tensors' +8 offset: the unsigned nibbles u
     t.emplace_back(name + ".weight_packed", pack_cols(u, 4));
     t.emplace_back(name + ".weight_scale", scales.contiguous());
     t.emplace_back(name + ".weight_shape", at::tensor({outf, in}, at::kLong));
+    // asymmetric: signed zero points z - 8, packed along the OUTPUT dim (pack_to_int32 packed_dim=0)
+    // with the same offset: [ceil(out/8), groups]
+    if (zp) t.emplace_back(name + ".weight_zero_point", pack_cols(z.t().contiguous(), 4).t().contiguous());
   } else {
     t.emplace_back(name + ".weight", iw.codes.to(at::kChar).contiguous());
     t.emplace_back(name + ".weight_scale", scales.contiguous());
   }
   if (auto b = mod.bias_or_undefined(); b.defined()) t.emplace_back(name + ".bias", b.to(f.ftype).contiguous());
-  f.expect[name] = iw.codes.to(at::kFloat) * (iw.g_idx.defined() ? scales.to(at::kFloat).index_select(1, iw.g_idx.to(at::kLong))
-                                                                 : scales.to(at::kFloat).repeat_interleave(iw.group, 1));
+  auto per_col = [&](const at::Tensor& g) {  // [out, groups] -> [out, in]
+    return iw.g_idx.defined() ? g.index_select(1, iw.g_idx.to(at::kLong)) : g.repeat_interleave(iw.group, 1);
+  };
+  f.expect[name] = (u - per_col(z)).to(at::kFloat) * per_col(scales.to(at::kFloat));
 }
 
 // Every linear, read merged + converted one at a time (export/layer_view.h): lm_head and the float
@@ -184,7 +214,7 @@ void add_linears(IntFile& f, models::CausalLM& model, const Schemes& s, const st
       ++f.res.n_fallback;
     } else {
       if (f.used && (f.used->bits != spec.bits || f.used->block(mod->in_features) != spec.block(mod->in_features) ||
-                     f.used->granularity != spec.granularity))
+                     f.used->granularity != spec.granularity || f.used->int_zero_point() != spec.int_zero_point()))
         throw InputError(str("export: ", ns.name, " is ", spec.describe(), " but earlier layers are ", f.used->describe(),
                              "; one ", f.fname, " file holds one weight scheme"));
       f.used = spec;
@@ -204,8 +234,11 @@ void add_others(IntFile& f, models::CausalLM& model) {
 nlohmann::json gptq_config(const IntFile& f, const models::ArchSpec& arch) {
   const bool channel = f.used->granularity == quant::Granularity::PerChannel;
   nlohmann::json q = {{"quant_method", "gptq"}, {"bits", f.used->bits}, {"group_size", channel ? -1 : f.used->group_size},
-                      {"desc_act", f.desc_act}, {"sym", true}, {"true_sequential", true}, {"damp_percent", 0.01},
-                      {"static_groups", false}, {"checkpoint_format", "gptq"}, {"lm_head", false},
+                      {"desc_act", f.desc_act}, {"sym", !f.used->int_zero_point()}, {"true_sequential", true},
+                      {"damp_percent", 0.01}, {"static_groups", false},
+                      // v1 stores zero - 1, which cannot hold an integer zero point of 0 (gptqmodel's
+                      // v1 -> v2 load adds 1 to every nibble): asymmetric files are v2 (gptqmodel)
+                      {"checkpoint_format", f.used->int_zero_point() ? "gptq_v2" : "gptq"}, {"lm_head", false},
                       {"meta", {{"quantizer", {"qforge:0.1"}}}}};
   if (f.float_layers.empty()) return q;
   const std::string layers = arch.layers + ".";
@@ -231,7 +264,7 @@ nlohmann::json gptq_config(const IntFile& f, const models::ArchSpec& arch) {
 nlohmann::json compressed_config(const IntFile& f) {
   const bool channel = f.used->granularity == quant::Granularity::PerChannel;
   const std::string fmt = f.used->bits == 4 ? "pack-quantized" : "int-quantized";
-  nlohmann::json wq = {{"num_bits", f.used->bits}, {"type", "int"}, {"symmetric", true},
+  nlohmann::json wq = {{"num_bits", f.used->bits}, {"type", "int"}, {"symmetric", !f.used->int_zero_point()},
                        {"strategy", channel ? "channel" : "group"}, {"dynamic", false}, {"actorder", nullptr},
                        {"observer", "minmax"}, {"observer_kwargs", nlohmann::json::object()},
                        {"block_structure", nullptr}};
@@ -247,6 +280,7 @@ nlohmann::json compressed_config(const IntFile& f) {
     const bool ch2 = f.second->granularity == quant::Granularity::PerChannel;
     auto w2 = wq;
     w2["strategy"] = ch2 ? "channel" : "group";
+    w2["symmetric"] = !f.second->int_zero_point();
     w2["group_size"] = ch2 ? nlohmann::json(nullptr) : nlohmann::json(f.second->group_size);
     q["config_groups"]["group_1"] = {{"targets", f.second_layers}, {"weights", w2}, {"input_activations", nullptr},
                                      {"output_activations", nullptr}, {"format", fmt}};
@@ -259,18 +293,23 @@ void check_decoded(const IntFile& f, const std::string& dir) {
   auto back = st::load(dir + "/model.safetensors");
   const int bits = f.used->bits;
   const int64_t zero = int64_t{1} << (bits - 1);
+  const bool v2 = f.used->int_zero_point();
   for (auto& [name, want] : f.expect) {
     at::Tensor got;
     if (f.fmt == IntFormat::Gptq) {
       auto uq = unpack_cols(back.get(name + ".qweight").t().contiguous(), bits);  // [out, in]
-      auto z = unpack_cols(back.get(name + ".qzeros"), bits) + 1;                // [groups, out]
+      auto z = unpack_cols(back.get(name + ".qzeros"), bits) + (v2 ? 0 : 1);     // [groups, out]
       auto g = back.get(name + ".g_idx").to(at::kLong);
       auto s = back.get(name + ".scales").to(at::kFloat);                        // [groups, out]
       got = (uq - z.index_select(0, g).t()).to(at::kFloat) * s.index_select(0, g).t();
     } else if (bits == 4) {
       auto uq = unpack_cols(back.get(name + ".weight_packed"), 4);
       auto s = back.get(name + ".weight_scale").to(at::kFloat);
-      got = (uq - zero).to(at::kFloat) * s.repeat_interleave(want.size(1) / s.size(1), 1);
+      const int64_t group = want.size(1) / s.size(1);
+      at::Tensor z = at::full(s.sizes(), zero, at::kLong);
+      if (back.has(name + ".weight_zero_point"))  // [ceil(out/8), groups], packed along the output
+        z = unpack_cols(back.get(name + ".weight_zero_point").t().contiguous(), 4).slice(1, 0, s.size(0)).t();
+      got = (uq - z.repeat_interleave(group, 1)).to(at::kFloat) * s.repeat_interleave(group, 1);
     } else {
       auto s = back.get(name + ".weight_scale").to(at::kFloat);
       got = back.get(name + ".weight").to(at::kFloat) * s.repeat_interleave(want.size(1) / s.size(1), 1);

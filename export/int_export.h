@@ -4,14 +4,19 @@
 //  - gptq (checkpoint_format "gptq", v1): per linear qweight int32 [in/(32/b), out] (input rows
 //    packed low bits first), qzeros int32 [groups, out/(32/b)] holding zero-1 (v1), scales
 //    [groups, out], g_idx int32 [in] = i / group; config.json quantization_config + quantize_config.json.
+//    Integer-zero-point specs (int4-g128-zp, ...): sym false, checkpoint_format "gptq_v2" (gptqmodel;
+//    qzeros hold z itself, since v1's z - 1 cannot hold z = 0).
 //  - compressed-tensors: int4 "pack-quantized" (weight_packed int32 [out, in/8], codes + 8 packed
-//    along the input, weight_scale [out, groups], weight_shape) or int8 "int-quantized" (weight
-//    int8 [out, in], weight_scale [out, 1]); config_groups targeting Linear, lm_head ignored.
+//    along the input, weight_scale [out, groups], weight_shape; with integer zero points, symmetric
+//    false and weight_zero_point int32 [out/8, groups], z packed along the output) or int8
+//    "int-quantized" (weight int8 [out, in], weight_scale [out, 1]; symmetric only);
+//    config_groups targeting Linear, lm_head ignored.
 // Weights: a QuantizedLinear with a symmetric integer spec (QAT/PTQ with e.g. int4-g128,
-// int4-g32, int8-per-channel) is written with its own codes and scales (exact: the runtime computes
-// qforge's weights); a float linear is quantized here with --quant (default int4-g128) by RTN.
-// torchao's asymmetric specs keep a float-domain zero point that these integer formats cannot
-// hold: refused with the reason. Embeddings, norms and lm_head are written in float (the model's
+// int4-g32, int8-per-channel) or an integer-zero-point one (int4-g128-zp, int4-g32-zp: AutoAWQ's /
+// GPTQ's asymmetric rule) is written with its own codes, zero points and scales (exact: the runtime
+// computes qforge's weights); a float linear is quantized here with --quant (default int4-g128) by RTN.
+// torchao's asymmetric specs (-asym) keep a float-domain zero point that these integer formats
+// cannot hold: refused with the reason, naming the -zp presets. Embeddings, norms and lm_head are written in float (the model's
 // dtype; scales in the spec's scale dtype).
 // Invariants: built in a temp dir, each packed layer decoded back (C++ reference of the runtime's
 // dequant) and compared with what was meant before the rename; a non-empty --out is refused

@@ -25,6 +25,13 @@ layout or the arithmetic):
 4. With dtype=float32 transformers casts WQLinear_GEMM's fp16 scales to fp32 and autoawq's matmul then
    mixes fp16 and fp32: the fp32 load puts the module's declared fp16 back (exact: they were fp16 in the
    file). The default load (dtype None -> fp16, as transformers picks for AWQ) needs nothing.
+
+Integer zero points (the `intzp` tests, their own ctest entry interop_awq_export_zp): presets
+int4-g<G>-zp quantize with AutoAWQ's asymmetric rule (quant/affine.cpp), so (a) a float model RTN'd
+by `qforge export --quant int4-g32-zp` gives the very int32 words (qweight, qzeros) and fp16 scales
+that AutoAWQ's own pseudo_quantize_tensor + WQLinear_GEMM.from_linear produce from the same float
+weights, and (b) QAT and AWQ PTQ runs with those presets load in transformers with logits matching
+qforge's forward.
 vLLM is not installable beside the pinned torch 2.11 on this CPU machine; it reads the same
 quantization_config keys (bits, group_size, zero_point, modules_to_not_convert) and tensors.
 """
@@ -213,7 +220,7 @@ def test_width_fallback_keeps_float_layers(tmp_path, runs):
 
 @pytest.mark.parametrize("src,extra,needles", [
     ("qat_asym/converted", [], ["model.layers.0.self_attn.q_proj is int4 asym", "float-domain zero point",
-                                "--format gguf", "int4-g128"]),
+                                "--format gguf", "int4-g128", "int4-g128-zp"]),
     ("qat_g32/converted", [], ["model.layers.0.self_attn.q_proj has scales fp16 cannot hold exactly", "scale_dtype: fp16",
                                "--format gptq"]),
     ("fp", ["--quant", "int8-per-channel"], ["--quant int8-per-channel is int8", "4-bit codes only"]),
@@ -281,3 +288,146 @@ def test_conv1d_families_are_refused(tmp_path, corpus):
     r = _export(d, "awq", tmp_path / "g")
     assert r.returncode == 1 and "Conv1D" in r.stderr and "--format awq" in r.stderr, r.stderr
     assert not (tmp_path / "g").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Integer zero points (int4-g<G>-zp): AutoAWQ's own asymmetric rule.
+
+ZP_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+              "mlp.up_proj", "mlp.down_proj")
+
+
+@pytest.fixture(scope="module")
+def zp_runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("awqzp")
+    cfg = tiny_recipe(d, "fp", tie=False, max_steps=10)
+    train(cfg)
+    rules = "[{pattern: 'model.layers.*', weight: {preset: int4-g32-zp}}]"
+    train(cfg, f"run.out_dir={d}/qat_zp", f"run.init_from={d}/fp", f"quant.rules={rules}", "trainer.max_steps=4")
+    r = subprocess.run([QFORGE, "-q", "quantize", str(d / "fp"), "--method", "awq", "--quant", "int4-g16-zp", "--samples",
+                        "16", "--no-eval", "--out", str(d / "awq_zp")], capture_output=True, text=True,
+                       env=dict(os.environ, OMP_NUM_THREADS="2"))
+    assert r.returncode == 0, r.stderr
+    return d
+
+
+def _autoawq_gemm(w, group):
+    """AutoAWQ's own quantization of a float32 weight [out, in] (its quantizer with zero_point=True, run
+    in the weight's dtype, then WQLinear_GEMM.from_linear as _apply_quant calls it): (qweight, qzeros, scales)."""
+    from types import SimpleNamespace
+    from awq.quantize.quantizer import AwqQuantizer
+    q = SimpleNamespace(w_bit=4, group_size=group, zero_point=True)
+    _, scales, zeros = AwqQuantizer.pseudo_quantize_tensor(q, w.clone())
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    lin.weight.data = w.clone()
+    m = awq_gemm.WQLinear_GEMM.from_linear(lin, 4, group, False, scales.t().contiguous(), zeros.t().contiguous())
+    return m.qweight, m.qzeros, m.scales
+
+
+def _snap_groups(w, group):
+    """The float weight with each group's extremes moved onto AutoAWQ's grid: s = fp16((max - min) / 15),
+    min = -k s, max = (15 - k) s (k = the zero point), the rest clamped inside. Then (max - min) / 15 is
+    an fp16 value, and AutoAWQ (which takes z from the float32 scale and re-rounds the codes against the
+    fp16 one) and qforge (both from the fp16 scale) must agree on every code, zero point and scale."""
+    out_f, in_f = w.shape
+    g = w.reshape(out_f, in_f // group, group).clone()
+    mn, mx = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    s = ((mx - mn).clamp(min=1e-5) / 15).half().float()
+    k = (-torch.round(mn / s)).clamp(0, 15)
+    lo, hi = -k * s, (15 - k) * s
+    g = torch.maximum(torch.minimum(g, hi), lo)
+    g[..., :1] = lo  # the first element of each group is its minimum, the second its maximum
+    g[..., 1:2] = hi
+    return g.reshape(out_f, in_f)
+
+
+def test_intzp_rtn_words_equal_autoawq(tmp_path, zp_runs):
+    """(a) A float model RTN'd to int4-g32-zp by the exporter: qweight, qzeros (packed int32 words) and
+    fp16 scales equal AutoAWQ's own from the same float32 weights. On the trained weights as they are,
+    the two differ only where AutoAWQ takes the zero point from the float32 scale and the codes from
+    the fp16 one (reported); with each group's extremes on AutoAWQ's grid, not at all."""
+    hf = tmp_path / "hf"
+    assert _export(zp_runs / "fp", "hf", hf, "--dtype", "fp32").returncode == 0
+    st = read_safetensors(hf / "model.safetensors")
+    names = [f"model.layers.{i}.{n}" for i in range(2) for n in ZP_LINEARS]
+    # as trained: how often AutoAWQ's float32 quantizer picks other codes / zero points than the rule
+    out = tmp_path / "awq_raw"
+    r = _export(hf, "awq", out, "--quant", "int4-g32-zp")
+    assert r.returncode == 0, r.stderr
+    got = read_safetensors(out / "model.safetensors")
+    n_s = n_z = n_q = n_zt = n_qt = 0
+    for name in names:
+        qw, qz, s = _autoawq_gemm(st[name + ".weight"].float(), 32)
+        n_s += int((s != got[name + ".scales"]).sum())
+        dz = _decode_nibbles(qz) != _decode_nibbles(got[name + ".qzeros"])
+        dq = _decode_nibbles(qw) != _decode_nibbles(got[name + ".qweight"])
+        n_z, n_q, n_zt, n_qt = n_z + int(dz.sum()), n_q + int(dq.sum()), n_zt + dz.size, n_qt + dq.size
+    print(f"\nAWQ_EXPORT zp RTN vs AutoAWQ (fp32 weights as trained): scales differ {n_s}, zero points {n_z}/{n_zt}, "
+          f"codes {n_q}/{n_qt}")
+    assert n_s == 0  # the same float32 arithmetic, rounded to fp16
+    assert n_z <= 0.02 * n_zt and n_q <= 0.01 * n_qt, (n_z, n_q)
+    # AutoAWQ's own pipeline runs in fp16 (_apply_quant casts the linear with .half()): reported only
+    n16 = [0, 0, 0]
+    for name in names:
+        qw, qz, s = _autoawq_gemm(st[name + ".weight"].half(), 32)
+        n16[0] += int((s != got[name + ".scales"]).sum())
+        n16[1] += int((_decode_nibbles(qz) != _decode_nibbles(got[name + ".qzeros"])).sum())
+        n16[2] += int((_decode_nibbles(qw) != _decode_nibbles(got[name + ".qweight"])).sum())
+    print(f"AWQ_EXPORT zp RTN vs AutoAWQ in fp16 (its _apply_quant): scales differ {n16[0]}/{n_zt}, zero points "
+          f"{n16[1]}/{n_zt}, codes {n16[2]}/{n_qt}")
+    # extremes on the grid: bit for bit
+    snapped = dict(st)
+    for name in names:
+        snapped[name + ".weight"] = _snap_groups(st[name + ".weight"].float(), 32)
+    hf2 = tmp_path / "hf_snapped"
+    hf2.mkdir()
+    for f in hf.iterdir():
+        if f.name != "model.safetensors":
+            (hf2 / f.name).write_bytes(f.read_bytes())
+    write_safetensors(hf2 / "model.safetensors", {k: v.numpy() for k, v in snapped.items()})
+    out = tmp_path / "awq"
+    r = _export(hf2, "awq", out, "--quant", "int4-g32-zp")
+    assert r.returncode == 0, r.stderr
+    assert "14 quantized linears (0 with their trained codes" in r.stdout, r.stdout
+    got = read_safetensors(out / "model.safetensors")
+    for name in names:
+        qw, qz, s = _autoawq_gemm(snapped[name + ".weight"], 32)
+        assert torch.equal(got[name + ".scales"], s), name
+        assert torch.equal(got[name + ".qzeros"], qz), name
+        assert torch.equal(got[name + ".qweight"], qw), name
+        zs = _decode_nibbles(qz)
+        assert zs.min() >= 0 and zs.max() <= 15 and len(np.unique(zs)) > 1, name  # real, varied zero points
+    print("AWQ_EXPORT zp RTN (group extremes on the grid): qweight, qzeros, scales == AutoAWQ's, all 14 linears")
+
+
+def _decode_nibbles(w):
+    u = w.numpy().astype(np.int64) & 0xFFFFFFFF
+    return ((u[:, :, None] >> (4 * np.arange(8))) & 15).reshape(w.shape[0], -1)
+
+
+@pytest.mark.parametrize("run,group", [("qat_zp/converted", 32), ("awq_zp", 16)])
+def test_intzp_runs_load_in_transformers(tmp_path, zp_runs, run, group):
+    """(b) A QAT run (int4-g32-zp) and an AWQ PTQ run (int4-g16-zp): the file decodes to qforge's
+    converted weights bit for bit with varied zero points, autoawq's dequantize_gemm gives them in
+    fp16, and transformers' logits match qforge's forward of the same converted model."""
+    out = tmp_path / "awq"
+    r = _export(zp_runs / run, "awq", out)
+    assert r.returncode == 0, r.stderr
+    assert f"group {group}), 14 quantized linears (14 with their trained codes" in r.stdout, r.stdout
+    ours, ref = _qforge_ref(tmp_path, zp_runs / run)
+    packed = _check_file_and_peer(out, ref, group)
+    st = read_safetensors(out / "model.safetensors")
+    zs = np.concatenate([_decode_nibbles(st[n + ".qzeros"]).ravel() for n in packed])
+    assert len(np.unique(zs)) > 3, np.unique(zs)  # AutoAWQ's per-group zero points, not the symmetric 8
+    scale = max(1.0, float(np.abs(ours).max()))
+    for dtype, tol in ((torch.float32, 4e-3), (None, 8e-3)):
+        m, logits = _load(out, dtype)
+        mods = dict(m.named_modules())
+        for name in packed:
+            mod = mods[name]
+            assert type(mod) is awq_gemm.WQLinear_GEMM and mod.group_size == group, (name, type(mod))
+            w = dequantize_gemm(mod.qweight, mod.qzeros, mod.scales, 4, mod.group_size)
+            assert torch.equal(w.t(), ref[name + ".weight"].half()), name
+        err = float(np.abs(logits - ours).max())
+        print(f"\nAWQ_EXPORT zero_point {run} dtype {dtype}: max|transformers - qforge| {err:.3g} (logit scale {scale:.3g})")
+        assert err <= tol * scale, err

@@ -6,7 +6,12 @@ A QAT run with int4 per-group weights (int4-g32, converted) is written with its 
 scales, so transformers' logits must equal qforge's own forward of the same model (1e-4 of the
 logit scale, fp32) and greedy generation must give the same tokens. A float run exported with an
 RTN spec loads and stays close to the float model. torchao's asymmetric float-zero-point spec is
-refused with the reason, leaving nothing behind."""
+refused with the reason (naming the -zp presets), leaving nothing behind.
+
+Integer zero points (the `intzp` tests, ctest entry interop_int_export_zp): a QAT run with
+int4-g32-zp (AutoAWQ's / GPTQ's asymmetric rule) goes out as GPTQ sym=false (checkpoint_format
+gptq_v2, gptqmodel) and compressed-tensors pack-quantized symmetric=false (weight_zero_point), and
+transformers' logits equal qforge's forward of the same converted model."""
 import os
 import subprocess
 
@@ -96,7 +101,7 @@ def test_float_model_rtn_export_loads(tmp_path, runs, fmt, quant):
 def test_asymmetric_float_zero_point_is_refused(tmp_path, runs):
     out = tmp_path / "x"
     r = _export(runs / "qat_asym/converted", "gptq", out)
-    assert r.returncode == 1 and "float-domain zero point" in r.stderr, r.stderr
+    assert r.returncode == 1 and "float-domain zero point" in r.stderr and "int4-g128-zp" in r.stderr, r.stderr
     assert not out.exists() and not any(p.name.startswith("x.tmp") for p in tmp_path.iterdir())
 
 
@@ -120,4 +125,46 @@ def test_fallback_for_a_width_the_group_does_not_divide_loads(tmp_path, runs, fm
     ours, _ = _qforge_logits(tmp_path, runs / "fp", IDS)
     rel = float(np.abs(logits - ours).max()) / float(np.abs(ours).max())
     print(f"\nINT_EXPORT fallback {fmt} {fallback}: max rel diff to the float model {rel:.3g}")
+    assert rel < 0.25, rel
+
+
+@pytest.fixture(scope="module")
+def zp_runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("intzp")
+    cfg = tiny_recipe(d, "fp", tie=False, max_steps=10)
+    train(cfg)
+    rules = "[{pattern: 'model.layers.*', weight: {preset: int4-g32-zp}}]"
+    train(cfg, f"run.out_dir={d}/qat_zp", f"run.init_from={d}/fp", f"quant.rules={rules}", "trainer.max_steps=4")
+    return d
+
+
+@pytest.mark.parametrize("fmt,module", [("gptq", "TorchQuantLinear"), ("compressed-tensors", "CompressedLinear")])
+def test_intzp_codes_load_in_transformers_exactly(tmp_path, zp_runs, fmt, module):
+    import json
+    out = tmp_path / fmt
+    r = _export(zp_runs / "qat_zp/converted", fmt, out)
+    assert r.returncode == 0, r.stderr
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    if fmt == "gptq":
+        assert q["sym"] is False and q["checkpoint_format"] == "gptq_v2", q
+    else:
+        assert q["config_groups"]["group_0"]["weights"]["symmetric"] is False, q
+    m, logits, gen = _hf_logits(out, IDS)
+    assert type(m.model.layers[0].self_attn.q_proj).__name__ == module
+    ours, our_gen = _qforge_logits(tmp_path, zp_runs / "qat_zp/converted", IDS)
+    scale = max(1.0, float(np.abs(ours).max()))
+    err = float(np.abs(logits - ours).max())
+    print(f"\nINT_EXPORT zero_point {fmt}: max|transformers - qforge| {err:.3g} (scale {scale:.3g})")
+    assert err <= 1e-4 * scale, err
+    assert gen == our_gen
+
+
+def test_intzp_rtn_export_loads(tmp_path, zp_runs):
+    out = tmp_path / "gptq"
+    r = _export(zp_runs / "fp", "gptq", out, "--quant", "int4-g32-zp")
+    assert r.returncode == 0, r.stderr
+    _, logits, _ = _hf_logits(out, IDS)
+    ours, _ = _qforge_logits(tmp_path, zp_runs / "fp", IDS)
+    rel = float(np.abs(logits - ours).max()) / float(np.abs(ours).max())
+    print(f"\nINT_EXPORT RTN gptq int4-g32-zp: max rel diff to the float model {rel:.3g}")
     assert rel < 0.25, rel
