@@ -304,10 +304,11 @@ def zp_runs(tmp_path_factory):
     train(cfg)
     rules = "[{pattern: 'model.layers.*', weight: {preset: int4-g32-zp}}]"
     train(cfg, f"run.out_dir={d}/qat_zp", f"run.init_from={d}/fp", f"quant.rules={rules}", "trainer.max_steps=4")
-    r = subprocess.run([QFORGE, "-q", "quantize", str(d / "fp"), "--method", "awq", "--quant", "int4-g16-zp", "--samples",
-                        "16", "--no-eval", "--out", str(d / "awq_zp")], capture_output=True, text=True,
-                       env=dict(os.environ, OMP_NUM_THREADS="2"))
-    assert r.returncode == 0, r.stderr
+    for method in ("awq", "gptq"):
+        r = subprocess.run([QFORGE, "-q", "quantize", str(d / "fp"), "--method", method, "--quant", "int4-g16-zp",
+                            "--samples", "16", "--no-eval", "--out", str(d / f"{method}_zp")], capture_output=True,
+                           text=True, env=dict(os.environ, OMP_NUM_THREADS="2"))
+        assert r.returncode == 0, r.stderr
     return d
 
 
@@ -405,9 +406,9 @@ def _decode_nibbles(w):
     return ((u[:, :, None] >> (4 * np.arange(8))) & 15).reshape(w.shape[0], -1)
 
 
-@pytest.mark.parametrize("run,group", [("qat_zp/converted", 32), ("awq_zp", 16)])
+@pytest.mark.parametrize("run,group", [("qat_zp/converted", 32), ("awq_zp", 16), ("gptq_zp", 16)])
 def test_intzp_runs_load_in_transformers(tmp_path, zp_runs, run, group):
-    """(b) A QAT run (int4-g32-zp) and an AWQ PTQ run (int4-g16-zp): the file decodes to qforge's
+    """(b) A QAT run (int4-g32-zp), an AWQ and a GPTQ PTQ run (int4-g16-zp): the file decodes to qforge's
     converted weights bit for bit with varied zero points, autoawq's dequantize_gemm gives them in
     fp16, and transformers' logits match qforge's forward of the same converted model."""
     out = tmp_path / "awq"
