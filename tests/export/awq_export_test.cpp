@@ -9,6 +9,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <set>
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
@@ -124,6 +125,55 @@ TEST(AwqExport, WordsHoldTheLayersCodesInAwqOrder) {
   EXPECT_TRUE(st.has("lm_head.weight"));
 }
 
+// Integer-zero-point layers (int4-g16-zp, AutoAWQ's rule): the words hold the layer's own codes in
+// [0, 15] (no + 8) and qzeros its own zero points, both in AWQ's nibble order; (u - z) * s is the
+// layer's weight. A float model exported with --quant int4-g16-zp gets the same words as a converted one.
+TEST(AwqExport, IntegerZeroPointLayersKeepTheirCodesAndZeros) {
+  qf::testing::TmpDir dir("qf_awq");
+  TinyTokenizer tok(dir / "tok.model");
+  auto m = model_with(quant::QuantSpec::preset_named("int4-g16-zp"));
+  const auto r = exporter::export_awq(*m, tok, dir / "awq", "int4-g128");
+  EXPECT_EQ(r.n_exact, 14);
+  EXPECT_EQ(r.group_size, 16);
+  auto st = st::load(dir / "awq/model.safetensors");
+  const int order[8] = {0, 2, 4, 6, 1, 3, 5, 7};
+  auto nibble = [&](const at::Tensor& words, int64_t row, int64_t col) {
+    const uint32_t u = static_cast<uint32_t>(words[row][col / 8].item<int32_t>());
+    for (int i = 0; i < 8; ++i)
+      if (order[i] == col % 8) return static_cast<int32_t>((u >> (4 * i)) & 15u);
+    return -1;
+  };
+  std::set<int32_t> zs;
+  for (auto& ns : models::linear_slots(*m)) {
+    if (ns.name == "lm_head") continue;
+    auto* ql = dynamic_cast<quant::QuantizedLinear*>(ns.slot->get().get());
+    ASSERT_NE(ql, nullptr) << ns.name;
+    SCOPED_TRACE(ns.name);
+    const auto codes = ql->int_codes();  // [out, in] in [0, 15]
+    const auto zeros = ql->zeros.to(at::kInt);
+    const int64_t out = codes.size(0), in = codes.size(1);
+    auto qw = st.get(ns.name + ".qweight"), qz = st.get(ns.name + ".qzeros");
+    ASSERT_EQ(qz.sizes(), at::IntArrayRef({in / 16, out / 8}));
+    int64_t bad = 0;
+    for (int64_t o = 0; o < out; o += 3)
+      for (int64_t i = 0; i < in; i += 5) bad += nibble(qw, i, o) != codes[o][i].item<int32_t>();
+    for (int64_t o = 0; o < out; ++o)
+      for (int64_t g = 0; g < in / 16; ++g) {
+        bad += nibble(qz, g, o) != zeros[o][g].item<int32_t>();
+        zs.insert(zeros[o][g].item<int32_t>());
+      }
+    EXPECT_EQ(bad, 0);
+  }
+  EXPECT_GT(zs.size(), 3u) << "varied zero points";
+  // RTN of the float model with the same preset: the same words as convert's
+  auto f = model_with(std::nullopt);
+  exporter::export_awq(*f, tok, dir / "awq_rtn", "int4-g16-zp");
+  auto st2 = st::load(dir / "awq_rtn/model.safetensors");
+  for (const char* n : {"model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"})
+    for (const char* t : {".qweight", ".qzeros", ".scales"})
+      EXPECT_TRUE(at::equal(st.get(std::string(n) + t), st2.get(std::string(n) + t))) << n << t;
+}
+
 TEST(AwqExport, FloatLayersAreRoundedToFp16Scales) {
   qf::testing::TmpDir dir("qf_awq");
   TinyTokenizer tok(dir / "tok.model");
@@ -148,6 +198,8 @@ TEST(AwqExport, RefusesWhatItCannotHoldNamingTheLayer) {
       {int4(16, false, quant::ScaleDType::F16), "int4-g128", "",
        "model.layers.0.self_attn.q_proj is int4 asym per-group(16) fp16-scale; --format awq (AutoAWQ GEMM) holds an "
        "integer zero point"},
+      {int4(16, false, quant::ScaleDType::F16), "int4-g128", "", "quantize/train with int4-g128-zp"},
+      {quant::QuantSpec::preset_named("int3-g16-zp"), "int4-g128", "", "4-bit codes only"},
       {int4(16, true, quant::ScaleDType::F32), "int4-g128", "",
        "model.layers.0.self_attn.q_proj has scales fp16 cannot hold exactly"},
       {quant::QuantSpec::preset_named("int8-per-channel"), "int4-g128", "", "model.layers.0.self_attn.q_proj is int8"},
