@@ -47,7 +47,9 @@ std::string unsupported(const QuantSpec& s, int64_t in) {
   if (s.kind != quant::Kind::Int) return "FP8 (onnxruntime's CPU DequantizeLinear has no per-group float8)";
   if (s.is_ggml()) return "llama.cpp blocks (no ONNX operator reads them)";
   if (s.learn != quant::Learn::None) return "LSQ's learned offset (q * s + offset)";
-  if (!s.symmetric) return "asymmetric with a float-domain zero point (torchao's), which no integer zero point reproduces";
+  if (!s.symmetric && !s.int_zero_point())
+    return "asymmetric with a float-domain zero point (torchao's -asym presets), which no integer zero point reproduces; "
+           "quantize with the -zp presets (e.g. int4-g128-zp), whose integer zero points MatMulNBits and QDQ hold";
   if (s.granularity == quant::Granularity::PerGroup && in % s.block(in) != 0) return "groups that do not divide the width";
   return "";
 }
@@ -71,20 +73,30 @@ class Builder {
       : model_(m), c_(m.cfg), a_(models::arch_spec(m.cfg.family)), data_(dir + "/" + kDataFile, kDataFile),
         wdtype_(wdtype), fallback_(fallback) {
     for (auto& p : m.named_parameters()) params_[p.key()] = p.value().detach();
-    for (auto& ns : models::linear_slots(m)) slots_[ns.name] = ns.slot;
+    for (auto& ns : models::linear_slots(m)) {
+      slots_[ns.name] = ns.slot;
+      order_.push_back(ns.name);
+    }
   }
 
   // Checks every linear before anything is written; returns the layers kept in float by --fallback.
   void check_all() {
-    for (auto& [name, slot] : slots_) {
-      std::string why = refusal(*slot->get());
+    std::vector<std::string> refused;
+    std::string why0;
+    for (auto& name : order_) {
+      std::string why = refusal(*slots_.at(name)->get());
       if (why.empty()) continue;
-      if (fallback_.empty())
-        throw InputError(str("export: ", name, " is ", why, "; --format onnx writes float layers (MatMul), int4 "
-                             "per-group codes (MatMulNBits) and symmetric integer codes (QDQ). Formats that hold it: ",
-                             kOtherFormats));
+      if (refused.empty()) why0 = why;
+      refused.push_back(name);
       fallback_layers_.insert(name);
     }
+    if (refused.empty() || !fallback_.empty()) return;
+    std::string names = refused[0];
+    for (size_t i = 1; i < refused.size() && i < 4; ++i) names += ", " + refused[i];
+    if (refused.size() > 4) names += str(" and ", refused.size() - 4, " more");
+    throw InputError(str("export: ", names, (refused.size() > 1 ? " are " : " is "), why0,
+                         "; --format onnx writes float layers (MatMul), int4 per-group codes (MatMulNBits) and integer "
+                         "codes with integer zero points (QDQ). Formats that hold it: ", kOtherFormats));
   }
 
   void build() {
@@ -310,33 +322,48 @@ class Builder {
     auto scales = ql.scales.to(at::kFloat);
     if (scales.numel() == 1) scales = scales.reshape({1, 1}).expand({N, 1});
     scales = scales.reshape({N, -1}).contiguous();  // [N, K / g]
+    const int64_t groups = scales.size(1);
+    // Integer zero points (-zp presets): z in [0, 2^b - 1] per group, weight (q - z) * s.
+    at::Tensor zeros;
+    if (s.int_zero_point()) {
+      zeros = ql.zeros.to(at::kFloat).reshape({N, groups});
+      QF_CHECK(at::equal(zeros, zeros.round()), "export: ", name, ": zero points are not integers (", s.describe(), ")");
+      zeros = zeros.to(at::kLong);
+    }
     // What the runtime computes must be the layer's own dequantized weight, bit for bit.
-    auto w = codes.to(at::kFloat) * scales.repeat_interleave(K / scales.size(1), 1);
+    auto q0 = zeros.defined() ? codes - zeros.repeat_interleave(K / groups, 1) : codes;
+    auto w = q0.to(at::kFloat) * scales.repeat_interleave(K / groups, 1);
     QF_CHECK(at::equal(w, ql.effective_weight().to(at::kFloat)), "export: ", name,
              ": codes * scales differ from the layer's dequantized weight (", s.describe(), ")");
     if (kind_of(s, K) == LinKind::NBits) {
-      // B uint8 [N, K/g, g/2]: unsigned codes q + 8, two per byte along K, low nibble first.
-      auto u = (codes + 8).to(at::kByte).reshape({N, K / g, g / 2, 2});
+      // B uint8 [N, K/g, g/2]: unsigned codes, two per byte along K, low nibble first; symmetric codes
+      // as q + 8 with MatMulNBits' default zero point 8, -zp codes as they are with their zero points
+      // (uint8 [N, ceil(groups / 2)], two per byte, low nibble first).
+      auto u = (zeros.defined() ? codes : codes + 8).to(at::kByte).reshape({N, K / g, g / 2, 2});
       auto packed = u.select(3, 0).bitwise_or(u.select(3, 1).__lshift__(4)).contiguous();
-      auto b = init(name + ".qweight", packed);
-      auto sc = init(name + ".scales", scales.reshape({N * (K / g)}));
+      std::vector<std::string> ins{x, init(name + ".qweight", packed), init(name + ".scales", scales.reshape({N * groups}))};
+      if (zeros.defined()) {
+        auto z = zeros.to(at::kByte);
+        if (groups % 2) z = at::cat({z, at::zeros({N, 1}, z.options())}, 1);
+        z = z.reshape({N, -1, 2});
+        ins.push_back(init(name + ".qzeros", z.select(2, 0).bitwise_or(z.select(2, 1).__lshift__(4)).reshape({-1}).contiguous()));
+      }
       ++res_.n_matmul_nbits;
-      return op("MatMulNBits", {x, b, sc},
+      return op("MatMulNBits", ins,
                 {onnx::attr_int("K", K), onnx::attr_int("N", N), onnx::attr_int("bits", 4), onnx::attr_int("block_size", g)},
                 "com.microsoft");
     }
-    // QDQ: int8 codes [K, N], scales per output column (axis 1), blocked along K when per group.
-    auto q = init(name + ".qweight", codes.t().contiguous().to(at::kChar));
-    std::vector<Msg> attrs{onnx::attr_int("axis", scales.size(1) == 1 ? 1 : 0)};
-    std::string sc;
-    if (scales.size(1) == 1) {
-      sc = init(name + ".scales", scales.reshape({N}));
-    } else {
-      sc = init(name + ".scales", scales.t().contiguous());  // [K / g, N]
-      attrs.push_back(onnx::attr_int("block_size", g));
-    }
+    // QDQ: codes [K, N] (int8; uint8 with integer zero points), scales (and zero points) per output
+    // column (axis 1), blocked along K when per group.
+    const bool per_col = groups == 1;
+    auto q = init(name + ".qweight", codes.t().contiguous().to(zeros.defined() ? at::kByte : at::kChar));
+    std::vector<Msg> attrs{onnx::attr_int("axis", per_col ? 1 : 0)};
+    if (!per_col) attrs.push_back(onnx::attr_int("block_size", g));
+    auto layout = [&](const at::Tensor& t) { return per_col ? t.reshape({N}) : t.t().contiguous(); };  // [N] or [K/g, N]
+    std::vector<std::string> ins{q, init(name + ".scales", layout(scales))};
+    if (zeros.defined()) ins.push_back(init(name + ".qzeros", layout(zeros).to(at::kByte)));
     ++res_.n_qdq;
-    return op("MatMul", {x, op("DequantizeLinear", {q, sc}, attrs)});
+    return op("MatMul", {x, op("DequantizeLinear", ins, attrs)});
   }
 
   // ---- model ----
@@ -498,6 +525,7 @@ class Builder {
   std::string fallback_;
   std::map<std::string, at::Tensor> params_;
   std::map<std::string, models::LinearSlot*> slots_;
+  std::vector<std::string> order_;  // the linears in forward order
   std::set<std::string> fallback_layers_;
   std::map<std::string, std::string> consts_;
   std::map<int64_t, std::string> masks_;

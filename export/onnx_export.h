@@ -12,11 +12,13 @@
 //  - float (and bf16) layers: MatMul with the weight in --dtype fp32, or fp16 followed by a Cast
 //    (onnxruntime folds it at load); compute is fp32 throughout;
 //  - int4 per-group codes with a power-of-two group >= 16: com.microsoft::MatMulNBits (block_size =
-//    group, the trained codes as q + 8 with the default zero point 8, the scales as fp32);
-//  - other symmetric integer codes (int8 per channel, int3/int2, int4 per channel or odd groups):
-//    QDQ, DequantizeLinear of the int8 codes (per-axis or blocked scales) into MatMul;
+//    group, scales as fp32; symmetric codes as q + 8 with the default zero point 8, the -zp presets'
+//    codes and integer zero points as they are);
+//  - other integer codes (int8 per channel, int3/int2, int4 per channel or odd groups): QDQ,
+//    DequantizeLinear of the codes (int8; uint8 with the -zp presets' zero points; per-axis or
+//    blocked scales) into MatMul;
 //  - refused naming the layer and the formats that would work: NF4, FP8, llama.cpp blocks, LSQ,
-//    torchao asymmetric specs (float zero point), GPTQ act-order, dynamic activation quantization
+//    torchao asymmetric specs (-asym: float zero point), GPTQ act-order, dynamic activation quantization
 //    (8da4w): --fallback f32|f16 writes those layers dequantized to float instead.
 // Invariants: built in a staged dir and renamed into place when complete; the caller's model is not
 // changed; graph semantics follow models/transformer.cpp op for op (RoPE tables are qforge's own).
