@@ -168,26 +168,15 @@ void Graph::node(const std::string& op, const std::vector<std::string>& inputs, 
 std::string Graph::model(const std::string& graph_name, int64_t opset, const std::string& producer_version,
                          const std::vector<std::pair<std::string, std::string>>& metadata) const {
   std::string graph = nodes_;
-  {
-    Msg name;
-    name.bytes(F::kGraphName, graph_name);
-    graph += name.str();
-  }
-  for (auto& t : init_) {
+  auto append = [&](int field, const std::string& bytes) {
     Msg w;
-    w.bytes(F::kInitializer, t);
+    w.bytes(field, bytes);
     graph += w.str();
-  }
-  for (auto& v : in_) {
-    Msg w;
-    w.bytes(F::kGraphInput, v);
-    graph += w.str();
-  }
-  for (auto& v : out_) {
-    Msg w;
-    w.bytes(F::kGraphOutput, v);
-    graph += w.str();
-  }
+  };
+  append(F::kGraphName, graph_name);
+  for (auto& t : init_) append(F::kInitializer, t);
+  for (auto& v : in_) append(F::kGraphInput, v);
+  for (auto& v : out_) append(F::kGraphOutput, v);
   QF_CHECK(graph.size() < (size_t{1} << 31), "export: the ONNX graph proto is ", graph.size(),
            " bytes; protobuf caps a message at 2 GiB (weights go to the external-data file; this is the graph itself)");
   Msg m;
