@@ -2,7 +2,6 @@
 
 #include <ATen/ATen.h>
 
-#include <array>
 #include <filesystem>
 #include <map>
 #include <set>
@@ -16,6 +15,7 @@
 #include "export/layer_view.h"
 #include "models/arch.h"
 #include "models/hf.h"
+#include "models/hf_quantized.h"
 #include "peft/lora.h"
 #include "quant/affine.h"
 #include "quant/qat.h"
@@ -25,10 +25,9 @@ namespace {
 
 using quant::QuantSpec;
 
-// AutoAWQ's nibble order (awq/utils/packing_utils.py AWQ_ORDER): bits 4i of a word hold column
-// 8c + kOrder[i]; kReverse[j] is the nibble that holds column 8c + j (AWQ_REVERSE_ORDER).
-constexpr std::array<int64_t, 8> kOrder{0, 2, 4, 6, 1, 3, 5, 7};
-constexpr std::array<int64_t, 8> kReverse{0, 4, 1, 5, 2, 6, 3, 7};
+// AutoAWQ's packing (nibble order) lives with the reader: models/hf_quantized.h.
+using models::packed::pack_awq;
+using models::packed::unpack_awq;
 constexpr int kBits = 4;
 constexpr int64_t kZero = 8;  // a symmetric code q in [-8, 7] is stored as q + 8 with zero point 8
 // (integer-zero-point specs, Rule::IntZeroPoint, store their own codes in [0, 15] and zero points)
@@ -55,24 +54,6 @@ void check_spec(const std::string& layer, const QuantSpec& s) {
     refuse("an integer zero point z in [0, 15] per group, and this torchao-style asymmetric spec keeps a "
            "float-domain zero point (min + s * 8) that no integer z reproduces; quantize/train with int4-g128-zp "
            "(or int4-g<G>-zp) for AutoAWQ's asymmetric integer zero points");
-}
-
-// (u [rows, cols], 8 columns per word) -> int32 [rows, cols/8] in AutoAWQ's nibble order.
-at::Tensor pack_awq(const at::Tensor& u) {
-  const int64_t rows = u.size(0), cols = u.size(1);
-  auto v = u.to(at::kLong).reshape({rows, cols / 8, 8});
-  v = v.index_select(2, at::tensor(std::vector<int64_t>(kOrder.begin(), kOrder.end()), at::kLong));  // nibble i <- column kOrder[i]
-  auto shifts = at::arange(8, at::kLong).mul(kBits);
-  auto words = v.__lshift__(shifts).sum(-1);
-  words = at::where(words.ge(int64_t{1} << 31), words - (int64_t{1} << 32), words);  // as int32 bits
-  return words.to(at::kInt).contiguous();
-}
-// The inverse, as AutoAWQ's unpack_awq + reverse_awq_order read it: int32 [rows, w] -> [rows, 8w].
-at::Tensor unpack_awq(const at::Tensor& w) {
-  auto v = w.to(at::kLong).bitwise_and(0xFFFFFFFFLL).unsqueeze(-1);
-  auto nib = v.__rshift__(at::arange(8, at::kLong).mul(kBits)).bitwise_and(15);  // [rows, w, 8] by nibble
-  nib = nib.index_select(2, at::tensor(std::vector<int64_t>(kReverse.begin(), kReverse.end()), at::kLong));
-  return nib.reshape({w.size(0), -1});
 }
 
 struct AwqFile {

@@ -14,6 +14,7 @@
 #include "export/layer_view.h"
 #include "models/arch.h"
 #include "models/hf.h"
+#include "models/hf_quantized.h"
 #include "peft/lora.h"
 #include "quant/affine.h"
 #include "quant/qat.h"
@@ -53,21 +54,8 @@ void check_format(const std::string& layer, const QuantSpec& s, IntFormat fmt) {
                          "integer zero points for 4-bit codes (pack-quantized) only; use --format gptq, or int4-g<G>-zp"));
 }
 
-// (u packed b bits at a time along dim 1, element k of each word at bits b*k) -> int32 words.
-at::Tensor pack_cols(const at::Tensor& u, int bits) {
-  const int64_t pf = 32 / bits;
-  auto v = u.to(at::kLong).reshape({u.size(0), u.size(1) / pf, pf});
-  auto shifts = at::arange(pf, at::kLong).mul(bits);
-  auto words = v.__lshift__(shifts).sum(-1);                             // [rows, cols/pf] in [0, 2^32)
-  words = at::where(words.ge(int64_t{1} << 31), words - (int64_t{1} << 32), words);  // as int32 bits
-  return words.to(at::kInt).contiguous();
-}
-at::Tensor unpack_cols(const at::Tensor& w, int bits) {
-  const int64_t pf = 32 / bits;
-  auto v = w.to(at::kLong).bitwise_and(0xFFFFFFFFLL).unsqueeze(-1);
-  auto shifts = at::arange(pf, at::kLong).mul(bits);
-  return v.__rshift__(shifts).bitwise_and((1 << bits) - 1).reshape({w.size(0), -1});
-}
+using models::packed::pack_cols;
+using models::packed::unpack_cols;
 
 // --quant and --fallback as integer schemes (every problem refused before any weight is read).
 struct Schemes {

@@ -18,6 +18,7 @@
 #include "core/safetensors.h"
 #include "models/arch.h"
 #include "models/hf_config.h"
+#include "models/hf_quantized.h"
 
 namespace qf::models {
 namespace {
@@ -45,6 +46,7 @@ HfCheckpoint read_hf_checkpoint(const std::string& dir) {
   ck.torch_dtype = std::move(hc.torch_dtype);
   ck.config = hc.config;
   ck.notes = std::move(hc.notes);
+  ck.quant = std::move(hc.quant);
 
   const std::string index = dir + "/model.safetensors.index.json";
   if (sfs::exists(index)) {
@@ -72,13 +74,15 @@ HfCheckpoint read_hf_checkpoint(const std::string& dir) {
 }
 
 void load_hf_weights(CausalLM& model, const HfCheckpoint& ck, bool progress, bool populate,
-                     const LinearStreamer* streamer) {
+                     const LinearStreamer* streamer, HfLoadReport* report) {
   std::map<std::string, at::Tensor> params;
   for (auto& p : model.named_parameters()) params[p.key()] = p.value();
   const ArchSpec& arch = arch_spec(ck.config.family);
   // Pass 1: headers only (no tensor data is read), every check before any copy.
   std::map<std::string, std::string> found;  // param -> file
   std::vector<std::string> problems;
+  std::map<std::string, QuantizedParts> qlinears;  // quantized linear -> its packed parts
+  std::set<std::string> qnames;                    // the tensors those parts are
   for (auto& f : ck.files) {
     const std::string path = ck.dir + "/" + f;
     for (auto& e : st::read_header(path).entries) {
@@ -87,6 +91,15 @@ void load_hf_weights(CausalLM& model, const HfCheckpoint& ck, bool progress, boo
         auto w = ck.weight_map.find(name);
         if (w == ck.weight_map.end() || w->second != f) {
           problems.push_back(qf::str(path, ": tensor '", name, "' is not listed for this shard in model.safetensors.index.json"));
+          continue;
+        }
+      }
+      if (ck.quant.quantized()) {  // a packed part of a quantized linear: checked per linear below
+        std::string lin;
+        const std::string part = quantized_part(ck.quant, name, e.dtype, lin);
+        if (!part.empty() && params.count(lin + ".weight")) {
+          qlinears[lin][part] = QuantizedPart{path, e};
+          qnames.insert(name);
           continue;
         }
       }
@@ -107,6 +120,22 @@ void load_hf_weights(CausalLM& model, const HfCheckpoint& ck, bool progress, boo
       found[name] = f;
     }
   }
+  for (auto& [lin, parts] : qlinears) {
+    const std::string wname = lin + ".weight";
+    const auto& w = params.at(wname);
+    if (found.count(wname)) {
+      problems.push_back(qf::str(found[wname], ": '", wname, "' is stored both in float and packed (", lin, ".",
+                                 parts.begin()->first, "); a linear is one or the other"));
+      continue;
+    }
+    if (arch.is_conv1d_weight(wname)) {
+      problems.push_back(qf::str(parts.begin()->second.file, ": ", lin, " is a packed Conv1D layer; ", ck.architecture,
+                                 " checkpoints are read in float only"));
+      continue;
+    }
+    for (auto& p : check_quantized_linear(ck.quant, lin, w.size(0), w.size(1), parts)) problems.push_back(std::move(p));
+    found[wname] = parts.begin()->second.file;
+  }
   for (auto& [name, p] : params)
     if (!found.count(name)) problems.push_back(qf::str(ck.dir, ": weight '", name, "' is missing from the checkpoint"));
   if (!problems.empty()) {
@@ -114,6 +143,20 @@ void load_hf_weights(CausalLM& model, const HfCheckpoint& ck, bool progress, boo
     for (size_t i = 0; i < problems.size() && i < 20; ++i) msg += "\n  - " + problems[i];
     if (problems.size() > 20) msg += str("\n  ... and ", problems.size() - 20, " more");
     throw InputError(msg);
+  }
+  // The packed tensors' data rules (g_idx range, weight_shape), also before anything is copied.
+  std::map<std::string, st::File> qfiles;  // quantized parts' files, mapped once (nothing populated)
+  auto qtensor = [&](const QuantizedPart& p) {
+    auto f = qfiles.find(p.file);
+    if (f == qfiles.end()) f = qfiles.emplace(p.file, st::load(p.file, /*populate=*/false)).first;
+    return f->second.get(p.entry.name);
+  };
+  for (auto& [lin, parts] : qlinears) {
+    std::map<std::string, at::Tensor> small;
+    for (const char* part : {"g_idx", "weight_g_idx", "weight_shape"})
+      if (parts.count(part)) small[part] = qtensor(parts.at(part));
+    const auto& w = params.at(lin + ".weight");
+    check_quantized_data(ck.quant, lin, w.size(0), w.size(1), parts, small);
   }
   // Linears a streamer builds itself: their weights skip the dense parameter (never touched, so its
   // pages are never faulted in) and are read in pass 3.
@@ -136,7 +179,7 @@ void load_hf_weights(CausalLM& model, const HfCheckpoint& ck, bool progress, boo
     auto file = st::load(ck.dir + "/" + f, populate_files);
     for (auto& [name, t] : file.tensors) {
       auto it = params.find(name);
-      if (it == params.end() || streamed.count(name)) continue;
+      if (it == params.end() || streamed.count(name) || qnames.count(name)) continue;
       const bool transpose = arch.is_conv1d_weight(name);
       auto& p = it->second;
       if (!transpose && t.scalar_type() == p.scalar_type() && t.is_contiguous() && t.numel() > 0) {
@@ -148,6 +191,36 @@ void load_hf_weights(CausalLM& model, const HfCheckpoint& ck, bool progress, boo
       if (bar) bar->update(++done);
     }
   }
+  // Pass 2b: each packed linear dequantized (float32, then the model dtype) into its weight, or
+  // handed to the streamer like a dense weight (pass 3's rules), one linear resident at a time.
+  for (auto& [lin, parts] : qlinears) {
+    const std::string wname = lin + ".weight";
+    std::map<std::string, at::Tensor> ts;
+    for (auto& [part, where] : parts) ts[part] = qtensor(where);
+    auto& p = params.at(wname);
+    at::Tensor w = dequantize_linear(ck.quant, lin, p.size(0), p.size(1), parts, ts);
+    for (auto& [part, t] : ts) st::drop_pages(t);
+    if (report) report->dequantized.emplace_back(lin, describe_quantized_linear(ck.quant, lin, parts));
+    auto s = streamed.find(wname);
+    if (s == streamed.end()) {
+      p.copy_(w);
+    } else {
+      LinearSlot& slot = *s->second;
+      auto& dense = static_cast<DenseLinear&>(*slot.get());
+      if (!streamer->mapped) w = w.to(dense.weight.scalar_type()).contiguous();
+      auto m = streamer->build(lin, w, dense.bias);
+      TORCH_INTERNAL_ASSERT(m && m->in_features == dense.in_features && m->out_features == dense.out_features,
+                            "LinearStreamer built a module of the wrong shape for ", lin);
+      slot.replace(std::move(m));
+      params.erase(wname);
+      streamed.erase(s);
+    }
+    if (bar) bar->update(++done);
+  }
+  qfiles.clear();
+  if (!qlinears.empty())
+    log::info(ck.dir, ": ", qlinears.size(), " packed linears (", ck.quant.describe(), ") dequantized to ",
+              (model.cfg.dtype == DType::BF16 ? "bf16" : "fp32"));
   // Pass 3 (streamer only): each claimed linear is built from its weight as the dense layer would
   // have held it (converted to the model dtype / transposed like p.copy_ above, else the mapped tensor
   // itself), installed, and the weight's pages are dropped before the next is read.
@@ -155,7 +228,7 @@ void load_hf_weights(CausalLM& model, const HfCheckpoint& ck, bool progress, boo
     auto file = st::load(ck.dir + "/" + f, /*populate=*/false);
     for (auto& [name, t] : file.tensors) {
       auto s = streamed.find(name);
-      if (s == streamed.end()) continue;
+      if (s == streamed.end() || qnames.count(name)) continue;
       LinearSlot& slot = *s->second;
       const std::string lin = name.substr(0, name.size() - 7);  // minus ".weight"
       auto& dense = static_cast<DenseLinear&>(*slot.get());

@@ -10,7 +10,11 @@
 //  - with a LinearStreamer, the linears it claims are built from their tensors one at a time while
 //    the shards stream past (the source pages dropped right after), so a low-bit base never exists
 //    in full precision as a whole: the module it builds equals the one built from the fully loaded
-//    dense layer (same weight values, in the model dtype, same bias).
+//    dense layer (same weight values, in the model dtype, same bias);
+//  - a quantized checkpoint (config.json quantization_config: GPTQ, AWQ GEMM, compressed-tensors;
+//    models/hf_quantized.h) has its packed linears checked with the rest in pass 1 (shapes against
+//    in/out and the group size, then g_idx / weight_shape data) and loads them DEQUANTIZED to the
+//    model dtype (a streamer gets the dequantized weight like a dense one); packed bases stay a later part.
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -22,6 +26,7 @@
 #include <vector>
 
 #include "models/config.h"
+#include "models/hf_config.h"
 #include "models/transformer.h"
 
 namespace qf::models {
@@ -34,6 +39,12 @@ struct HfCheckpoint {
   std::vector<std::string> files;                  // safetensors files, in load order
   std::map<std::string, std::string> weight_map;   // tensor -> file (sharded checkpoints)
   std::vector<std::string> notes;                  // things the user should know (e.g. sliding window)
+  HfQuant quant;                                   // quantization_config (method None: a float checkpoint)
+};
+
+// What load_hf_weights did with a quantized checkpoint: each packed linear and its stored format.
+struct HfLoadReport {
+  std::vector<std::pair<std::string, std::string>> dequantized;  // (linear, "gptq int4 group 32 sym ...")
 };
 
 // Builds some linears of the model straight from their checkpoint tensors while loading (QLoRA's NF4
@@ -59,8 +70,9 @@ HfCheckpoint read_hf_checkpoint(const std::string& dir);
 // streamer: the claimed linears are built by it instead (see LinearStreamer), after every other
 // tensor has loaded (so their biases are in place), one tensor resident at a time; shards are
 // then never populated up front whatever `populate` says. Validation is unchanged (all of it first).
+// report: filled with the linears read back from packed tensors (quantized checkpoints).
 void load_hf_weights(CausalLM& model, const HfCheckpoint& ckpt, bool progress = true, bool populate = true,
-                     const LinearStreamer* streamer = nullptr);
+                     const LinearStreamer* streamer = nullptr, HfLoadReport* report = nullptr);
 // read + build + load.
 std::shared_ptr<CausalLM> load_hf_model(const std::string& dir, bool progress = true);
 

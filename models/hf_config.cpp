@@ -1,7 +1,10 @@
 #include "models/hf_config.h"
 
+#include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 
 #include "core/json_file.h"
 #include "models/arch.h"
@@ -26,7 +29,164 @@ ModelConfig read_common(const HfConfigReader& c, const ArchSpec& a) {
   return m;
 }
 
+std::string lower(std::string s) {
+  std::transform(s.begin(), s.end(), s.begin(), [](unsigned char ch) { return static_cast<char>(std::tolower(ch)); });
+  return s;
+}
+
+const char* kQuantRead =
+    "qforge reads GPTQ (quant_method gptq: 4 or 8 bits, checkpoint_format gptq or gptq_v2), AWQ (quant_method awq, "
+    "version gemm, 4 bits) and compressed-tensors (pack-quantized int4, int-quantized int8) checkpoints";
+
+// An integer key: required (def unset) or defaulted; kMaxSize caps it like the sizes.
+int64_t int_key(const HfConfigReader& r, const char* k, std::optional<int64_t> def) {
+  if (!r.has(k)) {
+    if (def) return *def;
+    throw r.bad(k, "is missing");
+  }
+  const auto& v = r.j[k];
+  if (!v.is_number_integer() || (v.is_number_unsigned() && v.get<uint64_t>() > kMaxSize) || v.get<int64_t>() < -1 ||
+      v.get<int64_t>() > kMaxSize)
+    throw r.bad(k, "must be an integer");
+  return v.get<int64_t>();
+}
+
+std::vector<std::string> string_list(const HfConfigReader& r, const char* k) {
+  std::vector<std::string> out;
+  if (!r.has(k)) return out;
+  if (!r.j[k].is_array()) throw r.bad(k, "must be a list of module names");
+  for (auto& e : r.j[k]) {
+    if (!e.is_string()) throw r.bad(k, "must be a list of module names");
+    out.push_back(e.get<std::string>());
+  }
+  return out;
+}
+
+int64_t group_key(const HfConfigReader& r, const char* k, std::optional<int64_t> def) {
+  const int64_t g = int_key(r, k, def);
+  if (g == 0 || g < -1) throw r.bad(k, str("is ", g, "; a group size is a positive number of input columns, or -1 (per channel)"));
+  return g;
+}
+
+void read_gptq(const HfConfigReader& r, HfQuant& q) {
+  q.bits = static_cast<int>(int_key(r, "bits", std::nullopt));
+  if (q.bits != 4 && q.bits != 8)
+    throw r.bad("bits", str("is ", q.bits, "; qforge reads 4- and 8-bit GPTQ checkpoints (2- and 3-bit packings are not read)"));
+  q.group_size = group_key(r, "group_size", -1);
+  q.desc_act = r.bool_or("desc_act", false);
+  q.symmetric = r.bool_or("sym", true);
+  const std::string fmt = lower(r.string_or("checkpoint_format", "gptq"));
+  if (fmt != "gptq" && fmt != "gptq_v2")
+    throw r.bad("checkpoint_format", str("is '", fmt, "'; qforge reads GPTQ checkpoints in checkpoint_format gptq (v1, "
+                                         "stored zero points z - 1) or gptq_v2 (z); repack kernel-specific formats "
+                                         "(marlin, bitblas, ...) with gptqmodel first"));
+  q.zeros_v2 = fmt == "gptq_v2";
+  q.skip = string_list(r, "modules_to_not_convert");
+}
+
+void read_awq(const HfConfigReader& r, HfQuant& q) {
+  const std::string version = lower(r.string_or("version", "gemm"));
+  if (version != "gemm")
+    throw r.bad("version", str("is '", version, "'; qforge reads AWQ GEMM checkpoints (version gemm: qweight [in, out/8] "
+                               "in AutoAWQ's nibble order); GEMV / exllama / marlin / ipex layouts are not read"));
+  q.bits = static_cast<int>(r.has("bits") ? int_key(r, "bits", std::nullopt) : int_key(r, "w_bit", 4));
+  if (q.bits != 4) throw r.bad("bits", str("is ", q.bits, "; AWQ GEMM packs 4-bit codes only"));
+  q.group_size = r.has("group_size") ? group_key(r, "group_size", std::nullopt) : group_key(r, "q_group_size", 128);
+  if (q.group_size < 0) throw r.bad("group_size", "is -1; AWQ GEMM stores per-group scales (a positive group_size)");
+  q.symmetric = !r.bool_or("zero_point", true);
+  q.skip = string_list(r, "modules_to_not_convert");
+}
+
+void read_compressed(const HfConfigReader& r, HfQuant& q) {
+  const std::string top = r.string_or("format", "");
+  if (!r.has("config_groups") || !r.j["config_groups"].is_object() || r.j["config_groups"].empty())
+    throw r.bad("config_groups", "must be an object of quantization schemes");
+  const HfConfigReader groups = r.child("config_groups");
+  for (auto it = r.j["config_groups"].begin(); it != r.j["config_groups"].end(); ++it) {
+    const std::string gname = it.key();
+    if (!it->is_object()) throw groups.bad(gname.c_str(), "must be an object");
+    const HfConfigReader g = groups.child(gname.c_str());
+    HfQuantScheme s;
+    s.targets = string_list(g, "targets");
+    if (s.targets.empty()) throw g.bad("targets", "must list the modules the scheme applies to");
+    s.format = g.string_or("format", top);
+    if (g.has("input_activations") || g.has("output_activations"))
+      throw g.bad(g.has("input_activations") ? "input_activations" : "output_activations",
+                  "is set; qforge reads weight-only compressed-tensors checkpoints (activation quantization is not "
+                  "simulated)");
+    if (!g.has("weights") || !g.j["weights"].is_object()) throw g.bad("weights", "must be an object (the weight scheme)");
+    const HfConfigReader w = g.child("weights");
+    const std::string type = w.string_or("type", "int");
+    if (type != "int")
+      throw w.bad("type", str("is '", type, "'; qforge reads integer compressed-tensors weights (fp8 is not read yet)"));
+    s.bits = static_cast<int>(int_key(w, "num_bits", std::nullopt));
+    s.symmetric = w.bool_or("symmetric", true);
+    const std::string strategy = w.string_or("strategy", "");
+    if (strategy == "group") {
+      s.group_size = group_key(w, "group_size", std::nullopt);
+      if (s.group_size < 0) throw w.bad("group_size", "is -1 with strategy group");
+    } else if (strategy == "channel") {
+      s.group_size = -1;
+    } else {
+      throw w.bad("strategy", str("is '", strategy, "'; qforge reads strategy group or channel"));
+    }
+    if (s.format == "pack-quantized") {
+      if (s.bits != 4 && s.bits != 8) throw w.bad("num_bits", str("is ", s.bits, "; pack-quantized is read for 4 and 8 bits"));
+    } else if (s.format == "int-quantized") {
+      if (s.bits != 8) throw w.bad("num_bits", str("is ", s.bits, "; int-quantized is read for 8-bit weights"));
+    } else {
+      throw g.bad("format", str("is '", s.format, "'; qforge reads compressed-tensors formats pack-quantized and "
+                                "int-quantized (float-quantized, marlin-24, sparse formats are not read)"));
+    }
+    q.groups.push_back(std::move(s));
+  }
+  q.skip = string_list(r, "ignore");
+}
+
 }  // namespace
+
+std::string HfQuant::describe() const {
+  switch (method) {
+    case HfQuantMethod::None:
+      return "float";
+    case HfQuantMethod::Gptq:
+      return str("gptq int", bits, group_size < 0 ? std::string(" per channel") : str(" group ", group_size),
+                 symmetric ? " sym" : " asym", desc_act ? " desc_act" : "", " (checkpoint_format ",
+                 zeros_v2 ? "gptq_v2" : "gptq", ")");
+    case HfQuantMethod::Awq:
+      return str("awq int", bits, " group ", group_size, symmetric ? "" : " zero_point", " (gemm)");
+    case HfQuantMethod::CompressedTensors: {
+      std::string s = "compressed-tensors";
+      for (auto& g : groups)
+        s += str(" ", g.format, " int", g.bits, g.group_size < 0 ? std::string(" per channel") : str(" group ", g.group_size),
+                 g.symmetric ? " sym" : " asym");
+      return s;
+    }
+  }
+  return "?";
+}
+
+HfQuant parse_hf_quant(const nlohmann::json& j, const std::string& path) {
+  HfQuant q;
+  QF_CHECK_INPUT(j.is_object(), path, ": 'quantization_config' must be an object");
+  const HfConfigReader r{j, path + ": quantization_config"};
+  return json_file::interpret(path, [&] {
+    const std::string method = lower(r.string_or("quant_method", ""));
+    if (method == "gptq") {
+      q.method = HfQuantMethod::Gptq;
+      read_gptq(r, q);
+    } else if (method == "awq") {
+      q.method = HfQuantMethod::Awq;
+      read_awq(r, q);
+    } else if (method == "compressed-tensors") {
+      q.method = HfQuantMethod::CompressedTensors;
+      read_compressed(r, q);
+    } else {
+      throw r.bad("quant_method", str("is '", method, "', which qforge does not read; ", kQuantRead));
+    }
+    return q;
+  });
+}
 
 InputError HfConfigReader::bad(const char* k, const std::string& why) const {
   return InputError(str(path, ": '", k, "' ", why));
@@ -87,6 +247,8 @@ HfConfig parse_hf_config(const std::string& text, const std::string& cpath) {
     spec->read_hf(c, arch, m, ck.notes);
     return m;
   });
+  if (j.contains("quantization_config") && !j["quantization_config"].is_null())
+    ck.quant = parse_hf_quant(j["quantization_config"], cpath);
   return ck;
 }
 

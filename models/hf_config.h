@@ -13,10 +13,42 @@
 
 namespace qf::models {
 
+// config.json's "quantization_config": the packed layout a quantized checkpoint's linears are stored
+// in (read back to float by models/hf_quantized.h). method None: a float checkpoint.
+enum class HfQuantMethod { None, Gptq, Awq, CompressedTensors };
+
+// One compressed-tensors config group (its "weights" scheme and the modules it targets).
+struct HfQuantScheme {
+  int bits = 0;
+  int64_t group_size = -1;           // -1: one scale per output row (strategy "channel")
+  bool symmetric = true;
+  std::vector<std::string> targets;  // "Linear", exact module names, or "re:<regex>"
+  std::string format;                // pack-quantized | int-quantized
+};
+
+struct HfQuant {
+  HfQuantMethod method = HfQuantMethod::None;
+  int bits = 0;                      // GPTQ 4 | 8, AWQ 4
+  int64_t group_size = -1;           // GPTQ: -1 = per channel
+  bool symmetric = true;             // GPTQ sym, AWQ !zero_point
+  bool desc_act = false;             // GPTQ act-order (g_idx maps columns to groups)
+  bool zeros_v2 = false;             // GPTQ checkpoint_format "gptq_v2": qzeros hold z (v1 "gptq": z - 1)
+  std::vector<HfQuantScheme> groups; // compressed-tensors config_groups
+  std::vector<std::string> skip;     // modules_to_not_convert (GPTQ/AWQ) or ignore (compressed-tensors)
+  bool quantized() const { return method != HfQuantMethod::None; }
+  // "gptq int4 group 128 sym desc_act (checkpoint_format gptq)", "awq int4 group 32 zero_point (gemm)", ...
+  std::string describe() const;
+};
+
+// `q` is config.json's quantization_config; errors name `path` and the key. Refused: unknown
+// quant_method / version / checkpoint_format, unsupported bits, schemes qforge does not read.
+HfQuant parse_hf_quant(const nlohmann::json& q, const std::string& path);
+
 struct HfConfig {
   std::string architecture;        // e.g. "LlamaForCausalLM"
   std::string torch_dtype;         // as config.json says ("float32" when it says nothing)
   ModelConfig config;
+  HfQuant quant;                   // quantization_config (method None: float weights)
   std::vector<std::string> notes;  // things the user should know
 };
 

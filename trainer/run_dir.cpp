@@ -110,10 +110,21 @@ std::shared_ptr<models::CausalLM> load_hf_dir(const std::string& dir, const std:
   const bool bf16 = dtype == "bf16" || (dtype == "auto" && ck.torch_dtype == "bfloat16");
   ck.config.dtype = bf16 ? models::DType::BF16 : models::DType::F32;
   auto model = models::build_model(ck.config, /*init=*/false);
-  models::load_hf_weights(*model, ck, !log::quiet(), populate, streamer);
-  if (info)
+  models::HfLoadReport rep;
+  models::load_hf_weights(*model, ck, !log::quiet(), populate, streamer, &rep);
+  if (info) {
     *info = {{"source", "huggingface"}, {"architecture", ck.architecture}, {"checkpoint_dtype", ck.torch_dtype},
              {"files", ck.files.size()}};
+    if (ck.quant.quantized()) {
+      nlohmann::json per = nlohmann::json::object();
+      for (auto& [lin, fmt] : rep.dequantized) per[lin] = fmt;
+      (*info)["quantization"] = {{"format", ck.quant.describe()}, {"dequantized", true},
+                                 {"dequantized_to", bf16 ? "bf16" : "fp32"}, {"packed_linears", rep.dequantized.size()},
+                                 {"note", "packed linears were dequantized to float at load: the model trains, "
+                                          "re-quantizes and exports like a float checkpoint"},
+                                 {"linears", per}};
+    }
+  }
   return model;
 }
 

@@ -1,0 +1,351 @@
+#include "models/hf_quantized.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <array>
+#include <regex>
+
+#include "core/error.h"
+#include "core/safetensors.h"
+#include "core/strings.h"
+
+namespace qf::models {
+
+namespace packed {
+
+at::Tensor pack_cols(const at::Tensor& u, int bits) {
+  const int64_t pf = 32 / bits;
+  auto v = u.to(at::kLong).reshape({u.size(0), u.size(1) / pf, pf});
+  auto words = v.__lshift__(at::arange(pf, at::kLong).mul(bits)).sum(-1);             // [rows, cols/pf] in [0, 2^32)
+  words = at::where(words.ge(int64_t{1} << 31), words - (int64_t{1} << 32), words);  // as int32 bits
+  return words.to(at::kInt).contiguous();
+}
+
+at::Tensor unpack_cols(const at::Tensor& w, int bits) {
+  const int64_t pf = 32 / bits;
+  auto v = w.to(at::kLong).bitwise_and(0xFFFFFFFFLL).unsqueeze(-1);
+  return v.__rshift__(at::arange(pf, at::kLong).mul(bits)).bitwise_and((int64_t{1} << bits) - 1).reshape({w.size(0), -1});
+}
+
+namespace {
+constexpr std::array<int64_t, 8> kAwqOrder{0, 2, 4, 6, 1, 3, 5, 7};    // nibble i <- column kAwqOrder[i]
+constexpr std::array<int64_t, 8> kAwqReverse{0, 4, 1, 5, 2, 6, 3, 7};  // column j <- nibble kAwqReverse[j]
+at::Tensor index(const std::array<int64_t, 8>& a) { return at::tensor(std::vector<int64_t>(a.begin(), a.end()), at::kLong); }
+}  // namespace
+
+at::Tensor pack_awq(const at::Tensor& u) {
+  auto v = u.to(at::kLong).reshape({u.size(0), u.size(1) / 8, 8}).index_select(2, index(kAwqOrder));
+  auto words = v.__lshift__(at::arange(8, at::kLong).mul(4)).sum(-1);
+  words = at::where(words.ge(int64_t{1} << 31), words - (int64_t{1} << 32), words);
+  return words.to(at::kInt).contiguous();
+}
+
+at::Tensor unpack_awq(const at::Tensor& w) {
+  auto v = w.to(at::kLong).bitwise_and(0xFFFFFFFFLL).unsqueeze(-1);
+  auto nib = v.__rshift__(at::arange(8, at::kLong).mul(4)).bitwise_and(15);  // [rows, words, 8] by nibble
+  return nib.index_select(2, index(kAwqReverse)).reshape({w.size(0), -1});
+}
+
+}  // namespace packed
+
+namespace {
+
+
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+bool is_float(st::DType d) { return d == st::DType::F32 || d == st::DType::F16 || d == st::DType::BF16; }
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string o = "[";
+  for (size_t i = 0; i < s.size(); ++i) o += (i ? ", " : "") + std::to_string(s[i]);
+  return o + "]";
+}
+
+const char* method_name(HfQuantMethod m) {
+  return m == HfQuantMethod::Gptq ? "GPTQ" : m == HfQuantMethod::Awq ? "AWQ" : "compressed-tensors";
+}
+
+// The compressed-tensors scheme that targets `linear`: an exact name first, then "re:" patterns,
+// then the class name "Linear" (compressed-tensors' own precedence).
+const HfQuantScheme* ct_scheme(const HfQuant& q, const std::string& linear) {
+  for (auto& g : q.groups)
+    for (auto& t : g.targets)
+      if (t == linear) return &g;
+  for (auto& g : q.groups)
+    for (auto& t : g.targets)
+      if (t.rfind("re:", 0) == 0 && std::regex_match(linear, std::regex(t.substr(3)))) return &g;
+  for (auto& g : q.groups)
+    for (auto& t : g.targets)
+      if (t == "Linear") return &g;
+  return nullptr;
+}
+
+// One linear's parts as the format defines them, checked as a list of problems.
+struct Checker {
+  const std::string& linear;
+  const QuantizedParts& parts;
+  std::vector<std::string> problems;
+  const char* what;  // "GPTQ", ...
+
+  const QuantizedPart* need(const std::string& part, const char* holds) {
+    auto it = parts.find(part);
+    if (it != parts.end()) return &it->second;
+    std::string file = parts.empty() ? std::string("the checkpoint") : parts.begin()->second.file;
+    problems.push_back(str(file, ": tensor '", linear, ".", part, "' is missing (", what, " stores ", holds, " per linear)"));
+    return nullptr;
+  }
+  void dtype(const QuantizedPart* p, const std::string& part, bool ok, const char* want) {
+    if (p && !ok)
+      problems.push_back(str(p->file, ": tensor '", linear, ".", part, "' has dtype ", st::info(p->entry.dtype).name,
+                             ", expected ", want));
+  }
+  void shape(const QuantizedPart* p, const std::string& part, const std::vector<int64_t>& want, const std::string& rule) {
+    if (p && p->entry.shape != want)
+      problems.push_back(str(p->file, ": tensor '", linear, ".", part, "' has shape ", shape_str(p->entry.shape), "; ",
+                             rule, " gives ", shape_str(want)));
+  }
+};
+
+std::string group_rule(int64_t group, int64_t in, int64_t groups) {
+  return group < 0 ? str("group_size -1 (per channel) has 1 group") : str("group_size ", group, " over in_features ", in,
+                                                                           " gives ", groups, " groups, so [groups, ...]");
+}
+
+std::vector<std::string> check_gptq(const HfQuant& q, const std::string& linear, int64_t out, int64_t in, Checker& c) {
+  const int64_t pf = 32 / q.bits;
+  const int64_t groups = q.group_size < 0 ? 1 : ceil_div(in, q.group_size);
+  const std::string file = c.parts.empty() ? std::string() : c.parts.begin()->second.file;
+  if (in % pf != 0 || out % pf != 0) {
+    c.problems.push_back(str(file, ": ", linear, " [", out, ", ", in, "] cannot hold ", q.bits, "-bit GPTQ codes: in and out "
+                             "features must be multiples of ", pf, " (", pf, " codes per int32 word)"));
+    return c.problems;
+  }
+  auto* qw = c.need("qweight", "qweight, qzeros, scales and g_idx");
+  auto* qz = c.need("qzeros", "qweight, qzeros, scales and g_idx");
+  auto* sc = c.need("scales", "qweight, qzeros, scales and g_idx");
+  c.dtype(qw, "qweight", qw && qw->entry.dtype == st::DType::I32, "I32");
+  c.dtype(qz, "qzeros", qz && qz->entry.dtype == st::DType::I32, "I32");
+  c.dtype(sc, "scales", sc && is_float(sc->entry.dtype), "a float type");
+  c.shape(qw, "qweight", {in / pf, out},
+          str("qweight packs ", pf, " ", q.bits, "-bit codes per int32 along the input: [in*bits/32, out] for the linear's in ", in,
+              ", out ", out));
+  c.shape(qz, "qzeros", {groups, out / pf},
+          str("qzeros is inconsistent with the group size: ", group_rule(q.group_size, in, groups), " [groups, out*bits/32]"));
+  c.shape(sc, "scales", {groups, out}, str("scales is inconsistent with the group size: ", group_rule(q.group_size, in, groups),
+                                         " [groups, out]"));
+  if (auto it = c.parts.find("g_idx"); it != c.parts.end()) {
+    c.dtype(&it->second, "g_idx", it->second.entry.dtype == st::DType::I32 || it->second.entry.dtype == st::DType::I64, "I32");
+    c.shape(&it->second, "g_idx", {in}, "g_idx maps each input column to its group: [in]");
+  } else if (q.desc_act) {
+    c.need("g_idx", "g_idx (desc_act true: the column -> group map)");
+  }
+  return c.problems;
+}
+
+std::vector<std::string> check_awq(const HfQuant& q, const std::string& linear, int64_t out, int64_t in, Checker& c) {
+  const std::string file = c.parts.empty() ? std::string() : c.parts.begin()->second.file;
+  if (out % 8 != 0 || in % q.group_size != 0) {
+    c.problems.push_back(str(file, ": ", linear, " [", out, ", ", in, "] cannot hold AWQ GEMM codes: out features must be a "
+                             "multiple of 8 and group_size ", q.group_size, " must divide in features"));
+    return c.problems;
+  }
+  const int64_t groups = in / q.group_size;
+  auto* qw = c.need("qweight", "qweight, qzeros and scales");
+  auto* qz = c.need("qzeros", "qweight, qzeros and scales");
+  auto* sc = c.need("scales", "qweight, qzeros and scales");
+  c.dtype(qw, "qweight", qw && qw->entry.dtype == st::DType::I32, "I32");
+  c.dtype(qz, "qzeros", qz && qz->entry.dtype == st::DType::I32, "I32");
+  c.dtype(sc, "scales", sc && is_float(sc->entry.dtype), "a float type");
+  c.shape(qw, "qweight", {in, out / 8},
+          str("AWQ GEMM packs 8 4-bit codes per int32 along the output: [in, out/8] for the linear's in ", in, ", out ", out));
+  c.shape(qz, "qzeros", {groups, out / 8},
+          str("qzeros is inconsistent with the group size: ", group_rule(q.group_size, in, groups), " [groups, out/8]"));
+  c.shape(sc, "scales", {groups, out},
+          str("scales is inconsistent with the group size: ", group_rule(q.group_size, in, groups), " [groups, out]"));
+  return c.problems;
+}
+
+std::vector<std::string> check_ct(const HfQuant& q, const std::string& linear, int64_t out, int64_t in, Checker& c) {
+  const std::string file = c.parts.empty() ? std::string() : c.parts.begin()->second.file;
+  const HfQuantScheme* s = ct_scheme(q, linear);
+  if (!s) {
+    c.problems.push_back(str(file, ": ", linear, " holds packed tensors but no config_groups entry targets it"));
+    return c.problems;
+  }
+  const int64_t groups = s->group_size < 0 ? 1 : ceil_div(in, s->group_size);
+  const std::string grule = group_rule(s->group_size, in, groups);
+  if (s->format == "pack-quantized") {
+    const int64_t pf = 32 / s->bits;
+    auto* wp = c.need("weight_packed", "weight_packed, weight_scale and weight_shape");
+    auto* ws = c.need("weight_scale", "weight_packed, weight_scale and weight_shape");
+    auto* sh = c.need("weight_shape", "weight_packed, weight_scale and weight_shape");
+    c.dtype(wp, "weight_packed", wp && wp->entry.dtype == st::DType::I32, "I32");
+    c.dtype(ws, "weight_scale", ws && is_float(ws->entry.dtype), "a float type");
+    c.dtype(sh, "weight_shape", sh && (sh->entry.dtype == st::DType::I64 || sh->entry.dtype == st::DType::I32), "I64");
+    c.shape(sh, "weight_shape", {2}, "weight_shape holds [out, in]");
+    c.shape(wp, "weight_packed", {out, ceil_div(in, pf)},
+            str("pack-quantized packs ", pf, " ", s->bits, "-bit codes per int32 along the input: [out, ceil(in*bits/32)] for "
+                "the linear's in ", in, ", out ", out));
+    c.shape(ws, "weight_scale", {out, groups}, str("weight_scale is inconsistent with the group size: ", grule, " [out, groups]"));
+    if (auto it = c.parts.find("weight_zero_point"); it != c.parts.end()) {
+      const auto& e = it->second.entry;
+      const bool packed = e.dtype == st::DType::I32 && e.shape == std::vector<int64_t>{ceil_div(out, pf), groups};
+      const bool plain = (e.dtype == st::DType::I8 || e.dtype == st::DType::I32) && e.shape == std::vector<int64_t>{out, groups};
+      if (!packed && !plain)
+        c.problems.push_back(str(it->second.file, ": tensor '", linear, ".weight_zero_point' has shape ", shape_str(e.shape),
+                                 " dtype ", st::info(e.dtype).name, "; weight_zero_point is inconsistent with the group size: ",
+                                 grule, " I32 [ceil(out*bits/32), groups] (packed along the output) or [out, groups]"));
+    } else if (!s->symmetric) {
+      c.need("weight_zero_point", "weight_zero_point (symmetric false)");
+    }
+  } else {  // int-quantized int8
+    auto* w = c.need("weight", "weight (int8) and weight_scale");
+    auto* ws = c.need("weight_scale", "weight (int8) and weight_scale");
+    c.dtype(ws, "weight_scale", ws && is_float(ws->entry.dtype), "a float type");
+    c.shape(w, "weight", {out, in}, "int-quantized stores int8 codes [out, in]");
+    c.shape(ws, "weight_scale", {out, groups}, str("weight_scale is inconsistent with the group size: ", grule, " [out, groups]"));
+    if (auto it = c.parts.find("weight_zero_point"); it != c.parts.end())
+      c.shape(&it->second, "weight_zero_point", {out, groups},
+              str("weight_zero_point is inconsistent with the group size: ", grule, " [out, groups]"));
+    else if (!s->symmetric)
+      c.need("weight_zero_point", "weight_zero_point (symmetric false)");
+  }
+  if (auto it = c.parts.find("weight_g_idx"); it != c.parts.end()) c.shape(&it->second, "weight_g_idx", {in}, "[in]");
+  return c.problems;
+}
+
+// g_idx (GPTQ, compressed-tensors actorder) as int64 [in], every entry a group index.
+at::Tensor checked_g_idx(const QuantizedPart& p, const std::string& linear, const std::string& part, const at::Tensor& t,
+                         int64_t groups) {
+  auto g = t.to(at::kLong);
+  const int64_t lo = g.numel() ? g.min().item<int64_t>() : 0, hi = g.numel() ? g.max().item<int64_t>() : 0;
+  QF_CHECK_INPUT(lo >= 0 && hi < groups, p.file, ": tensor '", linear, ".", part, "' has entries in [", lo, ", ", hi,
+                 "], outside [0, ", groups, "): each input column's group must be one of the ", groups,
+                 " groups the scales hold");
+  return g;
+}
+
+int64_t groups_of(const HfQuant& q, const std::string& linear, int64_t in) {
+  int64_t gs = q.group_size;
+  if (q.method == HfQuantMethod::CompressedTensors) gs = ct_scheme(q, linear)->group_size;
+  return gs < 0 ? 1 : ceil_div(in, gs);
+}
+
+}  // namespace
+
+void check_quantized_data(const HfQuant& q, const std::string& linear, int64_t out, int64_t in,
+                          const QuantizedParts& parts, const std::map<std::string, at::Tensor>& t) {
+  for (const char* part : {"g_idx", "weight_g_idx"})
+    if (t.count(part)) checked_g_idx(parts.at(part), linear, part, t.at(part), groups_of(q, linear, in));
+  if (t.count("weight_shape")) {
+    auto shape = t.at("weight_shape").to(at::kLong).contiguous();
+    const std::vector<int64_t> v(shape.data_ptr<int64_t>(), shape.data_ptr<int64_t>() + shape.numel());
+    QF_CHECK_INPUT(v == std::vector<int64_t>({out, in}), parts.at("weight_shape").file, ": tensor '", linear,
+                   ".weight_shape' holds ", shape_str(v), " but the linear is [", out, ", ", in, "] (config.json)");
+  }
+}
+
+std::string quantized_part(const HfQuant& q, const std::string& name, st::DType dtype, std::string& linear) {
+  static const std::vector<std::string> kGptq{"qweight", "qzeros", "scales", "g_idx"};
+  static const std::vector<std::string> kAwq{"qweight", "qzeros", "scales"};
+  static const std::vector<std::string> kCt{"weight_packed", "weight_scale", "weight_zero_point", "weight_shape",
+                                            "weight_g_idx"};
+  const auto dot = name.rfind('.');
+  if (dot == std::string::npos || !q.quantized()) return "";
+  const std::string part = name.substr(dot + 1);
+  const auto& list = q.method == HfQuantMethod::Gptq ? kGptq : q.method == HfQuantMethod::Awq ? kAwq : kCt;
+  const bool int8_weight = q.method == HfQuantMethod::CompressedTensors && part == "weight" && dtype == st::DType::I8;
+  if (!int8_weight && std::find(list.begin(), list.end(), part) == list.end()) return "";
+  linear = name.substr(0, dot);
+  return part;
+}
+
+std::vector<std::string> check_quantized_linear(const HfQuant& q, const std::string& linear, int64_t out, int64_t in,
+                                                const QuantizedParts& parts) {
+  Checker c{linear, parts, {}, method_name(q.method)};
+  switch (q.method) {
+    case HfQuantMethod::Gptq:
+      return check_gptq(q, linear, out, in, c);
+    case HfQuantMethod::Awq:
+      return check_awq(q, linear, out, in, c);
+    case HfQuantMethod::CompressedTensors:
+      return check_ct(q, linear, out, in, c);
+    case HfQuantMethod::None:
+      break;
+  }
+  TORCH_INTERNAL_ASSERT(false, "check_quantized_linear on a float checkpoint");
+}
+
+at::Tensor dequantize_linear(const HfQuant& q, const std::string& linear, int64_t out, int64_t in,
+                             const QuantizedParts& parts, const std::map<std::string, at::Tensor>& t) {
+  auto get = [&](const std::string& part) {
+    auto it = t.find(part);
+    TORCH_INTERNAL_ASSERT(it != t.end(), "dequantize_linear: ", linear, ".", part, " was not loaded");
+    return it->second;
+  };
+  auto per_col = [](const at::Tensor& g_rows, const at::Tensor& g) { return g_rows.index_select(0, g).t(); };  // [G, out] -> [out, in]
+  if (q.method == HfQuantMethod::Gptq) {
+    const int64_t groups = q.group_size < 0 ? 1 : ceil_div(in, q.group_size);
+    at::Tensor g = t.count("g_idx") ? checked_g_idx(parts.at("g_idx"), linear, "g_idx", get("g_idx"), groups)
+                                    : at::arange(in, at::kLong).div(q.group_size < 0 ? in : q.group_size, "floor");
+    auto u = packed::unpack_cols(get("qweight").t().contiguous(), q.bits);  // [out, in]
+    auto zw = get("qzeros").to(at::kLong).bitwise_and(0xFFFFFFFFLL);
+    if (!q.zeros_v2) {
+      // gptqmodel's convert_gptq_v1_to_v2_format: one int32 add of 1 per code (0x11111111 for 4 bits,
+      // 0x01010101 for 8), wrapping like the int32 tensor it adds to.
+      int64_t one_each = 0;
+      for (int k = 0; k < 32 / q.bits; ++k) one_each |= int64_t{1} << (q.bits * k);
+      zw = zw.add(one_each).bitwise_and(0xFFFFFFFFLL);
+    }
+    auto z = packed::unpack_cols(zw, q.bits);  // [groups, out]
+    auto s = get("scales").to(at::kFloat);      // [groups, out]
+    return (u - per_col(z, g)).to(at::kFloat) * per_col(s, g);
+  }
+  if (q.method == HfQuantMethod::Awq) {
+    const int64_t gs = q.group_size;
+    auto u = packed::unpack_awq(get("qweight"));  // [in, out]
+    auto z = packed::unpack_awq(get("qzeros"));   // [groups, out]
+    auto s = get("scales").to(at::kFloat);
+    return ((u - z.repeat_interleave(gs, 0)).to(at::kFloat) * s.repeat_interleave(gs, 0)).t().contiguous();
+  }
+  const HfQuantScheme& s = *ct_scheme(q, linear);
+  const int64_t groups = s.group_size < 0 ? 1 : ceil_div(in, s.group_size);
+  at::Tensor g = t.count("weight_g_idx")
+                     ? checked_g_idx(parts.at("weight_g_idx"), linear, "weight_g_idx", get("weight_g_idx"), groups)
+                     : at::arange(in, at::kLong).div(s.group_size < 0 ? in : s.group_size, "floor");
+  auto scale = get("weight_scale").to(at::kFloat).t();  // [groups, out]
+  at::Tensor codes, zp;                                  // signed codes [out, in]; signed zero points [groups, out]
+  if (s.format == "pack-quantized") {
+    check_quantized_data(q, linear, out, in, parts, t);
+    const int64_t offset = int64_t{1} << (s.bits - 1);  // pack_to_int32 stores q + 2^(b-1)
+    codes = packed::unpack_cols(get("weight_packed"), s.bits).slice(1, 0, in) - offset;
+    if (t.count("weight_zero_point")) {
+      auto zt = get("weight_zero_point");
+      const bool plain = zt.scalar_type() == at::kChar || zt.size(0) != ceil_div(out, 32 / s.bits);  // [out, groups]
+      zp = plain ? zt.to(at::kLong).t()  // signed values
+                 : packed::unpack_cols(zt.t().contiguous(), s.bits).slice(1, 0, out) - offset;  // packed along the output
+    }
+  } else {
+    codes = get("weight").to(at::kLong);
+    if (t.count("weight_zero_point")) zp = get("weight_zero_point").to(at::kLong).t();
+  }
+  if (!zp.defined()) zp = at::zeros({groups, out}, at::kLong);
+  return (codes - per_col(zp, g)).to(at::kFloat) * per_col(scale, g);
+}
+
+std::string describe_quantized_linear(const HfQuant& q, const std::string& linear, const QuantizedParts& parts) {
+  if (q.method != HfQuantMethod::CompressedTensors) {
+    std::string d = q.describe();
+    if (q.method == HfQuantMethod::Gptq && parts.count("g_idx") && q.desc_act) d += ", act-order g_idx";
+    return d;
+  }
+  const HfQuantScheme* s = ct_scheme(q, linear);
+  if (!s) return "compressed-tensors (no scheme)";
+  return str("compressed-tensors ", s->format, " int", s->bits,
+             s->group_size < 0 ? std::string(" per channel") : str(" group ", s->group_size), s->symmetric ? " sym" : " asym",
+             parts.count("weight_g_idx") ? ", g_idx" : "");
+}
+
+}  // namespace qf::models

@@ -1,0 +1,287 @@
+// Quantized Hugging Face checkpoints in (models/hf_quantized.*, issue 21): GPTQ (v1 and v2 zero
+// points, act-order g_idx, 8-bit), AWQ GEMM and compressed-tensors (pack-quantized int4 with packed
+// zero points, int-quantized int8) directories written here by hand from known codes load to exactly
+// (codes - zeros) * scales; every bad-input rule is an error naming the file, the tensor and the rule.
+// The peers themselves (gptqmodel, autoawq, transformers) are checked in tests/interop/test_quantized_in.py.
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <functional>
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+#include "core/fs.h"
+#include "core/safetensors.h"
+#include "models/hf.h"
+#include "models/hf_quantized.h"
+#include "tests/test_util.h"
+#include "tests/tiny_model.h"
+
+using namespace qf;
+using namespace qf::models;
+using Tensors = std::vector<std::pair<std::string, at::Tensor>>;
+
+namespace {
+
+ModelConfig tiny() { return qf::testing::tiny_llama(96, 64); }
+
+nlohmann::json config(const nlohmann::json& quant) {
+  auto c = tiny();
+  return {{"architectures", {"LlamaForCausalLM"}}, {"vocab_size", c.vocab_size},
+          {"hidden_size", c.dim},                  {"intermediate_size", c.ffn_dim},
+          {"num_hidden_layers", c.n_layers},       {"num_attention_heads", c.n_heads},
+          {"num_key_value_heads", c.n_kv_heads},   {"max_position_embeddings", c.max_seq_len},
+          {"rms_norm_eps", c.norm_eps},            {"tie_word_embeddings", false},
+          {"torch_dtype", "float16"},              {"quantization_config", quant}};
+}
+
+bool is_linear(const std::string& name) { return name.find("model.layers.") == 0 && name.find("proj.weight") != std::string::npos; }
+
+// A checkpoint whose decoder linears are packed by `pack(name, out, in, expect)` (which returns the
+// tensors and sets the weight they must decode to); the rest float. Returns the expected params.
+std::map<std::string, at::Tensor> write_dir(
+    const std::string& dir, const nlohmann::json& quant,
+    const std::function<Tensors(const std::string&, int64_t, int64_t, at::Tensor&)>& pack) {
+  fs::ensure_dir(dir);
+  at::manual_seed(4);
+  auto m = build_model(tiny());
+  m->init_weights(4);
+  Tensors ts;
+  std::map<std::string, at::Tensor> want;
+  for (auto& p : m->named_parameters()) {
+    const std::string& n = p.key();
+    if (is_linear(n)) {
+      at::Tensor w;
+      for (auto& t : pack(n.substr(0, n.size() - 7), p.value().size(0), p.value().size(1), w)) ts.push_back(t);
+      want[n] = w;
+    } else {
+      ts.emplace_back(n, p.value().detach().to(at::kHalf));
+      want[n] = p.value().detach().to(at::kHalf).to(at::kFloat);
+    }
+  }
+  fs::write_atomic(dir + "/config.json", config(quant).dump());
+  st::save(dir + "/model.safetensors", ts);
+  return want;
+}
+
+void expect_loads(const std::string& dir, const std::map<std::string, at::Tensor>& want, size_t n_packed) {
+  auto ck = read_hf_checkpoint(dir);
+  ASSERT_TRUE(ck.quant.quantized());
+  auto m = build_model(ck.config, false);
+  HfLoadReport rep;
+  load_hf_weights(*m, ck, false, true, nullptr, &rep);
+  EXPECT_EQ(rep.dequantized.size(), n_packed);
+  for (auto& p : m->named_parameters()) EXPECT_TRUE(at::equal(p.value(), want.at(p.key()))) << p.key();
+}
+
+std::string load_error(const std::string& dir) {
+  try {
+    load_hf_model(dir, false);
+  } catch (const qf::InputError& e) {
+    return e.what();
+  }
+  return "(loaded)";
+}
+
+nlohmann::json gptq_config(int bits, int64_t group, bool sym, bool desc_act, const std::string& fmt) {
+  return {{"quant_method", "gptq"}, {"bits", bits},         {"group_size", group},
+          {"desc_act", desc_act},   {"sym", sym},           {"checkpoint_format", fmt}};
+}
+
+// GPTQ parts from random codes u [out, in], zero points z [groups, out], fp16 scales, g_idx.
+struct GptqPacker {
+  int bits = 4;
+  int64_t group = 32;
+  bool v2 = false, act_order = false;
+  Tensors operator()(const std::string& lin, int64_t out, int64_t in, at::Tensor& w) const {
+    const int64_t groups = group < 0 ? 1 : in / group, top = int64_t{1} << bits;
+    auto u = at::randint(0, top, {out, in}, at::kLong);
+    // v1 stores z - 1 in a code: z in [1, 2^b - 1] (gptqmodel's +1 per code then never carries)
+    auto z = at::randint(v2 ? 0 : 1, top, {groups, out}, at::kLong);
+    auto s = (at::rand({groups, out}) * 0.02 + 0.001).to(at::kHalf);
+    auto g = at::arange(in, at::kLong).div(group < 0 ? in : group, "floor");
+    if (act_order) g = g.index_select(0, at::randperm(in, at::kLong));
+    w = (u - z.index_select(0, g).t()).to(at::kFloat) * s.to(at::kFloat).index_select(0, g).t();
+    return {{lin + ".qweight", packed::pack_cols(u, bits).t().contiguous()},
+            {lin + ".qzeros", packed::pack_cols(v2 ? z : z - 1, bits)},
+            {lin + ".scales", s},
+            {lin + ".g_idx", g.to(at::kInt)}};
+  }
+};
+
+}  // namespace
+
+TEST(HfQuantizedIn, PackingsRoundTrip) {
+  auto u = at::randint(0, 16, {6, 32}, at::kLong);
+  EXPECT_TRUE(at::equal(packed::unpack_cols(packed::pack_cols(u, 4), 4), u));
+  EXPECT_TRUE(at::equal(packed::unpack_awq(packed::pack_awq(u)), u));
+  auto u8 = at::randint(0, 256, {3, 16}, at::kLong);
+  EXPECT_TRUE(at::equal(packed::unpack_cols(packed::pack_cols(u8, 8), 8), u8));
+  // AWQ's order: nibble 1 of the first word holds column 2
+  auto one = at::zeros({1, 8}, at::kLong);
+  one[0][2] = 5;
+  EXPECT_EQ(packed::pack_awq(one).item<int32_t>(), 5 << 4);
+}
+
+TEST(HfQuantizedIn, GptqDirectoriesLoadDequantized) {
+  qf::testing::TmpDir tmp("qf_gptq_in");
+  struct Case {
+    const char* name;
+    GptqPacker p;
+    bool sym;
+  };
+  for (auto& c : {Case{"v1", {4, 32, false, false}, true}, Case{"v2_asym", {4, 32, true, false}, false},
+                  Case{"act_order", {4, 32, false, true}, true}, Case{"per_channel_8bit", {8, -1, true, false}, false},
+                  Case{"g16_8bit_v1", {8, 16, false, false}, true}}) {
+    SCOPED_TRACE(c.name);
+    const auto dir = tmp / c.name;
+    auto want = write_dir(dir, gptq_config(c.p.bits, c.p.group, c.sym, c.p.act_order, c.p.v2 ? "gptq_v2" : "gptq"), c.p);
+    expect_loads(dir, want, 14);
+  }
+}
+
+TEST(HfQuantizedIn, GptqV1ZeroPointsCarryAsGptqmodelsAdd) {
+  // gptqmodel converts v1 zero points by one int32 add of 0x11111111: a stored nibble 15 (z - 1 of
+  // z = 16, i.e. an asymmetric v1 file holding z = 0 as -1) carries into the next code.
+  qf::testing::TmpDir tmp("qf_gptq_carry");
+  auto want = write_dir(tmp / "d", gptq_config(4, 32, false, false, "gptq"),
+                        [](const std::string& lin, int64_t out, int64_t in, at::Tensor& w) {
+                          auto u = at::full({out, in}, 3, at::kLong);
+                          auto stored = at::zeros({in / 32, out}, at::kLong);
+                          stored.select(1, 0).fill_(15);  // column 0: nibble 15 -> 0, carry into column 1
+                          auto z = stored + 1;
+                          z.select(1, 0).fill_(0);
+                          z.select(1, 1).add_(1);
+                          auto s = at::full({in / 32, out}, 0.5, at::kHalf);
+                          w = (u - z.repeat_interleave(32, 0).t()).to(at::kFloat) * 0.5;
+                          return Tensors{{lin + ".qweight", packed::pack_cols(u, 4).t().contiguous()},
+                                         {lin + ".qzeros", packed::pack_cols(stored, 4)},
+                                         {lin + ".scales", s}};
+                        });
+  expect_loads(tmp / "d", want, 14);
+}
+
+TEST(HfQuantizedIn, AwqAndCompressedTensorsDirectoriesLoadDequantized) {
+  qf::testing::TmpDir tmp("qf_awq_in");
+  auto awq = [](const std::string& lin, int64_t out, int64_t in, at::Tensor& w) {
+    auto u = at::randint(0, 16, {out, in}, at::kLong);
+    auto z = at::randint(0, 16, {out, in / 16}, at::kLong);
+    auto s = (at::rand({out, in / 16}) * 0.02 + 0.001).to(at::kHalf);
+    w = (u - z.repeat_interleave(16, 1)).to(at::kFloat) * s.to(at::kFloat).repeat_interleave(16, 1);
+    return Tensors{{lin + ".qweight", packed::pack_awq(u.t().contiguous())},
+                   {lin + ".qzeros", packed::pack_awq(z.t().contiguous())},
+                   {lin + ".scales", s.t().contiguous()}};
+  };
+  auto want = write_dir(tmp / "awq", {{"quant_method", "awq"}, {"version", "gemm"}, {"bits", 4}, {"group_size", 16},
+                                      {"zero_point", true}},
+                        awq);
+  expect_loads(tmp / "awq", want, 14);
+
+  // compressed-tensors pack-quantized int4 asymmetric: signed codes q - 8 and zero points z - 8,
+  // zero points packed along the output
+  nlohmann::json ct4 = {{"quant_method", "compressed-tensors"}, {"format", "pack-quantized"},
+                        {"config_groups", {{"group_0", {{"targets", {"Linear"}}, {"weights", {{"num_bits", 4}, {"type", "int"},
+                                                         {"symmetric", false}, {"strategy", "group"}, {"group_size", 32}}}}}}},
+                        {"ignore", {"lm_head"}}};
+  want = write_dir(tmp / "ct4", ct4, [](const std::string& lin, int64_t out, int64_t in, at::Tensor& w) {
+    auto u = at::randint(0, 16, {out, in}, at::kLong);
+    auto z = at::randint(0, 16, {out, in / 32}, at::kLong);
+    auto s = at::rand({out, in / 32}).mul(0.01).add(0.001).to(at::kHalf);
+    w = (u - z.repeat_interleave(32, 1)).to(at::kFloat) * s.to(at::kFloat).repeat_interleave(32, 1);
+    return Tensors{{lin + ".weight_packed", packed::pack_cols(u, 4)},
+                   {lin + ".weight_scale", s},
+                   {lin + ".weight_zero_point", packed::pack_cols(z.t().contiguous(), 4).t().contiguous()},
+                   {lin + ".weight_shape", at::tensor({out, in}, at::kLong)}};
+  });
+  expect_loads(tmp / "ct4", want, 14);
+
+  // int-quantized int8 per channel (symmetric)
+  nlohmann::json ct8 = ct4;
+  ct8["format"] = "int-quantized";
+  ct8["config_groups"]["group_0"]["weights"] = {{"num_bits", 8}, {"type", "int"}, {"symmetric", true}, {"strategy", "channel"}};
+  want = write_dir(tmp / "ct8", ct8, [](const std::string& lin, int64_t out, int64_t in, at::Tensor& w) {
+    auto q = at::randint(-128, 128, {out, in}, at::kLong);
+    auto s = at::rand({out, 1}).mul(0.001).add(0.0001);
+    w = q.to(at::kFloat) * s.to(at::kFloat);
+    return Tensors{{lin + ".weight", q.to(at::kChar)}, {lin + ".weight_scale", s}};
+  });
+  expect_loads(tmp / "ct8", want, 14);
+}
+
+// Each rule of the issue: qzeros inconsistent with the group size, g_idx out of range, qweight not
+// matching in/out, unknown bits, unsupported quant_method / version: an error naming the file, the
+// tensor (or key) and the rule; nothing loads.
+TEST(HfQuantizedIn, BadInputIsAnErrorNamingFileTensorAndRule) {
+  qf::testing::TmpDir tmp("qf_quant_bad");
+  const auto dir = tmp / "d";
+  const std::string lin = "model.layers.1.mlp.down_proj";  // [64, 128]
+  auto damaged = [&](const std::function<void(Tensors&)>& edit, const nlohmann::json& quant = gptq_config(4, 32, true, false, "gptq")) {
+    GptqPacker p;
+    write_dir(dir, quant, p);
+    auto f = st::load(dir + "/model.safetensors");
+    Tensors ts;
+    for (auto& [n, t] : f.tensors) ts.emplace_back(n, t.clone());
+    edit(ts);
+    st::save(dir + "/model.safetensors", ts);
+    return load_error(dir);
+  };
+  auto replace = [&](Tensors& ts, const std::string& name, const at::Tensor& t) {
+    for (auto& [n, x] : ts)
+      if (n == name) x = t;
+  };
+  auto has = [](const std::string& e, const std::vector<std::string>& needles) {
+    for (auto& n : needles) EXPECT_NE(e.find(n), std::string::npos) << "missing '" << n << "' in: " << e;
+  };
+  // qzeros shaped for group 64 while the config says 32
+  auto e = damaged([&](Tensors& ts) { replace(ts, lin + ".qzeros", at::zeros({2, 8}, at::kInt)); });
+  has(e, {"model.safetensors", lin + ".qzeros' has shape [2, 8]", "inconsistent with the group size",
+          "group_size 32 over in_features 128 gives 4 groups", "[4, 8]"});
+  // scales likewise
+  e = damaged([&](Tensors& ts) { replace(ts, lin + ".scales", at::zeros({2, 64}, at::kHalf)); });
+  has(e, {lin + ".scales' has shape [2, 64]", "inconsistent with the group size"});
+  // g_idx out of range
+  e = damaged([&](Tensors& ts) {
+    auto g = at::arange(128, at::kInt).div(32, "floor").to(at::kInt);
+    g[7] = 9;
+    replace(ts, lin + ".g_idx", g);
+  });
+  has(e, {"model.safetensors", lin + ".g_idx' has entries in [0, 9], outside [0, 4)"});
+  // qweight not matching in/out (a transposed layout)
+  e = damaged([&](Tensors& ts) { replace(ts, lin + ".qweight", at::zeros({64, 16}, at::kInt)); });
+  has(e, {lin + ".qweight' has shape [64, 16]", "[in*bits/32, out] for the linear's in 128, out 64", "[16, 64]"});
+  // a missing part, a wrong dtype
+  e = damaged([&](Tensors& ts) { ts.erase(std::remove_if(ts.begin(), ts.end(), [&](auto& p) { return p.first == lin + ".scales"; }), ts.end()); });
+  has(e, {lin + ".scales' is missing", "qweight, qzeros, scales and g_idx"});
+  e = damaged([&](Tensors& ts) { replace(ts, lin + ".qweight", at::zeros({16, 64}, at::kFloat)); });
+  has(e, {lin + ".qweight' has dtype F32, expected I32"});
+  // GPTQ's layout under an AWQ config: qweight is [in/8, out], AWQ GEMM's [in, out/8]
+  e = damaged([](Tensors&) {}, {{"quant_method", "awq"}, {"version", "gemm"}, {"bits", 4}, {"group_size", 32}});
+  has(e, {"model.layers.0.mlp.down_proj.qweight' has shape [16, 64]", "AWQ GEMM packs 8 4-bit codes per int32 along the output", "[128, 8]"});
+
+  // config rules: unknown bits, unsupported quant_method / version / checkpoint_format
+  auto config_error = [&](const nlohmann::json& quant) {
+    fs::ensure_dir(dir);
+    fs::write_atomic(dir + "/config.json", config(quant).dump());
+    try {
+      read_hf_checkpoint(dir);
+    } catch (const qf::InputError& err) {
+      return std::string(err.what());
+    }
+    return std::string("(accepted)");
+  };
+  has(config_error(gptq_config(3, 32, true, false, "gptq")),
+      {"config.json: quantization_config: 'bits' is 3", "reads 4- and 8-bit GPTQ"});
+  has(config_error({{"quant_method", "awq"}, {"version", "gemv"}, {"bits", 4}, {"group_size", 32}}),
+      {"config.json: quantization_config: 'version' is 'gemv'", "AWQ GEMM"});
+  has(config_error({{"quant_method", "awq"}, {"version", "gemm"}, {"bits", 8}, {"group_size", 32}}),
+      {"'bits' is 8; AWQ GEMM packs 4-bit codes only"});
+  has(config_error({{"quant_method", "bitsandbytes"}, {"load_in_4bit", true}}),
+      {"'quant_method' is 'bitsandbytes', which qforge does not read", "gptq", "awq", "compressed-tensors"});
+  has(config_error(gptq_config(4, 32, true, false, "marlin")), {"'checkpoint_format' is 'marlin'"});
+  has(config_error(gptq_config(4, 0, true, false, "gptq")), {"'group_size' is 0"});
+  has(config_error({{"quant_method", "compressed-tensors"}, {"format", "float-quantized"},
+                    {"config_groups", {{"group_0", {{"targets", {"Linear"}}, {"weights", {{"num_bits", 8}, {"type", "float"},
+                                                                                          {"strategy", "channel"}}}}}}}}),
+      {"'type' is 'float'", "fp8 is not read yet"});
+}
