@@ -140,6 +140,30 @@ def test_gptqmodel_dir_loads_like_transformers(tmp_path, base, tag, sym, desc_ac
     assert info["linears"]["model.layers.1.mlp.down_proj"].startswith(f"gptq int{bits}"), info
 
 
+def test_v1_zero_point_overflow_reads_like_gptqmodel(tmp_path, base):
+    """An asymmetric v1 file holding z = 0 stores z - 1 = -1, i.e. nibble 15: gptqmodel's v1 -> v2
+    conversion (one int32 add of 0x11111111 per word) carries it into the next code. qforge reads the
+    words the same way: its weights equal gptqmodel's dequantize_weight() where nibbles are 15."""
+    d, ck, _ = base
+    g = _gptq(d, ck, "asym", False, False)
+    out = tmp_path / "overflow"
+    out.mkdir()
+    for f in os.listdir(g):
+        if f != "model.safetensors":
+            (out / f).write_bytes((g / f).read_bytes())
+    st = {k: v.numpy() for k, v in read_safetensors(g / "model.safetensors").items()}
+    qz = st["model.layers.0.mlp.up_proj.qzeros"].copy()
+    qz.view(np.uint32)[:, ::3] |= np.uint32(0xF)  # code 0 of every third word: nibble 15
+    qz.view(np.uint32)[1, 1] = np.uint32(0xFFFFFFFF)  # a whole word of 15s: carries ripple out of the word
+    st["model.layers.0.mlp.up_proj.qzeros"] = qz
+    write_safetensors(out / "model.safetensors", st)
+    m, _, _ = _hf(out)
+    want = m.model.layers[0].mlp.up_proj.dequantize_weight().t().float()
+    ours = _qforge_weights(tmp_path, out)["model.layers.0.mlp.up_proj.weight"]
+    assert torch.equal(ours, want)
+    print("\nQUANTIZED_IN v1 zero points with nibble 15 (carrying): qforge == gptqmodel's dequantize_weight")
+
+
 @pytest.fixture(scope="module")
 def runs(base):
     """qforge RTN runs of the float checkpoint: int4-g32 (symmetric), int4-g32-zp (integer zero points), int8."""
