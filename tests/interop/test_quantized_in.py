@@ -239,6 +239,51 @@ def test_autoawq_packed_dir_loads_like_transformers(tmp_path, base):
     assert err <= 4e-3 * scale, err  # autoawq's kernel rounds activations and weights to fp16
 
 
+@pytest.mark.parametrize("fmt,bits,sym,strategy", [("pack-quantized", 4, False, "group"), ("pack-quantized", 4, True, "group"),
+                                                     ("int-quantized", 8, True, "channel")])
+def test_compressed_tensors_dir_loads_like_transformers(tmp_path, base, fmt, bits, sym, strategy):
+    """A dir the compressed-tensors package itself writes (apply_quantization_config; scales and zero
+    points from its own calculate_qparams on each group's min/max; ModelCompressor.compress_model packs;
+    save_pretrained + update_config): qforge's logits == transformers' (CompressedLinear) within 1e-4."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
+                                                 apply_quantization_config)
+    from compressed_tensors.quantization.utils import calculate_qparams
+    _, ck, _ = base
+    m = transformers.AutoModelForCausalLM.from_pretrained(str(ck), dtype=torch.float32)
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=sym, strategy=strategy,
+                            group_size=32 if strategy == "group" else None)
+    apply_quantization_config(m, QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)},
+                                                    ignore=["lm_head"], format=fmt))
+    with torch.no_grad():
+        for mod in m.modules():
+            if hasattr(mod, "weight_scale"):
+                w = mod.weight.reshape(mod.weight.shape[0], -1, 32) if strategy == "group" else mod.weight[:, None, :]
+                s, z = calculate_qparams(w.amin(-1), w.amax(-1), args)
+                mod.weight_scale.copy_(s.reshape(mod.weight_scale.shape))
+                if hasattr(mod, "weight_zero_point"):
+                    mod.weight_zero_point.copy_(z.reshape(mod.weight_zero_point.shape))
+    comp = ModelCompressor.from_pretrained_model(m, quantization_format=fmt)
+    comp.compress_model(m)
+    out = tmp_path / "ct"
+    m.save_pretrained(str(out))
+    comp.update_config(str(out))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (out / f).write_bytes((ck / f).read_bytes())
+    names = read_safetensors(out / "model.safetensors")
+    packed = "model.layers.0.mlp.up_proj." + ("weight_packed" if fmt == "pack-quantized" else "weight")
+    assert packed in names and (sym or "model.layers.0.mlp.up_proj.weight_zero_point" in names), sorted(names)[:12]
+    hf, logits, gen = _hf(out)
+    assert type(hf.model.layers[0].mlp.up_proj).__name__ == "CompressedLinear"
+    got, our_gen = _qforge_logits(out, "ct")
+    scale = max(1.0, float(np.abs(logits).max()))
+    err = float(np.abs(logits - got).max())
+    print(f"\nQUANTIZED_IN compressed-tensors {fmt} int{bits} {'sym' if sym else 'asym'} {strategy}: "
+          f"max|transformers - qforge| {err:.3g} (scale {scale:.3g}); greedy {gen == our_gen}")
+    assert err <= 1e-4 * scale, err
+    assert gen == our_gen
+
+
 def test_gptq_dir_quantizes_and_trains_end_to_end(tmp_path, base):
     """model.from = a GPTQ dir: LoRA and a full fine-tune train (the loss falls), and
     `qforge quantize GPTQ_DIR --method rtn --quant q4_0` writes a run that evaluates."""
