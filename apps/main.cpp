@@ -32,6 +32,7 @@
 #include "quant/ptq.h"
 #include "trainer/checkpoint.h"
 #include "trainer/dist/launch.h"
+#include "trainer/quality_gate.h"
 #include "trainer/quantize.h"
 #include "trainer/tasks.h"
 #include "trainer/trainer.h"
@@ -88,6 +89,8 @@ int cmd_train(const std::string& file, const std::vector<std::string>& overrides
   if (!r.adapter.empty()) std::printf("adapter (PEFT): %s\n", r.adapter.c_str());
   if (!r.merged.empty()) std::printf("merged: %s\n", r.merged.c_str());
   std::printf("checkpoint: %s\n", r.checkpoint.c_str());
+  if (!r.gate_report.empty())
+    std::printf("\n== quality gate: converted model vs %s ==\n%s", cfg.eval.gate.against.c_str(), r.gate_report.c_str());
   for (auto& p : cfg.sample_prompts) {
     auto ids32 = t.tokenizer().encode(p);
     std::vector<int64_t> ids;
@@ -100,6 +103,7 @@ int cmd_train(const std::string& file, const std::vector<std::string>& overrides
                 (long long)cfg.sample.top_k, cfg.sample.top_p, t.tokenizer().decode(o32).c_str());
   }
   std::fflush(stdout);
+  if (!r.gate_missed.empty()) throw trainer::QualityGateError(r.gate_missed);
   return 0;
 }
 
@@ -114,13 +118,9 @@ int cmd_eval_task(const std::string& run, const std::vector<std::string>& overri
   return 0;
 }
 
-int cmd_eval(const std::string& run, const std::vector<std::string>& overrides, const std::string& split,
-             int64_t max_batches, const std::string& text, const std::string& data_from, const std::string& save_tokens) {
-  QF_CHECK_INPUT(!is_hf_dir(run) || !text.empty() || !data_from.empty(), "eval: ", run,
-                 " is a Hugging Face checkpoint dir, which names no data; give --text FILE|DIR (all of it is "
-                 "scored), --data-from RECIPE.yaml (its data: section's --split) or --task FILE|NAME");
-  auto lr = trainer::load_model(run, overrides);
-  trainer::set_threads(lr.cfg.run.threads);
+// The windows `qforge eval` scores for a loaded model: the run's --split, another recipe's data
+// section (--data-from) or all of --text, in windows no longer than the model's context.
+data::Dataset eval_dataset(const trainer::LoadedRun& lr, const std::string& text, const std::string& data_from) {
   auto dcfg = lr.cfg.data;
   if (!data_from.empty()) {
     // Another recipe's data section (same split rules), e.g. a domain's held-out text for a base model.
@@ -140,7 +140,21 @@ int cmd_eval(const std::string& run, const std::vector<std::string>& overrides, 
               dcfg.seq_len);
     dcfg.seq_len = lr.model->cfg.max_seq_len;
   }
-  auto ds = data::build_dataset(dcfg, *lr.tok);
+  return data::build_dataset(dcfg, *lr.tok);
+}
+
+void check_eval_data(const std::string& run, const std::string& text, const std::string& data_from) {
+  QF_CHECK_INPUT(!is_hf_dir(run) || !text.empty() || !data_from.empty(), "eval: ", run,
+                 " is a Hugging Face checkpoint dir, which names no data; give --text FILE|DIR (all of it is "
+                 "scored), --data-from RECIPE.yaml (its data: section's --split) or --task FILE|NAME");
+}
+
+int cmd_eval(const std::string& run, const std::vector<std::string>& overrides, const std::string& split,
+             int64_t max_batches, const std::string& text, const std::string& data_from, const std::string& save_tokens) {
+  check_eval_data(run, text, data_from);
+  auto lr = trainer::load_model(run, overrides);
+  trainer::set_threads(lr.cfg.run.threads);
+  auto ds = eval_dataset(lr, text, data_from);
   const auto& set = (!text.empty() || split == "train") ? ds.train : ds.val;
   if (!save_tokens.empty()) {
     // The exact windows evaluated (what another runtime must score to compare perplexities).
@@ -157,6 +171,47 @@ int cmd_eval(const std::string& run, const std::vector<std::string>& overrides, 
               (long long)e.tokens, e.loss, e.ppl);
   std::printf("{\"loss\": %.6f, \"ppl\": %.6f, \"tokens\": %lld, \"model_bytes\": %lld, \"format\": \"%s\"}\n", e.loss,
               e.ppl, (long long)e.tokens, bytes, lr.format.c_str());
+  return 0;
+}
+
+// eval --against: llama.cpp's KL-divergence scoreboard of the model vs a reference on the same
+// windows (trainer/quality_gate.h); the run's eval.gate, with --max-* flags over it, decides the exit code.
+int cmd_eval_against(const std::string& run, const std::vector<std::string>& overrides, const std::string& against,
+                     const std::string& split, int64_t max_batches, const std::string& text, const std::string& data_from,
+                     const std::string& save_tokens, const trainer::GateConfig& flags) {
+  check_eval_data(run, text, data_from);
+  auto lr = trainer::load_model(run, overrides);
+  trainer::set_threads(lr.cfg.run.threads);
+  auto ref = trainer::load_model(against, {});
+  trainer::check_same_vocabulary(*lr.tok, *ref.tok, run, against);
+  auto gate = lr.cfg.eval.gate;
+  for (auto [dst, src] : {std::pair{&gate.max_kld, &flags.max_kld}, {&gate.max_kld_p99, &flags.max_kld_p99},
+                          {&gate.min_same_top, &flags.min_same_top}, {&gate.max_rms_dp, &flags.max_rms_dp},
+                          {&gate.max_ppl_ratio, &flags.max_ppl_ratio}})
+    if (*src) *dst = *src;
+  auto ds = eval_dataset(lr, text, data_from);
+  const auto& set = (!text.empty() || split == "train") ? ds.train : ds.val;
+  if (!save_tokens.empty()) {
+    auto n = max_batches > 0 ? std::min<int64_t>(set.size(), max_batches * lr.cfg.trainer.batch_size) : set.size();
+    st::save(save_tokens, {{"tokens", set.tokens.slice(0, 0, n)}, {"loss_mask", set.loss_mask.slice(0, 0, n)}});
+  }
+  auto dev = lr.model->parameters().front().device();
+  ref.model->to(dev);
+  auto sb = trainer::compare_models(*ref.model, *lr.model, set, lr.cfg.trainer.batch_size, max_batches, dev,
+                                    lr.cfg.trainer.precision == trainer::Precision::BF16);
+  const auto st = trainer::statistics(sb);
+  const auto missed = trainer::missed_gates(gate, st);
+  std::printf("model     %s (%s model)\nreference %s (%s model)\nsplit %s\n\n%s", lr.checkpoint.c_str(), lr.format.c_str(),
+              ref.checkpoint.c_str(), ref.format.c_str(),
+              text.empty() ? (split + (data_from.empty() ? "" : " of " + data_from)).c_str() : text.c_str(),
+              trainer::report(st, gate).c_str());
+  auto j = st.to_json();
+  j["format"] = lr.format;
+  j["ref_format"] = ref.format;
+  j["gate_missed"] = missed;
+  std::printf("%s\n", j.dump().c_str());
+  std::fflush(stdout);
+  if (!missed.empty()) throw trainer::QualityGateError(missed);
   return 0;
 }
 
@@ -335,6 +390,8 @@ struct CliArgs {
   std::vector<std::string> train_args;
   std::string run, split = "val", text, data_from, save_tokens;
   trainer::tasks::Options task;
+  std::string against;
+  trainer::GateConfig gate;  // --max-kld etc.
   int64_t max_batches = 0;
   std::string format = "hf", out, dtype, gguf_quant = "f16", export_fallback;
   double shard_mb = 5000;
@@ -384,7 +441,29 @@ CLI::App* add_eval(CLI::App& app, CliArgs& a) {
                   "--task: file (or NAME) the examples come from (default: the task itself, without the question's own document)");
   cmd->add_option("--limit", a.task.limit, "--task: score the first N documents only (0 = all)")->capture_default_str();
   cmd->add_option("--samples-out", a.task.samples_out, "--task: write per-document log-likelihoods and predictions (JSONL)");
-  cmd->footer("Example: qforge eval runs/demo/qat_int3 --task cloze.jsonl --samples-out cloze_samples.jsonl");
+  // Deployed-quality gate (README "Quality gate"): llama.cpp's --kl-divergence statistics vs a reference.
+  auto* ag = cmd->add_option("--against", a.against,
+                  "Compare with a reference model (run dir, checkpoint dir or Hugging Face dir with the same tokenizer, "
+                  "typically the float model this one was quantized from) on the same windows: KL divergence, same top "
+                  "token, RMS Δp, perplexity ratio (llama-perplexity --kl-divergence's statistics); exit code 4 when a "
+                  "gate (the run's eval.gate, or --max-*) is missed");
+  ag->excludes(cmd->get_option("--task"))->excludes(cmd->get_option("--samples-out"));
+  struct GateFlag {
+    const char* name;
+    std::optional<double>* dst;
+    const char* help;
+  };
+  for (const auto& f : {GateFlag{"--max-kld", &a.gate.max_kld, "--against: gate on the mean KL divergence (nats/token)"},
+                        GateFlag{"--max-kld-p99", &a.gate.max_kld_p99, "--against: gate on the 99th percentile KL divergence"},
+                        GateFlag{"--min-same-top", &a.gate.min_same_top, "--against: gate on the same-top-token fraction (0.9 = 90%)"},
+                        GateFlag{"--max-rms-dp", &a.gate.max_rms_dp, "--against: gate on RMS Δp, a fraction (0.05 = 5%)"},
+                        GateFlag{"--max-ppl-ratio", &a.gate.max_ppl_ratio, "--against: gate on PPL(model)/PPL(reference)"}}) {
+    auto* dst = f.dst;
+    cmd->add_option_function<double>(f.name, [dst](const double& v) { *dst = v; }, f.help)
+        ->check(CLI::NonNegativeNumber)->needs(ag);
+  }
+  cmd->footer("Example: qforge eval runs/demo/qat_int3 --task cloze.jsonl --samples-out cloze_samples.jsonl\n"
+              "         qforge eval runs/demo/gptq_q4_0 --against runs/demo/ft_fp --max-kld 0.05 --min-same-top 0.9");
   return cmd;
 }
 
@@ -557,6 +636,9 @@ int main(int argc, char** argv) {
       return trainer::dist::launch(a.lo, cmd);
     }
     if (*eval && !a.task.task.empty()) return cmd_eval_task(a.run, a.overrides, a.task);
+    if (*eval && !a.against.empty())
+      return cmd_eval_against(a.run, a.overrides, a.against, a.split, a.max_batches, a.text, a.data_from, a.save_tokens,
+                              a.gate);
     if (*eval) return cmd_eval(a.run, a.overrides, a.split, a.max_batches, a.text, a.data_from, a.save_tokens);
     if (*gen) return cmd_generate(a.run, a.overrides, a.prompt, a.s);
     if (*insp) return cmd_inspect(a.run, a.inspect_dtype, a.inspect_forward);
@@ -566,6 +648,9 @@ int main(int argc, char** argv) {
   } catch (const ConfigError& e) {
     std::fprintf(stderr, "qforge: %s\n", e.what());
     return 2;
+  } catch (const trainer::QualityGateError& e) {
+    std::fprintf(stderr, "qforge: %s\n", e.what());
+    return trainer::kExitQualityGate;
   } catch (const trainer::DivergedError& e) {
     std::fprintf(stderr, "qforge: training diverged: %s\n", e.what());
     return 3;

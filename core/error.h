@@ -1,6 +1,7 @@
 // Error types for qforge. Invariant: user/config/input errors are thrown as qf::Error (or a
 // subclass) whose message names the file/key/value and what was expected; library code never
-// exits. apps/ maps ConfigError to exit code 2 and every other Error to exit code 1.
+// exits. apps/ maps ConfigError to exit code 2, trainer::DivergedError to 3, trainer::QualityGateError
+// (a missed eval.gate) to 4 and every other Error to exit code 1.
 #pragma once
 #include <sstream>
 #include <stdexcept>

@@ -39,6 +39,20 @@ class AutocastGuard {
 
 }  // namespace
 
+at::Tensor eval_hidden(models::CausalLM& m, const at::Tensor& ids, at::Device dev, bool bf16) {
+  AutocastGuard ag(bf16, dev.type());
+  return m.hidden(ids.to(dev));
+}
+
+at::Tensor eval_logits(models::CausalLM& m, const at::Tensor& h, at::Device dev, bool bf16) {
+  at::Tensor l;
+  {
+    AutocastGuard ag(bf16, dev.type());
+    l = m.logits(h);
+  }
+  return l.to(at::kFloat);
+}
+
 int64_t loss_chunk_rows(int64_t setting, int64_t vocab) {
   if (setting >= 0) return setting;
   return std::max<int64_t>(64, (int64_t{1} << 25) / std::max<int64_t>(1, vocab));

@@ -30,6 +30,11 @@ at::Tensor token_loss_sum(models::CausalLM& m, const data::Batch& b, at::Device 
 // batch's labels [B, T]: token_loss_sum == hidden_loss_sum(m, m.hidden(ids), labels, ...).
 at::Tensor hidden_loss_sum(models::CausalLM& m, at::Tensor h, const at::Tensor& labels, at::Device dev, bool bf16,
                            int64_t chunk_tokens);
+// The forward as evaluation runs it (no grad is set up here): the hidden state the output layer
+// reads for ids [B, T] on `dev`, and the output layer on rows of it, under bf16 autocast when asked;
+// eval_logits returns fp32.
+at::Tensor eval_hidden(models::CausalLM& m, const at::Tensor& ids, at::Device dev, bool bf16);
+at::Tensor eval_logits(models::CausalLM& m, const at::Tensor& h, at::Device dev, bool bf16);
 // The chunk size for a setting: itself when >= 0, else about 2^25 logits per chunk (128 MiB fp32),
 // at least 64 rows.
 int64_t loss_chunk_rows(int64_t setting, int64_t vocab);

@@ -2,6 +2,7 @@
 // the merged and converted models (each evaluated), and train_summary.json.
 #include <sys/resource.h>
 
+#include <filesystem>
 #include <fstream>
 #include <string>
 
@@ -10,6 +11,8 @@
 #include "peft/adapter.h"
 #include "quant/qat.h"
 #include "trainer/data_parallel.h"
+#include "trainer/quality_gate.h"
+#include "trainer/run_dir.h"
 #include "trainer/trainer.h"
 
 #include "models/arch.h"
@@ -58,6 +61,28 @@ void Trainer::finalize(TrainResult& res, const std::function<EvalResult()>& eval
       res.val_converted = e.loss;
       log::info("converted model: validation loss ", e.loss, ", perplexity ", e.ppl);
     }
+    const auto& gate = cfg_.eval.gate;
+    if (!gate.against.empty()) {
+      // The deployed-quality gate: the converted model vs the reference on the validation split.
+      QF_CHECK_INPUT(ds_.val.size() > 0, "eval.gate.against: the run has no validation split to compare on "
+                                         "(data.val_fraction is 0)");
+      QF_CHECK_INPUT(std::filesystem::exists(gate.against), "eval.gate.against: ", gate.against, " does not exist");
+      auto ref = load_model(gate.against, {});
+      check_same_vocabulary(*tok_, *ref.tok, cfg_.run.name, gate.against);
+      const auto dev = model_->parameters().front().device();
+      ref.model->to(dev);
+      const auto sb = compare_models(*ref.model, *model_, ds_.val, cfg_.trainer.batch_size, cfg_.trainer.eval_batches,
+                                     dev, cfg_.trainer.precision == Precision::BF16);
+      const auto st = statistics(sb);
+      res.gate_report = report(st, gate);
+      res.gate_missed = missed_gates(gate, st);
+      res.gate_stats = st.to_json();
+      res.gate_stats["against"] = gate.against;
+      res.gate_stats["gate_missed"] = res.gate_missed;
+      log::info("quality gate: converted model vs ", gate.against, ": mean KLD ", st.kld.value, ", same top ",
+                100 * st.same_top.value, "%, RMS dp ", 100 * st.rms_dp.value, "%, PPL ratio ", st.ppl_ratio.value,
+                res.gate_missed.empty() ? " (passed)" : " (MISSED)");
+    }
   }
   res.model_bytes = quant::model_bytes(*model_);
   res.peak_rss_bytes = peak_rss_bytes();
@@ -77,6 +102,7 @@ void Trainer::finalize(TrainResult& res, const std::function<EvalResult()>& eval
                       {"converted", res.converted},
                       {"adapter", res.adapter},
                       {"merged", res.merged}};
+  if (!res.gate_stats.is_null()) j["quality_gate"] = res.gate_stats;
   if (dp_->active()) {
     auto dp = dp_->summary();
     dp["step_s"] = res.tokens_per_s > 0 ? static_cast<double>(cfg_.trainer.batch_size * cfg_.trainer.grad_accum *

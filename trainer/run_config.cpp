@@ -92,6 +92,14 @@ RunConfig parse_run_config(const YAML::Node& given, const std::string& source) {
   }
   auto dsr = top.child("dist");
   c.dist = DistConfig::from_config(dsr);
+  auto er = top.child("eval");
+  c.eval = EvalConfig::from_config(er);
+  if (!c.eval.gate.against.empty() && !(c.quant.enabled && c.quant.convert_at_end))
+    er.fail("gate.against", "compares the converted model with the reference at the end of training, but this run "
+                            "does not convert (quant.rules with quant.convert_at_end: true); drop it and run "
+                            "`qforge eval RUN --against REF` instead");
+  if (!c.eval.gate.against.empty() && c.data.val_fraction <= 0)
+    er.fail("gate.against", "compares on the validation split, which data.val_fraction: 0 leaves empty");
   // Cross-component consistency.
   if (c.data.seq_len > c.model.max_seq_len)
     dr.fail("seq_len", std::to_string(c.data.seq_len) + " exceeds model.max_seq_len " +

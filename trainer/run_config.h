@@ -14,6 +14,7 @@
 #include "peft/lora.h"
 #include "quant/qat.h"
 #include "trainer/dist/env.h"
+#include "trainer/quality_gate.h"
 #include "trainer/trainer_config.h"
 
 namespace qf::trainer {
@@ -57,6 +58,7 @@ struct RunConfig {
   peft::LoraConfig peft;              // `peft:` LoRA / QLoRA adapters (applied after quant.prepare)
   models::SamplingConfig sample;      // `sample:` settings for the end-of-run generated text
   DistConfig dist;                    // `dist:` data parallel (used when launched with WORLD_SIZE > 1)
+  EvalConfig eval;                    // `eval:` the quality gate (eval.gate) against a reference model
   std::vector<std::string> sample_prompts;
   YAML::Node resolved;                // the resolved config (defaults filled in)
   std::string source;                 // the file it came from

@@ -49,6 +49,11 @@ struct TrainResult {
   // Training memory while stepping: weights as stored (NF4/bf16/fake-quant fp32), gradients of the
   // trainable parameters, AdamW state; and the process's peak RSS. Also in <run>/train_summary.json.
   int64_t train_weight_bytes = 0, grad_bytes = 0, optim_bytes = 0, peak_rss_bytes = 0;
+  // eval.gate with `against` on a converting run: the converted model vs the reference on the
+  // validation split (trainer/quality_gate.h); the report, its statistics, and the gates missed.
+  std::string gate_report;
+  nlohmann::json gate_stats;
+  std::vector<std::string> gate_missed;
 };
 
 // Non-finite loss or gradient: the run stops, nothing is saved, the last checkpoint stays valid.
