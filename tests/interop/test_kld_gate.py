@@ -108,18 +108,21 @@ def _llama_window_logits(path, tokens):
 KEYS = ["kld", "kld_median", "kld_p99", "same_top", "rms_dp", "dp", "ppl", "ppl_ref", "ppl_ratio", "ln_ppl_ratio"]
 
 
-def test_statistics_match_numpy_on_qforge_logits(runs, tmp_path):
-    """qforge's statistics code: the same numbers from transformers' logits of qforge's fp32 HF exports."""
+def _qforge_window_logits(d, name, out, tokens):
+    """qforge's forward of run `name` (transformers on its fp32 Hugging Face export: the same logits)."""
     import torch
     import transformers
+    subprocess.run([QFORGE, "-q", "export", str(d / name), "--format", "hf", "--dtype", "fp32", "--out", str(out)],
+                   check=True, capture_output=True)
+    m = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return list(m(torch.from_numpy(tokens[:, :-1])).logits.numpy())
+
+
+def test_statistics_match_numpy_on_qforge_logits(runs, tmp_path):
+    """qforge's statistics code: the same numbers from transformers' logits of qforge's fp32 HF exports."""
     d, stats, tokens, mask = runs
-    logits = {}
-    for name in ("fp", "q4"):
-        subprocess.run([QFORGE, "-q", "export", str(d / name), "--format", "hf", "--dtype", "fp32", "--out",
-                        str(tmp_path / name)], check=True, capture_output=True)
-        m = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / name), dtype=torch.float32).eval()
-        with torch.no_grad():
-            logits[name] = list(m(torch.from_numpy(tokens[:, :-1])).logits.numpy())
+    logits = {name: _qforge_window_logits(d, name, tmp_path / name, tokens) for name in ("fp", "q4")}
     ref, t = _rows(logits["fp"], tokens, mask)
     model, _ = _rows(logits["q4"], tokens, mask)
     ours = scoreboard(ref, model, t)
@@ -154,3 +157,10 @@ def test_statistics_agree_with_llama_cpp_logits(runs, tmp_path):
     assert abs(stats["same_top"] - ll["same_top"]) <= 2 * ll["same_top_unc"] + 1 / ll["tokens"]
     assert abs(stats["ppl"] / ll["ppl"] - 1) < 1e-3 and abs(stats["ppl_ref"] / ll["ppl_ref"] - 1) < 1e-4
     assert abs(stats["ln_ppl_ratio"] - ll["ln_ppl_ratio"]) <= 2 * ll["ln_ppl_ratio_unc"]
+    # The residual itself: the exported GGUFs' logits in llama.cpp vs qforge's own on the same weights.
+    for name, ll_logits in (("fp", ref), ("q4", model)):
+        ours, _ = _rows(_qforge_window_logits(d, name, tmp_path / f"hf_{name}", tokens), tokens, mask)
+        r = scoreboard(ours, ll_logits, t)
+        print(f"  llama.cpp vs qforge, {name}: KLD {r['kld']:.2e}, same top {100 * r['same_top']:.2f}%, "
+              f"max |logit diff| {np.abs(ours - ll_logits).max():.2e}")
+        assert r["kld"] < (1e-9 if name == "fp" else 0.1 * ll["kld"])
