@@ -113,6 +113,21 @@ std::string group_rule(int64_t group, int64_t in, int64_t groups) {
                                                                            " gives ", groups, " groups, so [groups, ...]");
 }
 
+// qweight / qzeros (int32 words) and scales (float), shaped as the format packs them: the parts
+// GPTQ and AWQ share. `words` is the qweight shape, `zero_words` the qzeros columns.
+void check_words_zeros_scales(Checker& c, const char* holds, const std::vector<int64_t>& words, const std::string& words_rule,
+                              int64_t groups, int64_t zero_words, const std::string& grule, int64_t out) {
+  auto* qw = c.need("qweight", holds);
+  auto* qz = c.need("qzeros", holds);
+  auto* sc = c.need("scales", holds);
+  c.dtype(qw, "qweight", qw && qw->entry.dtype == st::DType::I32, "I32");
+  c.dtype(qz, "qzeros", qz && qz->entry.dtype == st::DType::I32, "I32");
+  c.dtype(sc, "scales", sc && is_float(sc->entry.dtype), "a float type");
+  c.shape(qw, "qweight", words, words_rule);
+  c.shape(qz, "qzeros", {groups, zero_words}, "qzeros is inconsistent with the group size: " + grule);
+  c.shape(sc, "scales", {groups, out}, "scales is inconsistent with the group size: " + grule + " [groups, out]");
+}
+
 std::vector<std::string> check_gptq(const HfQuant& q, const std::string& linear, int64_t out, int64_t in, Checker& c) {
   const int64_t pf = 32 / q.bits;
   const int64_t groups = q.group_size < 0 ? 1 : ceil_div(in, q.group_size);
@@ -122,19 +137,10 @@ std::vector<std::string> check_gptq(const HfQuant& q, const std::string& linear,
                              "features must be multiples of ", pf, " (", pf, " codes per int32 word)"));
     return c.problems;
   }
-  auto* qw = c.need("qweight", "qweight, qzeros, scales and g_idx");
-  auto* qz = c.need("qzeros", "qweight, qzeros, scales and g_idx");
-  auto* sc = c.need("scales", "qweight, qzeros, scales and g_idx");
-  c.dtype(qw, "qweight", qw && qw->entry.dtype == st::DType::I32, "I32");
-  c.dtype(qz, "qzeros", qz && qz->entry.dtype == st::DType::I32, "I32");
-  c.dtype(sc, "scales", sc && is_float(sc->entry.dtype), "a float type");
-  c.shape(qw, "qweight", {in / pf, out},
-          str("qweight packs ", pf, " ", q.bits, "-bit codes per int32 along the input: [in*bits/32, out] for the linear's in ", in,
-              ", out ", out));
-  c.shape(qz, "qzeros", {groups, out / pf},
-          str("qzeros is inconsistent with the group size: ", group_rule(q.group_size, in, groups), " [groups, out*bits/32]"));
-  c.shape(sc, "scales", {groups, out}, str("scales is inconsistent with the group size: ", group_rule(q.group_size, in, groups),
-                                         " [groups, out]"));
+  check_words_zeros_scales(c, "qweight, qzeros, scales and g_idx", {in / pf, out},
+                           str("qweight packs ", pf, " ", q.bits, "-bit codes per int32 along the input: [in*bits/32, out] "
+                               "for the linear's in ", in, ", out ", out),
+                           groups, out / pf, group_rule(q.group_size, in, groups) + " [groups, out*bits/32]", out);
   if (auto it = c.parts.find("g_idx"); it != c.parts.end()) {
     c.dtype(&it->second, "g_idx", it->second.entry.dtype == st::DType::I32 || it->second.entry.dtype == st::DType::I64, "I32");
     c.shape(&it->second, "g_idx", {in}, "g_idx maps each input column to its group: [in]");
@@ -152,18 +158,10 @@ std::vector<std::string> check_awq(const HfQuant& q, const std::string& linear, 
     return c.problems;
   }
   const int64_t groups = in / q.group_size;
-  auto* qw = c.need("qweight", "qweight, qzeros and scales");
-  auto* qz = c.need("qzeros", "qweight, qzeros and scales");
-  auto* sc = c.need("scales", "qweight, qzeros and scales");
-  c.dtype(qw, "qweight", qw && qw->entry.dtype == st::DType::I32, "I32");
-  c.dtype(qz, "qzeros", qz && qz->entry.dtype == st::DType::I32, "I32");
-  c.dtype(sc, "scales", sc && is_float(sc->entry.dtype), "a float type");
-  c.shape(qw, "qweight", {in, out / 8},
-          str("AWQ GEMM packs 8 4-bit codes per int32 along the output: [in, out/8] for the linear's in ", in, ", out ", out));
-  c.shape(qz, "qzeros", {groups, out / 8},
-          str("qzeros is inconsistent with the group size: ", group_rule(q.group_size, in, groups), " [groups, out/8]"));
-  c.shape(sc, "scales", {groups, out},
-          str("scales is inconsistent with the group size: ", group_rule(q.group_size, in, groups), " [groups, out]"));
+  check_words_zeros_scales(c, "qweight, qzeros and scales", {in, out / 8},
+                           str("AWQ GEMM packs 8 4-bit codes per int32 along the output: [in, out/8] for the linear's in ", in,
+                               ", out ", out),
+                           groups, out / 8, group_rule(q.group_size, in, groups) + " [groups, out/8]", out);
   return c.problems;
 }
 
