@@ -285,8 +285,9 @@ def test_compressed_tensors_dir_loads_like_transformers(tmp_path, base, fmt, bit
 
 
 def test_gptq_dir_quantizes_and_trains_end_to_end(tmp_path, base):
-    """model.from = a GPTQ dir: LoRA and a full fine-tune train (the loss falls), and
-    `qforge quantize GPTQ_DIR --method rtn --quant q4_0` writes a run that evaluates."""
+    """model.from = a GPTQ dir: LoRA, QLoRA and a full fine-tune train (the loss falls),
+    `qforge quantize GPTQ_DIR --method rtn --quant q4_0` writes a run that evaluates, and the dir exports
+    to GGUF q4_0, AWQ and a bf16 HF dir."""
     d, ck, corpus = base
     g = _gptq(d, ck, "sym", True, False)
     steps = """trainer: {max_steps: 12, batch_size: 4, eval_every: 0, eval_batches: 1, log_every: 1, optim: {lr: 0.01},
@@ -304,3 +305,8 @@ def test_gptq_dir_quantizes_and_trains_end_to_end(tmp_path, base):
     assert "held-out perplexity" in r.stdout
     r = _qf("eval", tmp_path / "q4_0", "--max-batches", "2")
     assert json.loads(r.stdout.strip().splitlines()[-1])["ppl"] > 1
+    # export to other formats straight from the GPTQ dir (dequantized, then RTN'd by the exporter)
+    for fmt, extra in (("gguf", ["--quant", "q4_0"]), ("awq", ["--quant", "int4-g32-zp"]), ("hf", ["--dtype", "bf16"])):
+        out = tmp_path / f"re_{fmt}"
+        r = _qf("export", g, "--format", fmt, "--out", out, *extra)
+        assert "re-read" in r.stdout or "decoded" in r.stdout or out.exists(), r.stdout
