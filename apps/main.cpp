@@ -178,7 +178,7 @@ int cmd_eval(const std::string& run, const std::vector<std::string>& overrides, 
 // windows (trainer/quality_gate.h); the run's eval.gate, with --max-* flags over it, decides the exit code.
 int cmd_eval_against(const std::string& run, const std::vector<std::string>& overrides, const std::string& against,
                      const std::string& split, int64_t max_batches, const std::string& text, const std::string& data_from,
-                     const std::string& save_tokens, const trainer::GateConfig& flags) {
+                     const std::string& save_tokens, const trainer::GateConfig& flags, const std::string& samples_out) {
   check_eval_data(run, text, data_from);
   auto lr = trainer::load_model(run, overrides);
   trainer::set_threads(lr.cfg.run.threads);
@@ -198,7 +198,8 @@ int cmd_eval_against(const std::string& run, const std::vector<std::string>& ove
   auto dev = lr.model->parameters().front().device();
   ref.model->to(dev);
   auto sb = trainer::compare_models(*ref.model, *lr.model, set, lr.cfg.trainer.batch_size, max_batches, dev,
-                                    lr.cfg.trainer.precision == trainer::Precision::BF16);
+                                    lr.cfg.trainer.precision == trainer::Precision::BF16, !samples_out.empty());
+  if (!samples_out.empty()) fs::write_atomic(samples_out, trainer::tokens_jsonl(sb));
   const auto st = trainer::statistics(sb);
   const auto missed = trainer::missed_gates(gate, st);
   std::printf("model     %s (%s model)\nreference %s (%s model)\nsplit %s\n\n%s", lr.checkpoint.c_str(), lr.format.c_str(),
@@ -440,14 +441,16 @@ CLI::App* add_eval(CLI::App& app, CliArgs& a) {
   cmd->add_option("--fewshot-from", a.task.fewshot_from,
                   "--task: file (or NAME) the examples come from (default: the task itself, without the question's own document)");
   cmd->add_option("--limit", a.task.limit, "--task: score the first N documents only (0 = all)")->capture_default_str();
-  cmd->add_option("--samples-out", a.task.samples_out, "--task: write per-document log-likelihoods and predictions (JSONL)");
+  cmd->add_option("--samples-out", a.task.samples_out,
+                  "--task: write per-document log-likelihoods and predictions (JSONL); --against: per-token window, pos, "
+                  "token, kld, dp, same_top, nll, nll_ref (JSONL)");
   // Deployed-quality gate (README "Quality gate"): llama.cpp's --kl-divergence statistics vs a reference.
   auto* ag = cmd->add_option("--against", a.against,
                   "Compare with a reference model (run dir, checkpoint dir or Hugging Face dir with the same tokenizer, "
                   "typically the float model this one was quantized from) on the same windows: KL divergence, same top "
                   "token, RMS Δp, perplexity ratio (llama-perplexity --kl-divergence's statistics); exit code 4 when a "
                   "gate (the run's eval.gate, or --max-*) is missed");
-  ag->excludes(cmd->get_option("--task"))->excludes(cmd->get_option("--samples-out"));
+  ag->excludes(cmd->get_option("--task"));
   struct GateFlag {
     const char* name;
     std::optional<double>* dst;
@@ -638,7 +641,7 @@ int main(int argc, char** argv) {
     if (*eval && !a.task.task.empty()) return cmd_eval_task(a.run, a.overrides, a.task);
     if (*eval && !a.against.empty())
       return cmd_eval_against(a.run, a.overrides, a.against, a.split, a.max_batches, a.text, a.data_from, a.save_tokens,
-                              a.gate);
+                              a.gate, a.task.samples_out);
     if (*eval) return cmd_eval(a.run, a.overrides, a.split, a.max_batches, a.text, a.data_from, a.save_tokens);
     if (*gen) return cmd_generate(a.run, a.overrides, a.prompt, a.s);
     if (*insp) return cmd_inspect(a.run, a.inspect_dtype, a.inspect_forward);

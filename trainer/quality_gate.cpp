@@ -38,7 +38,8 @@ EvalConfig EvalConfig::from_config(cfg::Reader& r) {
   return e;
 }
 
-void Scoreboard::add(const at::Tensor& ref_logits, const at::Tensor& model_logits, const at::Tensor& targets) {
+void Scoreboard::add(const at::Tensor& ref_logits, const at::Tensor& model_logits, const at::Tensor& targets,
+                     const at::Tensor& where) {
   QF_CHECK_INPUT(ref_logits.dim() == 2 && ref_logits.sizes() == model_logits.sizes(),
                  "quality gate: the reference's logits ", ref_logits.sizes(), " and the model's ", model_logits.sizes(),
                  " differ in shape (both models must share the vocabulary)");
@@ -55,6 +56,14 @@ void Scoreboard::add(const at::Tensor& ref_logits, const at::Tensor& model_logit
   const int64_t n = kld.size(0);
   const double *k = kld.data_ptr<double>(), *a = nll.data_ptr<double>(), *b = nll_base.data_ptr<double>();
   const bool* s = same.data_ptr<bool>();
+  at::Tensor wh;
+  if (keep_tokens) {
+    wh = where.defined() ? where.to(at::kCPU, at::kLong).contiguous() : at::zeros({n, 2}, at::kLong);
+    QF_CHECK(wh.dim() == 2 && wh.size(0) == n && wh.size(1) == 2, "Scoreboard::add: `where` must be [N, 2]");
+  }
+  const auto tgt = targets.to(at::kCPU, at::kLong).reshape({-1}).contiguous();
+  const int64_t* wp = keep_tokens ? wh.data_ptr<int64_t>() : nullptr;
+  const int64_t* tp = tgt.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i) {
     sum_nll += a[i];
     sum_nll2 += a[i] * a[i];
@@ -72,6 +81,8 @@ void Scoreboard::add(const at::Tensor& ref_logits, const at::Tensor& model_logit
     ++count;
     kld_values.push_back(static_cast<float>(k[i]));
     p_diff_values.push_back(static_cast<float>(dp));
+    if (keep_tokens)
+      tokens.push_back({wp[2 * i], wp[2 * i + 1], tp[i], k[i], dp, a[i], b[i], s[i]});
   }
 }
 
@@ -193,10 +204,11 @@ nlohmann::json ScoreboardStats::to_json() const {
 }
 
 Scoreboard compare_models(models::CausalLM& ref, models::CausalLM& model, const data::PackedSet& set, int64_t bs,
-                          int64_t max_batches, at::Device dev, bool bf16) {
+                          int64_t max_batches, at::Device dev, bool bf16, bool keep_tokens) {
   QF_CHECK_INPUT(ref.cfg.vocab_size == model.cfg.vocab_size, "quality gate: the reference has ", ref.cfg.vocab_size,
                  " output logits and the model ", model.cfg.vocab_size, "; both must share one vocabulary");
   Scoreboard sb;
+  sb.keep_tokens = keep_tokens;
   at::NoGradGuard ng;
   const bool ref_was = ref.is_training(), was = model.is_training();
   ref.eval();
@@ -213,6 +225,8 @@ Scoreboard compare_models(models::CausalLM& ref, models::CausalLM& model, const 
     auto rows = (labels != -100).nonzero().reshape({-1});
     if (rows.numel() == 0) continue;
     auto targets = labels.index_select(0, rows);
+    const int64_t T = b.labels.size(1);
+    const auto where = at::stack({rows.div(T, "floor") + i * bs, rows.remainder(T)}, 1);
     auto hr = eval_hidden(ref, b.input_ids, dev, bf16);
     hr = hr.reshape({-1, hr.size(-1)}).index_select(0, rows.to(hr.device()));
     auto hm = eval_hidden(model, b.input_ids, dev, bf16);
@@ -220,7 +234,7 @@ Scoreboard compare_models(models::CausalLM& ref, models::CausalLM& model, const 
     for (int64_t s = 0; s < rows.numel(); s += chunk) {
       const int64_t e = std::min(rows.numel(), s + chunk);
       sb.add(eval_logits(ref, hr.slice(0, s, e), dev, bf16), eval_logits(model, hm.slice(0, s, e), dev, bf16),
-             targets.slice(0, s, e));
+             targets.slice(0, s, e), where.slice(0, s, e));
     }
   }
   if (ref_was) ref.train();
@@ -241,6 +255,16 @@ void check_same_vocabulary(const data::Tokenizer& a, const data::Tokenizer& b, c
     QF_CHECK_INPUT(a.token(id) == b.token(id), "quality gate: token ", i, " is '", a.token(id), "' in ", an,
                    "'s tokenizer and '", b.token(id), "' in the reference ", bn, "'s", both);
   }
+}
+
+std::string tokens_jsonl(const Scoreboard& s) {
+  std::string out;
+  for (const auto& t : s.tokens) {
+    nlohmann::json j = {{"window", t.window}, {"pos", t.pos}, {"token", t.token}, {"kld", t.kld},
+                        {"dp", t.dp}, {"same_top", t.same_top}, {"nll", t.nll}, {"nll_ref", t.nll_ref}};
+    out += j.dump() + "\n";
+  }
+  return out;
 }
 
 std::vector<std::string> missed_gates(const GateConfig& g, const ScoreboardStats& st) {

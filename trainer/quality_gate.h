@@ -45,15 +45,26 @@ struct EvalConfig {
 
 // Running sums of llama.cpp's kl_divergence_result plus the per-token values its medians and
 // percentiles need (two floats per token).
+// One scored token (what `eval --against --samples-out` writes): window index in the evaluated set,
+// position in it (the logits row), the true next token, and its per-token statistics.
+struct TokenScore {
+  int64_t window = 0, pos = 0, token = 0;
+  double kld = 0, dp = 0, nll = 0, nll_ref = 0;
+  bool same_top = false;
+};
+
 struct Scoreboard {
   double sum_nll = 0, sum_nll2 = 0, sum_nll_base = 0, sum_nll_base2 = 0, sum_nll_nll_base = 0;
   double sum_kld = 0, sum_kld2 = 0, sum_p_diff = 0, sum_p_diff2 = 0, sum_p_diff4 = 0;
   double max_p_diff = 0;
   int64_t n_same_top = 0, count = 0;
   std::vector<float> kld_values, p_diff_values;
+  bool keep_tokens = false;        // also record every token's TokenScore (tokens)
+  std::vector<TokenScore> tokens;
   // Adds rows: ref and model logits [N, V] (any float dtype; taken to fp64), targets [N] (the true
-  // next tokens).
-  void add(const at::Tensor& ref_logits, const at::Tensor& model_logits, const at::Tensor& targets);
+  // next tokens); `where` [N, 2] (window, position), recorded with keep_tokens.
+  void add(const at::Tensor& ref_logits, const at::Tensor& model_logits, const at::Tensor& targets,
+           const at::Tensor& where = {});
 };
 
 struct MeanUnc {
@@ -79,7 +90,9 @@ ScoreboardStats statistics(const Scoreboard& s);  // InputError when no token wa
 // Both models over the packed set's labelled tokens (batches as evaluate_model takes them; forward
 // under bf16 autocast when asked, logits compared in fp64), both on `dev`.
 Scoreboard compare_models(models::CausalLM& ref, models::CausalLM& model, const data::PackedSet& set, int64_t batch_size,
-                          int64_t max_batches, at::Device dev, bool bf16);
+                          int64_t max_batches, at::Device dev, bool bf16, bool keep_tokens = false);
+// The TokenScores as JSONL, one object per token: window, pos, token, kld, dp, same_top, nll, nll_ref.
+std::string tokens_jsonl(const Scoreboard& s);
 
 // Refuses (InputError naming both) two tokenizers that do not share one vocabulary: the same size,
 // BOS/EOS ids and the same entry for every id.

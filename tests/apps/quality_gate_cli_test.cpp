@@ -72,7 +72,8 @@ TEST(QualityGateCli, EvalAgainstReportsAndGatesExitFour) {
   ASSERT_EQ(q.rc, 0) << q.text;
 
   // No gate: the scoreboard, exit 0.
-  auto e = qforge("-q eval " + tmp / "q4" + " --against " + tmp / "fp" + " --max-batches 2");
+  auto e = qforge("-q eval " + tmp / "q4" + " --against " + tmp / "fp" + " --max-batches 2 --samples-out " +
+                  tmp / "tokens.jsonl");
   ASSERT_EQ(e.rc, 0) << e.text;
   for (const char* s : {"Mean PPL(Q)/PPL(base)", "Mean    KLD:", "99.0%   KLD:", "RMS Δp    :", "Same top p:"})
     EXPECT_NE(e.text.find(s), std::string::npos) << s << "\n" << e.text;
@@ -82,6 +83,18 @@ TEST(QualityGateCli, EvalAgainstReportsAndGatesExitFour) {
   EXPECT_GT(j["kld"].get<double>(), 0.0);
   EXPECT_GT(j["same_top"].get<double>(), 0.5);
   EXPECT_TRUE(j["gate_missed"].empty());
+  {
+    std::ifstream in(tmp / "tokens.jsonl");
+    int64_t n = 0;
+    double kld = 0;
+    for (std::string line; std::getline(in, line); ++n) {
+      auto t = nlohmann::json::parse(line);
+      kld += t["kld"].get<double>();
+      if (n == 0) EXPECT_EQ(t["window"].get<int64_t>() * 100 + t["pos"].get<int64_t>(), 0) << line;
+    }
+    EXPECT_EQ(n, 2 * 4 * 32);
+    EXPECT_NEAR(kld / n, j["kld"].get<double>(), 1e-12);
+  }
 
   // The float model against itself: nothing lost.
   auto self = qforge("-q eval " + tmp / "fp" + " --against " + tmp / "fp" + " --max-batches 2 --max-kld 0 --min-same-top 1");

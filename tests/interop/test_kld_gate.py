@@ -66,6 +66,7 @@ def scoreboard(ref_logits, model_logits, targets):
         "dp": d[0], "dp_unc": d[1], "dp_median": median(dp), "dp_p99": pct(dp, 0.99), "dp_p01": pct(dp, 0.01),
         "rms_dp": np.sqrt(mse[0]), "rms_dp_unc": 0.5 / np.sqrt(mse[0]) * mse_unc,
         "same_top": top, "same_top_unc": np.sqrt(top * (1 - top) / (n - 1)),
+        "per_token_kld": kld, "per_token_dp": dp,
     }
 
 
@@ -76,7 +77,8 @@ def runs(tmp_path_factory):
     subprocess.run([QFORGE, "-q", "quantize", str(d / "fp"), "--method", "rtn", "--quant", "q4_0", "--no-eval",
                     "--out", str(d / "q4")], check=True, capture_output=True)
     r = subprocess.run([QFORGE, "-q", "eval", str(d / "q4"), "--against", str(d / "fp"), "--max-batches", "6",
-                        "--save-tokens", str(d / "windows.safetensors")], capture_output=True, text=True)
+                        "--save-tokens", str(d / "windows.safetensors"), "--samples-out", str(d / "tokens.jsonl")],
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     stats = json.loads(r.stdout.strip().splitlines()[-1])
     from st_io import read_safetensors
@@ -126,6 +128,13 @@ def test_statistics_match_numpy_on_qforge_logits(runs, tmp_path):
     ref, t = _rows(logits["fp"], tokens, mask)
     model, _ = _rows(logits["q4"], tokens, mask)
     ours = scoreboard(ref, model, t)
+    # Per token (--samples-out): the same window, position, token, KLD and delta-p, in the same order.
+    rows = [json.loads(l) for l in (d / "tokens.jsonl").read_text().splitlines()]
+    assert len(rows) == ours["tokens"]
+    assert [(r["window"], r["pos"]) for r in rows] == [tuple(x) for x in np.argwhere(mask)]
+    assert [r["token"] for r in rows] == t.tolist()
+    assert np.abs(np.array([r["kld"] for r in rows]) - ours["per_token_kld"]).max() < 1e-6
+    assert np.abs(np.array([r["dp"] for r in rows]) - ours["per_token_dp"]).max() < 1e-6
     print("\nqforge vs numpy on transformers' logits of qforge's exports (|difference|):")
     for k in KEYS + ["kld_unc", "dp_p99", "dp_p01", "rms_dp_unc", "same_top_unc", "ppl_cor", "ln_ppl_ratio_unc"]:
         print(f"  {k:18s} qforge {stats[k]: .9g}  numpy {ours[k]: .9g}  |d| {abs(stats[k] - ours[k]):.2e}")

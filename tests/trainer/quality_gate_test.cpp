@@ -53,6 +53,7 @@ TEST(QualityGate, HandComputedPair) {
   Scoreboard sb;
   sb.add(rows({{0.f, 0.f}, {0.f, std::log(4.f)}}), rows({{std::log(3.f), 0.f}, {1.f, 1.f}}), torch::tensor({0, 1}));
   ASSERT_EQ(sb.count, 2);
+  EXPECT_TRUE(sb.tokens.empty());  // per-token records only when asked
   const double k0 = 0.5 * std::log(4.0 / 3), k1 = 0.2 * std::log(0.4) + 0.8 * std::log(1.6);
   EXPECT_NEAR(sb.kld_values[0], k0, 1e-7);
   EXPECT_NEAR(sb.kld_values[1], k1, 1e-7);
@@ -74,6 +75,27 @@ TEST(QualityGate, HandComputedPair) {
   EXPECT_NEAR(st.ln_ppl_ratio.value, nll - nll_base, 1e-7);
   EXPECT_NEAR(st.ppl_ratio.value, std::exp(nll - nll_base), 1e-7);
   EXPECT_NEAR(st.ppl_diff.value, std::exp(nll) - std::exp(nll_base), 1e-6);
+}
+
+TEST(QualityGate, PerTokenRecordsWhenAsked) {
+  Scoreboard sb;
+  sb.keep_tokens = true;
+  sb.add(rows({{0.f, 0.f}, {0.f, std::log(4.f)}}), rows({{std::log(3.f), 0.f}, {1.f, 1.f}}), torch::tensor({0, 1}),
+         torch::tensor({3, 7, 4, 0}).reshape({2, 2}));
+  ASSERT_EQ(sb.tokens.size(), 2u);
+  EXPECT_EQ(sb.tokens[0].window, 3);
+  EXPECT_EQ(sb.tokens[0].pos, 7);
+  EXPECT_EQ(sb.tokens[1].window, 4);
+  EXPECT_EQ(sb.tokens[1].token, 1);
+  EXPECT_NEAR(sb.tokens[0].kld, 0.5 * std::log(4.0 / 3), 1e-7);
+  EXPECT_NEAR(sb.tokens[1].dp, 0.5 - 0.8, 1e-7);
+  EXPECT_TRUE(sb.tokens[0].same_top);
+  EXPECT_FALSE(sb.tokens[1].same_top);
+  EXPECT_NEAR(sb.tokens[0].nll, -std::log(0.75), 1e-7);
+  EXPECT_NEAR(sb.tokens[1].nll_ref, -std::log(0.8), 1e-7);
+  const auto jl = tokens_jsonl(sb);
+  EXPECT_EQ(std::count(jl.begin(), jl.end(), '\n'), 2);
+  EXPECT_NE(jl.find("\"pos\":7"), std::string::npos) << jl;
 }
 
 TEST(QualityGate, ReferenceEntriesBelowMinus16AreLeftOut) {
