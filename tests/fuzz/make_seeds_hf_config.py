@@ -1,5 +1,6 @@
 """Writes tests/fuzz/seeds_hf_config/: config.json files as transformers writes them (to_json_string)
-for each architecture qforge imports, plus a few variants (rope scaling, sliding window, GQA).
+for each architecture qforge imports, plus a few variants (rope scaling, sliding window, GQA) and quantized
+checkpoints' quantization_config (GPTQ, AWQ, compressed-tensors).
 Run: .venv/bin/python tests/fuzz/make_seeds_hf_config.py"""
 import pathlib
 
@@ -23,5 +24,19 @@ configs = {
                        architectures=["GPT2LMHeadModel"]),
     "gpt2_default": GPT2Config(architectures=["GPT2LMHeadModel"]),
 }
+# quantized checkpoints (quantization_config as gptqmodel, AutoAWQ / transformers and compressed-tensors write it)
+quantized = {
+    "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True, "sym": False,
+             "checkpoint_format": "gptq", "pack_dtype": "int32", "meta": {"quantizer": ["gptqmodel:4.2.5"]}},
+    "awq": {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": 32, "zero_point": True,
+            "modules_to_not_convert": ["lm_head"]},
+    "compressed_tensors": {"quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
+                           "config_groups": {"group_0": {"targets": ["Linear"], "format": "pack-quantized",
+                                                         "input_activations": None, "output_activations": None,
+                                                         "weights": {"num_bits": 4, "type": "int", "symmetric": False,
+                                                                     "strategy": "group", "group_size": 32}}}},
+}
+for name, q in quantized.items():
+    configs[f"llama_{name}"] = LlamaConfig(**small, architectures=["LlamaForCausalLM"], quantization_config=q)
 for name, c in configs.items():
     (out / f"{name}.json").write_text(c.to_json_string())
