@@ -62,6 +62,11 @@ std::vector<std::string> string_list(const HfConfigReader& r, const char* k) {
   return out;
 }
 
+// A string key; absent or null: `def` (quantization configs write null for "not set").
+std::string text_or(const HfConfigReader& r, const char* k, const std::string& def) {
+  return r.has(k) ? r.j[k].get<std::string>() : def;
+}
+
 int64_t group_key(const HfConfigReader& r, const char* k, std::optional<int64_t> def) {
   const int64_t g = int_key(r, k, def);
   if (g == 0 || g < -1) throw r.bad(k, str("is ", g, "; a group size is a positive number of input columns, or -1 (per channel)"));
@@ -75,7 +80,7 @@ void read_gptq(const HfConfigReader& r, HfQuant& q) {
   q.group_size = group_key(r, "group_size", -1);
   q.desc_act = r.bool_or("desc_act", false);
   q.symmetric = r.bool_or("sym", true);
-  const std::string fmt = lower(r.string_or("checkpoint_format", "gptq"));
+  const std::string fmt = lower(text_or(r, "checkpoint_format", "gptq"));
   if (fmt != "gptq" && fmt != "gptq_v2")
     throw r.bad("checkpoint_format", str("is '", fmt, "'; qforge reads GPTQ checkpoints in checkpoint_format gptq (v1, "
                                          "stored zero points z - 1) or gptq_v2 (z); repack kernel-specific formats "
@@ -85,7 +90,7 @@ void read_gptq(const HfConfigReader& r, HfQuant& q) {
 }
 
 void read_awq(const HfConfigReader& r, HfQuant& q) {
-  const std::string version = lower(r.string_or("version", "gemm"));
+  const std::string version = lower(text_or(r, "version", "gemm"));
   if (version != "gemm")
     throw r.bad("version", str("is '", version, "'; qforge reads AWQ GEMM checkpoints (version gemm: qweight [in, out/8] "
                                "in AutoAWQ's nibble order); GEMV / exllama / marlin / ipex layouts are not read"));
@@ -98,7 +103,7 @@ void read_awq(const HfConfigReader& r, HfQuant& q) {
 }
 
 void read_compressed(const HfConfigReader& r, HfQuant& q) {
-  const std::string top = r.string_or("format", "");
+  const std::string top = text_or(r, "format", "");
   if (!r.has("config_groups") || !r.j["config_groups"].is_object() || r.j["config_groups"].empty())
     throw r.bad("config_groups", "must be an object of quantization schemes");
   const HfConfigReader groups = r.child("config_groups");
@@ -109,19 +114,19 @@ void read_compressed(const HfConfigReader& r, HfQuant& q) {
     HfQuantScheme s;
     s.targets = string_list(g, "targets");
     if (s.targets.empty()) throw g.bad("targets", "must list the modules the scheme applies to");
-    s.format = g.string_or("format", top);
+    s.format = text_or(g, "format", top);
     if (g.has("input_activations") || g.has("output_activations"))
       throw g.bad(g.has("input_activations") ? "input_activations" : "output_activations",
                   "is set; qforge reads weight-only compressed-tensors checkpoints (activation quantization is not "
                   "simulated)");
     if (!g.has("weights") || !g.j["weights"].is_object()) throw g.bad("weights", "must be an object (the weight scheme)");
     const HfConfigReader w = g.child("weights");
-    const std::string type = w.string_or("type", "int");
+    const std::string type = text_or(w, "type", "int");
     if (type != "int")
       throw w.bad("type", str("is '", type, "'; qforge reads integer compressed-tensors weights (fp8 is not read yet)"));
     s.bits = static_cast<int>(int_key(w, "num_bits", std::nullopt));
     s.symmetric = w.bool_or("symmetric", true);
-    const std::string strategy = w.string_or("strategy", "");
+    const std::string strategy = text_or(w, "strategy", "");
     if (strategy == "group") {
       s.group_size = group_key(w, "group_size", std::nullopt);
       if (s.group_size < 0) throw w.bad("group_size", "is -1 with strategy group");
@@ -171,7 +176,7 @@ HfQuant parse_hf_quant(const nlohmann::json& j, const std::string& path) {
   QF_CHECK_INPUT(j.is_object(), path, ": 'quantization_config' must be an object");
   const HfConfigReader r{j, path + ": quantization_config"};
   return json_file::interpret(path, [&] {
-    const std::string method = lower(r.string_or("quant_method", ""));
+    const std::string method = lower(text_or(r, "quant_method", ""));
     if (method == "gptq") {
       q.method = HfQuantMethod::Gptq;
       read_gptq(r, q);

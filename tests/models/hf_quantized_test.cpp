@@ -184,6 +184,7 @@ TEST(HfQuantizedIn, AwqAndCompressedTensorsDirectoriesLoadDequantized) {
                         {"config_groups", {{"group_0", {{"targets", {"Linear"}}, {"weights", {{"num_bits", 4}, {"type", "int"},
                                                          {"symmetric", false}, {"strategy", "group"}, {"group_size", 32}}}}}}},
                         {"ignore", {"lm_head"}}};
+  ct4["config_groups"]["group_0"]["format"] = nullptr;  // null: the top-level format (as older writers leave it)
   want = write_dir(tmp / "ct4", ct4, [](const std::string& lin, int64_t out, int64_t in, at::Tensor& w) {
     auto u = at::randint(0, 16, {out, in}, at::kLong);
     auto z = at::randint(0, 16, {out, in / 32}, at::kLong);
