@@ -155,6 +155,8 @@ void load_hf_weights(CausalLM& model, const HfCheckpoint& ck, bool progress, boo
     std::map<std::string, at::Tensor> small;
     for (const char* part : {"g_idx", "weight_g_idx", "weight_shape"})
       if (parts.count(part)) small[part] = qtensor(parts.at(part));
+    if (ck.quant.method == HfQuantMethod::Bnb4)  // the quant_state JSON, and the others' sizes (mapped, unread)
+      for (auto& [part, where] : parts) small[part] = qtensor(where);
     const auto& w = params.at(lin + ".weight");
     check_quantized_data(ck.quant, lin, w.size(0), w.size(1), parts, small);
   }
@@ -193,15 +195,35 @@ void load_hf_weights(CausalLM& model, const HfCheckpoint& ck, bool progress, boo
   }
   // Pass 2b: each packed linear dequantized (float32, then the model dtype) into its weight, or
   // handed to the streamer like a dense weight (pass 3's rules), one linear resident at a time.
+  int64_t kept = 0;  // linears a streamer kept packed
   for (auto& [lin, parts] : qlinears) {
     const std::string wname = lin + ".weight";
     std::map<std::string, at::Tensor> ts;
     for (auto& [part, where] : parts) ts[part] = qtensor(where);
     auto& p = params.at(wname);
+    auto s = streamed.find(wname);
+    if (s != streamed.end() && streamer->build_nf4) {  // a bitsandbytes NF4 base kept as its bytes
+      PackedNf4 pk;
+      if (bnb_packed_nf4(ck.quant, lin, p.size(0), p.size(1), parts, ts, p.scalar_type(), pk)) {
+        LinearSlot& slot = *s->second;
+        auto& dense = static_cast<DenseLinear&>(*slot.get());
+        if (auto m = streamer->build_nf4(lin, pk, dense.bias)) {
+          TORCH_INTERNAL_ASSERT(m->in_features == dense.in_features && m->out_features == dense.out_features,
+                                "LinearStreamer built a module of the wrong shape for ", lin);
+          for (auto& [part, t] : ts) st::drop_pages(t);
+          if (report) report->kept_packed.push_back(lin);
+          ++kept;
+          slot.replace(std::move(m));
+          params.erase(wname);
+          streamed.erase(s);
+          if (bar) bar->update(++done);
+          continue;
+        }
+      }
+    }
     at::Tensor w = dequantize_linear(ck.quant, lin, p.size(0), p.size(1), parts, ts);
     for (auto& [part, t] : ts) st::drop_pages(t);
     if (report) report->dequantized.emplace_back(lin, describe_quantized_linear(ck.quant, lin, parts));
-    auto s = streamed.find(wname);
     if (s == streamed.end()) {
       p.copy_(w);
     } else {
@@ -219,8 +241,9 @@ void load_hf_weights(CausalLM& model, const HfCheckpoint& ck, bool progress, boo
   }
   qfiles.clear();
   if (!qlinears.empty())
-    log::info(ck.dir, ": ", qlinears.size(), " packed linears (", ck.quant.describe(), ") dequantized to ",
-              (model.cfg.dtype == DType::BF16 ? "bf16" : "fp32"));
+    log::info(ck.dir, ": ", qlinears.size(), " packed linears (", ck.quant.describe(), "): ",
+              static_cast<int64_t>(qlinears.size()) - kept, " dequantized to ", (model.cfg.dtype == DType::BF16 ? "bf16" : "fp32"),
+              kept ? str(", ", kept, " kept packed as NF4 frozen bases") : std::string());
   // Pass 3 (streamer only): each claimed linear is built from its weight as the dense layer would
   // have held it (converted to the model dtype / transposed like p.copy_ above, else the mapped tensor
   // itself), installed, and the weight's pages are dropped before the next is read.

@@ -14,7 +14,8 @@
 //  - a quantized checkpoint (config.json quantization_config: GPTQ, AWQ GEMM, compressed-tensors;
 //    models/hf_quantized.h) has its packed linears checked with the rest in pass 1 (shapes against
 //    in/out and the group size, then g_idx / weight_shape data) and loads them DEQUANTIZED to the
-//    model dtype (a streamer gets the dequantized weight like a dense one); packed bases stay a later part.
+//    model dtype (a streamer gets the dequantized weight like a dense one), except that a streamer
+//    with build_nf4 keeps a bitsandbytes NF4 linear's bytes as they are (QLoRA's frozen base).
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -27,6 +28,7 @@
 
 #include "models/config.h"
 #include "models/hf_config.h"
+#include "models/hf_quantized.h"
 #include "models/transformer.h"
 
 namespace qf::models {
@@ -45,6 +47,7 @@ struct HfCheckpoint {
 // What load_hf_weights did with a quantized checkpoint: each packed linear and its stored format.
 struct HfLoadReport {
   std::vector<std::pair<std::string, std::string>> dequantized;  // (linear, "gptq int4 group 32 sym ...")
+  std::vector<std::string> kept_packed;  // linears a streamer kept packed (bitsandbytes NF4 as QLoRA's base)
 };
 
 // Builds some linears of the model straight from their checkpoint tensors while loading (QLoRA's NF4
@@ -62,6 +65,10 @@ struct LinearStreamer {
   std::function<std::shared_ptr<LinearBase>(const std::string& name, const at::Tensor& weight, const at::Tensor& bias)>
       build;
   bool mapped = false;
+  // Optional: a bitsandbytes NF4 linear (models::bnb_packed_nf4) offered packed as it is in the file;
+  // returns the module keeping those bytes, or nullptr to take it through `build` dequantized.
+  std::function<std::shared_ptr<LinearBase>(const std::string& name, const PackedNf4& packed, const at::Tensor& bias)>
+      build_nf4;
 };
 
 HfCheckpoint read_hf_checkpoint(const std::string& dir);

@@ -36,7 +36,8 @@ std::string lower(std::string s) {
 
 const char* kQuantRead =
     "qforge reads GPTQ (quant_method gptq: 4 or 8 bits, checkpoint_format gptq or gptq_v2), AWQ (quant_method awq, "
-    "version gemm, 4 bits) and compressed-tensors (pack-quantized int4, int-quantized int8) checkpoints";
+    "version gemm, 4 bits) compressed-tensors (pack-quantized int4, int-quantized int8) and bitsandbytes 4-bit (quant_method bitsandbytes, "
+    "load_in_4bit: nf4/fp4, double quant) checkpoints";
 
 // An integer key: required (def unset) or defaulted; kMaxSize caps it like the sizes.
 int64_t int_key(const HfConfigReader& r, const char* k, std::optional<int64_t> def) {
@@ -148,6 +149,23 @@ void read_compressed(const HfConfigReader& r, HfQuant& q) {
   q.skip = string_list(r, "ignore");
 }
 
+void read_bnb(const HfConfigReader& r, HfQuant& q) {
+  const bool in4 = r.bool_or("load_in_4bit", false), in8 = r.bool_or("load_in_8bit", false);
+  if (in8)
+    throw r.bad("load_in_8bit", "is true: a bitsandbytes LLM.int8 checkpoint (Int8Params weight + SCB), which qforge does "
+                                "not read yet; qforge reads bitsandbytes 4-bit checkpoints (load_in_4bit, nf4/fp4)");
+  if (!in4) throw r.bad("load_in_4bit", "is not true; qforge reads bitsandbytes checkpoints saved with load_in_4bit");
+  q.bits = 4;
+  q.bnb_quant_type = lower(text_or(r, "bnb_4bit_quant_type", "fp4"));
+  if (q.bnb_quant_type != "nf4" && q.bnb_quant_type != "fp4")
+    throw r.bad("bnb_4bit_quant_type", str("is '", q.bnb_quant_type, "'; bitsandbytes' 4-bit types are nf4 and fp4"));
+  q.bnb_double_quant = r.bool_or("bnb_4bit_use_double_quant", false);
+  const std::string storage = lower(text_or(r, "bnb_4bit_quant_storage", "uint8"));
+  if (storage != "uint8")
+    throw r.bad("bnb_4bit_quant_storage", str("is '", storage, "'; qforge reads 4-bit codes stored as uint8 (the default)"));
+  q.skip = string_list(r, "llm_int8_skip_modules");
+}
+
 }  // namespace
 
 std::string HfQuant::describe() const {
@@ -160,6 +178,8 @@ std::string HfQuant::describe() const {
                  zeros_v2 ? "gptq_v2" : "gptq", ")");
     case HfQuantMethod::Awq:
       return str("awq int", bits, " group ", group_size, symmetric ? "" : " zero_point", " (gemm)");
+    case HfQuantMethod::Bnb4:
+      return str("bitsandbytes 4-bit ", bnb_quant_type, bnb_double_quant ? " double quant" : "");
     case HfQuantMethod::CompressedTensors: {
       std::string s = "compressed-tensors";
       for (auto& g : groups)
@@ -186,6 +206,9 @@ HfQuant parse_hf_quant(const nlohmann::json& j, const std::string& path) {
     } else if (method == "compressed-tensors") {
       q.method = HfQuantMethod::CompressedTensors;
       read_compressed(r, q);
+    } else if (method == "bitsandbytes") {
+      q.method = HfQuantMethod::Bnb4;
+      read_bnb(r, q);
     } else {
       throw r.bad("quant_method", str("is '", method, "', which qforge does not read; ", kQuantRead));
     }

@@ -15,7 +15,7 @@ namespace qf::models {
 
 // config.json's "quantization_config": the packed layout a quantized checkpoint's linears are stored
 // in (read back to float by models/hf_quantized.h). method None: a float checkpoint.
-enum class HfQuantMethod { None, Gptq, Awq, CompressedTensors };
+enum class HfQuantMethod { None, Gptq, Awq, CompressedTensors, Bnb4 };
 
 // One compressed-tensors config group (its "weights" scheme and the modules it targets).
 struct HfQuantScheme {
@@ -35,6 +35,8 @@ struct HfQuant {
   bool zeros_v2 = false;             // GPTQ checkpoint_format "gptq_v2": qzeros hold z (v1 "gptq": z - 1)
   std::vector<HfQuantScheme> groups; // compressed-tensors config_groups
   std::vector<std::string> skip;     // modules_to_not_convert (GPTQ/AWQ) or ignore (compressed-tensors)
+  std::string bnb_quant_type;        // bitsandbytes load_in_4bit: bnb_4bit_quant_type nf4 | fp4
+  bool bnb_double_quant = false;     // bnb_4bit_use_double_quant (each linear's quant_state says it too)
   bool quantized() const { return method != HfQuantMethod::None; }
   // "gptq int4 group 128 sym desc_act (checkpoint_format gptq)", "awq int4 group 32 zero_point (gemm)", ...
   std::string describe() const;

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <array>
+#include <nlohmann/json.hpp>
 #include <regex>
 
 #include "core/error.h"
@@ -64,7 +65,7 @@ std::string shape_str(const std::vector<int64_t>& s) {
 }
 
 const char* method_name(HfQuantMethod m) {
-  return m == HfQuantMethod::Gptq ? "GPTQ" : m == HfQuantMethod::Awq ? "AWQ" : "compressed-tensors";
+  return m == HfQuantMethod::Gptq ? "GPTQ" : m == HfQuantMethod::Awq ? "AWQ" : m == HfQuantMethod::Bnb4 ? "bitsandbytes 4-bit" : "compressed-tensors";
 }
 
 // The compressed-tensors scheme that targets `linear`: an exact name first, then "re:" patterns,
@@ -231,10 +232,163 @@ int64_t groups_of(const HfQuant& q, const std::string& linear, int64_t in) {
   return gs < 0 ? 1 : ceil_div(in, gs);
 }
 
+
+// bitsandbytes get_4bit_type: nf4 as listed; fp4 = {0, 0.0625, 8, 12, 4, 6, 2, 3, -...} / 12 in fp32.
+const std::array<float, 16>& bnb_code(const std::string& type) {
+  static const std::array<float, 16> nf4 = {
+      -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+      -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+      0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+      0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+  static const std::array<float, 16> fp4 = [] {
+    const float raw[16] = {0, 0.0625f, 8, 12, 4, 6, 2, 3, 0, -0.0625f, -8, -12, -4, -6, -2, -3};
+    std::array<float, 16> a{};
+    volatile float twelve = 12.0f;  // one fp32 division each, as torch's data /= data.abs().max()
+    for (int i = 0; i < 16; ++i) a[i] = raw[i] / twelve;
+    return a;
+  }();
+  return type == "nf4" ? nf4 : fp4;
+}
+
+bool bnb_block_ok(int64_t b) { return b >= 32 && b <= 4096 && (b & (b - 1)) == 0; }
+
+std::vector<std::string> check_bnb(const std::string& linear, int64_t out, int64_t in, Checker& c) {
+  const char* holds = "weight (uint8 codes), weight.absmax, weight.quant_map and weight.quant_state.bitsandbytes__<type>";
+  auto name = [&](const std::string& part) { return part == "weight" ? part : "weight." + part; };
+  auto need = [&](const std::string& part) -> const QuantizedPart* {
+    auto it = c.parts.find(part);
+    if (it != c.parts.end()) return &it->second;
+    const std::string file = c.parts.empty() ? std::string("the checkpoint") : c.parts.begin()->second.file;
+    c.problems.push_back(str(file, ": tensor '", linear, ".", name(part), "' is missing (bitsandbytes 4-bit stores ", holds,
+                             " per linear)"));
+    return nullptr;
+  };
+  auto dtype = [&](const QuantizedPart* p, const std::string& part, bool ok, const char* want) {
+    if (p && !ok)
+      c.problems.push_back(str(p->file, ": tensor '", linear, ".", name(part), "' has dtype ", st::info(p->entry.dtype).name,
+                               ", expected ", want));
+  };
+  auto numel = [](const QuantizedPart* p) {
+    int64_t n = 1;
+    for (auto d : p->entry.shape) n *= d;
+    return n;
+  };
+  auto* w = need("weight");
+  auto* qs = need("quant_state");
+  auto* am = need("absmax");
+  auto* qm = need("quant_map");
+  dtype(w, "weight", w && w->entry.dtype == st::DType::U8, "U8 (bnb_4bit_quant_storage uint8)");
+  if (w && w->entry.dtype == st::DType::U8 && numel(w) != ceil_div(out * in, 2))
+    c.problems.push_back(str(w->file, ": tensor '", linear, ".weight' holds ", numel(w), " bytes, but the linear [", out, ", ",
+                             in, "] packs 2 4-bit codes per byte into ceil(", out, "*", in, "/2) = ", ceil_div(out * in, 2)));
+  if (qs) {
+    dtype(qs, "quant_state", qs->entry.dtype == st::DType::U8, "U8 (the JSON bytes of the quant_state)");
+    const std::string& n = qs->entry.name;
+    const std::string type = n.substr(n.rfind("bitsandbytes__") == std::string::npos ? n.size() : n.rfind("bitsandbytes__") + 14);
+    if (type != "nf4" && type != "fp4")
+      c.problems.push_back(str(qs->file, ": tensor '", n, "': the quant_state key must end in bitsandbytes__nf4 or "
+                               "bitsandbytes__fp4 (bitsandbytes' QuantState.valid_qs_type_keys)"));
+  }
+  const auto* nested = c.parts.count("nested_absmax") ? &c.parts.at("nested_absmax") : nullptr;
+  dtype(am, "absmax", am && (nested ? am->entry.dtype == st::DType::U8 : is_float(am->entry.dtype)),
+        nested ? "U8 (double quant: 8-bit codes of the block scales)" : "a float type (the block scales)");
+  dtype(qm, "quant_map", qm && qm->entry.dtype == st::DType::F32 && numel(qm) == 16, "F32 [16] (the 4-bit code)");
+  if (nested) {
+    dtype(nested, "nested_absmax", is_float(nested->entry.dtype), "a float type");
+    auto* nq = need("nested_quant_map");
+    dtype(nq, "nested_quant_map", nq && nq->entry.dtype == st::DType::F32 && numel(nq) == 256, "F32 [256] (the 8-bit code)");
+  }
+  return c.problems;
+}
+
 }  // namespace
+
+BnbQuantState bnb_quant_state(const std::string& linear, const QuantizedParts& parts,
+                              const std::map<std::string, at::Tensor>& t, int64_t out, int64_t in) {
+  const QuantizedPart& qp = parts.at("quant_state");
+  const std::string where = str(qp.file, ": tensor '", qp.entry.name, "'");
+  auto bytes = t.at("quant_state").contiguous();
+  const std::string text(reinterpret_cast<const char*>(bytes.data_ptr<uint8_t>()), static_cast<size_t>(bytes.numel()));
+  nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  QF_CHECK_INPUT(j.is_object(), where, " is not the JSON object of a bitsandbytes quant_state (pack_dict_to_tensor)");
+  auto bad = [&](const char* key, const std::string& why) { return InputError(str(where, ": quant_state '", key, "' ", why)); };
+  auto text_key = [&](const char* key) {
+    if (!j.contains(key) || !j[key].is_string()) throw bad(key, "is missing or not a string");
+    return j[key].get<std::string>();
+  };
+  auto int_key = [&](const char* key) {
+    if (!j.contains(key) || !j[key].is_number_integer()) throw bad(key, "is missing or not an integer");
+    return j[key].get<int64_t>();
+  };
+  BnbQuantState s;
+  s.quant_type = text_key("quant_type");
+  if (s.quant_type != "nf4" && s.quant_type != "fp4") throw bad("quant_type", str("is '", s.quant_type, "'; nf4 or fp4"));
+  if (qp.entry.name.size() < 3 || qp.entry.name.substr(qp.entry.name.size() - 3) != s.quant_type)
+    throw bad("quant_type", str("is '", s.quant_type, "' but the tensor's key names another type"));
+  s.blocksize = int_key("blocksize");
+  if (!bnb_block_ok(s.blocksize))
+    throw bad("blocksize", str("is ", s.blocksize, "; bitsandbytes' 4-bit block sizes are 32, 64, ..., 4096"));
+  s.dtype = text_key("dtype");
+  if (s.dtype != "float32" && s.dtype != "bfloat16" && s.dtype != "float16")
+    throw bad("dtype", str("is '", s.dtype, "'; dequantize_4bit returns float32, bfloat16 or float16"));
+  if (!j.contains("shape") || !j["shape"].is_array() || j["shape"].size() != 2 || !j["shape"][0].is_number_integer() ||
+      !j["shape"][1].is_number_integer() || j["shape"][0].get<int64_t>() != out || j["shape"][1].get<int64_t>() != in)
+    throw bad("shape", str("is ", j.contains("shape") ? j["shape"].dump() : std::string("missing"), " but the linear is [", out,
+                           ", ", in, "] (config.json)"));
+  const int64_t n = out * in, nblocks = ceil_div(n, s.blocksize);
+  auto numel = [&](const char* part) { return t.count(part) ? t.at(part).numel() : -1; };
+  if (numel("weight") >= 0 && numel("weight") != ceil_div(n, 2))
+    throw InputError(str(parts.at("weight").file, ": tensor '", linear, ".weight' holds ", numel("weight"),
+                         " bytes; the quant_state shape [", out, ", ", in, "] packs into ", ceil_div(n, 2)));
+  if (numel("absmax") >= 0 && numel("absmax") != nblocks)
+    throw InputError(str(parts.at("absmax").file, ": tensor '", linear, ".weight.absmax' has ", numel("absmax"),
+                         " block scales; blocksize ", s.blocksize, " over ", n, " values gives ceil(", n, "/", s.blocksize,
+                         ") = ", nblocks));
+  s.nested = parts.count("nested_absmax") > 0;
+  if (s.nested != j.contains("nested_blocksize"))
+    throw bad("nested_blocksize", s.nested ? "is missing, but the linear has weight.nested_absmax (double quant)"
+                                           : "is set, but the linear has no weight.nested_absmax tensor (double quant)");
+  if (s.nested) {
+    s.nested_blocksize = int_key("nested_blocksize");
+    if (s.nested_blocksize <= 0) throw bad("nested_blocksize", str("is ", s.nested_blocksize, "; must be positive"));
+    if (!j.contains("nested_offset") || !j["nested_offset"].is_number()) throw bad("nested_offset", "is missing or not a number");
+    s.nested_offset = static_cast<float>(j["nested_offset"].get<double>());
+    const int64_t want = ceil_div(nblocks, s.nested_blocksize);
+    if (numel("nested_absmax") >= 0 && numel("nested_absmax") != want)
+      throw InputError(str(parts.at("nested_absmax").file, ": tensor '", linear, ".weight.nested_absmax' has ",
+                           numel("nested_absmax"), " scales; nested_blocksize ", s.nested_blocksize, " over ", nblocks,
+                           " block scales gives ", want));
+  }
+  return s;
+}
+
+bool bnb_packed_nf4(const HfQuant& q, const std::string& linear, int64_t out, int64_t in, const QuantizedParts& parts,
+                    const std::map<std::string, at::Tensor>& t, at::ScalarType model_dtype, PackedNf4& pk) {
+  if (q.method != HfQuantMethod::Bnb4) return false;
+  const BnbQuantState s = bnb_quant_state(linear, parts, t, out, in);
+  const bool same = s.dtype == "float32" || (s.dtype == "bfloat16" && model_dtype == at::kBFloat16) ||
+                    (s.dtype == "float16" && model_dtype == at::kHalf);
+  if (s.quant_type != "nf4" || !same) return false;
+  pk.packed = t.at("weight").reshape({-1}).clone();
+  pk.absmax = s.nested ? t.at("absmax").reshape({-1}).clone() : t.at("absmax").reshape({-1}).to(at::kFloat).clone();
+  if (s.nested) {
+    pk.nested_absmax = t.at("nested_absmax").reshape({-1}).to(at::kFloat).clone();
+    pk.nested_code = t.at("nested_quant_map").reshape({-1}).clone();
+  }
+  pk.offset = s.nested_offset;
+  pk.blocksize = s.blocksize;
+  pk.nested_blocksize = s.nested ? s.nested_blocksize : 256;
+  pk.nested = s.nested;
+  pk.shape = {out, in};
+  return true;
+}
 
 void check_quantized_data(const HfQuant& q, const std::string& linear, int64_t out, int64_t in,
                           const QuantizedParts& parts, const std::map<std::string, at::Tensor>& t) {
+  if (q.method == HfQuantMethod::Bnb4) {
+    if (t.count("quant_state")) bnb_quant_state(linear, parts, t, out, in);
+    return;
+  }
   for (const char* part : {"g_idx", "weight_g_idx"})
     if (t.count(part)) checked_g_idx(parts.at(part), linear, part, t.at(part), groups_of(q, linear, in));
   if (t.count("weight_shape")) {
@@ -250,6 +404,20 @@ std::string quantized_part(const HfQuant& q, const std::string& name, st::DType 
   static const std::vector<std::string> kAwq{"qweight", "qzeros", "scales"};
   static const std::vector<std::string> kCt{"weight_packed", "weight_scale", "weight_zero_point", "weight_shape",
                                             "weight_g_idx"};
+  if (q.method == HfQuantMethod::Bnb4) {
+    if (ends_with(name, ".weight") && dtype == st::DType::U8) {
+      linear = name.substr(0, name.size() - 7);
+      return "weight";
+    }
+    const auto w = name.rfind(".weight.");
+    if (w == std::string::npos) return "";
+    const std::string part = name.substr(w + 8);
+    static const std::vector<std::string> kBnb{"absmax", "quant_map", "nested_absmax", "nested_quant_map"};
+    const bool qs = part.rfind("quant_state.", 0) == 0;
+    if (!qs && std::find(kBnb.begin(), kBnb.end(), part) == kBnb.end()) return "";
+    linear = name.substr(0, w);
+    return qs ? "quant_state" : part;
+  }
   const auto dot = name.rfind('.');
   if (dot == std::string::npos || !q.quantized()) return "";
   const std::string part = name.substr(dot + 1);
@@ -270,6 +438,8 @@ std::vector<std::string> check_quantized_linear(const HfQuant& q, const std::str
       return check_awq(q, linear, out, in, c);
     case HfQuantMethod::CompressedTensors:
       return check_ct(q, linear, out, in, c);
+    case HfQuantMethod::Bnb4:
+      return check_bnb(linear, out, in, c);
     case HfQuantMethod::None:
       break;
   }
@@ -283,6 +453,26 @@ at::Tensor dequantize_linear(const HfQuant& q, const std::string& linear, int64_
     TORCH_INTERNAL_ASSERT(it != t.end(), "dequantize_linear: ", linear, ".", part, " was not loaded");
     return it->second;
   };
+  if (q.method == HfQuantMethod::Bnb4) {
+    const BnbQuantState s = bnb_quant_state(linear, parts, t, out, in);
+    const int64_t n = out * in, nblocks = ceil_div(n, s.blocksize);
+    at::Tensor scales;
+    if (s.nested) {  // dequantize_blockwise (code2[a] * nested absmax, fp32), then += offset
+      auto code2 = get("nested_quant_map").reshape({-1}).to(at::kFloat);
+      auto nab = get("nested_absmax").reshape({-1}).to(at::kFloat).repeat_interleave(s.nested_blocksize).slice(0, 0, nblocks);
+      scales = code2.index_select(0, get("absmax").reshape({-1}).to(at::kLong)).mul(nab);
+      scales = scales.add(at::scalar_tensor(s.nested_offset, at::kFloat));
+    } else {
+      scales = get("absmax").reshape({-1}).to(at::kFloat);
+    }
+    const auto& code = bnb_code(s.quant_type);
+    auto table = at::tensor(std::vector<float>(code.begin(), code.end()), at::kFloat);
+    auto bytes = get("weight").reshape({-1});
+    auto codes = at::stack({bytes.bitwise_right_shift(4), bytes.bitwise_and(15)}, 1).reshape({-1}).slice(0, 0, n);
+    auto w = table.index_select(0, codes.to(at::kLong)).mul(scales.repeat_interleave(s.blocksize).slice(0, 0, n));
+    const auto dt = s.dtype == "bfloat16" ? at::kBFloat16 : s.dtype == "float16" ? at::kHalf : at::kFloat;
+    return w.to(dt).to(at::kFloat).reshape({out, in});
+  }
   auto per_col = [](const at::Tensor& g_rows, const at::Tensor& g) { return g_rows.index_select(0, g).t(); };  // [G, out] -> [out, in]
   if (q.method == HfQuantMethod::Gptq) {
     const int64_t groups = q.group_size < 0 ? 1 : ceil_div(in, q.group_size);
@@ -334,6 +524,11 @@ at::Tensor dequantize_linear(const HfQuant& q, const std::string& linear, int64_
 }
 
 std::string describe_quantized_linear(const HfQuant& q, const std::string& linear, const QuantizedParts& parts) {
+  if (q.method == HfQuantMethod::Bnb4) {
+    const std::string& n = parts.count("quant_state") ? parts.at("quant_state").entry.name : std::string("?");
+    return str("bitsandbytes 4-bit ", n.substr(n.size() >= 3 ? n.size() - 3 : 0),
+               parts.count("nested_absmax") ? " double quant" : "");
+  }
   if (q.method != HfQuantMethod::CompressedTensors) {
     std::string d = q.describe();
     if (q.method == HfQuantMethod::Gptq && parts.count("g_idx") && q.desc_act) d += ", act-order g_idx";

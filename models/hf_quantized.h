@@ -1,7 +1,9 @@
 // Quantized Hugging Face checkpoints read back to float: the per-linear packed tensors of GPTQ
 // (optimum + gptqmodel: qweight/qzeros/scales/g_idx), AWQ GEMM (AutoAWQ's WQLinear_GEMM:
 // qweight/qzeros/scales) and compressed-tensors (pack-quantized weight_packed/weight_scale/
-// weight_zero_point/weight_shape, int-quantized int8 weight/weight_scale), and the int32 word
+// weight_zero_point/weight_shape, int-quantized int8 weight/weight_scale), bitsandbytes 4-bit
+// (transformers' load_in_4bit save: uint8 weight + absmax/quant_map/nested_* + a JSON quant_state;
+// NF4 and FP4, double quant or not; the NF4 bytes also handed out packed), and the int32 word
 // packings these formats share with qforge's writers (export/int_export, export/awq_export).
 // Invariants:
 //  - check_quantized_linear reads only headers (dtypes, shapes) and names the file, the tensor and
@@ -10,7 +12,9 @@
 //  - dequantize_linear computes exactly what the peer's own dequantization computes, in float32:
 //    GPTQ scales[g_idx] * (q - z[g_idx]) with v1 zero points converted as gptqmodel does (each
 //    int32 word + 0x11111111 / 0x01010101, carries included); AWQ (q - z) * s per group in AutoAWQ's
-//    nibble order; compressed-tensors (q - zp) * s with its signed codes;
+//    nibble order; compressed-tensors (q - zp) * s with its signed codes; bitsandbytes 4-bit
+//    dequantize_4bit (code[q] * absmax in fp32, the absmax first decoded as code2[a] * nested_absmax
+//    + offset when double-quantized, then cast to the quant_state dtype) read back as float32;
 //  - pack_* and unpack_* are exact inverses on codes in [0, 2^bits).
 #pragma once
 #include <ATen/core/Tensor.h>
@@ -61,6 +65,42 @@ void check_quantized_data(const HfQuant& q, const std::string& linear, int64_t o
 // Data rules (g_idx in [0, groups), weight_shape == [out, in]) throw InputError naming file and tensor.
 at::Tensor dequantize_linear(const HfQuant& q, const std::string& linear, int64_t out, int64_t in,
                              const QuantizedParts& parts, const std::map<std::string, at::Tensor>& tensors);
+
+// bitsandbytes 4-bit (transformers' save of a load_in_4bit model), per linear L: L.weight uint8
+// [ceil(out*in/2), 1] (element 2i in the high nibble of byte i, row-major), L.weight.absmax,
+// L.weight.quant_map [16], with double quant L.weight.nested_absmax / nested_quant_map [256], and
+// L.weight.quant_state.bitsandbytes__<nf4|fp4>: a uint8 tensor holding the JSON of the rest
+// (quant_type, blocksize, dtype, shape, nested_blocksize, nested_offset). Parts are named "weight",
+// "absmax", "quant_map", "nested_absmax", "nested_quant_map" and "quant_state".
+// The parsed quant_state of one linear (check_quantized_data has checked it against the tensors).
+struct BnbQuantState {
+  std::string quant_type;        // nf4 | fp4
+  int64_t blocksize = 64;
+  std::string dtype;             // float32 | bfloat16 | float16: what dequantize_4bit returns
+  bool nested = false;
+  int64_t nested_blocksize = 0;
+  float nested_offset = 0.f;     // bitsandbytes: torch.tensor(float(nested_offset)), fp32
+};
+BnbQuantState bnb_quant_state(const std::string& linear, const QuantizedParts& parts,
+                              const std::map<std::string, at::Tensor>& tensors, int64_t out, int64_t in);
+
+// A bitsandbytes NF4 linear's packed state as it is in the file (copied out of the mapping), for a
+// frozen base that keeps the bytes (peft: quant::Nf4Linear) instead of re-quantizing.
+struct PackedNf4 {
+  at::Tensor packed;         // uint8 [ceil(out*in/2)]
+  at::Tensor absmax;         // uint8 codes [n_blocks] (nested) or fp32 [n_blocks]
+  at::Tensor nested_absmax;  // fp32 (nested only)
+  at::Tensor nested_code;    // fp32 [256]: the stored nested_quant_map (nested only)
+  float offset = 0.f;
+  int64_t blocksize = 64, nested_blocksize = 256;
+  bool nested = false;
+  std::vector<int64_t> shape;  // [out, in]
+};
+// The packed NF4 state of a bitsandbytes nf4 linear whose dequantization computed in `model_dtype`
+// equals bitsandbytes' (quant_state dtype float32, or the model dtype itself); false otherwise
+// (fp4, or an fp16/bf16 quant_state under a wider model: bitsandbytes rounds there first).
+bool bnb_packed_nf4(const HfQuant& q, const std::string& linear, int64_t out, int64_t in, const QuantizedParts& parts,
+                    const std::map<std::string, at::Tensor>& tensors, at::ScalarType model_dtype, PackedNf4& pk);
 
 // What one linear is stored as ("gptq int4 group 32 sym, act-order g_idx"), for `qforge inspect`.
 std::string describe_quantized_linear(const HfQuant& q, const std::string& linear, const QuantizedParts& parts);

@@ -4,6 +4,7 @@
 #include <torch/nn/init.h>
 
 #include <cmath>
+#include <cstring>
 #include <map>
 #include <ostream>
 #include <set>
@@ -260,6 +261,29 @@ models::LinearStreamer frozen_base_streamer(torch::nn::Module& model, const Lora
   models::LinearStreamer s;
   s.claims = [cfg, output_layer](const std::string& name) { return restores_base(cfg, name, output_layer); };
   s.build = [cfg](const std::string&, const at::Tensor& w, const at::Tensor& b) { return frozen_base(cfg, w, b); };
+  if (cfg.base == BaseFormat::Nf4)
+    // A bitsandbytes NF4 checkpoint in qforge's layout (the block size and double quant peft.nf4 asks
+    // for, nested blocks of 256 with the signed dynamic map) keeps its bytes: bit-identical to
+    // bitsandbytes' weights, where dequantize + re-quantize would move them.
+    s.build_nf4 = [cfg](const std::string&, const models::PackedNf4& p, const at::Tensor& b) -> std::shared_ptr<models::LinearBase> {
+      if (p.blocksize != cfg.nf4_blocksize || p.nested != cfg.nf4_double_quant) return nullptr;
+      if (p.nested) {
+        if (p.nested_blocksize != 256 || p.nested_code.numel() != 256) return nullptr;
+        const auto& map = quant::dynamic_map_signed();
+        auto code = p.nested_code.to(at::kFloat).contiguous();
+        if (std::memcmp(code.data_ptr<float>(), map.data(), 256 * sizeof(float)) != 0) return nullptr;
+      }
+      quant::Nf4Tensor t;
+      t.packed = p.packed;
+      t.absmax = p.absmax;
+      t.nested_absmax = p.nested_absmax;
+      t.offset = p.offset;
+      t.blocksize = p.blocksize;
+      t.nested_blocksize = 256;
+      t.double_quant = p.nested;
+      t.shape = p.shape;
+      return std::make_shared<quant::Nf4Linear>(t, b);
+    };
   return s;
 }
 

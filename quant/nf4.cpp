@@ -307,6 +307,20 @@ Nf4Linear::Nf4Linear(const at::Tensor& weight_in, const at::Tensor& b, int64_t b
   if (b.defined()) bias = register_buffer("bias", b.detach().clone());
 }
 
+Nf4Linear::Nf4Linear(const Nf4Tensor& t, const at::Tensor& b)
+    : FrozenLinear(t.shape.at(1), t.shape.at(0)), blocksize(t.blocksize), double_quant(t.double_quant) {
+  QF_CHECK(t.shape.size() == 2 && t.packed.numel() == (t.numel() + 1) / 2 && t.nested_blocksize == 256,
+           "Nf4Linear: inconsistent packed state");
+  const auto dev = t.packed.device();
+  weight = register_buffer("weight", t.packed.reshape({-1}).contiguous());
+  absmax = register_buffer("absmax", t.absmax.reshape({-1}).contiguous().to(dev));
+  if (double_quant) {
+    nested_absmax = register_buffer("nested_absmax", t.nested_absmax.reshape({-1}).to(at::kFloat).contiguous().to(dev));
+    offset = register_buffer("offset", at::full({1}, t.offset, at::kFloat).to(dev));
+  }
+  if (b.defined()) bias = register_buffer("bias", b.detach().clone());
+}
+
 Nf4Tensor Nf4Linear::state() const {
   Nf4Tensor t;
   t.packed = weight;

@@ -69,6 +69,9 @@ class Nf4Linear : public models::FrozenLinear {
   // From a [out, in] weight (any float dtype, any device) and an optional bias: the same module as
   // from a dense layer holding them (QLoRA's streaming load quantizes straight from the file mapping).
   Nf4Linear(const at::Tensor& weight, const at::Tensor& bias, int64_t blocksize, bool double_quant);
+  // From an already quantized [out, in] state (t.shape), kept byte for byte (a bitsandbytes NF4
+  // checkpoint's frozen base: models::bnb_packed_nf4). t.nested_blocksize must be 256.
+  Nf4Linear(const Nf4Tensor& t, const at::Tensor& bias);
   at::Tensor materialize(at::ScalarType dtype) const override;  // dequantized [out, in]
   void pretty_print(std::ostream& s) const override;
   Nf4Tensor state() const;  // a view of the buffers as an Nf4Tensor

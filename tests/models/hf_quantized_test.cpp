@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstring>
 #include <functional>
 #include <nlohmann/json.hpp>
 
@@ -277,12 +278,177 @@ TEST(HfQuantizedIn, BadInputIsAnErrorNamingFileTensorAndRule) {
       {"config.json: quantization_config: 'version' is 'gemv'", "AWQ GEMM"});
   has(config_error({{"quant_method", "awq"}, {"version", "gemm"}, {"bits", 8}, {"group_size", 32}}),
       {"'bits' is 8; AWQ GEMM packs 4-bit codes only"});
-  has(config_error({{"quant_method", "bitsandbytes"}, {"load_in_4bit", true}}),
-      {"'quant_method' is 'bitsandbytes', which qforge does not read", "gptq", "awq", "compressed-tensors"});
+  has(config_error({{"quant_method", "hqq"}, {"nbits", 4}}),
+      {"'quant_method' is 'hqq', which qforge does not read", "gptq", "awq", "compressed-tensors", "bitsandbytes 4-bit"});
   has(config_error(gptq_config(4, 32, true, false, "marlin")), {"'checkpoint_format' is 'marlin'"});
   has(config_error(gptq_config(4, 0, true, false, "gptq")), {"'group_size' is 0"});
   has(config_error({{"quant_method", "compressed-tensors"}, {"format", "float-quantized"},
                     {"config_groups", {{"group_0", {{"targets", {"Linear"}}, {"weights", {{"num_bits", 8}, {"type", "float"},
                                                                                           {"strategy", "channel"}}}}}}}}),
       {"'type' is 'float'", "fp8 is not read yet"});
+}
+
+// ---- bitsandbytes 4-bit (transformers' save of a load_in_4bit model) ----
+namespace {
+
+nlohmann::json bnb_config(const std::string& type, bool dq) {
+  return {{"quant_method", "bitsandbytes"}, {"load_in_4bit", true},           {"load_in_8bit", false},
+          {"bnb_4bit_quant_type", type},    {"bnb_4bit_use_double_quant", dq}, {"bnb_4bit_quant_storage", "uint8"},
+          {"bnb_4bit_compute_dtype", "float32"}};
+}
+
+// Random 4-bit codes, block scales (or their 8-bit codes + nested scales + offset), and the JSON
+// quant_state, as bitsandbytes' QuantState.as_dict(packed=True) names them. The weight they decode to
+// is computed here element by element: code[q] * scale in fp32 (scale = map[a] * nested + offset),
+// then rounded to the quant_state dtype.
+struct BnbPacker {
+  std::string type = "nf4";
+  bool dq = true;
+  int64_t block = 64, nested_block = 256;
+  std::string dtype = "float32";
+  Tensors operator()(const std::string& lin, int64_t out, int64_t in, at::Tensor& w) const {
+    static const float nf4[16] = {-1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+                                  -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+                                  0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+                                  0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+    const float fp4raw[16] = {0, 0.0625f, 8, 12, 4, 6, 2, 3, 0, -0.0625f, -8, -12, -4, -6, -2, -3};
+    const int64_t n = out * in, nblocks = (n + block - 1) / block, nn = (nblocks + nested_block - 1) / nested_block;
+    auto u = at::randint(0, 16, {n}, at::kLong);
+    auto bytes = (u.slice(0, 0, n, 2) * 16 + u.slice(0, 1, n, 2)).to(at::kByte).reshape({n / 2, 1});
+    auto map = at::linspace(-1.0, 1.0, 256, at::kFloat);  // any 8-bit code the file carries
+    auto a = at::randint(0, 256, {nblocks}, at::kLong);
+    auto nab = (at::rand({nn}) * 0.05 + 0.01).to(at::kFloat);
+    auto absmax = (at::rand({nblocks}) * 0.05 + 0.01).to(at::kFloat);
+    const float offset = 0.0375f;
+    std::vector<float> scale(nblocks);
+    for (int64_t b = 0; b < nblocks; ++b) {
+      if (!dq) { scale[b] = absmax[b].item<float>(); continue; }
+      volatile float prod = map[a[b].item<int64_t>()].item<float>() * nab[b / nested_block].item<float>();
+      scale[b] = prod + offset;
+    }
+    auto wf = at::empty({n}, at::kFloat);
+    auto* up = u.data_ptr<int64_t>();
+    auto* wp = wf.data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i) {
+      volatile float twelve = 12.0f;
+      const float c = type == "nf4" ? nf4[up[i]] : fp4raw[up[i]] / twelve;
+      wp[i] = c * scale[i / block];
+    }
+    const auto dt = dtype == "bfloat16" ? at::kBFloat16 : dtype == "float16" ? at::kHalf : at::kFloat;
+    w = wf.to(dt).to(at::kFloat).reshape({out, in});
+    nlohmann::json qs = {{"quant_type", type}, {"blocksize", block}, {"dtype", dtype}, {"shape", {out, in}}};
+    if (dq) qs.update({{"nested_blocksize", nested_block}, {"nested_dtype", "float32"}, {"nested_offset", offset}});
+    const std::string js = qs.dump();
+    auto blob = at::empty({static_cast<int64_t>(js.size())}, at::kByte);
+    std::memcpy(blob.data_ptr<uint8_t>(), js.data(), js.size());
+    auto code = at::zeros({16}, at::kFloat);  // bitsandbytes reads the code by quant_type, not this tensor
+    Tensors ts{{lin + ".weight", bytes},
+               {lin + ".weight.absmax", dq ? a.to(at::kByte) : absmax},
+               {lin + ".weight.quant_map", code},
+               {lin + ".weight.quant_state.bitsandbytes__" + type, blob}};
+    if (dq) {
+      ts.emplace_back(lin + ".weight.nested_absmax", nab);
+      ts.emplace_back(lin + ".weight.nested_quant_map", map);
+    }
+    return ts;
+  }
+};
+
+}  // namespace
+
+TEST(HfQuantizedIn, BitsandbytesFourBitDirectoriesLoadDequantized) {
+  qf::testing::TmpDir tmp("qf_bnb_in");
+  struct Case {
+    const char* name;
+    BnbPacker p;
+  };
+  for (auto& c : {Case{"nf4_dq", {"nf4", true, 64, 256, "float32"}}, Case{"nf4", {"nf4", false, 64, 256, "float32"}},
+                  Case{"fp4_dq", {"fp4", true, 64, 256, "float32"}}, Case{"fp4_b128", {"fp4", false, 128, 256, "float32"}},
+                  Case{"nf4_dq_nested64_bf16", {"nf4", true, 32, 64, "bfloat16"}},
+                  Case{"fp4_dq_fp16", {"fp4", true, 64, 256, "float16"}}}) {
+    SCOPED_TRACE(c.name);
+    const auto dir = tmp / c.name;
+    auto want = write_dir(dir, bnb_config(c.p.type, c.p.dq), c.p);
+    expect_loads(dir, want, 14);
+    auto ck = read_hf_checkpoint(dir);
+    EXPECT_EQ(ck.quant.describe(), std::string("bitsandbytes 4-bit ") + c.p.type + (c.p.dq ? " double quant" : ""));
+  }
+}
+
+TEST(HfQuantizedIn, BitsandbytesBadInputIsAnErrorNamingFileTensorAndRule) {
+  qf::testing::TmpDir tmp("qf_bnb_bad");
+  const auto dir = tmp / "d";
+  const std::string lin = "model.layers.1.mlp.down_proj";  // [64, 128]
+  auto damaged = [&](const std::function<void(Tensors&)>& edit) {
+    BnbPacker p;
+    write_dir(dir, bnb_config("nf4", true), p);
+    auto f = st::load(dir + "/model.safetensors");
+    Tensors ts;
+    for (auto& [n, t] : f.tensors) ts.emplace_back(n, t.clone());
+    edit(ts);
+    st::save(dir + "/model.safetensors", ts);
+    return load_error(dir);
+  };
+  auto replace = [&](Tensors& ts, const std::string& name, const at::Tensor& t) {
+    for (auto& [n, x] : ts)
+      if (n == name) x = t;
+  };
+  auto blob = [](const nlohmann::json& j) {
+    const std::string s = j.dump();
+    auto b = at::empty({static_cast<int64_t>(s.size())}, at::kByte);
+    std::memcpy(b.data_ptr<uint8_t>(), s.data(), s.size());
+    return b;
+  };
+  auto has = [](const std::string& e, const std::vector<std::string>& needles) {
+    for (auto& n : needles) EXPECT_NE(e.find(n), std::string::npos) << "missing '" << n << "' in: " << e;
+  };
+  const std::string qs = lin + ".weight.quant_state.bitsandbytes__nf4";
+  nlohmann::json good = {{"quant_type", "nf4"}, {"blocksize", 64},        {"dtype", "float32"},
+                         {"shape", {64, 128}},   {"nested_blocksize", 256}, {"nested_offset", 0.01}};
+  // quant_state shape vs the linear
+  auto j = good;
+  j["shape"] = {128, 64};
+  has(damaged([&](Tensors& ts) { replace(ts, qs, blob(j)); }),
+      {"model.safetensors", qs, "quant_state 'shape' is [128,64] but the linear is [64, 128]"});
+  // packed bytes vs the shape
+  has(damaged([&](Tensors& ts) { replace(ts, lin + ".weight", at::zeros({4000, 1}, at::kByte)); }),
+      {lin + ".weight' holds 4000 bytes", "packs 2 4-bit codes per byte", "4096"});
+  // a block size bitsandbytes does not have
+  j = good;
+  j["blocksize"] = 48;
+  has(damaged([&](Tensors& ts) { replace(ts, qs, blob(j)); }), {qs, "'blocksize' is 48", "32, 64, ..., 4096"});
+  // absmax count vs the block size
+  j = good;
+  j["blocksize"] = 128;
+  has(damaged([&](Tensors& ts) { replace(ts, qs, blob(j)); }),
+      {lin + ".weight.absmax' has 128 block scales", "blocksize 128 over 8192 values gives ceil(8192/128) = 64"});
+  // nested absmax count vs nested_blocksize
+  j = good;
+  j["nested_blocksize"] = 64;
+  has(damaged([&](Tensors& ts) { replace(ts, qs, blob(j)); }),
+      {lin + ".weight.nested_absmax' has 1 scales", "nested_blocksize 64 over 128 block scales gives 2"});
+  // missing absmax: every missing part named, before anything loads
+  has(damaged([&](Tensors& ts) {
+        ts.erase(std::remove_if(ts.begin(), ts.end(), [&](auto& t) { return t.first == lin + ".weight.absmax"; }), ts.end());
+      }),
+      {lin + ".weight.absmax' is missing", "bitsandbytes 4-bit stores"});
+  // not JSON, a quant_type the key does not name, a missing key
+  has(damaged([&](Tensors& ts) { replace(ts, qs, at::full({5}, 120, at::kByte)); }), {qs, "is not the JSON object"});
+  j = good;
+  j["quant_type"] = "fp4";
+  has(damaged([&](Tensors& ts) { replace(ts, qs, blob(j)); }), {qs, "'fp4' but the tensor's key names another type"});
+  j = good;
+  j.erase("nested_offset");
+  has(damaged([&](Tensors& ts) { replace(ts, qs, blob(j)); }), {qs, "'nested_offset' is missing"});
+  // load_in_8bit (LLM.int8) and a non-uint8 quant storage are refused at config.json
+  BnbPacker p;
+  auto q8 = bnb_config("nf4", true);
+  q8["load_in_4bit"] = false;
+  q8["load_in_8bit"] = true;
+  write_dir(dir, q8, p);
+  has(load_error(dir), {"config.json: quantization_config: 'load_in_8bit' is true", "LLM.int8"});
+  auto qst = bnb_config("nf4", true);
+  qst["bnb_4bit_quant_storage"] = "bfloat16";
+  write_dir(dir, qst, p);
+  has(load_error(dir), {"'bnb_4bit_quant_storage' is 'bfloat16'"});
 }

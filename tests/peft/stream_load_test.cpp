@@ -6,7 +6,11 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include <cstring>
+#include <nlohmann/json.hpp>
+
 #include "core/error.h"
+#include "core/fs.h"
 #include "core/safetensors.h"
 #include "models/hf.h"
 #include "models/transformer.h"
@@ -218,4 +222,93 @@ TEST(StreamLoad, BadConfigOrCheckpointIsRefusedBeforeAnyModuleChanges) {
     }
     EXPECT_TRUE(all_dense(*m));
   }
+}
+
+// A bitsandbytes NF4 dir (transformers' save of a load_in_4bit model: blocksize 64, double quant with
+// nested blocks of 256 and the signed dynamic map, qforge's QLoRA default) under peft.base nf4: the
+// streamer keeps the file's bytes as each frozen base, so the base dequantizes to exactly what the
+// dir loads to dequantized (bitsandbytes' dequantize_4bit, tests/interop/test_bnb_4bit_in.py). A
+// layout peft.nf4 does not ask for (blocksize 128 here) goes through dequantize + re-quantize.
+TEST(StreamLoad, BitsandbytesNf4DirKeepsItsPackedBytesAsTheFrozenBase) {
+  qf::testing::TmpDir tmp("qf_bnb_stream");
+  const std::string dir = tmp.path + "/bnb";
+  write_checkpoint(dir, "llama", at::kFloat, 0);
+  std::map<std::string, quant::Nf4Tensor> packed;  // linear -> what the file holds
+  {
+    auto f = st::load(dir + "/model.safetensors");
+    std::vector<std::pair<std::string, at::Tensor>> ts;
+    const auto& map = quant::dynamic_map_signed();
+    for (auto& [n, t] : f.tensors) {
+      if (n.rfind("model.layers.", 0) != 0 || n.find("proj.weight") == std::string::npos) {
+        ts.emplace_back(n, t.clone());
+        continue;
+      }
+      const std::string lin = n.substr(0, n.size() - 7);
+      auto q = quant::nf4_quantize(t, 64, true);
+      packed[lin] = q;
+      nlohmann::json qs = {{"quant_type", "nf4"},      {"blocksize", 64},          {"dtype", "float32"},
+                           {"shape", t.sizes().vec()}, {"nested_blocksize", 256}, {"nested_dtype", "float32"},
+                           {"nested_offset", static_cast<double>(q.offset)}};
+      const std::string js = qs.dump();
+      auto blob = at::empty({static_cast<int64_t>(js.size())}, at::kByte);
+      std::memcpy(blob.data_ptr<uint8_t>(), js.data(), js.size());
+      ts.emplace_back(n, q.packed.reshape({-1, 1}));
+      ts.emplace_back(n + ".absmax", q.absmax);
+      ts.emplace_back(n + ".quant_map", at::tensor(std::vector<float>(quant::kNf4Code.begin(), quant::kNf4Code.end())));
+      ts.emplace_back(n + ".nested_absmax", q.nested_absmax);
+      ts.emplace_back(n + ".nested_quant_map", at::tensor(std::vector<float>(map.begin(), map.end())));
+      ts.emplace_back(n + ".quant_state.bitsandbytes__nf4", blob);
+    }
+    st::save(dir + "/model.safetensors", ts);
+    auto cfg = nlohmann::json::parse(fs::read_file(dir + "/config.json"));
+    cfg["quantization_config"] = {{"quant_method", "bitsandbytes"}, {"load_in_4bit", true}, {"bnb_4bit_quant_type", "nf4"},
+                                  {"bnb_4bit_use_double_quant", true}};
+    fs::write_atomic(dir + "/config.json", cfg.dump());
+  }
+  auto dense = models::load_hf_model(dir, false);  // dequantized: bitsandbytes' weights
+  std::map<std::string, at::Tensor> want;
+  for (auto& p : dense->named_parameters()) want[p.key()] = p.value();
+
+  models::HfCheckpoint ck;
+  auto m = build(dir, models::DType::F32, ck);
+  const auto pc = lora(BaseFormat::Nf4, {"all-linear"});
+  const auto s = frozen_base_streamer(*m, pc, "lm_head");
+  models::HfLoadReport rep;
+  models::load_hf_weights(*m, ck, false, /*populate=*/false, &s, &rep);
+  EXPECT_EQ(rep.kept_packed.size(), packed.size());
+  EXPECT_TRUE(rep.dequantized.empty());
+  int64_t n = 0;
+  for (auto& ns : models::linear_slots(*m)) {
+    auto it = packed.find(ns.name);
+    if (it == packed.end()) continue;
+    auto* b = dynamic_cast<quant::Nf4Linear*>(ns.slot->get().get());
+    ASSERT_NE(b, nullptr) << ns.name;
+    EXPECT_TRUE(at::equal(b->weight, it->second.packed)) << ns.name;
+    EXPECT_TRUE(at::equal(b->absmax, it->second.absmax)) << ns.name;
+    EXPECT_TRUE(at::equal(b->nested_absmax, it->second.nested_absmax)) << ns.name;
+    EXPECT_EQ(b->offset.item<float>(), it->second.offset) << ns.name;
+    EXPECT_TRUE(at::equal(b->materialize(at::kFloat), want.at(ns.name + ".weight"))) << ns.name;
+    ++n;
+  }
+  EXPECT_EQ(n, static_cast<int64_t>(packed.size()));
+  at::manual_seed(3);
+  auto ar = apply_lora(*m, pc, "lm_head");
+  EXPECT_EQ(count_nf4(*m), n);  // apply_lora kept them
+
+  // peft.nf4.blocksize 128: not the file's layout, so dequantized and re-quantized at 128
+  models::HfCheckpoint ck2;
+  auto m2 = build(dir, models::DType::F32, ck2);
+  auto pc2 = lora(BaseFormat::Nf4, {"all-linear"});
+  pc2.nf4_blocksize = 128;
+  const auto s2 = frozen_base_streamer(*m2, pc2, "lm_head");
+  models::HfLoadReport rep2;
+  models::load_hf_weights(*m2, ck2, false, false, &s2, &rep2);
+  EXPECT_TRUE(rep2.kept_packed.empty());
+  EXPECT_EQ(rep2.dequantized.size(), packed.size());
+  for (auto& ns : models::linear_slots(*m2))
+    if (packed.count(ns.name)) {
+      auto* b = dynamic_cast<quant::Nf4Linear*>(ns.slot->get().get());
+      ASSERT_NE(b, nullptr) << ns.name;
+      EXPECT_EQ(b->blocksize, 128);
+    }
 }
