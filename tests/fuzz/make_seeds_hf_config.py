@@ -35,6 +35,11 @@ quantized = {
                                                          "input_activations": None, "output_activations": None,
                                                          "weights": {"num_bits": 4, "type": "int", "symmetric": False,
                                                                      "strategy": "group", "group_size": 32}}}},
+    "bitsandbytes": {"_load_in_4bit": True, "_load_in_8bit": False, "bnb_4bit_compute_dtype": "float32",
+                     "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+                     "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False,
+                     "llm_int8_skip_modules": None, "llm_int8_threshold": 6.0, "load_in_4bit": True, "load_in_8bit": False,
+                     "quant_method": "bitsandbytes"},
 }
 for name, q in quantized.items():
     configs[f"llama_{name}"] = LlamaConfig(**small, architectures=["LlamaForCausalLM"], quantization_config=q)
