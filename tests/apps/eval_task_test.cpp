@@ -2,31 +2,15 @@
 // read, exit code 1, naming the file and the line and what was expected; option misuse is refused.
 // (Scores are checked against lm-evaluation-harness in tests/interop/test_lm_eval.py.)
 #include <gtest/gtest.h>
-#include <sys/wait.h>
 
-#include <array>
-#include <cstdio>
 #include <string>
 
+#include "tests/apps/qforge_cli.h"
 #include "tests/test_util.h"
 
 namespace {
 
-struct Out {
-  int rc;
-  std::string text;
-};
-
-Out qforge(const std::string& args) {
-  const std::string cmd = std::string("QFORGE_PROGRESS=0 ") + QFORGE_BINARY + " " + args + " 2>&1";
-  Out r{-1, ""};
-  FILE* p = popen(cmd.c_str(), "r");
-  std::array<char, 4096> buf;
-  while (size_t n = fread(buf.data(), 1, buf.size(), p)) r.text.append(buf.data(), n);
-  const int st = pclose(p);
-  r.rc = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  return r;
-}
+qf::testing::CliOut qforge(const std::string& args) { return qf::testing::run_qforge(args, ""); }
 
 TEST(EvalTask, MalformedTaskFileNamesFileAndLine) {
   qf::testing::TmpDir tmp("qf_eval_task");

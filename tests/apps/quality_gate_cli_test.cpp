@@ -5,34 +5,18 @@
 // statistics in train_summary.json). (The statistics themselves: tests/trainer/quality_gate_test.cpp;
 // against llama.cpp's own logits: tests/interop/test_kld_gate.py.)
 #include <gtest/gtest.h>
-#include <sys/wait.h>
 
-#include <array>
-#include <cstdio>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
 
+#include "tests/apps/qforge_cli.h"
 #include "tests/test_util.h"
 
 namespace {
 
-struct Out {
-  int rc;
-  std::string text;
-};
-
-Out qforge(const std::string& args) {
-  const std::string cmd = std::string("QFORGE_PROGRESS=0 OMP_NUM_THREADS=2 ") + QFORGE_BINARY + " " + args + " 2>&1";
-  Out r{-1, ""};
-  FILE* p = popen(cmd.c_str(), "r");
-  std::array<char, 4096> buf;
-  while (size_t n = fread(buf.data(), 1, buf.size(), p)) r.text.append(buf.data(), n);
-  const int st = pclose(p);
-  r.rc = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  return r;
-}
+qf::testing::CliOut qforge(const std::string& args) { return qf::testing::run_qforge(args, "OMP_NUM_THREADS=2"); }
 
 // The last line that is a JSON object.
 nlohmann::json last_json(const std::string& text) {
