@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <limits>
 #include <map>
@@ -38,12 +39,11 @@ const char* kOtherFormats =
     "--format gguf (llama.cpp blocks, NF4-free), --format hf (float), --format gptq / compressed-tensors / awq "
     "(integer codes), or --format onnx --fallback f32|f16 (those layers dequantized to float)";
 
-// How one linear is written.
-enum class LinKind { Float, NBits, Qdq };
+const char* kNf4Why = "NF4 (a 16-value code table onnxruntime has no operator for)";
 
 // The ONNX mapping of a converted layer's spec, or why there is none ("" = it maps).
 std::string unsupported(const QuantSpec& s, int64_t in) {
-  if (s.kind == quant::Kind::Nf4) return "NF4 (a 16-value code table onnxruntime has no operator for)";
+  if (s.kind == quant::Kind::Nf4) return kNf4Why;
   if (s.kind != quant::Kind::Int) return "FP8 (onnxruntime's CPU DequantizeLinear has no per-group float8)";
   if (s.is_ggml()) return "llama.cpp blocks (no ONNX operator reads them)";
   if (s.learn != quant::Learn::None) return "LSQ's learned offset (q * s + offset)";
@@ -54,11 +54,10 @@ std::string unsupported(const QuantSpec& s, int64_t in) {
   return "";
 }
 
-LinKind kind_of(const QuantSpec& s, int64_t in) {
+// int4 per-group codes whose group MatMulNBits takes (a power of two >= 16); other codes go QDQ.
+bool matmul_nbits(const QuantSpec& s, int64_t in) {
   const int64_t g = s.block(in);
-  const bool pow2 = g >= 16 && (g & (g - 1)) == 0;
-  if (s.bits == 4 && s.granularity == quant::Granularity::PerGroup && pow2) return LinKind::NBits;
-  return LinKind::Qdq;
+  return s.bits == 4 && s.granularity == quant::Granularity::PerGroup && g >= 16 && (g & (g - 1)) == 0;
 }
 
 bool has_activation_quant(quant::QuantizedLinear& ql) {
@@ -157,7 +156,9 @@ class Builder {
     return consts_[key] = name;
   }
   std::string cf(float v) {  // fp32 scalar
-    const std::string key = str("f32_", std::to_string(v), "_", std::hash<float>{}(v));
+    uint32_t bits;
+    std::memcpy(&bits, &v, sizeof bits);
+    const std::string key = str("f32_", bits);
     auto it = consts_.find(key);
     if (it != consts_.end()) return it->second;
     auto name = init(str("const_", consts_.size()), at::scalar_tensor(v, at::kFloat));
@@ -227,8 +228,8 @@ class Builder {
     if (rc.rope_scaling == models::RopeScaling::LongRope) {
       // transformers' Phi-3 LongRoPE: long factors once the sequence (max position + 1) exceeds the
       // original context; qforge's rope_inv_freq(c, seq_len) makes the same choice.
-      auto short_inv = init(str("rope_inv_freq_short"), models::rope_inv_freq(rc, 0).to(at::kFloat));
-      auto long_inv = init(str("rope_inv_freq_long"), models::rope_inv_freq(rc, rc.rope_original_max_seq_len + 1).to(at::kFloat));
+      auto short_inv = init("rope_inv_freq_short", models::rope_inv_freq(rc, 0).to(at::kFloat));
+      auto long_inv = init("rope_inv_freq_long", models::rope_inv_freq(rc, rc.rope_original_max_seq_len + 1).to(at::kFloat));
       auto seq = op("Add", {op("ReduceMax", {"position_ids"}, {onnx::attr_int("keepdims", 0)}), ci64({1})});
       auto use_long = op("Greater", {seq, ci64({rc.rope_original_max_seq_len})});
       inv = op("Where", {use_long, long_inv, short_inv});
@@ -281,7 +282,7 @@ class Builder {
     const QuantSpec* s = converted_spec(m);
     if (!s) {  // float after convert: dense, half-precision, or LoRA merged into a non-fake-quant base
       if (base != &m || dynamic_cast<models::DenseLinear*>(&m) || dynamic_cast<models::HalfLinear*>(&m)) return "";
-      return "NF4 (a 16-value code table onnxruntime has no operator for)";
+      return kNf4Why;
     }
     std::string why = unsupported(*s, m.in_features);
     if (!why.empty()) return str(s->describe(), ": ", why);
@@ -335,7 +336,7 @@ class Builder {
     auto w = q0.to(at::kFloat) * scales.repeat_interleave(K / groups, 1);
     QF_CHECK(at::equal(w, ql.effective_weight().to(at::kFloat)), "export: ", name,
              ": codes * scales differ from the layer's dequantized weight (", s.describe(), ")");
-    if (kind_of(s, K) == LinKind::NBits) {
+    if (matmul_nbits(s, K)) {
       // B uint8 [N, K/g, g/2]: unsigned codes, two per byte along K, low nibble first; symmetric codes
       // as q + 8 with MatMulNBits' default zero point 8, -zp codes as they are with their zero points
       // (uint8 [N, ceil(groups / 2)], two per byte, low nibble first).
