@@ -22,7 +22,8 @@ enum class ValueType : uint32_t {
 
 // ggml tensor types qforge writes (GGUF ids); their geometry and names: quant/ggml_types.h.
 enum class TensorType : uint32_t {
-  F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q6_K = 14, BF16 = 30
+  F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13,
+  Q6_K = 14, IQ4_NL = 20, IQ4_XS = 23, BF16 = 30, TQ1_0 = 34, TQ2_0 = 35, Q1_0 = 41, Q2_0 = 42
 };
 int64_t block_elems(TensorType t);
 int64_t block_bytes(TensorType t);

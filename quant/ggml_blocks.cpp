@@ -582,11 +582,20 @@ const Format& format_of(Rule r) {
     case Rule::GgmlQ5_1: return q5_1;
     case Rule::GgmlQ4_K: return q4_K;
     case Rule::GgmlQ6_K: return q6_K;
+    case Rule::GgmlQ2_K:
+    case Rule::GgmlQ3_K:
+    case Rule::GgmlQ5_K:
+    case Rule::GgmlIQ4_NL:
+    case Rule::GgmlIQ4_XS:
+    case Rule::GgmlTQ1_0:
+    case Rule::GgmlTQ2_0:
+    case Rule::GgmlQ1_0:
+    case Rule::GgmlQ2_0:
     case Rule::Affine:
     case Rule::IntZeroPoint: break;
   }
-  (void)traits(r);  // throws, naming the block formats
-  throw Error("unreachable");
+  // Non-block rules and types without a row throw in traits(), naming the implemented formats.
+  throw Error(str("ggml ", traits(r).name, " blocks: not implemented (quantize/dequantize) in this build"));
 }
 
 void check_cols(const Format& f, int64_t cols, const char* what) {
@@ -780,8 +789,17 @@ at::Tensor dequantize_aten(const at::Tensor& blocks, Rule r, int64_t cols) {
       x = d_sc.mul(q).reshape({-1, kQKK});
       break;
     }
+    case Rule::GgmlQ2_K:
+    case Rule::GgmlQ3_K:
+    case Rule::GgmlQ5_K:
+    case Rule::GgmlIQ4_NL:
+    case Rule::GgmlIQ4_XS:
+    case Rule::GgmlTQ1_0:
+    case Rule::GgmlTQ2_0:
+    case Rule::GgmlQ1_0:
+    case Rule::GgmlQ2_0:
     case Rule::Affine:
-    case Rule::IntZeroPoint: TORCH_INTERNAL_ASSERT(false, "format_of accepted a non-block rule");
+    case Rule::IntZeroPoint: TORCH_INTERNAL_ASSERT(false, "format_of accepted a rule without an ATen dequantizer");
   }
   return x.reshape({rows, cols});
 }

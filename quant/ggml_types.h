@@ -26,8 +26,11 @@ struct TypeTraits {
 };
 
 const std::vector<TypeTraits>& type_table();
-// The row of a block rule; throws qf::Error for Rule::Affine (not a block format).
+// The row of a block rule; throws qf::Error for Rule::Affine / IntZeroPoint (not a block format)
+// and for a llama.cpp rule without a row ("not implemented").
 const TypeTraits& traits(Rule r);
+// Every Rule's lower-case spelling ("q4_k", "iq4_nl", "affine"), rows or not: for messages.
+const char* rule_label(Rule r);
 // nullptr when no row has that name / id.
 const TypeTraits* traits_by_name(const std::string& name);
 const TypeTraits* traits_by_gguf_id(uint32_t id);

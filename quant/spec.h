@@ -20,7 +20,26 @@ enum class ScaleDType { F32, F16, BF16 };
 // x * (1/scale)). IntZeroPoint = AutoAWQ's / GPTQ's asymmetric rule with an INTEGER zero point z in
 // [0, 2^b-1] per block (weight = (q - z) * s; quant/affine.h has the formulas); presets
 // int<b>-g<G>-zp. The Ggml* rules are llama.cpp's reference quantizers, block by block.
-enum class Rule { Affine, IntZeroPoint, GgmlQ8_0, GgmlQ4_0, GgmlQ4_1, GgmlQ5_0, GgmlQ5_1, GgmlQ4_K, GgmlQ6_K };
+enum class Rule {
+  Affine,
+  IntZeroPoint,
+  GgmlQ8_0,
+  GgmlQ4_0,
+  GgmlQ4_1,
+  GgmlQ5_0,
+  GgmlQ5_1,
+  GgmlQ2_K,
+  GgmlQ3_K,
+  GgmlQ4_K,
+  GgmlQ5_K,
+  GgmlQ6_K,
+  GgmlIQ4_NL,
+  GgmlIQ4_XS,
+  GgmlTQ1_0,
+  GgmlTQ2_0,
+  GgmlQ1_0,
+  GgmlQ2_0,
+};
 // The recipe spelling of an integer spec's zero point (quant.*.zero_point): float = torchao's
 // float-domain zero point (Rule::Affine), int = an integer one (Rule::IntZeroPoint).
 const cfg::Names<Rule>& zero_point_names();
@@ -55,7 +74,7 @@ struct QuantSpec {
   bool is_ggml() const { return rule != Rule::Affine && rule != Rule::IntZeroPoint; }
   bool int_zero_point() const { return rule == Rule::IntZeroPoint; }
 
-  // Named presets, bit-exact with their runtimes: q8_0 q4_0 q4_1 q5_0 q5_1 q4_k q6_k int4-g128-asym
+  // Named presets, bit-exact with their runtimes: q8_0 q4_0 q4_1 q5_0 q5_1 q2_k q3_k q4_k q5_k q6_k int4-g128-asym
   // int4-g128-zp int4-g32-zp (AutoAWQ GEMM / GPTQ asym) int4-g32 int8-per-channel int8-per-token
   // (activations) fp8-e4m3 fp8-e5m2, and int<b>-g<G>[-asym|-zp]; throws listing them.
   static QuantSpec preset_named(const std::string& name);
