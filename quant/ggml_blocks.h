@@ -1,5 +1,6 @@
 // llama.cpp (ggml) block formats, bit-exact with ggml-quants.c's reference quantizers
-// (quantize_row_q8_0_ref, q4_0, q4_1, q5_0, q5_1, q4_K, q6_K) and their dequantizers.
+// (quantize_row_q8_0_ref, q4_0, q4_1, q5_0, q5_1, q2_K, q3_K, q4_K, q5_K, q6_K), their
+// importance-weighted variants (quantize_row_*_impl) and their dequantizers.
 // Invariant: dequantize(quantize(w)) == fake_quant(w) bit for bit, and quantize(w)'s bytes equal
 // what llama.cpp / gguf-py write for the same float32 rows.
 #pragma once
@@ -11,12 +12,20 @@
 
 namespace qf::quant::ggml {
 
-int64_t block_size(Rule r);  // 32 (q8_0/q4_0/q4_1) or 256 (q4_k/q6_k)
-int64_t type_size(Rule r);   // bytes per block: 34, 18, 20, 22, 24, 144, 210
+int64_t block_size(Rule r);  // 32 (q8_0, q4_0, q4_1, q5_0, q5_1) or 256 (the K-quants)
+int64_t type_size(Rule r);   // bytes per block (quant/ggml_types.h): q4_0 18 ... q2_K 84, q3_K 110, q6_K 210
 
 // w: float32 [rows, cols], cols % block_size == 0 (throws qf::Error naming both numbers otherwise).
-// Returns uint8 [rows, cols / block_size * type_size]: ggml's row layout.
+// Returns uint8 [rows, cols / block_size * type_size]: ggml's row layout. The bytes of
+// ggml_quantize_chunk(type, w, dst, 0, rows, cols, NULL) (= quantize_row_<type>_ref for these types).
 at::Tensor quantize(const at::Tensor& w, Rule r);
+// Importance-weighted quantization, what llama-quantize does with --imatrix: the bytes of
+// ggml_quantize_chunk(type, w, dst, 0, rows, cols, imatrix), i.e. quantize_<type> with
+// quant_weights (quantize_row_<type>_impl row by row; q8_0 ignores the weights). imatrix: float32
+// [cols], one importance per input column (llama.cpp's imatrix for this tensor: the mean of x^2 of
+// that input over the calibration tokens), finite (qf::Error otherwise). An undefined imatrix is
+// quantize(w, r). Not a fake quant: dequantize(quantize(w, r, imatrix), r, cols) gives its values.
+at::Tensor quantize(const at::Tensor& w, Rule r, const at::Tensor& imatrix);
 // blocks: uint8 [rows, n_blocks * type_size] on any device -> float32 [rows, cols] on that device.
 // The one dispatch for this op: on the CPU the reference loop; on CUDA the quant/cuda kernel when
 // the build has it and the rule has one (q8_0/q4_0/q4_1); anywhere else dequantize_aten. All equal
