@@ -153,7 +153,7 @@ void load_hf_weights(CausalLM& model, const HfCheckpoint& ck, bool progress, boo
   };
   for (auto& [lin, parts] : qlinears) {
     std::map<std::string, at::Tensor> small;
-    for (const char* part : {"g_idx", "weight_g_idx", "weight_shape"})
+    for (const char* part : {"g_idx", "weight_g_idx", "weight_shape", "weight_format"})
       if (parts.count(part)) small[part] = qtensor(parts.at(part));
     if (ck.quant.method == HfQuantMethod::Bnb4)  // the quant_state JSON, and the others' sizes (mapped, unread)
       for (auto& [part, where] : parts) small[part] = qtensor(where);

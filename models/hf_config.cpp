@@ -37,7 +37,7 @@ std::string lower(std::string s) {
 const char* kQuantRead =
     "qforge reads GPTQ (quant_method gptq: 4 or 8 bits, checkpoint_format gptq or gptq_v2), AWQ (quant_method awq, "
     "version gemm, 4 bits) compressed-tensors (pack-quantized int4, int-quantized int8) and bitsandbytes 4-bit (quant_method bitsandbytes, "
-    "load_in_4bit: nf4/fp4, double quant) checkpoints";
+    "load_in_4bit: nf4/fp4, double quant; load_in_8bit: LLM.int8) checkpoints";
 
 // An integer key: required (def unset) or defaulted; kMaxSize caps it like the sizes.
 int64_t int_key(const HfConfigReader& r, const char* k, std::optional<int64_t> def) {
@@ -151,10 +151,21 @@ void read_compressed(const HfConfigReader& r, HfQuant& q) {
 
 void read_bnb(const HfConfigReader& r, HfQuant& q) {
   const bool in4 = r.bool_or("load_in_4bit", false), in8 = r.bool_or("load_in_8bit", false);
-  if (in8)
-    throw r.bad("load_in_8bit", "is true: a bitsandbytes LLM.int8 checkpoint (Int8Params weight + SCB), which qforge does "
-                                "not read yet; qforge reads bitsandbytes 4-bit checkpoints (load_in_4bit, nf4/fp4)");
-  if (!in4) throw r.bad("load_in_4bit", "is not true; qforge reads bitsandbytes checkpoints saved with load_in_4bit");
+  if (in4 && in8) throw r.bad("load_in_8bit", "is true and so is 'load_in_4bit'; a bitsandbytes checkpoint is one or the other");
+  if (in8) {  // LLM.int8: per linear an int8 `weight` (Int8Params' CB) and fp32 `SCB`
+    q.method = HfQuantMethod::Bnb8;
+    q.bits = 8;
+    if (r.bool_or("llm_int8_has_fp16_weight", false))
+      throw r.bad("llm_int8_has_fp16_weight", "is true: the linears were kept in float16 (trained in place), not stored as "
+                                              "int8; qforge reads load_in_8bit checkpoints with llm_int8_has_fp16_weight false");
+    q.bnb_int8_threshold = r.f64_or("llm_int8_threshold", 6.0);
+    if (!(q.bnb_int8_threshold >= 0)) throw r.bad("llm_int8_threshold", str("is ", q.bnb_int8_threshold, "; must be >= 0"));
+    q.skip = string_list(r, "llm_int8_skip_modules");
+    return;
+  }
+  if (!in4)
+    throw r.bad("load_in_4bit", "is not true (nor 'load_in_8bit'); qforge reads bitsandbytes checkpoints saved with "
+                                "load_in_4bit or load_in_8bit");
   q.bits = 4;
   q.bnb_quant_type = lower(text_or(r, "bnb_4bit_quant_type", "fp4"));
   if (q.bnb_quant_type != "nf4" && q.bnb_quant_type != "fp4")
@@ -180,6 +191,8 @@ std::string HfQuant::describe() const {
       return str("awq int", bits, " group ", group_size, symmetric ? "" : " zero_point", " (gemm)");
     case HfQuantMethod::Bnb4:
       return str("bitsandbytes 4-bit ", bnb_quant_type, bnb_double_quant ? " double quant" : "");
+    case HfQuantMethod::Bnb8:
+      return str("bitsandbytes 8-bit LLM.int8 (threshold ", bnb_int8_threshold, ")");
     case HfQuantMethod::CompressedTensors: {
       std::string s = "compressed-tensors";
       for (auto& g : groups)

@@ -15,7 +15,7 @@ namespace qf::models {
 
 // config.json's "quantization_config": the packed layout a quantized checkpoint's linears are stored
 // in (read back to float by models/hf_quantized.h). method None: a float checkpoint.
-enum class HfQuantMethod { None, Gptq, Awq, CompressedTensors, Bnb4 };
+enum class HfQuantMethod { None, Gptq, Awq, CompressedTensors, Bnb4, Bnb8 };
 
 // One compressed-tensors config group (its "weights" scheme and the modules it targets).
 struct HfQuantScheme {
@@ -37,6 +37,7 @@ struct HfQuant {
   std::vector<std::string> skip;     // modules_to_not_convert (GPTQ/AWQ) or ignore (compressed-tensors)
   std::string bnb_quant_type;        // bitsandbytes load_in_4bit: bnb_4bit_quant_type nf4 | fp4
   bool bnb_double_quant = false;     // bnb_4bit_use_double_quant (each linear's quant_state says it too)
+  double bnb_int8_threshold = 6.0;   // bitsandbytes load_in_8bit: llm_int8_threshold (Linear8bitLt's outlier threshold)
   bool quantized() const { return method != HfQuantMethod::None; }
   // "gptq int4 group 128 sym desc_act (checkpoint_format gptq)", "awq int4 group 32 zero_point (gemm)", ...
   std::string describe() const;

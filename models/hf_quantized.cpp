@@ -65,7 +65,7 @@ std::string shape_str(const std::vector<int64_t>& s) {
 }
 
 const char* method_name(HfQuantMethod m) {
-  return m == HfQuantMethod::Gptq ? "GPTQ" : m == HfQuantMethod::Awq ? "AWQ" : m == HfQuantMethod::Bnb4 ? "bitsandbytes 4-bit" : "compressed-tensors";
+  return m == HfQuantMethod::Gptq ? "GPTQ" : m == HfQuantMethod::Awq ? "AWQ" : m == HfQuantMethod::Bnb4 ? "bitsandbytes 4-bit" : m == HfQuantMethod::Bnb8 ? "bitsandbytes 8-bit" : "compressed-tensors";
 }
 
 // The compressed-tensors scheme that targets `linear`: an exact name first, then "re:" patterns,
@@ -301,6 +301,22 @@ std::vector<std::string> check_bnb(const std::string& linear, int64_t out, int64
   return c.problems;
 }
 
+// LLM.int8 (Linear8bitLt's state dict): weight int8 [out, in], SCB fp32 [out], optional weight_format (uint8 scalar).
+std::vector<std::string> check_bnb8(int64_t out, int64_t in, Checker& c) {
+  auto* w = c.need("weight", "weight (int8 [out, in]) and SCB (float32 [out])");
+  auto* scb = c.need("SCB", "weight (int8 [out, in]) and SCB (float32 [out])");
+  c.dtype(w, "weight", w && w->entry.dtype == st::DType::I8, "I8 (Int8Params' row-wise codes)");
+  c.shape(w, "weight", {out, in}, "the linear [out, in]");
+  c.dtype(scb, "SCB", scb && scb->entry.dtype == st::DType::F32, "F32 (one absmax per output row)");
+  c.shape(scb, "SCB", {out}, "one scale per output row");
+  if (c.parts.count("weight_format")) {
+    const auto* f = &c.parts.at("weight_format");
+    c.dtype(f, "weight_format", f->entry.dtype == st::DType::U8, "U8 (bitsandbytes' weight format code)");
+    c.shape(f, "weight_format", {}, "a scalar");
+  }
+  return c.problems;
+}
+
 }  // namespace
 
 BnbQuantState bnb_quant_state(const std::string& linear, const QuantizedParts& parts,
@@ -389,6 +405,14 @@ void check_quantized_data(const HfQuant& q, const std::string& linear, int64_t o
     if (t.count("quant_state")) bnb_quant_state(linear, parts, t, out, in);
     return;
   }
+  if (q.method == HfQuantMethod::Bnb8) {
+    if (t.count("weight_format")) {
+      const int64_t f = t.at("weight_format").to(at::kLong).item<int64_t>();
+      QF_CHECK_INPUT(f == 0, parts.at("weight_format").file, ": tensor '", linear, ".weight_format' is ", f,
+                     "; bitsandbytes reads only format 0 (row-major int8 rows)");
+    }
+    return;
+  }
   for (const char* part : {"g_idx", "weight_g_idx"})
     if (t.count(part)) checked_g_idx(parts.at(part), linear, part, t.at(part), groups_of(q, linear, in));
   if (t.count("weight_shape")) {
@@ -404,6 +428,16 @@ std::string quantized_part(const HfQuant& q, const std::string& name, st::DType 
   static const std::vector<std::string> kAwq{"qweight", "qzeros", "scales"};
   static const std::vector<std::string> kCt{"weight_packed", "weight_scale", "weight_zero_point", "weight_shape",
                                             "weight_g_idx"};
+  if (q.method == HfQuantMethod::Bnb8) {
+    for (const char* part : {"weight", "SCB", "weight_format"}) {
+      const std::string suffix = std::string(".") + part;
+      if (ends_with(name, suffix) && (std::string(part) != "weight" || dtype == st::DType::I8)) {
+        linear = name.substr(0, name.size() - suffix.size());
+        return part;
+      }
+    }
+    return "";
+  }
   if (q.method == HfQuantMethod::Bnb4) {
     if (ends_with(name, ".weight") && dtype == st::DType::U8) {
       linear = name.substr(0, name.size() - 7);
@@ -440,6 +474,8 @@ std::vector<std::string> check_quantized_linear(const HfQuant& q, const std::str
       return check_ct(q, linear, out, in, c);
     case HfQuantMethod::Bnb4:
       return check_bnb(linear, out, in, c);
+    case HfQuantMethod::Bnb8:
+      return check_bnb8(out, in, c);
     case HfQuantMethod::None:
       break;
   }
@@ -453,6 +489,10 @@ at::Tensor dequantize_linear(const HfQuant& q, const std::string& linear, int64_
     TORCH_INTERNAL_ASSERT(it != t.end(), "dequantize_linear: ", linear, ".", part, " was not loaded");
     return it->second;
   };
+  if (q.method == HfQuantMethod::Bnb8) {  // int8_vectorwise_dequant
+    check_quantized_data(q, linear, out, in, parts, t);
+    return get("weight") * get("SCB").view({-1, 1}) * 7.874015718698502e-3;
+  }
   if (q.method == HfQuantMethod::Bnb4) {
     const BnbQuantState s = bnb_quant_state(linear, parts, t, out, in);
     const int64_t n = out * in, nblocks = ceil_div(n, s.blocksize);

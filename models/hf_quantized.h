@@ -3,7 +3,10 @@
 // qweight/qzeros/scales) and compressed-tensors (pack-quantized weight_packed/weight_scale/
 // weight_zero_point/weight_shape, int-quantized int8 weight/weight_scale), bitsandbytes 4-bit
 // (transformers' load_in_4bit save: uint8 weight + absmax/quant_map/nested_* + a JSON quant_state;
-// NF4 and FP4, double quant or not; the NF4 bytes also handed out packed), and the int32 word
+// NF4 and FP4, double quant or not; the NF4 bytes also handed out packed), bitsandbytes 8-bit
+// (transformers' load_in_8bit save: int8 `weight` = Int8Params' CB [out, in], fp32 `SCB` [out], uint8
+// `weight_format` 0 = row-major; handed out as they are to a streamer's build_packed for peft.base
+// int8), and the int32 word
 // packings these formats share with qforge's writers (export/int_export, export/awq_export).
 // Invariants:
 //  - check_quantized_linear reads only headers (dtypes, shapes) and names the file, the tensor and
@@ -15,6 +18,7 @@
 //    nibble order; compressed-tensors (q - zp) * s with its signed codes; bitsandbytes 4-bit
 //    dequantize_4bit (code[q] * absmax in fp32, the absmax first decoded as code2[a] * nested_absmax
 //    + offset when double-quantized, then cast to the quant_state dtype) read back as float32;
+//    bitsandbytes 8-bit int8_vectorwise_dequant (CB * SCB[row] * 7.874015718698502e-3 in fp32);
 //  - pack_* and unpack_* are exact inverses on codes in [0, 2^bits).
 #pragma once
 #include <ATen/core/Tensor.h>

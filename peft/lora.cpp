@@ -12,6 +12,7 @@
 
 #include "core/error.h"
 #include "core/strings.h"
+#include "quant/int8_lt.h"
 #include "quant/nf4.h"
 #include "quant/qat.h"
 
@@ -22,6 +23,7 @@ const char* base_format_name(BaseFormat f) {
     case BaseFormat::Fp32: return "fp32";
     case BaseFormat::Bf16: return "bf16";
     case BaseFormat::Nf4: return "nf4";
+    case BaseFormat::Int8: return "int8";
   }
   return "?";
 }
@@ -41,7 +43,7 @@ LoraConfig LoraConfig::from_config(cfg::Reader& rd) {
   if (c.target_modules.empty()) rd.fail("target_modules", "must name at least one module (or all-linear)");
   c.modules_to_save = rd.strings("modules_to_save", {});
   c.base = rd.choice<BaseFormat>("base", c.base,
-                                 {{"fp32", BaseFormat::Fp32}, {"bf16", BaseFormat::Bf16}, {"nf4", BaseFormat::Nf4}});
+                                 {{"fp32", BaseFormat::Fp32}, {"bf16", BaseFormat::Bf16}, {"nf4", BaseFormat::Nf4}, {"int8", BaseFormat::Int8}});
   {
     auto n = rd.child("nf4");
     c.nf4_blocksize = n.i64("blocksize", c.nf4_blocksize, 1, 1 << 20);
@@ -53,6 +55,7 @@ LoraConfig LoraConfig::from_config(cfg::Reader& rd) {
     c.nf4_double_quant = n.boolean("double_quant", c.nf4_double_quant);
     n.finish();
   }
+  c.int8_threshold = rd.f64("int8_threshold", c.int8_threshold, 0.0, 65504.0);
   c.exact_merge = rd.boolean("exact_merge", c.exact_merge);
   if (c.exact_merge && c.dropout > 0)
     rd.fail("exact_merge", "needs dropout 0 (the fake quantizer sees W + s*BA; dropout on the LoRA input cannot be "
@@ -232,6 +235,10 @@ bool stored_as(const models::LinearBase& base, const LoraConfig& cfg) {
     auto* n = dynamic_cast<const quant::Nf4Linear*>(&base);
     return n && n->blocksize == cfg.nf4_blocksize && n->double_quant == cfg.nf4_double_quant;
   }
+  if (cfg.base == BaseFormat::Int8) {
+    auto* q = dynamic_cast<const quant::Int8LtLinear*>(&base);
+    return q && q->threshold == cfg.int8_threshold;
+  }
   if (cfg.base == BaseFormat::Bf16) {
     auto* h = dynamic_cast<const models::HalfLinear*>(&base);
     return h && h->weight.scalar_type() == at::kBFloat16;
@@ -249,6 +256,7 @@ std::shared_ptr<models::LinearBase> frozen_base(const LoraConfig& cfg, const at:
   switch (cfg.base) {
     case BaseFormat::Nf4: return std::make_shared<quant::Nf4Linear>(weight, bias, cfg.nf4_blocksize, cfg.nf4_double_quant);
     case BaseFormat::Bf16: return std::make_shared<models::HalfLinear>(weight, bias, at::kBFloat16);
+    case BaseFormat::Int8: return std::make_shared<quant::Int8LtLinear>(weight, bias, cfg.int8_threshold);
     case BaseFormat::Fp32: break;
   }
   throw Error("peft: frozen_base needs peft.base nf4 or bf16");

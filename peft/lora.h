@@ -21,7 +21,7 @@
 
 namespace qf::peft {
 
-enum class BaseFormat { Fp32, Bf16, Nf4 };
+enum class BaseFormat { Fp32, Bf16, Nf4, Int8 };
 
 // `peft:` section of a run config.
 struct LoraConfig {
@@ -38,6 +38,7 @@ struct LoraConfig {
   BaseFormat base = BaseFormat::Fp32;        // storage of the frozen base linears (not lm_head)
   int64_t nf4_blocksize = 64;
   bool nf4_double_quant = true;
+  double int8_threshold = 6.0;               // base int8: Linear8bitLt's activation outlier threshold (0: all int8)
   bool exact_merge = false;                  // fake-quant base sees W + s*BA (needs quant rules)
   std::string init_adapter;                  // a PEFT adapter dir to start from
   bool save_adapter = true;                  // <run>/adapter/ (PEFT format) at the end
