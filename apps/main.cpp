@@ -33,6 +33,7 @@
 #include "trainer/checkpoint.h"
 #include "trainer/dist/launch.h"
 #include "trainer/quality_gate.h"
+#include "trainer/imatrix.h"
 #include "trainer/quantize.h"
 #include "trainer/tasks.h"
 #include "trainer/trainer.h"
@@ -308,6 +309,15 @@ int cmd_export(const std::string& run, const std::vector<std::string>& overrides
   return 0;
 }
 
+// llama.cpp's importance matrix of a float model from calibration text: trainer::imatrix_run.
+int cmd_imatrix(const std::string& src, const std::vector<std::string>& overrides, const trainer::ImatrixArgs& a) {
+  const auto r = trainer::imatrix_run(src, overrides, a);
+  std::printf("imatrix of %s: %lld weights over %lld windows x %lld tokens in %.1f s\nwritten to %s (llama.cpp's GGUF "
+              "imatrix: qforge quantize/export --imatrix, or llama-quantize --imatrix)\n",
+              src.c_str(), (long long)r.entries, (long long)r.chunks, (long long)r.ctx, r.seconds, r.out.c_str());
+  return 0;
+}
+
 // PTQ of a float model (qforge run or Hugging Face dir) into a converted run directory that
 // eval / generate / export take like a QAT run's: trainer::quantize_run does the work.
 int cmd_quantize(const std::string& src, const std::vector<std::string>& overrides, const trainer::QuantizeArgs& a) {
@@ -402,6 +412,7 @@ struct CliArgs {
   models::SamplingConfig s;
   std::string prompt;
   trainer::QuantizeArgs qa;
+  trainer::ImatrixArgs ia;
   trainer::dist::LaunchOptions lo;
   std::vector<std::string> launch_cmd;
 };
@@ -575,6 +586,31 @@ CLI::App* add_quantize(CLI::App& app, CliArgs& a) {
   return cmd;
 }
 
+CLI::App* add_imatrix(CLI::App& app, CliArgs& a) {
+  auto* cmd = app.add_subcommand("imatrix", "llama.cpp's importance matrix of a float model from calibration text "
+                                             "(what llama-imatrix writes and llama-quantize --imatrix reads)");
+  cmd->add_option("model", a.run, "qforge run / checkpoint directory (float weights), or Hugging Face checkpoint dir")
+      ->required();
+  cmd->add_option("overrides", a.overrides, "key.path=value overrides of the run's config");
+  cmd->add_option("--data", a.ia.data,
+                  "Calibration text: a recipe whose data: section gives it (.yaml), or a text file / directory "
+                  "(default: the run's own training text; required for a Hugging Face dir)");
+  cmd->add_option("--out", a.ia.out, "Output file (llama.cpp's GGUF imatrix format)")->capture_default_str();
+  cmd->add_option("--chunks", a.ia.chunks, "Calibration windows, evenly spread over the text's training split")
+      ->capture_default_str();
+  cmd->add_option("--ctx", a.ia.ctx, "Tokens per window (default: the recipe's data.seq_len; at least 16)");
+  cmd->add_option("--batch-size", a.ia.batch_size, "Windows per layer forward")->capture_default_str();
+  cmd->add_option("--save-tokens", a.ia.save_tokens,
+                  "Also write the token windows used (safetensors: tokens) for another runtime to reproduce");
+  cmd->add_flag("--force", a.ia.force, "Replace an existing --out");
+  cmd->footer("Sums, per decoder linear (GGUF names blk.N.*.weight), each input column's square over all window "
+              "tokens (.in_sum2) and the token count (.counts); the output head and token embedding are not "
+              "collected, as llama-imatrix without --process-output.\n"
+              "Example: qforge imatrix runs/demo/ft_fp --out imatrix.gguf\n"
+              "Then: qforge export runs/demo/ft_fp --format gguf --quant iq4_xs --imatrix imatrix.gguf --out m.gguf");
+  return cmd;
+}
+
 CLI::App* add_launch(CLI::App& app, CliArgs& a) {
   auto* cmd = app.add_subcommand("launch", "Start N data-parallel ranks of a qforge command on this node (as torchrun does)");
   cmd->add_option("--nproc-per-node", a.lo.nproc_per_node, "Processes on this node (one per GPU, or CPU ranks)")->capture_default_str();
@@ -620,6 +656,7 @@ int main(int argc, char** argv) {
   auto* insp = add_inspect(app, a);
   auto* gen = add_generate(app, a);
   auto* qz = add_quantize(app, a);
+  auto* imx = add_imatrix(app, a);
   auto* lau = add_launch(app, a);
 
   CLI11_PARSE(app, argc, argv);
@@ -646,6 +683,7 @@ int main(int argc, char** argv) {
     if (*gen) return cmd_generate(a.run, a.overrides, a.prompt, a.s);
     if (*insp) return cmd_inspect(a.run, a.inspect_dtype, a.inspect_forward);
     if (*qz) return cmd_quantize(a.run, a.overrides, a.qa);
+    if (*imx) return cmd_imatrix(a.run, a.overrides, a.ia);
     if (*exp)
       return cmd_export(a.run, a.overrides, a.format, a.out, a.dtype, a.shard_mb, a.gguf_quant, a.export_fallback, a.force);
   } catch (const ConfigError& e) {

@@ -91,13 +91,21 @@ namespace {
 using models::TensorRole;
 
 // A forward hook: stands in a LinearSlot, accumulates sum x^T x (and optionally keeps the inputs),
-// and runs the wrapped linear.
+// and runs the wrapped linear. With squares_only it accumulates only each input column's sum of
+// squares (the diagonal, in float64) and the number of token rows: llama.cpp's imatrix statistics.
 class CaptureLinear : public models::LinearBase {
  public:
-  CaptureLinear(std::shared_ptr<models::LinearBase> inner, bool keep)
-      : LinearBase(inner->in_features, inner->out_features), inner_(std::move(inner)), keep_(keep) {}
+  CaptureLinear(std::shared_ptr<models::LinearBase> inner, bool keep, bool squares_only = false)
+      : LinearBase(inner->in_features, inner->out_features), inner_(std::move(inner)), keep_(keep),
+        squares_only_(squares_only) {}
   at::Tensor forward(const at::Tensor& x) override {
     auto x2 = x.detach().reshape({-1, in_features}).to(at::kFloat);
+    if (squares_only_) {
+      auto s = x2.to(at::kDouble).square().sum(0);
+      sq_ = sq_.defined() ? sq_.add_(s) : s;
+      rows_ += x2.size(0);
+      return inner_->forward(x);
+    }
     if (!xtx_.defined()) xtx_ = at::zeros({in_features, in_features}, x2.options());
     xtx_.addmm_(x2.t(), x2);
     samples_ += x.dim() >= 3 ? x.size(0) : 1;
@@ -108,13 +116,14 @@ class CaptureLinear : public models::LinearBase {
   // GPTQ's H = 2/n sum x x^T, n counting sequences (as the reference's add_batch does).
   at::Tensor hessian() const { return (xtx_ * (2.0 / static_cast<double>(std::max<int64_t>(1, samples_)))).cpu(); }
   at::Tensor inputs() const { return at::cat(inputs_, 0); }
+  InputSquares squares() const { return {sq_.defined() ? sq_.cpu() : at::zeros({in_features}, at::kDouble), rows_}; }
   const std::shared_ptr<models::LinearBase>& inner() const { return inner_; }
 
  private:
   std::shared_ptr<models::LinearBase> inner_;
-  bool keep_;
-  at::Tensor xtx_;
-  int64_t samples_ = 0;
+  bool keep_, squares_only_;
+  at::Tensor xtx_, sq_;
+  int64_t samples_ = 0, rows_ = 0;
   std::vector<at::Tensor> inputs_;
 };
 
@@ -250,10 +259,11 @@ class LayerDriver {
     for (auto& chunk : tokens.split(batch_size)) hs_.push_back(model.embed(chunk.to(dev)));
   }
   // Swaps capture hooks into `ls`, runs layer i over the hidden states, restores the linears.
-  std::vector<std::shared_ptr<CaptureLinear>> capture(int64_t i, const std::vector<LayerLinear*>& ls, bool keep) {
+  std::vector<std::shared_ptr<CaptureLinear>> capture(int64_t i, const std::vector<LayerLinear*>& ls, bool keep,
+                                                      bool squares_only = false) {
     std::vector<std::shared_ptr<CaptureLinear>> caps;
     for (auto* l : ls) {
-      caps.push_back(std::make_shared<CaptureLinear>(l->slot->get(), keep));
+      caps.push_back(std::make_shared<CaptureLinear>(l->slot->get(), keep, squares_only));
       l->slot->replace(caps.back());
     }
     for (auto& h : hs_) model_.layer_forward(i, h);
@@ -529,6 +539,33 @@ PtqResult run_ptq(models::CausalLM& model, const QatConfig& q, const PtqConfig& 
   if (was_training) model.train();
   res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return res;
+}
+
+std::map<std::string, InputSquares> collect_input_squares(models::CausalLM& model, const at::Tensor& tokens,
+                                                          int64_t batch_size, bool progress, const PtqLayerHooks& hooks) {
+  QF_CHECK(tokens.dim() == 2 && tokens.size(0) > 0, "imatrix: calibration tokens must be [chunks, ctx], got ",
+           tokens.sizes());
+  at::NoGradGuard no_grad;
+  const bool was_training = model.is_training();
+  model.eval();
+  std::map<std::string, InputSquares> out;
+  LayerDriver driver(model, tokens, batch_size);
+  std::optional<core::ProgressBar> bar;
+  if (progress) bar.emplace("imatrix", model.cfg.n_layers, 0, "layer");
+  const QatConfig none;  // no rules: every linear of the layer is captured, none is quantized
+  for (int64_t i = 0; i < model.cfg.n_layers; ++i) {
+    if (hooks.before) hooks.before(i);
+    auto lls = layer_linears(model, i, none);
+    std::vector<LayerLinear*> all;
+    for (auto& l : lls) all.push_back(&l);
+    auto caps = driver.capture(i, all, false, true);
+    for (size_t k = 0; k < all.size(); ++k) out[all[k]->full] = caps[k]->squares();
+    driver.advance(i);
+    if (bar) bar->update(i + 1);
+  }
+  if (bar) bar->finish();
+  if (was_training) model.train();
+  return out;
 }
 
 namespace {

@@ -64,6 +64,17 @@ struct PtqLayerHooks {
 // (models::DeferredLinear counts as float: hooks.before loads it).
 PtqResult run_ptq(models::CausalLM& model, const QatConfig& q, const PtqConfig& p, const at::Tensor& tokens,
                   bool progress, const PtqLayerHooks& hooks = {});
+// llama.cpp's importance-matrix statistics (tools/imatrix): per linear of the decoder layers (full
+// module name), each input column's sum of squares over the calibration tokens (float64 [in]) and
+// the number of token rows summed. The float model runs layer by layer as run_ptq's driver does
+// (hooks.before(i) loads a streamed layer; hooks.after is not called); no weight changes.
+struct InputSquares {
+  at::Tensor sums;
+  int64_t tokens = 0;
+};
+std::map<std::string, InputSquares> collect_input_squares(models::CausalLM& model, const at::Tensor& tokens,
+                                                          int64_t batch_size, bool progress,
+                                                          const PtqLayerHooks& hooks = {});
 // quant::prepare + convert + apply_packed for decoder layer i alone (the same modules, bit for bit),
 // right after run_ptq's after(i): every selected float linear of the layer becomes its
 // QuantizedLinear; the packed codes used are removed from r.packed. Returns the number converted.
