@@ -56,7 +56,12 @@ std::vector<int64_t> half_fields(Rule r) {
   switch (r) {
     case Rule::GgmlQ4_1:
     case Rule::GgmlQ5_1:
-    case Rule::GgmlQ4_K: return {0, 2};
+    case Rule::GgmlQ4_K:
+    case Rule::GgmlQ5_K: return {0, 2};
+    case Rule::GgmlQ2_K: return {80, 82};
+    case Rule::GgmlQ3_K: return {108};
+    case Rule::GgmlTQ1_0: return {52};
+    case Rule::GgmlTQ2_0: return {64};
     case Rule::GgmlQ6_K: return {208};
     default: return {0};
   }
@@ -111,7 +116,7 @@ std::string describe(const Nf4Case& c, at::ScalarType dt) {
 
 TEST(DequantDispatch, GgmlPortablePathEqualsCpuReferenceForEveryBlockType) {
   const auto rules = block_rules();
-  ASSERT_EQ(rules.size(), 7u);  // q8_0 q4_0 q4_1 q5_0 q5_1 q4_k q6_k
+  ASSERT_GE(rules.size(), 10u);  // q8_0 q4_0 q4_1 q5_0 q5_1 q2_k q3_k q4_k q5_k q6_k, and any newer row
   for (Rule r : rules) {
     for (const auto& blocks : block_inputs(r)) {
       auto ref = ggml::dequantize(blocks, r, kCols);

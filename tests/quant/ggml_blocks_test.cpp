@@ -11,6 +11,7 @@
 
 #include <cctype>
 #include <cmath>
+#include <limits>
 #include <set>
 #include <cstdint>
 #include <string>
@@ -30,21 +31,10 @@ namespace {
 using qf::quant::Rule;
 namespace gg = qf::quant::ggml;
 
-const std::vector<Rule> kRules = {Rule::GgmlQ8_0, Rule::GgmlQ4_0, Rule::GgmlQ4_1, Rule::GgmlQ5_0,
-                                  Rule::GgmlQ5_1, Rule::GgmlQ4_K, Rule::GgmlQ6_K};
+const std::vector<Rule> kRules = {Rule::GgmlQ8_0, Rule::GgmlQ4_0, Rule::GgmlQ4_1, Rule::GgmlQ5_0, Rule::GgmlQ5_1,
+                                  Rule::GgmlQ2_K, Rule::GgmlQ3_K, Rule::GgmlQ4_K, Rule::GgmlQ5_K, Rule::GgmlQ6_K};
 
-std::string name(Rule r) {
-  switch (r) {
-    case Rule::GgmlQ8_0: return "q8_0";
-    case Rule::GgmlQ4_0: return "q4_0";
-    case Rule::GgmlQ4_1: return "q4_1";
-    case Rule::GgmlQ5_0: return "q5_0";
-    case Rule::GgmlQ5_1: return "q5_1";
-    case Rule::GgmlQ4_K: return "q4_k";
-    case Rule::GgmlQ6_K: return "q6_k";
-    default: return "affine";
-  }
-}
+std::string name(Rule r) { return gg::rule_label(r); }
 
 // Bitwise equality of two float32 tensors (distinguishes -0.0 from +0.0, NaN payloads).
 bool same_bits(const at::Tensor& a, const at::Tensor& b) {
@@ -78,12 +68,16 @@ TEST(GgmlBlocks, SizesMatchGgmlCommon) {
   EXPECT_EQ(gg::block_size(Rule::GgmlQ8_0), 32);
   EXPECT_EQ(gg::block_size(Rule::GgmlQ4_0), 32);
   EXPECT_EQ(gg::block_size(Rule::GgmlQ4_1), 32);
-  EXPECT_EQ(gg::block_size(Rule::GgmlQ4_K), 256);
-  EXPECT_EQ(gg::block_size(Rule::GgmlQ6_K), 256);
+  for (Rule r : {Rule::GgmlQ2_K, Rule::GgmlQ3_K, Rule::GgmlQ4_K, Rule::GgmlQ5_K, Rule::GgmlQ6_K})
+    EXPECT_EQ(gg::block_size(r), 256) << name(r);
   EXPECT_EQ(gg::type_size(Rule::GgmlQ8_0), 34);
   EXPECT_EQ(gg::type_size(Rule::GgmlQ4_0), 18);
   EXPECT_EQ(gg::type_size(Rule::GgmlQ4_1), 20);
+  // sizeof(block_q2_K) .. sizeof(block_q6_K) in ggml-common.h
+  EXPECT_EQ(gg::type_size(Rule::GgmlQ2_K), 84);
+  EXPECT_EQ(gg::type_size(Rule::GgmlQ3_K), 110);
   EXPECT_EQ(gg::type_size(Rule::GgmlQ4_K), 144);
+  EXPECT_EQ(gg::type_size(Rule::GgmlQ5_K), 176);
   EXPECT_EQ(gg::type_size(Rule::GgmlQ6_K), 210);
   EXPECT_THROW(gg::block_size(Rule::Affine), qf::Error);
 }
@@ -109,10 +103,8 @@ TEST(GgmlBlocks, TypeTableIsTheOneDefinition) {
     EXPECT_EQ(gg::quantize(w, t.rule).size(1), 2 * t.bytes) << t.name;
     EXPECT_EQ(qf::quant::QuantSpec::preset_named(t.name).rule, t.rule) << t.name;
   }
-  for (Rule r : {Rule::GgmlQ8_0, Rule::GgmlQ4_0, Rule::GgmlQ4_1, Rule::GgmlQ5_0, Rule::GgmlQ5_1, Rule::GgmlQ4_K,
-                 Rule::GgmlQ6_K})
-    EXPECT_NO_THROW(gg::traits(r));
-  EXPECT_EQ(gg::traits_by_name("q3_k"), nullptr);
+  for (Rule r : kRules) EXPECT_NO_THROW(gg::traits(r));
+  EXPECT_EQ(gg::traits_by_name("iq2_xxs"), nullptr);
 }
 
 TEST(GgmlBlocks, FakeQuantEqualsDequantOfQuantBitForBit) {
@@ -241,6 +233,19 @@ TEST(GgmlBlocks, KQuantErrorBounds) {
     EXPECT_TRUE(at::all(e4.le(range / 12 + 1e-30)).item<bool>())
         << "q4_k worst err/(range/15) " << (e4 / range.clamp_min(1e-30)).max().item<float>() * 15;
     // q6_K: 64 levels, 8-bit sub-block scales: within a step of amax/32.
+    // q5_K: 31 levels, otherwise as q4_K.
+    auto e5 = (gg::fake_quant(w, Rule::GgmlQ5_K).view({-1, 256}) - blocks).abs().amax(-1, true);
+    EXPECT_TRUE(at::all(e5.le(range / 24 + 1e-30)).item<bool>())
+        << "q5_k worst err/(range/31) " << (e5 / range.clamp_min(1e-30)).max().item<float>() * 31;
+    // q3_K: 8 levels (-4..3) per sub-block of 16 with 6-bit signed scales: within a step of amax/4
+    // (the clamp at +3 of a positive maximum costs one more step).
+    auto e3 = (gg::fake_quant(w, Rule::GgmlQ3_K).view({-1, 256}) - blocks).abs().amax(-1, true);
+    EXPECT_TRUE(at::all(e3.le(amax / 2 + 1e-30)).item<bool>())
+        << "q3_k worst err/amax " << (e3 / amax.clamp_min(1e-30)).max().item<float>();
+    // q2_K: 4 levels with 4-bit scales and mins: about one step of the range (range/3).
+    auto e2 = (gg::fake_quant(w, Rule::GgmlQ2_K).view({-1, 256}) - blocks).abs().amax(-1, true);
+    EXPECT_TRUE(at::all(e2.le(range / 2 + 1e-30)).item<bool>())
+        << "q2_k worst err/range " << (e2 / range.clamp_min(1e-30)).max().item<float>();
     auto e6 = (gg::fake_quant(w, Rule::GgmlQ6_K).view({-1, 256}) - blocks).abs().amax(-1, true);
     EXPECT_TRUE(at::all(e6.le(amax / 32 + 1e-30)).item<bool>())
         << "q6_k worst ratio " << (e6 / amax.clamp_min(1e-30)).max().item<float>() * 32;
@@ -260,10 +265,12 @@ TEST(GgmlBlocks, KQuantLayoutDecodesScalesAndNibbles) {
   // any mix-up of scale packing or nibble order shows up as a large error.
   auto ramp = at::arange(256, at::kFloat).remainder(32).mul(at::arange(256, at::kFloat).div(32, "floor").add(1));
   auto w = ramp.view({1, 256}).sub(40);
-  for (Rule r : {Rule::GgmlQ4_K, Rule::GgmlQ6_K}) {
+  // The 16-element sub-blocks of q2_K / q3_K get a ramp of their own (each half of a 32-ramp).
+  const float range = (w.max() - w.min()).item<float>();
+  for (auto [r, levels] : {std::pair{Rule::GgmlQ2_K, 3}, {Rule::GgmlQ3_K, 7}, {Rule::GgmlQ4_K, 15},
+                           {Rule::GgmlQ5_K, 31}, {Rule::GgmlQ6_K, 63}}) {
     auto fq = gg::fake_quant(w, r);
-    const float range = (w.max() - w.min()).item<float>();
-    EXPECT_LT((fq - w).abs().max().item<float>(), range / (r == Rule::GgmlQ4_K ? 30 : 60)) << name(r);
+    EXPECT_LT((fq - w).abs().max().item<float>(), range / levels) << name(r);
   }
 }
 
@@ -283,7 +290,7 @@ TEST(GgmlBlocks, ConvertsNonFloat32Input) {
 
 TEST(GgmlBlocks, BadWidthNamesBothNumbers) {
   auto w = at::randn({2, 48});
-  for (Rule r : {Rule::GgmlQ4_K, Rule::GgmlQ6_K}) {
+  for (Rule r : {Rule::GgmlQ2_K, Rule::GgmlQ3_K, Rule::GgmlQ4_K, Rule::GgmlQ5_K, Rule::GgmlQ6_K}) {
     for (int which = 0; which < 3; ++which) {
       try {
         if (which == 0) gg::quantize(w, r);
@@ -320,6 +327,45 @@ TEST(GgmlBlocks, ManyThreadsSameBytesAsOne) {
     auto one = gg::quantize(w, r);
     at::set_num_threads(n);
     EXPECT_TRUE(at::equal(many, one)) << name(r);
+  }
+}
+
+// Importance-weighted quantization (quantize(w, r, imatrix)): no imatrix is the reference path,
+// q8_0 ignores the weights, and for every other type the weights do what they are for: the
+// imatrix-weighted squared error falls when the imatrix is skewed to a few columns.
+TEST(GgmlBlocks, ImatrixQuantizeWeightsTheError) {
+  at::manual_seed(99);
+  const int64_t rows = 32, cols = 1024;
+  auto w = at::randn({rows, cols});
+  auto imatrix = at::rand({cols}).pow(8).mul(100);  // a few columns carry most of the importance
+  for (Rule r : kRules) {
+    EXPECT_TRUE(at::equal(gg::quantize(w, r, at::Tensor()), gg::quantize(w, r))) << name(r);
+    auto plain = gg::quantize(w, r);
+    auto weighted = gg::quantize(w, r, imatrix);
+    ASSERT_EQ(weighted.sizes(), plain.sizes()) << name(r);
+    if (r == Rule::GgmlQ8_0) {
+      EXPECT_TRUE(at::equal(weighted, plain));
+      continue;
+    }
+    EXPECT_FALSE(at::equal(weighted, plain)) << name(r);
+    auto err = [&](const at::Tensor& b) { return (gg::dequantize(b, r, cols) - w).pow(2).mul(imatrix).sum().item<double>(); };
+    EXPECT_LT(err(weighted), err(plain)) << name(r);
+    // Rows are independent: quantizing a slice gives that slice's bytes (with threads or without).
+    EXPECT_TRUE(at::equal(gg::quantize(w.slice(0, 5, 9), r, imatrix), weighted.slice(0, 5, 9))) << name(r);
+  }
+}
+
+TEST(GgmlBlocks, ImatrixIsChecked) {
+  auto w = at::randn({2, 256});
+  EXPECT_THROW(gg::quantize(w, Rule::GgmlQ4_K, at::ones({128})), qf::Error);      // not one per column
+  EXPECT_THROW(gg::quantize(w, Rule::GgmlQ4_K, at::ones({2, 256})), qf::Error);   // not 1-D
+  auto bad = at::ones({256});
+  bad[7] = std::numeric_limits<float>::infinity();
+  try {
+    gg::quantize(w, Rule::GgmlQ3_K, bad);
+    ADD_FAILURE() << "no error for a non-finite imatrix";
+  } catch (const qf::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("non-finite"), std::string::npos) << e.what();
   }
 }
 
