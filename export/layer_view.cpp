@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include "peft/lora.h"
+#include "quant/block_linear.h"
 
 namespace qf::exporter {
 
@@ -11,18 +12,23 @@ std::shared_ptr<models::LinearBase> converted_linear(const std::shared_ptr<model
   if (auto l = std::dynamic_pointer_cast<peft::LoraLinear>(m)) {
     if (auto* fq = dynamic_cast<quant::FakeQuantLinear*>(l->base.get()))
       return quant::QuantizedLinear::from_fake_quant(*fq, l->merged_weight());
+    // LoRA on llama.cpp blocks: W + s*BA re-quantized into the base's type (exact merge: the trained layer)
+    if (auto* blk = dynamic_cast<quant::BlockLinear*>(l->base.get())) return blk->packed(l->merged_weight());
     return l->merged();  // a new DenseLinear; the LoRA layer and its base are left alone
   }
   if (auto* fq = dynamic_cast<quant::FakeQuantLinear*>(m.get())) return quant::QuantizedLinear::from_fake_quant(*fq);
+  if (auto* blk = dynamic_cast<quant::BlockLinear*>(m.get())) return blk->packed();
   return m;
 }
 
 const quant::QuantSpec* converted_spec(const models::LinearBase& m) {
   const models::LinearBase* base = &m;
   if (auto* l = dynamic_cast<const peft::LoraLinear*>(&m)) {
-    if (!dynamic_cast<const quant::FakeQuantLinear*>(l->base.get())) return nullptr;  // merges to a DenseLinear
+    if (!dynamic_cast<const quant::FakeQuantLinear*>(l->base.get()) && !dynamic_cast<const quant::BlockLinear*>(l->base.get()))
+      return nullptr;  // merges to a DenseLinear
     base = l->base.get();
   }
+  if (auto* blk = dynamic_cast<const quant::BlockLinear*>(base)) return &blk->spec();
   if (auto* fq = dynamic_cast<const quant::FakeQuantLinear*>(base)) return &fq->weight_fq->spec();
   if (auto* ql = dynamic_cast<const quant::QuantizedLinear*>(base)) return &ql->weight_spec();
   return nullptr;
@@ -32,6 +38,7 @@ at::Tensor merged_weight(models::LinearBase& m) {
   at::NoGradGuard ng;
   if (auto* l = dynamic_cast<peft::LoraLinear*>(&m)) {
     if (auto* fq = dynamic_cast<quant::FakeQuantLinear*>(l->base.get())) return fq->weight_fq->forward(l->merged_weight());
+    if (l->exact) return l->effective_weight();  // a llama.cpp-blocks base: fq(W + s*BA), what was trained
     return l->merged_weight();
   }
   return m.effective_weight();

@@ -19,6 +19,9 @@ namespace qf::exporter {
 // merge_lora + convert for one linear:
 //  - a LoRA layer on a fake-quant base: a QuantizedLinear packed from W + s*BA by the base's
 //    quantizer (LoraLinear::merged_weight, QuantizedLinear::from_fake_quant);
+//  - a LoRA layer on a llama.cpp-blocks base: a QuantizedLinear of W + s*BA in the base's type
+//    (quant::BlockLinear::packed; with exact merge, exactly the trained layer);
+//  - a llama.cpp-blocks base alone: a QuantizedLinear holding its blocks;
 //  - a LoRA layer on any other base: the DenseLinear merge_lora makes (LoraLinear::merged());
 //  - a fake-quant layer: its QuantizedLinear (QuantizedLinear::from_fake_quant);
 //  - anything else (float, NF4, already converted): `m` itself.

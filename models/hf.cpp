@@ -202,24 +202,28 @@ void load_hf_weights(CausalLM& model, const HfCheckpoint& ck, bool progress, boo
     for (auto& [part, where] : parts) ts[part] = qtensor(where);
     auto& p = params.at(wname);
     auto s = streamed.find(wname);
-    if (s != streamed.end() && streamer->build_nf4) {  // a bitsandbytes NF4 base kept as its bytes
+    // A streamer that keeps this linear packed (bitsandbytes NF4 as its bytes; GPTQ / AWQ /
+    // compressed-tensors parts as they are) installs its module instead of the dequantized weight.
+    std::shared_ptr<LinearBase> keep;
+    if (s != streamed.end()) {
+      const auto& bias = static_cast<DenseLinear&>(*s->second->get()).bias;
       PackedNf4 pk;
-      if (bnb_packed_nf4(ck.quant, lin, p.size(0), p.size(1), parts, ts, p.scalar_type(), pk)) {
-        LinearSlot& slot = *s->second;
-        auto& dense = static_cast<DenseLinear&>(*slot.get());
-        if (auto m = streamer->build_nf4(lin, pk, dense.bias)) {
-          TORCH_INTERNAL_ASSERT(m->in_features == dense.in_features && m->out_features == dense.out_features,
-                                "LinearStreamer built a module of the wrong shape for ", lin);
-          for (auto& [part, t] : ts) st::drop_pages(t);
-          if (report) report->kept_packed.push_back(lin);
-          ++kept;
-          slot.replace(std::move(m));
-          params.erase(wname);
-          streamed.erase(s);
-          if (bar) bar->update(++done);
-          continue;
-        }
-      }
+      if (streamer->build_nf4 && bnb_packed_nf4(ck.quant, lin, p.size(0), p.size(1), parts, ts, p.scalar_type(), pk))
+        keep = streamer->build_nf4(lin, pk, bias);
+      else if (streamer->build_packed && ck.quant.method != HfQuantMethod::Bnb4)
+        keep = streamer->build_packed(lin, ck.quant, ts, p.size(0), p.size(1), bias);
+    }
+    if (keep) {
+      TORCH_INTERNAL_ASSERT(keep->in_features == p.size(1) && keep->out_features == p.size(0),
+                            "LinearStreamer built a module of the wrong shape for ", lin);
+      for (auto& [part, t] : ts) st::drop_pages(t);
+      if (report) report->kept_packed.push_back(lin);
+      ++kept;
+      s->second->replace(std::move(keep));
+      params.erase(wname);
+      streamed.erase(s);
+      if (bar) bar->update(++done);
+      continue;
     }
     at::Tensor w = dequantize_linear(ck.quant, lin, p.size(0), p.size(1), parts, ts);
     for (auto& [part, t] : ts) st::drop_pages(t);
@@ -243,7 +247,8 @@ void load_hf_weights(CausalLM& model, const HfCheckpoint& ck, bool progress, boo
   if (!qlinears.empty())
     log::info(ck.dir, ": ", qlinears.size(), " packed linears (", ck.quant.describe(), "): ",
               static_cast<int64_t>(qlinears.size()) - kept, " dequantized to ", (model.cfg.dtype == DType::BF16 ? "bf16" : "fp32"),
-              kept ? str(", ", kept, " kept packed as NF4 frozen bases") : std::string());
+              kept ? str(", ", kept, " kept packed as ", ck.quant.method == HfQuantMethod::Bnb4 ? "NF4" : "int",
+                         " frozen bases") : std::string());
   // Pass 3 (streamer only): each claimed linear is built from its weight as the dense layer would
   // have held it (converted to the model dtype / transposed like p.copy_ above, else the mapped tensor
   // itself), installed, and the weight's pages are dropped before the next is read.

@@ -73,6 +73,20 @@ struct LinearStreamer {
 
 HfCheckpoint read_hf_checkpoint(const std::string& dir);
 // Copies the checkpoint's weights into `model` (built from ckpt.config), converting dtypes.
+  // Optional: a GPTQ / AWQ / compressed-tensors linear [out, in] offered packed, as its parts (part name ->
+  // the file's tensor, a view of the mapping: copy what is kept); returns the module keeping them packed
+  // (peft.base packed: models::PackedIntLinear), or nullptr to take it through `build` dequantized.
+  std::function<std::shared_ptr<LinearBase>(const std::string& name, const HfQuant& q,
+                                            const std::map<std::string, at::Tensor>& parts, int64_t out, int64_t in,
+                                            const at::Tensor& bias)>
+      build_packed;
+  // Optional, for a GGUF input: a weight stored as llama.cpp blocks (gguf_type: its GGUF tensor type id;
+  // blocks uint8 [out, n_blocks * type_size] in ggml's row layout; cols = in_features); returns the
+  // module keeping those bytes (peft.base <that type>: quant::BlockLinear, which copies them), or
+  // nullptr to take it through `build` dequantized.
+  std::function<std::shared_ptr<LinearBase>(const std::string& name, uint32_t gguf_type, const at::Tensor& blocks,
+                                            int64_t cols, const at::Tensor& bias)>
+      build_blocks;
 // populate=false: zero-copy tensors stay unread until used (st::load), for one-pass streaming readers.
 // streamer: the claimed linears are built by it instead (see LinearStreamer), after every other
 // tensor has loaded (so their biases are in place), one tensor resident at a time; shards are

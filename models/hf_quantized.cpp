@@ -226,6 +226,17 @@ at::Tensor checked_g_idx(const QuantizedPart& p, const std::string& linear, cons
   return g;
 }
 
+// GPTQ qzeros as unsigned words holding z (int64 in [0, 2^32)): v1 files store z - 1 per code, which
+// gptqmodel's convert_gptq_v1_to_v2_format undoes by one int32 add of 1 per code (0x11111111 for 4
+// bits, 0x01010101 for 8), wrapping like the int32 tensor it adds to (carries included).
+at::Tensor gptq_zero_words(const HfQuant& q, const at::Tensor& qzeros) {
+  auto zw = qzeros.to(at::kLong).bitwise_and(0xFFFFFFFFLL);
+  if (q.zeros_v2) return zw;
+  int64_t one_each = 0;
+  for (int k = 0; k < 32 / q.bits; ++k) one_each |= int64_t{1} << (q.bits * k);
+  return zw.add(one_each).bitwise_and(0xFFFFFFFFLL);
+}
+
 int64_t groups_of(const HfQuant& q, const std::string& linear, int64_t in) {
   int64_t gs = q.group_size;
   if (q.method == HfQuantMethod::CompressedTensors) gs = ct_scheme(q, linear)->group_size;
@@ -519,15 +530,7 @@ at::Tensor dequantize_linear(const HfQuant& q, const std::string& linear, int64_
     at::Tensor g = t.count("g_idx") ? checked_g_idx(parts.at("g_idx"), linear, "g_idx", get("g_idx"), groups)
                                     : at::arange(in, at::kLong).div(q.group_size < 0 ? in : q.group_size, "floor");
     auto u = packed::unpack_cols(get("qweight").t().contiguous(), q.bits);  // [out, in]
-    auto zw = get("qzeros").to(at::kLong).bitwise_and(0xFFFFFFFFLL);
-    if (!q.zeros_v2) {
-      // gptqmodel's convert_gptq_v1_to_v2_format: one int32 add of 1 per code (0x11111111 for 4 bits,
-      // 0x01010101 for 8), wrapping like the int32 tensor it adds to.
-      int64_t one_each = 0;
-      for (int k = 0; k < 32 / q.bits; ++k) one_each |= int64_t{1} << (q.bits * k);
-      zw = zw.add(one_each).bitwise_and(0xFFFFFFFFLL);
-    }
-    auto z = packed::unpack_cols(zw, q.bits);  // [groups, out]
+    auto z = packed::unpack_cols(gptq_zero_words(q, get("qzeros")), q.bits);  // [groups, out]
     auto s = get("scales").to(at::kFloat);      // [groups, out]
     return (u - per_col(z, g)).to(at::kFloat) * per_col(s, g);
   }
@@ -561,6 +564,76 @@ at::Tensor dequantize_linear(const HfQuant& q, const std::string& linear, int64_
   }
   if (!zp.defined()) zp = at::zeros({groups, out}, at::kLong);
   return (codes - per_col(zp, g)).to(at::kFloat) * per_col(scale, g);
+}
+
+PackedInt packed_int(const HfQuant& q, const std::string& linear, int64_t out, int64_t in,
+                     const std::map<std::string, at::Tensor>& t) {
+  auto get = [&](const std::string& part) {
+    auto it = t.find(part);
+    TORCH_INTERNAL_ASSERT(it != t.end(), "packed_int: ", linear, ".", part, " was not loaded");
+    return it->second;
+  };
+  QF_CHECK(q.method == HfQuantMethod::Gptq || q.method == HfQuantMethod::Awq || q.method == HfQuantMethod::CompressedTensors,
+           "packed_int: ", linear, " is not a GPTQ / AWQ / compressed-tensors int linear (", q.describe(), ")");
+  PackedInt p;
+  at::Tensor u, z, g;  // codes [out, in], zero points [groups, out] (unsigned, int64), group of each column [in]
+  if (q.method == HfQuantMethod::Gptq) {
+    p.bits = q.bits;
+    u = packed::unpack_cols(get("qweight").t().contiguous(), q.bits);
+    z = packed::unpack_cols(gptq_zero_words(q, get("qzeros")), q.bits).slice(1, 0, out);
+    p.scales = get("scales").clone();
+    g = t.count("g_idx") ? get("g_idx").to(at::kLong)
+                         : at::arange(in, at::kLong).div(q.group_size < 0 ? in : q.group_size, "floor");
+  } else if (q.method == HfQuantMethod::Awq) {
+    p.bits = 4;
+    u = packed::unpack_awq(get("qweight")).t();
+    z = packed::unpack_awq(get("qzeros"));
+    p.scales = get("scales").clone();
+    g = at::arange(in, at::kLong).div(q.group_size, "floor");
+  } else {
+    const HfQuantScheme& s = *ct_scheme(q, linear);
+    QF_CHECK(32 % s.bits == 0, "packed_int: ", linear, ": compressed-tensors int", s.bits, " codes do not tile an int32 word");
+    p.bits = s.bits;
+    const int64_t offset = int64_t{1} << (s.bits - 1);  // signed codes and zero points -> unsigned
+    const int64_t groups = s.group_size < 0 ? 1 : ceil_div(in, s.group_size);
+    if (s.format == "pack-quantized") {
+      u = packed::unpack_cols(get("weight_packed"), s.bits).slice(1, 0, in);  // stored as q + 2^(b-1)
+      if (t.count("weight_zero_point")) {
+        auto zt = get("weight_zero_point");
+        const bool plain = zt.scalar_type() == at::kChar || zt.size(0) != ceil_div(out, 32 / s.bits);
+        z = plain ? zt.to(at::kLong).t() + offset : packed::unpack_cols(zt.t().contiguous(), s.bits).slice(1, 0, out);
+      }
+    } else {
+      u = get("weight").to(at::kLong) + offset;
+      if (t.count("weight_zero_point")) z = get("weight_zero_point").to(at::kLong).t() + offset;
+    }
+    if (!z.defined()) z = at::full({groups, out}, offset, at::kLong);
+    p.scales = get("weight_scale").t().contiguous().clone();
+    g = t.count("weight_g_idx") ? get("weight_g_idx").to(at::kLong)
+                                : at::arange(in, at::kLong).div(s.group_size < 0 ? in : s.group_size, "floor");
+  }
+  QF_CHECK_INPUT(z.min().item<int64_t>() >= 0 && z.max().item<int64_t>() < (int64_t{1} << p.bits), linear,
+                 ": zero points outside the ", p.bits, "-bit code range cannot be kept packed");
+  const int64_t pf = 32 / p.bits;
+  auto pad = [&](const at::Tensor& a, int64_t cols) {  // zero codes up to whole words
+    return cols % pf ? at::constant_pad_nd(a, {0, pf - cols % pf}) : a;
+  };
+  p.qweight = packed::pack_cols(pad(u, in), p.bits).t().contiguous();
+  p.qzeros = packed::pack_cols(pad(z, out), p.bits);
+  p.g_idx = g.to(at::kInt).clone();  // never a view of the file mapping
+  return p;
+}
+
+at::Tensor dequantize_packed_int(const PackedInt& p, int64_t out, int64_t in) {
+  const int64_t pf = 32 / p.bits;
+  const auto opts = p.qweight.options();
+  auto shifts = at::arange(0, 32, p.bits, opts);  // int32 on the tensors' device
+  const int32_t mask = (1 << p.bits) - 1;           // arithmetic shifts: the sign bits are masked off
+  auto u = p.qweight.unsqueeze(1).__rshift__(shifts.view({1, pf, 1})).bitwise_and(mask).reshape({-1, out}).slice(0, 0, in);
+  auto z = p.qzeros.unsqueeze(-1).__rshift__(shifts).bitwise_and(mask).reshape({p.qzeros.size(0), -1}).slice(1, 0, out);
+  auto g = p.g_idx.to(at::kLong);
+  auto w = (u - z.index_select(0, g)).to(at::kFloat).mul(p.scales.to(at::kFloat).index_select(0, g));  // [in, out]
+  return w.t();
 }
 
 std::string describe_quantized_linear(const HfQuant& q, const std::string& linear, const QuantizedParts& parts) {

@@ -106,6 +106,24 @@ struct PackedNf4 {
 bool bnb_packed_nf4(const HfQuant& q, const std::string& linear, int64_t out, int64_t in, const QuantizedParts& parts,
                     const std::map<std::string, at::Tensor>& tensors, at::ScalarType model_dtype, PackedNf4& pk);
 
+// A GPTQ / AWQ / compressed-tensors int linear [out, in] in one packed layout whatever the file's (GPTQ
+// gptq_v2's, plus an explicit g_idx): qweight int32 [ceil(in*bits/32), out] holds the unsigned codes u in
+// [0, 2^bits) along the input (code k of a word at bits*k, low first); qzeros int32 [groups,
+// ceil(out*bits/32)] the integer zero points z along the output; scales [groups, out] in the file's float
+// dtype; g_idx int32 [in] each input column's group. weight = (u - z[g]) * scales[g] in float32, equal
+// to dequantize_linear of the file's parts (v1 zero points converted as gptqmodel does; AWQ's nibble
+// order undone; compressed-tensors' signed codes and zero points offset by 2^(bits-1)). Bit widths
+// dividing 32 (4, 8). The parts must have passed check_quantized_linear / check_quantized_data.
+struct PackedInt {
+  int bits = 4;
+  at::Tensor qweight, qzeros, scales, g_idx;
+};
+PackedInt packed_int(const HfQuant& q, const std::string& linear, int64_t out, int64_t in,
+                     const std::map<std::string, at::Tensor>& tensors);
+// Its float32 weight [out, in], computed on the tensors' device (ATen int32 shifts and masks, one
+// gather of the zero points and scales per column).
+at::Tensor dequantize_packed_int(const PackedInt& p, int64_t out, int64_t in);
+
 // What one linear is stored as ("gptq int4 group 32 sym, act-order g_idx"), for `qforge inspect`.
 std::string describe_quantized_linear(const HfQuant& q, const std::string& linear, const QuantizedParts& parts);
 

@@ -12,6 +12,9 @@
 
 #include "core/error.h"
 #include "core/strings.h"
+#include "models/packed_linear.h"
+#include "quant/block_linear.h"
+#include "quant/ggml_types.h"
 #include "quant/int8_lt.h"
 #include "quant/nf4.h"
 #include "quant/qat.h"
@@ -24,8 +27,14 @@ const char* base_format_name(BaseFormat f) {
     case BaseFormat::Bf16: return "bf16";
     case BaseFormat::Nf4: return "nf4";
     case BaseFormat::Int8: return "int8";
+    case BaseFormat::Blocks: return "llama.cpp blocks";
+    case BaseFormat::Packed: return "packed";
   }
   return "?";
+}
+
+std::string base_name(const LoraConfig& cfg) {
+  return cfg.base == BaseFormat::Blocks ? quant::ggml::traits(cfg.block_rule).name : base_format_name(cfg.base);
 }
 
 double LoraConfig::scaling() const { return rslora ? alpha / std::sqrt(static_cast<double>(r)) : alpha / r; }
@@ -42,8 +51,14 @@ LoraConfig LoraConfig::from_config(cfg::Reader& rd) {
   c.target_modules = rd.strings("target_modules", c.target_modules);
   if (c.target_modules.empty()) rd.fail("target_modules", "must name at least one module (or all-linear)");
   c.modules_to_save = rd.strings("modules_to_save", {});
-  c.base = rd.choice<BaseFormat>("base", c.base,
-                                 {{"fp32", BaseFormat::Fp32}, {"bf16", BaseFormat::Bf16}, {"nf4", BaseFormat::Nf4}, {"int8", BaseFormat::Int8}});
+  {
+    std::vector<std::pair<std::string, BaseFormat>> bases{
+        {"fp32", BaseFormat::Fp32}, {"bf16", BaseFormat::Bf16}, {"nf4", BaseFormat::Nf4}, {"int8", BaseFormat::Int8}, {"packed", BaseFormat::Packed}};
+    for (const auto& t : quant::ggml::type_table())  // every llama.cpp block type: the served base's blocks
+      if (t.block > 1) bases.emplace_back(t.name, BaseFormat::Blocks);
+    c.base = rd.choice<BaseFormat>("base", c.base, bases);
+    if (c.base == BaseFormat::Blocks) c.block_rule = quant::ggml::traits_by_name(rd.resolved()["base"].Scalar())->rule;
+  }
   {
     auto n = rd.child("nf4");
     c.nf4_blocksize = n.i64("blocksize", c.nf4_blocksize, 1, 1 << 20);
@@ -72,7 +87,8 @@ LoraFactor::LoraFactor(int64_t out, int64_t in) { weight = register_parameter("w
 
 LoraLinear::LoraLinear(std::shared_ptr<models::LinearBase> b, int64_t rank, double s, double p, bool ex)
     : LinearBase(b->in_features, b->out_features), r(rank), scaling(s), dropout(p), exact(ex) {
-  QF_CHECK(!exact || std::dynamic_pointer_cast<quant::FakeQuantLinear>(b), "LoRA exact merge needs a fake-quant base");
+  QF_CHECK(!exact || std::dynamic_pointer_cast<quant::FakeQuantLinear>(b) || std::dynamic_pointer_cast<quant::BlockLinear>(b),
+           "LoRA exact merge needs a fake-quant or llama.cpp-blocks base");
   base = register_module("base_layer", std::move(b));
   lora_A = register_module("lora_A", std::make_shared<LoraFactor>(r, in_features));
   lora_B = register_module("lora_B", std::make_shared<LoraFactor>(out_features, r));
@@ -89,6 +105,7 @@ at::Tensor LoraLinear::delta() const { return at::matmul(lora_B->weight, lora_A-
 
 at::Tensor LoraLinear::forward(const at::Tensor& x) {
   if (exact) {
+    if (auto* blk = dynamic_cast<quant::BlockLinear*>(base.get())) return blk->forward_merged(x, delta());
     auto* fq = static_cast<quant::FakeQuantLinear*>(base.get());
     return fq->forward_with_weight(x, fq->weight + delta());
   }
@@ -104,6 +121,7 @@ at::Tensor LoraLinear::forward(const at::Tensor& x) {
 at::Tensor LoraLinear::effective_weight() {
   at::NoGradGuard ng;
   if (exact) {
+    if (auto* blk = dynamic_cast<quant::BlockLinear*>(base.get())) return blk->merged_fake_quant(delta());
     auto* fq = static_cast<quant::FakeQuantLinear*>(base.get());
     return fq->weight_fq->forward(fq->weight + delta());
   }
@@ -124,6 +142,9 @@ std::shared_ptr<models::LinearBase> LoraLinear::merged() {
     fq->weight.copy_(merged_weight());
     return fq;
   }
+  if (auto* blk = dynamic_cast<quant::BlockLinear*>(base.get()); blk && exact)
+    // Exact merge: the merge re-quantized into the base's type is the layer that was trained.
+    return std::make_shared<quant::BlockLinear>(merged_weight(), base->bias_or_undefined(), blk->rule);
   auto d = std::make_shared<models::DenseLinear>(in_features, out_features, base->bias_or_undefined().defined());
   d->weight.copy_(merged_weight());
   if (d->bias.defined()) d->bias.copy_(base->bias_or_undefined());
@@ -173,10 +194,15 @@ std::string ApplyReport::summary() const {
   s << "trainable params: " << trainable << " || all params: " << total
     << " || trainable%: " << (total ? 100.0 * trainable / total : 0.0) << " || trainable bytes: " << trainable_bytes
     << " || weight bytes as stored: " << weight_bytes;
+  if (base_weights > 0)  // the frozen base's cost per weight, against bf16 (16 bits) and NF4 with double quant (~4.13)
+    s << " || frozen base: " << base_bytes << " bytes for " << base_weights << " weights ("
+      << 8.0 * base_bytes / base_weights << " bits/weight incl. scales and bias; bf16 16, nf4 4.13)";
   return s.str();
 }
 
 namespace {
+
+bool restores_base(const LoraConfig& cfg, const std::string& name, const std::string& output_layer);
 
 // Every check apply_lora makes, on the model as it is (nothing changes); throws ConfigError with all
 // problems. Returns, per linear slot, whether it gets an adapter.
@@ -201,6 +227,16 @@ std::vector<bool> validate(const std::vector<models::NamedSlot>& slots, torch::n
     if (fq && cfg.base != BaseFormat::Fp32)
       problems.push_back(str("peft.base: ", base_format_name(cfg.base), " cannot store layer ", slots[i].name,
                              ", which fake-quantizes (quant rules); use peft.base: fp32 for QAT + LoRA"));
+  }
+  if (cfg.base == BaseFormat::Blocks) {  // llama.cpp blocks hold whole rows of blocks
+    const auto& t = quant::ggml::traits(cfg.block_rule);
+    for (auto& ns : slots) {
+      const int64_t in = ns.slot->get()->in_features;
+      if (restores_base(cfg, ns.name, output_layer) && in % t.block != 0)
+        problems.push_back(str("peft.base: ", t.name, " stores rows in ", t.block, "-value blocks, but layer ", ns.name,
+                               " has ", in, " inputs; pick a type whose block divides every width (q8_0, q4_0, ... "
+                               "use 32) or narrow the layers"));
+    }
   }
   for (auto& t : cfg.target_modules) {
     if (hits[t] > 0) continue;
@@ -243,6 +279,11 @@ bool stored_as(const models::LinearBase& base, const LoraConfig& cfg) {
     auto* h = dynamic_cast<const models::HalfLinear*>(&base);
     return h && h->weight.scalar_type() == at::kBFloat16;
   }
+  if (cfg.base == BaseFormat::Blocks) {
+    auto* b = dynamic_cast<const quant::BlockLinear*>(&base);
+    return b && b->rule == cfg.block_rule;
+  }
+  if (cfg.base == BaseFormat::Packed) return dynamic_cast<const models::PackedIntLinear*>(&base) != nullptr;
   return false;
 }
 
@@ -257,14 +298,19 @@ std::shared_ptr<models::LinearBase> frozen_base(const LoraConfig& cfg, const at:
     case BaseFormat::Nf4: return std::make_shared<quant::Nf4Linear>(weight, bias, cfg.nf4_blocksize, cfg.nf4_double_quant);
     case BaseFormat::Bf16: return std::make_shared<models::HalfLinear>(weight, bias, at::kBFloat16);
     case BaseFormat::Int8: return std::make_shared<quant::Int8LtLinear>(weight, bias, cfg.int8_threshold);
+    case BaseFormat::Blocks: return std::make_shared<quant::BlockLinear>(weight, bias, cfg.block_rule);
+    case BaseFormat::Packed:
+      throw ConfigError(std::vector<std::string>{
+          "peft.base: packed keeps the packed int linears of a GPTQ / AWQ / compressed-tensors checkpoint "
+          "(model.from), but this base layer is float; use peft.base fp32, bf16, nf4 or a llama.cpp type for it"});
     case BaseFormat::Fp32: break;
   }
-  throw Error("peft: frozen_base needs peft.base nf4 or bf16");
+  throw Error("peft: frozen_base needs a peft.base other than fp32");
 }
 
 models::LinearStreamer frozen_base_streamer(torch::nn::Module& model, const LoraConfig& cfg,
                                             const std::string& output_layer) {
-  QF_CHECK(cfg.base != BaseFormat::Fp32, "peft: a frozen-base streamer needs peft.base nf4 or bf16");
+  QF_CHECK(cfg.base != BaseFormat::Fp32, "peft: a frozen-base streamer needs a peft.base other than fp32");
   check_lora(model, cfg, output_layer);
   models::LinearStreamer s;
   s.claims = [cfg, output_layer](const std::string& name) { return restores_base(cfg, name, output_layer); };
@@ -292,6 +338,26 @@ models::LinearStreamer frozen_base_streamer(torch::nn::Module& model, const Lora
       t.shape = p.shape;
       return std::make_shared<quant::Nf4Linear>(t, b);
     };
+  if (cfg.base == BaseFormat::Int8)
+    // A bitsandbytes 8-bit checkpoint's weight (CB) and SCB are Int8Params' own bytes: kept as they are.
+    s.build_packed = [cfg](const std::string&, const models::HfQuant& q, const std::map<std::string, at::Tensor>& parts,
+                           int64_t, int64_t, const at::Tensor& b) -> std::shared_ptr<models::LinearBase> {
+      if (q.method != models::HfQuantMethod::Bnb8) return nullptr;
+      return std::make_shared<quant::Int8LtLinear>(quant::Int8Weight{parts.at("weight").clone(), parts.at("SCB").clone()},
+                                                   b, cfg.int8_threshold);
+    };
+  if (cfg.base == BaseFormat::Blocks)  // a GGUF file's tensor already in the asked type keeps its bytes
+    s.build_blocks = [cfg](const std::string&, uint32_t gguf_type, const at::Tensor& blocks, int64_t cols,
+                           const at::Tensor& b) -> std::shared_ptr<models::LinearBase> {
+      const auto* t = quant::ggml::traits_by_gguf_id(gguf_type);
+      if (!t || t->rule != cfg.block_rule) return nullptr;
+      return std::make_shared<quant::BlockLinear>(cfg.block_rule, blocks.clone(), cols, b);
+    };
+  if (cfg.base == BaseFormat::Packed)
+    s.build_packed = [](const std::string& name, const models::HfQuant& q, const std::map<std::string, at::Tensor>& parts,
+                        int64_t out, int64_t in, const at::Tensor& b) -> std::shared_ptr<models::LinearBase> {
+      return models::PackedIntLinear::from_checkpoint(q, name, out, in, parts, b);
+    };
   return s;
 }
 
@@ -300,6 +366,14 @@ ApplyReport apply_lora(torch::nn::Module& model, const LoraConfig& cfg, const st
   const std::vector<bool> wrap = validate(slots, model, cfg, output_layer);
   std::set<std::string> to_save(cfg.modules_to_save.begin(), cfg.modules_to_save.end());
 
+  if (cfg.base == BaseFormat::Packed) {  // nothing can re-store a float layer as a checkpoint's packed format
+    std::vector<std::string> problems;
+    for (auto& ns : slots)
+      if (restores_base(cfg, ns.name, output_layer) && !stored_as(*ns.slot->get(), cfg))
+        problems.push_back(str("peft.base: packed: layer ", ns.name, " is not a packed int linear; model.from must be "
+                               "a GPTQ, AWQ or compressed-tensors int checkpoint dir whose linears are all packed"));
+    if (!problems.empty()) throw ConfigError(problems);
+  }
   ApplyReport rep;
   for (auto& p : model.parameters()) p.set_requires_grad(false);
   for (size_t i = 0; i < slots.size(); ++i) {
@@ -309,9 +383,12 @@ ApplyReport apply_lora(torch::nn::Module& model, const LoraConfig& cfg, const st
       // A base the streaming load already built in this format is kept as it is (frozen_base_streamer).
       if (!stored_as(*base, cfg)) base = frozen_base(cfg, base->effective_weight(), base->bias_or_undefined());
       ++rep.n_frozen_converted;
+      rep.base_weights += base->in_features * base->out_features;
+      for (auto& b : base->buffers()) rep.base_bytes += b.numel() * b.element_size();
     }
     if (wrap[i]) {
-      base = std::make_shared<LoraLinear>(base, cfg.r, cfg.scaling(), cfg.dropout, cfg.exact_merge && fq);
+      const bool blocks = std::dynamic_pointer_cast<quant::BlockLinear>(base) != nullptr;
+      base = std::make_shared<LoraLinear>(base, cfg.r, cfg.scaling(), cfg.dropout, cfg.exact_merge && (fq || blocks));
       rep.wrapped.push_back(slots[i].name);
     }
     if (base != slots[i].slot->get()) slots[i].slot->replace(base);
@@ -325,6 +402,37 @@ ApplyReport apply_lora(torch::nn::Module& model, const LoraConfig& cfg, const st
       if (p.key().rfind(m + ".", 0) == 0) p.value().set_requires_grad(true);
   count_parameters(model, rep);
   return rep;
+}
+
+int64_t install_saved_bases(torch::nn::Module& model, const LoraConfig& cfg,
+                            const std::vector<std::pair<std::string, at::Tensor>>& state) {
+  if (cfg.base != BaseFormat::Blocks && cfg.base != BaseFormat::Packed) return 0;
+  std::map<std::string, at::Tensor> by(state.begin(), state.end());
+  auto saved = [&](const std::string& prefix, const char* part) {  // "<linear>.base_layer.<part>" or "<linear>.<part>"
+    for (const char* mid : {".base_layer.", "."})
+      if (auto it = by.find(prefix + mid + part); it != by.end()) return it->second;
+    return at::Tensor();
+  };
+  int64_t n = 0;
+  for (auto& ns : models::linear_slots(model)) {
+    const auto& m = *ns.slot->get();
+    const bool bias = saved(ns.name, "bias").defined();
+    std::shared_ptr<models::LinearBase> base;
+    if (cfg.base == BaseFormat::Blocks) {
+      auto w = saved(ns.name, "weight");
+      if (w.defined() && w.scalar_type() == at::kByte)
+        base = std::make_shared<quant::BlockLinear>(cfg.block_rule, at::zeros(w.sizes(), at::kByte), m.in_features,
+                                                    bias ? at::zeros({m.out_features}) : at::Tensor());
+    } else if (auto qw = saved(ns.name, "qweight"); qw.defined()) {
+      auto sc = saved(ns.name, "scales");
+      const int bits = qw.size(0) == (m.in_features + 7) / 8 ? 4 : 8;
+      base = models::PackedIntLinear::zeros(bits, sc.size(0), sc.scalar_type(), m.out_features, m.in_features, bias);
+    }
+    if (!base) continue;
+    ns.slot->replace(std::move(base));
+    ++n;
+  }
+  return n;
 }
 
 int64_t merge_lora(torch::nn::Module& model) {

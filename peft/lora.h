@@ -1,8 +1,9 @@
-// LoRA (PEFT semantics) on any base linear: dense, frozen bf16, NF4 (QLoRA) or fake-quant (QAT+LoRA).
+// LoRA (PEFT semantics) on any base linear: dense, frozen bf16, NF4 (QLoRA), llama.cpp blocks or a
+// checkpoint's packed ints (LoRA on the served base), or fake-quant (QAT+LoRA).
 //   y = base(x) + s * B(A(dropout(x))),   s = alpha / r   (alpha / sqrt(r) with rsLoRA)
 // A [r, in] is kaiming-uniform (a = sqrt(5), PEFT's default), B [out, r] zeros, so a fresh adapter
-// leaves the model unchanged. Exact-merge mode (fake-quant base only) instead computes
-//   y = x fq(W + s*BA)^T + b
+// leaves the model unchanged. Exact-merge mode (fake-quant or llama.cpp-blocks base) instead computes
+//   y = x fq(W + s*BA)^T + b   (blocks: W = dequantize(blocks), fq = the type's fake quant)
 // so the fake quantizer sees the merged weight: merging then converting reproduces the trained
 // model exactly (see README "QAT + LoRA").
 // Invariants: apply_lora validates everything (targets, ranks, base kinds) before swapping any
@@ -18,10 +19,14 @@
 #include "core/config.h"
 #include "models/hf.h"
 #include "models/linear.h"
+#include "quant/spec.h"
 
 namespace qf::peft {
 
-enum class BaseFormat { Fp32, Bf16, Nf4, Int8 };
+// Blocks: a llama.cpp block type (peft.base: q4_k, ..., any block row of quant/ggml_types.h), the
+// frozen base held as the blocks that ship (quant::BlockLinear). Packed: a GPTQ / AWQ /
+// compressed-tensors checkpoint's packed int linears kept packed (models::PackedIntLinear).
+enum class BaseFormat { Fp32, Bf16, Nf4, Int8, Blocks, Packed };
 
 // `peft:` section of a run config.
 struct LoraConfig {
@@ -36,6 +41,7 @@ struct LoraConfig {
   std::vector<std::string> target_modules{"all-linear"};
   std::vector<std::string> modules_to_save;  // trained fully (e.g. lm_head), saved in the adapter
   BaseFormat base = BaseFormat::Fp32;        // storage of the frozen base linears (not lm_head)
+  quant::Rule block_rule = quant::Rule::Affine;  // base Blocks: the llama.cpp type's rule
   int64_t nf4_blocksize = 64;
   bool nf4_double_quant = true;
   double int8_threshold = 6.0;               // base int8: Linear8bitLt's activation outlier threshold (0: all int8)
@@ -47,6 +53,8 @@ struct LoraConfig {
   static LoraConfig from_config(cfg::Reader& r);  // calls r.finish()
 };
 const char* base_format_name(BaseFormat f);
+// cfg.base as the recipe spells it ("q4_k" for a block base).
+std::string base_name(const LoraConfig& cfg);
 
 // The LoRA factor holder, so parameter names read "<layer>.lora_A.weight" as in PEFT.
 struct LoraFactor : torch::nn::Module {
@@ -65,7 +73,8 @@ class LoraLinear : public models::LinearBase {
   // Initialises A (kaiming-uniform, a = sqrt(5)) and B (zeros) from `gen`'s stream.
   void reset_parameters();
   // The module that replaces this one after merging: the base with W + s*BA (fake-quant bases keep
-  // their quantizer and take the new weight in place; dense/frozen bases become a new DenseLinear in fp32).
+  // their quantizer and take the new weight in place; a llama.cpp-blocks base in exact-merge mode becomes
+  // the blocks of W + s*BA; other dense/frozen bases become a new DenseLinear in fp32).
   std::shared_ptr<models::LinearBase> merged();
   // The weight merged() gives the merged layer, computed without changing anything: W + s*BA in W's
   // dtype for a fake-quant base (for its quantizer to fake-quantize or pack), otherwise the base's
@@ -82,6 +91,7 @@ struct ApplyReport {
   std::vector<std::string> wrapped;  // module names that got an adapter
   int64_t n_frozen_converted = 0;    // linears re-stored as NF4 / bf16
   int64_t trainable = 0, total = 0, trainable_bytes = 0, weight_bytes = 0;
+  int64_t base_weights = 0, base_bytes = 0;  // the re-stored frozen bases: weights held, bytes as stored
   std::string summary() const;       // PEFT-style "trainable params: ..." line
 };
 
@@ -102,6 +112,11 @@ std::shared_ptr<models::LinearBase> frozen_base(const LoraConfig& cfg, const at:
 // read. Needs cfg.base nf4 or bf16.
 models::LinearStreamer frozen_base_streamer(torch::nn::Module& model, const LoraConfig& cfg,
                                             const std::string& output_layer);
+// A run's checkpoint rebuilt (trainer/run_dir): every linear whose frozen base the checkpoint `state`
+// holds as llama.cpp blocks (peft.base <type>) or packed ints (peft.base packed) gets a zero-filled base
+// of that geometry before apply_lora (which keeps it) and the state load fills it. Returns the number.
+int64_t install_saved_bases(torch::nn::Module& model, const LoraConfig& cfg,
+                            const std::vector<std::pair<std::string, at::Tensor>>& state);
 // Replaces every LoraLinear by its merged base; returns the number merged.
 int64_t merge_lora(torch::nn::Module& model);
 // Every LoraLinear under `model`: (full name, module).
