@@ -104,8 +104,9 @@ RunConfig parse_run_config(const YAML::Node& given, const std::string& source) {
   if (c.data.seq_len > c.model.max_seq_len)
     dr.fail("seq_len", std::to_string(c.data.seq_len) + " exceeds model.max_seq_len " +
                            std::to_string(c.model.max_seq_len) + " (the model's maximum positions)");
-  if (c.peft.enabled && c.peft.exact_merge && !c.quant.enabled)
-    pr.fail("exact_merge", "needs fake-quant layers to merge into (quant.rules); without them every merge is exact");
+  if (c.peft.enabled && c.peft.exact_merge && !c.quant.enabled && c.peft.base != peft::BaseFormat::Blocks)
+    pr.fail("exact_merge", "needs fake-quant layers to merge into (quant.rules) or a llama.cpp-blocks base (peft.base: "
+                           "q4_k, ...); without them every merge is exact");
   if (c.peft.enabled && c.quant.enabled && c.peft.base != peft::BaseFormat::Fp32)
     pr.fail("base", std::string(peft::base_format_name(c.peft.base)) +
                         " storage cannot be combined with quant rules (QAT + LoRA trains on an fp32 fake-quant base)");

@@ -33,6 +33,7 @@ std::shared_ptr<models::CausalLM> rebuild_model(const RunConfig& cfg, const Chec
   }
   // GPTQ act-order layers carry their column groups (g_idx) as an extra buffer.
   for (auto& ns : models::linear_slots(*model)) {
+    peft::install_saved_bases(*model, pc, ck.model);  // blocks / packed bases: the checkpoint's geometry
     auto ql = std::dynamic_pointer_cast<quant::QuantizedLinear>(ns.slot->get());
     if (!ql) continue;
     for (auto& [name, t] : ck.model)

@@ -86,7 +86,7 @@ peft::ApplyReport apply_peft(torch::nn::Module& model, const peft::LoraConfig& p
   if (verbose) {
     log::info("LoRA: r ", pc.r, ", alpha ", pc.alpha, pc.rslora ? " (rsLoRA)" : "", ", scaling ", pc.scaling(), " on ",
               rep.wrapped.size(), " layers", pc.exact_merge ? " (exact merge: the fake quantizer sees W + s*BA)" : "",
-              "; frozen base ", peft::base_format_name(pc.base),
+              "; frozen base ", peft::base_name(pc),
               rep.n_frozen_converted ? str(" (", rep.n_frozen_converted, " linears re-stored)") : std::string());
     log::info("LoRA: ", rep.summary());
   }
