@@ -361,6 +361,10 @@ int cmd_inspect(const std::string& path, const std::string& dtype, bool forward)
   rusage ru{};
   ::getrusage(RUSAGE_SELF, &ru);
   j["peak_rss_mib"] = ru.ru_maxrss / 1024.0;
+  if (j.value("source", "") == "gguf")  // one row per tensor: stored type, shape, what qforge does with it
+    for (auto& [name, t] : j["tensors"].items())
+      std::printf("%-40s %-8s %-16s %s\n", name.c_str(), t["type"].get<std::string>().c_str(), t["shape"].dump().c_str(),
+                  t["qforge"].get<std::string>().c_str());
   std::printf("%s\n", j.dump().c_str());
   return 0;
 }

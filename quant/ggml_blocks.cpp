@@ -27,6 +27,7 @@
 
 #include "core/error.h"
 #include "quant/cuda/dequant.h"
+#include "quant/ggml_iq.h"
 #include "quant/ggml_types.h"
 
 // -Wpsabi: the lane vectors below only pass between internal (inlined) helpers, so the vector-ABI
@@ -1075,6 +1076,13 @@ const Format& format_of(Rule r) {
       make(Rule::GgmlQ5_K, quant_q5_K, dequant_q5_K, 8, quant_row_imatrix_K<quant_q5_K_imatrix, 176>);
   static const Format q6_K =
       make(Rule::GgmlQ6_K, quant_q6_K, dequant_q6_K, 8, quant_row_imatrix_K<quant_q6_K_imatrix, 210>);
+  // IQ4_NL / IQ4_XS / TQ1_0 / TQ2_0 / Q1_0 / Q2_0: quant/ggml_iq.h (ggml ignores the weights of the last four).
+  static const Format iq4_nl = make(Rule::GgmlIQ4_NL, iq::quant_iq4_nl, iq::dequant_iq4_nl, 64, iq::quant_row_iq4_nl_imatrix);
+  static const Format iq4_xs = make(Rule::GgmlIQ4_XS, iq::quant_iq4_xs, iq::dequant_iq4_xs, 8, iq::quant_row_iq4_xs_imatrix);
+  static const Format tq1_0 = make(Rule::GgmlTQ1_0, iq::quant_tq1_0, iq::dequant_tq1_0, 64, nullptr);
+  static const Format tq2_0 = make(Rule::GgmlTQ2_0, iq::quant_tq2_0, iq::dequant_tq2_0, 64, nullptr);
+  static const Format q1_0 = make(Rule::GgmlQ1_0, iq::quant_q1_0, iq::dequant_q1_0, 256, nullptr);
+  static const Format q2_0 = make(Rule::GgmlQ2_0, iq::quant_q2_0, iq::dequant_q2_0, 512, nullptr);
   switch (r) {
     case Rule::GgmlQ8_0: return q8_0;
     case Rule::GgmlQ4_0: return q4_0;
@@ -1086,12 +1094,12 @@ const Format& format_of(Rule r) {
     case Rule::GgmlQ4_K: return q4_K;
     case Rule::GgmlQ5_K: return q5_K;
     case Rule::GgmlQ6_K: return q6_K;
-    case Rule::GgmlIQ4_NL:
-    case Rule::GgmlIQ4_XS:
-    case Rule::GgmlTQ1_0:
-    case Rule::GgmlTQ2_0:
-    case Rule::GgmlQ1_0:
-    case Rule::GgmlQ2_0:
+    case Rule::GgmlIQ4_NL: return iq4_nl;
+    case Rule::GgmlIQ4_XS: return iq4_xs;
+    case Rule::GgmlTQ1_0: return tq1_0;
+    case Rule::GgmlTQ2_0: return tq2_0;
+    case Rule::GgmlQ1_0: return q1_0;
+    case Rule::GgmlQ2_0: return q2_0;
     case Rule::Affine:
     case Rule::IntZeroPoint: break;
   }
@@ -1367,7 +1375,7 @@ at::Tensor dequantize_aten(const at::Tensor& blocks, Rule r, int64_t cols) {
     case Rule::GgmlTQ1_0:
     case Rule::GgmlTQ2_0:
     case Rule::GgmlQ1_0:
-    case Rule::GgmlQ2_0:
+    case Rule::GgmlQ2_0: x = iq::dequantize_blocks_aten(b, r); break;
     case Rule::Affine:
     case Rule::IntZeroPoint: TORCH_INTERNAL_ASSERT(false, "format_of accepted a rule without an ATen dequantizer");
   }

@@ -200,9 +200,20 @@ inline int tq1_trit(uint8_t byte, int n) {
 
 }  // namespace
 
-void quant_iq4_nl(const float* x, uint8_t* y, const float* qw) { iq4_impl(32, x, y, y + 2, nullptr, nullptr, qw); }
+void quant_iq4_nl(const float* x, uint8_t* y) { iq4_impl(32, x, y, y + 2, nullptr, nullptr, nullptr); }
 
-void quant_iq4_xs(const float* x, uint8_t* y, const float* qw) { iq4_impl(kQKK, x, y, y + 8, y + 2, y + 4, qw); }
+void quant_iq4_xs(const float* x, uint8_t* y) { iq4_impl(kQKK, x, y, y + 8, y + 2, y + 4, nullptr); }
+
+void quant_row_iq4_nl_imatrix(const float* x, const float* qw, int64_t n, uint8_t* y) {
+  for (int64_t b = 0; b < n / 32; ++b) iq4_impl(32, x + 32 * b, y + 18 * b, y + 18 * b + 2, nullptr, nullptr, qw + 32 * b);
+}
+
+void quant_row_iq4_xs_imatrix(const float* x, const float* qw, int64_t n, uint8_t* y) {
+  for (int64_t b = 0; b < n / kQKK; ++b) {
+    uint8_t* yb = y + 136 * b;
+    iq4_impl(kQKK, x + kQKK * b, yb, yb + 8, yb + 2, yb + 4, qw + kQKK * b);
+  }
+}
 
 void dequant_iq4_nl(const uint8_t* y, float* x) {
   const float d = fp16_value(get_u16(y));
@@ -232,7 +243,7 @@ void dequant_iq4_xs(const uint8_t* y, float* x) {
 
 // block_tq1_0: qs[0..31] hold values m + 32n (n = 0..4) of the first 160, qs[32..47] values
 // 160 + m + 16n of the next 80, qh[0..3] values 240 + j + 4n (n = 0..3, the fifth trit slot zero).
-void quant_tq1_0(const float* x, uint8_t* y, const float*) {
+void quant_tq1_0(const float* x, uint8_t* y) {
   uint8_t* qs = y;
   uint8_t* qh = y + 48;
   const float d = absmax(x, kQKK);
@@ -268,7 +279,7 @@ void dequant_tq1_0(const uint8_t* y, float* x) {
 }
 
 // block_tq2_0: byte 32c + m holds values 128c + m + 32n (n = 0..3) at bits 2n, as trit + 1.
-void quant_tq2_0(const float* x, uint8_t* y, const float*) {
+void quant_tq2_0(const float* x, uint8_t* y) {
   const float d = absmax(x, kQKK);
   const float id = d != 0.f ? 1.0f / d : 0.0f;
   put_u16(y + 64, fp16_bits(d));
@@ -288,7 +299,7 @@ void dequant_tq2_0(const uint8_t* y, float* x) {
 }
 
 // block_q1_0: d = mean |x| over 128 values; bit j (LSB first) set when x[j] >= 0; x = +-d.
-void quant_q1_0(const float* x, uint8_t* y, const float*) {
+void quant_q1_0(const float* x, uint8_t* y) {
   float sum_abs = 0.0f;
   for (int j = 0; j < 128; ++j) sum_abs += std::fabs(x[j]);
   put_u16(y, fp16_bits(sum_abs / 128));
@@ -304,7 +315,7 @@ void dequant_q1_0(const uint8_t* y, float* x) {
 
 // block_q2_0: d = amax over 64 values; code roundf(x/d) + 1 clamped to [0, 3] in 2 bits (LSB first);
 // x = (code - 1) * d.
-void quant_q2_0(const float* x, uint8_t* y, const float*) {
+void quant_q2_0(const float* x, uint8_t* y) {
   float amax = 0.0f;
   for (int j = 0; j < 64; ++j) {
     const float a = std::fabs(x[j]);
@@ -322,11 +333,6 @@ void quant_q2_0(const float* x, uint8_t* y, const float*) {
 void dequant_q2_0(const uint8_t* y, float* x) {
   const float d = fp16_value(get_u16(y));
   for (int j = 0; j < 64; ++j) x[j] = static_cast<float>(((y[2 + j / 4] >> ((j % 4) * 2)) & 3) - 1) * d;
-}
-
-bool handles(Rule r) {
-  return r == Rule::GgmlIQ4_NL || r == Rule::GgmlIQ4_XS || r == Rule::GgmlTQ1_0 || r == Rule::GgmlTQ2_0 ||
-         r == Rule::GgmlQ1_0 || r == Rule::GgmlQ2_0;
 }
 
 namespace {

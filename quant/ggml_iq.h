@@ -16,14 +16,18 @@
 
 namespace qf::quant::ggml::iq {
 
-// One block: x (the block's values) -> y (the type's bytes). qw: the block's importance weights (one
-// per value, the imatrix columns of the block) or nullptr for llama.cpp's unweighted choice.
-void quant_iq4_nl(const float* x, uint8_t* y, const float* qw);   // 32 values -> 18 bytes
-void quant_iq4_xs(const float* x, uint8_t* y, const float* qw);   // 256 values -> 136 bytes
-void quant_tq1_0(const float* x, uint8_t* y, const float* qw);    // 256 values -> 54 bytes (qw unused)
-void quant_tq2_0(const float* x, uint8_t* y, const float* qw);    // 256 values -> 66 bytes (qw unused)
-void quant_q1_0(const float* x, uint8_t* y, const float* qw);     // 128 values -> 18 bytes (qw unused)
-void quant_q2_0(const float* x, uint8_t* y, const float* qw);     // 64 values -> 18 bytes (qw unused)
+// One block, unweighted (ggml_quantize_chunk without an imatrix): x (the block's values) -> y (the
+// type's bytes).
+void quant_iq4_nl(const float* x, uint8_t* y);  // 32 values -> 18 bytes
+void quant_iq4_xs(const float* x, uint8_t* y);  // 256 values -> 136 bytes
+void quant_tq1_0(const float* x, uint8_t* y);   // 256 values -> 54 bytes
+void quant_tq2_0(const float* x, uint8_t* y);   // 256 values -> 66 bytes
+void quant_q1_0(const float* x, uint8_t* y);    // 128 values -> 18 bytes
+void quant_q2_0(const float* x, uint8_t* y);    // 64 values -> 18 bytes
+// One row of n values with its importance weights qw (one per column: quantize_iq4_nl /
+// quantize_iq4_xs with quant_weights). TQ1_0, TQ2_0, Q1_0, Q2_0 have none: ggml ignores the weights.
+void quant_row_iq4_nl_imatrix(const float* x, const float* qw, int64_t n, uint8_t* y);
+void quant_row_iq4_xs_imatrix(const float* x, const float* qw, int64_t n, uint8_t* y);
 
 void dequant_iq4_nl(const uint8_t* y, float* x);
 void dequant_iq4_xs(const uint8_t* y, float* x);
@@ -32,8 +36,6 @@ void dequant_tq2_0(const uint8_t* y, float* x);
 void dequant_q1_0(const uint8_t* y, float* x);
 void dequant_q2_0(const uint8_t* y, float* x);
 
-// Whether `r` is one of this file's rules.
-bool handles(Rule r);
 // The dequantizers as ATen ops on b's device (the same float32 operations as dequant_*):
 // b = uint8 [n_blocks, type_size] (one block per row) -> float32 [n_blocks, block].
 at::Tensor dequantize_blocks_aten(const at::Tensor& b, Rule r);

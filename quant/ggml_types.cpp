@@ -19,7 +19,13 @@ const std::vector<TypeTraits>& type_table() {
       {12, "q4_k", "q4_K", "Q4_K", Rule::GgmlQ4_K, 256, 144, 4, false},
       {13, "q5_k", "q5_K", "Q5_K", Rule::GgmlQ5_K, 256, 176, 5, false},
       {14, "q6_k", "q6_K", "Q6_K", Rule::GgmlQ6_K, 256, 210, 6, true},
+      {20, "iq4_nl", "iq4_nl", "IQ4_NL", Rule::GgmlIQ4_NL, 32, 18, 4, true},
+      {23, "iq4_xs", "iq4_xs", "IQ4_XS", Rule::GgmlIQ4_XS, 256, 136, 4, true},
       {30, "bf16", "bf16", "BF16", Rule::Affine, 1, 2, 16, true},
+      {34, "tq1_0", "tq1_0", "TQ1_0", Rule::GgmlTQ1_0, 256, 54, 2, true},  // ternary codes {-1, 0, 1}
+      {35, "tq2_0", "tq2_0", "TQ2_0", Rule::GgmlTQ2_0, 256, 66, 2, true},
+      {41, "q1_0", "q1_0", "Q1_0", Rule::GgmlQ1_0, 128, 18, 1, true},  // signs: +-d
+      {42, "q2_0", "q2_0", "Q2_0", Rule::GgmlQ2_0, 64, 18, 2, true},    // codes {-1, 0, 1, 2} * d
   };
   return t;
 }

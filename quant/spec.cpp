@@ -71,7 +71,7 @@ std::string QuantSpec::describe() const {
 }
 
 const std::vector<std::string>& QuantSpec::preset_names() {
-  static const std::vector<std::string> n{"q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k",          "int4-g128-asym",
+  static const std::vector<std::string> n{"q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs", "tq1_0", "tq2_0", "q1_0", "q2_0",          "int4-g128-asym",
                                           "int4-g32", "int4-g128", "int3-g128", "int3-g128-asym", "int4-g128-zp", "int4-g32-zp", "int3-g128-zp", "int8-per-channel", "int8-per-token", "fp8-e4m3", "fp8-e5m2"};
   return n;
 }

@@ -74,7 +74,8 @@ struct QuantSpec {
   bool is_ggml() const { return rule != Rule::Affine && rule != Rule::IntZeroPoint; }
   bool int_zero_point() const { return rule == Rule::IntZeroPoint; }
 
-  // Named presets, bit-exact with their runtimes: q8_0 q4_0 q4_1 q5_0 q5_1 q2_k q3_k q4_k q5_k q6_k int4-g128-asym
+  // Named presets, bit-exact with their runtimes: q8_0 q4_0 q4_1 q5_0 q5_1 q2_k q3_k q4_k q5_k q6_k
+  // iq4_nl iq4_xs tq1_0 tq2_0 q1_0 q2_0 int4-g128-asym
   // int4-g128-zp int4-g32-zp (AutoAWQ GEMM / GPTQ asym) int4-g32 int8-per-channel int8-per-token
   // (activations) fp8-e4m3 fp8-e5m2, and int<b>-g<G>[-asym|-zp]; throws listing them.
   static QuantSpec preset_named(const std::string& name);

@@ -3,10 +3,14 @@
 #include <filesystem>
 
 #include "core/fs.h"
+#include "core/gguf_file.h"
+#include "data/gguf_tokenizer.h"
+#include "export/gguf_in.h"
 #include "core/json_file.h"
 #include "core/log.h"
 #include "export/hf_export.h"
 #include "models/hf.h"
+#include "quant/ggml_more.h"
 #include "quant/qat.h"
 #include "trainer/trainer.h"
 
@@ -103,10 +107,45 @@ LoadedRun load_run(const std::string& path, const std::vector<std::string>& over
   return r;
 }
 
-bool is_hf_dir(const std::string& path) { return sfs::exists(path + "/config.json"); }
+bool is_hf_dir(const std::string& path) { return sfs::exists(path + "/config.json") || gguf_in::is_gguf_file(path); }
+
+namespace {
+
+// A GGUF file as load_hf_dir's model: dequantized to `dtype` (auto: fp32; a GGUF has no float dtype
+// to keep), `info` listing every tensor's stored type and shape and what qforge does with it.
+std::shared_ptr<models::CausalLM> load_gguf_file(const std::string& path, const std::string& dtype, nlohmann::json* info,
+                                                 const models::LinearStreamer* streamer) {
+  const bool bf16 = dtype == "bf16";
+  auto ck = exporter::read_gguf(path);
+  ck.info.config.dtype = bf16 ? models::DType::BF16 : models::DType::F32;
+  auto model = models::build_model(ck.info.config, /*init=*/false);
+  exporter::GgufLoadReport rep;
+  exporter::load_gguf_weights(*model, ck, !log::quiet(), streamer, &rep);
+  if (info) {
+    const auto& f = *ck.file;
+    nlohmann::json tensors = nlohmann::json::object(), types = nlohmann::json::object();
+    for (const auto& t : f.tensors()) {
+      const std::string ty = quant::ggml::gguf_type_name(t.type);
+      tensors[t.name] = {{"type", ty}, {"shape", t.shape()}, {"bytes", t.nbytes},
+                         {"qforge", exporter::gguf_type_support(t.type)}};
+      types[ty] = types.value(ty, 0) + 1;
+    }
+    *info = {{"source", "gguf"}, {"architecture", ck.info.arch}, {"gguf_version", f.version()},
+             {"file_type", f.get_int("general.file_type", -1)}, {"tensors", tensors}};
+    (*info)["quantization"] = {{"format", "gguf"}, {"types", types}, {"dequantized", true},
+                               {"dequantized_to", bf16 ? "bf16" : "fp32"}, {"kept_packed", rep.kept_packed.size()},
+                               {"note", "llama.cpp blocks were dequantized to float at load as gguf-py's dequantize "
+                                        "computes them: the model trains, re-quantizes and exports like a float "
+                                        "checkpoint (a LoRA base of the same llama.cpp type keeps the blocks)"}};
+  }
+  return model;
+}
+
+}  // namespace
 
 std::shared_ptr<models::CausalLM> load_hf_dir(const std::string& dir, const std::string& dtype, nlohmann::json* info,
                                               bool populate, const models::LinearStreamer* streamer) {
+  if (gguf_in::is_gguf_file(dir)) return load_gguf_file(dir, dtype, info, streamer);
   auto ck = models::read_hf_checkpoint(dir);
   const bool bf16 = dtype == "bf16" || (dtype == "auto" && ck.torch_dtype == "bfloat16");
   ck.config.dtype = bf16 ? models::DType::BF16 : models::DType::F32;
@@ -142,6 +181,7 @@ HfTokenizerFile hf_tokenizer_or_throw(const std::string& dir) {
 // add_bos_token, else LlamaTokenizer's default (true) for tokenizer.model, else whether
 // tokenizer.json's post-processor template begins with a special token.
 bool hf_adds_bos(const std::string& dir, const HfTokenizerFile& f) {
+  if (f.type == "gguf") return data::gguf_adds_bos(dir);
   const std::string tc = dir + "/tokenizer_config.json";
   if (sfs::exists(tc)) {
     const auto c = json_file::read(tc);
@@ -184,10 +224,12 @@ LoadedRun load_model(const std::string& path, const std::vector<std::string>& ov
   r.checkpoint = path;
   r.format = r.meta.describe();
   r.model_from = sfs::absolute(path).lexically_normal().string();
-  r.cfg.source = path + "/config.json";
+  const bool gguf = f.type == "gguf";
+  r.cfg.source = gguf ? path : path + "/config.json";
   r.cfg.run.name = sfs::path(path).lexically_normal().filename().string();
-  r.cfg.tokenizer.type = f.type == "sentencepiece" ? data::TokenizerConfig::Type::SentencePiece
-                                                   : data::TokenizerConfig::Type::HuggingFace;
+  r.cfg.tokenizer.type = gguf                       ? data::TokenizerConfig::Type::Gguf
+                         : f.type == "sentencepiece" ? data::TokenizerConfig::Type::SentencePiece
+                                                     : data::TokenizerConfig::Type::HuggingFace;
   r.cfg.tokenizer.path = f.path;
   r.tok = data::load_or_train_tokenizer(r.cfg.tokenizer);
   r.cfg.data.add_bos = r.tok->bos_id() >= 0 && hf_adds_bos(path, f);

@@ -22,18 +22,19 @@ struct Codec {
   const char* name;
   Rule rule;
   int block, bytes, d_at;  // values and bytes per block, offset of the fp16 d
-  void (*quant)(const float*, uint8_t*, const float*);
+  void (*quant)(const float*, uint8_t*);
   void (*dequant)(const uint8_t*, float*);
+  void (*quant_imatrix)(const float*, const float*, int64_t, uint8_t*);  // nullptr: ggml ignores the weights
 };
 
 const std::vector<Codec>& codecs() {
   static const std::vector<Codec> c = {
-      {"iq4_nl", Rule::GgmlIQ4_NL, 32, 18, 0, iq::quant_iq4_nl, iq::dequant_iq4_nl},
-      {"iq4_xs", Rule::GgmlIQ4_XS, 256, 136, 0, iq::quant_iq4_xs, iq::dequant_iq4_xs},
-      {"tq1_0", Rule::GgmlTQ1_0, 256, 54, 52, iq::quant_tq1_0, iq::dequant_tq1_0},
-      {"tq2_0", Rule::GgmlTQ2_0, 256, 66, 64, iq::quant_tq2_0, iq::dequant_tq2_0},
-      {"q1_0", Rule::GgmlQ1_0, 128, 18, 0, iq::quant_q1_0, iq::dequant_q1_0},
-      {"q2_0", Rule::GgmlQ2_0, 64, 18, 0, iq::quant_q2_0, iq::dequant_q2_0},
+      {"iq4_nl", Rule::GgmlIQ4_NL, 32, 18, 0, iq::quant_iq4_nl, iq::dequant_iq4_nl, iq::quant_row_iq4_nl_imatrix},
+      {"iq4_xs", Rule::GgmlIQ4_XS, 256, 136, 0, iq::quant_iq4_xs, iq::dequant_iq4_xs, iq::quant_row_iq4_xs_imatrix},
+      {"tq1_0", Rule::GgmlTQ1_0, 256, 54, 52, iq::quant_tq1_0, iq::dequant_tq1_0, nullptr},
+      {"tq2_0", Rule::GgmlTQ2_0, 256, 66, 64, iq::quant_tq2_0, iq::dequant_tq2_0, nullptr},
+      {"q1_0", Rule::GgmlQ1_0, 128, 18, 0, iq::quant_q1_0, iq::dequant_q1_0, nullptr},
+      {"q2_0", Rule::GgmlQ2_0, 64, 18, 0, iq::quant_q2_0, iq::dequant_q2_0, nullptr},
   };
   return c;
 }
@@ -55,7 +56,7 @@ TEST(GgmlIq, Q1_0BlockByHand) {
   x[1] = -0.0f;  // |x| 0 -> adjust another to keep the mean: x[3] = -1.0
   x[3] = -1.0f;
   uint8_t y[18];
-  iq::quant_q1_0(x.data(), y, nullptr);
+  iq::quant_q1_0(x.data(), y);
   EXPECT_EQ(y[0] | (y[1] << 8), half_bits(1.0f));
   EXPECT_EQ(y[2], 0x57);  // bits 0, 1 (-0.0 >= 0), 2, 4, 6 set; 3, 5, 7 clear
   for (int k = 3; k < 18; ++k) EXPECT_EQ(y[k], 0x55) << k;
@@ -71,7 +72,7 @@ TEST(GgmlIq, Q2_0BlockByHand) {
   std::vector<float> x(64, 0.f);
   x[0] = 2.f, x[1] = -2.f, x[2] = 1.f, x[3] = -1.f, x[4] = 0.9f;
   uint8_t y[18];
-  iq::quant_q2_0(x.data(), y, nullptr);
+  iq::quant_q2_0(x.data(), y);
   EXPECT_EQ(y[0] | (y[1] << 8), half_bits(2.0f));
   EXPECT_EQ(y[2], 2 | (0 << 2) | (2 << 4) | (0 << 6));  // 1 -> 2, -1 -> 0, 0.5 -> 1 -> 2, -0.5 -> -1 -> 0
   EXPECT_EQ(y[3], 1 | (1 << 2) | (1 << 4) | (1 << 6));  // 0.45 -> 0 -> 1
@@ -90,31 +91,37 @@ TEST(GgmlIq, TernaryOnGridValuesRoundTrip) {
   for (const auto* c : {&codecs()[2], &codecs()[3]}) {
     std::vector<uint8_t> y(c->bytes);
     std::vector<float> back(256);
-    c->quant(x.data(), y.data(), nullptr);
+    c->quant(x.data(), y.data());
     c->dequant(y.data(), back.data());
     EXPECT_EQ(std::memcmp(back.data(), x.data(), 256 * sizeof(float)), 0) << c->name;
   }
   // TQ2_0's layout by hand: byte m of chunk c holds values 128c + m + 32n at bits 2n.
   std::vector<uint8_t> y(66);
-  iq::quant_tq2_0(x.data(), y.data(), nullptr);
+  iq::quant_tq2_0(x.data(), y.data());
   int code = 0;
   for (int n = 0; n < 4; ++n) code |= (static_cast<int>(x[128 + 7 + 32 * n] / 0.75f) + 1) << (2 * n);
   EXPECT_EQ(y[32 + 7], code);
 }
 
-TEST(GgmlIq, ImportanceWeightsReachOnlyIq4) {
+TEST(GgmlIq, ImportanceWeightsChangeIq4Blocks) {
+  // Heavy weight on a few columns moves the fitted scales, so some of 4 blocks' bytes differ from the
+  // unweighted choice; uniform weights do not give the unweighted bytes (those weight by x^2).
   for (const auto& c : codecs()) {
-    auto x = normal(c.block * 4, 11);
-    auto w = normal(c.block * 4, 12);
+    if (!c.quant_imatrix) continue;
+    const int n = c.block * 4;
+    auto x = normal(n, 11);
+    auto w = normal(n, 12);
     for (auto& v : w) v = v * v + 0.01f;
-    w[3] = 1000.f;
+    for (int j = 3; j < n; j += 37) w[j] = 1000.f;
     std::vector<uint8_t> plain(c.bytes * 4), weighted(c.bytes * 4);
-    for (int b = 0; b < 4; ++b) {
-      c.quant(x.data() + b * c.block, plain.data() + b * c.bytes, nullptr);
-      c.quant(x.data() + b * c.block, weighted.data() + b * c.bytes, w.data() + b * c.block);
-    }
-    const bool same = plain == weighted;
-    EXPECT_EQ(same, c.rule != Rule::GgmlIQ4_NL && c.rule != Rule::GgmlIQ4_XS) << c.name;
+    for (int b = 0; b < 4; ++b) c.quant(x.data() + b * c.block, plain.data() + b * c.bytes);
+    c.quant_imatrix(x.data(), w.data(), n, weighted.data());
+    EXPECT_NE(plain, weighted) << c.name;
+    std::vector<float> back(c.block);
+    c.dequant(weighted.data(), back.data());  // the weighted blocks still decode near x
+    double se = 0, sx = 0;
+    for (int j = 0; j < c.block; ++j) se += (back[j] - x[j]) * (back[j] - x[j]), sx += x[j] * x[j];
+    EXPECT_LT(se / sx, 0.05) << c.name;
   }
 }
 
@@ -122,21 +129,21 @@ TEST(GgmlIq, ZeroBlocks) {
   for (const auto& c : codecs()) {
     std::vector<float> x(c.block, 0.f), back(c.block, 1.f);
     std::vector<uint8_t> y(c.bytes, 0xAB);
-    c.quant(x.data(), y.data(), nullptr);
+    c.quant(x.data(), y.data());
     c.dequant(y.data(), back.data());
     for (float v : back) EXPECT_EQ(v, 0.f) << c.name;
   }
   // IQ4_NL: scale 0 and every code the level nearest 0 (index 8, value 1).
   std::vector<float> z(32, 0.f);
   uint8_t y[18];
-  iq::quant_iq4_nl(z.data(), y, nullptr);
+  iq::quant_iq4_nl(z.data(), y);
   EXPECT_EQ(y[0], 0);
   EXPECT_EQ(y[1], 0);
   for (int k = 2; k < 18; ++k) EXPECT_EQ(y[k], 0x88);
   // IQ4_XS: d = -max_scale / 32 = -0.0 (fp16 0x8000), scales l = 0 + 32.
   std::vector<float> z256(256, 0.f);
   uint8_t xs[136];
-  iq::quant_iq4_xs(z256.data(), xs, nullptr);
+  iq::quant_iq4_xs(z256.data(), xs);
   EXPECT_EQ(xs[0] | (xs[1] << 8), 0x8000);
   EXPECT_EQ(xs[2] | (xs[3] << 8), 0xAAAA);  // top bits of 32 = 0b10 for each of 8 sub-blocks
   for (int k = 4; k < 8; ++k) EXPECT_EQ(xs[k], 0);
@@ -149,7 +156,7 @@ TEST(GgmlIq, Iq4ErrorIsSmall) {
     std::vector<float> back(c->block);
     double se = 0, sx = 0;
     for (int b = 0; b < 64; ++b) {
-      c->quant(x.data() + b * c->block, y.data(), nullptr);
+      c->quant(x.data() + b * c->block, y.data());
       c->dequant(y.data(), back.data());
       for (int j = 0; j < c->block; ++j) {
         const double e = back[j] - x[b * c->block + j];
