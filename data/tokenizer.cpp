@@ -18,6 +18,8 @@
 #include "data/utf8.h"
 #include "core/fs.h"
 #include "core/log.h"
+#include "core/gguf_file.h"
+#include "data/gguf_tokenizer.h"
 #include "data/hf_tokenizer.h"
 
 namespace qf::data {
@@ -27,7 +29,7 @@ namespace stdfs = std::filesystem;
 TokenizerConfig TokenizerConfig::from_config(cfg::Reader& r) {
   TokenizerConfig c;
   c.type = r.choice<Type>("type", Type::SentencePiece,
-                         {{"sentencepiece", Type::SentencePiece}, {"huggingface", Type::HuggingFace}});
+                         {{"sentencepiece", Type::SentencePiece}, {"huggingface", Type::HuggingFace}, {"gguf", Type::Gguf}});
   c.path = r.str("path", "");
   {
     cfg::Reader t = r.child("train");
@@ -51,8 +53,9 @@ TokenizerConfig TokenizerConfig::from_config(cfg::Reader& r) {
     }
     t.finish();
   }
-  if (c.type == Type::HuggingFace && c.train.enabled) {
-    r.fail("train.enabled", "training is for sentencepiece tokenizers; a huggingface tokenizer.json is loaded as is");
+  if (c.type != Type::SentencePiece && c.train.enabled) {
+    r.fail("train.enabled", "training is for sentencepiece tokenizers; a huggingface tokenizer.json or a GGUF file's "
+                            "vocabulary is loaded as is");
   } else if (c.path.empty()) {
     r.fail("path", c.train.enabled ? "required: where the trained sentencepiece .model file is written"
                                    : "required: a sentencepiece .model file");
@@ -387,7 +390,12 @@ std::unique_ptr<Tokenizer> load_sentencepiece(const std::string& model_path) {
   return std::make_unique<SentencePieceTokenizer>(model_path, fs::read_file(model_path));
 }
 
+std::unique_ptr<Tokenizer> load_sentencepiece_proto(const std::string& origin, std::string bytes) {
+  return std::make_unique<SentencePieceTokenizer>(origin, std::move(bytes));
+}
+
 std::unique_ptr<Tokenizer> load_tokenizer_dir(const std::string& dir) {
+  if (gguf_in::is_gguf_file(dir)) return load_gguf_tokenizer(dir);
   if (stdfs::exists(dir + "/tokenizer.model")) return load_sentencepiece(dir + "/tokenizer.model");
   if (stdfs::exists(dir + "/tokenizer.json")) return load_hf_tokenizer(dir);
   throw InputError(str("'", dir, "' has neither tokenizer.model (sentencepiece) nor tokenizer.json"));
@@ -414,6 +422,8 @@ std::unique_ptr<Tokenizer> load_or_train_tokenizer(const TokenizerConfig& cfg) {
     }
     case TokenizerConfig::Type::HuggingFace:
       return load_hf_tokenizer(cfg.path);
+    case TokenizerConfig::Type::Gguf:
+      return load_gguf_tokenizer(cfg.path);
   }
   throw Error("internal error: unhandled tokenizer type");
 }

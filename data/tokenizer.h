@@ -44,10 +44,10 @@ class Tokenizer {
 
 // tokenizer: section of a run config.
 struct TokenizerConfig {
-  enum class Type { SentencePiece, HuggingFace };
+  enum class Type { SentencePiece, HuggingFace, Gguf };
   enum class ModelType { Bpe, Unigram };
   Type type = Type::SentencePiece;
-  std::string path;              // .model file (sentencepiece) or tokenizer.json / its directory (huggingface)
+  std::string path;              // .model file (sentencepiece), tokenizer.json / its directory (huggingface), .gguf file (gguf)
   // When train.enabled and `path` does not exist, a sentencepiece model is trained on these sources,
   // the way Llama's tokenizer was: identity normalisation (text kept byte for byte: newlines,
   // indentation, runs of spaces), whitespace-only pieces, byte fallback, digits split, a dummy "▁"
@@ -68,8 +68,11 @@ struct TokenizerConfig {
 // file appears only once complete). Throws InputError naming the file on a malformed model.
 std::unique_ptr<Tokenizer> load_or_train_tokenizer(const TokenizerConfig& cfg);
 std::unique_ptr<Tokenizer> load_sentencepiece(const std::string& model_path);
+// A sentencepiece model from its serialized ModelProto (`origin` names it in messages and is path()).
+std::unique_ptr<Tokenizer> load_sentencepiece_proto(const std::string& origin, std::string bytes);
 // A Hugging Face checkpoint dir's tokenizer: tokenizer.model (sentencepiece, preferred, as
-// convert_hf_to_gguf.py does for Llama) else tokenizer.json; InputError naming the dir otherwise.
+// convert_hf_to_gguf.py does for Llama) else tokenizer.json; a GGUF file's own (data/gguf_tokenizer.h);
+// InputError naming the dir otherwise.
 std::unique_ptr<Tokenizer> load_tokenizer_dir(const std::string& dir);
 
 }  // namespace qf::data

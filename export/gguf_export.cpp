@@ -14,6 +14,8 @@
 #include "core/log.h"
 #include "core/progress.h"
 #include "core/safetensors.h"
+#include "core/gguf_file.h"
+#include "data/gguf_tokenizer.h"
 #include "export/gguf_writer.h"
 #include "export/hf_export.h"
 #include "export/layer_view.h"
@@ -239,14 +241,8 @@ void write_sp_tokenizer(gguf::Writer& w, const data::Tokenizer& tok, int64_t row
   throw InputError("export: " + file + ": " + key + " " + why);
 }
 
-// The pre-tokenizer regexes of the byte-level BPE tokenizers llama.cpp names (tokenizer.ggml.pre):
-// Llama 3's (digits in runs of up to three) and Qwen2's (single digits).
-const char* kLlama3Split =
-    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|"
-    "\\s+(?!\\S)|\\s+";
-const char* kQwen2Split =
-    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|"
-    "\\s+(?!\\S)|\\s+";
+using data::kLlama3Split;  // the pre-tokenizer regexes llama.cpp names (data/gguf_tokenizer.h)
+using data::kQwen2Split;
 
 // tokenizer.ggml.pre for a tokenizer.json pre_tokenizer: ByteLevel with its own (GPT-2) regex is
 // "gpt-2"; Split(Llama 3 / Qwen2 regex) then ByteLevel without regex is "llama-bpe" / "qwen2".
@@ -289,13 +285,17 @@ void write_bpe_tokenizer(gguf::Writer& w, const data::Tokenizer& tok, int64_t ro
   std::filesystem::path file = tok.path();
   if (std::filesystem::is_directory(file)) file /= "tokenizer.json";
   const std::string f = file.string();
-  std::ifstream in(file);
-  if (!in) throw InputError("export: cannot read " + f + " for GGUF's tokenizer block");
   nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(in);
-  } catch (const nlohmann::json::exception& e) {
-    throw InputError("export: " + f + " is not valid JSON: " + e.what());
+  if (gguf_in::is_gguf_file(f)) {  // a GGUF's own vocabulary, as data/gguf_tokenizer rebuilt it
+    j = data::gguf_bpe_tokenizer_json(f);
+  } else {
+    std::ifstream in(file);
+    if (!in) throw InputError("export: cannot read " + f + " for GGUF's tokenizer block");
+    try {
+      j = nlohmann::json::parse(in);
+    } catch (const nlohmann::json::exception& e) {
+      throw InputError("export: " + f + " is not valid JSON: " + e.what());
+    }
   }
   if (!j.contains("model") || !j["model"].is_object()) bad_tok(f, "model", "is missing");
   const auto& m = j["model"];
@@ -342,7 +342,8 @@ void write_bpe_tokenizer(gguf::Writer& w, const data::Tokenizer& tok, int64_t ro
   if (tok.bos_id() >= 0) w.add_u32("tokenizer.ggml.bos_token_id", static_cast<uint32_t>(tok.bos_id()));
   if (tok.eos_id() >= 0) w.add_u32("tokenizer.ggml.eos_token_id", static_cast<uint32_t>(tok.eos_id()));
   if (tok.pad_id() >= 0) w.add_u32("tokenizer.ggml.padding_token_id", static_cast<uint32_t>(tok.pad_id()));
-  w.add_bool("tokenizer.ggml.add_bos_token", bpe_adds_bos(j.value("post_processor", nlohmann::json())));
+  w.add_bool("tokenizer.ggml.add_bos_token", gguf_in::is_gguf_file(f) ? data::gguf_adds_bos(f)
+                                                                        : bpe_adds_bos(j.value("post_processor", nlohmann::json())));
   w.add_bool("tokenizer.ggml.add_eos_token", false);
 }
 

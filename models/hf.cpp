@@ -17,6 +17,7 @@
 #include "core/strings.h"
 #include "core/safetensors.h"
 #include "models/arch.h"
+#include "models/gguf_config.h"
 #include "models/hf_config.h"
 #include "models/hf_quantized.h"
 
@@ -38,6 +39,15 @@ bool ignorable(const std::string& name, const ModelConfig& c, const ArchSpec& a)
 HfCheckpoint read_hf_checkpoint(const std::string& dir) {
   HfCheckpoint ck;
   ck.dir = dir;
+  if (is_gguf_file(dir)) {
+    const auto info = gguf_model_info(*gguf_in::File::open(dir));
+    ck.architecture = "gguf:" + info.arch;
+    ck.torch_dtype = "float32";
+    ck.config = info.config;
+    ck.notes = info.notes;
+    ck.gguf = true;
+    return ck;
+  }
   const std::string cpath = dir + "/config.json";
   QF_CHECK_INPUT(sfs::is_directory(dir), "'", dir, "' is not a directory (expected a Hugging Face checkpoint)");
   QF_CHECK_INPUT(sfs::exists(cpath), "'", dir, "' has no config.json; is it a Hugging Face checkpoint directory?");
@@ -75,6 +85,7 @@ HfCheckpoint read_hf_checkpoint(const std::string& dir) {
 
 void load_hf_weights(CausalLM& model, const HfCheckpoint& ck, bool progress, bool populate,
                      const LinearStreamer* streamer, HfLoadReport* report) {
+  QF_CHECK(!ck.gguf, ck.dir, " is a GGUF file: its weights load through exporter::load_gguf_weights");
   std::map<std::string, at::Tensor> params;
   for (auto& p : model.named_parameters()) params[p.key()] = p.value();
   const ArchSpec& arch = arch_spec(ck.config.family);

@@ -42,6 +42,10 @@ struct HfCheckpoint {
   std::map<std::string, std::string> weight_map;   // tensor -> file (sharded checkpoints)
   std::vector<std::string> notes;                  // things the user should know (e.g. sliding window)
   HfQuant quant;                                   // quantization_config (method None: a float checkpoint)
+  // A GGUF file (models/gguf_config.h): `dir` is the file, `config` what its metadata says (rope tables
+  // stored as tensors not yet read); its weights load through exporter::load_gguf_weights, never
+  // load_hf_weights.
+  bool gguf = false;
 };
 
 // What load_hf_weights did with a quantized checkpoint: each packed linear and its stored format.
@@ -69,10 +73,6 @@ struct LinearStreamer {
   // returns the module keeping those bytes, or nullptr to take it through `build` dequantized.
   std::function<std::shared_ptr<LinearBase>(const std::string& name, const PackedNf4& packed, const at::Tensor& bias)>
       build_nf4;
-};
-
-HfCheckpoint read_hf_checkpoint(const std::string& dir);
-// Copies the checkpoint's weights into `model` (built from ckpt.config), converting dtypes.
   // Optional: a GPTQ / AWQ / compressed-tensors linear [out, in] offered packed, as its parts (part name ->
   // the file's tensor, a view of the mapping: copy what is kept); returns the module keeping them packed
   // (peft.base packed: models::PackedIntLinear), or nullptr to take it through `build` dequantized.
@@ -87,6 +87,11 @@ HfCheckpoint read_hf_checkpoint(const std::string& dir);
   std::function<std::shared_ptr<LinearBase>(const std::string& name, uint32_t gguf_type, const at::Tensor& blocks,
                                             int64_t cols, const at::Tensor& bias)>
       build_blocks;
+};
+
+// `dir` may also be a GGUF file: its config from the metadata (architecture "gguf:<arch>"), gguf = true.
+HfCheckpoint read_hf_checkpoint(const std::string& dir);
+// Copies the checkpoint's weights into `model` (built from ckpt.config), converting dtypes.
 // populate=false: zero-copy tensors stay unread until used (st::load), for one-pass streaming readers.
 // streamer: the claimed linears are built by it instead (see LinearStreamer), after every other
 // tensor has loaded (so their biases are in place), one tensor resident at a time; shards are

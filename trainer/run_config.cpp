@@ -3,11 +3,14 @@
 #include <filesystem>
 
 #include "core/fs.h"
+#include "core/gguf_file.h"
 #include "core/log.h"
 
 namespace qf::trainer {
 
 HfTokenizerFile hf_dir_tokenizer(const std::string& dir, const std::string& type) {
+  if (gguf_in::is_gguf_file(dir))  // a GGUF file carries its own vocabulary (data/gguf_tokenizer.h)
+    return type.empty() || type == "gguf" ? HfTokenizerFile{"gguf", dir} : HfTokenizerFile{};
   const bool spm_ok = type.empty() || type == "sentencepiece", hf_ok = type.empty() || type == "huggingface";
   if (spm_ok && std::filesystem::exists(dir + "/tokenizer.model")) return {"sentencepiece", dir + "/tokenizer.model"};
   if (hf_ok && std::filesystem::exists(dir + "/tokenizer.json")) return {"huggingface", dir + "/tokenizer.json"};

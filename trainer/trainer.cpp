@@ -11,7 +11,9 @@
 #include <filesystem>
 
 #include "core/fs.h"
+#include "core/gguf_file.h"
 #include "core/log.h"
+#include "export/gguf_in.h"
 #include "core/progress.h"
 #include "core/threads.h"
 #include "models/hf.h"
@@ -167,7 +169,8 @@ void Trainer::create_model() {
   model_ = models::build_model(mc, /*init=*/mc.from.empty());
   if (mc.from.empty()) model_->init_weights(static_cast<uint64_t>(run.seed));
   if (!mc.from.empty()) {
-    const auto ck = models::read_hf_checkpoint(mc.from);
+    const bool gguf = gguf_in::is_gguf_file(mc.from);
+    const auto ck = gguf ? models::HfCheckpoint{} : models::read_hf_checkpoint(mc.from);
     // QLoRA (peft.base nf4 / bf16): the frozen base linears are built tensor by tensor while the
     // checkpoint streams in, so the full-precision model is never resident as a whole; apply_peft
     // keeps them. Not under quant rules (the bases may fake-quantize) nor run.init_from (its weights
@@ -175,11 +178,14 @@ void Trainer::create_model() {
     const auto& pc = cfg_.peft;
     if (pc.enabled && pc.base != peft::BaseFormat::Fp32 && !cfg_.quant.enabled && run.init_from.empty()) {
       const auto streamer = peft::frozen_base_streamer(*model_, pc, "lm_head");
-      models::load_hf_weights(*model_, ck, true, /*populate=*/false, &streamer);
+      if (gguf) exporter::load_gguf_weights(*model_, exporter::read_gguf(mc.from), true, &streamer);
+      else models::load_hf_weights(*model_, ck, true, /*populate=*/false, &streamer);
+    } else if (gguf) {
+      exporter::load_gguf_weights(*model_, exporter::read_gguf(mc.from));
     } else {
       models::load_hf_weights(*model_, ck);
     }
-    log::info("loaded Hugging Face checkpoint ", mc.from);
+    log::info("loaded ", gguf ? "GGUF file " : "Hugging Face checkpoint ", mc.from);
   }
   if (!run.init_from.empty()) {
     std::string ck = resolve_checkpoint(run.init_from);
