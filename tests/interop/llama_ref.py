@@ -1,8 +1,9 @@
 """llama.cpp itself as the reference, from the llama-cpp-python wheel scripts/setup.sh builds
 (vendored llama.cpp 0c1e570):
-  * quantize(type, x): ggml_quantize_chunk from libggml-base.so. Without an importance matrix it
-    runs quantize_row_<type>_ref for every type used here (ggml-quants.c), the quantizer
-    llama-quantize uses.
+  * quantize(type, x, imatrix=None): ggml_quantize_chunk from libggml-base.so. Without an importance
+    matrix it runs quantize_row_<type>_ref for every type used here (ggml-quants.c), the quantizer
+    llama-quantize uses; with one (float32 [cols]) quantize_<type>'s weighted path, as
+    llama-quantize --imatrix does.
   * llama_quantize(src, dst, ftype): llama_model_quantize, i.e. the llama-quantize tool (per-tensor
     type choice, shape fallbacks and all).
 A missing wheel is a failure (ImportError / OSError), never a skip."""
@@ -12,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-GGML_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13,
-             "Q6_K": 14}
+GGML_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q2_K": 10, "Q3_K": 11,
+             "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
 LLAMA_FTYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "q4_k_s": 14, "q4_k_m": 15,
                "q6_k": 18}
 _lib = None
@@ -34,14 +35,20 @@ def _ggml():
     return _lib
 
 
-def quantize(type_name, x):
-    """float32 [rows, cols] -> ggml's block bytes (rows * row_size)."""
+def quantize(type_name, x, imatrix=None):
+    """float32 [rows, cols] (and an optional float32 [cols] importance matrix) -> ggml's block bytes
+    (rows * row_size)."""
     t = GGML_TYPE[type_name.upper()]
     x = np.ascontiguousarray(x, dtype=np.float32)
     rows, cols = x.shape
     n = int(_ggml().ggml_row_size(t, cols)) * rows
     out = ctypes.create_string_buffer(n)
-    got = _ggml().ggml_quantize_chunk(t, x.ctypes.data, ctypes.addressof(out), 0, rows, cols, None)
+    im = None
+    if imatrix is not None:
+        imatrix = np.ascontiguousarray(imatrix, dtype=np.float32)
+        assert imatrix.shape == (cols,), imatrix.shape
+        im = imatrix.ctypes.data
+    got = _ggml().ggml_quantize_chunk(t, x.ctypes.data, ctypes.addressof(out), 0, rows, cols, im)
     assert got == n, (got, n)
     return out.raw
 

@@ -1,17 +1,18 @@
-"""qforge's llama.cpp block formats (quant/ggml_blocks.cpp) against the real peer, gguf-py.
+"""qforge's llama.cpp block formats (quant/ggml_blocks.cpp) against the real peers: libggml (the
+llama-cpp-python wheel's ggml_quantize_chunk, i.e. what llama-quantize writes) and gguf-py.
 
 Runs $QFORGE_BUILD_DIR/interop/interop_ggml on seeded random float32 matrices (several shapes and
-distributions) and checks, per matrix:
-  * q8_0 / q4_0 / q4_1 / q5_0 / q5_1: qforge's block bytes are identical to gguf.quants.quantize(), whose
-    quantizers for these types are bit-exact ports of ggml-quants.c's reference quantizers; and
-    qforge's fake-quant values equal gguf.quants.dequantize() of those bytes bit for bit.
-  * q4_K / q6_K: gguf-py has no quantizer for the K-quants (only dequantization), so here only
-    gguf.quants.dequantize(qforge's bytes) == qforge's fake-quant values bit for bit (plus a loose
-    accuracy bound so bytes that merely decode consistently but wrongly still fail). The K-quant
-    bytes themselves are checked against llama.cpp itself later (a GGUF only counts once llama.cpp
-    loads and runs it).
+distributions), each with an importance matrix, and checks per type and matrix:
+  * qforge's block bytes == libggml's ggml_quantize_chunk(type, x, imatrix = NULL) (the reference
+    quantizers quantize_row_<type>_ref), and, for the types gguf-py can quantize (q8_0, q4_0, q4_1,
+    q5_0, q5_1), == gguf.quants.quantize() too;
+  * qforge's importance-weighted bytes (quantize(w, rule, imatrix)) == ggml_quantize_chunk(type, x,
+    imatrix) (quantize_row_<type>_impl; q8_0 ignores the weights), for several imatrix shapes;
+  * gguf.quants.dequantize(those bytes) == qforge's fake quant (resp. dequantize of the weighted
+    bytes) bit for bit, plus (unweighted) a loose accuracy bound so bytes that merely decode
+    consistently but wrongly still fail.
 
-Needs gguf and numpy (in .venv); a missing peer is a failure, not a skip.
+Needs gguf, numpy and llama_cpp (in .venv); a missing peer is a failure, not a skip.
 """
 import subprocess
 
@@ -19,6 +20,7 @@ import gguf
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
+from llama_ref import quantize as ggml_quantize
 from st_io import interop_tool, read_safetensors_numpy as read_safetensors, write_safetensors  # noqa: E402
 
 RULES = {
@@ -27,11 +29,16 @@ RULES = {
     "q4_1": QT.Q4_1,
     "q5_0": QT.Q5_0,
     "q5_1": QT.Q5_1,
+    "q2_k": QT.Q2_K,
+    "q3_k": QT.Q3_K,
     "q4_k": QT.Q4_K,
+    "q5_k": QT.Q5_K,
     "q6_k": QT.Q6_K,
 }
 GGUF_QUANTIZES = {"q8_0", "q4_0", "q4_1", "q5_0", "q5_1"}  # gguf-py implements quantize_blocks for these only
 SHAPES = [(1, 256), (7, 512), (33, 768), (64, 1024)]
+# Worst |error| per block as a fraction of its spread, generous for each grid (catches wrong decodes).
+BOUND = {"q2_k": 1.0, "q3_k": 1.0}
 
 
 def tool_path():
@@ -71,17 +78,40 @@ def make_inputs():
     return {k: (v.astype(np.float32) + np.float32(0.0)) for k, v in mats.items()}
 
 
+def make_imatrices(mats):
+    """Per matrix one importance matrix (llama.cpp's: mean squared input per column), cycling
+    through shapes: skewed to a few columns, flat, with dead (zero) columns, and huge values."""
+    rng = np.random.default_rng(7)
+    out = {}
+    for i, (name, x) in enumerate(sorted(mats.items())):
+        cols = x.shape[1]
+        kind = i % 4
+        if kind == 0:
+            im = rng.random(cols) ** 6 * 50
+        elif kind == 1:
+            im = np.ones(cols)
+        elif kind == 2:
+            im = rng.exponential(1.0, cols)
+            im[rng.random(cols) < 0.3] = 0.0
+        else:
+            im = rng.exponential(1e6, cols)
+        out[name] = im.astype(np.float32)
+    return out
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     tool = tool_path()
     d = tmp_path_factory.mktemp("gguf_blocks")
     mats = make_inputs()
+    ims = make_imatrices(mats)
     tensors = {f"{rule}/{name}": m for rule in RULES for name, m in mats.items()}
+    tensors.update({f"{rule}/{name}/imatrix": ims[name] for rule in RULES for name in mats})
     src, dst = str(d / "in.safetensors"), str(d / "out.safetensors")
     write_safetensors(src, tensors)
     proc = subprocess.run([tool, src, dst], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"interop_ggml failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-    return mats, read_safetensors(dst)
+    return mats, ims, read_safetensors(dst)
 
 
 def bits(a):
@@ -94,9 +124,20 @@ def describe_mismatch(a, b):
     return f"{len(bad)} mismatches, first at {i}: {a[i]!r} vs {b[i]!r}"
 
 
+def check_accuracy(key, rule, x, deq, block):
+    """Loose accuracy bound per block where fp16 scales are in their normal range."""
+    xb = x.reshape(-1, block).astype(np.float64)
+    err = np.abs(deq.reshape(-1, block) - xb).max(axis=1)
+    rng_ = xb.max(axis=1) - np.minimum(xb.min(axis=1), 0)
+    spread = np.maximum(np.abs(xb).max(axis=1), rng_)
+    ok = spread > 1e-3
+    bound = spread[ok] * BOUND.get(rule, 1 / 7)
+    assert np.all(err[ok] <= bound), f"{key}: error {err[ok].max()} too large for {rule}"
+
+
 @pytest.mark.parametrize("rule", list(RULES))
-def test_blocks_and_dequant_match_gguf(run, rule):
-    mats, out = run
+def test_blocks_and_dequant_match_libggml_and_gguf(run, rule):
+    mats, _, out = run
     qtype = RULES[rule]
     block, type_size = gguf.GGML_QUANT_SIZES[qtype]
     for name, x in mats.items():
@@ -105,6 +146,8 @@ def test_blocks_and_dequant_match_gguf(run, rule):
         assert blocks.shape == (x.shape[0], x.shape[1] // block * type_size), key
         assert deq.shape == x.shape and deq.dtype == np.float32, key
 
+        ref = np.frombuffer(ggml_quantize(qtype.name, x), np.uint8).reshape(blocks.shape)
+        assert np.array_equal(blocks, ref), f"{key}: block bytes differ from libggml's: " + describe_mismatch(blocks, ref)
         if rule in GGUF_QUANTIZES:
             ref = gguf.quants.quantize(x, qtype)
             assert ref.shape == blocks.shape
@@ -113,14 +156,27 @@ def test_blocks_and_dequant_match_gguf(run, rule):
         ref_deq = gguf.quants.dequantize(blocks, qtype)
         assert np.array_equal(bits(deq), bits(ref_deq)), (
             f"{key}: fake_quant differs from gguf-py dequantize: " + describe_mismatch(bits(deq), bits(ref_deq)))
+        check_accuracy(key, rule, x, deq, block)
 
-        # Loose accuracy bound per block where fp16 scales are in their normal range.
-        xb = x.reshape(-1, block).astype(np.float64)
-        err = np.abs(deq.reshape(-1, block) - xb).max(axis=1)
-        rng_ = xb.max(axis=1) - np.minimum(xb.min(axis=1), 0)
-        spread = np.maximum(np.abs(xb).max(axis=1), rng_)
-        ok = spread > 1e-3
-        assert np.all(err[ok] <= spread[ok] / 7), f"{key}: error {err[ok].max()} too large for {rule}"
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_imatrix_blocks_match_libggml(run, rule):
+    mats, ims, out = run
+    qtype = RULES[rule]
+    differs = 0
+    for name, x in mats.items():
+        key = f"{rule}/{name}"
+        blocks, deq = out[f"{key}/blocks_imatrix"], out[f"{key}/dequant_imatrix"]
+        ref = np.frombuffer(ggml_quantize(qtype.name, x, ims[name]), np.uint8).reshape(blocks.shape)
+        assert np.array_equal(blocks, ref), (
+            f"{key}: importance-weighted bytes differ from libggml's: " + describe_mismatch(blocks, ref))
+        ref_deq = gguf.quants.dequantize(blocks, qtype)
+        assert np.array_equal(bits(deq), bits(ref_deq)), (
+            f"{key}: dequantize differs from gguf-py: " + describe_mismatch(bits(deq), bits(ref_deq)))
+        # (no accuracy bound here: a weighted fit may trade an unimportant column's error away)
+        differs += not np.array_equal(blocks, out[f"{key}/blocks"])
+    # The weighted path is a different quantizer (all but q8_0, which ignores the weights).
+    assert (differs == 0) if rule == "q8_0" else (differs > len(mats) // 2), (rule, differs)
 
 
 def test_bad_width_is_reported(tmp_path):
