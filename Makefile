@@ -46,7 +46,8 @@ bench: build
 # allocates per node) and grew its RSS towards the limit; rerun a saved crash input without it for
 # the full report (e.g. build/fuzz/fuzz_yaml_recipe build/fuzz/fuzz_yaml_recipe-crash-...).
 FUZZ_TARGETS := fuzz_safetensors:tests/fuzz/seeds fuzz_tokenizer_json:tests/fuzz/seeds_tokenizer \
-  fuzz_yaml_recipe:tests/fuzz/seeds_yaml fuzz_hf_config:tests/fuzz/seeds_hf_config
+  fuzz_yaml_recipe:tests/fuzz/seeds_yaml fuzz_hf_config:tests/fuzz/seeds_hf_config \
+  fuzz_gguf:tests/fuzz/seeds_gguf
 fuzz: build
 	@for t in $(FUZZ_TARGETS); do \
 	  name=$${t%%:*}; seeds=$${t#*:}; mkdir -p $(BUILD)/fuzz/$$name.corpus; \

@@ -134,11 +134,15 @@ GgufModelInfo gguf_model_info(const gguf_in::File& f) {
   const gguf_in::TensorInfo* emb = f.tensor("token_embd.weight");
   QF_CHECK_INPUT(emb && emb->ne.size() == 2, o, ": tensor 'token_embd.weight' is missing or not 2-D");
   c.vocab_size = emb->ne[1];
+  QF_CHECK_INPUT(c.vocab_size > 0 && emb->ne[0] == c.dim, o, ": tensor 'token_embd.weight' is [", emb->ne[1], ", ",
+                 emb->ne[0], "], expected [vocabulary > 0, ", a, ".embedding_length ", c.dim, "]");
   if (const auto* v = f.find(a + ".vocab_size"))
     QF_CHECK_INPUT(f.get_int(a + ".vocab_size") == c.vocab_size, o, ": metadata key '", a, ".vocab_size' is ", v->i,
                    " but token_embd.weight has ", c.vocab_size, " rows");
   c.tie_embeddings = f.tensor("output.weight") == nullptr;
   if (a == "gpt2") {
+    QF_CHECK_INPUT(c.dim % c.n_heads == 0, o, ": gpt2.embedding_length ", c.dim, " is not a multiple of head_count ",
+                   c.n_heads);
     c.norm_eps = f.get_float(a + ".attention.layer_norm_epsilon");
     return g;
   }

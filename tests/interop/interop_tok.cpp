@@ -1,5 +1,5 @@
 // interop_tok TOKENIZER IN.json OUT.json: loads a Hugging Face tokenizer.json (data/hf_tokenizer.h),
-// or a sentencepiece .model file (data/tokenizer.h). IN.json is a list of strings, or an object
+// a sentencepiece .model file (data/tokenizer.h) or a GGUF file's vocabulary (data/gguf_tokenizer.h). IN.json is a list of strings, or an object
 // {"texts": [strings], "ids": [[ids]...]}. For the strings it writes
 // {"ids": [[...]...], "decoded": [...], "bos": id, "eos": id, "pad": id, "vocab_size": n} to OUT.json
 // (decoded: decode(encode(text))), plus "decoded_ids": [decode(ids)...] for the given id lists, for
@@ -10,6 +10,7 @@
 
 #include "core/error.h"
 #include "core/fs.h"
+#include "data/gguf_tokenizer.h"
 #include "data/hf_tokenizer.h"
 #include "data/tokenizer.h"
 
@@ -21,7 +22,10 @@ int main(int argc, char** argv) {
   try {
     const std::string path = argv[1];
     const bool spm = path.size() > 6 && path.compare(path.size() - 6, 6, ".model") == 0;
-    auto tok = spm ? qf::data::load_sentencepiece(path) : qf::data::load_hf_tokenizer(path);
+    const bool gguf = path.size() > 5 && path.compare(path.size() - 5, 5, ".gguf") == 0;
+    auto tok = gguf ? qf::data::load_gguf_tokenizer(path)
+               : spm ? qf::data::load_sentencepiece(path)
+                     : qf::data::load_hf_tokenizer(path);
     auto in = nlohmann::json::parse(qf::fs::read_file(argv[2]));
     const nlohmann::json texts = in.is_array() ? in : in.value("texts", nlohmann::json::array());
     nlohmann::json out = {{"ids", nlohmann::json::array()}, {"decoded", nlohmann::json::array()},
