@@ -24,6 +24,7 @@
 #include "quant/qat.h"
 #include "export/gguf_export.h"
 #include "export/awq_export.h"
+#include "export/bnb8_export.h"
 #include "export/hf_export.h"
 #include "export/int_export.h"
 #include "export/onnx_export.h"
@@ -281,6 +282,18 @@ int cmd_export(const std::string& run, const std::vector<std::string>& overrides
                 q.c_str(), r.bytes / 1e6, r.n_fallback ? str("; ", r.n_fallback, " linears kept in float").c_str() : "");
     return 0;
   }
+  if (format == "bnb-int8") {
+    // llm_int8_threshold: the run's own (peft.base int8), else Linear8bitLt's default 6.0.
+    const double thr = run_cfg && run_cfg->peft.enabled && run_cfg->peft.base == peft::BaseFormat::Int8
+                           ? run_cfg->peft.int8_threshold : 6.0;
+    const auto t = dtype == "fp32" ? at::kFloat : dtype == "bf16" ? at::kBFloat16 : at::kHalf;
+    auto r = exporter::export_bnb8(*model, *tok, out, t, thr, force);
+    std::printf("exported %s to %s: bitsandbytes 8-bit (LLM.int8, llm_int8_threshold %g), %lld int8 linears (%lld int8 "
+                "bases with their own bytes, the rest quantized as Int8Params), %.2f MB (%s), re-read and decoded\n",
+                what.c_str(), r.dir.c_str(), thr, (long long)r.n_int8, (long long)r.n_kept, r.bytes / 1e6,
+                dtype.empty() ? "fp16" : dtype.c_str());
+    return 0;
+  }
   if (format == "onnx") {
     auto r = exporter::export_onnx(*model, *tok, out, dtype.empty() ? "fp32" : dtype, fallback, force);
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -492,11 +505,12 @@ CLI::App* add_export(CLI::App& app, CliArgs& a) {
   cmd->add_option("--format", a.format,
                   "Output format: hf (a Hugging Face checkpoint dir), gguf (llama.cpp), gptq (transformers via "
                   "optimum/gptqmodel), compressed-tensors (transformers / vLLM), awq (AutoAWQ GEMM: transformers / vLLM), "
-                  "onnx (onnxruntime / Optimum's ORTModelForCausalLM, with a KV cache) or peft (a LoRA run's adapters)")
-      ->check(CLI::IsMember({"hf", "gguf", "gptq", "compressed-tensors", "awq", "onnx", "peft"}))
+                  "onnx (onnxruntime / Optimum's ORTModelForCausalLM, with a KV cache), bnb-int8 (a bitsandbytes LLM.int8 dir: "
+                  "transformers loads it as load_in_8bit) or peft (a LoRA run's adapters)")
+      ->check(CLI::IsMember({"hf", "gguf", "gptq", "compressed-tensors", "awq", "onnx", "bnb-int8", "peft"}))
       ->capture_default_str();
   cmd->add_option("--out", a.out,
-                  "Output directory (hf, gptq, compressed-tensors, awq, onnx, peft; must not exist, or be empty) or .gguf file "
+                  "Output directory (hf, gptq, compressed-tensors, awq, onnx, bnb-int8, peft; must not exist, or be empty) or .gguf file "
                   "(must not exist); never inside a run's checkpoints/ nor one of the source's own files")
       ->required();
   cmd->add_flag("--force", a.force,
@@ -516,7 +530,7 @@ CLI::App* add_export(CLI::App& app, CliArgs& a) {
                   "compressed-tensors: another preset (e.g. int4-g64) or f16 (kept in float); gptq, awq: f16 (kept in float); "
                   "onnx: f32|f16 for layers ONNX has no operator for (NF4, FP8, llama.cpp blocks, ...), dequantized");
   cmd->add_option("--dtype", a.dtype,
-                  "Float weight dtype: hf: bf16 (default), fp16 or fp32; onnx: fp32 (default) or fp16 (stored, computed in fp32)")
+                  "Float weight dtype: hf: bf16 (default), fp16 or fp32; bnb-int8: fp16 (default), bf16 or fp32; onnx: fp32 (default) or fp16 (stored, computed in fp32)")
       ->check(CLI::IsMember({"fp32", "bf16", "fp16"}));
   cmd->add_option("--shard-size-mb", a.shard_mb, "Split the safetensors above this many MB (with an index)")
       ->check(CLI::PositiveNumber)

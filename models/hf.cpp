@@ -258,7 +258,7 @@ void load_hf_weights(CausalLM& model, const HfCheckpoint& ck, bool progress, boo
   if (!qlinears.empty())
     log::info(ck.dir, ": ", qlinears.size(), " packed linears (", ck.quant.describe(), "): ",
               static_cast<int64_t>(qlinears.size()) - kept, " dequantized to ", (model.cfg.dtype == DType::BF16 ? "bf16" : "fp32"),
-              kept ? str(", ", kept, " kept packed as ", ck.quant.method == HfQuantMethod::Bnb4 ? "NF4" : "int",
+              kept ? str(", ", kept, " kept packed as ", ck.quant.method == HfQuantMethod::Bnb4 ? "NF4" : ck.quant.method == HfQuantMethod::Bnb8 ? "LLM.int8" : "int",
                          " frozen bases") : std::string());
   // Pass 3 (streamer only): each claimed linear is built from its weight as the dense layer would
   // have held it (converted to the model dtype / transposed like p.copy_ above, else the mapped tensor

@@ -320,6 +320,11 @@ std::vector<std::string> check_bnb8(int64_t out, int64_t in, Checker& c) {
   c.shape(w, "weight", {out, in}, "the linear [out, in]");
   c.dtype(scb, "SCB", scb && scb->entry.dtype == st::DType::F32, "F32 (one absmax per output row)");
   c.shape(scb, "SCB", {out}, "one scale per output row");
+  if (c.parts.count("bnb4_part")) {
+    const auto& p4 = c.parts.at("bnb4_part");
+    c.problems.push_back(str(p4.file, ": tensor '", p4.entry.name, "' is a bitsandbytes 4-bit part (load_in_4bit), but "
+                             "config.json's quantization_config says load_in_8bit (LLM.int8 stores weight int8 + SCB)"));
+  }
   if (c.parts.count("weight_format")) {
     const auto* f = &c.parts.at("weight_format");
     c.dtype(f, "weight_format", f->entry.dtype == st::DType::U8, "U8 (bitsandbytes' weight format code)");
@@ -442,12 +447,17 @@ std::string quantized_part(const HfQuant& q, const std::string& name, st::DType 
   if (q.method == HfQuantMethod::Bnb8) {
     for (const char* part : {"weight", "SCB", "weight_format"}) {
       const std::string suffix = std::string(".") + part;
-      if (ends_with(name, suffix) && (std::string(part) != "weight" || dtype == st::DType::I8)) {
+      if (ends_with(name, suffix) && (std::string(part) != "weight" || !is_float(dtype))) {
         linear = name.substr(0, name.size() - suffix.size());
         return part;
       }
     }
-    return "";
+    // A 4-bit part (weight.absmax, weight.quant_state.*, ...) under a load_in_8bit config: kept with its
+    // linear so check_bnb8 names the mix-up once per linear.
+    const auto w = name.rfind(".weight.");
+    if (w == std::string::npos) return "";
+    linear = name.substr(0, w);
+    return "bnb4_part";
   }
   if (q.method == HfQuantMethod::Bnb4) {
     if (ends_with(name, ".weight") && dtype == st::DType::U8) {

@@ -13,7 +13,7 @@ with double quant `weight.nested_absmax` / `weight.nested_quant_map`, and the JS
   weights) within 2e-2; `qforge inspect` names the format;
 - a QLoRA recipe from the nf4 double-quant dir (peft.base nf4: blocksize 64, nested 256, qforge's
   default) keeps the packed bytes as the frozen base (the log says so) and trains (the loss falls);
-- a load_in_8bit dir is refused naming the key.
+- a load_in_8bit config over these 4-bit tensors is refused naming the tensors (8-bit dirs: test_bnb_int8.py).
 A missing peer fails at import, loudly."""
 import json
 import os
@@ -151,7 +151,7 @@ def test_qlora_from_bnb_nf4_dir_keeps_the_packed_base_and_trains(tmp_path, base)
     assert sum(full[-3:]) < sum(full[:3]), full
 
 
-def test_load_in_8bit_dir_is_refused(tmp_path, base):
+def test_load_in_8bit_config_over_4bit_tensors_is_refused(tmp_path, base):
     d, ck, _ = base
     src = _bnb_dir(d, ck, "nf4", True, "float32")
     bad = tmp_path / "int8"
@@ -163,4 +163,6 @@ def test_load_in_8bit_dir_is_refused(tmp_path, base):
                                        "_load_in_8bit": True})
     (bad / "config.json").write_text(json.dumps(cfg))
     r = _qf("inspect", bad, check=False)
-    assert r.returncode != 0 and "'load_in_8bit' is true" in r.stderr and "LLM.int8" in r.stderr, r.stderr
+    assert r.returncode != 0 and "model.layers.0.mlp.down_proj.weight." in r.stderr and \
+        "is a bitsandbytes 4-bit part (load_in_4bit), but config.json's quantization_config says load_in_8bit" in r.stderr, \
+        r.stderr
