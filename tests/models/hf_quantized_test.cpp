@@ -440,13 +440,22 @@ TEST(HfQuantizedIn, BitsandbytesBadInputIsAnErrorNamingFileTensorAndRule) {
   j = good;
   j.erase("nested_offset");
   has(damaged([&](Tensors& ts) { replace(ts, qs, blob(j)); }), {qs, "'nested_offset' is missing"});
-  // load_in_8bit (LLM.int8) and a non-uint8 quant storage are refused at config.json
+  // 4-bit tensors under a load_in_8bit (LLM.int8) config: named per linear; 8-bit configs qforge does not
+  // read and a non-uint8 quant storage are refused at config.json
   BnbPacker p;
   auto q8 = bnb_config("nf4", true);
   q8["load_in_4bit"] = false;
   q8["load_in_8bit"] = true;
   write_dir(dir, q8, p);
-  has(load_error(dir), {"config.json: quantization_config: 'load_in_8bit' is true", "LLM.int8"});
+  has(load_error(dir), {".weight.", "is a bitsandbytes 4-bit part (load_in_4bit), but config.json's quantization_config "
+                                    "says load_in_8bit"});
+  auto both = bnb_config("nf4", true);
+  both["load_in_8bit"] = true;
+  write_dir(dir, both, p);
+  has(load_error(dir), {"'load_in_8bit' is true and so is 'load_in_4bit'"});
+  q8["llm_int8_has_fp16_weight"] = true;
+  write_dir(dir, q8, p);
+  has(load_error(dir), {"'llm_int8_has_fp16_weight' is true"});
   auto qst = bnb_config("nf4", true);
   qst["bnb_4bit_quant_storage"] = "bfloat16";
   write_dir(dir, qst, p);
