@@ -193,7 +193,7 @@ std::vector<std::string> fitting_presets(const QuantSpec& spec, int64_t width) {
     return b > 0 && width % b == 0;
   };
   if (spec.is_ggml()) {
-    for (const char* n : {"q8_0", "q6_k", "q5_0", "q5_1", "q4_k", "q4_0", "q4_1"})
+    for (const char* n : {"q8_0", "q6_k", "q5_k", "q5_0", "q5_1", "q4_k", "q4_0", "q4_1", "q3_k", "q2_k"})
       if (fits(n)) out.push_back(n);
     return out;
   }
