@@ -29,19 +29,14 @@ import torch
 import transformers
 
 from st_io import interop_tool, read_safetensors, write_safetensors
+from test_bnb_4bit_in import IDS, _qf, _qforge_logits
 from test_families import _checkpoint, _losses, _recipe
-from tiny_runs import QFORGE, kjv_corpus
+from tiny_runs import kjv_corpus
 
-IDS = [[1, 45, 7, 99, 3, 120, 18, 64, 5, 140, 12, 77], [2, 9, 33, 101, 7, 7, 60, 3, 88, 21, 130, 4]]
+LORA8 = """peft: {{r: 4, alpha: 8, base: int8}}
+trainer: {{max_steps: {steps}, batch_size: 4, eval_every: 0, eval_batches: 1, log_every: 1, optim: {{lr: 0.01}},
+          schedule: {{warmup_steps: 1}}}}"""
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _qf(*args, check=True, quiet=True):
-    r = subprocess.run([QFORGE, *(["-q"] if quiet else []), *map(str, args)], capture_output=True, text=True,
-                       env=dict(os.environ, OMP_NUM_THREADS="2"))
-    if check:
-        assert r.returncode == 0, f"qforge {' '.join(map(str, args))}:\n{r.stderr[-3000:]}"
-    return r
 
 
 def _tool(*args):
@@ -169,15 +164,6 @@ def _qforge_int8_logits(d, work, threshold=6.0, adapter=None):
     return o["logits"], int(o["kept"][0]), int(o["int8_linears"][0])
 
 
-def _qforge_float_logits(d, work):
-    work.mkdir(exist_ok=True)
-    write_safetensors(work / "ids.safetensors", {"ids": np.array(IDS, dtype=np.int64)})
-    r = subprocess.run([interop_tool("interop_hf"), str(d), str(work / "ids.safetensors"), str(work / "o.safetensors"), "1"],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    return read_safetensors(work / "o.safetensors")["logits"]
-
-
 def test_bnb8_dir_from_transformers_reads_dequantized_and_as_int8_bases(tmp_path, base):
     d, ck, _ = base
     src = _bnb8_dir(d, ck)
@@ -201,7 +187,7 @@ def test_bnb8_dir_from_transformers_reads_dequantized_and_as_int8_bases(tmp_path
             n += 1
     assert n == 14
     _, ref = _hf_logits(out)  # transformers' float Llama on the dequantized weights
-    got = _qforge_float_logits(src, tmp_path / "f")
+    got = torch.from_numpy(_qforge_logits(src, "deq")[0])
     scale = max(1.0, float(ref.abs().max()))
     err_deq = float((got - ref).abs().max())
     assert err_deq <= 1e-4 * scale, err_deq
@@ -243,9 +229,7 @@ def test_export_bnb_int8_of_a_float_dir_equals_transformers_load_in_8bit(tmp_pat
 
 def test_lora_on_int8_base_trains_loads_in_peft_and_exports(tmp_path, base):
     d, ck, corpus = base
-    steps = """trainer: {max_steps: 12, batch_size: 4, eval_every: 0, eval_batches: 1, log_every: 1, optim: {lr: 0.01},
-          schedule: {warmup_steps: 1}}"""
-    r = _qf("train", _recipe(tmp_path, "lora8", ck, corpus, "peft: {r: 4, alpha: 8, base: int8}\n" + steps), quiet=False)
+    r = _qf("train", _recipe(tmp_path, "lora8", ck, corpus, LORA8.format(steps=12)), quiet=False)
     log = r.stdout + r.stderr
     losses = _losses(tmp_path / "lora8")
     assert len(losses) >= 10 and sum(losses[-3:]) < sum(losses[:3]), losses
@@ -302,9 +286,7 @@ def test_bad_bnb8_dirs_are_refused(tmp_path, base):
 def test_lora_from_a_bnb8_dir_keeps_its_int8_bytes_and_trains(tmp_path, base):
     d, ck, corpus = base
     src = _bnb8_dir(d, ck)
-    steps = """trainer: {max_steps: 10, batch_size: 4, eval_every: 0, eval_batches: 1, log_every: 1, optim: {lr: 0.01},
-          schedule: {warmup_steps: 1}}"""
-    r = _qf("train", _recipe(tmp_path, "lora8in", src, corpus, "peft: {r: 4, alpha: 8, base: int8}\n" + steps), quiet=False)
+    r = _qf("train", _recipe(tmp_path, "lora8in", src, corpus, LORA8.format(steps=10)), quiet=False)
     log = r.stdout + r.stderr
     assert "14 kept packed as LLM.int8 frozen bases" in log, log[-3000:]
     losses = _losses(tmp_path / "lora8in")
