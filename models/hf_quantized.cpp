@@ -1,6 +1,7 @@
 #include "models/hf_quantized.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <array>
@@ -631,16 +632,70 @@ PackedInt packed_int(const HfQuant& q, const std::string& linear, int64_t out, i
   p.qweight = packed::pack_cols(pad(u, in), p.bits).t().contiguous();
   p.qzeros = packed::pack_cols(pad(z, out), p.bits);
   p.g_idx = g.to(at::kInt).clone();  // never a view of the file mapping
+  p.group_size = contiguous_group_size(p, in);
   return p;
 }
 
+int64_t contiguous_group_size(const PackedInt& p, int64_t in) {
+  const int64_t groups = p.scales.size(0);
+  if (groups <= 0 || in % groups != 0) return 0;
+  const int64_t gs = in / groups;
+  auto want = at::arange(in, p.g_idx.options().dtype(at::kLong)).div(gs, "floor");
+  return at::equal(p.g_idx.to(at::kLong), want) ? gs : 0;
+}
+
 at::Tensor dequantize_packed_int(const PackedInt& p, int64_t out, int64_t in) {
+  if (!p.qweight.device().is_cpu()) return dequantize_packed_int_aten(p, out, in);
+  const int bits = p.bits;
+  const int64_t pf = 32 / bits, rows = p.qweight.size(0), groups = p.scales.size(0), zcols = p.qzeros.size(1);
+  const uint32_t mask = (1u << bits) - 1;
+  // Per (group, output) zero point and scale as floats, decoded once: (float(u) - z) * s equals
+  // float(u - z) * s bit for bit (both sides of the subtraction are small exact integers).
+  auto sf = p.scales.to(at::kFloat).contiguous();
+  auto zf = at::empty({groups, out}, at::kFloat);
+  {
+    auto qz = p.qzeros.contiguous();
+    const uint32_t* zs = reinterpret_cast<const uint32_t*>(qz.data_ptr<int32_t>());
+    float* zd = zf.data_ptr<float>();
+    for (int64_t g = 0; g < groups; ++g)
+      for (int64_t o = 0; o < out; ++o) zd[g * out + o] = static_cast<float>((zs[g * zcols + o / pf] >> (bits * (o % pf))) & mask);
+  }
+  auto qw = p.qweight.contiguous();
+  auto gi = p.g_idx.to(at::kInt).contiguous();
+  auto w = at::empty({out, in}, at::kFloat);
+  const uint32_t* src = reinterpret_cast<const uint32_t*>(qw.data_ptr<int32_t>());
+  const int32_t* gidx = gi.data_ptr<int32_t>();
+  const float* zd = zf.data_ptr<float>();
+  const float* sd = sf.data_ptr<float>();
+  float* dst = w.data_ptr<float>();
+  constexpr int64_t kRows = 16;  // output rows per task: 16 consecutive words of each packed row (one cache line)
+  at::parallel_for(0, (out + kRows - 1) / kRows, 1, [&](int64_t b, int64_t e) {
+    for (int64_t o0 = b * kRows; o0 < std::min(out, e * kRows); o0 += kRows)
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t o = o0; o < std::min(out, o0 + kRows); ++o) {
+          const uint32_t word = src[r * out + o];
+          float* row = dst + o * in;
+          for (int64_t j = 0; j < pf && r * pf + j < in; ++j) {
+            const int64_t i = r * pf + j, g = gidx[i];
+            row[i] = (static_cast<float>((word >> (bits * j)) & mask) - zd[g * out + o]) * sd[g * out + o];
+          }
+        }
+  });
+  return w;
+}
+
+at::Tensor dequantize_packed_int_aten(const PackedInt& p, int64_t out, int64_t in) {
   const int64_t pf = 32 / p.bits;
   const auto opts = p.qweight.options();
   auto shifts = at::arange(0, 32, p.bits, opts);  // int32 on the tensors' device
   const int32_t mask = (1 << p.bits) - 1;           // arithmetic shifts: the sign bits are masked off
   auto u = p.qweight.unsqueeze(1).__rshift__(shifts.view({1, pf, 1})).bitwise_and(mask).reshape({-1, out}).slice(0, 0, in);
   auto z = p.qzeros.unsqueeze(-1).__rshift__(shifts).bitwise_and(mask).reshape({p.qzeros.size(0), -1}).slice(1, 0, out);
+  if (p.group_size > 0) {  // contiguous groups: each group's zero point and scale broadcast over its columns
+    const int64_t groups = in / p.group_size;
+    auto w = (u.view({groups, p.group_size, out}) - z.unsqueeze(1)).to(at::kFloat).mul_(p.scales.to(at::kFloat).unsqueeze(1));
+    return w.view({in, out}).t();
+  }
   auto g = p.g_idx.to(at::kLong);
   auto w = (u - z.index_select(0, g)).to(at::kFloat).mul(p.scales.to(at::kFloat).index_select(0, g));  // [in, out]
   return w.t();

@@ -117,12 +117,21 @@ bool bnb_packed_nf4(const HfQuant& q, const std::string& linear, int64_t out, in
 struct PackedInt {
   int bits = 4;
   at::Tensor qweight, qzeros, scales, g_idx;
+  // g_idx is i / group_size for every column (contiguous groups that tile the input): dequantization
+  // broadcasts the group's zero point and scale instead of gathering them per column. 0: any g_idx.
+  int64_t group_size = 0;
 };
+// The group_size field for p's g_idx over `in` columns (0 unless g_idx == arange(in) / (in / groups)).
+int64_t contiguous_group_size(const PackedInt& p, int64_t in);
 PackedInt packed_int(const HfQuant& q, const std::string& linear, int64_t out, int64_t in,
                      const std::map<std::string, at::Tensor>& tensors);
-// Its float32 weight [out, in], computed on the tensors' device (ATen int32 shifts and masks, one
-// gather of the zero points and scales per column).
+// Its float32 weight [out, in] on the tensors' device: on the CPU one parallel loop over blocks of
+// output rows (each word read once, zero points and scales decoded once per group); elsewhere
+// dequantize_packed_int_aten. Both equal dequantize_linear bit for bit.
 at::Tensor dequantize_packed_int(const PackedInt& p, int64_t out, int64_t in);
+// The same with ATen ops on the tensors' device (int32 shifts and masks; contiguous groups broadcast,
+// an arbitrary g_idx gathered per column): what a GPU runs.
+at::Tensor dequantize_packed_int_aten(const PackedInt& p, int64_t out, int64_t in);
 
 // What one linear is stored as ("gptq int4 group 32 sym, act-order g_idx"), for `qforge inspect`.
 std::string describe_quantized_linear(const HfQuant& q, const std::string& linear, const QuantizedParts& parts);

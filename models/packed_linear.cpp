@@ -47,6 +47,20 @@ std::shared_ptr<PackedIntLinear> PackedIntLinear::zeros(int bits, int64_t groups
   return std::make_shared<PackedIntLinear>(p, out, in, bias ? at::zeros({out}) : at::Tensor());
 }
 
+PackedInt PackedIntLinear::state() const {
+  PackedInt p{bits, qweight, qzeros, scales, g_idx};
+  const int64_t version = static_cast<int64_t>(g_idx._version());
+  if (version != g_idx_version_) {  // new g_idx data (built, or a state loaded into it): checked once
+    const int64_t lo = g_idx.min().item<int64_t>(), hi = g_idx.max().item<int64_t>();
+    QF_CHECK_INPUT(lo >= 0 && hi < scales.size(0), "PackedIntLinear: g_idx holds groups in [", lo, ", ", hi,
+                   "] but the scales have ", scales.size(0), " groups");
+    group_size_ = contiguous_group_size(p, in_features);
+    g_idx_version_ = version;
+  }
+  p.group_size = group_size_;
+  return p;
+}
+
 at::Tensor PackedIntLinear::materialize(at::ScalarType dtype) const {
   return dequantize_packed_int(state(), out_features, in_features).to(dtype);
 }

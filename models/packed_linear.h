@@ -33,11 +33,16 @@ class PackedIntLinear : public FrozenLinear {
   static std::shared_ptr<PackedIntLinear> zeros(int bits, int64_t groups, at::ScalarType scale_dtype, int64_t out,
                                                 int64_t in, bool bias);
   at::Tensor materialize(at::ScalarType dtype) const override;
-  PackedInt state() const { return {bits, qweight, qzeros, scales, g_idx}; }
+  // The buffers as a PackedInt; its group_size is recomputed when g_idx changed since the last call
+  // (a state load writes the buffers in place).
+  PackedInt state() const;
   int64_t stored_bytes() const;  // packed weight + zeros + scales + g_idx + bias
   void pretty_print(std::ostream& s) const override;
   at::Tensor qweight, qzeros, scales, g_idx;
   const int bits;
+
+ private:
+  mutable int64_t group_size_ = 0, g_idx_version_ = -1;
 };
 
 }  // namespace qf::models

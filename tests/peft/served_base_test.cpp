@@ -244,6 +244,10 @@ void expect_same_decoding(const IntParts& p, int64_t out, int64_t in, const std:
   const auto want = models::dequantize_linear(p.q, "l", out, in, none, t);
   auto lin = models::PackedIntLinear::from_checkpoint(p.q, "l", out, in, p.t, {});
   EXPECT_TRUE(at::equal(lin->effective_weight(), want)) << what;
+  EXPECT_TRUE(at::equal(models::dequantize_packed_int_aten(lin->state(), out, in), want)) << what;  // the GPU path
+  auto gathered = lin->state();
+  gathered.group_size = 0;  // the per-column gather, as for an act-order g_idx
+  EXPECT_TRUE(at::equal(models::dequantize_packed_int_aten(gathered, out, in), want)) << what;
   EXPECT_TRUE(lin->parameters().empty()) << what;
   // its saved state rebuilds the same layer
   auto again = models::PackedIntLinear::zeros(lin->bits, lin->scales.size(0), lin->scales.scalar_type(), out, in, false);
@@ -264,7 +268,17 @@ TEST(PackedBase, GptqLayoutsDecodeAsDequantizeLinear) {
   auto p = gptq_parts(4, false, true, 64, 128);
   models::QuantizedParts parts{{"g_idx", {"f", {}}}};
   const auto want = models::dequantize_linear(p.q, "l", 64, 128, parts, p.t);
-  EXPECT_TRUE(at::equal(models::PackedIntLinear::from_checkpoint(p.q, "l", 64, 128, p.t, {})->effective_weight(), want));
+  auto lin = models::PackedIntLinear::from_checkpoint(p.q, "l", 64, 128, p.t, {});
+  EXPECT_EQ(lin->state().group_size, 0);
+  EXPECT_TRUE(at::equal(lin->effective_weight(), want));
+  EXPECT_TRUE(at::equal(models::dequantize_packed_int_aten(lin->state(), 64, 128), want));
+  // a saved state whose g_idx points past the groups is refused, not read out of bounds
+  auto bad = models::PackedIntLinear::zeros(4, 4, at::kHalf, 64, 128, false);
+  auto st = models::model_state(*lin);
+  for (auto& [n, t] : st)
+    if (n == "g_idx") t = t.clone().fill_(7);
+  models::load_model_state(*bad, st, "saved");
+  EXPECT_THROW(bad->effective_weight(), InputError);
 }
 
 TEST(PackedBase, AwqAndCompressedTensorsDecodeAsDequantizeLinear) {
