@@ -40,6 +40,11 @@ quantized = {
                      "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False,
                      "llm_int8_skip_modules": None, "llm_int8_threshold": 6.0, "load_in_4bit": True, "load_in_8bit": False,
                      "quant_method": "bitsandbytes"},
+    "bitsandbytes_8bit": {"_load_in_4bit": False, "_load_in_8bit": True, "bnb_4bit_compute_dtype": "float32",
+                          "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": False,
+                          "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False,
+                          "llm_int8_skip_modules": None, "llm_int8_threshold": 6.0, "load_in_4bit": False,
+                          "load_in_8bit": True, "quant_method": "bitsandbytes"},
 }
 for name, q in quantized.items():
     configs[f"llama_{name}"] = LlamaConfig(**small, architectures=["LlamaForCausalLM"], quantization_config=q)
