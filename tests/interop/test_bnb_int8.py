@@ -14,6 +14,8 @@
   makes of it, and transformers loads it as Linear8bitLt with the same logits;
 - LoRA on an int8 base trains (loss falls), its PEFT adapter loads in peft over transformers' 8-bit
   model with matching logits, and the run exports as a bnb-int8 dir transformers loads;
+- LoRA from a load_in_8bit dir keeps the file's CB / SCB as the bases and trains; an int8-base run resumes
+  on the identical loss curve;
 - bad 8-bit dirs (weight_format, SCB shape) are refused naming the file, tensor and rule.
 A missing peer fails at import, loudly."""
 import json
@@ -292,3 +294,16 @@ def test_lora_from_a_bnb8_dir_keeps_its_int8_bytes_and_trains(tmp_path, base):
     losses = _losses(tmp_path / "lora8in")
     print(f"\nINT8_IN_LORA LoRA from the load_in_8bit dir (its CB / SCB kept): loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     assert sum(losses[-3:]) < sum(losses[:3]), losses
+
+
+def test_int8_base_run_resumes_on_the_same_loss_curve(tmp_path, base):
+    d, ck, corpus = base
+    body = LORA8.format(steps=12).replace("log_every: 1,", "log_every: 1, save_every: 6,").replace(
+        "{warmup_steps: 1}", "{warmup_steps: 1, total_steps: 12}")
+    _qf("train", _recipe(tmp_path, "whole", ck, corpus, body))
+    cfg = _recipe(tmp_path, "split", ck, corpus, body)
+    _qf("train", cfg, "trainer.max_steps=6")
+    r = _qf("train", cfg, quiet=False)  # resume: auto, from step 6 (the int8 bases' CB / SCB and the adapters come back)
+    assert "at step 6" in r.stderr + r.stdout, (r.stdout + r.stderr)[-2000:]
+    whole, split = _losses(tmp_path / "whole"), _losses(tmp_path / "split")
+    assert len(whole) == 12 and whole == split[-12:], (whole, split)
