@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 #include <torch/autograd.h>
+#include <torch/cuda.h>
 
 #include "core/error.h"
 #include "quant/int8_lt.h"
@@ -74,4 +75,30 @@ TEST(Int8Lt, InputGradientIsThroughTheDequantizedWeightAndNothingTrains) {
   auto wq = lin.weight.to(at::kFloat).mul_(lin.scb.unsqueeze(1).mul(1.0 / 127.0));
   EXPECT_TRUE(at::equal(gx, at::matmul(up.reshape({-1, 12}), wq).view({2, 3, 20})));
   EXPECT_THROW(lin.forward(at::randn({2, 19})), Error);
+}
+
+TEST(Cuda, Int8LtOnGpuQuantizesAsOnCpuAndMatchesItsForward) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device: the int8 CUDA path (at::_int_mm) compiled but not run";
+  auto g = at::detail::createCPUGenerator(6);
+  auto w = at::randn({64, 96}, g) * 0.1;
+  auto cpu_q = int8_quantize(w), gpu_q = int8_quantize(w.cuda());
+  EXPECT_TRUE(at::equal(cpu_q.cb, gpu_q.cb.cpu()));
+  EXPECT_TRUE(at::equal(cpu_q.scb, gpu_q.scb.cpu()));
+  Int8LtLinear lin(w, at::randn({64}, g), 6.0);
+  for (int64_t rows : {3, 40}) {  // below and above _int_mm's 16-row minimum on CUDA
+    auto x = at::randn({rows, 96}, g);
+    x.select(1, 2).fill_(9.0);
+    at::Tensor y_cpu;
+    {
+      at::NoGradGuard ng;
+      y_cpu = lin.forward(x);
+    }
+    auto gpu = std::make_shared<Int8LtLinear>(w.cuda(), lin.bias.cuda(), 6.0);
+    auto xg = x.cuda().requires_grad_(true);
+    auto y = gpu->forward(xg);
+    // The int32 product is exact on both; the fp32 rescale may round differently on the GPU.
+    EXPECT_TRUE(at::allclose(y.detach().cpu(), y_cpu, 1e-5, 1e-5)) << rows;
+    y.sum().backward();
+    EXPECT_TRUE(xg.grad().defined());
+  }
 }
