@@ -147,6 +147,7 @@ void load_gguf_weights(models::CausalLM& model, const GgufCheckpoint& ck, bool p
     f.drop_pages(*t);
     if (bar) bar->update(++done);
   }
+  int64_t kept = 0;
   // Pass 3: the claimed linears, one at a time: kept as their blocks when the streamer takes them, else
   // dequantized into the model dtype.
   for (auto& [p, slot] : streamed) {
@@ -160,9 +161,12 @@ void load_gguf_weights(models::CausalLM& model, const GgufCheckpoint& ck, bool p
                                         {t.rows(), static_cast<int64_t>(t.nbytes) / t.rows()}, at::kByte);
       if (auto h = qk_heads.find(p); h != qk_heads.end()) blocks = unpermute_rows(blocks, h->second);
       m = streamer->build_blocks(lin, t.type, blocks, t.ne[0], dense.bias);
-      if (m && report) {
-        report->kept_packed.push_back(lin);
-        report->tensors.emplace_back(t.name, quant::ggml::gguf_type_name(t.type));
+      if (m) {
+        ++kept;
+        if (report) {
+          report->kept_packed.push_back(lin);
+          report->tensors.emplace_back(t.name, quant::ggml::gguf_type_name(t.type));
+        }
       }
     }
     if (!m) {
@@ -177,6 +181,9 @@ void load_gguf_weights(models::CausalLM& model, const GgufCheckpoint& ck, bool p
     if (bar) bar->update(++done);
   }
   if (bar) bar->finish();
+  if (!streamed.empty())
+    log::info(o, ": ", kept, " of ", streamed.size(), " streamed linears kept as their llama.cpp blocks (frozen base), ",
+              static_cast<int64_t>(streamed.size()) - kept, " built from their dequantized weights");
   for (auto& n : ck.info.notes) log::warn(o, ": ", n);
 }
 

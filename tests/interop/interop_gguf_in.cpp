@@ -13,6 +13,7 @@
 #include "core/safetensors.h"
 #include "export/gguf_in.h"
 #include "models/generate.h"
+#include "quant/ggml_more.h"
 
 int main(int argc, char** argv) {
   const std::string mode = argc > 1 ? argv[1] : "";
@@ -23,9 +24,9 @@ int main(int argc, char** argv) {
   }
   try {
     if (mode == "tensors") {
-      const auto ck = qf::exporter::read_gguf(argv[2]);
+      const auto f = qf::gguf_in::File::open(argv[2], qf::quant::ggml::gguf_type_geometry);  // no model needed
       std::vector<std::pair<std::string, at::Tensor>> out;
-      for (const auto& t : ck.file->tensors()) out.emplace_back(t.name, qf::exporter::gguf_tensor_f32(*ck.file, t));
+      for (const auto& t : f->tensors()) out.emplace_back(t.name, qf::exporter::gguf_tensor_f32(*f, t));
       qf::st::save(argv[3], out);
       return 0;
     }
