@@ -668,18 +668,28 @@ at::Tensor dequantize_packed_int(const PackedInt& p, int64_t out, int64_t in) {
   const float* zd = zf.data_ptr<float>();
   const float* sd = sf.data_ptr<float>();
   float* dst = w.data_ptr<float>();
+  // Contiguous groups that hold whole words: one zero point and scale per word (no g_idx lookups).
+  const int64_t gs = p.group_size > 0 && p.group_size % pf == 0 ? p.group_size : 0;
   constexpr int64_t kRows = 16;  // output rows per task: 16 consecutive words of each packed row (one cache line)
   at::parallel_for(0, (out + kRows - 1) / kRows, 1, [&](int64_t b, int64_t e) {
     for (int64_t o0 = b * kRows; o0 < std::min(out, e * kRows); o0 += kRows)
-      for (int64_t r = 0; r < rows; ++r)
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t i0 = r * pf, n = std::min(pf, in - i0);
         for (int64_t o = o0; o < std::min(out, o0 + kRows); ++o) {
           const uint32_t word = src[r * out + o];
-          float* row = dst + o * in;
-          for (int64_t j = 0; j < pf && r * pf + j < in; ++j) {
-            const int64_t i = r * pf + j, g = gidx[i];
-            row[i] = (static_cast<float>((word >> (bits * j)) & mask) - zd[g * out + o]) * sd[g * out + o];
+          float* row = dst + o * in + i0;
+          if (gs) {
+            const int64_t at = (i0 / gs) * out + o;
+            const float z = zd[at], sc = sd[at];
+            for (int64_t j = 0; j < n; ++j) row[j] = (static_cast<float>((word >> (bits * j)) & mask) - z) * sc;
+          } else {
+            for (int64_t j = 0; j < n; ++j) {
+              const int64_t at = gidx[i0 + j] * out + o;
+              row[j] = (static_cast<float>((word >> (bits * j)) & mask) - zd[at]) * sd[at];
+            }
           }
         }
+      }
   });
   return w;
 }
