@@ -1,6 +1,7 @@
 // What a frozen LoRA base costs per forward on the CPU: the time to materialize one [out, in] weight
 // from each storage (bf16, NF4, llama.cpp blocks, a GPTQ-layout packed int4 group-128 weight through
-// the CPU loop and through the ATen path a GPU runs) against the fp32 matmul of `tokens` rows with it.
+// the CPU loop and through the ATen path a GPU runs; for the blocks also exact_merge's fake quant of
+// the merged weight) against the fp32 matmul of `tokens` rows with it.
 // Each figure is the minimum over `reps` runs (a loaded machine inflates the rest), in ms and ns per
 // weight. Usage: served_base_dequant [out in tokens reps threads]   (default 2048 2048 256 7 2)
 #include <ATen/ATen.h>
@@ -69,6 +70,9 @@ int main(int argc, char** argv) {
   for (const char* t : {"q8_0", "q4_0", "q4_k", "q6_k"}) {
     quant::BlockLinear b(w, {}, quant::ggml::traits_by_name(t)->rule);
     row(std::string("llama.cpp ") + t, bits_of(b), [&] { b.materialize(at::kFloat); });
+    // exact_merge's forward also fake-quantizes W + s*BA (the type's quantize + dequantize)
+    const auto delta = at::zeros({out, in});
+    row(std::string("  exact merge: + fq ") + t, bits_of(b), [&] { b.merged_fake_quant(delta); });
   }
   {  // GPTQ int4 group 128, symmetric codes around 8, fp16 scales, contiguous groups
     const int64_t groups = in / 128;
