@@ -48,7 +48,6 @@ def corpus(tmp_path_factory):
 def _checkpoint(tmp_path, kind, corpus, outliers=False, ffn=176):
     """The family's tiny checkpoint with a 150-piece byte-level BPE tokenizer.json beside it. outliers:
     every norm scales 4 channels up 10x, so AWQ finds salient input channels (as in real models)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     d = _save(tmp_path, kind, ffn=ffn)
     if outliers:
         m = transformers.AutoModelForCausalLM.from_pretrained(d, torch_dtype=torch.float32)
@@ -57,10 +56,17 @@ def _checkpoint(tmp_path, kind, corpus, outliers=False, ffn=176):
                 if p.dim() == 1 and n.endswith("weight") and ("norm" in n or ".ln_" in n):
                     p[:4] += 9.0  # Gemma's 1 + w and everyone else's w alike
         m.save_pretrained(d, safe_serialization=True)
+    return bpe_tokenizer(d, corpus, 150)
+
+
+def bpe_tokenizer(d, corpus, vocab_size):
+    """A byte-level BPE tokenizer.json of `vocab_size` pieces trained on corpus (and its tokenizer_config.json
+    naming <|bos|> / <|eos|>) written into d; returns d."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train([str(corpus)], trainers.BpeTrainer(vocab_size=150, special_tokens=["<|bos|>", "<|eos|>"],
+    tok.train([str(corpus)], trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|bos|>", "<|eos|>"],
                                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                                  show_progress=False))
     tok.save(str(d / "tokenizer.json"))

@@ -32,6 +32,7 @@ from gguf import quants
 from gguf.constants import GGMLQuantizationType as GT
 
 from st_io import interop_tool, read_safetensors, write_safetensors
+from test_families import bpe_tokenizer
 from tiny_runs import QFORGE, kjv_corpus, tiny_recipe, train
 
 IDS = [[1, 45, 7, 99, 3, 120, 18, 64, 5, 140, 12, 77], [2, 9, 33, 101, 7, 7, 60, 3, 88, 21, 130, 4]]
@@ -96,7 +97,6 @@ def work(tmp_path_factory):
 
 def _hf_dir(work, kind):
     """The family's tiny checkpoint (weights nudged off init) with a byte-level BPE tokenizer.json."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     d, corpus = work
     out = d / kind
     if out.exists():
@@ -107,15 +107,7 @@ def _hf_dir(work, kind):
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     m.save_pretrained(out, safe_serialization=True)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train([str(corpus)], trainers.BpeTrainer(vocab_size=300, special_tokens=["<|bos|>", "<|eos|>"],
-                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                 show_progress=False))
-    tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|bos|>", "eos_token": "<|eos|>"}))
-    return out
+    return bpe_tokenizer(out, corpus, 300)
 
 
 def _f32_gguf(work, kind):
