@@ -69,16 +69,18 @@ inline int nearest_int(float x) {
 
 // ---------------------------------------------------------------- q8_0: {fp16 d; int8 qs[32]}
 
-// The signed value of the first element with the largest |x| (q4_0 / q5_0 scale from it).
-inline float signed_absmax(const float* x) {
+// The signed value of the first element with the largest |x| (q4_0 / q5_0 / q3_K scales from it);
+// that |x| in *amax_out when given.
+inline float signed_absmax(const float* x, int n = kQK, float* amax_out = nullptr) {
   float amax = 0.0f, max = 0.0f;
-  for (int j = 0; j < kQK; ++j) {
+  for (int j = 0; j < n; ++j) {
     const float a = std::fabs(x[j]);
     if (amax < a) {
       amax = a;
       max = x[j];
     }
   }
+  if (amax_out) *amax_out = amax;
   return max;
 }
 
@@ -389,14 +391,8 @@ void fit_symmetric_lanes(const F (&xt)[N], const F* wt, int nmax, int8_t* L, flo
 // make_q3_quants(n, nmax, x, L, do_rmse = true): symmetric grid from the largest |x|, then up to 5
 // rounds of coordinate descent on the x^2-weighted fit. L gets l + nmax; returns the scale.
 float make_q3_quants(int n, int nmax, const float* x, int8_t* L) {
-  float max = 0, amax = 0;
-  for (int i = 0; i < n; ++i) {
-    const float ax = std::fabs(x[i]);
-    if (ax > amax) {
-      amax = ax;
-      max = x[i];
-    }
-  }
+  float amax;
+  const float max = signed_absmax(x, n, &amax);
   if (amax < kGroupMaxEps) {
     std::memset(L, 0, n);
     return 0.f;
@@ -534,6 +530,13 @@ void load_imatrix_lanes(const float* x, const float* qw, float sigma2, F (&wt)[N
   }
 }
 
+// A super-block's sub-blocks in lanes with their importance weights (sigma2 from superblock_sigma2).
+template <class F, int N>
+void load_superblock_imatrix(const float* x, const float* qw, float sigma_scale, F (&xt)[N], F (&wt)[N], float* sw) {
+  load_lanes(x, xt);
+  load_imatrix_lanes(x, qw, superblock_sigma2(x, sigma_scale), wt, sw);
+}
+
 // Two-bit codes of 256 values in 64 bytes (q2_K / q3_K qs): byte 32h + l holds elements
 // 128h + l, +32, +64, +96 in bits 0-1, 2-3, 4-5, 6-7.
 inline void pack_2bit(const uint8_t* L, uint8_t* qs) {
@@ -595,11 +598,9 @@ void quant_q2_K(const float* x, uint8_t* y) {
 }
 
 void quant_q2_K_imatrix(const float* x, const float* qw, uint8_t* y) {
-  const float sigma2 = superblock_sigma2(x, 1.f);
   f32x16 xt[16], wt[16];
   float sw[16];
-  load_lanes(x, xt);
-  load_imatrix_lanes(x, qw, sigma2, wt, sw);
+  load_superblock_imatrix(x, qw, 1.f, xt, wt, sw);
   uint8_t L[kQKK];
   float scales[16], mins[16];
   fit_affine_lanes<f32x16, i32x16, 16>(xt, wt, {3, -0.9f, 0.05f, 36, false, true}, L, scales, mins);
@@ -692,11 +693,9 @@ void quant_q3_K(const float* x, uint8_t* y) {
 }
 
 void quant_q3_K_imatrix(const float* x, const float* qw, uint8_t* y) {
-  const float sigma2 = superblock_sigma2(x, 2.f);
   f32x16 xt[16], wt[16];
   float sw[16];
-  load_lanes(x, xt);
-  load_imatrix_lanes(x, qw, sigma2, wt, sw);
+  load_superblock_imatrix(x, qw, 2.f, xt, wt, sw);
   int8_t L[kQKK];
   float scales[16];
   fit_symmetric_lanes<f32x16, i32x16, 16>(xt, wt, 4, L, scales);
@@ -830,11 +829,9 @@ void quant_q45_K(const float* x, uint8_t* y) {
 // then make_qp_quants fits the 6-bit scales and mins weighted by each sub-block's total weight.
 template <int NMax>
 void quant_q45_K_imatrix(const float* x, const float* qw, uint8_t* y) {
-  const float sigma2 = superblock_sigma2(x, 2.f);
   f32x8 xt[32], wt[32];
   float sw[8];
-  load_lanes(x, xt);
-  load_imatrix_lanes(x, qw, sigma2, wt, sw);
+  load_superblock_imatrix(x, qw, 2.f, xt, wt, sw);
   uint8_t L[kQKK];
   float scales[8], mins[8];
   fit_affine_lanes<f32x8, i32x8, 32>(xt, wt, {NMax, -0.9f, 0.05f, 36, false, true}, L, scales, mins);

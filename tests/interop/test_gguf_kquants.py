@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from llama_ref import quantize as ggml_quantize
+from test_gguf_export import _llama_logits, _permute
 from st_io import interop_tool, read_safetensors, write_safetensors
 from tiny_runs import QFORGE, tiny_recipe, train
 
@@ -51,10 +52,6 @@ def _hf(tmp_path, run, name):
     return out
 
 
-def _permute(w, heads):
-    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def _gguf(tmp_path, run):
     out = tmp_path / "m.gguf"
     r = subprocess.run([QFORGE, "-q", "export", str(run), "--format", "gguf", "--out", str(out)],
@@ -85,21 +82,6 @@ def test_blocks_read_back_exactly(tmp_path, runs, preset, method):
                     x = _permute(x, HEADS[g_name])
                 ref = np.frombuffer(ggml_quantize(PRESETS[preset], x), np.uint8)
                 assert np.array_equal(np.asarray(t.data).reshape(-1), ref), f"rtn {preset} {t.name}: bytes differ"
-
-
-def _llama_logits(path, ids):
-    import llama_cpp  # a missing peer fails here, loudly
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, n_threads=2, verbose=False,
-                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
-    llm.reset()
-    llm.eval(ids)
-    logits = np.array(llm.scores[: llm.n_tokens], dtype=np.float32)
-    gen = []
-    for _ in range(8):
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        gen.append(tok)
-        llm.eval([tok])
-    return logits, gen
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))

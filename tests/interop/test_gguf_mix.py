@@ -17,15 +17,19 @@ from llama_ref import llama_quantize
 from tiny_runs import QFORGE, tiny_recipe, train
 
 
-@pytest.fixture(scope="module")
-def fp_run(tmp_path_factory):
-    d = tmp_path_factory.mktemp("mix")
-    cfg = tiny_recipe(d, "fp", tie=False, max_steps=2)
-    train(cfg, "model.dim=256", "model.n_layers=8", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=704")
+def _fp_model(d, tie, *shape):
+    """A 2-step float run d/fp of that shape and its f32 GGUF (llama-quantize's input): (d, path)."""
+    train(tiny_recipe(d, "fp", tie=tie, max_steps=2), *shape)
     base = d / "f32.gguf"
     subprocess.run([QFORGE, "-q", "export", str(d / "fp"), "--format", "gguf", "--quant", "f32", "--out", str(base)],
                    check=True, capture_output=True)
     return d, base
+
+
+@pytest.fixture(scope="module")
+def fp_run(tmp_path_factory):
+    return _fp_model(tmp_path_factory.mktemp("mix"), False, "model.dim=256", "model.n_layers=8", "model.n_heads=4",
+                     "model.n_kv_heads=2", "model.ffn_dim=704")
 
 
 def _tensors(path):
@@ -85,12 +89,8 @@ def test_export_equals_llama_quantize(tmp_path, fp_run, mix):
 
 def test_q2_k_with_four_query_heads_per_kv_head(tmp_path_factory):
     """llama-quantize's Q2_K gives attn_v Q4_K when n_gqa >= 4."""
-    d = tmp_path_factory.mktemp("mix_gqa4")
-    cfg = tiny_recipe(d, "fp", tie=True, max_steps=2)
-    train(cfg, "model.dim=256", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=1", "model.ffn_dim=512")
-    base = d / "f32.gguf"
-    subprocess.run([QFORGE, "-q", "export", str(d / "fp"), "--format", "gguf", "--quant", "f32", "--out", str(base)],
-                   check=True, capture_output=True)
+    d, base = _fp_model(tmp_path_factory.mktemp("mix_gqa4"), True, "model.dim=256", "model.n_layers=2",
+                        "model.n_heads=4", "model.n_kv_heads=1", "model.ffn_dim=512")
     types, _ = _compare(d, d / "fp", base, "q2_k")
     assert [types[f"blk.{i}.attn_v.weight"] for i in range(2)] == ["Q4_K"] * 2
     assert types["token_embd.weight"] == "Q6_K"  # tied: the output's type
