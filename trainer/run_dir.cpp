@@ -73,7 +73,7 @@ LoadedRun load_run(const std::string& path, const std::vector<std::string>& over
     run_dir = sfs::path(path).parent_path().string();  // <run>/checkpoints or <run>/converted
   }
   QF_CHECK_INPUT(sfs::is_directory(run_dir), "'", path, "' is not a run directory (expected config.yaml and checkpoints/) "
-                 "nor a Hugging Face checkpoint dir (config.json + safetensors + tokenizer)");
+                 "nor a Hugging Face checkpoint dir (config.json + safetensors + tokenizer) nor a GGUF file");
   QF_CHECK_INPUT(sfs::exists(run_dir + "/config.yaml"), "'", run_dir, "' has no config.yaml; is it a qforge run directory? "
                  "(a Hugging Face checkpoint dir has a config.json)");
   // The checkpoint provides the weights: the run's own init_from source need not exist any more.

@@ -204,7 +204,7 @@ def test_f32_gguf_loads_as_its_source(work, kind):
     assert info["source"] == "gguf" and info["quantization"]["types"].get("F32", 0) > 0, info
 
 
-def _check_quantized(path, label, family_tol):
+def _check_quantized(path, label, family_tol, with_transformers=True):
     """Bit-exact tensors against gguf-py, logits against transformers' GGUF load and llama.cpp."""
     r = gguf.GGUFReader(str(path))
     ours = _qforge_tensors(path)
@@ -218,12 +218,14 @@ def _check_quantized(path, label, family_tol):
             f"{label} {t.name} ({t.tensor_type.name}): {int((got != want).sum())} values differ from gguf-py"
         types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
     got, gen = _qforge_logits(path, label)
-    t_logits, t_gen = _transformers(path.parent, path.name)
-    e_t = _err(t_logits, got)
     e_l = _err(_llama_cpp_logits(path), got)
-    print(f"\nGGUF_IN {label}: types {types}; tensors == gguf-py dequantize bit for bit; max|transformers(gguf) - qforge| "
-          f"/ scale {e_t:.3g} (greedy equal {gen == t_gen}); max|llama.cpp - qforge| / scale {e_l:.3g}")
-    assert e_t <= TOL_SAME_WEIGHTS, e_t
+    msg = f"\nGGUF_IN {label}: types {types}; tensors == gguf-py dequantize bit for bit; max|llama.cpp - qforge| / scale {e_l:.3g}"
+    if with_transformers:
+        t_logits, t_gen = _transformers(path.parent, path.name)
+        e_t = _err(t_logits, got)
+        msg += f"; max|transformers(gguf) - qforge| / scale {e_t:.3g} (greedy equal {gen == t_gen})"
+        assert e_t <= TOL_SAME_WEIGHTS, e_t
+    print(msg)
     assert e_l <= family_tol, e_l
     return types
 
@@ -236,6 +238,16 @@ def test_llama_cpp_quantized(work, ftype):
     types = _check_quantized(dst, ftype, LLAMA_CPP_TOL["half" if ftype == "bf16" else "quant"])
     want = EXPECT.get(ftype, ftype.upper())
     assert want in types, (want, types)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "gemma2", "gemma3", "phimini", "gpt2"])
+def test_other_families_quantized(work, kind):
+    """Each family's Q4_K_M file (llama.cpp's quantize): tensors as gguf-py, logits as llama.cpp (and
+    transformers' GGUF load where it reads the family)."""
+    dst = work[0] / f"{kind}_q4_k_m.gguf"
+    _llama_quantize(_f32_gguf(work, kind), dst, "q4_k_m")
+    tol = LLAMA_CPP_TOL["quant"]
+    _check_quantized(dst, f"{kind} q4_k_m", tol, with_transformers=kind in TRANSFORMERS_GGUF)
 
 
 @pytest.mark.parametrize("qtype", ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "TQ1_0", "TQ2_0", "MXFP4"])
