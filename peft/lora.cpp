@@ -142,11 +142,10 @@ std::shared_ptr<models::LinearBase> LoraLinear::merged() {
     fq->weight.copy_(merged_weight());
     return fq;
   }
-  if (auto* blk = dynamic_cast<quant::BlockLinear*>(base.get()); blk && exact)
-    // Exact merge: the merge re-quantized into the base's type is the layer that was trained.
-    return std::make_shared<quant::BlockLinear>(merged_weight(), base->bias_or_undefined(), blk->rule);
   auto d = std::make_shared<models::DenseLinear>(in_features, out_features, base->bias_or_undefined().defined());
-  d->weight.copy_(merged_weight());
+  // Exact merge on llama.cpp blocks: the trained layer's weight, fq(W + s*BA) (re-quantizing the merge
+  // into the base's type gives those values: export/layer_view writes the blocks).
+  d->weight.copy_(exact ? effective_weight() : merged_weight());
   if (d->bias.defined()) d->bias.copy_(base->bias_or_undefined());
   return d;
 }

@@ -73,8 +73,8 @@ class LoraLinear : public models::LinearBase {
   // Initialises A (kaiming-uniform, a = sqrt(5)) and B (zeros) from `gen`'s stream.
   void reset_parameters();
   // The module that replaces this one after merging: the base with W + s*BA (fake-quant bases keep
-  // their quantizer and take the new weight in place; a llama.cpp-blocks base in exact-merge mode becomes
-  // the blocks of W + s*BA; other dense/frozen bases become a new DenseLinear in fp32).
+  // their quantizer and take the new weight in place; dense/frozen bases become a new DenseLinear in
+  // fp32: W + s*BA, or for a llama.cpp-blocks base in exact-merge mode the trained fq(W + s*BA)).
   std::shared_ptr<models::LinearBase> merged();
   // The weight merged() gives the merged layer, computed without changing anything: W + s*BA in W's
   // dtype for a fake-quant base (for its quantizer to fake-quantize or pack), otherwise the base's

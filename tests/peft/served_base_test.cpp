@@ -179,7 +179,9 @@ TEST(BlockBase, ExactMergeTrainsAgainstTheRequantizedMerge) {
     EXPECT_TRUE(at::equal(packed->effective_weight(), want_w)) << type;
     const auto before = logits(*m);
     EXPECT_EQ(merge_lora(*m), 14);
-    EXPECT_TRUE(std::dynamic_pointer_cast<quant::BlockLinear>(models::linear_slots(*m)[0].slot->get())) << type;
+    auto merged_layer = std::dynamic_pointer_cast<models::DenseLinear>(models::linear_slots(*m)[0].slot->get());
+    ASSERT_TRUE(merged_layer) << type;
+    EXPECT_TRUE(at::equal(merged_layer->weight, want_w)) << type;
     EXPECT_TRUE(at::allclose(logits(*m), before, 1e-5, 1e-5)) << type;
   }
 }
