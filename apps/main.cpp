@@ -220,13 +220,14 @@ int cmd_eval_against(const std::string& run, const std::vector<std::string>& ove
 
 int cmd_export(const std::string& run, const std::vector<std::string>& overrides, const std::string& format,
                const std::string& out, const std::string& dtype, double shard_mb, const std::string& quant,
-               const std::string& fallback, bool force) {
+               const std::string& fallback, bool force, const std::string& imatrix) {
   // The output is checked before any weight is read: an existing one (unless --force), and always
   // anything inside a checkpoint dir or belonging to the source.
   exporter::check_out(out, run, force);
   QF_CHECK_INPUT(fallback.empty() || format == "gguf" || format == "gptq" || format == "compressed-tensors" ||
                      format == "awq" || format == "onnx",
                  "export: --fallback applies to --format gguf, gptq, compressed-tensors, awq and onnx (quantized layouts)");
+  QF_CHECK_INPUT(imatrix.empty() || format == "gguf", "export: --imatrix applies to --format gguf (llama.cpp's types)");
   const auto t0 = std::chrono::steady_clock::now();
   std::shared_ptr<models::CausalLM> model;
   std::shared_ptr<data::Tokenizer> tok;
@@ -305,13 +306,16 @@ int cmd_export(const std::string& run, const std::vector<std::string>& overrides
     return 0;
   }
   if (format == "gguf") {
-    auto r = exporter::export_gguf(*model, *tok, out, quant, name, !log::quiet(), fallback, force);
+    auto r = exporter::export_gguf(*model, *tok, out, quant, name, !log::quiet(), fallback, force, imatrix);
     for (auto& row : r.rows) log::info("  ", row);
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     std::printf("exported %s to %s: GGUF v3, %lld tensors, %.2f MB (--quant %s%s%s), re-read and verified in %.2f s\n",
                 what.c_str(), r.path.c_str(), (long long)r.n_tensors, r.bytes / 1e6, quant.c_str(),
                 r.exact ? ", packed blocks exact" : "",
-                r.n_fallback ? str(", ", r.n_fallback, " shape fallbacks").c_str() : "", s);
+                ((r.n_fallback ? str(", ", r.n_fallback, " shape fallbacks") : std::string()) +
+                 (r.n_imatrix ? str(", ", r.n_imatrix, " with importance weights") : std::string()))
+                    .c_str(),
+                s);
     return 0;
   }
   const auto t = dtype == "fp32" ? at::kFloat : dtype == "fp16" ? at::kHalf : at::kBFloat16;
@@ -421,7 +425,7 @@ struct CliArgs {
   std::string against;
   trainer::GateConfig gate;  // --max-kld etc.
   int64_t max_batches = 0;
-  std::string format = "hf", out, dtype, gguf_quant = "f16", export_fallback;
+  std::string format = "hf", out, dtype, gguf_quant = "f16", export_fallback, export_imatrix;
   double shard_mb = 5000;
   bool force = false;
   std::string inspect_dtype = "auto";
@@ -518,7 +522,8 @@ CLI::App* add_export(CLI::App& app, CliArgs& a) {
                 "files are refused even so");
   cmd->add_option("--quant", a.gguf_quant,
                   "gguf: llama.cpp type mixture for float weights, chosen per tensor as llama-quantize does: "
-                  "f32|f16|q8_0|q4_0|q4_1|q5_0|q5_1|q4_k|q4_k_m|q6_k (packed QAT/PTQ layers keep their blocks); "
+                  "f32|f16|q8_0|q4_0|q4_1|q5_0|q5_1|q4_k|q4_k_m|q6_k|iq4_nl|iq4_xs|tq1_0|tq2_0|q1_0|q2_0 (packed "
+                  "QAT/PTQ layers keep their blocks); "
                   "gptq/compressed-tensors: the RTN spec for float linears, int4-g128 (default), int4-g32 or "
                   "int8-per-channel (QAT-converted layers keep their codes); awq: an int4 per-group preset, int4-g128 "
                   "(default), int4-g64, int4-g32, or with AutoAWQ's own integer zero points int4-g128-zp / "
@@ -529,6 +534,9 @@ CLI::App* add_export(CLI::App& app, CliArgs& a) {
                   "back): gguf: q8_0|q5_0|q5_1|q4_0|q4_1|f16|f32 instead of llama-quantize's own choice; "
                   "compressed-tensors: another preset (e.g. int4-g64) or f16 (kept in float); gptq, awq: f16 (kept in float); "
                   "onnx: f32|f16 for layers ONNX has no operator for (NF4, FP8, llama.cpp blocks, ...), dequantized");
+  cmd->add_option("--imatrix", a.export_imatrix,
+                  "gguf: llama.cpp importance matrix (qforge imatrix / llama-imatrix output, GGUF or legacy .dat): "
+                  "float weights are quantized with it and the mixture follows llama-quantize --imatrix");
   cmd->add_option("--dtype", a.dtype,
                   "Float weight dtype: hf: bf16 (default), fp16 or fp32; bnb-int8: fp16 (default), bf16 or fp32; onnx: fp32 (default) or fp16 (stored, computed in fp32)")
       ->check(CLI::IsMember({"fp32", "bf16", "fp16"}));
@@ -574,7 +582,7 @@ CLI::App* add_quantize(CLI::App& app, CliArgs& a) {
   cmd->add_option("--quant", a.qa.quant,
                  "Weight format for every decoder linear (a preset): q4_0 q4_1 q5_0 q5_1 q8_0 int4-g128 int4-g32 "
                  "int4-g128-asym int4-g128-zp int4-g32-zp int3-g128 int3-g128-asym int3-g128-zp int8-per-channel (awq/rtn also "
-                 "q4_k q6_k); int<b>-g<G>[-asym|-zp] in general")
+                 "q4_k q6_k iq4_nl iq4_xs tq1_0 tq2_0 q1_0 q2_0); int<b>-g<G>[-asym|-zp] in general")
       ->capture_default_str();
   cmd->add_option("--fallback", a.qa.fallback,
                  "Format for the linears whose input width --quant's group size does not divide (e.g. int4-g64)");
@@ -582,6 +590,9 @@ CLI::App* add_quantize(CLI::App& app, CliArgs& a) {
                  "Recipe whose data: section gives the calibration text (default: the run's own training text; "
                  "required for a Hugging Face dir, whose held-out split is then also scored)");
   cmd->add_option("--samples", a.qa.samples, "Calibration sequences (of data.seq_len tokens)")->capture_default_str();
+  cmd->add_option("--imatrix", a.qa.imatrix,
+                  "rtn into a llama.cpp type: round each decoder linear with its importance weights from this llama.cpp "
+                  "imatrix file (qforge imatrix / llama-imatrix), as llama-quantize --imatrix does");
   cmd->add_option("--batch-size", a.qa.batch_size, "Calibration sequences per layer forward")->capture_default_str();
   cmd->add_option("--out", a.qa.out,
                  "Output run directory (must not exist, or be empty; never inside a run's checkpoints/ nor the source)")
@@ -703,7 +714,8 @@ int main(int argc, char** argv) {
     if (*qz) return cmd_quantize(a.run, a.overrides, a.qa);
     if (*imx) return cmd_imatrix(a.run, a.overrides, a.ia);
     if (*exp)
-      return cmd_export(a.run, a.overrides, a.format, a.out, a.dtype, a.shard_mb, a.gguf_quant, a.export_fallback, a.force);
+      return cmd_export(a.run, a.overrides, a.format, a.out, a.dtype, a.shard_mb, a.gguf_quant, a.export_fallback, a.force,
+                        a.export_imatrix);
   } catch (const ConfigError& e) {
     std::fprintf(stderr, "qforge: %s\n", e.what());
     return 2;

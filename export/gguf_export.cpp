@@ -9,6 +9,7 @@
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <optional>
 
 #include "core/error.h"
 #include "core/log.h"
@@ -18,6 +19,7 @@
 #include "data/gguf_tokenizer.h"
 #include "export/gguf_writer.h"
 #include "export/hf_export.h"
+#include "export/imatrix_file.h"
 #include "export/layer_view.h"
 #include "models/arch.h"
 #include "peft/lora.h"
@@ -46,9 +48,10 @@ at::Tensor permute_rows(const at::Tensor& rows, int64_t heads) {
   return rows.reshape({heads, 2, n / heads / 2, -1}).transpose(1, 2).reshape({n, -1}).contiguous();
 }
 
-// A 2-D weight as GGUF bytes: `rule` blocks, or float (F16 / F32), converted in row chunks of about
-// 4M values so the float32 copy of a large tensor never exists at once.
-std::string encode(const at::Tensor& w, Rule rule, bool f16) {
+// A 2-D weight as GGUF bytes: `rule` blocks (importance-weighted when `imatrix`, float32 [cols], is
+// defined), or float (F16 / F32), converted in row chunks of about 4M values so the float32 copy of a
+// large tensor never exists at once.
+std::string encode(const at::Tensor& w, Rule rule, bool f16, const at::Tensor& imatrix = {}) {
   const int64_t rows = w.size(0), cols = w.size(1);
   const int64_t chunk = std::max<int64_t>(1, (int64_t{1} << 22) / std::max<int64_t>(1, cols));
   std::string out;
@@ -57,7 +60,7 @@ std::string encode(const at::Tensor& w, Rule rule, bool f16) {
                                                              quant::ggml::type_size(rule)));
   for (int64_t r = 0; r < rows; r += chunk) {
     auto x = w.slice(0, r, std::min(rows, r + chunk)).to(at::kFloat);
-    if (rule != Rule::Affine) append(out, quant::ggml::quantize(x, rule));
+    if (rule != Rule::Affine) append(out, quant::ggml::quantize(x, rule, imatrix));
     else append(out, f16 ? x.to(at::kHalf) : x);
   }
   return out;
@@ -383,9 +386,10 @@ at::Tensor llama3_divisors(const models::ModelConfig& c) {
 class TensorPlan {
  public:
   TensorPlan(gguf::Writer& w, models::CausalLM& model, const std::string& quant, const std::string& fallback,
-             GgufExportResult& res, const std::string& gguf_arch)
+             GgufExportResult& res, const std::string& gguf_arch, const Imatrix* imatrix, const std::string& imatrix_path)
       : w_(w), model_(model), c_(model.cfg), quant_(quant), fallback_(fallback), f16_(quant == "f16"), res_(res),
-        ga_(gguf_arch), permute_(gguf_arch == "llama"), norm_plus_one_(models::arch_spec(model.cfg.family).gemma_norms) {
+        ga_(gguf_arch), permute_(gguf_arch == "llama"), norm_plus_one_(models::arch_spec(model.cfg.family).gemma_norms),
+        imatrix_(imatrix), imatrix_path_(imatrix_path) {
     for (auto& ns : models::linear_slots(model)) slots_[ns.name] = ns.slot;
     for (auto& p : model.named_parameters()) params_[p.key()] = p.value();
   }
@@ -416,6 +420,8 @@ class TensorPlan {
   const bool norm_plus_one_;  // Gemma: norm weights written as 1 + w
   std::map<std::string, models::LinearSlot*> slots_;
   std::map<std::string, at::Tensor> params_;
+  const Imatrix* imatrix_;  // llama-quantize --imatrix: weights per GGUF tensor name (nullptr: none)
+  const std::string imatrix_path_;
 };
 
 void TensorPlan::add(const std::string& gname, const std::vector<int64_t>& dims, TensorType t,
@@ -433,7 +439,9 @@ void TensorPlan::add_float_2d(const std::string& gname, int64_t rows, int64_t co
   ch.f16 = f16_;
   if (!res_.exact) {
     try {
-      ch = quant::mix_choice(quant_, role, layer, c_.n_layers, cols, c_.tie_embeddings, fallback_);
+      ch = quant::mix_choice(quant_, role, layer, c_.n_layers, cols, c_.tie_embeddings, fallback_,
+                             c_.n_heads / std::max<int64_t>(1, c_.kv_heads()), imatrix_ != nullptr,
+                             quant::is_70b(ga_, c_.n_layers, c_.n_heads, c_.kv_heads()));
     } catch (const InputError& e) {
       throw InputError(str("export: ", gname, ": ", e.what()));
     }
@@ -443,10 +451,20 @@ void TensorPlan::add_float_2d(const std::string& gname, int64_t rows, int64_t co
     log::warn("export: ", gname, " - ", ch.fallback);
   }
   const TensorType t = ch.rule != Rule::Affine ? type_of(ch.rule) : ch.f16 ? TensorType::F16 : TensorType::F32;
-  add(gname, {rows, cols}, t, [get = std::move(get), ch, permute_heads, &res = res_] {
+  // The tensor's importance weights, when the imatrix has them (llama-quantize: not for token_embd /
+  // output, which llama-imatrix does not collect); its per-column values survive the row permutation.
+  at::Tensor qw;
+  if (imatrix_ && ch.rule != Rule::Affine) {
+    auto v = imatrix_->weights(gname, cols, imatrix_path_);
+    if (!v.empty()) {
+      qw = at::tensor(v);
+      ++res_.n_imatrix;
+    }
+  }
+  add(gname, {rows, cols}, t, [get = std::move(get), ch, permute_heads, qw, &res = res_] {
     auto wt = get();
     res.input_bytes += wt.numel() * wt.element_size();
-    auto bytes = encode(permute_heads ? permute_rows(wt, permute_heads) : wt, ch.rule, ch.f16);
+    auto bytes = encode(permute_heads ? permute_rows(wt, permute_heads) : wt, ch.rule, ch.f16, qw);
     st::drop_pages(wt);  // a mapped checkpoint's pages are not needed again
     return bytes;
   });
@@ -563,7 +581,7 @@ void TensorPlan::add_output(const models::ArchSpec& arch) {
 
 GgufExportResult export_gguf(models::CausalLM& model, const data::Tokenizer& tok, const std::string& out,
                              const std::string& quant_name, const std::string& name, bool progress,
-                             const std::string& fallback, bool force) {
+                             const std::string& fallback, bool force, const std::string& imatrix_path) {
   check_out(out, "", force);
   QF_CHECK_INPUT(!std::filesystem::is_directory(out), "--out '", out,
                  "' is a directory; GGUF export writes one file (e.g. --out model.gguf)");
@@ -582,10 +600,21 @@ GgufExportResult export_gguf(models::CausalLM& model, const data::Tokenizer& tok
   if (res.exact)
     log::info("export: the model holds packed llama.cpp blocks; they are written as they are and float tensors stay ",
               quant_name == "f16" ? "F16" : "F32", " (exact)");
+  std::optional<Imatrix> imatrix;
+  if (!imatrix_path.empty()) {
+    QF_CHECK_INPUT(!res.exact, "export: --imatrix ", imatrix_path, " weights the quantization of float weights, but this "
+                   "model already holds packed blocks (quantize it with `qforge quantize --imatrix` instead)");
+    QF_CHECK_INPUT(file_type > 1, "export: --imatrix ", imatrix_path, " needs a quantized --quant mixture, not ", quant_name);
+    imatrix = read_imatrix(imatrix_path);
+  }
   gguf::Writer w;
   write_metadata(w, c, ga, name, file_type);
+  if (imatrix) {  // what llama-quantize records (its kv overrides)
+    w.add_string("quantize.imatrix.file", imatrix_path);
+    w.add_i32("quantize.imatrix.entries_count", static_cast<int32_t>(imatrix->entries.size()));
+  }
   write_tokenizer(w, tok, c.vocab_size);
-  TensorPlan plan(w, model, quant_name, fallback, res, ga);
+  TensorPlan plan(w, model, quant_name, fallback, res, ga, imatrix ? &*imatrix : nullptr, imatrix_path);
   plan.add_embedding();
   plan.add_positions(arch);
   plan.add_layers(arch);

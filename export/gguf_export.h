@@ -7,7 +7,10 @@
 //    q5_0 q5_1 q4_k q4_k_m q6_k), choosing each tensor's type as llama-quantize does
 //    (quant/ggml_mix: output Q6_K, q4_k_m's attn_v/ffn_down, shape fallbacks with a warning each)
 //    and quantizing with llama.cpp's reference quantizers (quant/ggml_blocks): byte-identical to
-//    convert_hf_to_gguf.py --outtype f32 + llama-quantize without an imatrix.
+//    convert_hf_to_gguf.py --outtype f32 + llama-quantize without an imatrix; with `imatrix_path`
+//    (llama.cpp's imatrix file, export/imatrix_file.h) the tensors it has are quantized with their
+//    importance weights and the mixture follows llama-quantize's --imatrix choices: the bytes of
+//    llama-quantize --imatrix.
 //  - Q and K rows are permuted from Hugging Face's rotate-half RoPE layout to llama.cpp's, as
 //    convert_hf_to_gguf.py does; a row permutation keeps every quantization block intact.
 //  - Metadata: llama.* hyper-parameters and the tokenizer block (sentencepiece vocabularies).
@@ -33,11 +36,12 @@ struct GgufExportResult {
   int64_t n_tensors = 0, bytes = 0, n_fallback = 0;
   int64_t input_bytes = 0;        // bytes of the weights read (as the model holds them)
   bool exact = false;             // packed QAT/PTQ blocks written as they are
+  int64_t n_imatrix = 0;          // tensors quantized with importance weights
   std::vector<std::string> rows;  // "name  type  shape" per tensor, for the report
 };
 
 GgufExportResult export_gguf(models::CausalLM& model, const data::Tokenizer& tok, const std::string& out,
                              const std::string& quant, const std::string& name, bool progress = true,
-                             const std::string& fallback = "", bool force = false);
+                             const std::string& fallback = "", bool force = false, const std::string& imatrix_path = "");
 
 }  // namespace qf::exporter

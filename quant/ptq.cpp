@@ -14,6 +14,7 @@
 #include "core/progress.h"
 #include "models/arch.h"
 #include "quant/fake_quant.h"
+#include "quant/ggml_blocks.h"
 
 namespace qf::quant {
 
@@ -315,18 +316,34 @@ LayerCalib calibrate(LayerDriver& d, int64_t i, std::vector<LayerLinear>& lls, b
   return c;
 }
 
-// rtn: the weights are left for convert to round; each layer's RTN error is reported.
+// rtn: the weights are left for convert to round; each layer's RTN error is reported. With importance
+// weights (llama-quantize --imatrix) a llama.cpp-typed linear is quantized with them here and its
+// blocks kept for apply_packed.
 class RtnMethod : public LayerMethod {
  public:
+  explicit RtnMethod(const std::map<std::string, at::Tensor>* importance) : importance_(importance) {}
   void quantize_layer(LayerDriver& d, int64_t i, std::vector<LayerLinear>& lls, PtqResult& res) override {
     auto c = calibrate(d, i, lls, false);
     for (auto* l : c.sel) {
       const auto& spec = l->rule->weight;
       const auto& w0 = c.W0[l->rel];
       const double rtn = output_error(w0, fake_quant_values(w0, spec), c.H[l->rel]);
-      res.linears.push_back({l->full, spec.describe(), rtn, rtn, 0.0});
+      const at::Tensor* qw = nullptr;
+      if (importance_ && spec.is_ggml())
+        if (auto it = importance_->find(l->full); it != importance_->end()) qw = &it->second;
+      if (qw) {
+        auto blocks = ggml::quantize(w0, spec.rule, *qw);
+        const double err = output_error(w0, ggml::dequantize(blocks, spec.rule, w0.size(1)), c.H[l->rel]);
+        res.packed[l->full] = PackedStorage{blocks, {}, {}, {}};
+        res.linears.push_back({l->full, spec.describe() + " + imatrix", rtn, err, 0.0});
+      } else {
+        res.linears.push_back({l->full, spec.describe(), rtn, rtn, 0.0});
+      }
     }
   }
+
+ private:
+  const std::map<std::string, at::Tensor>* importance_;
 };
 
 // gptq: per sequential group (the spec's ptq_groups with true_sequential, else all at once), the
@@ -470,9 +487,10 @@ class AwqMethod : public LayerMethod {
   std::map<std::string, at::Tensor> colscale_, rowscale_;  // this layer's folded scales per linear
 };
 
-std::unique_ptr<LayerMethod> make_method(const PtqConfig& p, const models::ArchSpec& arch, models::CausalLM& model) {
+std::unique_ptr<LayerMethod> make_method(const PtqConfig& p, const models::ArchSpec& arch, models::CausalLM& model,
+                                         const std::map<std::string, at::Tensor>* importance) {
   switch (p.method) {
-    case PtqMethod::Rtn: return std::make_unique<RtnMethod>();
+    case PtqMethod::Rtn: return std::make_unique<RtnMethod>(importance);
     case PtqMethod::Gptq: return std::make_unique<GptqMethod>(arch, p.gptq);
     case PtqMethod::Awq: return std::make_unique<AwqMethod>(arch, p.awq, model);
     case PtqMethod::None: break;
@@ -509,7 +527,7 @@ void check_ptq(models::CausalLM& model, const QatConfig& q, PtqMethod method) {
 }
 
 PtqResult run_ptq(models::CausalLM& model, const QatConfig& q, const PtqConfig& p, const at::Tensor& tokens,
-                  bool progress, const PtqLayerHooks& hooks) {
+                  bool progress, const PtqLayerHooks& hooks, const std::map<std::string, at::Tensor>* importance) {
   QF_CHECK(p.method != PtqMethod::None, "run_ptq: no method");
   QF_CHECK(tokens.dim() == 2 && tokens.size(0) > 0, "run_ptq: calibration tokens must be [samples, seq_len], got ",
            tokens.sizes());
@@ -522,7 +540,8 @@ PtqResult run_ptq(models::CausalLM& model, const QatConfig& q, const PtqConfig& 
   res.method = p.method;
   res.calib_tokens = tokens.numel();
   const models::ArchSpec& arch = models::arch_spec(model.cfg.family);
-  auto method = make_method(p, arch, model);
+  QF_CHECK(!importance || p.method == PtqMethod::Rtn, "run_ptq: importance weights apply to rtn only");
+  auto method = make_method(p, arch, model, importance);
   LayerDriver driver(model, tokens, p.calib.batch_size);
   std::optional<core::ProgressBar> bar;
   if (progress) bar.emplace(std::string("ptq ") + method_name(p.method), model.cfg.n_layers, 0, "layer");

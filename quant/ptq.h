@@ -61,9 +61,14 @@ struct PtqLayerHooks {
   std::function<void(int64_t, PtqResult&)> after;
 };
 // tokens: int64 [samples, seq_len] calibration token ids. The model must hold float linears
-// (models::DeferredLinear counts as float: hooks.before loads it).
+// (models::DeferredLinear counts as float: hooks.before loads it). `importance` (rtn only): per linear
+// (full name) the importance weights of its input columns, float32 [in] (p.imatrix's file as
+// llama-quantize reads it); each llama.cpp-typed linear it covers is quantized with them and its
+// blocks are kept in PtqResult::packed (convert + apply_packed install them). Linears it lacks are
+// rounded plainly, as llama-quantize does for a tensor missing from the imatrix.
 PtqResult run_ptq(models::CausalLM& model, const QatConfig& q, const PtqConfig& p, const at::Tensor& tokens,
-                  bool progress, const PtqLayerHooks& hooks = {});
+                  bool progress, const PtqLayerHooks& hooks = {},
+                  const std::map<std::string, at::Tensor>* importance = nullptr);
 // llama.cpp's importance-matrix statistics (tools/imatrix): per linear of the decoder layers (full
 // module name), each input column's sum of squares over the calibration tokens (float64 [in]) and
 // the number of token rows summed. The float model runs layer by layer as run_ptq's driver does

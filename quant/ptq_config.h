@@ -58,6 +58,10 @@ struct PtqConfig {
   CalibConfig calib;
   GptqConfig gptq;
   AwqConfig awq;
+  // quant.imatrix: a llama.cpp importance-matrix file (qforge imatrix / llama-imatrix). With rtn into
+  // llama.cpp types each linear it covers is rounded with its importance weights, as llama-quantize
+  // --imatrix does (the packed blocks are kept: no training may follow).
+  std::string imatrix;
 };
 
 }  // namespace qf::quant

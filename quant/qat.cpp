@@ -57,6 +57,15 @@ QatConfig QatConfig::from_config(cfg::Reader& r) {
   c.init.gptq = GptqConfig::from_config(gr);
   auto ar = r.child("awq");
   c.init.awq = AwqConfig::from_config(ar);
+  c.init.imatrix = r.path("imatrix", "", true);
+  if (!c.init.imatrix.empty()) {
+    if (c.init.method != PtqMethod::Rtn)
+      r.fail("imatrix", "importance-weighted rounding is llama-quantize's RTN; use it with init: rtn");
+    for (const auto& rule : c.rules)
+      if (!rule.weight.is_ggml())
+        r.fail("imatrix", str("rule '", rule.pattern, "' quantizes to ", rule.weight.describe(),
+                              "; an importance matrix weights llama.cpp block types only"));
+  }
   if (c.init.method != PtqMethod::None && c.rules.empty()) r.fail("init", "PTQ initialisation needs quant.rules");
   if (c.enabled && c.rules.empty() && !c.embedding) r.fail("rules", "quantization is enabled but no rules select modules");
   r.finish();
@@ -84,6 +93,7 @@ YAML::Node QatConfig::to_yaml() const {
   n["calib"] = init.calib.to_yaml();
   n["gptq"] = init.gptq.to_yaml();
   n["awq"] = init.awq.to_yaml();
+  if (!init.imatrix.empty()) n["imatrix"] = init.imatrix;
   return n;
 }
 

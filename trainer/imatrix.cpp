@@ -66,22 +66,18 @@ ImatrixResult imatrix_run(const std::string& src, const std::vector<std::string>
   model.to(pick_device(lr.cfg.trainer.device));
   const auto squares = quant::collect_input_squares(model, tokens, a.batch_size, !log::quiet());
 
-  // qforge's linear names -> llama.cpp's tensor names, from the family's architecture spec.
-  const models::ArchSpec& arch = models::arch_spec(model.cfg.family);
   exporter::Imatrix m;
   m.datasets = datasets;
   m.chunk_count = static_cast<uint32_t>(tokens.size(0));
   m.chunk_size = static_cast<uint32_t>(tokens.size(1));
-  for (int64_t i = 0; i < model.cfg.n_layers; ++i) {
-    for (const auto& l : arch.linears) {
-      auto it = squares.find(arch.layer_prefix(i) + "." + l.name);
-      if (it == squares.end() || l.gguf.empty()) continue;
-      const auto sums = it->second.sums.to(at::kFloat).contiguous();
-      exporter::ImatrixEntry e;
-      e.sums.assign(sums.data_ptr<float>(), sums.data_ptr<float>() + sums.numel());
-      e.counts = {static_cast<float>(it->second.tokens)};
-      m.entries["blk." + std::to_string(i) + "." + l.gguf + ".weight"] = std::move(e);
-    }
+  for (const auto& [name, gname] : linear_gguf_names(model)) {
+    auto it = squares.find(name);
+    if (it == squares.end()) continue;
+    const auto sums = it->second.sums.to(at::kFloat).contiguous();
+    exporter::ImatrixEntry e;
+    e.sums.assign(sums.data_ptr<float>(), sums.data_ptr<float>() + sums.numel());
+    e.counts = {static_cast<float>(it->second.tokens)};
+    m.entries[gname] = std::move(e);
   }
   QF_CHECK(!m.entries.empty(), "imatrix: ", src, " has no decoder linears with llama.cpp tensor names");
   exporter::write_imatrix(a.out, m);
@@ -92,6 +88,36 @@ ImatrixResult imatrix_run(const std::string& src, const std::vector<std::string>
   r.ctx = tokens.size(1);
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return r;
+}
+
+std::map<std::string, std::string> linear_gguf_names(models::CausalLM& model) {
+  const models::ArchSpec& arch = models::arch_spec(model.cfg.family);
+  std::map<std::string, std::string> out;
+  for (int64_t i = 0; i < model.cfg.n_layers; ++i)
+    for (const auto& l : arch.linears)
+      if (!l.gguf.empty())
+        out[arch.layer_prefix(i) + "." + l.name] = "blk." + std::to_string(i) + "." + l.gguf + ".weight";
+  return out;
+}
+
+std::map<std::string, at::Tensor> importance_weights(const std::string& path, models::CausalLM& model) {
+  const auto m = exporter::read_imatrix(path);
+  std::map<std::string, at::Tensor> out;
+  std::vector<std::string> missing;
+  const auto names = linear_gguf_names(model);
+  for (auto& ns : models::linear_slots(model)) {
+    auto it = names.find(ns.name);
+    if (it == names.end()) continue;
+    auto v = m.weights(it->second, ns.slot->get()->in_features, path);
+    if (v.empty()) missing.push_back(it->second);
+    else out[ns.name] = at::tensor(v);
+  }
+  QF_CHECK_INPUT(!out.empty(), "imatrix file '", path, "' has no entry for any decoder linear of this model (",
+                 m.entries.size(), " entries, e.g. '", m.entries.empty() ? "" : m.entries.begin()->first, "')");
+  if (!missing.empty())
+    log::warn("imatrix: ", path, " has no weights for ", missing.size(), " linear(s) (first: ", missing[0],
+              "); they are rounded without, as llama-quantize does");
+  return out;
 }
 
 }  // namespace qf::trainer

@@ -9,9 +9,14 @@
 // as `qforge quantize` calibrates), so chunk_count = chunks and chunk_size = ctx; llama-imatrix would
 // cut its own windows from the text and put BOS first in each.
 #pragma once
+#include <ATen/core/Tensor.h>
+
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
+
+#include "models/transformer.h"
 
 namespace qf::trainer {
 
@@ -33,5 +38,13 @@ struct ImatrixResult {
 
 // `src`: a run dir / step dir (float weights) or a Hugging Face dir; `overrides` apply to a run's recipe.
 ImatrixResult imatrix_run(const std::string& src, const std::vector<std::string>& overrides, const ImatrixArgs& a);
+
+// qforge's decoder linears (full module names, "model.layers.0.self_attn.q_proj") -> their llama.cpp
+// tensor names ("blk.0.attn_q.weight"), from the family's architecture spec.
+std::map<std::string, std::string> linear_gguf_names(models::CausalLM& model);
+// An imatrix file's importance weights per decoder linear of `model` (full name -> float32 [in]), as
+// llama-quantize hands them to ggml_quantize_chunk (export/imatrix_file.h's Imatrix::weights);
+// linears the file has no entry for are left out (logged). InputError when nothing matches or sizes differ.
+std::map<std::string, at::Tensor> importance_weights(const std::string& path, models::CausalLM& model);
 
 }  // namespace qf::trainer

@@ -29,6 +29,12 @@ QuantizeResult quantize_run(const std::string& src, const std::vector<std::strin
   QF_CHECK_INPUT((spec.kind != quant::Kind::Fp8E4M3 && spec.kind != quant::Kind::Fp8E5M2) || method != quant::PtqMethod::Awq,
                  "--method awq --quant ", a.quant, ": AWQ searches integer grids; fp8 has no group scales to protect");
   QF_CHECK_INPUT(a.quant != "int8-per-token", "--quant int8-per-token is an activation format; pick a weight format");
+  if (!a.imatrix.empty()) {
+    QF_CHECK_INPUT(method == quant::PtqMethod::Rtn, "--imatrix weights llama-quantize's rounding: use it with --method rtn, "
+                                                   "not ", a.method);
+    QF_CHECK_INPUT(spec.is_ggml(), "--imatrix weights llama.cpp block types; --quant ", a.quant, " is not one");
+    QF_CHECK_INPUT(std::filesystem::is_regular_file(a.imatrix), "--imatrix ", a.imatrix, ": no such file");
+  }
   exporter::check_out(a.out, src, a.force);
   exporter::check_out_dir(a.out, a.force);
   const auto out = std::filesystem::absolute(a.out).lexically_normal().string();
@@ -93,6 +99,7 @@ QuantizeResult quantize_run(const std::string& src, const std::vector<std::strin
   q.init.calib.data = is_hf_dir(src) ? "" : a.calib;
   q.init.gptq = a.gptq;
   q.init.awq = a.awq;
+  q.init.imatrix = a.imatrix.empty() ? "" : std::filesystem::absolute(a.imatrix).lexically_normal().string();
   auto ds = data::build_dataset(cfg.data, *tok);
   model->to(pick_device(cfg.trainer.device));
   const auto dev = model->parameters().front().device();
@@ -157,6 +164,7 @@ QuantizeResult quantize_run(const std::string& src, const std::vector<std::strin
     layers_j.push_back({{"name", l.name}, {"spec", l.spec}, {"err_rtn", l.err_rtn}, {"err", l.err}, {"damp", l.damp}});
   nlohmann::json summary = {{"method", quant::method_name(method)},
                             {"quant", a.quant},
+                            {"imatrix", q.init.imatrix},
                             {"source", src},
                             {"calib_sequences", a.samples},
                             {"calib_tokens", r.calib_tokens},

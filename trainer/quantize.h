@@ -13,6 +13,7 @@ namespace qf::trainer {
 
 struct QuantizeArgs {
   std::string method = "gptq", quant = "q4_0", fallback, calib, out;
+  std::string imatrix;  // llama.cpp importance matrix: rtn into llama.cpp types rounds as llama-quantize --imatrix
   int64_t samples = 128, batch_size = 8;
   quant::GptqConfig gptq;
   quant::AwqConfig awq;

@@ -196,6 +196,10 @@ void Trainer::create_model() {
 }
 
 void Trainer::transform_model(bool ptq_init) {
+  // Importance-weighted RTN blocks are kept only while no training re-rounds the weights.
+  QF_CHECK_INPUT(cfg_.quant.init.imatrix.empty() || cfg_.trainer.max_steps == 0 || !ptq_init,
+                 "quant.imatrix: importance-weighted rounding (llama-quantize --imatrix) gives packed blocks that "
+                 "training would round again without it; use it with trainer.max_steps: 0 or `qforge quantize --imatrix`");
   if (cfg_.quant.enabled && cfg_.quant.init.method != quant::PtqMethod::None && ptq_init) {
     model_->to(device_);
     ptq_ = run_ptq_init(*model_, cfg_, *tok_, ds_.train);

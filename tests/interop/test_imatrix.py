@@ -20,6 +20,7 @@ import transformers
 
 from llama_ref import llama_quantize
 from st_io import read_safetensors
+from test_gguf_lowbit import imatrix_values, read_tensors
 from tiny_runs import QFORGE, tiny_recipe, train
 
 CHUNKS, CTX = 12, 32
@@ -101,3 +102,51 @@ def test_refusals(run, tmp_path):
     assert r.returncode != 0 and "below 16 tokens" in r.stderr, r.stderr
     r = subprocess.run([QFORGE, "imatrix", str(d / "fp"), "--out", str(im)], capture_output=True, text=True)
     assert r.returncode != 0 and "exists" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("preset", ["iq4_xs", "iq4_nl", "q4_k", "q4_0"])
+def test_quantize_rtn_with_imatrix_equals_llama_quantize(run, tmp_path, preset):
+    """qforge quantize --method rtn --imatrix F (a converted run, exported exactly) holds the decoder
+    linears llama_model_quantize --pure writes from qforge's f32 GGUF with F's importance weights."""
+    d, im = run
+    base = tmp_path / "f32.gguf"
+    subprocess.run([QFORGE, "-q", "export", str(d / "fp"), "--format", "gguf", "--quant", "f32", "--out", str(base)],
+                   check=True, capture_output=True)
+    ref = tmp_path / "ref.gguf"
+    llama_quantize(base, ref, preset if preset != "q4_k" else "q4_k_s", imatrix=imatrix_values(im), pure=True)
+    q = tmp_path / "q"
+    r = subprocess.run([QFORGE, "quantize", str(d / "fp"), "--method", "rtn", "--quant", preset, "--imatrix", str(im),
+                        "--out", str(q), "--no-eval"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    ours = tmp_path / "ours.gguf"
+    subprocess.run([QFORGE, "-q", "export", str(q), "--format", "gguf", "--out", str(ours)], check=True,
+                   capture_output=True)
+    a, b = read_tensors(ours), read_tensors(ref)
+    linears = [n for n in b if n.startswith("blk.") and "norm" not in n]
+    assert len(linears) == 28
+    for n in linears:
+        assert a[n][0] == b[n][0], (n, a[n][0], b[n][0])
+        assert a[n][1] == b[n][1], f"{preset} {n}: bytes differ from llama-quantize --imatrix"
+    plain = tmp_path / "plain"
+    subprocess.run([QFORGE, "-q", "quantize", str(d / "fp"), "--method", "rtn", "--quant", preset, "--out", str(plain),
+                    "--no-eval"], check=True, capture_output=True)
+    subprocess.run([QFORGE, "-q", "export", str(plain), "--format", "gguf", "--out", str(tmp_path / "plain.gguf")],
+                   check=True, capture_output=True)
+    c = read_tensors(tmp_path / "plain.gguf")
+    assert any(c[n][1] != a[n][1] for n in linears), "the importance weights changed nothing"
+
+
+def test_imatrix_refusals_in_quantize_and_export(run, tmp_path):
+    d, im = run
+    r = subprocess.run([QFORGE, "quantize", str(d / "fp"), "--method", "gptq", "--quant", "q4_0", "--imatrix", str(im),
+                        "--out", str(tmp_path / "q")], capture_output=True, text=True)
+    assert r.returncode != 0 and "--method rtn" in r.stderr, r.stderr
+    r = subprocess.run([QFORGE, "quantize", str(d / "fp"), "--method", "rtn", "--quant", "int4-g32", "--imatrix", str(im),
+                        "--out", str(tmp_path / "q")], capture_output=True, text=True)
+    assert r.returncode != 0 and "llama.cpp block types" in r.stderr, r.stderr
+    bad = tmp_path / "bad.gguf"
+    subprocess.run([QFORGE, "-q", "export", str(d / "fp"), "--format", "gguf", "--quant", "f32", "--out", str(bad)],
+                   check=True, capture_output=True)
+    r = subprocess.run([QFORGE, "export", str(d / "fp"), "--format", "gguf", "--quant", "q4_0", "--imatrix", str(bad),
+                        "--out", str(tmp_path / "x.gguf")], capture_output=True, text=True)
+    assert r.returncode != 0 and "missing imatrix metadata" in r.stderr, r.stderr
