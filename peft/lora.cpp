@@ -313,7 +313,13 @@ models::LinearStreamer frozen_base_streamer(torch::nn::Module& model, const Lora
   check_lora(model, cfg, output_layer);
   models::LinearStreamer s;
   s.claims = [cfg, output_layer](const std::string& name) { return restores_base(cfg, name, output_layer); };
-  s.build = [cfg](const std::string&, const at::Tensor& w, const at::Tensor& b) { return frozen_base(cfg, w, b); };
+  s.build = [cfg](const std::string& name, const at::Tensor& w, const at::Tensor& b) -> std::shared_ptr<models::LinearBase> {
+    if (cfg.base == BaseFormat::Packed)  // a float (or dequantized-only) tensor cannot become a packed base
+      throw ConfigError(std::vector<std::string>{str(
+          "peft.base: packed: layer ", name, " is not stored as GPTQ / AWQ / compressed-tensors int codes in model.from; "
+          "packed keeps such a checkpoint's packed linears (use peft.base fp32, bf16, nf4 or a llama.cpp type here)")});
+    return frozen_base(cfg, w, b);
+  };
   if (cfg.base == BaseFormat::Nf4)
     // A bitsandbytes NF4 checkpoint in qforge's layout (the block size and double quant peft.nf4 asks
     // for, nested blocks of 256 with the signed dynamic map) keeps its bytes: bit-identical to

@@ -336,6 +336,10 @@ TEST(PackedBase, ApplyLoraKeepsPackedBasesAndRefusesFloatOnes) {
   // a float model cannot become a packed base: refused before anything changes
   const auto e = qf::testing::config_error_of([&] { apply_lora(*m, c, "lm_head"); });
   EXPECT_NE(e.find("is not a packed int linear"), std::string::npos) << e;
+  // ... nor a float tensor of a streaming load (a float or partly float model.from)
+  const auto streamer = frozen_base_streamer(*m, c, "lm_head");
+  const auto se = qf::testing::config_error_of([&] { streamer.build("model.layers.0.mlp.up_proj", at::zeros({128, 64}), {}); });
+  EXPECT_NE(se.find("layer model.layers.0.mlp.up_proj is not stored as GPTQ"), std::string::npos) << se;
   EXPECT_TRUE(lora_layers(*m).empty());
   for (auto& ns : models::linear_slots(*m)) {
     if (ns.name == "lm_head") continue;
