@@ -151,11 +151,20 @@ json bpe_json(const gguf_in::File& f, const Vocab& v) {
     for (auto& m : f.get_strings("tokenizer.ggml.merges")) merges.push_back(m);
   const std::string pre = f.get_string("tokenizer.ggml.pre", "default");
   const bool ignore_merges = pre == "llama-bpe" || pre == "llama3" || pre == "llama-v3";
+  json post = nullptr;  // BOS first when the file says so (transformers' fast tokenizer adds it from here)
+  if (v.bos >= 0 && f.get_bool("tokenizer.ggml.add_bos_token", false)) {
+    const std::string& b = v.tokens[static_cast<size_t>(v.bos)];
+    const json bos = {{"SpecialToken", {{"id", b}, {"type_id", 0}}}};
+    post = {{"type", "TemplateProcessing"},
+            {"single", {bos, {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}}},
+            {"pair", {bos, {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}, bos, {{"Sequence", {{"id", "B"}, {"type_id", 1}}}}}},
+            {"special_tokens", {{b, {{"id", b}, {"ids", {v.bos}}, {"tokens", {b}}}}}}};
+  }
   return json{{"version", "1.0"},
               {"added_tokens", added},
               {"normalizer", nullptr},
               {"pre_tokenizer", pre_tokenizer(f)},
-              {"post_processor", nullptr},
+              {"post_processor", post},
               {"decoder", {{"type", "ByteLevel"}, {"add_prefix_space", true}, {"trim_offsets", true}, {"use_regex", true}}},
               {"model",
                {{"type", "BPE"}, {"dropout", nullptr}, {"unk_token", nullptr}, {"continuing_subword_prefix", nullptr},
@@ -214,6 +223,13 @@ nlohmann::json gguf_bpe_tokenizer_json(const std::string& path) {
   const Vocab v = read_vocab(*f);
   QF_CHECK_INPUT(v.model == "gpt2", path, ": tokenizer.ggml.model is '", v.model, "', not gpt2 (byte-level BPE)");
   return bpe_json(*f, v);
+}
+
+std::string gguf_sentencepiece_model(const std::string& path) {
+  const auto f = gguf_in::File::open(path);
+  const Vocab v = read_vocab(*f);
+  QF_CHECK_INPUT(v.model == "llama", path, ": tokenizer.ggml.model is '", v.model, "', not llama (SentencePiece)");
+  return spm_proto(*f, v);
 }
 
 bool gguf_adds_bos(const std::string& path) {

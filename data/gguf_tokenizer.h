@@ -24,6 +24,8 @@ namespace qf::data {
 std::unique_ptr<Tokenizer> load_gguf_tokenizer(const std::string& path);
 // The tokenizer.json a "gpt2" vocabulary is rebuilt as (for re-exporting it to GGUF).
 nlohmann::json gguf_bpe_tokenizer_json(const std::string& path);
+// The sentencepiece model (serialized ModelProto) a "llama" vocabulary is rebuilt as (a tokenizer.model).
+std::string gguf_sentencepiece_model(const std::string& path);
 // tokenizer.ggml.add_bos_token, else llama.cpp's default for the vocabulary (llama: true, gpt2: false).
 bool gguf_adds_bos(const std::string& path);
 // The split regexes of the byte-level pre-tokenizers llama.cpp names (tokenizer.ggml.pre): Llama 3's

@@ -10,6 +10,8 @@
 
 #include "core/error.h"
 #include "core/fs.h"
+#include "core/gguf_file.h"
+#include "data/gguf_tokenizer.h"
 #include "core/log.h"
 #include "export/layer_view.h"
 #include "models/hf.h"
@@ -66,7 +68,17 @@ void copy_tokenizer(const data::Tokenizer& tok, const std::string& dir) {
     if (id < 0) return nullptr;
     return tok.token(id);
   };
-  if (p.size() > 6 && p.compare(p.size() - 6, 6, ".model") == 0) {
+  if (gguf_in::is_gguf_file(p)) {  // a GGUF's vocabulary, written as the tokenizer file it was rebuilt as
+    const bool spm = tok.kind() == "sentencepiece";
+    if (spm) fs::write_atomic(dir + "/tokenizer.model", data::gguf_sentencepiece_model(p));
+    else fs::write_atomic(dir + "/tokenizer.json", data::gguf_bpe_tokenizer_json(p).dump());
+    tc["tokenizer_class"] = spm ? "LlamaTokenizer" : "PreTrainedTokenizerFast";
+    tc["add_bos_token"] = data::gguf_adds_bos(p);
+    if (spm) {
+      tc["add_eos_token"] = false;
+      tc["legacy"] = true;
+    }
+  } else if (p.size() > 6 && p.compare(p.size() - 6, 6, ".model") == 0) {
     sfs::copy_file(p, dir + "/tokenizer.model");
     tc["tokenizer_class"] = "LlamaTokenizer";
     tc["add_bos_token"] = true;

@@ -204,6 +204,22 @@ def test_f32_gguf_loads_as_its_source(work, kind):
     assert info["source"] == "gguf" and info["quantization"]["types"].get("F32", 0) > 0, info
 
 
+def test_gguf_exports_to_hf(work):
+    """A GGUF file as a Hugging Face dir (`export --format hf`): transformers loads it with the source's
+    logits, and its tokenizer (rebuilt from the GGUF vocabulary) gives the source tokenizer.json's ids."""
+    import tokenizers
+    src = _hf_dir(work, "llama3")
+    out = work[0] / "llama3_hf_from_gguf"
+    _qf("export", _f32_gguf(work, "llama3"), "--format", "hf", "--dtype", "fp32", "--out", out, "--force")
+    want, _ = _transformers(src)
+    got, _ = _transformers(out)
+    assert _err(want, got) <= TOL_F32, _err(want, got)
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    orig = tokenizers.Tokenizer.from_file(str(src / "tokenizer.json"))
+    for text in STRINGS:
+        assert tok(text, add_special_tokens=False)["input_ids"] == orig.encode(text).ids, repr(text)
+
+
 def _check_quantized(path, label, family_tol, with_transformers=True):
     """Bit-exact tensors against gguf-py, logits against transformers' GGUF load and llama.cpp."""
     r = gguf.GGUFReader(str(path))
@@ -350,6 +366,13 @@ def test_sentencepiece_vocabulary_tokenizes_like_llama_cpp(tmp_path):
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids, repr(text)
         assert ids == own, repr(text)
         assert decoded == text, repr(text)
+    # As a Hugging Face dir: the rebuilt sentencepiece model is transformers' tokenizer.model
+    out = tmp_path / "hf"
+    _qf("export", path, "--format", "hf", "--out", out)
+    hf = transformers.AutoTokenizer.from_pretrained(str(out))
+    for text, ids in zip(texts, ours["ids"]):
+        if text.strip():  # (transformers' Llama tokenizer trims around whitespace-only text)
+            assert hf(text, add_special_tokens=False)["input_ids"] == ids, repr(text)
 
 
 def _recipe(tmp, name, gguf_path, corpus, body):
