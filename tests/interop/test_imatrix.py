@@ -150,3 +150,39 @@ def test_imatrix_refusals_in_quantize_and_export(run, tmp_path):
     r = subprocess.run([QFORGE, "export", str(d / "fp"), "--format", "gguf", "--quant", "q4_0", "--imatrix", str(bad),
                         "--out", str(tmp_path / "x.gguf")], capture_output=True, text=True)
     assert r.returncode != 0 and "missing imatrix metadata" in r.stderr, r.stderr
+
+
+def test_legacy_dat_imatrix_is_read_as_llama_quantize_reads_it(run, tmp_path):
+    """The pre-GGUF .dat layout (llama-imatrix --output-format dat): per entry (sum / count) * ncall and
+    ncall; tools/quantize divides by ncall. Export with it == llama_model_quantize with those values."""
+    import struct
+    d, im = run
+    g = gguf.GGUFReader(str(im))
+    t = {x.name: np.asarray(x.data, dtype=np.float32).ravel() for x in g.tensors}
+    names = sorted(n[: -len(".in_sum2")] for n in t if n.endswith(".in_sum2"))
+    ncall = 3
+    dat = tmp_path / "im.dat"
+    with open(dat, "wb") as f:
+        f.write(struct.pack("<i", len(names)))
+        for n in names:
+            v = (t[n + ".in_sum2"] / t[n + ".counts"][0] * np.float32(ncall)).astype(np.float32)
+            f.write(struct.pack("<i", len(n)) + n.encode() + struct.pack("<ii", ncall, v.size) + v.tobytes())
+        f.write(struct.pack("<i", CHUNKS) + struct.pack("<i", 4) + b"x.tx")
+    values = {}
+    with open(dat, "rb") as f:  # what tools/quantize's legacy loader hands llama_model_quantize
+        f.read(4)
+        for _ in names:
+            (ln,) = struct.unpack("<i", f.read(4))
+            n = f.read(ln).decode()
+            nc, nv = struct.unpack("<ii", f.read(8))
+            values[n] = np.frombuffer(f.read(4 * nv), np.float32) / np.float32(nc)
+    base = tmp_path / "f32.gguf"
+    subprocess.run([QFORGE, "-q", "export", str(d / "fp"), "--format", "gguf", "--quant", "f32", "--out", str(base)],
+                   check=True, capture_output=True)
+    ref = tmp_path / "ref.gguf"
+    llama_quantize(base, ref, "iq4_xs", imatrix=values)
+    ours = tmp_path / "ours.gguf"
+    subprocess.run([QFORGE, "-q", "export", str(d / "fp"), "--format", "gguf", "--quant", "iq4_xs", "--imatrix", str(dat),
+                    "--out", str(ours)], check=True, capture_output=True)
+    a, b = read_tensors(ours), read_tensors(ref)
+    assert a == b
