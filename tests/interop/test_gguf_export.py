@@ -112,14 +112,34 @@ def _llama_logits(path, ids):
     return logits, gen
 
 
+def llama_vs_qforge(tmp_path, gguf_path, hf_dir, tok_model, tol, label):
+    """llama.cpp's logits of gguf_path vs qforge's forward of hf_dir (interop_hf) on a KJV prompt:
+    max |diff| <= tol * logit scale and the same 8 greedy tokens. Returns (ids, llama's, qforge's)."""
+    import sentencepiece as spm
+    from st_io import interop_tool, write_safetensors
+    sp = spm.SentencePieceProcessor(model_file=str(tok_model))
+    ids = ([sp.bos_id()] + sp.encode("And it came to pass, when men began to multiply on the face of the earth"))[:32]
+    write_safetensors(tmp_path / "ids.safetensors", {"ids": np.array([ids], dtype=np.int64)})
+    subprocess.run([interop_tool("interop_hf"), str(hf_dir), str(tmp_path / "ids.safetensors"),
+                    str(tmp_path / "o.safetensors"), "8"], check=True)
+    ours = read_safetensors(tmp_path / "o.safetensors")
+    q_logits = ours["logits"][0].numpy()
+    l_logits, l_gen = _llama_logits(gguf_path, ids)
+    scale = max(1.0, float(np.abs(q_logits).max()))
+    err = float(np.abs(l_logits - q_logits).max())
+    print(f"\nLLAMA_CPP {label}: max|diff| {err:.3g} scale {scale:.3g}")
+    assert err <= tol * scale, f"{label}: max |llama.cpp - qforge| = {err} (scale {scale})"
+    assert l_gen == ours["generated"].tolist(), f"{label}: greedy tokens differ"
+    return ids, l_logits, q_logits
+
+
 # What llama.cpp computes differently from qforge, and the tolerance it earns (max |logit diff| over
 # the logit scale; measured on the tiny run: 4e-7, 1.5e-3, 2.6e-3). F32 weights: summation order
 # only (1e-5). Q4_0/Q8_0 weights: llama.cpp also quantizes the activations to Q8_0 inside each
 # matmul (vec_dot_q4_0_q8_0), qforge does not (1e-2).
 @pytest.mark.parametrize("run,quant,tol", [("fp", "f32", 1e-5), ("qat/converted", "q4_0", 1e-2), ("fp", "q8_0", 1e-2)])
 def test_llama_cpp_runs_the_exported_gguf_like_qforge(tmp_path, runs, run, quant, tol):
-    import sentencepiece as spm
-    from st_io import interop_tool, write_safetensors
+    from st_io import write_safetensors
     out = tmp_path / "m.gguf"
     subprocess.run([QFORGE, "-q", "export", str(runs / run), "--format", "gguf", "--quant", quant, "--out", str(out)],
                    check=True, capture_output=True)
@@ -149,21 +169,7 @@ def test_llama_cpp_runs_the_exported_gguf_like_qforge(tmp_path, runs, run, quant
         st["lm_head.weight"] = torch.from_numpy(gguf.quants.dequantize(ow.data, ow.tensor_type).reshape(
             st["lm_head.weight"].shape).copy())
         write_safetensors(hf / "model.safetensors", st)
-    sp = spm.SentencePieceProcessor(model_file=str(runs / "tok.model"))
-    text = "And it came to pass, when men began to multiply on the face of the earth"
-    ids = [sp.bos_id()] + sp.encode(text)
-    ids = ids[:32]
-    write_safetensors(tmp_path / "ids.safetensors", {"ids": np.array([ids], dtype=np.int64)})
-    subprocess.run([interop_tool("interop_hf"), str(hf), str(tmp_path / "ids.safetensors"), str(tmp_path / "o.safetensors"),
-                    "8"], check=True)
-    ours = read_safetensors(tmp_path / "o.safetensors")
-    q_logits = ours["logits"][0].numpy()
-    l_logits, l_gen = _llama_logits(out, ids)
-    scale = max(1.0, float(np.abs(q_logits).max()))
-    err = float(np.abs(l_logits - q_logits).max())
-    print(f"\nLLAMA_CPP {run} {quant}: max|diff| {err:.3g} scale {scale:.3g}")
-    assert err <= tol * scale, f"{run} {quant}: max |llama.cpp - qforge| = {err} (scale {scale})"
-    assert l_gen == ours["generated"].tolist(), f"{run} {quant}: greedy tokens differ"
+    ids, l_logits, q_logits = llama_vs_qforge(tmp_path, out, hf, runs / "tok.model", tol, f"{run} {quant}")
 
     def ppl(logits):
         lp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)

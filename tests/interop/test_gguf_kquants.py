@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from llama_ref import quantize as ggml_quantize
-from test_gguf_export import _llama_logits, _permute
-from st_io import interop_tool, read_safetensors, write_safetensors
+from test_gguf_export import _permute, llama_vs_qforge
+from st_io import read_safetensors
 from tiny_runs import QFORGE, tiny_recipe, train
 
 PRESETS = {"q2_k": "Q2_K", "q3_k": "Q3_K", "q5_k": "Q5_K"}
@@ -86,21 +86,6 @@ def test_blocks_read_back_exactly(tmp_path, runs, preset, method):
 
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_llama_cpp_runs_the_qat_gguf_like_qforge(tmp_path, runs, preset):
-    import sentencepiece as spm
     run = runs / f"qat_{preset}/converted"
-    out = _gguf(tmp_path, run)
-    hf = _hf(tmp_path, run, "hf")
-    sp = spm.SentencePieceProcessor(model_file=str(runs / "tok.model"))
-    ids = ([sp.bos_id()] + sp.encode("And it came to pass, when men began to multiply on the face of the earth"))[:32]
-    write_safetensors(tmp_path / "ids.safetensors", {"ids": np.array([ids], dtype=np.int64)})
-    subprocess.run([interop_tool("interop_hf"), str(hf), str(tmp_path / "ids.safetensors"), str(tmp_path / "o.safetensors"),
-                    "8"], check=True)
-    ours = read_safetensors(tmp_path / "o.safetensors")
-    q_logits = ours["logits"][0].numpy()
-    l_logits, l_gen = _llama_logits(out, ids)
-    scale = max(1.0, float(np.abs(q_logits).max()))
-    err = float(np.abs(l_logits - q_logits).max())
-    print(f"\nLLAMA_CPP qat {preset}: max|diff| {err:.3g} scale {scale:.3g}")
     # llama.cpp quantizes the activations to Q8_K inside each K-quant matmul, qforge does not.
-    assert err <= 1e-2 * scale, f"{preset}: max |llama.cpp - qforge| = {err} (scale {scale})"
-    assert l_gen == ours["generated"].tolist(), f"{preset}: greedy tokens differ"
+    llama_vs_qforge(tmp_path, _gguf(tmp_path, run), _hf(tmp_path, run, "hf"), runs / "tok.model", 1e-2, f"qat {preset}")
