@@ -22,7 +22,9 @@ namespace {
 // here on purpose rather than left to the cast.
 at::Tensor rowwise_codes(const at::Tensor& a, const at::Tensor& absmax) {
   auto scaled = at::round(a * (absmax.unsqueeze(-1).reciprocal() * 127.0));
-  return scaled.masked_fill_(absmax.eq(0).unsqueeze(-1), 0).to(at::kChar);
+  auto zero_rows = absmax.eq(0);
+  if (zero_rows.any().item<bool>()) scaled.masked_fill_(zero_rows.unsqueeze(-1), 0);
+  return scaled.to(at::kChar);
 }
 
 // CA [rows, in] x CB [out, in]^T exactly in int32.
@@ -70,16 +72,19 @@ Int8Weight int8_quantize(const at::Tensor& w) {
 Int8Rows int8_vectorwise_quant(const at::Tensor& a_half, double threshold) {
   TORCH_INTERNAL_ASSERT(a_half.scalar_type() == at::kHalf && a_half.dim() == 2, "int8_vectorwise_quant: fp16 [rows, cols]");
   Int8Rows r;
-  at::Tensor a = a_half;
+  at::Tensor a = a_half, abs_a = a_half.abs();
   if (threshold > 0.0) {
-    auto outliers = a.abs().ge(threshold);
+    auto outliers = abs_a.ge(threshold);
     r.outlier_cols = at::argwhere(outliers.any(0)).view({-1});
     // bitsandbytes zeroes the outliers (in place, restored afterwards) for the statistics and codes.
-    if (r.outlier_cols.numel() > 0) a = a.masked_fill(outliers, 0);
+    if (r.outlier_cols.numel() > 0) {
+      a = a.masked_fill(outliers, 0);
+      abs_a.masked_fill_(outliers, 0);
+    }
   } else {
     r.outlier_cols = at::empty({0}, a.options().dtype(at::kLong));
   }
-  r.absmax = std::get<0>(a.abs().max(1)).to(at::kFloat);
+  r.absmax = std::get<0>(abs_a.max(1)).to(at::kFloat);
   r.codes = rowwise_codes(a, r.absmax);
   // The outlier columns are computed in float from x; their int8 codes go to 0 in every row.
   if (a.size(0) > 1 && r.outlier_cols.numel() > 0) r.codes.index_fill_(1, r.outlier_cols, 0);
