@@ -2,6 +2,7 @@
 
 #include "core/error.h"
 #include "models/arch.h"
+#include "core/gguf_file.h"
 #include "models/hf.h"
 
 namespace qf::models {
@@ -91,7 +92,8 @@ void import_hf(cfg::Reader& r, ModelConfig& c) {
   const auto hf = read_hf_checkpoint(c.from).config;
   auto check = [&](const char* key, double mine, double theirs) {
     if (r.has(key) && mine != theirs)
-      r.fail(key, str(mine, " disagrees with ", c.from, "/config.json (", theirs, "); drop the key to use the checkpoint's"));
+      r.fail(key, str(mine, " disagrees with ", c.from, gguf_in::is_gguf_file(c.from) ? " (" : "/config.json (", theirs,
+                      "); drop the key to use the checkpoint's"));
   };
   check("family", static_cast<double>(c.family), static_cast<double>(hf.family));
   check("vocab_size", c.vocab_size, hf.vocab_size);
