@@ -309,6 +309,14 @@ int cmd_export(const std::string& run, const std::vector<std::string>& overrides
     auto r = exporter::export_gguf(*model, *tok, out, quant, name, !log::quiet(), fallback, force, imatrix);
     for (auto& row : r.rows) log::info("  ", row);
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (format == "gguf-lora") {
+    auto r = exporter::export_gguf_lora(*model, *tok, out, quant, name, !log::quiet(), force);
+    std::printf("exported %s to %s: base.gguf (the LoRA bases, %lld tensors, %.2f MB, --quant %s%s) + adapter.gguf (%lld "
+                "llama.cpp LoRA adapters, alpha %g, %.2f MB), re-read and verified\n",
+                what.c_str(), r.dir.c_str(), (long long)r.base.n_tensors, r.base.bytes / 1e6, quant.c_str(),
+                r.base.exact ? ", packed blocks exact" : "", (long long)r.n_adapters, r.alpha, r.adapter_bytes / 1e6);
+    return 0;
+  }
     std::printf("exported %s to %s: GGUF v3, %lld tensors, %.2f MB (--quant %s%s%s), re-read and verified in %.2f s\n",
                 what.c_str(), r.path.c_str(), (long long)r.n_tensors, r.bytes / 1e6, quant.c_str(),
                 r.exact ? ", packed blocks exact" : "",
@@ -510,11 +518,12 @@ CLI::App* add_export(CLI::App& app, CliArgs& a) {
                   "Output format: hf (a Hugging Face checkpoint dir), gguf (llama.cpp), gptq (transformers via "
                   "optimum/gptqmodel), compressed-tensors (transformers / vLLM), awq (AutoAWQ GEMM: transformers / vLLM), "
                   "onnx (onnxruntime / Optimum's ORTModelForCausalLM, with a KV cache), bnb-int8 (a bitsandbytes LLM.int8 dir: "
-                  "transformers loads it as load_in_8bit) or peft (a LoRA run's adapters)")
-      ->check(CLI::IsMember({"hf", "gguf", "gptq", "compressed-tensors", "awq", "onnx", "bnb-int8", "peft"}))
+                  "transformers loads it as load_in_8bit), peft (a LoRA run's adapters) or gguf-lora (a dir with base.gguf "
+                  "= the LoRA run's bases unmerged + adapter.gguf = its adapters for llama.cpp's --lora)")
+      ->check(CLI::IsMember({"hf", "gguf", "gguf-lora", "gptq", "compressed-tensors", "awq", "onnx", "bnb-int8", "peft"}))
       ->capture_default_str();
   cmd->add_option("--out", a.out,
-                  "Output directory (hf, gptq, compressed-tensors, awq, onnx, bnb-int8, peft; must not exist, or be empty) or .gguf file "
+                  "Output directory (hf, gptq, compressed-tensors, awq, onnx, bnb-int8, peft, gguf-lora; must not exist, or be empty) or .gguf file "
                   "(must not exist); never inside a run's checkpoints/ nor one of the source's own files")
       ->required();
   cmd->add_flag("--force", a.force,

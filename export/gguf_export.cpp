@@ -632,4 +632,73 @@ GgufExportResult export_gguf(models::CausalLM& model, const data::Tokenizer& tok
   return res;
 }
 
+GgufLoraResult export_gguf_lora(models::CausalLM& model, const data::Tokenizer& tok, const std::string& out,
+                                const std::string& quant, const std::string& name, bool progress, bool force) {
+  const auto& c = model.cfg;
+  const models::ArchSpec& arch = models::arch_spec(c.family);
+  const std::string ga = gguf_arch_of(c, arch, tok);
+  const auto layers = peft::lora_layers(model);
+  QF_CHECK_INPUT(!layers.empty(), "export --format gguf-lora: the model has no LoRA adapters (a LoRA run is needed)");
+  std::map<std::string, std::shared_ptr<peft::LoraLinear>> by_name(layers.begin(), layers.end());
+  for (auto& [n, l] : layers) {
+    QF_CHECK_INPUT(!l->exact, "export --format gguf-lora: ", n, " trained in exact-merge mode (its model is fq(W + s*BA), "
+                   "not base + adapter); export the merged model with --format gguf");
+    QF_CHECK_INPUT(n != arch.lm_head, "export --format gguf-lora: ", n, " (the output layer) has an adapter; llama.cpp "
+                   "adapters are written for decoder linears only here");
+  }
+  GgufLoraResult res;
+  res.alpha = layers[0].second->scaling * static_cast<double>(layers[0].second->r);
+  res.dir = exporter::write_staged_dir(out, force, [&](const std::string& tmp) {
+    {  // base.gguf: each LoRA slot holds its base while the file is written (restored even on error)
+      std::vector<std::pair<models::LinearSlot*, std::shared_ptr<models::LinearBase>>> swapped;
+      struct Restore {
+        decltype(swapped)& s;
+        ~Restore() {
+          for (auto& [slot, m] : s) slot->replace(m);
+        }
+      } restore{swapped};
+      for (auto& ns : models::linear_slots(model))
+        if (auto it = by_name.find(ns.name); it != by_name.end()) {
+          swapped.emplace_back(ns.slot, ns.slot->get());
+          ns.slot->replace(it->second->base);
+        }
+      res.base = export_gguf(model, tok, tmp + "/base.gguf", quant, name, progress);
+    }
+    gguf::Writer w;
+    w.add_string("general.architecture", ga);
+    w.add_string("general.type", "adapter");
+    w.add_string("general.name", name);
+    w.add_string("adapter.type", "lora");
+    w.add_f32("adapter.lora.alpha", static_cast<float>(res.alpha));
+    at::NoGradGuard ng;
+    for (int64_t i = 0; i < c.n_layers; ++i)
+      for (auto& lin : arch.linears) {
+        auto it = by_name.find(arch.layer_prefix(i) + "." + lin.name);
+        if (it == by_name.end()) continue;
+        const auto& l = *it->second;
+        QF_CHECK_INPUT(std::abs(l.scaling * l.r - res.alpha) <= 1e-6 * res.alpha, "export --format gguf-lora: ",
+                       it->first, " has another LoRA scaling than the first layer; one adapter.lora.alpha holds one");
+        const int64_t heads = ga != "llama"                                    ? 0
+                              : lin.rope_rows == models::RopeRows::QueryHeads ? c.n_heads
+                              : lin.rope_rows == models::RopeRows::KvHeads    ? c.kv_heads()
+                                                                              : 0;
+        const std::string g = "blk." + std::to_string(i) + "." + lin.gguf + ".weight";
+        auto a = l.lora_A->weight.detach().to(at::kCPU, at::kFloat).contiguous();
+        auto b = l.lora_B->weight.detach().to(at::kCPU, at::kFloat);
+        b = heads ? permute_rows(b, heads) : b.contiguous();
+        std::string ab, bb;
+        append(ab, a);
+        append(bb, b);
+        w.add_tensor(g + ".lora_a", {l.r, l.in_features}, TensorType::F32, std::move(ab));
+        w.add_tensor(g + ".lora_b", {l.out_features, l.r}, TensorType::F32, std::move(bb));
+        ++res.n_adapters;
+      }
+    QF_CHECK_INPUT(res.n_adapters == static_cast<int64_t>(layers.size()), "export --format gguf-lora: ",
+                   layers.size() - res.n_adapters, " LoRA layer(s) are not decoder linears llama.cpp names");
+    res.adapter_bytes = w.write(tmp + "/adapter.gguf");
+    return out;
+  });
+  return res;
+}
+
 }  // namespace qf::exporter

@@ -44,4 +44,22 @@ GgufExportResult export_gguf(models::CausalLM& model, const data::Tokenizer& tok
                              const std::string& quant, const std::string& name, bool progress = true,
                              const std::string& fallback = "", bool force = false, const std::string& imatrix_path = "");
 
+// `qforge export RUN --format gguf-lora --out DIR`: a LoRA run as llama.cpp runs a base with an adapter.
+// DIR/base.gguf is export_gguf of the run with every LoRA layer replaced by its base (no merge: a
+// llama.cpp-blocks base writes its own blocks, so the file is the base the adapter trained on);
+// DIR/adapter.gguf holds the adapters as llama.cpp's convert_lora_to_gguf.py writes them: general.type
+// "adapter", adapter.type "lora", adapter.lora.alpha = s * r (llama.cpp scales by alpha / r; this keeps
+// rsLoRA's s), tensors "<base tensor>.lora_a" = A [r, in] and ".lora_b" = B [out, r] in F32, B's rows
+// permuted with the base's Q/K rows. llama.cpp's base + adapter then computes base(x) + s·B(A(x)): the
+// unmerged model. Refused: no LoRA layers, exact-merge adapters (their model is fq(W + s·BA): export
+// the merged --format gguf instead), a LoRA on the output layer (llama.cpp adapts decoder linears here).
+struct GgufLoraResult {
+  std::string dir;
+  GgufExportResult base;
+  int64_t n_adapters = 0, adapter_bytes = 0;
+  double alpha = 0;  // adapter.lora.alpha written
+};
+GgufLoraResult export_gguf_lora(models::CausalLM& model, const data::Tokenizer& tok, const std::string& out,
+                                const std::string& quant, const std::string& name, bool progress = true, bool force = false);
+
 }  // namespace qf::exporter

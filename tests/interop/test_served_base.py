@@ -13,7 +13,11 @@ exported as a Hugging Face dir, and fine-tuned with LoRA on a q4_0 / q4_K / q6_K
     matmuls round activations to q8_0/q8_K); the residual is printed and bounded;
   - without exact_merge the same export re-quantizes W + s*BA, which moves the model: the KL divergence
     between llama.cpp's GGUF and the model qforge trained is printed (README "LoRA on the served base")
-    and must exceed the exact-merge residual."""
+    and must exceed the exact-merge residual;
+  - such a run ships unmerged instead: `export --format gguf-lora` writes base.gguf (the q4_K blocks the
+    adapter trained on) and adapter.gguf (llama.cpp's LoRA adapter format, as convert_lora_to_gguf.py
+    writes it); llama.cpp with `lora_path` gives qforge's trained model within the same noise, and the
+    base alone does not."""
 import json
 import subprocess
 
@@ -70,9 +74,10 @@ def _val_losses(run):
     return [r["val_loss"] for r in rows if "val_loss" in r]
 
 
-def _llama_logits(path):
+def _llama_logits(path, lora=None):
     import llama_cpp  # a missing peer fails here, loudly
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, n_threads=2, verbose=False,
+                          lora_path=None if lora is None else str(lora),
                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
     out = []
     for row in TOKENS:
@@ -139,3 +144,32 @@ def test_exact_merge_gguf_is_the_trained_model_in_llama_cpp(base, base_type):
     # llama.cpp's quantized matmuls round activations to 8 bits: the residual stays at that noise level
     assert res["exact"][0] < 2e-3 and res["exact"][1] < 0.05 * res["exact"][2], res
     assert res["plain"][0] > res["exact"][0], res
+
+
+def test_gguf_lora_adapter_applies_in_llama_cpp(base):
+    import gguf
+    d = base
+    run = _lora_run(d, "adapter_q4_k", "q4_k", False)
+    out, hf = d / "adapter_q4_k_gguf", d / "adapter_q4_k_hf"
+    _qf("export", run, "--format", "gguf-lora", "--quant", "f32", "--out", out)
+    _qf("export", run, "--format", "hf", "--dtype", "fp32", "--out", hf)
+    r = gguf.GGUFReader(str(out / "adapter.gguf"))
+    kv = {f.name: f.contents() for f in r.fields.values() if not f.name.startswith("GGUF.")}
+    assert kv["general.type"] == "adapter" and kv["adapter.type"] == "lora" and kv["general.architecture"] == "llama"
+    assert abs(kv["adapter.lora.alpha"] - 16.0) < 1e-6  # s * r = 2 * 8
+    shapes = {t.name: tuple(int(x) for x in t.shape) for t in r.tensors}  # gguf-py: innermost first
+    assert len(shapes) == 28 and shapes["blk.0.ffn_down.weight.lora_a"] == (512, 8), shapes
+    assert shapes["blk.0.ffn_down.weight.lora_b"] == (8, 256)
+    base_types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out / "base.gguf")).tensors}
+    assert base_types["blk.1.attn_q.weight"] == "Q4_K" and base_types["output.weight"] == "F32"
+    ref = _hf_logits(hf)
+    with_adapter, alone = _llama_logits(out / "base.gguf", out / "adapter.gguf"), _llama_logits(out / "base.gguf")
+    k, k0 = _kld(ref, with_adapter), _kld(ref, alone)
+    print(f"\nSERVED_BASE gguf-lora q4_k: llama.cpp base.gguf + adapter.gguf vs qforge's trained model KLD {k:.2e} "
+          f"(max |logit diff| {np.abs(with_adapter - ref).max():.2e}); base.gguf alone KLD {k0:.2e}")
+    assert k < 2e-3 and k0 > 10 * k, (k, k0)
+    # an exact-merge run's model is fq(W + s*BA), not base + adapter: refused
+    exact = _lora_run(d, "adapter_exact", "q4_0", True)
+    r = subprocess.run([QFORGE, "-q", "export", str(exact), "--format", "gguf-lora", "--out", str(d / "refused")],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "exact-merge" in r.stderr, r.stderr
