@@ -284,9 +284,13 @@ int cmd_export(const std::string& run, const std::vector<std::string>& overrides
     return 0;
   }
   if (format == "bnb-int8") {
-    // llm_int8_threshold: the run's own (peft.base int8), else Linear8bitLt's default 6.0.
-    const double thr = run_cfg && run_cfg->peft.enabled && run_cfg->peft.base == peft::BaseFormat::Int8
-                           ? run_cfg->peft.int8_threshold : 6.0;
+    // llm_int8_threshold: the run's own (peft.base int8) or a bitsandbytes 8-bit dir's, else Linear8bitLt's 6.0.
+    double thr = run_cfg && run_cfg->peft.enabled && run_cfg->peft.base == peft::BaseFormat::Int8
+                     ? run_cfg->peft.int8_threshold : 6.0;
+    if (!run_cfg) {
+      const auto q = models::read_hf_checkpoint(run).quant;
+      if (q.method == models::HfQuantMethod::Bnb8) thr = q.bnb_int8_threshold;
+    }
     const auto t = dtype == "fp32" ? at::kFloat : dtype == "bf16" ? at::kBFloat16 : at::kHalf;
     auto r = exporter::export_bnb8(*model, *tok, out, t, thr, force);
     std::printf("exported %s to %s: bitsandbytes 8-bit (LLM.int8, llm_int8_threshold %g), %lld int8 linears (%lld int8 "

@@ -223,10 +223,22 @@ def test_export_bnb_int8_of_a_float_dir_equals_transformers_load_in_8bit(tmp_pat
     assert type(m.model.layers[1].self_attn.o_proj).__name__ == "Linear8bitLt"
     _, want = _hf_logits(src)
     assert torch.equal(got, want)
+    # a load_in_8bit dir itself (read dequantized) re-exports to the same bytes, its llm_int8_threshold kept
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"]["llm_int8_threshold"] = 4.0
+    src4 = tmp_path / "src4"
+    src4.mkdir()
+    for f in os.listdir(src):
+        (src4 / f).write_bytes((src / f).read_bytes())
+    (src4 / "config.json").write_text(json.dumps(cfg))
+    _qf("export", src4, "--format", "bnb-int8", "--dtype", "fp32", "--out", tmp_path / "again")
+    again = read_safetensors(tmp_path / "again" / "model.safetensors")
+    assert all(torch.equal(theirs[k], again[k]) for k in theirs) and sorted(again) == sorted(theirs)
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]["llm_int8_threshold"] == 4.0
     mb = (out / "model.safetensors").stat().st_size / 1e6
     print(f"\nINT8_OUT qforge export --format bnb-int8 of the float dir: {len(ours)} tensors byte-identical to "
           f"transformers' load_in_8bit save ({mb:.2f} MB), same quantization_config, transformers loads it as "
-          f"Linear8bitLt with identical logits")
+          f"Linear8bitLt with identical logits; the load_in_8bit dir re-exports to the same bytes")
 
 
 def test_lora_on_int8_base_trains_loads_in_peft_and_exports(tmp_path, base):
