@@ -426,6 +426,30 @@ trainer: {{max_steps: 20, batch_size: 4, eval_every: 0, eval_batches: 1, log_eve
     assert _err(_qforge_logits(q, "rt_src")[0], _qforge_logits(rt, "rt")[0]) == 0.0
 
 
+def test_quantize_and_eval_from_gguf(work, tmp_path):
+    """`qforge quantize FILE.gguf` (RTN q4_0) exported back to GGUF holds llama.cpp's own q4_0 blocks for every
+    decoder linear (llama-quantize of the same F32 file), and `eval FILE.gguf` scores text."""
+    src = _f32_gguf(work, "llama")
+    cal = tmp_path / "calib.yaml"
+    cal.write_text(f"data: {{sources: [{{path: {work[1]}, split: line}}], seq_len: 32, val_fraction: 0.05, "
+                   f"cache_dir: {tmp_path}/cache}}\n")
+    _qf("quantize", src, "--method", "rtn", "--quant", "q4_0", "--calib", cal, "--out", tmp_path / "q", "--no-eval")
+    ours = tmp_path / "q.gguf"
+    _qf("export", tmp_path / "q", "--format", "gguf", "--quant", "q4_0", "--out", ours)
+    ref = work[0] / "llama_q4_0.gguf"
+    if not ref.exists():
+        _llama_quantize(src, ref, "q4_0")
+    a = {t.name: t for t in gguf.GGUFReader(str(ours)).tensors}
+    n = 0
+    for t in gguf.GGUFReader(str(ref)).tensors:
+        if t.name.startswith("blk.") and t.tensor_type == GT.Q4_0:
+            assert a[t.name].tensor_type == GT.Q4_0 and bytes(a[t.name].data) == bytes(t.data), t.name
+            n += 1
+    assert n == 14, n
+    r = json.loads(_qf("eval", src, "--text", work[1], "--max-batches", "2").stdout.strip().splitlines()[-1])
+    assert np.isfinite(r["ppl"]) and r["tokens"] > 0, r
+
+
 def _bad(tmp, name, blob):
     p = tmp / f"{name}.gguf"
     p.write_bytes(blob)
