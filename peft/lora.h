@@ -1,4 +1,4 @@
-// LoRA (PEFT semantics) on any base linear: dense, frozen bf16, NF4 (QLoRA), llama.cpp blocks or a
+// LoRA (PEFT semantics) on any base linear: dense, frozen bf16, NF4 (QLoRA), LLM.int8, llama.cpp blocks or a
 // checkpoint's packed ints (LoRA on the served base), or fake-quant (QAT+LoRA).
 //   y = base(x) + s * B(A(dropout(x))),   s = alpha / r   (alpha / sqrt(r) with rsLoRA)
 // A [r, in] is kaiming-uniform (a = sqrt(5), PEFT's default), B [out, r] zeros, so a fresh adapter
