@@ -95,9 +95,12 @@ def _rows(logits_per_window, tokens, mask):
     return L, t
 
 
-def _llama_window_logits(path, tokens):
+def _llama_window_logits(path, tokens, lora=None):
+    """llama.cpp's logits (llama-cpp-python, f32 KV cache) of each row of tokens but the last, per row;
+    lora: a llama.cpp LoRA adapter GGUF applied on the model (lora_path)."""
     import llama_cpp  # built from its sdist by scripts/setup.sh; a missing peer fails here, loudly
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, n_threads=2, verbose=False,
+                          lora_path=None if lora is None else str(lora),
                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
     out = []
     for row in tokens:

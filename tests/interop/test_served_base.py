@@ -24,6 +24,7 @@ import subprocess
 import numpy as np
 import pytest
 
+from test_kld_gate import _llama_window_logits
 from tiny_runs import QFORGE, kjv_corpus
 
 TOKENS = np.random.default_rng(0).integers(3, 400, size=(6, 33))
@@ -75,16 +76,7 @@ def _val_losses(run):
 
 
 def _llama_logits(path, lora=None):
-    import llama_cpp  # a missing peer fails here, loudly
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, n_threads=2, verbose=False,
-                          lora_path=None if lora is None else str(lora),
-                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
-    out = []
-    for row in TOKENS:
-        llm.reset()
-        llm.eval([int(t) for t in row[:-1]])
-        out.append(np.array(llm.scores[: llm.n_tokens], dtype=np.float32))
-    return np.concatenate(out)
+    return np.concatenate(_llama_window_logits(path, TOKENS, lora))
 
 
 def _hf_logits(path):

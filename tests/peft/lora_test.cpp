@@ -15,6 +15,7 @@
 #include "peft/lora.h"
 #include "quant/nf4.h"
 #include "quant/qat.h"
+#include "tests/peft/peft_test_util.h"
 #include "tests/test_util.h"
 #include "tests/tiny_model.h"
 
@@ -42,21 +43,9 @@ LoraConfig lora(BaseFormat base = BaseFormat::Fp32, std::vector<std::string> tar
   return c;
 }
 
-at::Tensor ids() {
-  auto g = at::detail::createCPUGenerator(3);
-  return at::randint(64, {2, 12}, g, at::kLong);
-}
-
-at::Tensor logits(models::CausalLM& m) {
-  at::NoGradGuard ng;
-  return m.forward(ids());
-}
-
-void randomize_b(torch::nn::Module& m) {
-  at::NoGradGuard ng;
-  auto g = at::detail::createCPUGenerator(9);
-  for (auto& [n, l] : lora_layers(m)) l->lora_B->weight.copy_(at::randn(l->lora_B->weight.sizes(), g) * 0.2);
-}
+at::Tensor ids() { return qf::testing::lora_ids(); }
+at::Tensor logits(models::CausalLM& m) { return qf::testing::lora_logits(m); }
+using qf::testing::randomize_b;
 
 quant::QatConfig qat_q4_0() {
   quant::QatConfig q;

@@ -20,6 +20,7 @@
 #include "quant/fake_quant.h"
 #include "quant/ggml_blocks.h"
 #include "quant/ggml_types.h"
+#include "tests/peft/peft_test_util.h"
 #include "tests/test_util.h"
 #include "tests/tiny_model.h"
 
@@ -54,21 +55,9 @@ LoraConfig lora(const std::string& type, bool exact = false) {
   return c;
 }
 
-at::Tensor ids() {
-  auto g = at::detail::createCPUGenerator(3);
-  return at::randint(64, {2, 12}, g, at::kLong);
-}
-
-at::Tensor logits(models::CausalLM& m) {
-  at::NoGradGuard ng;
-  return m.forward(ids());
-}
-
-void randomize_b(torch::nn::Module& m, double scale) {
-  at::NoGradGuard ng;
-  auto g = at::detail::createCPUGenerator(9);
-  for (auto& [n, l] : lora_layers(m)) l->lora_B->weight.copy_(at::randn(l->lora_B->weight.sizes(), g) * scale);
-}
+using qf::testing::lora_logits;
+using qf::testing::randomize_b;
+at::Tensor logits(models::CausalLM& m) { return lora_logits(m); }
 
 std::vector<std::string> block_types() {
   std::vector<std::string> v;
