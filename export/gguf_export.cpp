@@ -487,10 +487,14 @@ void TensorPlan::linear(const std::string& hf, const std::string& gname, TensorR
   QF_CHECK(it != slots_.end(), "export: no layer ", hf);
   auto mod = it->second->get();
   if (const quant::QuantSpec* spec = converted_spec(*mod)) {
-    if (!spec->is_ggml())
+    if (!spec->is_ggml()) {
+      std::string presets;
+      for (const auto& t : quant::ggml::type_table())
+        if (t.rule != Rule::Affine) presets += (presets.empty() ? "" : ", ") + std::string(t.name);
       throw InputError(str("export: ", hf, " is quantized as ", spec->describe(),
-                           ", which GGUF cannot hold; train with a llama.cpp preset (q8_0, q4_0, q4_1, q5_0, q5_1, "
-                           "q4_k, q6_k) or export with --format gptq / compressed-tensors"));
+                           ", which GGUF cannot hold; train with a llama.cpp preset (", presets,
+                           ") or export with --format gptq / compressed-tensors"));
+    }
     add(gname, {mod->out_features, mod->in_features}, type_of(spec->rule), [mod, permute_heads, &res = res_] {
       auto ql = std::static_pointer_cast<quant::QuantizedLinear>(converted_linear(mod));
       res.input_bytes += ql->qweight.numel();
