@@ -535,7 +535,9 @@ CLI::App* add_export(CLI::App& app, CliArgs& a) {
                 "files are refused even so");
   cmd->add_option("--quant", a.gguf_quant,
                   "gguf: llama.cpp type mixture for float weights, chosen per tensor as llama-quantize does: "
-                  "f32|f16|q8_0|q4_0|q4_1|q5_0|q5_1|q4_k|q4_k_m|q6_k|iq4_nl|iq4_xs|tq1_0|tq2_0|q1_0|q2_0 (packed "
+                  "f32|f16|q8_0|q4_0|q4_1|q5_0|q5_1|q2_k|q2_k_s|q3_k|q3_k_s|q3_k_m|q3_k_l|q4_k|q4_k_s|q4_k_m|q5_k|q5_k_s|"
+                  "q5_k_m|q6_k|iq4_nl|iq4_xs|tq1_0|tq2_0|q1_0|q2_0 (llama-quantize's names; q3_k/q4_k/q5_k/q6_k: "
+                  "that type everywhere but the output; packed "
                   "QAT/PTQ layers keep their blocks); "
                   "gptq/compressed-tensors: the RTN spec for float linears, int4-g128 (default), int4-g32 or "
                   "int8-per-channel (QAT-converted layers keep their codes); awq: an int4 per-group preset, int4-g128 "
@@ -595,7 +597,7 @@ CLI::App* add_quantize(CLI::App& app, CliArgs& a) {
   cmd->add_option("--quant", a.qa.quant,
                  "Weight format for every decoder linear (a preset): q4_0 q4_1 q5_0 q5_1 q8_0 int4-g128 int4-g32 "
                  "int4-g128-asym int4-g128-zp int4-g32-zp int3-g128 int3-g128-asym int3-g128-zp int8-per-channel (awq/rtn also "
-                 "q4_k q6_k iq4_nl iq4_xs tq1_0 tq2_0 q1_0 q2_0); int<b>-g<G>[-asym|-zp] in general")
+                 "q2_k q3_k q4_k q5_k q6_k iq4_nl iq4_xs tq1_0 tq2_0 q1_0 q2_0); int<b>-g<G>[-asym|-zp] in general")
       ->capture_default_str();
   cmd->add_option("--fallback", a.qa.fallback,
                  "Format for the linears whose input width --quant's group size does not divide (e.g. int4-g64)");
