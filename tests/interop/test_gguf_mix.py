@@ -6,7 +6,9 @@ K mixtures q2_k, q3_k_s/m/l, q4_k_s, q5_k_s/m (qforge's plain q3_k / q5_k agains
 The model has the demo's shape problem on purpose (ffn 704: no 256-block type for ffn_down, which
 falls back to Q4_0 / Q5_0 / Q5_1 / Q8_0, as llama.cpp warns) and 8 layers so use_more_bits picks
 layers 0, 3, 6, 7. A second model with 4 query heads per KV head takes q2_k's GQA rule (attn_v
-Q4_K), and a Phi-3 checkpoint's fused attn_qkv follows the attn_v rules (llama.cpp counts it as one)."""
+Q4_K), and a Phi-3 checkpoint's fused attn_qkv follows the attn_v rules (llama.cpp counts it as one).
+With `--imatrix` (qforge imatrix of the same run), q2_k_s, q2_k, q3_k_m, q4_k_m and q5_k_m equal
+llama-quantize --imatrix too; q2_k_s without one is refused by both."""
 import subprocess
 
 import gguf  # a missing peer fails here, loudly
@@ -14,6 +16,7 @@ import numpy as np
 import pytest
 
 from llama_ref import llama_quantize
+from test_gguf_lowbit import imatrix_values
 from tiny_runs import QFORGE, tiny_recipe, train
 
 
@@ -94,6 +97,35 @@ def test_q2_k_with_four_query_heads_per_kv_head(tmp_path_factory):
     types, _ = _compare(d, d / "fp", base, "q2_k")
     assert [types[f"blk.{i}.attn_v.weight"] for i in range(2)] == ["Q4_K"] * 2
     assert types["token_embd.weight"] == "Q6_K"  # tied: the output's type
+
+
+@pytest.fixture(scope="module")
+def fp_imatrix(fp_run):
+    d, _ = fp_run
+    im = d / "im.gguf"
+    subprocess.run([QFORGE, "-q", "imatrix", str(d / "fp"), "--chunks", "8", "--out", str(im)], check=True,
+                   capture_output=True)
+    return im
+
+
+@pytest.mark.parametrize("mix", ["q2_k_s", "q2_k", "q3_k_m", "q4_k_m", "q5_k_m"])
+def test_k_mixture_with_imatrix_equals_llama_quantize(tmp_path, fp_run, fp_imatrix, mix):
+    """`export --quant MIX --imatrix F`: the importance-weighted K-quant blocks in llama-quantize
+    --imatrix's mixture (q2_k_s's Q4_K first-eighth ffn_down), type and bytes."""
+    d, base = fp_run
+    ref = tmp_path / "ref.gguf"
+    llama_quantize(base, ref, mix, imatrix=imatrix_values(fp_imatrix))
+    ours = tmp_path / "ours.gguf"
+    r = subprocess.run([QFORGE, "export", str(d / "fp"), "--format", "gguf", "--quant", mix, "--imatrix",
+                        str(fp_imatrix), "--out", str(ours)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    a, b = _tensors(ours), _tensors(ref)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name] == b[name], f"{mix} {name}: qforge {a[name][0]}, llama-quantize {b[name][0]} (or bytes differ)"
+    if mix == "q2_k_s":  # ffn_down Q4_K in layer 0 (-> Q5_0 at width 704), Q2_K (-> Q4_0) after
+        assert [a[f"blk.{i}.ffn_down.weight"][0] for i in range(3)] == ["Q5_0", "Q4_0", "Q4_0"]
+        assert a["blk.0.attn_v.weight"][0] == "Q2_K"
 
 
 def test_q2_k_s_needs_an_imatrix(tmp_path, fp_run):
