@@ -309,10 +309,6 @@ int cmd_export(const std::string& run, const std::vector<std::string>& overrides
                 r.bytes / 1e6, s);
     return 0;
   }
-  if (format == "gguf") {
-    auto r = exporter::export_gguf(*model, *tok, out, quant, name, !log::quiet(), fallback, force, imatrix);
-    for (auto& row : r.rows) log::info("  ", row);
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   if (format == "gguf-lora") {
     auto r = exporter::export_gguf_lora(*model, *tok, out, quant, name, !log::quiet(), force);
     std::printf("exported %s to %s: base.gguf (the LoRA bases, %lld tensors, %.2f MB, --quant %s%s) + adapter.gguf (%lld "
@@ -321,6 +317,10 @@ int cmd_export(const std::string& run, const std::vector<std::string>& overrides
                 r.base.exact ? ", packed blocks exact" : "", (long long)r.n_adapters, r.alpha, r.adapter_bytes / 1e6);
     return 0;
   }
+  if (format == "gguf") {
+    auto r = exporter::export_gguf(*model, *tok, out, quant, name, !log::quiet(), fallback, force, imatrix);
+    for (auto& row : r.rows) log::info("  ", row);
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     std::printf("exported %s to %s: GGUF v3, %lld tensors, %.2f MB (--quant %s%s%s), re-read and verified in %.2f s\n",
                 what.c_str(), r.path.c_str(), (long long)r.n_tensors, r.bytes / 1e6, quant.c_str(),
                 r.exact ? ", packed blocks exact" : "",

@@ -33,11 +33,11 @@ std::shared_ptr<models::CausalLM> rebuild_model(const RunConfig& cfg, const Chec
     QF_CHECK_INPUT(cfg.peft.enabled, checkpoint_dir, " holds LoRA adapters but the run config has no peft section");
     auto pc = cfg.peft;
     pc.init_adapter.clear();  // the checkpoint holds the adapter weights
+    peft::install_saved_bases(*model, pc, ck.model);  // blocks / packed bases: the checkpoint's geometry
     apply_peft(*model, pc, false);
   }
   // GPTQ act-order layers carry their column groups (g_idx) as an extra buffer.
   for (auto& ns : models::linear_slots(*model)) {
-    peft::install_saved_bases(*model, pc, ck.model);  // blocks / packed bases: the checkpoint's geometry
     auto ql = std::dynamic_pointer_cast<quant::QuantizedLinear>(ns.slot->get());
     if (!ql) continue;
     for (auto& [name, t] : ck.model)
