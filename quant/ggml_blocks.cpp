@@ -17,7 +17,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cmath>
@@ -28,6 +27,7 @@
 #include "core/error.h"
 #include "quant/cuda/dequant.h"
 #include "quant/ggml_iq.h"
+#include "quant/ggml_scalar.h"
 #include "quant/ggml_types.h"
 
 // -Wpsabi: the lane vectors below only pass between internal (inlined) helpers, so the vector-ABI
@@ -46,26 +46,6 @@ namespace {
 constexpr int kQK = 32;    // QK8_0 == QK4_0 == QK4_1
 constexpr int kQKK = 256;  // QK_K
 constexpr float kGroupMaxEps = 1e-15f;  // GROUP_MAX_EPS
-
-// ---------------------------------------------------------------- scalar helpers
-
-inline uint16_t fp16_bits(float f) { return c10::Half(f).x; }
-inline float fp16_value(uint16_t bits) { return static_cast<float>(c10::Half(bits, c10::Half::from_bits())); }
-
-inline void put_u16(uint8_t* p, uint16_t v) {
-  p[0] = static_cast<uint8_t>(v & 0xFF);
-  p[1] = static_cast<uint8_t>(v >> 8);
-}
-inline uint16_t get_u16(const uint8_t* p) { return static_cast<uint16_t>(p[0] | (p[1] << 8)); }
-
-// ggml's nearest_int: adds 1.5*2^23 so the FPU rounds (to nearest even) into the low mantissa bits.
-// Exact for |x| < 2^22; outside that range it returns the same garbage ggml does (no assert here).
-inline int nearest_int(float x) {
-  float biased = x + 12582912.f;
-  int32_t bits;
-  std::memcpy(&bits, &biased, sizeof bits);
-  return (bits & 0x007fffff) - 0x00400000;
-}
 
 // ---------------------------------------------------------------- q8_0: {fp16 d; int8 qs[32]}
 

@@ -11,7 +11,6 @@
 #include "quant/ggml_iq.h"
 
 #include <ATen/ATen.h>
-#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cmath>
@@ -19,6 +18,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "quant/ggml_scalar.h"
 
 #if defined(__clang__)
 #pragma STDC FP_CONTRACT OFF
@@ -35,22 +35,6 @@ constexpr float kGroupMaxEps = 1e-15f;  // GROUP_MAX_EPS
 // kvalues_iq4nl (ggml-common.h): the 16 IQ4_NL / IQ4_XS levels; tests/interop/test_gguf_lowbit.py
 // checks them against gguf-py's IQ4_NL.kvalues.
 constexpr int8_t kIq4Values[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
-
-inline uint16_t fp16_bits(float f) { return c10::Half(f).x; }
-inline float fp16_value(uint16_t bits) { return static_cast<float>(c10::Half(bits, c10::Half::from_bits())); }
-inline void put_u16(uint8_t* p, uint16_t v) {
-  p[0] = static_cast<uint8_t>(v & 0xFF);
-  p[1] = static_cast<uint8_t>(v >> 8);
-}
-inline uint16_t get_u16(const uint8_t* p) { return static_cast<uint16_t>(p[0] | (p[1] << 8)); }
-
-// ggml's nearest_int (round half to even through the 1.5*2^23 bias).
-inline int nearest_int(float x) {
-  float biased = x + 12582912.f;
-  int32_t bits;
-  std::memcpy(&bits, &biased, sizeof bits);
-  return (bits & 0x007fffff) - 0x00400000;
-}
 
 // best_index_int8(16, kvalues_iq4nl, x): the nearest level, the upper one on a tie.
 inline int best_index(float x) {
