@@ -32,8 +32,9 @@ from gguf import quants
 from gguf.constants import GGMLQuantizationType as GT
 
 from st_io import interop_tool, read_safetensors, write_safetensors
-from test_families import bpe_tokenizer
+from test_families import _losses, bpe_tokenizer
 from tiny_runs import QFORGE, kjv_corpus, tiny_recipe, train
+from tiny_runs import qforge as _qf
 
 IDS = [[1, 45, 7, 99, 3, 120, 18, 64, 5, 140, 12, 77], [2, 9, 33, 101, 7, 7, 60, 3, 88, 21, 130, 4]]
 N_NEW = 6
@@ -79,14 +80,6 @@ TRANSFORMERS_GGUF = {"llama", "qwen2"}  # 4.57 sizes the others from its default
 STRINGS = ["Hello world", "  leading spaces and\ttabs\n\nnewlines", "digits 1234567 and 3.14159",
            "it's what they'll do; I'd've", "UPPER lower MiXeD", "<|bos|> literal special", "héllo wörld ünïcode 日本語",
            "And God said, Let there be light: and there was light."]
-
-
-def _qf(*args, check=True):
-    r = subprocess.run([QFORGE, "-q", *map(str, args)], capture_output=True, text=True,
-                       env=dict(os.environ, OMP_NUM_THREADS="2"))
-    if check:
-        assert r.returncode == 0, f"qforge {' '.join(map(str, args))}:\n{r.stderr[-3000:]}"
-    return r
 
 
 @pytest.fixture(scope="module")
@@ -384,11 +377,6 @@ data: {{sources: [{{path: {corpus}, split: line}}], seq_len: 24, val_fraction: 0
 {body}
 """)
     return cfg
-
-
-def _losses(run_dir):
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return [r["loss"] for r in rows if "loss" in r and "step" in r]
 
 
 @pytest.mark.parametrize("base", ["fp32", "q4_k"])

@@ -31,18 +31,11 @@ import transformers  # noqa: E402
 
 from st_io import interop_tool, read_safetensors, write_safetensors  # noqa: E402
 from test_families import _checkpoint, _losses, _recipe  # noqa: E402
-from tiny_runs import QFORGE, kjv_corpus  # noqa: E402
+from tiny_runs import kjv_corpus  # noqa: E402
+from tiny_runs import qforge as _qf  # noqa: E402
 
 IDS = [[1, 45, 7, 99, 3, 120, 18, 64, 5, 140, 12, 77], [2, 9, 33, 101, 7, 7, 60, 3, 88, 21, 130, 4]]
 N_NEW = 8
-
-
-def _qf(*args, check=True):
-    r = subprocess.run([QFORGE, "-q", *map(str, args)], capture_output=True, text=True,
-                       env=dict(os.environ, OMP_NUM_THREADS="2"))
-    if check:
-        assert r.returncode == 0, f"qforge {' '.join(map(str, args))}:\n{r.stderr[-3000:]}"
-    return r
 
 
 @pytest.fixture(scope="module")

@@ -34,3 +34,12 @@ def train(cfg, *overrides):
     """`qforge -q train cfg overrides...` with 2 OpenMP threads; raises on failure."""
     env = dict(os.environ, OMP_NUM_THREADS="2")
     subprocess.run([QFORGE, "-q", "train", str(cfg), *overrides], check=True, env=env, capture_output=True)
+
+
+def qforge(*args, check=True):
+    """`qforge -q args...` with 2 OpenMP threads, output captured; asserts success (stderr tail shown) when check."""
+    r = subprocess.run([QFORGE, "-q", *map(str, args)], capture_output=True, text=True,
+                       env=dict(os.environ, OMP_NUM_THREADS="2"))
+    if check:
+        assert r.returncode == 0, f"qforge {' '.join(map(str, args))}:\n{r.stderr[-3000:]}"
+    return r
