@@ -19,32 +19,13 @@
 #include "models/linear.h"
 #include "models/transformer.h"
 #include "quant/qat.h"
+#include "tests/export/fake_tokenizer.h"
 #include "tests/test_util.h"
 #include "tests/tiny_model.h"
 
 using namespace qf;
 
 namespace {
-
-class TinyTokenizer : public data::Tokenizer {
- public:
-  explicit TinyTokenizer(std::string path) : path_(std::move(path)) { qf::testing::write_text(path_, "not a real model\n"); }
-  std::vector<int32_t> encode(const std::string&) const override { return {}; }
-  std::string decode(const std::vector<int32_t>&) const override { return ""; }
-  std::string token(int32_t id) const override { return "p" + std::to_string(id); }
-  Entry entry(int32_t id) const override { return {token(id), -static_cast<float>(id), id < 3 ? 3 : 1}; }
-  Normalization normalization() const override { return {"identity", true, false}; }
-  std::string kind() const override { return "sentencepiece"; }
-  int64_t vocab_size() const override { return 64; }
-  int32_t bos_id() const override { return 1; }
-  int32_t eos_id() const override { return 2; }
-  int32_t pad_id() const override { return -1; }
-  std::string fingerprint() const override { return "tiny"; }
-  std::string path() const override { return path_; }
-
- private:
-  std::string path_;
-};
 
 // A tiny Llama (dim 64, ffn 128) with `weight` fake-quantizing model.layers.* ({} = float), converted.
 std::shared_ptr<models::CausalLM> model_with(const std::optional<quant::QuantSpec>& weight) {
@@ -80,7 +61,7 @@ nlohmann::json read_json(const std::string& p) {
 
 TEST(AwqExport, WordsHoldTheLayersCodesInAwqOrder) {
   qf::testing::TmpDir dir("qf_awq");
-  TinyTokenizer tok(dir / "tok.model");
+  qf::testing::FakeTokenizer tok(dir / "tok.model", 64);
   auto m = model_with(int4(16, true, quant::ScaleDType::F16));
   const auto r = exporter::export_awq(*m, tok, dir / "awq", "int4-g128");
   EXPECT_EQ(r.n_quantized, 14);
@@ -130,7 +111,7 @@ TEST(AwqExport, WordsHoldTheLayersCodesInAwqOrder) {
 // layer's weight. A float model exported with --quant int4-g16-zp gets the same words as a converted one.
 TEST(AwqExport, IntegerZeroPointLayersKeepTheirCodesAndZeros) {
   qf::testing::TmpDir dir("qf_awq");
-  TinyTokenizer tok(dir / "tok.model");
+  qf::testing::FakeTokenizer tok(dir / "tok.model", 64);
   auto m = model_with(quant::QuantSpec::preset_named("int4-g16-zp"));
   const auto r = exporter::export_awq(*m, tok, dir / "awq", "int4-g128");
   EXPECT_EQ(r.n_exact, 14);
@@ -176,7 +157,7 @@ TEST(AwqExport, IntegerZeroPointLayersKeepTheirCodesAndZeros) {
 
 TEST(AwqExport, FloatLayersAreRoundedToFp16Scales) {
   qf::testing::TmpDir dir("qf_awq");
-  TinyTokenizer tok(dir / "tok.model");
+  qf::testing::FakeTokenizer tok(dir / "tok.model", 64);
   auto m = model_with(std::nullopt);
   // int4-g32 keeps fp32 scales as a QAT preset; in this file its groups get fp16 scales
   const auto r = exporter::export_awq(*m, tok, dir / "awq", "int4-g32");
@@ -189,7 +170,7 @@ TEST(AwqExport, FloatLayersAreRoundedToFp16Scales) {
 
 TEST(AwqExport, RefusesWhatItCannotHoldNamingTheLayer) {
   qf::testing::TmpDir dir("qf_awq");
-  TinyTokenizer tok(dir / "tok.model");
+  qf::testing::FakeTokenizer tok(dir / "tok.model", 64);
   struct Bad {
     std::optional<quant::QuantSpec> weight;
     std::string quant, fallback, needle;
