@@ -20,9 +20,6 @@ namespace qf::trainer {
 
 ImatrixResult imatrix_run(const std::string& src, const std::vector<std::string>& overrides, const ImatrixArgs& a) {
   QF_CHECK_INPUT(a.chunks >= 1, "imatrix: --chunks ", a.chunks, " must be at least 1");
-  // llama-imatrix ignores matrix products over fewer than 16 tokens; so a window must have 16.
-  QF_CHECK_INPUT(a.ctx == 0 || a.ctx >= 16, "imatrix: --ctx ", a.ctx,
-                 " is below 16 tokens, which llama.cpp's imatrix collector ignores");
   QF_CHECK_INPUT(!is_hf_dir(src) || !a.data.empty(), "imatrix: ", src,
                  " is a Hugging Face checkpoint dir, which names no data; give --data RECIPE.yaml (its data: "
                  "section) or --data TEXT_FILE");
@@ -54,6 +51,9 @@ ImatrixResult imatrix_run(const std::string& src, const std::vector<std::string>
     origin = a.data;
   }
   if (a.ctx > 0) dcfg.seq_len = a.ctx;
+  // llama-imatrix ignores matrix products over fewer than 16 tokens; so a window must have 16.
+  QF_CHECK_INPUT(dcfg.seq_len >= 16, "imatrix: windows of ", dcfg.seq_len,
+                 " tokens (--ctx, else data.seq_len) are below 16 tokens, which llama.cpp's imatrix collector ignores");
   QF_CHECK_INPUT(dcfg.seq_len <= lr.model->cfg.max_seq_len, "imatrix: windows of ", dcfg.seq_len,
                  " tokens exceed the model's context of ", lr.model->cfg.max_seq_len, "; lower --ctx");
   for (auto& s : dcfg.sources) datasets.push_back(s.path);
