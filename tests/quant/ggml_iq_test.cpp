@@ -13,6 +13,8 @@
 #include <random>
 #include <vector>
 
+#include "quant/ggml_blocks.h"
+
 namespace {
 
 using qf::quant::Rule;
@@ -185,6 +187,23 @@ TEST(GgmlIq, AtenDequantEqualsBlockLoop) {
     auto got = iq::dequantize_blocks_aten(b, c.rule);
     ASSERT_EQ(got.sizes(), ref.sizes()) << c.name;
     EXPECT_TRUE(at::equal(got.view(at::kInt), ref.view(at::kInt))) << c.name;
+  }
+}
+
+TEST(GgmlIq, ThroughTheBlockApiFakeQuantIsDequantOfQuantize) {
+  // The rules as ggml::quantize / dequantize / dequantize_aten / fake_quant see them (format table).
+  namespace gg = qf::quant::ggml;
+  auto w = at::randn({7, 512}, at::detail::createCPUGenerator(9));
+  w[2].zero_();
+  auto qw = at::rand({512}, at::detail::createCPUGenerator(10)).pow(4).mul(30);
+  for (const auto& c : codecs()) {
+    auto blocks = gg::quantize(w, c.rule);
+    ASSERT_EQ(blocks.size(1), 512 / c.block * c.bytes) << c.name;
+    auto deq = gg::dequantize(blocks, c.rule, 512);
+    EXPECT_TRUE(at::equal(gg::fake_quant(w, c.rule).view(at::kInt), deq.view(at::kInt))) << c.name;
+    EXPECT_TRUE(at::equal(gg::dequantize_aten(blocks, c.rule, 512).view(at::kInt), deq.view(at::kInt))) << c.name;
+    auto weighted = gg::quantize(w, c.rule, qw);
+    EXPECT_EQ(at::equal(weighted, blocks), c.quant_imatrix == nullptr) << c.name;  // only IQ4 uses the weights
   }
 }
 
