@@ -78,13 +78,18 @@ def quantize(type_name, x, imatrix=None):
     return out.raw
 
 
-def llama_quantize(src, dst, ftype, nthread=2, imatrix=None, pure=False):
-    """llama-quantize SRC DST FTYPE [--imatrix] [--pure] through the library call the tool makes; raises on failure."""
+def llama_quantize(src, dst, ftype, nthread=2, imatrix=None, pure=False, output_type=None, token_embd_type=None):
+    """llama-quantize SRC DST FTYPE [--imatrix] [--pure] [--output-tensor-type T] [--token-embedding-type T]
+    through the library call the tool makes (T: a GGML_TYPE name); raises on failure."""
     import llama_cpp
     p = llama_cpp.llama_model_quantize_default_params()
     p.ftype = LLAMA_FTYPE[ftype]
     p.nthread = nthread
     p.pure = pure
+    if output_type:
+        p.output_tensor_type = GGML_TYPE[output_type.upper()]
+    if token_embd_type:
+        p.token_embedding_type = GGML_TYPE[token_embd_type.upper()]
     if imatrix:  # entries + the {NULL, NULL, 0} terminator, kept alive until the call returns
         arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in imatrix.items()}
         entries = (llama_cpp.llama_model_imatrix_data * (len(arrays) + 1))()
