@@ -35,8 +35,8 @@ std::string lower(std::string s) {
 }
 
 const char* kQuantRead =
-    "qforge reads GPTQ (quant_method gptq: 4 or 8 bits, checkpoint_format gptq or gptq_v2), AWQ (quant_method awq, "
-    "version gemm, 4 bits) compressed-tensors (pack-quantized int4, int-quantized int8) and bitsandbytes 4-bit (quant_method bitsandbytes, "
+    "qforge reads GPTQ (quant_method gptq: 2, 3, 4 or 8 bits, checkpoint_format gptq or gptq_v2), AWQ (quant_method awq, "
+    "version gemm, 4 bits) compressed-tensors (pack-quantized int4/int8, int-quantized int8, float-quantized fp8) and bitsandbytes 4-bit (quant_method bitsandbytes, "
     "load_in_4bit: nf4/fp4, double quant; load_in_8bit: LLM.int8) checkpoints";
 
 // An integer key: required (def unset) or defaulted; kMaxSize caps it like the sizes.
@@ -76,8 +76,8 @@ int64_t group_key(const HfConfigReader& r, const char* k, std::optional<int64_t>
 
 void read_gptq(const HfConfigReader& r, HfQuant& q) {
   q.bits = static_cast<int>(int_key(r, "bits", std::nullopt));
-  if (q.bits != 4 && q.bits != 8)
-    throw r.bad("bits", str("is ", q.bits, "; qforge reads 4- and 8-bit GPTQ checkpoints (2- and 3-bit packings are not read)"));
+  if (q.bits != 2 && q.bits != 3 && q.bits != 4 && q.bits != 8)
+    throw r.bad("bits", str("is ", q.bits, "; GPTQ checkpoints hold 2-, 3-, 4- or 8-bit codes"));
   q.group_size = group_key(r, "group_size", -1);
   q.desc_act = r.bool_or("desc_act", false);
   q.symmetric = r.bool_or("sym", true);
@@ -103,6 +103,38 @@ void read_awq(const HfConfigReader& r, HfQuant& q) {
   q.skip = string_list(r, "modules_to_not_convert");
 }
 
+// A float-quantized scheme (what llm-compressor writes for FP8, FP8_DYNAMIC, FP8_BLOCK): fp8 e4m3
+// weights with a symmetric scale per tensor, output row or [rows, cols] block. Its input_activations
+// (fp8, dynamic or static input_scale) are recorded for inspect and not applied.
+void read_fp8_scheme(const HfConfigReader& g, const HfConfigReader& w, const std::string& type, const std::string& strategy,
+                     HfQuantScheme& s) {
+  if (s.format != "float-quantized")
+    throw g.bad("format", str("is '", s.format, "' but the weights are type '", type, "'; fp8 weights are format "
+                              "float-quantized"));
+  if (type != "float") throw w.bad("type", str("is '", type, "' under format float-quantized; expected float"));
+  if (s.bits != 8) throw w.bad("num_bits", str("is ", s.bits, "; float-quantized is read for 8-bit (fp8 e4m3) weights"));
+  if (!s.symmetric) throw w.bad("symmetric", "is false; fp8 weights are read symmetric (no zero point)");
+  if (strategy == "block") {
+    if (!w.has("block_structure") || !w.j["block_structure"].is_array() || w.j["block_structure"].size() != 2 ||
+        !w.j["block_structure"][0].is_number_integer() || !w.j["block_structure"][1].is_number_integer() ||
+        w.j["block_structure"][0].get<int64_t>() <= 0 || w.j["block_structure"][1].get<int64_t>() <= 0)
+      throw w.bad("block_structure", "must be [rows, cols] (two positive integers) with strategy block");
+    s.block_rows = w.j["block_structure"][0].get<int64_t>();
+    s.block_cols = w.j["block_structure"][1].get<int64_t>();
+  } else if (strategy != "tensor" && strategy != "channel") {
+    throw w.bad("strategy", str("is '", strategy, "'; fp8 weights are read with strategy tensor, channel or block"));
+  }
+  s.fp8_strategy = strategy;
+  if (!g.has("input_activations")) return;
+  if (!g.j["input_activations"].is_object()) throw g.bad("input_activations", "must be an object or null");
+  const HfConfigReader a = g.child("input_activations");
+  const std::string at = text_or(a, "type", "int");
+  const int64_t ab = int_key(a, "num_bits", std::nullopt);
+  const std::string as = text_or(a, "strategy", "tensor");
+  s.activations = str(at == "float" ? "fp" : "int", ab, a.bool_or("dynamic", false) ? " dynamic" : " static", " per-",
+                      as == "group" ? str("group ", int_key(a, "group_size", std::nullopt)) : as);
+}
+
 void read_compressed(const HfConfigReader& r, HfQuant& q) {
   const std::string top = text_or(r, "format", "");
   if (!r.has("config_groups") || !r.j["config_groups"].is_object() || r.j["config_groups"].empty())
@@ -116,18 +148,25 @@ void read_compressed(const HfConfigReader& r, HfQuant& q) {
     s.targets = string_list(g, "targets");
     if (s.targets.empty()) throw g.bad("targets", "must list the modules the scheme applies to");
     s.format = text_or(g, "format", top);
-    if (g.has("input_activations") || g.has("output_activations"))
-      throw g.bad(g.has("input_activations") ? "input_activations" : "output_activations",
-                  "is set; qforge reads weight-only compressed-tensors checkpoints (activation quantization is not "
-                  "simulated)");
+    if (g.has("output_activations"))
+      throw g.bad("output_activations", "is set; qforge reads compressed-tensors weights (output activation quantization "
+                                        "is not read)");
     if (!g.has("weights") || !g.j["weights"].is_object()) throw g.bad("weights", "must be an object (the weight scheme)");
     const HfConfigReader w = g.child("weights");
     const std::string type = text_or(w, "type", "int");
-    if (type != "int")
-      throw w.bad("type", str("is '", type, "'; qforge reads integer compressed-tensors weights (fp8 is not read yet)"));
+    if (type != "int" && type != "float")
+      throw w.bad("type", str("is '", type, "'; qforge reads int and float (fp8) compressed-tensors weights"));
     s.bits = static_cast<int>(int_key(w, "num_bits", std::nullopt));
     s.symmetric = w.bool_or("symmetric", true);
     const std::string strategy = text_or(w, "strategy", "");
+    if (type == "float" || s.format == "float-quantized") {
+      read_fp8_scheme(g, w, type, strategy, s);
+      q.groups.push_back(std::move(s));
+      continue;
+    }
+    if (g.has("input_activations"))
+      throw g.bad("input_activations", "is set on an integer scheme; qforge reads weight-only integer compressed-tensors "
+                                       "checkpoints (W8A8 int activation quantization is not simulated)");
     if (strategy == "group") {
       s.group_size = group_key(w, "group_size", std::nullopt);
       if (s.group_size < 0) throw w.bad("group_size", "is -1 with strategy group");
@@ -141,8 +180,8 @@ void read_compressed(const HfConfigReader& r, HfQuant& q) {
     } else if (s.format == "int-quantized") {
       if (s.bits != 8) throw w.bad("num_bits", str("is ", s.bits, "; int-quantized is read for 8-bit weights"));
     } else {
-      throw g.bad("format", str("is '", s.format, "'; qforge reads compressed-tensors formats pack-quantized and "
-                                "int-quantized (float-quantized, marlin-24, sparse formats are not read)"));
+      throw g.bad("format", str("is '", s.format, "'; qforge reads compressed-tensors formats pack-quantized, "
+                                "int-quantized and float-quantized (marlin-24, nvfp4, sparse formats are not read)"));
     }
     q.groups.push_back(std::move(s));
   }
@@ -196,8 +235,11 @@ std::string HfQuant::describe() const {
     case HfQuantMethod::CompressedTensors: {
       std::string s = "compressed-tensors";
       for (auto& g : groups)
-        s += str(" ", g.format, " int", g.bits, g.group_size < 0 ? std::string(" per channel") : str(" group ", g.group_size),
-                 g.symmetric ? " sym" : " asym");
+        s += g.fp8() ? str(" float-quantized fp8-e4m3 per ", g.fp8_strategy == "block" ? str("block ", g.block_rows, "x", g.block_cols)
+                                                                                        : g.fp8_strategy,
+                           g.activations.empty() ? std::string() : str(" (input activations ", g.activations, ": not applied)"))
+                     : str(" ", g.format, " int", g.bits, g.group_size < 0 ? std::string(" per channel") : str(" group ", g.group_size),
+                           g.symmetric ? " sym" : " asym");
       return s;
     }
   }

@@ -23,12 +23,20 @@ struct HfQuantScheme {
   int64_t group_size = -1;           // -1: one scale per output row (strategy "channel")
   bool symmetric = true;
   std::vector<std::string> targets;  // "Linear", exact module names, or "re:<regex>"
-  std::string format;                // pack-quantized | int-quantized
+  std::string format;                // pack-quantized | int-quantized | float-quantized
+  // float-quantized (fp8 e4m3 weights): strategy tensor (one scale), channel (one per output row) or
+  // block (one per block_rows x block_cols tile, ceil-divided); int formats leave these empty.
+  std::string fp8_strategy;
+  int64_t block_rows = 0, block_cols = 0;
+  // The scheme's input_activations as config.json says them ("fp8 dynamic per-token", "fp8 static
+  // per-tensor"), empty when weight-only: qforge loads the weights and does not apply them.
+  std::string activations;
+  bool fp8() const { return format == "float-quantized"; }
 };
 
 struct HfQuant {
   HfQuantMethod method = HfQuantMethod::None;
-  int bits = 0;                      // GPTQ 4 | 8, AWQ 4
+  int bits = 0;                      // GPTQ 2 | 3 | 4 | 8, AWQ 4
   int64_t group_size = -1;           // GPTQ: -1 = per channel
   bool symmetric = true;             // GPTQ sym, AWQ !zero_point
   bool desc_act = false;             // GPTQ act-order (g_idx maps columns to groups)

@@ -16,17 +16,31 @@ namespace qf::models {
 
 namespace packed {
 
+namespace {
+// Unsigned words (int64 in [0, 2^32)) as the int32 tensor holding the same bits.
+at::Tensor as_int32_bits(const at::Tensor& words) {
+  return at::where(words.ge(int64_t{1} << 31), words - (int64_t{1} << 32), words).to(at::kInt).contiguous();
+}
+}  // namespace
+
 at::Tensor pack_cols(const at::Tensor& u, int bits) {
+  if (32 % bits) {  // one bit stream: code k of each 32 at bit bits*k of `bits` words, low word first
+    auto b = u.to(at::kLong).unsqueeze(-1).__rshift__(at::arange(bits, at::kLong)).bitwise_and(1);  // [rows, cols, bits]
+    auto words = b.reshape({u.size(0), -1, 32}).__lshift__(at::arange(32, at::kLong)).sum(-1);
+    return as_int32_bits(words);
+  }
   const int64_t pf = 32 / bits;
   auto v = u.to(at::kLong).reshape({u.size(0), u.size(1) / pf, pf});
-  auto words = v.__lshift__(at::arange(pf, at::kLong).mul(bits)).sum(-1);             // [rows, cols/pf] in [0, 2^32)
-  words = at::where(words.ge(int64_t{1} << 31), words - (int64_t{1} << 32), words);  // as int32 bits
-  return words.to(at::kInt).contiguous();
+  return as_int32_bits(v.__lshift__(at::arange(pf, at::kLong).mul(bits)).sum(-1));  // [rows, cols/pf]
 }
 
 at::Tensor unpack_cols(const at::Tensor& w, int bits) {
-  const int64_t pf = 32 / bits;
   auto v = w.to(at::kLong).bitwise_and(0xFFFFFFFFLL).unsqueeze(-1);
+  if (32 % bits) {
+    auto b = v.__rshift__(at::arange(32, at::kLong)).bitwise_and(1).reshape({w.size(0), -1, bits});  // the bit stream
+    return b.__lshift__(at::arange(bits, at::kLong)).sum(-1);
+  }
+  const int64_t pf = 32 / bits;
   return v.__rshift__(at::arange(pf, at::kLong).mul(bits)).bitwise_and((int64_t{1} << bits) - 1).reshape({w.size(0), -1});
 }
 
@@ -38,9 +52,7 @@ at::Tensor index(const std::array<int64_t, 8>& a) { return at::tensor(std::vecto
 
 at::Tensor pack_awq(const at::Tensor& u) {
   auto v = u.to(at::kLong).reshape({u.size(0), u.size(1) / 8, 8}).index_select(2, index(kAwqOrder));
-  auto words = v.__lshift__(at::arange(8, at::kLong).mul(4)).sum(-1);
-  words = at::where(words.ge(int64_t{1} << 31), words - (int64_t{1} << 32), words);
-  return words.to(at::kInt).contiguous();
+  return as_int32_bits(v.__lshift__(at::arange(8, at::kLong).mul(4)).sum(-1));
 }
 
 at::Tensor unpack_awq(const at::Tensor& w) {
@@ -131,18 +143,19 @@ void check_words_zeros_scales(Checker& c, const char* holds, const std::vector<i
 }
 
 std::vector<std::string> check_gptq(const HfQuant& q, const std::string& linear, int64_t out, int64_t in, Checker& c) {
-  const int64_t pf = 32 / q.bits;
+  // Codes tile whole words: pf codes per word (2, 4, 8 bits), or 32 codes per 3 words (3 bits).
+  const int64_t pf = 32 % q.bits ? 32 : 32 / q.bits;
   const int64_t groups = q.group_size < 0 ? 1 : ceil_div(in, q.group_size);
   const std::string file = c.parts.empty() ? std::string() : c.parts.begin()->second.file;
   if (in % pf != 0 || out % pf != 0) {
     c.problems.push_back(str(file, ": ", linear, " [", out, ", ", in, "] cannot hold ", q.bits, "-bit GPTQ codes: in and out "
-                             "features must be multiples of ", pf, " (", pf, " codes per int32 word)"));
+                             "features must be multiples of ", pf, " (", pf, " codes per ", 32 % q.bits ? "3 int32 words" : "int32 word", ")"));
     return c.problems;
   }
-  check_words_zeros_scales(c, "qweight, qzeros, scales and g_idx", {in / pf, out},
-                           str("qweight packs ", pf, " ", q.bits, "-bit codes per int32 along the input: [in*bits/32, out] "
+  check_words_zeros_scales(c, "qweight, qzeros, scales and g_idx", {in * q.bits / 32, out},
+                           str("qweight packs ", q.bits, "-bit codes into int32 words along the input: [in*bits/32, out] "
                                "for the linear's in ", in, ", out ", out),
-                           groups, out / pf, group_rule(q.group_size, in, groups) + " [groups, out*bits/32]", out);
+                           groups, out * q.bits / 32, group_rule(q.group_size, in, groups) + " [groups, out*bits/32]", out);
   if (auto it = c.parts.find("g_idx"); it != c.parts.end()) {
     c.dtype(&it->second, "g_idx", it->second.entry.dtype == st::DType::I32 || it->second.entry.dtype == st::DType::I64, "I32");
     c.shape(&it->second, "g_idx", {in}, "g_idx maps each input column to its group: [in]");
@@ -167,11 +180,45 @@ std::vector<std::string> check_awq(const HfQuant& q, const std::string& linear, 
   return c.problems;
 }
 
+// The weight_scale shape of an fp8 scheme over a linear [out, in].
+std::vector<int64_t> fp8_scale_shape(const HfQuantScheme& s, int64_t out, int64_t in) {
+  if (s.fp8_strategy == "channel") return {out, 1};
+  if (s.fp8_strategy == "block") return {ceil_div(out, s.block_rows), ceil_div(in, s.block_cols)};
+  return {1};
+}
+
+// float-quantized: weight F8_E4M3 [out, in], weight_scale float shaped by the strategy; input_scale /
+// input_zero_point (static activations) are floats read for nothing but their dtype.
+void check_ct_fp8(const HfQuantScheme& s, int64_t out, int64_t in, Checker& c) {
+  auto* w = c.need("weight", "weight (float8_e4m3fn) and weight_scale");
+  auto* ws = c.need("weight_scale", "weight (float8_e4m3fn) and weight_scale");
+  c.dtype(w, "weight", w && w->entry.dtype == st::DType::F8_E4M3, "F8_E4M3 (float8_e4m3fn: format float-quantized, 8 bits)");
+  c.shape(w, "weight", {out, in}, "float-quantized stores fp8 codes [out, in]");
+  c.dtype(ws, "weight_scale", ws && is_float(ws->entry.dtype), "a float type");
+  const auto want = fp8_scale_shape(s, out, in);
+  const bool tensor_scalar = s.fp8_strategy == "tensor" && ws && ws->entry.shape.empty();  // [] and [1] are one scale
+  if (!tensor_scalar)
+    c.shape(ws, "weight_scale", want,
+            s.fp8_strategy == "block" ? str("strategy block ", s.block_rows, "x", s.block_cols, " over [", out, ", ", in,
+                                            "] gives [ceil(out/", s.block_rows, "), ceil(in/", s.block_cols, ")]")
+                                      : str("strategy ", s.fp8_strategy, " gives ", s.fp8_strategy == "channel" ? "[out, 1]" : "[1]"));
+  if (c.parts.count("weight_zero_point"))
+    c.problems.push_back(str(c.parts.at("weight_zero_point").file, ": tensor '", c.linear, ".weight_zero_point' is set, "
+                             "but fp8 weights are symmetric (config.json's scheme says symmetric true)"));
+  for (const char* part : {"input_scale", "input_zero_point"})
+    if (auto it = c.parts.find(part); it != c.parts.end())
+      c.dtype(&it->second, part, is_float(it->second.entry.dtype) || it->second.entry.dtype == st::DType::F8_E4M3, "a float type");
+}
+
 std::vector<std::string> check_ct(const HfQuant& q, const std::string& linear, int64_t out, int64_t in, Checker& c) {
   const std::string file = c.parts.empty() ? std::string() : c.parts.begin()->second.file;
   const HfQuantScheme* s = ct_scheme(q, linear);
   if (!s) {
     c.problems.push_back(str(file, ": ", linear, " holds packed tensors but no config_groups entry targets it"));
+    return c.problems;
+  }
+  if (s->fp8()) {
+    check_ct_fp8(*s, out, in, c);
     return c.problems;
   }
   const int64_t groups = s->group_size < 0 ? 1 : ceil_div(in, s->group_size);
@@ -230,9 +277,18 @@ at::Tensor checked_g_idx(const QuantizedPart& p, const std::string& linear, cons
 // GPTQ qzeros as unsigned words holding z (int64 in [0, 2^32)): v1 files store z - 1 per code, which
 // gptqmodel's convert_gptq_v1_to_v2_format undoes by one int32 add of 1 per code (0x11111111 for 4
 // bits, 0x01010101 for 8), wrapping like the int32 tensor it adds to (carries included).
+// 3-bit words are converted by gptqmodel (utils/model.py convert_gptq_v1_to_v2_format_module) with one
+// constant per word position in each 3-word run: 0x24924924, 0x92492492, 0x49249249 (its values,
+// copied as data; its v2 -> v1 save subtracts the same ones). The first and the last do not add 1 at
+// each code's low bit: a 3-bit v1 file reads as gptqmodel reads it, not as z = stored + 1.
 at::Tensor gptq_zero_words(const HfQuant& q, const at::Tensor& qzeros) {
   auto zw = qzeros.to(at::kLong).bitwise_and(0xFFFFFFFFLL);
   if (q.zeros_v2) return zw;
+  if (q.bits == 3) {
+    auto add = at::tensor({int64_t{0x24924924}, int64_t{0x92492492}, int64_t{0x49249249}}, at::kLong)
+                   .repeat({ceil_div(zw.size(1), 3)}).slice(0, 0, zw.size(1));
+    return zw.add(add).bitwise_and(0xFFFFFFFFLL);
+  }
   int64_t one_each = 0;
   for (int k = 0; k < 32 / q.bits; ++k) one_each |= int64_t{1} << (q.bits * k);
   return zw.add(one_each).bitwise_and(0xFFFFFFFFLL);
@@ -444,7 +500,7 @@ std::string quantized_part(const HfQuant& q, const std::string& name, st::DType 
   static const std::vector<std::string> kGptq{"qweight", "qzeros", "scales", "g_idx"};
   static const std::vector<std::string> kAwq{"qweight", "qzeros", "scales"};
   static const std::vector<std::string> kCt{"weight_packed", "weight_scale", "weight_zero_point", "weight_shape",
-                                            "weight_g_idx"};
+                                            "weight_g_idx", "input_scale", "input_zero_point"};
   if (q.method == HfQuantMethod::Bnb8) {
     for (const char* part : {"weight", "SCB", "weight_format"}) {
       const std::string suffix = std::string(".") + part;
@@ -478,8 +534,9 @@ std::string quantized_part(const HfQuant& q, const std::string& name, st::DType 
   if (dot == std::string::npos || !q.quantized()) return "";
   const std::string part = name.substr(dot + 1);
   const auto& list = q.method == HfQuantMethod::Gptq ? kGptq : q.method == HfQuantMethod::Awq ? kAwq : kCt;
-  const bool int8_weight = q.method == HfQuantMethod::CompressedTensors && part == "weight" && dtype == st::DType::I8;
-  if (!int8_weight && std::find(list.begin(), list.end(), part) == list.end()) return "";
+  const bool coded_weight = q.method == HfQuantMethod::CompressedTensors && part == "weight" &&
+                            (dtype == st::DType::I8 || dtype == st::DType::F8_E4M3 || dtype == st::DType::F8_E5M2);
+  if (!coded_weight && std::find(list.begin(), list.end(), part) == list.end()) return "";
   linear = name.substr(0, dot);
   return part;
 }
@@ -553,6 +610,14 @@ at::Tensor dequantize_linear(const HfQuant& q, const std::string& linear, int64_
     return ((u - z.repeat_interleave(gs, 0)).to(at::kFloat) * s.repeat_interleave(gs, 0)).t().contiguous();
   }
   const HfQuantScheme& s = *ct_scheme(q, linear);
+  if (s.fp8()) {  // compressed-tensors' dequantize: x_q.to(scale dtype) * scale, in the scale's dtype
+    auto scale = get("weight_scale");
+    if (s.fp8_strategy == "channel") scale = scale.reshape({out, 1});
+    if (s.fp8_strategy == "block")
+      scale = scale.repeat_interleave(s.block_rows, 0).repeat_interleave(s.block_cols, 1).slice(0, 0, out).slice(1, 0, in);
+    if (s.fp8_strategy == "tensor") scale = scale.reshape({});
+    return get("weight").to(scale.scalar_type()).mul(scale).to(at::kFloat);
+  }
   const int64_t groups = s.group_size < 0 ? 1 : ceil_div(in, s.group_size);
   at::Tensor g = t.count("weight_g_idx")
                      ? checked_g_idx(parts.at("weight_g_idx"), linear, "weight_g_idx", get("weight_g_idx"), groups)
@@ -589,6 +654,7 @@ PackedInt packed_int(const HfQuant& q, const std::string& linear, int64_t out, i
   PackedInt p;
   at::Tensor u, z, g;  // codes [out, in], zero points [groups, out] (unsigned, int64), group of each column [in]
   if (q.method == HfQuantMethod::Gptq) {
+    QF_CHECK(32 % q.bits == 0, "packed_int: ", linear, ": GPTQ int", q.bits, " codes do not tile an int32 word");
     p.bits = q.bits;
     u = packed::unpack_cols(get("qweight").t().contiguous(), q.bits);
     z = packed::unpack_cols(gptq_zero_words(q, get("qzeros")), q.bits).slice(1, 0, out);
@@ -603,6 +669,7 @@ PackedInt packed_int(const HfQuant& q, const std::string& linear, int64_t out, i
     g = at::arange(in, at::kLong).div(q.group_size, "floor");
   } else {
     const HfQuantScheme& s = *ct_scheme(q, linear);
+    QF_CHECK(!s.fp8(), "packed_int: ", linear, " holds compressed-tensors fp8 weights, not int codes");
     QF_CHECK(32 % s.bits == 0, "packed_int: ", linear, ": compressed-tensors int", s.bits, " codes do not tile an int32 word");
     p.bits = s.bits;
     const int64_t offset = int64_t{1} << (s.bits - 1);  // signed codes and zero points -> unsigned
@@ -724,6 +791,10 @@ std::string describe_quantized_linear(const HfQuant& q, const std::string& linea
   }
   const HfQuantScheme* s = ct_scheme(q, linear);
   if (!s) return "compressed-tensors (no scheme)";
+  if (s->fp8())
+    return str("compressed-tensors float-quantized fp8-e4m3 per ",
+               s->fp8_strategy == "block" ? str("block ", s->block_rows, "x", s->block_cols) : s->fp8_strategy,
+               s->activations.empty() ? std::string() : str(", input activations ", s->activations, " not applied"));
   return str("compressed-tensors ", s->format, " int", s->bits,
              s->group_size < 0 ? std::string(" per channel") : str(" group ", s->group_size), s->symmetric ? " sym" : " asym",
              parts.count("weight_g_idx") ? ", g_idx" : "");

@@ -1,7 +1,9 @@
 // Quantized Hugging Face checkpoints read back to float: the per-linear packed tensors of GPTQ
 // (optimum + gptqmodel: qweight/qzeros/scales/g_idx), AWQ GEMM (AutoAWQ's WQLinear_GEMM:
 // qweight/qzeros/scales) and compressed-tensors (pack-quantized weight_packed/weight_scale/
-// weight_zero_point/weight_shape, int-quantized int8 weight/weight_scale), bitsandbytes 4-bit
+// weight_zero_point/weight_shape, int-quantized int8 weight/weight_scale, float-quantized fp8 e4m3
+// weight/weight_scale per tensor, channel or block, with input_scale / input_zero_point of static
+// activations read and left unused), bitsandbytes 4-bit
 // (transformers' load_in_4bit save: uint8 weight + absmax/quant_map/nested_* + a JSON quant_state;
 // NF4 and FP4, double quant or not; the NF4 bytes also handed out packed), bitsandbytes 8-bit
 // (transformers' load_in_8bit save: int8 `weight` = Int8Params' CB [out, in], fp32 `SCB` [out], uint8
@@ -14,12 +16,16 @@
 //    weight_shape) before computing anything;
 //  - dequantize_linear computes exactly what the peer's own dequantization computes, in float32:
 //    GPTQ scales[g_idx] * (q - z[g_idx]) with v1 zero points converted as gptqmodel does (each
-//    int32 word + 0x11111111 / 0x01010101, carries included); AWQ (q - z) * s per group in AutoAWQ's
-//    nibble order; compressed-tensors (q - zp) * s with its signed codes; bitsandbytes 4-bit
+//    int32 word + 0x55555555 / 0x11111111 / 0x01010101, 3-bit words + gptqmodel's constant per word
+//    position, carries included); AWQ (q - z) * s per group in AutoAWQ's
+//    nibble order; compressed-tensors (q - zp) * s with its signed codes, fp8 weight.to(scale dtype) *
+//    scale in the scale's dtype (block scales repeated over their tiles); bitsandbytes 4-bit
 //    dequantize_4bit (code[q] * absmax in fp32, the absmax first decoded as code2[a] * nested_absmax
 //    + offset when double-quantized, then cast to the quant_state dtype) read back as float32;
 //    bitsandbytes 8-bit int8_vectorwise_dequant (CB * SCB[row] * 7.874015718698502e-3 in fp32);
 //  - pack_* and unpack_* are exact inverses on codes in [0, 2^bits).
+// Bits that do not divide 32 (GPTQ int3) pack as one bit stream: code k of each run of 32 codes at bit
+// 3k of 3 consecutive words (gptqmodel's PackableQuantLinear.pack).
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -34,7 +40,8 @@ namespace qf::models {
 
 namespace packed {
 // Codes u [rows, cols] (each in [0, 2^bits)) -> int32 [rows, cols*bits/32]: element k of a word at
-// bits bits*k, low first (GPTQ qweight/qzeros, compressed-tensors pack_to_int32).
+// bits bits*k, low first (GPTQ qweight/qzeros, compressed-tensors pack_to_int32); for bits 3 (cols a
+// multiple of 32) code k of each 32 at bit 3k of the 96-bit little-endian run of 3 words.
 at::Tensor pack_cols(const at::Tensor& u, int bits);
 at::Tensor unpack_cols(const at::Tensor& words, int bits);  // the inverse, int64 [rows, words*32/bits]
 // AutoAWQ's nibble order (awq/utils/packing_utils.py AWQ_ORDER): nibble i of a word holds column
@@ -113,7 +120,7 @@ bool bnb_packed_nf4(const HfQuant& q, const std::string& linear, int64_t out, in
 // dtype; g_idx int32 [in] each input column's group. weight = (u - z[g]) * scales[g] in float32, equal
 // to dequantize_linear of the file's parts (v1 zero points converted as gptqmodel does; AWQ's nibble
 // order undone; compressed-tensors' signed codes and zero points offset by 2^(bits-1)). Bit widths
-// dividing 32 (4, 8). The parts must have passed check_quantized_linear / check_quantized_data.
+// dividing 32 (2, 4, 8). The parts must have passed check_quantized_linear / check_quantized_data.
 struct PackedInt {
   int bits = 4;
   at::Tensor qweight, qzeros, scales, g_idx;

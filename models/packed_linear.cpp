@@ -8,7 +8,7 @@ namespace qf::models {
 
 PackedIntLinear::PackedIntLinear(const PackedInt& p, int64_t out, int64_t in, const at::Tensor& b)
     : FrozenLinear(in, out), bits(p.bits) {
-  QF_CHECK(bits == 4 || bits == 8, "PackedIntLinear: ", bits, "-bit codes are not supported (4 or 8)");
+  QF_CHECK(bits == 2 || bits == 4 || bits == 8, "PackedIntLinear: ", bits, "-bit codes are not supported (2, 4 or 8)");
   const int64_t pf = 32 / bits, groups = p.scales.defined() && p.scales.dim() == 2 ? p.scales.size(0) : 0;
   auto check = [&](const at::Tensor& t, const char* name, at::ScalarType dt, std::vector<int64_t> shape) {
     QF_CHECK(t.defined() && t.scalar_type() == dt && t.sizes() == at::IntArrayRef(shape), "PackedIntLinear: ", name,
@@ -31,12 +31,19 @@ std::shared_ptr<PackedIntLinear> PackedIntLinear::from_checkpoint(const HfQuant&
                                                                   int64_t out, int64_t in,
                                                                   const std::map<std::string, at::Tensor>& parts,
                                                                   const at::Tensor& bias) {
+  const bool fp8 = q.method == HfQuantMethod::CompressedTensors && parts.count("weight") &&
+                   parts.at("weight").scalar_type() == at::kFloat8_e4m3fn;
+  if (fp8 || (q.method == HfQuantMethod::Gptq && 32 % q.bits != 0))
+    throw ConfigError(std::vector<std::string>{str(
+        "peft.base: packed: layer ", linear, " is stored as ", fp8 ? std::string("compressed-tensors fp8 (float8_e4m3fn)") : str("GPTQ int", q.bits),
+        ", which packed does not keep (it keeps int codes that tile an int32 word: GPTQ / AWQ / compressed-tensors int2, "
+        "int4, int8); use peft.base fp32, bf16, nf4 or a llama.cpp type to train LoRA on this checkpoint dequantized")});
   return std::make_shared<PackedIntLinear>(packed_int(q, linear, out, in, parts), out, in, bias);
 }
 
 std::shared_ptr<PackedIntLinear> PackedIntLinear::zeros(int bits, int64_t groups, at::ScalarType scale_dtype,
                                                         int64_t out, int64_t in, bool bias) {
-  QF_CHECK(bits == 4 || bits == 8, "PackedIntLinear: ", bits, "-bit codes are not supported (4 or 8)");
+  QF_CHECK(bits == 2 || bits == 4 || bits == 8, "PackedIntLinear: ", bits, "-bit codes are not supported (2, 4 or 8)");
   const int64_t pf = 32 / bits;
   PackedInt p;
   p.bits = bits;

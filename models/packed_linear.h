@@ -21,10 +21,11 @@ namespace qf::models {
 
 class PackedIntLinear : public FrozenLinear {
  public:
-  // Adopts p's tensors (bits 4 or 8) for a linear [out, in]; throws qf::Error naming the buffer and
+  // Adopts p's tensors (bits 2, 4 or 8) for a linear [out, in]; throws qf::Error naming the buffer and
   // the expected shape when they do not fit.
   PackedIntLinear(const PackedInt& p, int64_t out, int64_t in, const at::Tensor& bias);
   // The linear `linear` of a checkpoint quantized as `q` (its parts, checked by load_hf_weights).
+  // ConfigError naming the layer for GPTQ int3 (codes straddle words) and compressed-tensors fp8.
   static std::shared_ptr<PackedIntLinear> from_checkpoint(const HfQuant& q, const std::string& linear, int64_t out,
                                                           int64_t in, const std::map<std::string, at::Tensor>& parts,
                                                           const at::Tensor& bias);

@@ -430,7 +430,8 @@ int64_t install_saved_bases(torch::nn::Module& model, const LoraConfig& cfg,
                                                     bias ? at::zeros({m.out_features}) : at::Tensor());
     } else if (auto qw = saved(ns.name, "qweight"); qw.defined()) {
       auto sc = saved(ns.name, "scales");
-      const int bits = qw.size(0) == (m.in_features + 7) / 8 ? 4 : 8;
+      const int64_t in = m.in_features;
+      const int bits = qw.size(0) == (in + 7) / 8 ? 4 : qw.size(0) == (in + 15) / 16 ? 2 : 8;
       base = models::PackedIntLinear::zeros(bits, sc.size(0), sc.scalar_type(), m.out_features, m.in_features, bias);
     }
     if (!base) continue;

@@ -1,7 +1,8 @@
 // Quantized Hugging Face checkpoints in (models/hf_quantized.*, issue 21): GPTQ (v1 and v2 zero
 // points, act-order g_idx, 8-bit), AWQ GEMM and compressed-tensors (pack-quantized int4 with packed
 // zero points, int-quantized int8) directories written here by hand from known codes load to exactly
-// (codes - zeros) * scales; every bad-input rule is an error naming the file, the tensor and the rule.
+// (codes - zeros) * scales, GPTQ 2- and 3-bit (codes across words) and compressed-tensors fp8 too;
+// every bad-input rule is an error naming the file, the tensor and the rule.
 // The peers themselves (gptqmodel, autoawq, transformers) are checked in tests/interop/test_quantized_in.py.
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
@@ -104,8 +105,15 @@ struct GptqPacker {
     auto g = at::arange(in, at::kLong).div(group < 0 ? in : group, "floor");
     if (act_order) g = g.index_select(0, at::randperm(in, at::kLong));
     w = (u - z.index_select(0, g).t()).to(at::kFloat) * s.to(at::kFloat).index_select(0, g).t();
+    at::Tensor qzeros = packed::pack_cols(v2 ? z : z - 1, bits);
+    if (bits == 3 && !v2) {  // gptqmodel's v2 -> v1 save: its constant per word position subtracted from z's words
+      auto words = packed::pack_cols(z, 3).to(at::kLong);
+      auto sub = at::tensor({int64_t{0x24924924}, int64_t{0x92492492}, int64_t{0x49249249}}, at::kLong).repeat({words.size(1) / 3});
+      words = (words - sub).bitwise_and(0xFFFFFFFFLL);
+      qzeros = at::where(words.ge(int64_t{1} << 31), words - (int64_t{1} << 32), words).to(at::kInt);
+    }
     return {{lin + ".qweight", packed::pack_cols(u, bits).t().contiguous()},
-            {lin + ".qzeros", packed::pack_cols(v2 ? z : z - 1, bits)},
+            {lin + ".qzeros", qzeros},
             {lin + ".scales", s},
             {lin + ".g_idx", g.to(at::kInt)}};
   }
@@ -123,6 +131,21 @@ TEST(HfQuantizedIn, PackingsRoundTrip) {
   auto one = at::zeros({1, 8}, at::kLong);
   one[0][2] = 5;
   EXPECT_EQ(packed::pack_awq(one).item<int32_t>(), 5 << 4);
+  auto u2 = at::randint(0, 4, {3, 32}, at::kLong);
+  EXPECT_TRUE(at::equal(packed::unpack_cols(packed::pack_cols(u2, 2), 2), u2));
+  // 3 bits: 32 codes in 3 words, code k at bit 3k of the run (gptqmodel's pack): code 10 straddles
+  // words 0 and 1 (bits 30, 31 | 0), code 21 words 1 and 2 (bit 31 | 0, 1)
+  auto u3 = at::zeros({1, 32}, at::kLong);
+  u3[0][10] = 7;
+  u3[0][21] = 5;
+  u3[0][31] = 6;
+  auto w3 = packed::pack_cols(u3, 3);
+  ASSERT_EQ(w3.sizes(), at::IntArrayRef({1, 3}));
+  EXPECT_EQ(static_cast<uint32_t>(w3[0][0].item<int32_t>()), 0xC0000000u);
+  EXPECT_EQ(static_cast<uint32_t>(w3[0][1].item<int32_t>()), 0x80000001u);
+  EXPECT_EQ(static_cast<uint32_t>(w3[0][2].item<int32_t>()), 0xC0000002u);
+  auto r3 = at::randint(0, 8, {5, 64}, at::kLong);
+  EXPECT_TRUE(at::equal(packed::unpack_cols(packed::pack_cols(r3, 3), 3), r3));
 }
 
 TEST(HfQuantizedIn, GptqDirectoriesLoadDequantized) {
@@ -134,7 +157,8 @@ TEST(HfQuantizedIn, GptqDirectoriesLoadDequantized) {
   };
   for (auto& c : {Case{"v1", {4, 32, false, false}, true}, Case{"v2_asym", {4, 32, true, false}, false},
                   Case{"act_order", {4, 32, false, true}, true}, Case{"per_channel_8bit", {8, -1, true, false}, false},
-                  Case{"g16_8bit_v1", {8, 16, false, false}, true}}) {
+                  Case{"g16_8bit_v1", {8, 16, false, false}, true}, Case{"int2_v1_asym", {2, 32, false, false}, false},
+                  Case{"int3_v1_asym", {3, 32, false, false}, false}, Case{"int3_v2_act_order", {3, 32, true, true}, true}}) {
     SCOPED_TRACE(c.name);
     const auto dir = tmp / c.name;
     auto want = write_dir(dir, gptq_config(c.p.bits, c.p.group, c.sym, c.p.act_order, c.p.v2 ? "gptq_v2" : "gptq"), c.p);
@@ -272,8 +296,8 @@ TEST(HfQuantizedIn, BadInputIsAnErrorNamingFileTensorAndRule) {
     }
     return std::string("(accepted)");
   };
-  has(config_error(gptq_config(3, 32, true, false, "gptq")),
-      {"config.json: quantization_config: 'bits' is 3", "reads 4- and 8-bit GPTQ"});
+  has(config_error(gptq_config(5, 32, true, false, "gptq")),
+      {"config.json: quantization_config: 'bits' is 5", "2-, 3-, 4- or 8-bit codes"});
   has(config_error({{"quant_method", "awq"}, {"version", "gemv"}, {"bits", 4}, {"group_size", 32}}),
       {"config.json: quantization_config: 'version' is 'gemv'", "AWQ GEMM"});
   has(config_error({{"quant_method", "awq"}, {"version", "gemm"}, {"bits", 8}, {"group_size", 32}}),
@@ -282,10 +306,95 @@ TEST(HfQuantizedIn, BadInputIsAnErrorNamingFileTensorAndRule) {
       {"'quant_method' is 'hqq', which qforge does not read", "gptq", "awq", "compressed-tensors", "bitsandbytes 4-bit"});
   has(config_error(gptq_config(4, 32, true, false, "marlin")), {"'checkpoint_format' is 'marlin'"});
   has(config_error(gptq_config(4, 0, true, false, "gptq")), {"'group_size' is 0"});
-  has(config_error({{"quant_method", "compressed-tensors"}, {"format", "float-quantized"},
-                    {"config_groups", {{"group_0", {{"targets", {"Linear"}}, {"weights", {{"num_bits", 8}, {"type", "float"},
-                                                                                          {"strategy", "channel"}}}}}}}}),
-      {"'type' is 'float'", "fp8 is not read yet"});
+  auto fp8 = [](const nlohmann::json& weights, const char* format = "float-quantized") {
+    return nlohmann::json{{"quant_method", "compressed-tensors"}, {"format", format},
+                          {"config_groups", {{"group_0", {{"targets", {"Linear"}}, {"weights", weights}}}}}};
+  };
+  has(config_error(fp8({{"num_bits", 4}, {"type", "float"}, {"strategy", "channel"}})),
+      {"'num_bits' is 4; float-quantized is read for 8-bit (fp8 e4m3) weights"});
+  has(config_error(fp8({{"num_bits", 8}, {"type", "float"}, {"strategy", "group"}, {"group_size", 32}})),
+      {"'strategy' is 'group'", "tensor, channel or block"});
+  has(config_error(fp8({{"num_bits", 8}, {"type", "float"}, {"strategy", "block"}})),
+      {"weights: 'block_structure' must be [rows, cols]"});
+  has(config_error(fp8({{"num_bits", 8}, {"type", "float"}, {"strategy", "tensor"}}, "pack-quantized")),
+      {"'format' is 'pack-quantized' but the weights are type 'float'"});
+  has(config_error(fp8({{"num_bits", 8}, {"type", "float"}, {"strategy", "channel"}, {"symmetric", false}})),
+      {"'symmetric' is false; fp8 weights are read symmetric"});
+}
+
+// compressed-tensors float-quantized: fp8 e4m3 codes times a float32 scale per tensor, output row or
+// block (32x48 tiles: partial at the 64/128-wide edges), with dynamic input activations recorded and
+// a static input_scale read and left unused; then each fp8 rule broken.
+TEST(HfQuantizedIn, CompressedTensorsFp8DirectoriesLoadDequantized) {
+  qf::testing::TmpDir tmp("qf_ct_fp8_in");
+  auto cfg = [](const nlohmann::json& weights, bool acts) {
+    nlohmann::json g = {{"targets", {"Linear"}}, {"weights", weights}, {"format", "float-quantized"}};
+    if (acts) g["input_activations"] = {{"num_bits", 8}, {"type", "float"}, {"strategy", "token"}, {"dynamic", true}};
+    return nlohmann::json{{"quant_method", "compressed-tensors"}, {"format", "float-quantized"},
+                          {"config_groups", {{"group_0", g}}}, {"ignore", {"lm_head"}}};
+  };
+  auto packer = [](const std::string& strategy) {
+    return [strategy](const std::string& lin, int64_t out, int64_t in, at::Tensor& w) {
+      auto q = at::randn({out, in}).mul(50).clamp(-448, 448).to(at::kFloat8_e4m3fn);
+      at::Tensor s, full;
+      if (strategy == "tensor") {
+        s = at::rand({1}).mul(0.01).add(0.001);
+        full = s;
+      } else if (strategy == "channel") {
+        s = at::rand({out, 1}).mul(0.01).add(0.001);
+        full = s;
+      } else {  // 32x48 blocks
+        s = at::rand({(out + 31) / 32, (in + 47) / 48}).mul(0.01).add(0.001);
+        full = s.repeat_interleave(32, 0).repeat_interleave(48, 1).slice(0, 0, out).slice(1, 0, in);
+      }
+      w = q.to(at::kFloat) * full;
+      return Tensors{{lin + ".weight", q}, {lin + ".weight_scale", s}, {lin + ".input_scale", at::full({1}, 0.02f)}};
+    };
+  };
+  for (const std::string strategy : {"tensor", "channel", "block"}) {
+    SCOPED_TRACE(strategy);
+    nlohmann::json weights = {{"num_bits", 8}, {"type", "float"}, {"symmetric", true}, {"strategy", strategy}};
+    if (strategy == "block") weights["block_structure"] = {32, 48};
+    const auto dir = tmp / strategy;
+    auto want = write_dir(dir, cfg(weights, strategy != "tensor"), packer(strategy));
+    expect_loads(dir, want, 14);
+    auto ck = read_hf_checkpoint(dir);
+    const std::string d = ck.quant.describe();
+    EXPECT_NE(d.find("float-quantized fp8-e4m3 per " + (strategy == "block" ? std::string("block 32x48") : strategy)),
+              std::string::npos) << d;
+    EXPECT_EQ(d.find("input activations fp8 dynamic per-token: not applied") != std::string::npos, strategy != "tensor") << d;
+  }
+
+  const std::string lin = "model.layers.1.mlp.down_proj";  // [64, 128]
+  auto damaged = [&](const std::string& strategy, const std::function<void(Tensors&)>& edit) {
+    nlohmann::json weights = {{"num_bits", 8}, {"type", "float"}, {"symmetric", true}, {"strategy", strategy}};
+    if (strategy == "block") weights["block_structure"] = {32, 48};
+    const auto dir = tmp / "bad";
+    write_dir(dir, cfg(weights, false), packer(strategy));
+    auto f = st::load(dir + "/model.safetensors");
+    Tensors ts;
+    for (auto& [n, t] : f.tensors) ts.emplace_back(n, t.clone());
+    edit(ts);
+    st::save(dir + "/model.safetensors", ts);
+    return load_error(dir);
+  };
+  auto replace = [&](Tensors& ts, const std::string& name, const at::Tensor& t) {
+    for (auto& [n, x] : ts)
+      if (n == name) x = t;
+  };
+  auto has = [](const std::string& e, const std::vector<std::string>& needles) {
+    for (auto& n : needles) EXPECT_NE(e.find(n), std::string::npos) << "missing '" << n << "' in: " << e;
+  };
+  has(damaged("channel", [&](Tensors& ts) { replace(ts, lin + ".weight", at::zeros({64, 128}).to(at::kFloat8_e5m2)); }),
+      {"model.safetensors", lin + ".weight' has dtype F8_E5M2, expected F8_E4M3"});
+  has(damaged("channel", [&](Tensors& ts) { replace(ts, lin + ".weight_scale", at::ones({1, 64})); }),
+      {lin + ".weight_scale' has shape [1, 64]", "strategy channel gives [out, 1]", "[64, 1]"});
+  has(damaged("block", [&](Tensors& ts) { replace(ts, lin + ".weight_scale", at::ones({2, 2})); }),
+      {lin + ".weight_scale' has shape [2, 2]", "strategy block 32x48 over [64, 128]", "[2, 3]"});
+  has(damaged("tensor", [&](Tensors& ts) { replace(ts, lin + ".weight_scale", at::ones({64, 1})); }),
+      {lin + ".weight_scale' has shape [64, 1]", "strategy tensor gives [1]"});
+  has(damaged("tensor", [&](Tensors& ts) { ts.emplace_back(lin + ".weight_zero_point", at::zeros({1})); }),
+      {lin + ".weight_zero_point' is set, but fp8 weights are symmetric"});
 }
 
 // ---- bitsandbytes 4-bit (transformers' save of a load_in_4bit model) ----
