@@ -39,7 +39,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -62,9 +61,9 @@ TYPES = {
 METHODS = ["llama-quantize", "llama-quantize+imatrix", "qforge PTQ", "qforge QAT", "QAT+LoRA on base"]
 SCALES = {  # recipe, float steps, QAT / LoRA steps, held-out batches (x trainer.batch_size windows), imatrix windows
     "small": dict(recipe="configs/quality_table_small.yaml", qat_steps=30, lora_steps=30, eval_batches=4, imatrix_chunks=64,
-                  qat_lr=1.0e-4, lora_lr=1.0e-3),
-    "50m": dict(recipe="configs/quality_table_50m.yaml", qat_steps=400, lora_steps=400, eval_batches=4, imatrix_chunks=128,
-                qat_lr=5.0e-5, lora_lr=5.0e-4),
+                  qat_lr=1.0e-4, lora_lr=1.0e-3, save_every=0),
+    "50m": dict(recipe="configs/quality_table_50m.yaml", qat_steps=150, lora_steps=150, eval_batches=4, imatrix_chunks=128,
+                qat_lr=5.0e-5, lora_lr=5.0e-4, save_every=50),
 }
 GGUF_TO_HF = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
@@ -209,7 +208,7 @@ def main():
 
     # 1. float model
     fp = os.path.join(W, "fp")
-    if not done(os.path.join(fp, "checkpoints", "latest")):
+    if not done(os.path.join(fp, "train_summary.json")):
         log(f"training the float model ({sc['recipe']})")
         extra = [f"trainer.max_steps={a.fp_steps}"] if a.fp_steps else []
         _, timings["fp_train_s"] = sh(Q, "-q", "train", recipe, f"run.out_dir={fp}", *extra, log_to=cmdlog)
@@ -248,12 +247,11 @@ def main():
     if not done(ctl_gguf):
         rec = os.path.join(W, "fp_control.yaml")
         write_recipe(rec, recipe, f"run: {{init_from: {fp}, out_dir: {ctl}}}\n"
-                     f"trainer: {{eval_every: 0, save_every: 0, optim: {{lr: {sc['qat_lr']}, weight_decay: 0.0}}, "
+                     f"trainer: {{eval_every: 0, save_every: {sc['save_every']}, optim: {{lr: {sc['qat_lr']}, weight_decay: 0.0}}, "
                      f"schedule: {{type: cosine, warmup_steps: 10, min_lr_ratio: 0.1}}, max_steps: {qat_steps}}}\n"
                      "sample: {prompts: []}\n")
-        if not done(os.path.join(ctl, "checkpoints", "latest")):
+        if not done(os.path.join(ctl, "train_summary.json")):
             log(f"float control ({rec})")
-            shutil.rmtree(ctl, ignore_errors=True)
             sh(Q, "-q", "train", rec, log_to=cmdlog)
         sh(Q, "-q", "export", ctl, "--format", "gguf", "--quant", "f32", "--out", ctl_gguf, log_to=cmdlog)
     Lc, _ = rows(llama_logits(ctl_gguf, tokens, a.threads), tokens, mask)
@@ -274,18 +272,18 @@ def main():
         mix_types, _, _ = gguf_types(files["llama-quantize+imatrix"])
         rules = json.dumps(rules_from(mix_types))
         common = (f"run: {{init_from: {fp}, out_dir: OUT}}\nquant: {{rules: {rules}, fake_quant_after_steps: 0{{extra}}}}\n"
-                  "trainer: {eval_every: 0, save_every: 0, optim: {lr: LR, weight_decay: 0.0}, "
+                  "trainer: {eval_every: 0, save_every: SAVE, optim: {lr: LR, weight_decay: 0.0}, "
                   "schedule: {type: cosine, warmup_steps: WARM, min_lr_ratio: 0.1}, max_steps: STEPS}\n"
                   "sample: {prompts: []}\n")
         jobs = {
             "qforge PTQ": (f"ptq_{mix}", common.replace("{extra}", f", init: {ptq}").replace("LR", "1.0e-4")
-                           .replace("WARM", "0").replace("STEPS", "0")),
+                           .replace("WARM", "0").replace("STEPS", "0").replace("SAVE", "0")),
             "qforge QAT": (f"qat_{mix}", common.replace("{extra}", "").replace("LR", str(sc["qat_lr"]))
-                           .replace("WARM", "10").replace("STEPS", str(qat_steps))),
+                           .replace("WARM", "10").replace("STEPS", str(qat_steps)).replace("SAVE", str(sc["save_every"]))),
             "QAT+LoRA on base": (f"lora_{mix}", f"run: {{init_from: {fp}, out_dir: OUT}}\n"
                                  f"peft: {{r: 16, alpha: 32, dropout: 0.0, target_modules: [all-linear], base: {base_type}, "
                                  f"exact_merge: true, save_adapter: false}}\n"
-                                 f"trainer: {{eval_every: 0, save_every: 0, optim: {{lr: {sc['lora_lr']}, weight_decay: 0.0}}, "
+                                 f"trainer: {{eval_every: 0, save_every: {sc['save_every']}, optim: {{lr: {sc['lora_lr']}, weight_decay: 0.0}}, "
                                  f"schedule: {{type: cosine, warmup_steps: 10, min_lr_ratio: 0.1}}, max_steps: {lora_steps}}}\n"
                                  "sample: {prompts: []}\n"),
         }
@@ -297,9 +295,8 @@ def main():
             try:
                 rec = os.path.join(W, f"{name}.yaml")
                 write_recipe(rec, recipe, body.replace("OUT", out))
-                if not done(os.path.join(out, "checkpoints", "latest")) and not done(os.path.join(out, "converted")):
+                if not done(os.path.join(out, "train_summary.json")):  # written at the end; a stopped run resumes
                     log(f"{label}: {method} ({rec})")
-                    shutil.rmtree(out, ignore_errors=True)
                     _, timings[f"{name}_s"] = sh(Q, "-q", "train", rec, log_to=cmdlog)
                 src = os.path.join(out, "converted") if done(os.path.join(out, "converted")) else out
                 raw = os.path.join(W, f"{name}_qforge.gguf")
