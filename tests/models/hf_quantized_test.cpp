@@ -17,6 +17,7 @@
 #include "core/safetensors.h"
 #include "models/hf.h"
 #include "models/hf_quantized.h"
+#include "models/packed_linear.h"
 #include "tests/test_util.h"
 #include "tests/tiny_model.h"
 
@@ -395,6 +396,45 @@ TEST(HfQuantizedIn, CompressedTensorsFp8DirectoriesLoadDequantized) {
       {lin + ".weight_scale' has shape [64, 1]", "strategy tensor gives [1]"});
   has(damaged("tensor", [&](Tensors& ts) { ts.emplace_back(lin + ".weight_zero_point", at::zeros({1})); }),
       {lin + ".weight_zero_point' is set, but fp8 weights are symmetric"});
+}
+
+// peft.base packed keeps int codes that tile a word: GPTQ int3 and compressed-tensors fp8 are a
+// ConfigError naming the layer; GPTQ int2 is kept and dequantizes as the dequantized load does.
+TEST(HfQuantizedIn, PackedBaseKeepsInt2AndRefusesInt3AndFp8ByName) {
+  auto message = [](const HfQuant& q, const std::map<std::string, at::Tensor>& parts) {
+    try {
+      PackedIntLinear::from_checkpoint(q, "model.layers.0.mlp.up_proj", 64, 64, parts, at::Tensor());
+    } catch (const qf::ConfigError& e) {
+      return std::string(e.what());
+    }
+    return std::string("(kept)");
+  };
+  HfQuant g3;
+  g3.method = HfQuantMethod::Gptq;
+  g3.bits = 3;
+  g3.group_size = 32;
+  const std::string e3 = message(g3, {});
+  EXPECT_NE(e3.find("layer model.layers.0.mlp.up_proj is stored as GPTQ int3, which packed does not keep"), std::string::npos) << e3;
+  HfQuant ct;
+  ct.method = HfQuantMethod::CompressedTensors;
+  const std::string e8 = message(ct, {{"weight", at::zeros({64, 64}).to(at::kFloat8_e4m3fn)}});
+  EXPECT_NE(e8.find("is stored as compressed-tensors fp8 (float8_e4m3fn), which packed does not keep"), std::string::npos) << e8;
+
+  HfQuant g2 = g3;
+  g2.bits = 2;
+  g2.symmetric = false;
+  QuantizedParts where;
+  std::map<std::string, at::Tensor> parts;
+  at::Tensor want;
+  for (auto& [name, t] : GptqPacker{2, 32, false, true}("model.layers.0.mlp.up_proj", 64, 64, want)) {
+    const std::string part = name.substr(name.rfind('.') + 1);
+    parts[part] = t;
+    where[part] = QuantizedPart{"mem", {}};
+  }
+  auto m = PackedIntLinear::from_checkpoint(g2, "model.layers.0.mlp.up_proj", 64, 64, parts, at::Tensor());
+  EXPECT_EQ(m->bits, 2);
+  EXPECT_TRUE(at::equal(m->materialize(at::kFloat), want));
+  EXPECT_TRUE(at::equal(dequantize_linear(g2, "model.layers.0.mlp.up_proj", 64, 64, where, parts), want));
 }
 
 // ---- bitsandbytes 4-bit (transformers' save of a load_in_4bit model) ----
