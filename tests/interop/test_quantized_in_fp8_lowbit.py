@@ -28,6 +28,7 @@ import torch
 from test_families import _recipe
 from test_packed_base import _train_packed
 from test_quantized_in import _gptq, _hf, _qforge_logits, _qforge_weights, base  # noqa: F401  (base: the fixture)
+from test_quantized_in import test_gptqmodel_dir_loads_like_transformers as _gptq_dir_check
 from tiny_runs import qforge as _qf
 
 import compressed_tensors  # noqa: E402,F401  - the peer
@@ -123,29 +124,8 @@ def test_compressed_tensors_fp8_dir_loads_like_transformers(tmp_path, base, stra
 @pytest.mark.parametrize("tag,bits,sym,desc_act", [("b2_asym", 2, False, False), ("b3_sym", 3, True, False),
                                                    ("b3_asym_desc_act", 3, False, True)])
 def test_gptqmodel_low_bit_dir_loads_like_transformers(tmp_path, base, tag, bits, sym, desc_act):
-    d, ck, _ = base
-    g = _gptq(d, ck, tag, sym, desc_act, bits)
-    q = json.loads((g / "config.json").read_text())["quantization_config"]
-    assert q["bits"] == bits and q["sym"] == sym and q["checkpoint_format"] == "gptq", q
-    m, logits, gen = _hf(g)
-    ours = _qforge_weights(tmp_path, g)
-    n = 0
-    for name, mod in m.named_modules():
-        if type(mod).__name__ == "TorchQuantLinear":
-            want = mod.dequantize_weight().t().float()  # gptqmodel's own dequantization, [out, in]
-            assert torch.equal(ours[name + ".weight"], want), name
-            n += 1
-    assert n == 14
-    got, our_gen = _qforge_logits(g, tag)
-    scale = max(1.0, float(np.abs(logits).max()))
-    err = float(np.abs(logits - got).max())
-    print(f"\nQUANTIZED_IN gptqmodel int{bits} {tag}: 14 linears == gptqmodel's dequantize_weight; "
-          f"max|transformers - qforge| logits {err:.3g} (scale {scale:.3g}); greedy {our_gen == gen}")
-    assert err <= 1e-4 * scale, err
-    assert gen == our_gen
-    r = _qf("inspect", g)
-    info = json.loads(r.stdout.strip().splitlines()[-1])["quantization"]
-    assert info["format"].startswith(f"gptq int{bits} group 32 " + ("sym" if sym else "asym")), info
+    """test_quantized_in's GPTQ check (weights == dequantize_weight, logits, greedy, inspect) at 2 and 3 bits."""
+    _gptq_dir_check(tmp_path, base, tag, sym, desc_act, bits)
 
 
 def test_low_bit_gptq_as_packed_lora_base(tmp_path, base):

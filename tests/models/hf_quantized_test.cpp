@@ -87,6 +87,25 @@ std::string load_error(const std::string& dir) {
   return "(loaded)";
 }
 
+// The load error of `dir` (a write_dir checkpoint) once `edit` has changed its tensors.
+std::string damaged_load_error(const std::string& dir, const std::function<void(Tensors&)>& edit) {
+  auto f = st::load(dir + "/model.safetensors");
+  Tensors ts;
+  for (auto& [n, t] : f.tensors) ts.emplace_back(n, t.clone());
+  edit(ts);
+  st::save(dir + "/model.safetensors", ts);
+  return load_error(dir);
+}
+
+void replace_tensor(Tensors& ts, const std::string& name, const at::Tensor& t) {
+  for (auto& [n, x] : ts)
+    if (n == name) x = t;
+}
+
+void expect_has(const std::string& e, const std::vector<std::string>& needles) {
+  for (auto& n : needles) EXPECT_NE(e.find(n), std::string::npos) << "missing '" << n << "' in: " << e;
+}
+
 nlohmann::json gptq_config(int bits, int64_t group, bool sym, bool desc_act, const std::string& fmt) {
   return {{"quant_method", "gptq"}, {"bits", bits},         {"group_size", group},
           {"desc_act", desc_act},   {"sym", sym},           {"checkpoint_format", fmt}};
@@ -246,20 +265,10 @@ TEST(HfQuantizedIn, BadInputIsAnErrorNamingFileTensorAndRule) {
   auto damaged = [&](const std::function<void(Tensors&)>& edit, const nlohmann::json& quant = gptq_config(4, 32, true, false, "gptq")) {
     GptqPacker p;
     write_dir(dir, quant, p);
-    auto f = st::load(dir + "/model.safetensors");
-    Tensors ts;
-    for (auto& [n, t] : f.tensors) ts.emplace_back(n, t.clone());
-    edit(ts);
-    st::save(dir + "/model.safetensors", ts);
-    return load_error(dir);
+    return damaged_load_error(dir, edit);
   };
-  auto replace = [&](Tensors& ts, const std::string& name, const at::Tensor& t) {
-    for (auto& [n, x] : ts)
-      if (n == name) x = t;
-  };
-  auto has = [](const std::string& e, const std::vector<std::string>& needles) {
-    for (auto& n : needles) EXPECT_NE(e.find(n), std::string::npos) << "missing '" << n << "' in: " << e;
-  };
+  const auto replace = &replace_tensor;
+  const auto has = &expect_has;
   // qzeros shaped for group 64 while the config says 32
   auto e = damaged([&](Tensors& ts) { replace(ts, lin + ".qzeros", at::zeros({2, 8}, at::kInt)); });
   has(e, {"model.safetensors", lin + ".qzeros' has shape [2, 8]", "inconsistent with the group size",
@@ -372,20 +381,10 @@ TEST(HfQuantizedIn, CompressedTensorsFp8DirectoriesLoadDequantized) {
     if (strategy == "block") weights["block_structure"] = {32, 48};
     const auto dir = tmp / "bad";
     write_dir(dir, cfg(weights, false), packer(strategy));
-    auto f = st::load(dir + "/model.safetensors");
-    Tensors ts;
-    for (auto& [n, t] : f.tensors) ts.emplace_back(n, t.clone());
-    edit(ts);
-    st::save(dir + "/model.safetensors", ts);
-    return load_error(dir);
+    return damaged_load_error(dir, edit);
   };
-  auto replace = [&](Tensors& ts, const std::string& name, const at::Tensor& t) {
-    for (auto& [n, x] : ts)
-      if (n == name) x = t;
-  };
-  auto has = [](const std::string& e, const std::vector<std::string>& needles) {
-    for (auto& n : needles) EXPECT_NE(e.find(n), std::string::npos) << "missing '" << n << "' in: " << e;
-  };
+  const auto replace = &replace_tensor;
+  const auto has = &expect_has;
   has(damaged("channel", [&](Tensors& ts) { replace(ts, lin + ".weight", at::zeros({64, 128}).to(at::kFloat8_e5m2)); }),
       {"model.safetensors", lin + ".weight' has dtype F8_E5M2, expected F8_E4M3"});
   has(damaged("channel", [&](Tensors& ts) { replace(ts, lin + ".weight_scale", at::ones({1, 64})); }),
@@ -531,26 +530,16 @@ TEST(HfQuantizedIn, BitsandbytesBadInputIsAnErrorNamingFileTensorAndRule) {
   auto damaged = [&](const std::function<void(Tensors&)>& edit) {
     BnbPacker p;
     write_dir(dir, bnb_config("nf4", true), p);
-    auto f = st::load(dir + "/model.safetensors");
-    Tensors ts;
-    for (auto& [n, t] : f.tensors) ts.emplace_back(n, t.clone());
-    edit(ts);
-    st::save(dir + "/model.safetensors", ts);
-    return load_error(dir);
+    return damaged_load_error(dir, edit);
   };
-  auto replace = [&](Tensors& ts, const std::string& name, const at::Tensor& t) {
-    for (auto& [n, x] : ts)
-      if (n == name) x = t;
-  };
+  const auto replace = &replace_tensor;
   auto blob = [](const nlohmann::json& j) {
     const std::string s = j.dump();
     auto b = at::empty({static_cast<int64_t>(s.size())}, at::kByte);
     std::memcpy(b.data_ptr<uint8_t>(), s.data(), s.size());
     return b;
   };
-  auto has = [](const std::string& e, const std::vector<std::string>& needles) {
-    for (auto& n : needles) EXPECT_NE(e.find(n), std::string::npos) << "missing '" << n << "' in: " << e;
-  };
+  const auto has = &expect_has;
   const std::string qs = lin + ".weight.quant_state.bitsandbytes__nf4";
   nlohmann::json good = {{"quant_type", "nf4"}, {"blocksize", 64},        {"dtype", "float32"},
                          {"shape", {64, 128}},   {"nested_blocksize", 256}, {"nested_offset", 0.01}};
