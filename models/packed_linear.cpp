@@ -38,6 +38,10 @@ std::shared_ptr<PackedIntLinear> PackedIntLinear::from_checkpoint(const HfQuant&
         "peft.base: packed: layer ", linear, " is stored as ", fp8 ? std::string("compressed-tensors fp8 (float8_e4m3fn)") : str("GPTQ int", q.bits),
         ", which packed does not keep (it keeps int codes that tile an int32 word: GPTQ / AWQ / compressed-tensors int2, "
         "int4, int8); use peft.base fp32, bf16, nf4 or a llama.cpp type to train LoRA on this checkpoint dequantized")});
+  if (q.method == HfQuantMethod::Bnb8)
+    throw ConfigError(std::vector<std::string>{str(
+        "peft.base: packed: layer ", linear, " is a bitsandbytes 8-bit (LLM.int8) linear; packed keeps GPTQ / AWQ / "
+        "compressed-tensors int codes. Use peft.base: int8 to keep its int8 weight and SCB as the frozen base")});
   return std::make_shared<PackedIntLinear>(packed_int(q, linear, out, in, parts), out, in, bias);
 }
 

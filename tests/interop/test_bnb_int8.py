@@ -16,7 +16,8 @@
   model with matching logits, and the run exports as a bnb-int8 dir transformers loads;
 - LoRA from a load_in_8bit dir keeps the file's CB / SCB as the bases and trains; an int8-base run resumes
   on the identical loss curve;
-- bad 8-bit dirs (weight_format, SCB shape) are refused naming the file, tensor and rule.
+- bad 8-bit dirs (weight_format, SCB shape) are refused naming the file, tensor and rule; `peft.base: packed` on
+  an 8-bit dir is a config error pointing to `peft.base: int8`.
 A missing peer fails at import, loudly."""
 import json
 import os
@@ -306,6 +307,17 @@ def test_lora_from_a_bnb8_dir_keeps_its_int8_bytes_and_trains(tmp_path, base):
     losses = _losses(tmp_path / "lora8in")
     print(f"\nINT8_IN_LORA LoRA from the load_in_8bit dir (its CB / SCB kept): loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     assert sum(losses[-3:]) < sum(losses[:3]), losses
+
+
+def test_packed_base_on_a_bnb8_dir_points_to_int8(tmp_path, base):
+    """peft.base packed keeps GPTQ / AWQ / compressed-tensors codes; an LLM.int8 layer is a config error naming
+    the layer and the base that keeps it (exit code 2), not an internal error."""
+    d, ck, corpus = base
+    src = _bnb8_dir(d, ck)
+    r = _qf("train", _recipe(tmp_path, "packed8", src, corpus, LORA8.format(steps=2).replace("base: int8", "base: packed")),
+            check=False)
+    assert r.returncode == 2 and "bitsandbytes 8-bit (LLM.int8) linear" in r.stderr and "peft.base: int8" in r.stderr, \
+        r.stderr[-2000:]
 
 
 def test_int8_base_run_resumes_on_the_same_loss_curve(tmp_path, base):
