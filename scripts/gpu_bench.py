@@ -14,6 +14,10 @@ transformers, peft; bitsandbytes carried in gpu_carry/py). Subcommands:
                            on the CPU (NF4 + double quant, bf16 compute, r16/alpha 32 on the 7 decoder
                            linears, gradient checkpointing, AdamW lr 2e-4): median step s over steps 2..N,
                            tokens/s, torch.cuda.max_memory_allocated / reserved
+  clock --metrics M [--gpu] [--tokens-per-step N] -- CMD...
+                           runs CMD (a qforge train with trainer.log_every=1), step times from when each
+                           metrics line appears (median over steps >= 2), GPU used-memory high-water mark
+                           (NVML / nvidia-smi, CUDA context included)
   assemble RECORDS OUT     gpu_check.sh's stage records (JSON lines) -> gpu_results.json, prints a table
 
 Every subcommand prints one JSON object on stdout (assemble: the table) and nothing else there.
@@ -193,6 +197,59 @@ def cmd_peer(a):
                       "peft": __import__("peft").__version__, "bitsandbytes": __import__("bitsandbytes").__version__}})
 
 
+def gpu_used_bytes():
+    """Device memory in use on GPU 0 (all processes, CUDA contexts included): NVML, else nvidia-smi."""
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        return pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used
+    except Exception:
+        q = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                           capture_output=True, text=True, timeout=10)
+        return int(q.stdout.split()[0]) * 2**20 if q.returncode == 0 and q.stdout.strip() else None
+
+
+def cmd_clock(a):
+    """Run CMD; timestamp each optimizer step when its metrics line appears (trainer.log_every=1) and
+    keep the high-water mark of the GPU's used memory (sampled every --poll s) while it runs."""
+    base = gpu_used_bytes() if a.gpu else None
+    t0 = time.perf_counter()
+    cmd = a.cmd[1:] if a.cmd[:1] == ["--"] else a.cmd
+    p = subprocess.Popen(cmd, stdout=sys.stderr)
+    seen, step_t, peak = 0, {}, base
+    while True:
+        done = p.poll() is not None
+        try:
+            with open(a.metrics) as f:
+                lines = f.read().splitlines()
+        except OSError:
+            lines = []
+        now = time.perf_counter() - t0
+        for l in lines[seen:]:
+            try:
+                step_t[int(json.loads(l)["step"])] = now
+            except (ValueError, KeyError):
+                pass
+        seen = len(lines)
+        if a.gpu:
+            u = gpu_used_bytes()
+            if u is not None:
+                peak = max(peak or 0, u)
+        if done:
+            break
+        time.sleep(a.poll)
+    ks = sorted(step_t)
+    dts = [step_t[k] - step_t[k - 1] for k in ks if k - 1 in step_t and k > 1]
+    r = {"rc": p.returncode, "wall_s": time.perf_counter() - t0, "steps_seen": len(ks),
+         "step_s": dts, "step_s_median": statistics.median(dts) if dts else None, "poll_s": a.poll}
+    if a.gpu:
+        r.update(gpu_used_before_gib=(base or 0) / 2**30, gpu_used_peak_gib=(peak or 0) / 2**30)
+    if a.tokens_per_step and r["step_s_median"]:
+        r["tokens_per_s"] = a.tokens_per_step / r["step_s_median"]
+    out(r)
+    sys.exit(p.returncode)
+
+
 def cmd_assemble(a):
     recs = [json.loads(l) for l in open(a.records) if l.strip()]
     env = next((r.get("figures") for r in recs if r["stage"] == "env" and isinstance(r.get("figures"), dict)), {})
@@ -210,7 +267,7 @@ def cmd_assemble(a):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub = ap.add_subparsers(dest="sub", required=True)
     sub.add_parser("env")
     p = sub.add_parser("losses"); p.add_argument("a"); p.add_argument("b"); p.add_argument("--tol", type=float, default=1e-3)
     p = sub.add_parser("summary"); p.add_argument("runs", nargs="+")
@@ -219,9 +276,12 @@ def main():
     p = sub.add_parser("peer"); p.add_argument("ckpt"); p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--batch", type=int, default=2); p.add_argument("--steps", type=int, default=6)
     p.add_argument("--no-checkpointing", action="store_true")
+    p = sub.add_parser("clock"); p.add_argument("--metrics", required=True); p.add_argument("--poll", type=float, default=0.05)
+    p.add_argument("--gpu", action="store_true"); p.add_argument("--tokens-per-step", type=int, default=0)
+    p.add_argument("cmd", nargs=argparse.REMAINDER)
     p = sub.add_parser("assemble"); p.add_argument("records"); p.add_argument("out")
     a = ap.parse_args()
-    globals()["cmd_" + a.cmd](a)
+    globals()["cmd_" + a.sub](a)
 
 
 if __name__ == "__main__":

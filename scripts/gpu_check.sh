@@ -138,6 +138,16 @@ elif [[ $BUILD == prebuilt ]]; then
 else
   GEN="-G Ninja"; command -v ninja >/dev/null || GEN="-G 'Unix Makefiles'"
   FUZZ_CXX=$(command -v clang++ || command -v g++)   # tests/CMakeLists.txt requires one; fuzz targets are not built
+  # trainer/CMakeLists.txt takes nccl.h from .venv/lib/python3*/site-packages/nvidia/nccl/include (the
+  # wheel libtorch loads); there is no .venv on the GPU machine: point that path at python3's wheel.
+  if ! compgen -G ".venv/lib/python3*/site-packages/nvidia/nccl/include" > /dev/null; then
+    NCCL_INC=$("$PY" -c 'import glob, os, site
+print(next(iter(sorted(d for sp in site.getsitepackages() for d in glob.glob(os.path.join(sp, "nvidia", "*nccl*", "include"))
+                       + glob.glob(os.path.join(sp, "nvidia", "*", "include", "nccl.h")))), ""))' 2>>"$LOG")
+    [[ $NCCL_INC == */nccl.h ]] && NCCL_INC=$(dirname "$NCCL_INC")
+    if [[ -n $NCCL_INC ]]; then mkdir -p .venv/lib/python3/site-packages/nvidia/nccl && ln -sfn "$NCCL_INC" .venv/lib/python3/site-packages/nvidia/nccl/include
+    else log "no nccl.h in python3's nvidia wheels: the configure will stop at trainer/CMakeLists.txt"; fi
+  fi
   stage build 60 330 "" "cmake -S . -B $BUILD_DIR $GEN -DCMAKE_BUILD_TYPE=Release -DQFORGE_PCH=ON \
  -DCMAKE_PREFIX_PATH='$TORCH_CMAKE;$PREFIX/usr;$ARCHLIB/cmake;$PREFIX/usr/share/cmake' \
  -DCMAKE_CXX_FLAGS='-isystem $PREFIX/usr/include' -DPKG_CONFIG_EXECUTABLE=$PREFIX/usr/bin/pkgconf \
@@ -204,7 +214,7 @@ if [[ -x $BUILD_DIR/bench/dequant_bw ]]; then
 else
   skip dequant_bw "no build/bench/dequant_bw target in this build (qforge's NF4/q4_0/q4_K CUDA dequant GB/s needs it)"
 fi
-stage allreduce_nccl 10 60 "build" "BIN=$BUILD_DIR/bench/allreduce_bw BACKEND=nccl NPROC=1 MAX_MB=256 ITERS=20 OUT=$W/allreduce_nccl.jsonl bench/allreduce_bw.sh >&2; \
+stage allreduce_nccl 10 60 "build" "set -e; BIN=$BUILD_DIR/bench/allreduce_bw BACKEND=nccl NPROC=1 MAX_MB=256 ITERS=20 OUT=$W/allreduce_nccl.jsonl bench/allreduce_bw.sh >&2; \
  '$PY' -c 'import json; print(json.dumps({\"rows\": [json.loads(l) for l in open(\"$W/allreduce_nccl.jsonl\")][1:]}))'"
 # QAT overhead on CUDA at the demo shape (bench/qat_overhead.sh's two configs, 60 steps each).
 stage qat_overhead 20 90 "build" "set -e; c='trainer.max_steps=${OV_STEPS:-60} quant.convert_at_end=false $TR_COMMON trainer.device=$DEV'; \
@@ -214,23 +224,22 @@ stage qat_overhead 20 90 "build" "set -e; c='trainer.max_steps=${OV_STEPS:-60} q
 print(json.dumps({\"plain_tokens_per_s\": t[0], \"qat_tokens_per_s\": t[1], \"qat_step_over_plain\": t[0]/t[1]}))' \"\$p\" \"\$q\""
 # QLoRA at the Llama-3.2-1B shape (random init, bench/scale/make_ckpt.py), seq SEQ x batch BATCH, bf16
 # compute, activation checkpointing on both sides: qforge then the transformers+PEFT+bitsandbytes peer.
-# qforge's peak GPU memory: nvidia-smi's memory.used high-water mark (sampled every 100 ms; includes
-# the CUDA context) until train_summary.json reports a CUDA figure.
+# qforge's step time: external clock on its metrics lines (median of steps >= 2, as the peer); its peak
+# GPU memory: the used-memory high-water mark (NVML, every 50 ms; CUDA context included, so it
+# overstates against the peer's max_memory_allocated) until train_summary.json reports a CUDA figure.
 qlora_bench() {  # shape
   local s=$1 ck=$W/ckpt_$1 m="transformers"; [[ $1 == 8b ]] && m=stream
   echo "'$PY' bench/scale/make_ckpt.py $ck --shape $s --method $m --tokenizer-corpus data/corpora/kjv.txt >&2 && \
- (nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > $W/smi_$s.txt & echo \$! > $W/smi_$s.pid); \
+ { '$PY' scripts/gpu_bench.py clock --gpu --tokens-per-step $((SEQ * BATCH)) --metrics $W/ql_$s/metrics.jsonl -- \
  $Q -q train bench/scale/qlora.yaml model.from=$ck data.seq_len=$SEQ trainer.batch_size=$BATCH trainer.max_steps=$BENCH_STEPS \
  trainer.device=$DEV trainer.activation_checkpointing=true run.out_dir=$W/ql_$s 'data.sources=[{path: data/corpora/kjv.txt, split: line}]' \
- data.cache_dir=$W/tokens_$s run.threads=$THREADS >&2; r=\$?; kill \$(cat $W/smi_$s.pid); \
+ data.cache_dir=$W/tokens_$s run.threads=$THREADS > $W/clock_$s.json; r=\$?; \
  '$PY' scripts/gpu_bench.py peer $ck --seq $SEQ --batch $BATCH --steps $BENCH_STEPS > $W/peer_$s.json; \
- '$PY' -c 'import json,statistics as st; m=[json.loads(l) for l in open(\"$W/ql_$s/metrics.jsonl\")]; \
- s=json.load(open(\"$W/ql_$s/train_summary.json\")); p=json.load(open(\"$W/peer_$s.json\")); \
- smi=max(int(x) for x in open(\"$W/smi_$s.txt\") if x.strip()); q={\"tokens_per_s\": s[\"tokens_per_s\"], \"smi_peak_used_gib\": smi/1024, \
- \"summary\": {k: v for k, v in s.items() if not isinstance(v,(dict,list))}}; \
+ '$PY' -c 'import json; c=json.load(open(\"$W/clock_$s.json\")); p=json.load(open(\"$W/peer_$s.json\")); \
+ s=json.load(open(\"$W/ql_$s/train_summary.json\")); q={\"clock\": c, \"summary\": {k: v for k, v in s.items() if not isinstance(v,(dict,list))}}; \
  print(json.dumps({\"shape\": \"$s\", \"seq\": $SEQ, \"batch\": $BATCH, \"qforge\": q, \"peer\": p, \
- \"qforge_over_peer_tokens_per_s\": q[\"tokens_per_s\"]/p[\"tokens_per_s\"], \
- \"qforge_smi_peak_over_peer_peak_alloc\": q[\"smi_peak_used_gib\"]/p[\"step_peak_alloc_gib\"]}))'; exit \$r"
+ \"qforge_over_peer_tokens_per_s\": c[\"tokens_per_s\"]/p[\"tokens_per_s\"], \
+ \"qforge_used_peak_over_peer_peak_alloc\": c[\"gpu_used_peak_gib\"]/p[\"step_peak_alloc_gib\"]}))'; exit \$r; }"
 }
 if [[ $DEV != cuda ]]; then
   skip bench_qlora_1b "DEV=$DEV: the 1B/8B shapes run on CUDA only"; WITH_8B=0
