@@ -10,7 +10,7 @@
 #   480 s), its rc is recorded, and a stage whose prerequisite failed or whose minimum time is no longer
 #   left is recorded as "skipped" with the reason. The JSON is rewritten after every stage, so a run
 #   killed from outside still returns what finished.
-# - Nothing is installed into /: the Debian .debs are unpacked with `dpkg -x` into gpu_carry/prefix, and
+# - Nothing is installed into /: the Debian .debs are unpacked with `dpkg -x` into gpu_prefix/ (ignored), and
 #   bitsandbytes is imported from gpu_carry/py through PYTHONPATH. The only change outside the repo copy
 #   is a /work/main -> repo symlink, made when /work/main does not exist: the carried test binaries have
 #   QFORGE_SOURCE_DIR=/work/main baked in (tests/CMakeLists.txt).
@@ -34,7 +34,7 @@ LOG=$OUT/gpu_check.log; : > "$LOG"
 W=$(mktemp -d /tmp/gpu_check.XXXXXX)       # run dirs, checkpoints; only $OUT comes back
 REC=$W/records.jsonl; : > "$REC"
 C=$REPO/gpu_carry
-PREFIX=$C/prefix
+PREFIX=$REPO/gpu_prefix   # git-ignored and not carried: unpacked afresh on each machine
 PY=${PYTHON:-python3}
 BUILD_DIR=${BUILD_DIR:-build}   # build/ on the GPU machine (the carried tests' paths); rehearsal: elsewhere
 Q=$BUILD_DIR/qforge
@@ -73,10 +73,10 @@ stage() {
   if (( l < min )); then log "SKIP $name: ${l}s left < ${min}s"; record "$name" skipped "" 0 "$cmd" "budget: ${l}s left"; return; fi
   local t=$(( max < l ? max : l ))
   log "BEGIN $name (timeout ${t}s): $cmd"
-  local s0 e rc; s0=$(date +%s.%N)
+  local s0 e rc; s0=$(date +%s%N)
   timeout --kill-after=10 "$t" bash -c "$cmd" > "$W/$name.out" 2> >(tee -a "$LOG" "$W/$name.err" >&2)
   rc=$?
-  e=$(echo "$(date +%s.%N) - $s0" | bc)
+  e=$(awk -v a="$s0" -v b="$(date +%s%N)" 'BEGIN { printf "%.2f", (b - a) / 1e9 }')
   cat "$W/$name.out" >> "$LOG"
   grep -E '^\{.*\}$' "$W/$name.out" | tail -1 > "$W/$name.fig" || true
   local status=pass note=""
