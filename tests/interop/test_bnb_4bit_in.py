@@ -26,9 +26,9 @@ import bitsandbytes as bnb  # noqa: F401  - the peer
 import torch
 import transformers
 
-from st_io import interop_tool, read_safetensors, write_safetensors
+from st_io import interop_tool, read_safetensors
 from test_families import _checkpoint, _losses, _recipe
-from tiny_runs import QFORGE, kjv_corpus
+from tiny_runs import QFORGE, kjv_corpus, tool_logits
 
 IDS = [[1, 45, 7, 99, 3, 120, 18, 64, 5, 140, 12, 77], [2, 9, 33, 101, 7, 7, 60, 3, 88, 21, 130, 4]]
 N_NEW = 8
@@ -75,14 +75,7 @@ def _hf(path):
 
 
 def _qforge_logits(d, tag):
-    work = d.parent / f"{d.name}_{tag}_io"
-    work.mkdir(exist_ok=True)
-    write_safetensors(work / "ids.safetensors", {"ids": np.array(IDS, dtype=np.int64)})
-    r = subprocess.run([interop_tool("interop_hf"), str(d), str(work / "ids.safetensors"), str(work / "o.safetensors"),
-                        str(N_NEW)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    o = read_safetensors(work / "o.safetensors")
-    return o["logits"].numpy(), o["generated"].tolist()
+    return tool_logits([interop_tool("interop_hf"), d], d.parent / f"{d.name}_{tag}_io", IDS, N_NEW)
 
 
 @pytest.mark.parametrize("qtype,dq,dtype", [("nf4", True, "float32"), ("nf4", False, "float32"), ("fp4", True, "float32"),

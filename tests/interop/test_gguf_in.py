@@ -31,9 +31,9 @@ import transformers
 from gguf import quants
 from gguf.constants import GGMLQuantizationType as GT
 
-from st_io import interop_tool, read_safetensors, write_safetensors
+from st_io import interop_tool, read_safetensors
 from test_families import _losses, bpe_tokenizer
-from tiny_runs import QFORGE, kjv_corpus, tiny_recipe, train
+from tiny_runs import QFORGE, kjv_corpus, tiny_recipe, tool_logits, train
 from tiny_runs import qforge as _qf
 
 IDS = [[1, 45, 7, 99, 3, 120, 18, 64, 5, 140, 12, 77], [2, 9, 33, 101, 7, 7, 60, 3, 88, 21, 130, 4]]
@@ -135,14 +135,7 @@ def _llama_quantize(src, dst, ftype):
 
 
 def _qforge_logits(path, tag):
-    work = path.parent / f"{path.stem}_{tag}_io"
-    work.mkdir(exist_ok=True)
-    write_safetensors(work / "ids.safetensors", {"ids": np.array(IDS, dtype=np.int64)})
-    r = subprocess.run([interop_tool("interop_gguf_in"), "logits", str(path), str(work / "ids.safetensors"),
-                        str(work / "o.safetensors"), str(N_NEW)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    o = read_safetensors(work / "o.safetensors")
-    return o["logits"].numpy(), o["generated"].tolist()
+    return tool_logits([interop_tool("interop_gguf_in"), "logits", path], path.parent / f"{path.stem}_{tag}_io", IDS, N_NEW)
 
 
 def _qforge_tensors(path):

@@ -18,7 +18,6 @@ Runs in .venv-gptq (gptqmodel, optimum, compressed-tensors; autoawq from .venv).
 at import, loudly."""
 import json
 import os
-import subprocess
 
 import numpy as np
 import pytest
@@ -31,7 +30,7 @@ import transformers  # noqa: E402
 
 from st_io import interop_tool, read_safetensors, write_safetensors  # noqa: E402
 from test_families import _checkpoint, _losses, _recipe  # noqa: E402
-from tiny_runs import kjv_corpus  # noqa: E402
+from tiny_runs import kjv_corpus, tool_logits  # noqa: E402
 from tiny_runs import qforge as _qf  # noqa: E402
 
 IDS = [[1, 45, 7, 99, 3, 120, 18, 64, 5, 140, 12, 77], [2, 9, 33, 101, 7, 7, 60, 3, 88, 21, 130, 4]]
@@ -70,14 +69,7 @@ def _gptq(d, ck, tag, sym, desc_act, bits=4):
 
 def _qforge_logits(d, tag):
     """interop_hf (models/hf.h load_hf_model) on the dir: fp32 logits of IDS and greedy tokens of IDS[0]."""
-    work = d.parent / f"{d.name}_{tag}_io"
-    work.mkdir(exist_ok=True)
-    write_safetensors(work / "ids.safetensors", {"ids": np.array(IDS, dtype=np.int64)})
-    r = subprocess.run([interop_tool("interop_hf"), str(d), str(work / "ids.safetensors"), str(work / "o.safetensors"),
-                        str(N_NEW)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    o = read_safetensors(work / "o.safetensors")
-    return o["logits"].numpy(), o["generated"].tolist()
+    return tool_logits([interop_tool("interop_hf"), d], d.parent / f"{d.name}_{tag}_io", IDS, N_NEW)
 
 
 def _hf(path, dtype=torch.float32):

@@ -4,6 +4,10 @@
 import os
 import subprocess
 
+import numpy as np
+
+from st_io import read_safetensors, write_safetensors
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QFORGE = os.path.join(os.environ.get("QFORGE_BUILD_DIR", os.path.join(ROOT, "build")), "qforge")
 
@@ -43,3 +47,15 @@ def qforge(*args, check=True):
     if check:
         assert r.returncode == 0, f"qforge {' '.join(map(str, args))}:\n{r.stderr[-3000:]}"
     return r
+
+
+def tool_logits(tool_args, work, ids, n_new):
+    """Runs an interop tool as `tool_args... IDS_FILE OUT_FILE n_new` with `ids` written to work/ids.safetensors
+    (work created): its fp32 logits of ids (numpy) and greedy tokens of ids[0] (list)."""
+    work.mkdir(exist_ok=True)
+    write_safetensors(work / "ids.safetensors", {"ids": np.array(ids, dtype=np.int64)})
+    r = subprocess.run([*map(str, tool_args), str(work / "ids.safetensors"), str(work / "o.safetensors"), str(n_new)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    o = read_safetensors(work / "o.safetensors")
+    return o["logits"].numpy(), o["generated"].tolist()
