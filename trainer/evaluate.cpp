@@ -7,6 +7,7 @@
 #include <cmath>
 #include <vector>
 
+#include "core/error.h"
 #include "models/checkpoint.h"
 
 namespace qf::trainer {
@@ -69,22 +70,46 @@ at::Tensor token_loss_sum(models::CausalLM& m, const data::Batch& b, at::Device 
 }
 
 at::Tensor hidden_loss_sum(models::CausalLM& m, at::Tensor h, const at::Tensor& batch_labels, at::Device dev, bool bf16,
-                           int64_t chunk_tokens) {
+                           int64_t chunk_tokens, const DistillTarget* kd) {
   auto labels = batch_labels.to(dev).reshape({-1});
   const int64_t N = labels.numel(), chunk = loss_chunk_rows(chunk_tokens, m.cfg.vocab_size);
-  // The loss of rows [.., dim] of hidden states against their labels: the output layer under the
-  // forward's autocast, the cross-entropy in fp32 outside it.
-  auto rows_loss = [&m, bf16, dev](const at::Tensor& h, const at::Tensor& lab) {
+  at::Tensor th;  // the teacher's hidden rows
+  if (kd) {
+    th = kd->hidden.reshape({N, kd->hidden.size(-1)});
+    QF_CHECK(kd->teacher->cfg.vocab_size == m.cfg.vocab_size, "distill: the teacher's vocabulary (",
+             kd->teacher->cfg.vocab_size, ") differs from the student's (", m.cfg.vocab_size, ")");
+  }
+  // The loss of rows [s, e) of hidden states against their labels: the output layer under the
+  // forward's autocast, the cross-entropy (and the distillation term) in fp32 outside it.
+  auto rows_loss = [&m, bf16, dev, kd, th](const at::Tensor& h, const at::Tensor& lab, int64_t s, int64_t e) {
     at::Tensor logits;
     {
       AutocastGuard ag(bf16, dev.type());
       logits = m.logits(h);
     }
     const int64_t V = logits.size(-1);
-    return at::cross_entropy_loss(logits.reshape({-1, V}).to(at::kFloat), lab, {}, at::Reduction::Sum, -100);
+    logits = logits.reshape({-1, V}).to(at::kFloat);
+    if (!kd) return at::cross_entropy_loss(logits, lab, {}, at::Reduction::Sum, -100);
+    const double T = kd->temperature;
+    at::Tensor log_pt;
+    {
+      at::NoGradGuard ng;
+      at::Tensor tl;
+      {
+        AutocastGuard ag(bf16, dev.type());
+        tl = kd->teacher->logits(th.slice(0, s, e));
+      }
+      log_pt = at::log_softmax(tl.reshape({-1, V}).to(at::kFloat) / T, -1);
+    }
+    auto log_ps = at::log_softmax(logits / T, -1);
+    auto kl_rows = (log_pt.exp() * (log_pt - log_ps)).sum(-1);  // KL(teacher || student) per row
+    auto loss = (kl_rows * (lab != -100).to(at::kFloat)).sum() * (kd->kd_weight * T * T);
+    if (kd->ce_weight > 0)
+      loss = loss + at::cross_entropy_loss(logits, lab, {}, at::Reduction::Sum, -100) * kd->ce_weight;
+    return loss;
   };
   h = h.reshape({N, h.size(-1)});
-  if (chunk == 0 || chunk >= N) return rows_loss(h, labels);
+  if (chunk == 0 || chunk >= N) return rows_loss(h, labels, 0, N);
   // Chunked: at most `chunk` rows of logits exist at a time. In a training forward each chunk is
   // checkpointed over the output layer's trainable parameters, so backward recomputes one chunk's
   // logits at a time instead of keeping them all; over a frozen output layer the chunk's gradient
@@ -101,12 +126,12 @@ at::Tensor hidden_loss_sum(models::CausalLM& m, at::Tensor h, const at::Tensor& 
     if (cum[e - 1] == (s > 0 ? cum[s - 1] : 0)) continue;  // no labelled row: adds nothing
     auto lab = labels.slice(0, s, e);
     auto hc = h.slice(0, s, e);
-    auto fn = [rows_loss, lab](const at::Tensor& x) { return rows_loss(x, lab); };
+    auto fn = [rows_loss, lab, s, e](const at::Tensor& x) { return rows_loss(x, lab, s, e); };
     // A frozen output layer (LoRA, QLoRA): the chunk's gradient is taken right away, no recompute.
     auto l = !grad ? fn(hc) : head_params.empty() ? models::scalar_with_eager_grad(fn, hc) : models::checkpoint(fn, hc, head_params);
     total = total.defined() ? total + l : l;
   }
-  return total.defined() ? total : rows_loss(h.slice(0, 0, 0), labels.slice(0, 0, 0));
+  return total.defined() ? total : rows_loss(h.slice(0, 0, 0), labels.slice(0, 0, 0), 0, 0);
 }
 
 EvalResult evaluate_model(models::CausalLM& m, const data::PackedSet& set, int64_t bs, int64_t max_batches,

@@ -28,8 +28,16 @@ struct EvalResult {
 at::Tensor token_loss_sum(models::CausalLM& m, const data::Batch& b, at::Device dev, bool bf16, int64_t chunk_tokens);
 // The same sum from the hidden state the output layer reads (m.hidden's result, [B, T, dim]) and the
 // batch's labels [B, T]: token_loss_sum == hidden_loss_sum(m, m.hidden(ids), labels, ...).
+// `kd` (optional, trainer `distill:`): each labelled row's term becomes ce_weight * CE +
+// kd_weight * T^2 * KL(softmax(teacher_logits/T) || softmax(logits/T)), the teacher's logits computed
+// chunk by chunk (no grad) from its hidden state kd->hidden ([B, T, teacher dim], eval_hidden's).
+struct DistillTarget {
+  models::CausalLM* teacher = nullptr;
+  at::Tensor hidden;
+  double kd_weight = 1.0, ce_weight = 0.0, temperature = 1.0;
+};
 at::Tensor hidden_loss_sum(models::CausalLM& m, at::Tensor h, const at::Tensor& labels, at::Device dev, bool bf16,
-                           int64_t chunk_tokens);
+                           int64_t chunk_tokens, const DistillTarget* kd = nullptr);
 // The forward as evaluation runs it (no grad is set up here): the hidden state the output layer
 // reads for ids [B, T] on `dev`, and the output layer on rows of it, under bf16 autocast when asked;
 // eval_logits returns fp32.

@@ -97,6 +97,8 @@ RunConfig parse_run_config(const YAML::Node& given, const std::string& source) {
   c.dist = DistConfig::from_config(dsr);
   auto er = top.child("eval");
   c.eval = EvalConfig::from_config(er);
+  auto kr = top.child("distill");
+  c.distill = DistillConfig::from_config(kr);
   if (!c.eval.gate.against.empty() && !(c.quant.enabled && c.quant.convert_at_end))
     er.fail("gate.against", "compares the converted model with the reference at the end of training, but this run "
                             "does not convert (quant.rules with quant.convert_at_end: true); drop it and run "

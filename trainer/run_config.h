@@ -59,6 +59,7 @@ struct RunConfig {
   models::SamplingConfig sample;      // `sample:` settings for the end-of-run generated text
   DistConfig dist;                    // `dist:` data parallel (used when launched with WORLD_SIZE > 1)
   EvalConfig eval;                    // `eval:` the quality gate (eval.gate) against a reference model
+  DistillConfig distill;              // `distill:` knowledge distillation from a frozen teacher
   std::vector<std::string> sample_prompts;
   YAML::Node resolved;                // the resolved config (defaults filled in)
   std::string source;                 // the file it came from

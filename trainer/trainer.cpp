@@ -108,6 +108,7 @@ Trainer::~Trainer() {
 void Trainer::setup() {
   init_distributed();
   load_inputs();
+  load_teacher();
   create_model();
   // The checkpoint a resumed run continues from (its weights replace anything set up below).
   const std::string resume_ck = cfg_.trainer.resume == Resume::Auto ? resolve_checkpoint(cfg_.run.out_dir) : "";
@@ -160,6 +161,25 @@ void Trainer::load_inputs() {
     fs::ensure_dir(run.out_dir);
     run_lock_.acquire(run.out_dir);
   }
+}
+
+void Trainer::load_teacher() {
+  const auto& d = cfg_.distill;
+  if (!d.enabled()) return;
+  // init: the weights this run starts from, as that run / checkpoint / HF dir / GGUF holds them.
+  const std::string path = d.teacher != "init" ? d.teacher : !cfg_.run.init_from.empty() ? cfg_.run.init_from : cfg_.model.from;
+  // (Checked here, not when parsing: commands that re-read a finished run's config clear its init_from.)
+  QF_CHECK_INPUT(!path.empty(), "distill.teacher: init distills from the weights this run starts from, but it starts from "
+                                "random ones (no run.init_from or model.from); name a teacher model instead");
+  auto t = load_model(path, {});
+  check_same_vocabulary(*tok_, *t.tok, cfg_.run.name, path);
+  teacher_ = t.model;
+  teacher_->to(device_);
+  teacher_->eval();
+  for (auto& p : teacher_->parameters()) p.set_requires_grad(false);
+  log::info("distill: teacher ", path, d.teacher == "init" ? " (the run's initial weights)" : "", ", ",
+            teacher_->num_parameters(), " parameters (", t.format, "); loss = ", d.kd_weight, " x T^2 KL(teacher || model)",
+            d.ce_weight > 0 ? str(" + ", d.ce_weight, " x CE") : std::string(), ", T ", d.temperature);
 }
 
 void Trainer::create_model() {
@@ -344,6 +364,21 @@ void Trainer::write_metrics(const nlohmann::json& j) {
   if (is_rank0()) metrics_.write(j);
 }
 
+at::Tensor Trainer::distill_loss_sum(const data::Batch& b, bool bf16) {
+  const auto& d = cfg_.distill;
+  DistillTarget kd;
+  kd.teacher = teacher_.get();
+  {
+    at::NoGradGuard ng;
+    kd.hidden = eval_hidden(*teacher_, b.input_ids, device_, bf16);
+  }
+  kd.kd_weight = d.kd_weight;
+  kd.ce_weight = d.ce_weight;
+  kd.temperature = d.temperature;
+  auto h = eval_hidden(*model_, b.input_ids, device_, bf16);
+  return hidden_loss_sum(*model_, h, b.labels, device_, bf16, cfg_.trainer.loss_chunk_tokens, &kd);
+}
+
 double Trainer::train_step() {
   const auto& t = cfg_.trainer;
   const bool bf16 = t.precision == Precision::BF16;
@@ -364,7 +399,8 @@ double Trainer::train_step() {
   for (size_t a = 0; a < micro.size(); ++a) {
     dp_->begin_backward(a + 1 == micro.size());  // no sync on accumulation micro-steps
     // Normalise by the tokens of the whole optimizer step, so k x (B/k) == B exactly in expectation.
-    auto loss = token_loss_sum(*model_, micro[a], device_, bf16, t.loss_chunk_tokens) / std::max(1.0, n_step);
+    auto loss = teacher_ ? distill_loss_sum(micro[a], bf16) / std::max(1.0, n_step)
+                         : token_loss_sum(*model_, micro[a], device_, bf16, t.loss_chunk_tokens) / std::max(1.0, n_step);
     double v = loss.item<double>();
     if (!std::isfinite(v))
       throw DivergedError(str("non-finite loss (", v, ") at step ", step_ + 1, ", micro-batch ", a,

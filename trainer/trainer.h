@@ -84,6 +84,7 @@ class Trainer {
   // setup's steps, in order (each its own concern; setup() reads as the list).
   void init_distributed();   // launcher env, this rank's device, process group, threads per rank
   void load_inputs();        // run-dir lock, tokenizer (model.vocab_size), dataset, crash recovery
+  void load_teacher();       // distill.teacher: the frozen model the loss distills from
   void create_model();       // architecture + initial weights (seed, model.from, run.init_from)
   void transform_model(bool ptq_init);  // quant.init, quant.prepare, peft, onto the device
   void attach_data_parallel();  // rank 0's weights everywhere; trainable parameters to dp_
@@ -94,6 +95,8 @@ class Trainer {
 
   void write_metrics(const nlohmann::json& j);
   double train_step();
+  // distill: one micro-batch's summed distillation loss (evaluate.h DistillTarget).
+  at::Tensor distill_loss_sum(const data::Batch& b, bool bf16);
   void restore(const std::string& ckpt_dir);
   std::string save_converted();
   // Writes the current model as <run>/<sub>/step_N with trainer_state model_format = format.
@@ -108,6 +111,7 @@ class Trainer {
   std::unique_ptr<data::Tokenizer> tok_;
   data::Dataset ds_;
   std::shared_ptr<models::CausalLM> model_;
+  std::shared_ptr<models::CausalLM> teacher_;  // distill: frozen, eval mode, on device_
   std::unique_ptr<torch::optim::Optimizer> opt_;  // AdamW or AdamW8bit (trainer.optim.name)
   std::unique_ptr<data::Sampler> sampler_;
   MetricsLog metrics_;  // rank 0: metrics.jsonl + TensorBoard

@@ -1,6 +1,7 @@
 #include "trainer/trainer_config.h"
 
 #include <cmath>
+#include <filesystem>
 
 namespace qf::trainer {
 
@@ -73,6 +74,21 @@ TrainerConfig TrainerConfig::from_config(cfg::Reader& r) {
                                " steps (trainer.max_steps or trainer.schedule.total_steps)");
   r.finish();
   return t;
+}
+
+DistillConfig DistillConfig::from_config(cfg::Reader& r) {
+  DistillConfig d;
+  d.teacher = r.str("teacher", "");
+  d.kd_weight = r.f64("kd_weight", d.kd_weight, 0.0, 1e6);
+  d.ce_weight = r.f64("ce_weight", d.ce_weight, 0.0, 1e6);
+  d.temperature = r.f64("temperature", d.temperature, 1e-3, 1e3);
+  if (d.enabled() && d.kd_weight == 0.0 && d.ce_weight == 0.0)
+    r.fail("kd_weight", "and ce_weight are both 0: the loss would be 0; set kd_weight > 0 (distillation) or drop distill");
+  if (d.enabled() && d.teacher != "init" && !std::filesystem::exists(d.teacher))
+    r.fail("teacher", "'" + d.teacher + "' does not exist; expected `init` (the weights this run starts from) or a run "
+                      "dir, checkpoint dir, Hugging Face dir or .gguf file");
+  r.finish();
+  return d;
 }
 
 }  // namespace qf::trainer

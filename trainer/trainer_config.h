@@ -66,4 +66,20 @@ struct TrainerConfig {
   static TrainerConfig from_config(cfg::Reader& r);
 };
 
+// `distill:` knowledge distillation from a frozen teacher (the QAT / QLoRA recipe of torchao's and
+// llm-compressor's KD, Axolotl's kd_alpha / kd_ce_alpha / kd_temperature). Each training token's loss
+// is ce_weight * CE(student, label) + kd_weight * T^2 * KL(softmax(teacher/T) || softmax(student/T)),
+// summed over the labelled tokens and normalised as the CE alone is. The teacher is `init` (the
+// weights this run starts from: run.init_from, else model.from, loaded as that run / checkpoint
+// holds them) or a run dir, checkpoint dir, Hugging Face dir or GGUF file sharing the run's vocabulary.
+// Validation loss stays the plain cross-entropy.
+struct DistillConfig {
+  std::string teacher;     // "" = off
+  double kd_weight = 1.0;  // weight of the KL term
+  double ce_weight = 0.0;  // weight of the label cross-entropy
+  double temperature = 1.0;
+  bool enabled() const { return !teacher.empty(); }
+  static DistillConfig from_config(cfg::Reader& r);
+};
+
 }  // namespace qf::trainer

@@ -17,6 +17,8 @@
 #include "peft/lora.h"
 #include "trainer/trainer.h"
 #include "tests/test_util.h"
+#include "tests/tiny_model.h"
+#include "trainer/quality_gate.h"
 
 namespace sfs = std::filesystem;
 using namespace qf;
@@ -501,6 +503,130 @@ TEST_F(TrainerTest, ActivationCheckpointingAndChunkedLossKeepTheLossCurve) {
       EXPECT_NEAR(ckpt[i], plain[i], tol * plain[i]) << name << ", step " << i + 1 << " (every layer, chunked loss)";
       EXPECT_NEAR(every2[i], plain[i], tol * plain[i]) << name << ", step " << i + 1 << " (every 2nd layer)";
     }
+  }
+}
+
+// distill: the loss is ce_weight * CE + kd_weight * T^2 * KL(softmax(t/T) || softmax(s/T)) over the
+// labelled rows, written here with ATen's kl_div; chunked equals unchunked (value and gradients);
+// a teacher identical to the student gives 0 and no gradient.
+TEST(DistillLoss, EqualsKlDivFormulaChunkedOrNotAndSkipsUnlabelledRows) {
+  auto mc = qf::testing::tiny_llama(/*vocab=*/64, /*max_seq_len=*/32, /*init_std=*/0.3);
+  auto student = models::build_model(mc), teacher = models::build_model(mc);
+  student->init_weights(1);
+  teacher->init_weights(2);
+  for (auto& p : teacher->parameters()) p.set_requires_grad(false);
+  at::manual_seed(3);
+  data::Batch b;
+  b.input_ids = at::randint(0, 64, {2, 16}, at::kLong);
+  b.labels = at::randint(0, 64, {2, 16}, at::kLong);
+  b.labels.index_put_({0, at::indexing::Slice(0, 5)}, -100);
+  b.labels.index_put_({1, 9}, -100);
+  const at::Device cpu(at::kCPU);
+  DistillTarget kd;
+  kd.teacher = teacher.get();
+  kd.kd_weight = 0.7;
+  kd.ce_weight = 0.3;
+  kd.temperature = 2.0;
+  {
+    at::NoGradGuard ng;
+    kd.hidden = eval_hidden(*teacher, b.input_ids, cpu, false);
+  }
+  auto loss_and_grads = [&](int64_t chunk) {
+    student->zero_grad();
+    auto l = hidden_loss_sum(*student, eval_hidden(*student, b.input_ids, cpu, false), b.labels, cpu, false, chunk, &kd);
+    l.backward();
+    std::vector<at::Tensor> g;
+    for (auto& p : student->parameters()) g.push_back(p.grad().clone());
+    return std::make_pair(l.item<double>(), g);
+  };
+  auto [whole, gw] = loss_and_grads(0);
+  auto [chunked, gc] = loss_and_grads(5);  // 32 rows in chunks of 5, one chunk wholly unlabelled
+  // The formula, from the full logits.
+  double ref;
+  {
+    at::NoGradGuard ng;
+    auto s = student->logits(student->hidden(b.input_ids)).reshape({-1, 64});
+    auto t = teacher->logits(teacher->hidden(b.input_ids)).reshape({-1, 64});
+    auto lab = b.labels.reshape({-1});
+    auto kl = at::kl_div(at::log_softmax(s / 2.0, -1), at::log_softmax(t / 2.0, -1), at::Reduction::None, /*log_target=*/true)
+                  .sum(-1);
+    auto mask = (lab != -100).to(at::kFloat);
+    ref = 0.7 * 4.0 * (kl * mask).sum().item<double>() +
+          0.3 * at::cross_entropy_loss(s, lab, {}, at::Reduction::Sum, -100).item<double>();
+  }
+  EXPECT_GT(ref, 0.1);
+  EXPECT_NEAR(whole, ref, 1e-5 * ref);
+  EXPECT_NEAR(chunked, ref, 1e-5 * ref);
+  for (size_t i = 0; i < gw.size(); ++i)
+    EXPECT_LE((gw[i] - gc[i]).abs().max().item<double>(), 1e-5 * gw[i].abs().max().item<double>() + 1e-8)
+        << "parameter " << i << " (fp32 summation order only)";
+  // The student as its own teacher: KL 0, gradient 0.
+  kd.teacher = student.get();
+  kd.ce_weight = 0;
+  {
+    at::NoGradGuard ng;
+    kd.hidden = eval_hidden(*student, b.input_ids, cpu, false);
+  }
+  auto [self, gs] = loss_and_grads(5);
+  EXPECT_NEAR(self, 0.0, 1e-6);
+  for (auto& g : gs) EXPECT_LT(g.abs().max().item<double>(), 1e-6);
+}
+
+// distill.teacher: init from a float run: a QAT run's first loss is the fake-quant model's KL from the
+// float one (no QAT: exactly 0), it resumes on the identical loss curve, and it ends closer to the
+// teacher (mean KLD on the validation split) than the same QAT steps on the labels.
+TEST_F(TrainerTest, DistillFromInitTrainsQatTowardTheTeacherAndResumesIdentically) {
+  run_losses(make_cfg(tmp.path, {"run.out_dir=" + tmp.path + "/fp", "trainer.max_steps=40", "trainer.optim.lr=0.01"}));
+  const std::string q4 = "quant.rules=[{pattern: 'model.layers.*', weight: {bits: 3, granularity: per-channel}}]";
+  auto cfg = [&](const std::string& out, std::vector<std::string> more) {
+    more.insert(more.end(), {"run.out_dir=" + tmp.path + "/" + out, "run.init_from=" + tmp.path + "/fp",
+                             "trainer.optim.lr=0.0003", "trainer.optim.weight_decay=0"});
+    return make_cfg(tmp.path, more);
+  };
+  auto same = run_losses(cfg("same", {"distill.teacher=init", "trainer.max_steps=1", "trainer.schedule.warmup_steps=0"}));
+  ASSERT_EQ(same.size(), 1u);
+  EXPECT_NEAR(same[0], 0.0, 1e-7);
+  auto full = run_losses(cfg("kd", {q4, "distill.teacher=init", "trainer.max_steps=8"}));
+  auto first = run_losses(cfg("kd_b", {q4, "distill.teacher=init", "trainer.max_steps=4", "trainer.schedule.total_steps=8"}));
+  auto second = run_losses(cfg("kd_b", {q4, "distill.teacher=init", "trainer.max_steps=8"}));
+  ASSERT_EQ(full.size(), 8u);
+  ASSERT_EQ(second.size(), 4u);
+  EXPECT_GT(full[0], 1e-4);
+  for (int i = 0; i < 4; ++i) EXPECT_DOUBLE_EQ(first[i], full[i]) << "step " << i + 1;
+  for (int i = 0; i < 4; ++i) EXPECT_DOUBLE_EQ(second[i], full[4 + i]) << "step " << 5 + i;
+  EXPECT_LT(full.back(), full[0]);
+
+  auto ce = run_losses(cfg("ce", {q4, "trainer.max_steps=8"}));
+  // Both converted models against the float one on the validation split.
+  auto ref = load_model(tmp.path + "/fp", {});
+  auto kld = [&](const std::string& run) {
+    auto m = load_model(tmp.path + "/" + run, {});
+    Trainer t(make_cfg(tmp.path, {"run.out_dir=" + tmp.path + "/probe"}));  // the same data split
+    auto data = data::build_dataset(t.config().data, *m.tok);
+    return statistics(compare_models(*ref.model, *m.model, data.val, 8, 0, at::Device(at::kCPU), false)).kld.value;
+  };
+  const double k_kd = kld("kd"), k_ce = kld("ce");
+  EXPECT_LT(k_kd, k_ce) << "distilled QAT KLD " << k_kd << " vs label-trained QAT KLD " << k_ce;
+}
+
+TEST_F(TrainerTest, DistillSettingsErrorsNameTheKey) {
+  auto parse = [](const std::string& extra) {
+    return qf::testing::config_error_of([&] {
+      parse_run_config(YAML::Load("model: {dim: 32, n_heads: 4}\n" + extra), "<test>");
+    });
+  };
+  EXPECT_NE(parse("distill: {teacher: /nonexistent/teacher}").find("distill.teacher: '/nonexistent/teacher' does not exist"),
+            std::string::npos);
+  EXPECT_NE(parse("distill: {teacher: init, kd_weight: 0}").find("distill.kd_weight"), std::string::npos);
+  EXPECT_NE(parse("distill: {teacher: init, temperature: 0}").find("distill.temperature"), std::string::npos);
+  EXPECT_NE(parse("distill: {teacher: init, kd_wieght: 1}").find("distill.kd_wieght"), std::string::npos);
+  // init without starting weights: named when the run sets up.
+  Trainer t(make_cfg(tmp.path, {"distill.teacher=init"}));
+  try {
+    t.setup();
+    ADD_FAILURE() << "setup accepted distill.teacher: init on a randomly initialised model";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("distill.teacher: init"), std::string::npos) << e.what();
   }
 }
 
