@@ -220,7 +220,7 @@ int cmd_eval_against(const std::string& run, const std::vector<std::string>& ove
 
 int cmd_export(const std::string& run, const std::vector<std::string>& overrides, const std::string& format,
                const std::string& out, const std::string& dtype, double shard_mb, const std::string& quant,
-               const std::string& fallback, bool force, const std::string& imatrix) {
+               const std::string& fallback, bool force, const std::string& imatrix, const std::string& float_tensors) {
   // The output is checked before any weight is read: an existing one (unless --force), and always
   // anything inside a checkpoint dir or belonging to the source.
   exporter::check_out(out, run, force);
@@ -228,6 +228,9 @@ int cmd_export(const std::string& run, const std::vector<std::string>& overrides
                      format == "awq" || format == "onnx",
                  "export: --fallback applies to --format gguf, gptq, compressed-tensors, awq and onnx (quantized layouts)");
   QF_CHECK_INPUT(imatrix.empty() || format == "gguf", "export: --imatrix applies to --format gguf (llama.cpp's types)");
+  QF_CHECK_INPUT(float_tensors.empty() || format == "gguf", "export: --float-tensors (exact|mixture) applies to --format "
+                 "gguf, not ", format);
+  const auto ft = exporter::parse_float_tensors(float_tensors.empty() ? "exact" : float_tensors);
   const auto t0 = std::chrono::steady_clock::now();
   std::shared_ptr<models::CausalLM> model;
   std::shared_ptr<data::Tokenizer> tok;
@@ -318,12 +321,12 @@ int cmd_export(const std::string& run, const std::vector<std::string>& overrides
     return 0;
   }
   if (format == "gguf") {
-    auto r = exporter::export_gguf(*model, *tok, out, quant, name, !log::quiet(), fallback, force, imatrix);
+    auto r = exporter::export_gguf(*model, *tok, out, quant, name, !log::quiet(), fallback, force, imatrix, ft);
     for (auto& row : r.rows) log::info("  ", row);
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     std::printf("exported %s to %s: GGUF v3, %lld tensors, %.2f MB (--quant %s%s%s), re-read and verified in %.2f s\n",
                 what.c_str(), r.path.c_str(), (long long)r.n_tensors, r.bytes / 1e6, quant.c_str(),
-                r.exact ? ", packed blocks exact" : "",
+                r.float_mixture ? ", packed blocks exact, float tensors as the mixture" : r.exact ? ", packed blocks exact" : "",
                 ((r.n_fallback ? str(", ", r.n_fallback, " shape fallbacks") : std::string()) +
                  (r.n_imatrix ? str(", ", r.n_imatrix, " with importance weights") : std::string()))
                     .c_str(),
@@ -437,7 +440,7 @@ struct CliArgs {
   std::string against;
   trainer::GateConfig gate;  // --max-kld etc.
   int64_t max_batches = 0;
-  std::string format = "hf", out, dtype, gguf_quant = "f16", export_fallback, export_imatrix;
+  std::string format = "hf", out, dtype, gguf_quant = "f16", export_fallback, export_imatrix, export_float_tensors;
   double shard_mb = 5000;
   bool force = false;
   std::string inspect_dtype = "auto";
@@ -551,7 +554,15 @@ CLI::App* add_export(CLI::App& app, CliArgs& a) {
                   "onnx: f32|f16 for layers ONNX has no operator for (NF4, FP8, llama.cpp blocks, ...), dequantized");
   cmd->add_option("--imatrix", a.export_imatrix,
                   "gguf: llama.cpp importance matrix (qforge imatrix / llama-imatrix output, GGUF or legacy .dat): "
-                  "float weights are quantized with it and the mixture follows llama-quantize --imatrix");
+                  "float weights are quantized with it and the mixture follows llama-quantize --imatrix (a model "
+                  "holding packed blocks: with --float-tensors mixture)");
+  cmd->add_option("--float-tensors", a.export_float_tensors,
+                  "gguf, for a model that holds packed llama.cpp blocks (QAT/PTQ): exact (default) keeps the tensors it "
+                  "holds in float (token_embd, output, linears left float) F32 (F16 with --quant f16), so llama.cpp "
+                  "computes qforge's model; mixture gives each the type llama-quantize's --quant mixture gives it "
+                  "(e.g. q4_k_m: token_embd Q4_K, output Q6_K; shape fallbacks; norms stay F32), quantized as "
+                  "llama-quantize does (with --imatrix's weights where it has the tensor): the file llama-quantize "
+                  "writes from the exact one, packed blocks byte for byte. A float model is quantized by --quant either way");
   cmd->add_option("--dtype", a.dtype,
                   "Float weight dtype: hf: bf16 (default), fp16 or fp32; bnb-int8: fp16 (default), bf16 or fp32; onnx: fp32 (default) or fp16 (stored, computed in fp32)")
       ->check(CLI::IsMember({"fp32", "bf16", "fp16"}));
@@ -730,7 +741,7 @@ int main(int argc, char** argv) {
     if (*imx) return cmd_imatrix(a.run, a.overrides, a.ia);
     if (*exp)
       return cmd_export(a.run, a.overrides, a.format, a.out, a.dtype, a.shard_mb, a.gguf_quant, a.export_fallback, a.force,
-                        a.export_imatrix);
+                        a.export_imatrix, a.export_float_tensors);
   } catch (const ConfigError& e) {
     std::fprintf(stderr, "qforge: %s\n", e.what());
     return 2;

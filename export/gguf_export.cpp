@@ -408,6 +408,10 @@ class TensorPlan {
   void add_1d(const std::string& gname, const at::Tensor& p, bool norm = false);
   void linear(const std::string& hf, const std::string& gname, TensorRole role, int64_t layer, int64_t permute_heads);
   const at::Tensor& param(const std::string& n) const;
+  // llama-quantize's type for a tensor of this role, layer and width under --quant (quant/ggml_mix).
+  quant::MixChoice mix_choice(TensorRole role, int64_t layer, int64_t cols) const;
+  // --float-tensors mixture: counts (and warns once about) a packed tensor of another type than the mixture's.
+  void note_packed(const std::string& gname, Rule rule, TensorRole role, int64_t layer, int64_t cols);
 
   gguf::Writer& w_;
   models::CausalLM& model_;
@@ -437,11 +441,9 @@ void TensorPlan::add_float_2d(const std::string& gname, int64_t rows, int64_t co
                               TensorRole role, int64_t layer, int64_t permute_heads) {
   quant::MixChoice ch;
   ch.f16 = f16_;
-  if (!res_.exact) {
+  if (!res_.exact || res_.float_mixture) {
     try {
-      ch = quant::mix_choice(quant_, role, layer, c_.n_layers, cols, c_.tie_embeddings, fallback_,
-                             c_.n_heads / std::max<int64_t>(1, c_.kv_heads()), imatrix_ != nullptr,
-                             quant::is_70b(ga_, c_.n_layers, c_.n_heads, c_.kv_heads()));
+      ch = mix_choice(role, layer, cols);
     } catch (const InputError& e) {
       throw InputError(str("export: ", gname, ": ", e.what()));
     }
@@ -470,6 +472,29 @@ void TensorPlan::add_float_2d(const std::string& gname, int64_t rows, int64_t co
   });
 }
 
+quant::MixChoice TensorPlan::mix_choice(TensorRole role, int64_t layer, int64_t cols) const {
+  return quant::mix_choice(quant_, role, layer, c_.n_layers, cols, c_.tie_embeddings, fallback_,
+                           c_.n_heads / std::max<int64_t>(1, c_.kv_heads()), imatrix_ != nullptr,
+                           quant::is_70b(ga_, c_.n_layers, c_.n_heads, c_.kv_heads()));
+}
+
+void TensorPlan::note_packed(const std::string& gname, Rule rule, TensorRole role, int64_t layer, int64_t cols) {
+  if (!res_.float_mixture) return;
+  Rule want = rule;
+  try {
+    const auto ch = mix_choice(role, layer, cols);
+    if (ch.rule == Rule::Affine) return;  // f16 / f32 mixtures have no block type to compare with
+    want = ch.rule;
+  } catch (const InputError&) {
+    return;  // the mixture has no type for this shape (a packed tensor needs none)
+  }
+  if (want == rule) return;
+  if (res_.n_off_mixture++ == 0)
+    log::warn("export: ", gname, " holds ", quant::ggml::traits(rule).ggml_name, " blocks where llama-quantize's ",
+              quant_, " puts ", quant::ggml::traits(want).ggml_name, "; packed tensors are written as they are, so "
+              "the file is not exactly that mixture (the count follows)");
+}
+
 void TensorPlan::add_1d(const std::string& gname, const at::Tensor& p, bool norm) {
   res_.input_bytes += p.numel() * p.element_size();
   add(gname, {p.numel()}, TensorType::F32, [p, plus_one = norm && norm_plus_one_] {
@@ -495,6 +520,7 @@ void TensorPlan::linear(const std::string& hf, const std::string& gname, TensorR
                            ", which GGUF cannot hold; train with a llama.cpp preset (", presets,
                            ") or export with --format gptq / compressed-tensors"));
     }
+    note_packed(gname, spec->rule, role, layer, mod->in_features);
     add(gname, {mod->out_features, mod->in_features}, type_of(spec->rule), [mod, permute_heads, &res = res_] {
       auto ql = std::static_pointer_cast<quant::QuantizedLinear>(converted_linear(mod));
       res.input_bytes += ql->qweight.numel();
@@ -520,6 +546,7 @@ void TensorPlan::add_embedding() {
   if (auto* f = dynamic_cast<quant::FakeQuantEmbedding*>(emb.get())) spec = &f->weight_fq->spec();
   if (auto* q = dynamic_cast<quant::QuantizedEmbedding*>(emb.get())) spec = &q->spec();
   if (spec && spec->is_ggml()) {
+    note_packed("token_embd.weight", spec->rule, TensorRole::TokenEmbd, 0, c_.dim);
     add("token_embd.weight", {c_.vocab_size, c_.dim}, type_of(spec->rule), [emb, &res = res_] {
       auto q = std::static_pointer_cast<quant::QuantizedEmbedding>(converted_embedding(emb))->qweight;
       res.input_bytes += q.numel();
@@ -583,9 +610,18 @@ void TensorPlan::add_output(const models::ArchSpec& arch) {
 
 }  // namespace
 
+FloatTensors parse_float_tensors(const std::string& s) {
+  if (s == "exact") return FloatTensors::Exact;
+  if (s == "mixture") return FloatTensors::Mixture;
+  throw InputError("export: --float-tensors '" + s + "' is not one of exact, mixture");
+}
+
+const char* to_string(FloatTensors f) { return f == FloatTensors::Mixture ? "mixture" : "exact"; }
+
 GgufExportResult export_gguf(models::CausalLM& model, const data::Tokenizer& tok, const std::string& out,
                              const std::string& quant_name, const std::string& name, bool progress,
-                             const std::string& fallback, bool force, const std::string& imatrix_path) {
+                             const std::string& fallback, bool force, const std::string& imatrix_path,
+                             FloatTensors float_tensors) {
   check_out(out, "", force);
   QF_CHECK_INPUT(!std::filesystem::is_directory(out), "--out '", out,
                  "' is a directory; GGUF export writes one file (e.g. --out model.gguf)");
@@ -598,16 +634,23 @@ GgufExportResult export_gguf(models::CausalLM& model, const data::Tokenizer& tok
   const int64_t n_lora = static_cast<int64_t>(peft::lora_layers(model).size());
   if (n_lora) log::info("export: merging ", n_lora, " LoRA adapters into their base layers as they are written");
   // A model with packed (or fake-quant) linears is exported exactly: what it holds in float stays
-  // float. A float model gets llama-quantize's types for --quant.
+  // float, unless FloatTensors::Mixture gives those tensors the mixture's types. A float model gets
+  // llama-quantize's types for --quant.
   GgufExportResult res;
   for (auto& ns : models::linear_slots(model)) res.exact |= converted_spec(*ns.slot->get()) != nullptr;
-  if (res.exact)
+  res.float_mixture = res.exact && float_tensors == FloatTensors::Mixture;
+  if (res.float_mixture)
+    log::info("export: the model holds packed llama.cpp blocks; they are written as they are and its float tensors "
+              "get llama-quantize's ", quant_name, " types (--float-tensors mixture)");
+  else if (res.exact)
     log::info("export: the model holds packed llama.cpp blocks; they are written as they are and float tensors stay ",
-              quant_name == "f16" ? "F16" : "F32", " (exact)");
+              quant_name == "f16" ? "F16" : "F32", " (exact; --float-tensors mixture quantizes them as --quant)");
   std::optional<Imatrix> imatrix;
   if (!imatrix_path.empty()) {
-    QF_CHECK_INPUT(!res.exact, "export: --imatrix ", imatrix_path, " weights the quantization of float weights, but this "
-                   "model already holds packed blocks (quantize it with `qforge quantize --imatrix` instead)");
+    QF_CHECK_INPUT(!res.exact || res.float_mixture, "export: --imatrix ", imatrix_path, " weights the quantization of "
+                   "float weights, but this model already holds packed blocks and --float-tensors exact keeps its float "
+                   "tensors float; add --float-tensors mixture to quantize them with it (or quantize the float model "
+                   "with `qforge quantize --imatrix`)");
     QF_CHECK_INPUT(file_type > 1, "export: --imatrix ", imatrix_path, " needs a quantized --quant mixture, not ", quant_name);
     imatrix = read_imatrix(imatrix_path);
   }
@@ -625,6 +668,9 @@ GgufExportResult export_gguf(models::CausalLM& model, const data::Tokenizer& tok
   plan.add_output(arch);
   if (res.n_fallback)
     log::warn("export: ", res.n_fallback, " of ", w.n_tensors(), " tensor(s) required fallback quantization");
+  if (res.n_off_mixture)
+    log::warn("export: ", res.n_off_mixture, " packed tensor(s) hold another type than llama-quantize's ", quant_name,
+              " picks for them (written as they are)");
   res.n_tensors = static_cast<int64_t>(w.n_tensors());
   std::unique_ptr<core::ProgressBar> bar;
   if (progress) bar = std::make_unique<core::ProgressBar>("export", res.n_tensors, 0, "tensor");

@@ -11,6 +11,12 @@
 //    (llama.cpp's imatrix file, export/imatrix_file.h) the tensors it has are quantized with their
 //    importance weights and the mixture follows llama-quantize's --imatrix choices: the bytes of
 //    llama-quantize --imatrix.
+//  - A model that holds packed blocks and float tensors (token_embd, output, a linear left in float):
+//    FloatTensors::Exact (the default) keeps those float, as above; FloatTensors::Mixture
+//    (`--float-tensors mixture`) gives each the type llama-quantize's --quant mixture gives it (shape
+//    fallbacks included; 1-D tensors stay F32) and quantizes it as llama-quantize does, with the
+//    imatrix's weights where it has the tensor: the file llama-quantize writes from the exact export,
+//    the packed blocks byte for byte.
 //  - Q and K rows are permuted from Hugging Face's rotate-half RoPE layout to llama.cpp's, as
 //    convert_hf_to_gguf.py does; a row permutation keeps every quantization block intact.
 //  - Metadata: llama.* hyper-parameters and the tokenizer block (sentencepiece vocabularies).
@@ -31,18 +37,28 @@
 
 namespace qf::exporter {
 
+// What becomes of the float tensors of a model that holds packed llama.cpp blocks (a float model is
+// quantized by the mixture either way): Exact keeps them F32 (F16 with --quant f16), Mixture gives
+// them llama-quantize's types for --quant.
+enum class FloatTensors { Exact, Mixture };
+FloatTensors parse_float_tensors(const std::string& s);  // "exact" | "mixture"; InputError naming the flag otherwise
+const char* to_string(FloatTensors f);
+
 struct GgufExportResult {
   std::string path;
   int64_t n_tensors = 0, bytes = 0, n_fallback = 0;
   int64_t input_bytes = 0;        // bytes of the weights read (as the model holds them)
   bool exact = false;             // packed QAT/PTQ blocks written as they are
+  bool float_mixture = false;     // exact, and the float tensors in the mixture's types (FloatTensors::Mixture)
+  int64_t n_off_mixture = 0;      // packed tensors whose type is not the one the mixture picks for them
   int64_t n_imatrix = 0;          // tensors quantized with importance weights
   std::vector<std::string> rows;  // "name  type  shape" per tensor, for the report
 };
 
 GgufExportResult export_gguf(models::CausalLM& model, const data::Tokenizer& tok, const std::string& out,
                              const std::string& quant, const std::string& name, bool progress = true,
-                             const std::string& fallback = "", bool force = false, const std::string& imatrix_path = "");
+                             const std::string& fallback = "", bool force = false, const std::string& imatrix_path = "",
+                             FloatTensors float_tensors = FloatTensors::Exact);
 
 // `qforge export RUN --format gguf-lora --out DIR`: a LoRA run as llama.cpp runs a base with an adapter.
 // DIR/base.gguf is export_gguf of the run with every LoRA layer replaced by its base (no merge: a
