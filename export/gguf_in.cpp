@@ -155,8 +155,7 @@ void load_gguf_weights(models::CausalLM& model, const GgufCheckpoint& ck, bool p
     const std::string lin = p.substr(0, p.size() - 7);  // minus ".weight"
     auto& dense = static_cast<models::DenseLinear&>(*slot->get());
     std::shared_ptr<models::LinearBase> m;
-    const auto* tr = quant::ggml::traits_by_gguf_id(t.type);
-    if (streamer->build_blocks && tr && tr->rule != quant::Rule::Affine) {
+    if (streamer->build_blocks) {  // offered whatever the type (peft.base gguf keeps floats and refuses the rest)
       at::Tensor blocks = at::from_blob(const_cast<uint8_t*>(f.data(t)),
                                         {t.rows(), static_cast<int64_t>(t.nbytes) / t.rows()}, at::kByte);
       if (auto h = qk_heads.find(p); h != qk_heads.end()) blocks = unpermute_rows(blocks, h->second);

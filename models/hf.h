@@ -80,8 +80,9 @@ struct LinearStreamer {
                                             const std::map<std::string, at::Tensor>& parts, int64_t out, int64_t in,
                                             const at::Tensor& bias)>
       build_packed;
-  // Optional, for a GGUF input: a weight stored as llama.cpp blocks (gguf_type: its GGUF tensor type id;
-  // blocks uint8 [out, n_blocks * type_size] in ggml's row layout; cols = in_features); returns the
+  // Optional, for a GGUF input: a weight as the file stores it, whatever its type (gguf_type: its GGUF
+  // tensor type id; blocks uint8 [out, n_blocks * type_size] in ggml's row layout, F32 / F16 / BF16 rows
+  // as their bytes; cols = in_features); returns the
   // module keeping those bytes (peft.base <that type>: quant::BlockLinear, which copies them), or
   // nullptr to take it through `build` dequantized.
   std::function<std::shared_ptr<LinearBase>(const std::string& name, uint32_t gguf_type, const at::Tensor& blocks,

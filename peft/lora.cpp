@@ -13,7 +13,9 @@
 #include "core/error.h"
 #include "core/strings.h"
 #include "models/packed_linear.h"
+#include "models/transformer.h"
 #include "quant/block_linear.h"
+#include "quant/ggml_more.h"
 #include "quant/ggml_types.h"
 #include "quant/int8_lt.h"
 #include "quant/nf4.h"
@@ -34,7 +36,9 @@ const char* base_format_name(BaseFormat f) {
 }
 
 std::string base_name(const LoraConfig& cfg) {
-  return cfg.base == BaseFormat::Blocks ? quant::ggml::traits(cfg.block_rule).name : base_format_name(cfg.base);
+  if (cfg.base != BaseFormat::Blocks) return base_format_name(cfg.base);
+  if (cfg.block_mix == kGgufTypes) return kGgufTypes;
+  return cfg.block_mix.empty() ? std::string(quant::ggml::traits(cfg.block_rule).name) : "mix " + cfg.block_mix;
 }
 
 double LoraConfig::scaling() const { return rslora ? alpha / std::sqrt(static_cast<double>(r)) : alpha / r; }
@@ -56,8 +60,27 @@ LoraConfig LoraConfig::from_config(cfg::Reader& rd) {
         {"fp32", BaseFormat::Fp32}, {"bf16", BaseFormat::Bf16}, {"nf4", BaseFormat::Nf4}, {"int8", BaseFormat::Int8}, {"packed", BaseFormat::Packed}};
     for (const auto& t : quant::ggml::type_table())  // every llama.cpp block type: the served base's blocks
       if (t.block > 1) bases.emplace_back(t.name, BaseFormat::Blocks);
+    // mix: each linear the type llama-quantize's mixture peft.mixture gives it (a key of its own: q2_k,
+    // q4_0, iq4_xs ... name both a block type and a mixture, as `export --quant` spells them, that bumps
+    // some tensors to other types); gguf: each linear the type model.from's GGUF file stores it in.
+    bases.emplace_back("mix", BaseFormat::Blocks);
+    bases.emplace_back(kGgufTypes, BaseFormat::Blocks);
     c.base = rd.choice<BaseFormat>("base", c.base, bases);
-    if (c.base == BaseFormat::Blocks) c.block_rule = quant::ggml::traits_by_name(rd.resolved()["base"].Scalar())->rule;
+    const std::string v = c.base == BaseFormat::Blocks ? rd.resolved()["base"].Scalar() : "";
+    const std::string mixture = rd.str("mixture", "");
+    if (v == "mix") {
+      if (mixture.empty()) rd.fail("mixture", "peft.base: mix needs a llama-quantize mixture name here (q4_k_m, ...)");
+      else if (!quant::is_mix(mixture)) {
+        std::string all;
+        for (const auto& n : quant::mix_names()) all += (all.empty() ? "" : ", ") + n;
+        rd.fail("mixture", "'" + mixture + "' is not a llama-quantize mixture; expected one of " + all);
+      }
+      c.block_mix = mixture;
+    } else {
+      if (!mixture.empty()) rd.fail("mixture", "is read only with peft.base: mix (got peft.base " + (v.empty() ? base_format_name(c.base) : v) + ")");
+      if (v == kGgufTypes) c.block_mix = v;
+      else if (!v.empty()) c.block_rule = quant::ggml::traits_by_name(v)->rule;
+    }
   }
   {
     auto n = rd.child("nf4");
@@ -227,7 +250,7 @@ std::vector<bool> validate(const std::vector<models::NamedSlot>& slots, torch::n
       problems.push_back(str("peft.base: ", base_format_name(cfg.base), " cannot store layer ", slots[i].name,
                              ", which fake-quantizes (quant rules); use peft.base: fp32 for QAT + LoRA"));
   }
-  if (cfg.base == BaseFormat::Blocks) {  // llama.cpp blocks hold whole rows of blocks
+  if (cfg.base == BaseFormat::Blocks && cfg.block_mix.empty()) {  // llama.cpp blocks hold whole rows of blocks
     const auto& t = quant::ggml::traits(cfg.block_rule);
     for (auto& ns : slots) {
       const int64_t in = ns.slot->get()->in_features;
@@ -237,6 +260,8 @@ std::vector<bool> validate(const std::vector<models::NamedSlot>& slots, torch::n
                                "use 32) or narrow the layers"));
     }
   }
+  if (cfg.base == BaseFormat::Blocks && !cfg.block_mix.empty() && cfg.block_mix != kGgufTypes)
+    mixture_types(model, cfg, output_layer, &problems);
   for (auto& t : cfg.target_modules) {
     if (hits[t] > 0) continue;
     std::string names;
@@ -264,8 +289,12 @@ bool restores_base(const LoraConfig& cfg, const std::string& name, const std::st
   return true;
 }
 
-// `base` already holds its weight in cfg.base's format (built while streaming the checkpoint in).
-bool stored_as(const models::LinearBase& base, const LoraConfig& cfg) {
+// The float dtype a mixture's F16 / F32 choice holds a linear in.
+at::ScalarType float_dtype(const quant::MixChoice& c) { return c.f16 ? at::kHalf : at::kFloat; }
+
+// `base` already holds its weight in cfg.base's format (built while streaming the checkpoint in);
+// `mix`: the layer's mixture choice (peft.base mix).
+bool stored_as(const models::LinearBase& base, const LoraConfig& cfg, const quant::MixChoice* mix = nullptr) {
   if (cfg.base == BaseFormat::Nf4) {
     auto* n = dynamic_cast<const quant::Nf4Linear*>(&base);
     return n && n->blocksize == cfg.nf4_blocksize && n->double_quant == cfg.nf4_double_quant;
@@ -280,6 +309,13 @@ bool stored_as(const models::LinearBase& base, const LoraConfig& cfg) {
   }
   if (cfg.base == BaseFormat::Blocks) {
     auto* b = dynamic_cast<const quant::BlockLinear*>(&base);
+    auto* h = dynamic_cast<const models::HalfLinear*>(&base);
+    if (cfg.block_mix == kGgufTypes) return b || h;  // whatever type the file held it in
+    if (!cfg.block_mix.empty()) {
+      TORCH_INTERNAL_ASSERT(mix, "stored_as: a mixture base needs the layer's choice");
+      return mix->rule != quant::Rule::Affine ? b && b->rule == mix->rule
+                                              : h && h->weight.scalar_type() == float_dtype(*mix);
+    }
     return b && b->rule == cfg.block_rule;
   }
   if (cfg.base == BaseFormat::Packed) return dynamic_cast<const models::PackedIntLinear*>(&base) != nullptr;
@@ -292,7 +328,90 @@ void check_lora(torch::nn::Module& model, const LoraConfig& cfg, const std::stri
   validate(models::linear_slots(model), model, cfg, output_layer);
 }
 
+namespace {
+
+// A linear's llama.cpp tensor category and layer index from its family spec; a linear the spec does
+// not list as a layer linear is "other" (AttnQ: no mixture rule names it, so the base type) in layer 0.
+std::pair<quant::TensorRole, int64_t> role_of(const models::ArchSpec& arch, const std::string& name) {
+  const models::ArchLinear* l = arch.layer_linear_of(name + ".weight");
+  if (!l) return {quant::TensorRole::AttnQ, 0};
+  const size_t at = arch.layers.size() + 1;
+  return {l->role, std::stoll(name.substr(at, name.find('.', at) - at))};
+}
+
+// "blk.3.ffn_down.weight" for "model.layers.3.mlp.down_proj" (the name itself when the spec has none).
+std::string gguf_name_of(const models::ArchSpec& arch, const std::string& name) {
+  const models::ArchLinear* l = arch.layer_linear_of(name + ".weight");
+  if (!l || l->gguf.empty()) return name;
+  return str("blk.", role_of(arch, name).second, ".", l->gguf, ".weight");
+}
+
+const models::ModelConfig& lm_config(torch::nn::Module& model, const LoraConfig& cfg) {
+  auto* lm = dynamic_cast<models::CausalLM*>(&model);
+  QF_CHECK(lm, "peft.base ", base_name(cfg), ": the model is not a causal LM (its family spec gives each linear's role)");
+  return lm->cfg;
+}
+
+}  // namespace
+
+std::map<std::string, quant::MixChoice> mixture_types(torch::nn::Module& model, const LoraConfig& cfg,
+                                                      const std::string& output_layer, std::vector<std::string>* problems) {
+  std::map<std::string, quant::MixChoice> out;
+  if (cfg.base != BaseFormat::Blocks || cfg.block_mix.empty() || cfg.block_mix == kGgufTypes) return out;
+  const models::ModelConfig& c = lm_config(model, cfg);
+  const models::ArchSpec& arch = models::arch_spec(c.family);
+  const int64_t n_gqa = c.n_heads / std::max<int64_t>(1, c.kv_heads());  // llama.cpp's n_gqa(), as export uses it
+  const bool big = quant::is_70b(arch.gguf_arch, c.n_layers, c.n_heads, c.kv_heads());
+  std::vector<std::string> local;
+  auto& probs = problems ? *problems : local;
+  for (auto& ns : models::linear_slots(model)) {
+    if (!restores_base(cfg, ns.name, output_layer)) continue;
+    const auto [role, layer] = role_of(arch, ns.name);
+    try {
+      // No importance matrix: peft.base quantizes with the reference (unweighted) quantizers.
+      out[ns.name] = quant::mix_choice(cfg.block_mix, role, layer, c.n_layers, ns.slot->get()->in_features,
+                                       c.tie_embeddings, "", n_gqa, /*has_imatrix=*/false, big);
+    } catch (const InputError& e) {
+      probs.push_back(str("peft.mixture: ", cfg.block_mix, ": layer ", ns.name, " (", gguf_name_of(arch, ns.name),
+                          "): ", e.what(), " (peft.base quantizes without an importance matrix; pick another mixture)"));
+    }
+  }
+  if (!problems && !local.empty()) throw ConfigError(local);
+  return out;
+}
+
+namespace {
+
+// A mixture's choice for one linear: its blocks (the type recorded with them) or its float dtype.
+std::shared_ptr<models::LinearBase> mixture_base(const quant::MixChoice& c, const at::Tensor& weight, const at::Tensor& bias) {
+  if (c.rule == quant::Rule::Affine) return std::make_shared<models::HalfLinear>(weight, bias, float_dtype(c));
+  auto b = std::make_shared<quant::BlockLinear>(weight, bias, c.rule);
+  b->record_type();
+  return b;
+}
+
+// frozen_base for linear `name`: under peft.base mix its entry of `mix`.
+std::shared_ptr<models::LinearBase> frozen_base_of(const LoraConfig& cfg, const std::string& name,
+                                                   const std::map<std::string, quant::MixChoice>& mix,
+                                                   const at::Tensor& weight, const at::Tensor& bias) {
+  if (cfg.base == BaseFormat::Blocks && cfg.block_mix == kGgufTypes)
+    throw ConfigError(std::vector<std::string>{str(
+        "peft.base: gguf keeps the types of model.from's GGUF tensors, but layer ", name, " is not read from a GGUF "
+        "file's tensor (model.from must be a .gguf file, without run.init_from or quant rules); use peft.base "
+        "mix with peft.mixture (e.g. q4_k_m) to give each linear llama-quantize's type for it")});
+  if (cfg.base == BaseFormat::Blocks && !cfg.block_mix.empty()) {
+    auto it = mix.find(name);
+    TORCH_INTERNAL_ASSERT(it != mix.end(), "peft: no mixture type for ", name);
+    return mixture_base(it->second, weight, bias);
+  }
+  return frozen_base(cfg, weight, bias);
+}
+
+}  // namespace
+
 std::shared_ptr<models::LinearBase> frozen_base(const LoraConfig& cfg, const at::Tensor& weight, const at::Tensor& bias) {
+  QF_CHECK(cfg.base != BaseFormat::Blocks || cfg.block_mix.empty(), "peft: frozen_base of peft.base ", base_name(cfg),
+           " needs the layer (its type varies per linear)");
   switch (cfg.base) {
     case BaseFormat::Nf4: return std::make_shared<quant::Nf4Linear>(weight, bias, cfg.nf4_blocksize, cfg.nf4_double_quant);
     case BaseFormat::Bf16: return std::make_shared<models::HalfLinear>(weight, bias, at::kBFloat16);
@@ -311,14 +430,15 @@ models::LinearStreamer frozen_base_streamer(torch::nn::Module& model, const Lora
                                             const std::string& output_layer) {
   QF_CHECK(cfg.base != BaseFormat::Fp32, "peft: a frozen-base streamer needs a peft.base other than fp32");
   check_lora(model, cfg, output_layer);
+  const auto mix = mixture_types(model, cfg, output_layer);  // check_lora has reported its problems
   models::LinearStreamer s;
   s.claims = [cfg, output_layer](const std::string& name) { return restores_base(cfg, name, output_layer); };
-  s.build = [cfg](const std::string& name, const at::Tensor& w, const at::Tensor& b) -> std::shared_ptr<models::LinearBase> {
+  s.build = [cfg, mix](const std::string& name, const at::Tensor& w, const at::Tensor& b) -> std::shared_ptr<models::LinearBase> {
     if (cfg.base == BaseFormat::Packed)  // a float (or dequantized-only) tensor cannot become a packed base
       throw ConfigError(std::vector<std::string>{str(
           "peft.base: packed: layer ", name, " is not stored as GPTQ / AWQ / compressed-tensors int codes in model.from; "
           "packed keeps such a checkpoint's packed linears (use peft.base fp32, bf16, nf4 or a llama.cpp type here)")});
-    return frozen_base(cfg, w, b);
+    return frozen_base_of(cfg, name, mix, w, b);
   };
   if (cfg.base == BaseFormat::Nf4)
     // A bitsandbytes NF4 checkpoint in qforge's layout (the block size and double quant peft.nf4 asks
@@ -351,13 +471,36 @@ models::LinearStreamer frozen_base_streamer(torch::nn::Module& model, const Lora
       return std::make_shared<quant::Int8LtLinear>(quant::Int8Weight{parts.at("weight").clone(), parts.at("SCB").clone()},
                                                    b, cfg.int8_threshold);
     };
-  if (cfg.base == BaseFormat::Blocks)  // a GGUF file's tensor already in the asked type keeps its bytes
-    s.build_blocks = [cfg](const std::string&, uint32_t gguf_type, const at::Tensor& blocks, int64_t cols,
-                           const at::Tensor& b) -> std::shared_ptr<models::LinearBase> {
+  if (cfg.base == BaseFormat::Blocks) {
+    // A GGUF file's tensor already in the asked type (the layer's mixture type) keeps its bytes; under
+    // peft.base gguf every tensor keeps them, as blocks or (F32 / F16 / BF16) as that float.
+    const models::ArchSpec* arch = cfg.block_mix.empty() ? nullptr : &models::arch_spec(lm_config(model, cfg).family);
+    s.build_blocks = [cfg, mix, arch](const std::string& name, uint32_t gguf_type, const at::Tensor& blocks, int64_t cols,
+                                      const at::Tensor& b) -> std::shared_ptr<models::LinearBase> {
       const auto* t = quant::ggml::traits_by_gguf_id(gguf_type);
-      if (!t || t->rule != cfg.block_rule) return nullptr;
-      return std::make_shared<quant::BlockLinear>(cfg.block_rule, blocks.clone(), cols, b);
+      if (cfg.block_mix == kGgufTypes) {
+        if (t && t->rule != quant::Rule::Affine) {
+          auto l = std::make_shared<quant::BlockLinear>(t->rule, blocks.clone(), cols, b);
+          l->record_type();
+          return l;
+        }
+        if (t) {  // F32 / F16 / BF16: the file's rows as that dtype
+          const auto dt = t->gguf_id == 0 ? at::kFloat : t->gguf_id == 1 ? at::kHalf : at::kBFloat16;
+          return std::make_shared<models::HalfLinear>(blocks.view(dt).clone(), b, dt);
+        }
+        throw ConfigError(std::vector<std::string>{str(
+            "peft.base: gguf: tensor ", gguf_name_of(*arch, name), " (layer ", name, ") is stored as ",
+            quant::ggml::gguf_type_name(gguf_type), ", which qforge dequantizes but cannot quantize, so it cannot "
+            "train and merge on those blocks; use peft.base mix with peft.mixture (e.g. q4_k_m) or a block type (q4_k, "
+            "...) to re-quantize such tensors, or bf16 / nf4 to train on the dequantized weights")});
+      }
+      const quant::Rule want = cfg.block_mix.empty() ? cfg.block_rule : mix.at(name).rule;
+      if (!t || want == quant::Rule::Affine || t->rule != want) return nullptr;
+      auto l = std::make_shared<quant::BlockLinear>(want, blocks.clone(), cols, b);
+      if (!cfg.block_mix.empty()) l->record_type();
+      return l;
     };
+  }
   if (cfg.base == BaseFormat::Packed)
     s.build_packed = [](const std::string& name, const models::HfQuant& q, const std::map<std::string, at::Tensor>& parts,
                         int64_t out, int64_t in, const at::Tensor& b) -> std::shared_ptr<models::LinearBase> {
@@ -370,12 +513,22 @@ ApplyReport apply_lora(torch::nn::Module& model, const LoraConfig& cfg, const st
   auto slots = models::linear_slots(model);
   const std::vector<bool> wrap = validate(slots, model, cfg, output_layer);
   std::set<std::string> to_save(cfg.modules_to_save.begin(), cfg.modules_to_save.end());
+  const auto mix = mixture_types(model, cfg, output_layer);  // validate has reported its problems
+  auto mix_of = [&](const std::string& name) {
+    auto it = mix.find(name);
+    return it == mix.end() ? nullptr : &it->second;
+  };
 
-  if (cfg.base == BaseFormat::Packed) {  // nothing can re-store a float layer as a checkpoint's packed format
+  // Nothing can re-store a float layer as a checkpoint's packed format, nor in "the GGUF file's type".
+  const bool file_types = cfg.base == BaseFormat::Blocks && cfg.block_mix == kGgufTypes;
+  if (cfg.base == BaseFormat::Packed || file_types) {
     std::vector<std::string> problems;
     for (auto& ns : slots)
       if (restores_base(cfg, ns.name, output_layer) && !stored_as(*ns.slot->get(), cfg))
-        problems.push_back(str("peft.base: packed: layer ", ns.name, " is not a packed int linear; model.from must be "
+        problems.push_back(file_types ? str("peft.base: gguf: layer ", ns.name, " is not held as a GGUF tensor's own "
+                                            "blocks; model.from must be a .gguf file (and no run.init_from or quant "
+                                            "rules); use peft.base mix with peft.mixture (e.g. q4_k_m) for other sources")
+                                      : str("peft.base: packed: layer ", ns.name, " is not a packed int linear; model.from must be "
                                "a GPTQ, AWQ or compressed-tensors int checkpoint dir whose linears are all packed"));
     if (!problems.empty()) throw ConfigError(problems);
   }
@@ -386,7 +539,8 @@ ApplyReport apply_lora(torch::nn::Module& model, const LoraConfig& cfg, const st
     const bool fq = std::dynamic_pointer_cast<quant::FakeQuantLinear>(base) != nullptr;
     if (!fq && restores_base(cfg, slots[i].name, output_layer)) {
       // A base the streaming load already built in this format is kept as it is (frozen_base_streamer).
-      if (!stored_as(*base, cfg)) base = frozen_base(cfg, base->effective_weight(), base->bias_or_undefined());
+      if (!stored_as(*base, cfg, mix_of(slots[i].name)))
+        base = frozen_base_of(cfg, slots[i].name, mix, base->effective_weight(), base->bias_or_undefined());
       ++rep.n_frozen_converted;
       rep.base_weights += base->in_features * base->out_features;
       for (auto& b : base->buffers()) rep.base_bytes += b.numel() * b.element_size();
@@ -410,7 +564,7 @@ ApplyReport apply_lora(torch::nn::Module& model, const LoraConfig& cfg, const st
 }
 
 int64_t install_saved_bases(torch::nn::Module& model, const LoraConfig& cfg,
-                            const std::vector<std::pair<std::string, at::Tensor>>& state) {
+                            const std::vector<std::pair<std::string, at::Tensor>>& state, const std::string& output_layer) {
   if (cfg.base != BaseFormat::Blocks && cfg.base != BaseFormat::Packed) return 0;
   std::map<std::string, at::Tensor> by(state.begin(), state.end());
   auto saved = [&](const std::string& prefix, const char* part) {  // "<linear>.base_layer.<part>" or "<linear>.<part>"
@@ -425,9 +579,27 @@ int64_t install_saved_bases(torch::nn::Module& model, const LoraConfig& cfg,
     std::shared_ptr<models::LinearBase> base;
     if (cfg.base == BaseFormat::Blocks) {
       auto w = saved(ns.name, "weight");
-      if (w.defined() && w.scalar_type() == at::kByte)
-        base = std::make_shared<quant::BlockLinear>(cfg.block_rule, at::zeros(w.sizes(), at::kByte), m.in_features,
-                                                    bias ? at::zeros({m.out_features}) : at::Tensor());
+      const auto zb = bias ? at::zeros({m.out_features}) : at::Tensor();
+      if (w.defined() && w.scalar_type() == at::kByte) {
+        quant::Rule rule = cfg.block_rule;
+        const at::Tensor ty = saved(ns.name, "ggml_type");  // mix / gguf bases save their type
+        if (ty.defined()) {
+          const auto id = static_cast<uint32_t>(ty.item<int32_t>());
+          const auto* t = quant::ggml::traits_by_gguf_id(id);
+          QF_CHECK_INPUT(t && t->rule != quant::Rule::Affine, "checkpoint: ", ns.name, ".ggml_type ", id,
+                         " is not a llama.cpp block type qforge holds");
+          rule = t->rule;
+        } else {
+          QF_CHECK_INPUT(cfg.block_mix.empty(), "checkpoint: ", ns.name, " holds llama.cpp blocks without their ",
+                         "ggml_type, as a single-type peft.base saves them; the run config says peft.base ", base_name(cfg));
+        }
+        auto blk = std::make_shared<quant::BlockLinear>(rule, at::zeros(w.sizes(), at::kByte), m.in_features, zb);
+        if (ty.defined()) blk->record_type();
+        base = blk;
+      } else if (w.defined() && at::isFloatingType(w.scalar_type()) && !cfg.block_mix.empty() &&
+                 restores_base(cfg, ns.name, output_layer)) {  // a float choice of the mixture / file
+        base = std::make_shared<models::HalfLinear>(at::zeros(w.sizes(), w.scalar_type()), zb, w.scalar_type());
+      }
     } else if (auto qw = saved(ns.name, "qweight"); qw.defined()) {
       auto sc = saved(ns.name, "scales");
       const int64_t in = m.in_features;

@@ -12,6 +12,7 @@
 #include <ATen/core/Tensor.h>
 #include <torch/nn/module.h>
 
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -19,12 +20,16 @@
 #include "core/config.h"
 #include "models/hf.h"
 #include "models/linear.h"
+#include "quant/ggml_mix.h"
 #include "quant/spec.h"
 
 namespace qf::peft {
 
-// Blocks: a llama.cpp block type (peft.base: q4_k, ..., any block row of quant/ggml_types.h), the
-// frozen base held as the blocks that ship (quant::BlockLinear). Packed: a GPTQ / AWQ /
+// Blocks: llama.cpp blocks, the frozen base held as the blocks that ship (quant::BlockLinear): one
+// type for every linear (peft.base: q4_k, ..., any block row of quant/ggml_types.h), the type
+// llama-quantize's mixture gives each linear (peft.base: mix, peft.mixture: q4_k_m, any name of quant::mix_names():
+// llama_tensor_get_type's role / layer / GQA rules), or each GGUF tensor's own type (peft.base: gguf,
+// model.from a .gguf file). Packed: a GPTQ / AWQ /
 // compressed-tensors checkpoint's packed int linears kept packed (models::PackedIntLinear).
 enum class BaseFormat { Fp32, Bf16, Nf4, Int8, Blocks, Packed };
 
@@ -41,7 +46,12 @@ struct LoraConfig {
   std::vector<std::string> target_modules{"all-linear"};
   std::vector<std::string> modules_to_save;  // trained fully (e.g. lm_head), saved in the adapter
   BaseFormat base = BaseFormat::Fp32;        // storage of the frozen base linears (not lm_head)
-  quant::Rule block_rule = quant::Rule::Affine;  // base Blocks: the llama.cpp type's rule
+  quant::Rule block_rule = quant::Rule::Affine;  // base Blocks, one type: the llama.cpp type's rule
+  // base Blocks per linear: a llama-quantize mixture name (peft.mixture, with peft.base: mix) or "gguf" (the
+  // file's own types); "" = block_rule everywhere. A mixture's float choice (its F16 fallback for a width
+  // no block divides; mixture f16 / f32) and a GGUF's F32 / F16 / BF16 linears are held in that float
+  // dtype (models::HalfLinear), which exact_merge leaves unrounded.
+  std::string block_mix;
   int64_t nf4_blocksize = 64;
   bool nf4_double_quant = true;
   double int8_threshold = 6.0;               // base int8: Linear8bitLt's activation outlier threshold (0: all int8)
@@ -53,8 +63,10 @@ struct LoraConfig {
   static LoraConfig from_config(cfg::Reader& r);  // calls r.finish()
 };
 const char* base_format_name(BaseFormat f);
-// cfg.base as the recipe spells it ("q4_k" for a block base).
+// cfg.base as the recipe spells it ("q4_k", "mix q4_k_m" or "gguf" for a block base).
 std::string base_name(const LoraConfig& cfg);
+// peft.base gguf: keep each GGUF tensor's own type.
+inline constexpr const char* kGgufTypes = "gguf";
 
 // The LoRA factor holder, so parameter names read "<layer>.lora_A.weight" as in PEFT.
 struct LoraFactor : torch::nn::Module {
@@ -113,10 +125,20 @@ std::shared_ptr<models::LinearBase> frozen_base(const LoraConfig& cfg, const at:
 models::LinearStreamer frozen_base_streamer(torch::nn::Module& model, const LoraConfig& cfg,
                                             const std::string& output_layer);
 // A run's checkpoint rebuilt (trainer/run_dir): every linear whose frozen base the checkpoint `state`
-// holds as llama.cpp blocks (peft.base <type>) or packed ints (peft.base packed) gets a zero-filled base
-// of that geometry before apply_lora (which keeps it) and the state load fills it. Returns the number.
+// holds as llama.cpp blocks (peft.base <type>, mix, gguf: each in the type its `ggml_type`
+// buffer saved) or packed ints (peft.base packed) gets a zero-filled base of that geometry before
+// apply_lora (which keeps it) and the state load fills it; under mix / gguf a float base (an F16 / F32
+// choice) is rebuilt in its saved dtype. Returns the number.
 int64_t install_saved_bases(torch::nn::Module& model, const LoraConfig& cfg,
-                            const std::vector<std::pair<std::string, at::Tensor>>& state);
+                            const std::vector<std::pair<std::string, at::Tensor>>& state,
+                            const std::string& output_layer = "lm_head");
+// peft.base mix: the storage llama-quantize's mixture gives each linear apply_lora re-stores
+// (full name -> quant::MixChoice: a block rule, or F16 / F32), from the model's family spec (role,
+// layer index), layer count and GQA ratio. `problems` (if given) collects a width no type of the
+// mixture fits and q2_k_s's imatrix requirement, naming the layer; without it they throw ConfigError.
+std::map<std::string, quant::MixChoice> mixture_types(torch::nn::Module& model, const LoraConfig& cfg,
+                                                      const std::string& output_layer,
+                                                      std::vector<std::string>* problems = nullptr);
 // Replaces every LoraLinear by its merged base; returns the number merged.
 int64_t merge_lora(torch::nn::Module& model);
 // Every LoraLinear under `model`: (full name, module).

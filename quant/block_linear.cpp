@@ -55,6 +55,12 @@ std::shared_ptr<QuantizedLinear> BlockLinear::packed(const at::Tensor& w) const 
   return q;
 }
 
+BlockLinear& BlockLinear::record_type() {
+  const auto id = static_cast<int32_t>(ggml::traits(rule).gguf_id);
+  register_buffer("ggml_type", at::full({1}, id, at::TensorOptions().dtype(at::kInt).device(weight.device())));
+  return *this;
+}
+
 int64_t BlockLinear::stored_bytes() const {
   return weight.numel() + (bias.defined() ? bias.numel() * bias.element_size() : 0);
 }

@@ -10,7 +10,10 @@
 //    quant and a straight-through gradient to delta: LoRA's exact merge, so quantize(W + s·BA)
 //    into the same type reproduces the trained layer bit for bit (packed());
 //  - packed(w) is the QuantizedLinear convert would hold for this type: its own blocks, or
-//    ggml::quantize(w) — the exporters write its qweight as the GGUF tensor's bytes.
+//    ggml::quantize(w) — the exporters write its qweight as the GGUF tensor's bytes;
+//  - with record_type() (bases whose type varies per linear: peft.base mix / gguf) the
+//    buffer `ggml_type` (int32 [1], the GGUF type id) saves the type with the blocks, so a checkpoint
+//    rebuilds each linear in its own type (peft::install_saved_bases); a single-type base has none.
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -42,6 +45,8 @@ class BlockLinear : public models::FrozenLinear {
   std::shared_ptr<QuantizedLinear> packed(const at::Tensor& weight = {}) const;
   const QuantSpec& spec() const { return spec_; }  // the type's preset (quant/spec.h)
   int64_t stored_bytes() const;                    // blocks + bias
+  // Adds the `ggml_type` buffer (see above); returns *this.
+  BlockLinear& record_type();
   void pretty_print(std::ostream& s) const override;
   at::Tensor weight;  // uint8 blocks, ggml's row layout
   const Rule rule;

@@ -5,10 +5,17 @@
 //  - apply_lora on a block base: a fresh adapter changes nothing; only A, B train; exact merge
 //    trains against fq(W + s·BA) and merge + re-quantize reproduces the trained layer bit for bit;
 //  - a rebuilt checkpoint (install_saved_bases + state load) is the trained model;
+//  - per-linear types: peft.base mix (peft.mixture) gives each linear llama-quantize's type (role, layer,
+//    GQA rules, width fallbacks; impossible widths refused naming the layer), exact merge re-quantizes
+//    each into its own type, checkpoints rebuild each type; peft.base gguf keeps whatever a GGUF tensor
+//    is stored as (F16 as F16) and refuses float sources and types qforge cannot quantize (IQ2_XXS);
 //  - the packed int layout decodes exactly as dequantize_linear of GPTQ (v1/v2, g_idx, 8-bit), AWQ
 //    and compressed-tensors (pack-quantized with/without zero points, int8) parts.
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
+
+#include <map>
+#include <set>
 
 #include "core/error.h"
 #include "models/hf_quantized.h"
@@ -354,4 +361,203 @@ TEST(PackedBase, ApplyLoraKeepsPackedBasesAndRefusesFloatOnes) {
   at::NoGradGuard ng;
   auto x = at::randint(64, {1, 8}, at::kLong);
   EXPECT_TRUE(at::equal(m2->forward(x), m->forward(x)));
+}
+
+// ---- per-linear types: peft.base mix:<llama-quantize mixture> and peft.base gguf ----
+namespace {
+
+// 8 layers, 4 query heads per 2 KV heads: use_more_bits picks layers 0, 3, 6, 7.
+std::shared_ptr<models::CausalLM> deep(uint64_t seed = 5, int64_t kv_heads = 2) {
+  auto c = wide();
+  c.n_layers = 8;
+  c.n_kv_heads = kv_heads;
+  at::manual_seed(seed);
+  auto m = models::build_model(c);
+  m->init_weights(seed);
+  return m;
+}
+
+LoraConfig mixed(const std::string& mix, bool exact = false) {
+  auto c = lora("q4_k", exact);
+  c.block_mix = mix;
+  return c;
+}
+
+// "q4_K" per linear under model.layers.<i>.<leaf>, for the LoRA layers' bases.
+std::map<std::string, std::string> base_types(torch::nn::Module& m) {
+  std::map<std::string, std::string> out;
+  for (auto& [name, l] : lora_layers(m)) {
+    if (auto* b = dynamic_cast<quant::BlockLinear*>(l->base.get())) out[name] = quant::ggml::traits(b->rule).ggml_name;
+    else if (auto* h = dynamic_cast<models::HalfLinear*>(l->base.get())) out[name] = c10::toString(h->weight.scalar_type());
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST(MixedBase, ConfigSpellsMixturesAndTheFileTypes) {
+  auto c = qf::testing::parse_section<LoraConfig>("peft: {r: 4, base: mix, mixture: q4_k_m, exact_merge: true}", "peft");
+  EXPECT_EQ(c.base, BaseFormat::Blocks);
+  EXPECT_EQ(c.block_mix, "q4_k_m");
+  EXPECT_EQ(base_name(c), "mix q4_k_m");
+  // q2_k is the block type, mixture q2_k llama-quantize's Q2_K mixture (attn_v / ffn_down / attn_output bumped)
+  EXPECT_TRUE(qf::testing::parse_section<LoraConfig>("peft: {base: q2_k}", "peft").block_mix.empty());
+  EXPECT_EQ(qf::testing::parse_section<LoraConfig>("peft: {base: mix, mixture: q2_k}", "peft").block_mix, "q2_k");
+  auto g = qf::testing::parse_section<LoraConfig>("peft: {base: gguf}", "peft");
+  EXPECT_EQ(g.base, BaseFormat::Blocks);
+  EXPECT_EQ(base_name(g), "gguf");
+  const std::vector<std::pair<std::string, std::string>> bad{
+      {"base: q4_k_m", "peft.base: 'q4_k_m' is not allowed"},
+      {"base: mix", "peft.mixture: peft.base: mix needs"},
+      {"base: mix, mixture: q9_k", "peft.mixture: 'q9_k' is not a llama-quantize mixture; expected one of f32"},
+      {"base: q4_k, mixture: q4_k_m", "peft.mixture: is read only with peft.base: mix (got peft.base q4_k)"}};
+  for (const auto& [yaml, want] : bad) {
+    const auto e = qf::testing::config_error_of([&] { qf::testing::parse_section<LoraConfig>("peft: {" + yaml + "}", "peft"); });
+    EXPECT_NE(e.find(want), std::string::npos) << e;
+  }
+}
+
+TEST(MixedBase, EachLinearGetsLlamaQuantizesType) {
+  auto m = deep();
+  apply_lora(*m, mixed("q4_k_m"), "lm_head");
+  auto t = base_types(*m);
+  ASSERT_EQ(t.size(), 56u);
+  for (int i = 0; i < 8; ++i) {
+    const std::string p = "model.layers." + std::to_string(i) + ".";
+    const bool more = i == 0 || i == 3 || i == 6 || i == 7;  // use_more_bits(i, 8)
+    EXPECT_EQ(t[p + "self_attn.v_proj"], more ? "q6_K" : "q4_K") << i;
+    EXPECT_EQ(t[p + "mlp.down_proj"], more ? "q6_K" : "q4_K") << i;
+    for (const char* leaf : {"self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj"})
+      EXPECT_EQ(t[p + leaf], "q4_K") << p << leaf;
+  }
+  // q3_k_m: attn_v Q5_K in layers 0-1 then Q4_K, attn_output Q4_K, ffn_down Q4_K (n/16 = 0 layers at Q5_K)
+  auto m3 = deep();
+  apply_lora(*m3, mixed("q3_k_m"), "lm_head");
+  auto t3 = base_types(*m3);
+  EXPECT_EQ(t3["model.layers.1.self_attn.v_proj"], "q5_K");
+  EXPECT_EQ(t3["model.layers.2.self_attn.v_proj"], "q4_K");
+  EXPECT_EQ(t3["model.layers.5.self_attn.o_proj"], "q4_K");
+  EXPECT_EQ(t3["model.layers.0.mlp.down_proj"], "q4_K");
+  EXPECT_EQ(t3["model.layers.4.mlp.up_proj"], "q3_K");
+  // q2_k with 4 query heads per KV head: attn_v Q4_K (the GQA rule); ffn_down / attn_output Q3_K
+  auto m2 = deep(5, 1);
+  apply_lora(*m2, mixed("q2_k"), "lm_head");
+  auto t2 = base_types(*m2);
+  EXPECT_EQ(t2["model.layers.3.self_attn.v_proj"], "q4_K");
+  EXPECT_EQ(t2["model.layers.3.mlp.down_proj"], "q3_K");
+  EXPECT_EQ(t2["model.layers.3.self_attn.o_proj"], "q3_K");
+  EXPECT_EQ(t2["model.layers.3.mlp.gate_proj"], "q2_K");
+  // every choice is quant::mix_choice's (what `export --quant` writes for the float model)
+  for (auto& [name, rule] : mixture_types(*m, mixed("q5_k_m"), "lm_head"))
+    EXPECT_NE(rule.rule, quant::Rule::Affine) << name;
+}
+
+TEST(MixedBase, WidthsFallBackAsLlamaCppOrAreRefusedNamingTheLayer) {
+  // tiny_llama's 64-wide rows: Q4_K -> Q5_0 and Q6_K -> Q8_0, llama.cpp's fallbacks
+  at::manual_seed(1);
+  auto narrow = models::build_model(qf::testing::tiny_llama());
+  apply_lora(*narrow, mixed("q4_k_m"), "lm_head");
+  auto t = base_types(*narrow);
+  EXPECT_EQ(t["model.layers.0.self_attn.q_proj"], "q5_0");
+  EXPECT_EQ(t["model.layers.1.self_attn.v_proj"], "q8_0");  // use_more_bits(1, 2): Q6_K's fallback
+  // q1_0 has no fallback (llama-quantize stops); q2_k_s needs an importance matrix: one ConfigError each
+  at::manual_seed(1);
+  auto n2 = models::build_model(qf::testing::tiny_llama());
+  const auto e = qf::testing::config_error_of([&] { apply_lora(*n2, mixed("q1_0"), "lm_head"); });
+  EXPECT_NE(e.find("peft.mixture: q1_0: layer model.layers.0.self_attn.q_proj (blk.0.attn_q.weight)"), std::string::npos) << e;
+  EXPECT_TRUE(lora_layers(*n2).empty());
+  auto m = deep();
+  const auto e2 = qf::testing::config_error_of([&] { apply_lora(*m, mixed("q2_k_s"), "lm_head"); });
+  EXPECT_NE(e2.find("importance matrix"), std::string::npos) << e2;
+}
+
+TEST(MixedBase, ExactMergeRequantizesEachLinearIntoItsOwnType) {
+  auto m = deep();
+  apply_lora(*m, mixed("q4_k_m", /*exact=*/true), "lm_head");
+  randomize_b(*m, 0.05);
+  std::set<quant::Rule> seen;
+  at::NoGradGuard ng;
+  for (auto& [name, l] : lora_layers(*m)) {
+    auto* blk = dynamic_cast<quant::BlockLinear*>(l->base.get());
+    ASSERT_TRUE(blk && l->exact) << name;
+    seen.insert(blk->rule);
+    const auto trained = l->effective_weight();  // fq_T(deq + s·BA), what the forward used
+    EXPECT_TRUE(at::equal(trained, quant::fake_quant_values(blk->effective_weight() + l->delta(), blk->spec()))) << name;
+    auto packed = blk->packed(l->merged_weight());  // what export writes: W + s·BA in the layer's own type
+    EXPECT_EQ(packed->weight_spec().rule, blk->rule) << name;
+    EXPECT_TRUE(at::equal(packed->effective_weight(), trained)) << name;
+  }
+  EXPECT_EQ(seen, (std::set<quant::Rule>{quant::Rule::GgmlQ4_K, quant::Rule::GgmlQ6_K}));
+}
+
+TEST(MixedBase, SavedRunsRebuildEachLinearInItsType) {
+  for (const bool exact : {false, true}) {
+    auto m = deep();
+    auto cfg = mixed("q4_k_m", exact);
+    apply_lora(*m, cfg, "lm_head");
+    randomize_b(*m, 0.05);
+    const auto state = models::model_state(*m);
+    auto m2 = deep(77);
+    EXPECT_EQ(install_saved_bases(*m2, cfg, state), 56);
+    apply_lora(*m2, cfg, "lm_head");
+    models::load_model_state(*m2, state, "saved");
+    EXPECT_EQ(base_types(*m2), base_types(*m));
+    EXPECT_TRUE(at::equal(logits(*m2), logits(*m))) << exact;
+  }
+}
+
+TEST(GgufTypesBase, KeepsEveryStoredTypeAndRefusesWhatItCannotQuantize) {
+  auto m = model();
+  auto cfg = mixed(kGgufTypes);
+  // A float model is no GGUF file: refused before anything changes, naming the layer and the way out
+  const auto e = qf::testing::config_error_of([&] { apply_lora(*m, cfg, "lm_head"); });
+  EXPECT_NE(e.find("peft.base: gguf: layer model.layers.0.self_attn.q_proj is not held as a GGUF tensor"), std::string::npos) << e;
+  EXPECT_NE(e.find("peft.base mix"), std::string::npos) << e;
+  EXPECT_TRUE(lora_layers(*m).empty());
+  const auto streamer = frozen_base_streamer(*m, cfg, "lm_head");
+  const auto se = qf::testing::config_error_of([&] { streamer.build("model.layers.0.mlp.up_proj", at::zeros({512, 256}), {}); });
+  EXPECT_NE(se.find("not read from a GGUF"), std::string::npos) << se;
+  // What load_gguf_weights offers: each tensor's bytes and GGUF type id
+  auto g = at::detail::createCPUGenerator(8);
+  std::map<std::string, std::string> want;
+  const std::vector<uint32_t> ids{12, 14, 2, 8, 13, 11, 1};  // Q4_K Q6_K Q4_0 Q8_0 Q5_K Q3_K F16
+  size_t k = 0;
+  for (auto& ns : models::linear_slots(*m)) {
+    if (ns.name == "lm_head") continue;
+    const auto& d = *ns.slot->get();
+    const auto w = at::randn({d.out_features, d.in_features}, g) * 0.05;
+    const uint32_t id = ids[k++ % ids.size()];
+    const auto* t = quant::ggml::traits_by_gguf_id(id);
+    const auto bytes = t->rule == quant::Rule::Affine ? w.to(at::kHalf).view(at::kByte) : quant::ggml::quantize(w, t->rule);
+    auto built = streamer.build_blocks(ns.name, id, bytes, d.in_features, {});
+    ASSERT_TRUE(built) << ns.name;
+    EXPECT_TRUE(at::equal(built->effective_weight(),
+                          t->rule == quant::Rule::Affine ? w.to(at::kHalf).to(at::kFloat)
+                                                         : quant::ggml::dequantize(bytes, t->rule, d.in_features)))
+        << ns.name;
+    want[ns.name] = t->rule == quant::Rule::Affine ? "Half" : t->ggml_name;
+    ns.slot->replace(built);
+  }
+  // IQ2_XXS (id 16): qforge dequantizes it but cannot quantize it: refused naming the tensor and type
+  const auto iq = qf::testing::config_error_of(
+      [&] { streamer.build_blocks("model.layers.1.mlp.down_proj", 16, at::zeros({256, 66 * 2}, at::kByte), 512, {}); });
+  EXPECT_NE(iq.find("tensor blk.1.ffn_down.weight (layer model.layers.1.mlp.down_proj) is stored as IQ2_XXS"),
+            std::string::npos) << iq;
+  auto rep = apply_lora(*m, mixed(kGgufTypes, /*exact=*/true), "lm_head");
+  EXPECT_EQ(rep.n_frozen_converted, 14);
+  EXPECT_EQ(base_types(*m), want);  // every layer kept as built: no re-quantization
+  randomize_b(*m, 0.05);
+  // the checkpoint rebuilds each layer in its own type (the ggml_type buffer), F16 as F16
+  const auto state = models::model_state(*m);
+  auto m2 = model(77);
+  EXPECT_EQ(install_saved_bases(*m2, mixed(kGgufTypes), state), 14);
+  apply_lora(*m2, mixed(kGgufTypes, true), "lm_head");
+  models::load_model_state(*m2, state, "saved");
+  EXPECT_EQ(base_types(*m2), want);
+  EXPECT_TRUE(at::equal(logits(*m2), logits(*m)));
+  // a single-type checkpoint has no ggml_type: refused under a per-linear base, not misread
+  auto m3 = model();
+  apply_lora(*m3, lora("q4_k"), "lm_head");
+  auto m4 = model();
+  EXPECT_THROW(install_saved_bases(*m4, mixed("q4_k_m"), models::model_state(*m3)), InputError);
 }
