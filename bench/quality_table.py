@@ -14,16 +14,20 @@ Pipeline (every stage is skipped when its output exists under --work, so a run r
        qforge PTQ           `qforge train` with quant.init gptq (Q4_0: its q4_0/q4_1 linears) or awq
                             (the other types; GPTQ has no K/IQ/TQ column quantizer), no training
                             steps, each decoder linear in the type llama-quantize+imat chose for it,
-                            exported (`--quant MIX`; then token_embd/output into the mixture's types
-                            by llama_model_quantize, the linears copied: see finish_mixture);
-       qforge QAT           --qat-steps of fake-quant training from the float model with those
-                            per-tensor types, exported the same way (the trained blocks kept);
-       QAT+LoRA on base     LoRA (r 16, all linears) on the served base (`peft.base: <the type's
-                            block>`, blocks of the float weights without an imatrix) with exact_merge,
-                            --lora-steps, then the merged GGUF (`export --format gguf`, token_embd/output
-                            as the mixture by llama_model_quantize --pure):
-                            one block type for every linear (peft.base takes one), so the
-                            mixture's bumped tensors (attn_v, ffn_down) stay at the base type;
+                            exported with `export --format gguf --quant MIX --float-tensors mixture
+                            --imatrix` (the packed linears as they are, token_embd / output in the
+                            mixture's types and bytes as llama-quantize gives them);
+       qforge QAT           --qat-steps of fake-quant training with those per-tensor types (token_embd
+                            and output too: quant.embedding and an lm_head rule), started
+                            from the qforge PTQ result (quant.init as that row) and distilled from the
+                            float model (`distill: {teacher: init}`: the loss is KL(float || model)
+                            per token, so training reproduces the float model instead of drifting
+                            from it on the labels), exported the same way (the trained blocks kept);
+       QAT+LoRA on base     LoRA (r 16, all linears) on the served base (`peft: {base: mix, mixture:
+                            MIX}`: each linear's blocks in llama-quantize's type for it, quantized from
+                            the float weights without an imatrix, so iq4_xs's ffn_down may differ from
+                            the +imatrix choice) with exact_merge, distilled from the float model as
+                            QAT is, --lora-steps, then the merged GGUF exported the same way;
   4. each GGUF's llama.cpp logits on the same windows against the reference's: llama.cpp's
      perplexity --kl-divergence statistics (tests/interop/test_kld_gate.scoreboard: mean KLD
      +- stderr, p99, same top %, RMS delta-p, PPL), bits per weight from the file's tensor data;
@@ -60,10 +64,13 @@ TYPES = {
 }
 METHODS = ["llama-quantize", "llama-quantize+imatrix", "qforge PTQ", "qforge QAT", "QAT+LoRA on base"]
 SCALES = {  # recipe, float steps, QAT / LoRA steps, held-out batches (x trainer.batch_size windows), imatrix windows
-    "small": dict(recipe="configs/quality_table_small.yaml", qat_steps=30, lora_steps=30, eval_batches=4, imatrix_chunks=64,
-                  qat_lr=1.0e-4, lora_lr=1.0e-3, save_every=0),
+    # qat_lr / lora_lr: the small model's sweep (distilled Q4_K_M, qforge's scoreboard, mean KLD from the
+    # float model; AWQ alone 1.85e-4): QAT lr 3e-4 / 1e-4 / 3e-5 / 1e-5 x 30 steps 9.6e-4 / 1.8e-4 / 9.1e-5 /
+    # 9.5e-5, 3e-5 x 100 steps 6.8e-5; LoRA (q4_k base) lr 1e-3 / 3e-4 x 30 steps 1.42e-4 / 1.50e-4.
+    "small": dict(recipe="configs/quality_table_small.yaml", qat_steps=100, lora_steps=100, eval_batches=4, imatrix_chunks=64,
+                  qat_lr=3.0e-5, lora_lr=1.0e-3, save_every=0),
     "50m": dict(recipe="configs/quality_table_50m.yaml", qat_steps=150, lora_steps=150, eval_batches=4, imatrix_chunks=128,
-                qat_lr=5.0e-5, lora_lr=5.0e-4, save_every=50),
+                qat_lr=2.0e-5, lora_lr=5.0e-4, save_every=50),
 }
 GGUF_TO_HF = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
@@ -111,28 +118,6 @@ def rules_from(types):
             rules.append({"pattern": f"model.layers.{m.group(1)}.{GGUF_TO_HF[m.group(2)]}",
                           "weight": {"preset": ty.lower()}})
     return rules
-
-
-def finish_mixture(raw, dst, mix, mix_types, imv, one_type, nthread):
-    """qforge's export of a packed model keeps its float-held tensors (token_embd, output) in F32, so
-    llama.cpp would run them unquantized. llama_model_quantize (llama-quantize) of that file gives
-    them the mixture's types and copies every decoder linear, whose type already equals the one it
-    would choose (it never re-quantizes: allow_requantize stays off, so a linear of another type is
-    an error, not a silent change): with the imatrix, so the imatrix-dependent rules choose as for
-    llama-quantize+imatrix; a LoRA-on-base run holds one block type, so there --pure with the
-    mixture's output / token_embd types. The linears' bytes are checked to be unchanged."""
-    import gguf
-    from llama_ref import llama_quantize
-    if one_type:
-        llama_quantize(raw, dst, mix, nthread=nthread, pure=True, output_type=mix_types["output.weight"],
-                       token_embd_type=mix_types["token_embd.weight"])
-    else:
-        llama_quantize(raw, dst, mix, nthread=nthread, imatrix=imv)
-    a = {t.name: (t.tensor_type.name, bytes(t.data)) for t in gguf.GGUFReader(raw).tensors}
-    b = {t.name: (t.tensor_type.name, bytes(t.data)) for t in gguf.GGUFReader(dst).tensors}
-    for n, v in a.items():
-        if n not in ("token_embd.weight", "output.weight") and b[n] != v:
-            raise RuntimeError(f"{dst}: llama_model_quantize changed {n} ({v[0]} -> {b[n][0]})")
 
 
 def write_recipe(path, base, body):
@@ -240,24 +225,6 @@ def main():
     _, fp_bpw, _ = gguf_types(fp_gguf)
     n_params = sum(int(np.prod(x.shape)) for x in __import__("gguf").GGUFReader(fp_gguf).tensors)
 
-    # The float control: the QAT recipe's steps without fake quant. QAT keeps training the model, so
-    # its KLD against the float model includes this drift; the control measures it.
-    ctl = os.path.join(W, "fp_control")
-    ctl_gguf = os.path.join(W, "fp_control_f32.gguf")
-    if not done(ctl_gguf):
-        rec = os.path.join(W, "fp_control.yaml")
-        write_recipe(rec, recipe, f"run: {{init_from: {fp}, out_dir: {ctl}}}\n"
-                     f"trainer: {{eval_every: 0, save_every: {sc['save_every']}, optim: {{lr: {sc['qat_lr']}, weight_decay: 0.0}}, "
-                     f"schedule: {{type: cosine, warmup_steps: 10, min_lr_ratio: 0.1}}, max_steps: {qat_steps}}}\n"
-                     "sample: {prompts: []}\n")
-        if not done(os.path.join(ctl, "train_summary.json")):
-            log(f"float control ({rec})")
-            sh(Q, "-q", "train", rec, log_to=cmdlog)
-        sh(Q, "-q", "export", ctl, "--format", "gguf", "--quant", "f32", "--out", ctl_gguf, log_to=cmdlog)
-    Lc, _ = rows(llama_logits(ctl_gguf, tokens, a.threads), tokens, mask)
-    control = stats(ref_logits, Lc, tgt)
-    log(f"float control ({qat_steps} steps, no fake quant): KLD {control['kld']:.5f} PPL {control['ppl']:.3f}")
-
     results = {}
     for label in types:
         mix, base_type, ptq = TYPES[label]
@@ -271,6 +238,9 @@ def main():
             llama_quantize(fp_gguf, files["llama-quantize+imatrix"], mix, nthread=a.threads, imatrix=imv)
         mix_types, _, _ = gguf_types(files["llama-quantize+imatrix"])
         rules = json.dumps(rules_from(mix_types))
+        qat_rules = json.dumps([{"pattern": "lm_head", "weight": {"preset": mix_types["output.weight"].lower()}}]
+                               + rules_from(mix_types))
+        embd_type = mix_types["token_embd.weight"].lower()
         common = (f"run: {{init_from: {fp}, out_dir: OUT}}\nquant: {{rules: {rules}, fake_quant_after_steps: 0{{extra}}}}\n"
                   "trainer: {eval_every: 0, save_every: SAVE, optim: {lr: LR, weight_decay: 0.0}, "
                   "schedule: {type: cosine, warmup_steps: WARM, min_lr_ratio: 0.1}, max_steps: STEPS}\n"
@@ -278,14 +248,18 @@ def main():
         jobs = {
             "qforge PTQ": (f"ptq_{mix}", common.replace("{extra}", f", init: {ptq}").replace("LR", "1.0e-4")
                            .replace("WARM", "0").replace("STEPS", "0").replace("SAVE", "0")),
-            "qforge QAT": (f"qat_{mix}", common.replace("{extra}", "").replace("LR", str(sc["qat_lr"]))
-                           .replace("WARM", "10").replace("STEPS", str(qat_steps)).replace("SAVE", str(sc["save_every"]))),
+            # QAT also fake-quantizes token_embd and output in the mixture's types (quant.embedding and an
+            # lm_head rule), so the trained model is the file llama.cpp runs, not only its linears.
+            "qforge QAT": (f"qat_{mix}", common.replace(rules, qat_rules)
+                           .replace("{extra}", f", init: {ptq}, exclude: [], embedding: {{preset: {embd_type}}}")
+                           .replace("LR", str(sc["qat_lr"])).replace("WARM", "10").replace("STEPS", str(qat_steps))
+                           .replace("SAVE", str(sc["save_every"])) + "distill: {teacher: init}\n"),
             "QAT+LoRA on base": (f"lora_{mix}", f"run: {{init_from: {fp}, out_dir: OUT}}\n"
-                                 f"peft: {{r: 16, alpha: 32, dropout: 0.0, target_modules: [all-linear], base: {base_type}, "
+                                 f"peft: {{r: 16, alpha: 32, dropout: 0.0, target_modules: [all-linear], base: mix, mixture: {mix}, "
                                  f"exact_merge: true, save_adapter: false}}\n"
                                  f"trainer: {{eval_every: 0, save_every: {sc['save_every']}, optim: {{lr: {sc['lora_lr']}, weight_decay: 0.0}}, "
                                  f"schedule: {{type: cosine, warmup_steps: 10, min_lr_ratio: 0.1}}, max_steps: {lora_steps}}}\n"
-                                 "sample: {prompts: []}\n"),
+                                 "sample: {prompts: []}\ndistill: {teacher: init}\n"),
         }
         for method, (name, body) in jobs.items():
             out = os.path.join(W, name)
@@ -299,11 +273,15 @@ def main():
                     log(f"{label}: {method} ({rec})")
                     _, timings[f"{name}_s"] = sh(Q, "-q", "train", rec, log_to=cmdlog)
                 src = os.path.join(out, "converted") if done(os.path.join(out, "converted")) else out
-                raw = os.path.join(W, f"{name}_qforge.gguf")
-                if not done(raw):  # packed decoder linears (export refuses --imatrix for them)
-                    sh(Q, "-q", "export", src, "--format", "gguf", "--quant", mix, "--out", raw, log_to=cmdlog)
-                finish_mixture(raw, files[method], mix, mix_types, imv, one_type=method == "QAT+LoRA on base",
-                               nthread=a.threads)
+                # The packed decoder linears as they are; token_embd / output in the mixture's types
+                # (--float-tensors mixture: llama-quantize's choice and bytes for them).
+                sh(Q, "-q", "export", src, "--format", "gguf", "--quant", mix, "--float-tensors", "mixture",
+                   "--imatrix", imat, "--out", files[method], log_to=cmdlog)
+                ty, _, _ = gguf_types(files[method])
+                off = sorted(n for n, t in mix_types.items() if ty.get(n) != t)
+                if off:
+                    log(f"{label}: {method}: {len(off)} tensor(s) not in llama-quantize+imatrix's type: "
+                        + ", ".join(f"{n} {ty.get(n)} vs {mix_types[n]}" for n in off[:6]))
             except RuntimeError as e:
                 files[method] = None
                 R[method] = {"error": str(e).splitlines()[0][:300], "detail": str(e)[-1500:]}
@@ -316,7 +294,7 @@ def main():
             if done(cache):
                 with open(cache) as f:
                     c = json.load(f)
-                if c.pop("stamp") == stamp and (method != "qforge QAT" or "vs_control" in c):
+                if c.pop("stamp") == stamp:
                     R[method] = c
                     log(f"{label:7s} {method:24s} KLD {c['kld']:.5f} (cached: {os.path.relpath(cache, ROOT)})")
                     continue
@@ -327,9 +305,6 @@ def main():
             r.update(bpw=bpw, bpw_linears=bpw_lin, file=os.path.relpath(files[method], ROOT),
                      file_bytes=os.path.getsize(files[method]),
                      types=dict(sorted({v: sum(1 for x in ty.values() if x == v) for v in set(ty.values())}.items())))
-            if method == "qforge QAT":  # against the float model trained the same steps: quantization without drift
-                v = stats(Lc, L, tgt)
-                r["vs_control"] = {k: v[k] for k in ("kld", "kld_unc", "kld_p99", "same_top", "rms_dp", "ppl_ref")}
             if method in ("qforge QAT", "QAT+LoRA on base"):
                 ours, _ = rows(hf_logits(files[method], files[method][:-5] + "_hf", tokens), tokens, mask)
                 res = stats(ours, L, tgt)
@@ -356,9 +331,9 @@ def main():
         "params": n_params, "fp_bpw": fp_bpw,
         "windows": int(tokens.shape[0]), "window_tokens": int(tokens.shape[1]), "scored_tokens": int(mask.sum()),
         "ptq_method": {k: v[2] for k, v in TYPES.items() if k in types},
-        "lora_base": {k: v[1] for k, v in TYPES.items() if k in types},
+        "lora_base": {k: v[0] for k, v in TYPES.items() if k in types},
         "seconds": round(time.time() - t_start, 1), "timings_s": {k: round(v, 1) for k, v in timings.items()},
-        "fp_control": control,
+        "qat_lr": sc["qat_lr"], "lora_lr": sc["lora_lr"], "distill": "teacher: init (the float model), kd_weight 1, T 1",
         "results": results,
     }
     out["goals"] = goals(results)
@@ -382,11 +357,8 @@ def goals(results):
             continue
         g[label] = {m: round(100.0 * (ref - R[m]["kld"]) / ref, 1) for m in ("qforge PTQ", "qforge QAT", "QAT+LoRA on base")
                     if "kld" in R.get(m, {})}
-    gc = {label: round(100.0 * (R["llama-quantize+imatrix"]["kld"] - R["qforge QAT"]["vs_control"]["kld"]) /
-                       R["llama-quantize+imatrix"]["kld"], 1)
-          for label, R in results.items() if "vs_control" in R.get("qforge QAT", {}) and R.get("llama-quantize+imatrix", {}).get("kld")}
     low = [g[t]["qforge QAT"] for t in ("Q2_K", "Q3_K_M") if "qforge QAT" in g.get(t, {})]
-    summary = {"gap_closed_pct": g, "qat_gap_closed_vs_control_pct": gc}
+    summary = {"gap_closed_pct": g}
     if low:
         summary["qat_2_3_bit_min_pct"] = min(low)
         summary["goal_2_3_bit_60pct_met"] = min(low) >= 60.0
@@ -417,21 +389,16 @@ def table(out):
                 continue
             ppl_ref = r["ppl_ref"]
             name = m + (f" ({out['ptq_method'][label].upper()})" if m == "qforge PTQ" else "") + \
-                (f" ({out['lora_base'][label]} base)" if m == "QAT+LoRA on base" else "")
+                (f" ({out['lora_base'][label]} mixture base)" if m == "QAT+LoRA on base" else "")
             gc = f"{gap[m]:.1f}%" if m in gap else ""
             lines.append(f"| {label} | {name} | {r['bpw']:.3f}; {r['bpw_linears']:.3f} | {r['kld']:.5f} ± {r['kld_unc']:.5f} | "
                          f"{r['kld_p99']:.4f} | {100 * r['same_top']:.2f} | {100 * r['rms_dp']:.2f} | {r['ppl']:.3f} | {gc} |")
     g = out["goals"]
-    c = out["fp_control"]
     lines += ["", f"Float model PPL (llama.cpp, f32 GGUF): {ppl_ref:.3f}. Gap closed = (KLD(llama-quantize+imatrix) - KLD(X)) / "
               "KLD(llama-quantize+imatrix).",
-              f"Float control (the float model trained the QAT steps ({out['qat_steps']}) without fake quant, f32 GGUF): "
-              f"KLD {c['kld']:.5f} ± {c['kld_unc']:.5f}, same top {100 * c['same_top']:.2f}%, PPL {c['ppl']:.3f}: the part of "
-              "the QAT rows' KLD that is further training rather than quantization.",
-              "QAT's GGUF against that control instead of the float model (its quantization error without the drift; "
-              "gap closed with that KLD in place of KLD(QAT)): " +
-              "; ".join(f"{t} KLD {R['qforge QAT']['vs_control']['kld']:.5f} ({g['qat_gap_closed_vs_control_pct'][t]:.1f}%)"
-                        for t, R in out["results"].items() if t in g.get("qat_gap_closed_vs_control_pct", {})) + "."]
+              f"qforge QAT: {out['qat_steps']} fake-quant steps (lr {out['qat_lr']}) from the qforge PTQ row's result; "
+              f"QAT+LoRA: {out['lora_steps']} steps (lr {out['lora_lr']}); both distilled from the float model "
+              f"({out['distill']})."]
     if "qat_2_3_bit_min_pct" in g:
         lines.append(f"Goal at 2-3 bits (QAT closes >= 60% at Q2_K and Q3_K_M): worst {g['qat_2_3_bit_min_pct']:.1f}% "
                      f"-> {'met' if g['goal_2_3_bit_60pct_met'] else 'NOT met'}.")
