@@ -21,6 +21,7 @@
 #include "quant/ggml_types.h"
 #include "quant/qat.h"
 #include "tests/export/fake_tokenizer.h"
+#include "tests/export/gguf_test_file.h"
 #include "tests/test_util.h"
 #include "tests/tiny_model.h"
 
@@ -47,20 +48,9 @@ std::shared_ptr<models::CausalLM> packed_model() {
   return m;
 }
 
-std::shared_ptr<gguf_in::File> open(const std::string& path) {
-  auto f = gguf_in::File::open(path);
-  f->check_tensors([](uint32_t id) { return quant::ggml::gguf_type_geometry(id); });
-  return f;
-}
+std::shared_ptr<gguf_in::File> open(const std::string& path) { return qf::testing::open_gguf(path); }
 
-at::Tensor bytes_of(const gguf_in::File& f, const std::string& name) {
-  const auto* t = f.tensor(name);
-  EXPECT_NE(t, nullptr) << name;
-  if (!t) return at::empty({0}, at::kByte);
-  auto out = at::empty({static_cast<int64_t>(t->nbytes)}, at::kByte);
-  std::memcpy(out.data_ptr<uint8_t>(), f.data(*t), t->nbytes);
-  return out;
-}
+at::Tensor bytes_of(const gguf_in::File& f, const std::string& name) { return qf::testing::gguf_tensor_bytes(f, name); }
 
 uint32_t id(quant::Rule r) { return quant::ggml::traits(r).gguf_id; }
 

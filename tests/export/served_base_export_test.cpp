@@ -21,6 +21,7 @@
 #include "quant/ggml_more.h"
 #include "quant/ggml_types.h"
 #include "tests/export/fake_tokenizer.h"
+#include "tests/export/gguf_test_file.h"
 #include "tests/test_util.h"
 #include "tests/tiny_model.h"
 
@@ -49,20 +50,9 @@ std::shared_ptr<models::CausalLM> model(bool exact) {
   return m;
 }
 
-std::shared_ptr<gguf_in::File> open(const std::string& path) {
-  auto f = gguf_in::File::open(path);
-  f->check_tensors([](uint32_t id) { return quant::ggml::gguf_type_geometry(id); });
-  return f;
-}
+std::shared_ptr<gguf_in::File> open(const std::string& path) { return qf::testing::open_gguf(path); }
 
-at::Tensor bytes_of(const gguf_in::File& f, const std::string& name) {
-  const auto* t = f.tensor(name);
-  EXPECT_NE(t, nullptr) << name;
-  if (!t) return {};
-  auto out = at::empty({static_cast<int64_t>(t->nbytes)}, at::kByte);
-  std::memcpy(out.data_ptr<uint8_t>(), f.data(*t), t->nbytes);
-  return out;
-}
+at::Tensor bytes_of(const gguf_in::File& f, const std::string& name) { return qf::testing::gguf_tensor_bytes(f, name); }
 
 // convert_hf_to_gguf.py's Q/K row permutation (rotate-half -> interleaved), as the exporter applies it.
 at::Tensor permute(const at::Tensor& rows, int64_t heads) {

@@ -27,7 +27,7 @@ import pytest
 from llama_ref import LLAMA_FTYPE, llama_quantize
 from st_io import read_safetensors
 from test_kld_gate import _llama_window_logits
-from tiny_runs import QFORGE, kjv_corpus
+from tiny_runs import QFORGE, kjv_corpus, mean_kld
 
 TOKENS = np.random.default_rng(0).integers(3, 400, size=(6, 33))
 LINEARS = [("attn_q", "self_attn.q_proj"), ("attn_k", "self_attn.k_proj"), ("attn_v", "self_attn.v_proj"),
@@ -115,14 +115,6 @@ def _assert_gguf_is_trained_model(g, hf_dir, n_layers, kv_heads):
             assert np.array_equal(deq, w), (layer, gname, t.tensor_type.name)
 
 
-def _kld(ref, model):
-    lr = ref.astype(np.float64) - ref.max(1, keepdims=True)
-    lr -= np.log(np.exp(lr).sum(1, keepdims=True))
-    lm = model.astype(np.float64) - model.max(1, keepdims=True)
-    lm -= np.log(np.exp(lm).sum(1, keepdims=True))
-    return float((np.exp(lr) * (lr - lm)).sum(1).mean())
-
-
 def _hf_logits(path):
     import torch
     import transformers
@@ -168,7 +160,7 @@ def test_mixed_lora_trains_and_exact_merge_export_is_the_trained_model(base):
     assert sorted(set(types.values())) == ["Q4_K", "Q6_K"]
     _assert_gguf_is_trained_model(g, hf, 2, 2)
     ll, ref = np.concatenate(_llama_window_logits(g, TOKENS)), _hf_logits(hf)
-    kld, mx, scale = _kld(ref, ll), float(np.abs(ll - ref).max()), float(np.abs(ref).max())
+    kld, mx, scale = mean_kld(ref, ll), float(np.abs(ll - ref).max()), float(np.abs(ref).max())
     print(f"\nMIXED_BASE mix q4_k_m exact_merge: val loss {v[0]:.4f} -> {v[1]:.4f}; types "
           f"{sum(t == 'Q6_K' for t in types.values())} Q6_K / {sum(t == 'Q4_K' for t in types.values())} Q4_K as "
           f"llama-quantize; llama.cpp on the exported GGUF vs qforge's trained model: KLD {kld:.2e} "

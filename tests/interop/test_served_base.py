@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from test_kld_gate import _llama_window_logits
-from tiny_runs import QFORGE, kjv_corpus
+from tiny_runs import QFORGE, kjv_corpus, mean_kld
 
 TOKENS = np.random.default_rng(0).integers(3, 400, size=(6, 33))
 
@@ -87,15 +87,6 @@ def _hf_logits(path):
         return m(torch.from_numpy(TOKENS[:, :-1])).logits.reshape(-1, m.config.vocab_size).numpy()
 
 
-def _kld(ref, model):
-    """Mean KL(ref || model) per token (llama.cpp's perplexity --kl-divergence definition), fp64."""
-    lr = ref.astype(np.float64) - ref.max(1, keepdims=True)
-    lr -= np.log(np.exp(lr).sum(1, keepdims=True))
-    lm = model.astype(np.float64) - model.max(1, keepdims=True)
-    lm -= np.log(np.exp(lm).sum(1, keepdims=True))
-    return float((np.exp(lr) * (lr - lm)).sum(1).mean())
-
-
 GGUF_TYPE = {"q4_0": "Q4_0", "q4_k": "Q4_K", "q6_k": "Q6_K"}
 
 
@@ -128,7 +119,7 @@ def test_exact_merge_gguf_is_the_trained_model_in_llama_cpp(base, base_type):
                     deq = gguf.quants.dequantize(t.data, t.tensor_type).reshape(ours[f"model.layers.{layer}.{hname}.weight"].shape)
                     assert np.array_equal(deq, ours[f"model.layers.{layer}.{hname}.weight"].numpy()), (layer, gname)
         ll, ref = _llama_logits(g), _hf_logits(hf)
-        res[name] = (_kld(ref, ll), float(np.abs(ll - ref).max()), float(np.abs(ref).max()))
+        res[name] = (mean_kld(ref, ll), float(np.abs(ll - ref).max()), float(np.abs(ref).max()))
     print(f"\nSERVED_BASE {base_type}: val loss {v[0]:.4f} -> {v[1]:.4f}; llama.cpp on the exported GGUF vs qforge's "
           f"trained model: exact_merge KLD {res['exact'][0]:.2e} (max |logit diff| {res['exact'][1]:.2e}, logit scale "
           f"{res['exact'][2]:.2f}); without exact_merge (W + s*BA re-quantized) KLD {res['plain'][0]:.2e} "
@@ -156,7 +147,7 @@ def test_gguf_lora_adapter_applies_in_llama_cpp(base):
     assert base_types["blk.1.attn_q.weight"] == "Q4_K" and base_types["output.weight"] == "F32"
     ref = _hf_logits(hf)
     with_adapter, alone = _llama_logits(out / "base.gguf", out / "adapter.gguf"), _llama_logits(out / "base.gguf")
-    k, k0 = _kld(ref, with_adapter), _kld(ref, alone)
+    k, k0 = mean_kld(ref, with_adapter), mean_kld(ref, alone)
     print(f"\nSERVED_BASE gguf-lora q4_k: llama.cpp base.gguf + adapter.gguf vs qforge's trained model KLD {k:.2e} "
           f"(max |logit diff| {np.abs(with_adapter - ref).max():.2e}); base.gguf alone KLD {k0:.2e}")
     assert k < 2e-3 and k0 > 10 * k, (k, k0)

@@ -59,3 +59,12 @@ def tool_logits(tool_args, work, ids, n_new):
     assert r.returncode == 0, r.stderr
     o = read_safetensors(work / "o.safetensors")
     return o["logits"].numpy(), o["generated"].tolist()
+
+
+def mean_kld(ref, model):
+    """Mean KL(ref || model) per row of logits (llama.cpp's perplexity --kl-divergence definition), fp64."""
+    lr = ref.astype(np.float64) - ref.max(1, keepdims=True)
+    lr -= np.log(np.exp(lr).sum(1, keepdims=True))
+    lm = model.astype(np.float64) - model.max(1, keepdims=True)
+    lm -= np.log(np.exp(lm).sum(1, keepdims=True))
+    return float((np.exp(lr) * (lr - lm)).sum(1).mean())

@@ -609,12 +609,13 @@ TEST_F(TrainerTest, DistillFromInitTrainsQatTowardTheTeacherAndResumesIdenticall
   EXPECT_LT(k_kd, k_ce) << "distilled QAT KLD " << k_kd << " vs label-trained QAT KLD " << k_ce;
 }
 
+// The ConfigError message of a minimal recipe plus `extra` YAML ("" when it parses).
+static std::string parse(const std::string& extra) {
+  return qf::testing::config_error_of(
+      [&] { parse_run_config(YAML::Load("model: {dim: 32, n_heads: 4}\n" + extra), "<test>"); });
+}
+
 TEST_F(TrainerTest, DistillSettingsErrorsNameTheKey) {
-  auto parse = [](const std::string& extra) {
-    return qf::testing::config_error_of([&] {
-      parse_run_config(YAML::Load("model: {dim: 32, n_heads: 4}\n" + extra), "<test>");
-    });
-  };
   EXPECT_NE(parse("distill: {teacher: /nonexistent/teacher}").find("distill.teacher: '/nonexistent/teacher' does not exist"),
             std::string::npos);
   EXPECT_NE(parse("distill: {teacher: init, kd_weight: 0}").find("distill.kd_weight"), std::string::npos);
@@ -631,11 +632,6 @@ TEST_F(TrainerTest, DistillSettingsErrorsNameTheKey) {
 }
 
 TEST(RunConfigPeft, InconsistentPeftSettingsAreConfigErrors) {
-  auto parse = [](const std::string& extra) {
-    return qf::testing::config_error_of([&] {
-      parse_run_config(YAML::Load("model: {dim: 32, n_heads: 4}\n" + extra), "<test>");
-    });
-  };
   EXPECT_NE(parse("peft: {r: 4, exact_merge: true}").find("peft.exact_merge: needs fake-quant layers"),
             std::string::npos);
   EXPECT_NE(parse("peft: {r: 4, base: nf4}\nquant: {rules: [{pattern: '*', weight: {preset: q4_0}}]}")
